@@ -1,0 +1,152 @@
+# onceq build. Targets: all check test tsan asan stress bench demo deps clean.
+# Quiet unless V=1. Variants build into their own directories:
+#   build/       -O2 -g (make, make test, make bench)
+#   build-tsan/  ThreadSanitizer (make tsan)
+#   build-asan/  AddressSanitizer + UndefinedBehaviorSanitizer (make asan)
+
+CC       ?= cc
+BUILD    ?= build
+SAN      ?=
+OPT      ?= -O2
+PREFIX   ?= /usr/local
+
+ifeq ($(V),1)
+Q :=
+else
+Q := @
+endif
+
+WARN := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
+        -Wmissing-prototypes -Wpointer-arith -Wformat=2 -Wvla \
+        -Wcast-qual -Wundef -Wno-unused-parameter
+CPPFLAGS += -Iinclude -Isrc -D_GNU_SOURCE -DOQ_BUILDING -MMD -MP
+CFLAGS   += -std=c11 -g $(OPT) -pthread -fPIC -fvisibility=hidden $(WARN)
+LDFLAGS  += -pthread
+LIBS     := -lxxhash -lcjson -lm
+
+ifeq ($(SAN),thread)
+CFLAGS  += -fsanitize=thread -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=thread
+endif
+ifeq ($(SAN),address)
+CFLAGS  += -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=address,undefined
+endif
+
+LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset.c \
+            src/txn.c src/memsink.c src/pool.c
+CLI_SRCS := src/main.c src/node.c
+TEST_NAMES := test_clock test_heap test_queue test_idset test_txn test_pool \
+              stress_pool
+BENCH_NAMES := bench_pool bench_idset_mem
+# Tests that drive the real binary (each prints "N passed, N failed").
+SCRIPT_TESTS := test/test_node.py
+
+LIB_OBJS  := $(LIB_SRCS:src/%.c=$(BUILD)/obj/%.o)
+CLI_OBJS  := $(CLI_SRCS:src/%.c=$(BUILD)/obj/%.o)
+TEST_BINS := $(TEST_NAMES:%=$(BUILD)/test/%)
+BENCH_BINS := $(BENCH_NAMES:%=$(BUILD)/bench/%)
+
+.PHONY: all lib tests benches check test tsan asan stress bench demo deps clean \
+        run-tests
+all: $(BUILD)/libonceq.a $(BUILD)/onceq onceq
+
+lib: $(BUILD)/libonceq.a
+
+# The top-level ./onceq is a copy of the normal build's binary.
+onceq: $(BUILD)/onceq
+	$(Q)cp $< $@
+
+$(BUILD)/obj/%.o: src/%.c
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/libonceq.a: $(LIB_OBJS)
+	@$(if $(Q),echo "  AR      $@")
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/onceq: $(CLI_OBJS) $(BUILD)/libonceq.a
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/test/%.o: test/%.c
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) -Wno-missing-prototypes -c -o $@ $<
+
+$(BUILD)/test/%: $(BUILD)/test/%.o $(BUILD)/libonceq.a
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) -lcmocka
+
+$(BUILD)/bench/%.o: bench/%.c
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) -Wno-missing-prototypes -c -o $@ $<
+
+$(BUILD)/bench/%: $(BUILD)/bench/%.o $(BUILD)/libonceq.a
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+tests: $(TEST_BINS)
+benches: $(BENCH_BINS)
+
+# Runs every test binary of $(BUILD) and prints "N passed, N failed".
+# OQ_TIME_MULT stretches real-time waits under sanitizers.
+run-tests: tests $(BUILD)/onceq
+	$(Q)BUILD=$(BUILD) ONCEQ=$(BUILD)/onceq sh test/run.sh $(TEST_BINS) \
+		$(SCRIPT_TESTS)
+
+test:
+	$(Q)$(MAKE) --no-print-directory run-tests
+
+tsan:
+	$(Q)$(MAKE) --no-print-directory BUILD=build-tsan SAN=thread OPT=-O1 \
+		OQ_STRESS_ARGS="--messages 60000" run-tests
+
+asan:
+	$(Q)$(MAKE) --no-print-directory BUILD=build-asan SAN=address OPT=-O1 \
+		OQ_STRESS_ARGS="--messages 60000" run-tests
+
+export OQ_STRESS_ARGS
+
+# The full-size stress run (1M messages), normal build and under TSAN.
+stress: tests
+	$(Q)$(BUILD)/test/stress_pool --messages 1000000 $(STRESS_ARGS)
+	$(Q)$(MAKE) --no-print-directory BUILD=build-tsan SAN=thread OPT=-O1 tests
+	$(Q)build-tsan/test/stress_pool --messages 1000000 $(STRESS_ARGS)
+
+bench: benches
+	$(Q)mkdir -p bench/results
+	$(Q)$(BUILD)/bench/bench_pool --csv bench/results/pool.csv
+	$(Q)$(BUILD)/bench/bench_idset_mem --ids 10000000 --csv bench/results/idset_mem.csv
+
+check: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(MAKE) --no-print-directory test
+	$(Q)$(MAKE) --no-print-directory tsan
+	$(Q)$(MAKE) --no-print-directory asan
+
+DEB_PACKAGES := build-essential clang pkg-config uthash-dev libcmocka-dev \
+                libcjson-dev libxxhash-dev
+
+deps:
+	$(Q)missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' \
+	    || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "deps: installing$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	else echo "deps: all installed"; fi
+
+demo: all
+	$(Q)./onceq --help
+
+clean:
+	$(Q)rm -rf build build-tsan build-asan onceq
+
+-include $(wildcard $(BUILD)/obj/*.d $(BUILD)/test/*.d $(BUILD)/bench/*.d)
+.SECONDARY:

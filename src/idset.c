@@ -1,0 +1,538 @@
+/*
+ * The processed set (oq_idset): which event ids are DONE, and which are
+ * CLAIMED by a worker right now.
+ *
+ * DESIGN
+ *
+ * Shards and locks. The 128-bit XXH3 digest of an id picks one of
+ * 2^shard_bits shards (the low bits of digest.hi). Each shard has its own
+ * mutex, which guards every field of that shard and nothing else (see
+ * struct shard). A shard lock is a leaf: while it is held no other lock is
+ * taken, not another shard's nor the queue's. The clock is read before the
+ * lock is taken, because a caller's clock may lock. stats_get takes the
+ * shard locks one after another, never two at once. The only state shared
+ * by all shards is the token counter, an atomic.
+ *
+ * States. An id is in at most one of:
+ *   - CLAIMED: an entry in its shard's uthash table, keyed by the exact id
+ *     bytes, with a fencing token and a lease deadline;
+ *   - DONE: its digest is in its shard's DONE table (cur or prev);
+ *   - neither: never seen, released, or forgotten.
+ * claim looks at DONE before CLAIMED, commit moves CLAIMED to DONE in one
+ * lock hold, and insert_done drops a claim it finds, so the two never
+ * overlap.
+ *
+ * Fencing. Tokens come from one atomic counter per set, so they strictly
+ * increase across all ids and are never 0. A claim whose lease has ended
+ * (now >= lease_deadline_ms) is taken over with a new token; the old
+ * holder's commit and release then fail with OQ_ESTALE. Commit also needs
+ * now < lease_deadline_ms, so a holder that overran its lease cannot commit
+ * even when nobody took over: by then the queue may have handed the event to
+ * another worker. Reading the clock before the lock makes "now" at most one
+ * lock wait old; that cannot let two commits through, because a takeover and
+ * a commit of the same id are serialised by the shard lock and the takeover
+ * changes the token.
+ *
+ * DONE table. Open addressing with linear probing over 16-byte slots that
+ * hold the whole 128-bit digest: no per-id pointer, no id bytes. A false
+ * "DONE" needs two ids with the same 128-bit digest. The all-zero digest
+ * marks an empty slot, so a real zero digest is stored as {lo = 1, hi = 0}.
+ * The slot index is the low bits of digest.lo (independent of the shard
+ * bits). A table doubles when an insert would take its load past
+ * DONE_LOAD_NUM/DONE_LOAD_DEN (0.8), so it is between 0.4 and 0.8 full: 20
+ * to 40 bytes per id, about 27 at 10M ids over 64 shards.
+ *
+ * Retention. With retention_ms = R > 0 each shard keeps two DONE tables,
+ * cur and prev, and gen_start_ms, which starts at the set's creation time
+ * and only ever advances by whole multiples of R. Every operation first
+ * calls rotate(): k = (now - gen_start_ms) / R whole periods have passed;
+ * k = 1 drops prev and moves cur to prev, k >= 2 drops both, and
+ * gen_start_ms advances by k * R. Inserts happen after that check, so cur
+ * only holds ids inserted in [gen_start_ms, gen_start_ms + R), and such an
+ * id is dropped by the first operation at or after gen_start_ms + 2R: it is
+ * remembered at least R and forgotten within 2R. A rotation is O(1) plus a
+ * free(); nothing ever scans for old ids.
+ */
+#include "oq_internal.h"
+
+#include <stdalign.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <xxhash.h>
+
+/* uthash allocates through the seam and reports OOM instead of exiting: an
+ * add that could not allocate leaves the item out and sets item->hh.tbl to
+ * NULL, and the table stays usable. */
+#define HASH_NONFATAL_OOM 1
+#define uthash_malloc(sz) oq__malloc(sz)
+#define uthash_free(ptr, sz) oq__free(ptr)
+#include <uthash.h>
+
+#define MAX_SHARD_BITS 16
+#define DONE_MIN_CAP 16           /* slots in a table's first allocation */
+#define DONE_LOAD_NUM 4           /* grow past 4/5 = 0.8 full */
+#define DONE_LOAD_DEN 5
+
+/* A DONE id: its XXH3-128 digest. All-zero means an empty slot. */
+typedef struct digest {
+    uint64_t lo, hi;
+} digest;
+
+/* An open-addressing set of digests. cap is 0 (slots NULL) or a power of 2. */
+typedef struct dtable {
+    digest *slots;
+    size_t cap;   /* slots allocated */
+    size_t count; /* slots in use */
+} dtable;
+
+/* A live (or expired but not yet taken over) claim. */
+typedef struct claim {
+    UT_hash_handle hh;         /* keyed by id[0..len) */
+    uint64_t token;            /* fencing token, never 0 */
+    int64_t lease_deadline_ms; /* the lease ends here (absolute, ms) */
+    size_t len;
+    char id[];                 /* the exact id bytes (not NUL-terminated) */
+} claim;
+
+struct shard {
+    alignas(64) pthread_mutex_t lock; /* guards every field below; a leaf */
+    claim *claims;             /* uthash head: live claims by id */
+    dtable cur;                /* DONE ids of this generation */
+    dtable prev;               /* DONE ids of the previous one (retention) */
+    int64_t gen_start_ms;      /* when cur's generation began (absolute, ms) */
+    size_t init_cap;           /* first allocation of an empty DONE table */
+    uint64_t takeovers;        /* expired leases taken over */
+    uint64_t forgotten;        /* DONE ids dropped by retention */
+};
+
+struct oq_idset {
+    struct shard *shards;      /* 2^shard_bits, 64-byte aligned */
+    void *shards_mem;          /* what to free */
+    size_t nshards;
+    size_t shard_mask;         /* nshards - 1 */
+    size_t init_cap;           /* DONE slots per shard from expected_ids */
+    int64_t retention_ms;      /* 0: keep DONE ids forever */
+    const oq_clock *clock;
+    _Atomic uint64_t next_token; /* last token handed out */
+};
+
+/* ------------------------------------------------------------- digests */
+
+static digest id_digest(const char *id, size_t len)
+{
+    XXH128_hash_t h = XXH3_128bits(id, len);
+    digest d = { h.low64, h.high64 };
+    if (d.lo == 0 && d.hi == 0)
+        d.lo = 1; /* zero is the empty slot */
+    return d;
+}
+
+static bool digest_empty(digest d)
+{
+    return (d.lo | d.hi) == 0;
+}
+
+static bool digest_eq(digest a, digest b)
+{
+    return a.lo == b.lo && a.hi == b.hi;
+}
+
+/* The uthash bucket hash: 32 digest bits that pick neither shard nor slot. */
+static unsigned claim_hashv(digest d)
+{
+    return (unsigned)(d.hi >> 32);
+}
+
+/* ----------------------------------------------------------- DONE table */
+
+static bool dtable_contains(const dtable *t, digest d)
+{
+    if (t->count == 0)
+        return false;
+    size_t mask = t->cap - 1;
+    for (size_t i = (size_t)d.lo & mask;; i = (i + 1) & mask) {
+        digest s = t->slots[i];
+        if (digest_eq(s, d))
+            return true;
+        if (digest_empty(s))
+            return false;
+    }
+}
+
+/* Puts d (not present) into a table with room for it. */
+static void dtable_place(digest *slots, size_t cap, digest d)
+{
+    size_t mask = cap - 1;
+    size_t i = (size_t)d.lo & mask;
+    while (!digest_empty(slots[i]))
+        i = (i + 1) & mask;
+    slots[i] = d;
+}
+
+static int dtable_resize(dtable *t, size_t cap)
+{
+    digest *slots = oq__calloc(cap, sizeof(*slots));
+    if (slots == NULL)
+        return OQ_ENOMEM;
+    for (size_t i = 0; i < t->cap; i++) {
+        if (!digest_empty(t->slots[i]))
+            dtable_place(slots, cap, t->slots[i]);
+    }
+    oq__free(t->slots);
+    t->slots = slots;
+    t->cap = cap;
+    return 0;
+}
+
+/* Adds d, which the caller checked is not present. 0 or OQ_ENOMEM (and the
+ * table is unchanged). */
+static int dtable_add(dtable *t, digest d, size_t init_cap)
+{
+    if ((t->count + 1) * DONE_LOAD_DEN > t->cap * DONE_LOAD_NUM) {
+        size_t cap = t->cap ? t->cap * 2 : init_cap;
+        while ((t->count + 1) * DONE_LOAD_DEN > cap * DONE_LOAD_NUM)
+            cap *= 2;
+        int rc = dtable_resize(t, cap);
+        if (rc != 0)
+            return rc;
+    }
+    dtable_place(t->slots, t->cap, d);
+    t->count++;
+    return 0;
+}
+
+static void dtable_clear(dtable *t)
+{
+    oq__free(t->slots);
+    t->slots = NULL;
+    t->cap = 0;
+    t->count = 0;
+}
+
+/* The smallest table that holds n ids below the load limit. */
+static size_t cap_for(size_t n)
+{
+    size_t cap = DONE_MIN_CAP;
+    while (n * DONE_LOAD_DEN > cap * DONE_LOAD_NUM)
+        cap *= 2;
+    return cap;
+}
+
+static size_t isqrt(size_t n)
+{
+    size_t r = 0;
+    while ((r + 1) * (r + 1) <= n)
+        r++;
+    return r;
+}
+
+/* --------------------------------------------------------------- shards */
+
+static struct shard *shard_of(oq_idset *s, digest d)
+{
+    return &s->shards[(size_t)d.hi & s->shard_mask];
+}
+
+/* Retention: moves the shard's generations on to now. Lock held. */
+static void rotate(oq_idset *s, struct shard *sh, int64_t now)
+{
+    if (s->retention_ms <= 0 || now - sh->gen_start_ms < s->retention_ms)
+        return;
+    int64_t k = (now - sh->gen_start_ms) / s->retention_ms;
+    sh->forgotten += sh->prev.count;
+    dtable_clear(&sh->prev);
+    if (k == 1) {
+        sh->prev = sh->cur;
+        /* The next generation likely sees about as many ids as this one. */
+        sh->init_cap = OQ__MAX(s->init_cap, cap_for(sh->cur.count));
+    } else {
+        sh->forgotten += sh->cur.count;
+        dtable_clear(&sh->cur);
+        sh->init_cap = s->init_cap;
+    }
+    sh->cur = (dtable){ NULL, 0, 0 };
+    sh->gen_start_ms += k * s->retention_ms;
+}
+
+static bool shard_done(const struct shard *sh, digest d)
+{
+    return dtable_contains(&sh->cur, d) || dtable_contains(&sh->prev, d);
+}
+
+static claim *shard_find_claim(struct shard *sh, const char *id, size_t len,
+                               digest d)
+{
+    claim *c = NULL;
+    HASH_FIND_BYHASHVALUE(hh, sh->claims, id, len, claim_hashv(d), c);
+    return c;
+}
+
+static void shard_drop_claim(struct shard *sh, claim *c)
+{
+    HASH_DELETE(hh, sh->claims, c);
+    oq__free(c);
+}
+
+static uint64_t new_token(oq_idset *s)
+{
+    return atomic_fetch_add_explicit(&s->next_token, 1,
+                                     memory_order_relaxed) + 1;
+}
+
+/* uthash stores key lengths as unsigned. */
+static bool id_ok(const char *id, size_t len)
+{
+    return (id != NULL || len == 0) && len <= UINT32_MAX;
+}
+
+/* ------------------------------------------------------------ lifecycle */
+
+void oq_idset_opts_defaults(oq_idset_opts *o)
+{
+    memset(o, 0, sizeof(*o));
+    o->shard_bits = 6;
+}
+
+int oq_idset_new(oq_idset **out, const oq_idset_opts *opts)
+{
+    oq_idset_opts def;
+    if (out == NULL)
+        return OQ_EINVAL;
+    *out = NULL;
+    if (opts == NULL) {
+        oq_idset_opts_defaults(&def);
+        opts = &def;
+    }
+    if (opts->shard_bits > MAX_SHARD_BITS || opts->retention_ms < 0)
+        return OQ_EINVAL;
+
+    oq_idset *s = oq__calloc(1, sizeof(*s));
+    if (s == NULL)
+        return OQ_ENOMEM;
+    s->nshards = (size_t)1 << opts->shard_bits;
+    s->shard_mask = s->nshards - 1;
+    s->retention_ms = opts->retention_ms;
+    s->clock = opts->clock;
+    atomic_init(&s->next_token, 0);
+
+    /* One shard per 64-byte line at least, so locks do not share lines. */
+    size_t align = alignof(struct shard);
+    s->shards_mem = oq__calloc(1, s->nshards * sizeof(struct shard) + align);
+    if (s->shards_mem == NULL)
+        goto out_free_set;
+    s->shards = (struct shard *)(((uintptr_t)s->shards_mem + align - 1) &
+                                 ~(uintptr_t)(align - 1));
+
+    /* Spread the hint over the shards. Ids fall into shards binomially, so
+     * allow the fullest shard about 4 standard deviations over the mean. */
+    size_t per_shard = OQ__MIN(opts->expected_ids / s->nshards,
+                               (size_t)1 << 36); /* then calloc fails */
+    s->init_cap = cap_for(per_shard + 4 * isqrt(per_shard) + 8);
+    int64_t now = oq_clock_now(s->clock);
+    size_t i;
+    for (i = 0; i < s->nshards; i++) {
+        struct shard *sh = &s->shards[i];
+        if (pthread_mutex_init(&sh->lock, NULL) != 0)
+            goto out_destroy;
+        sh->gen_start_ms = now;
+        sh->init_cap = s->init_cap;
+        if (opts->expected_ids > 0 &&
+            dtable_resize(&sh->cur, s->init_cap) != 0) {
+            pthread_mutex_destroy(&sh->lock);
+            goto out_destroy;
+        }
+    }
+    *out = s;
+    return 0;
+
+out_destroy:
+    while (i-- > 0) {
+        dtable_clear(&s->shards[i].cur);
+        pthread_mutex_destroy(&s->shards[i].lock);
+    }
+    oq__free(s->shards_mem);
+out_free_set:
+    oq__free(s);
+    return OQ_ENOMEM;
+}
+
+void oq_idset_free(oq_idset *s)
+{
+    if (s == NULL)
+        return;
+    for (size_t i = 0; i < s->nshards; i++) {
+        struct shard *sh = &s->shards[i];
+        claim *c, *tmp;
+        HASH_ITER(hh, sh->claims, c, tmp) {
+            shard_drop_claim(sh, c);
+        }
+        dtable_clear(&sh->cur);
+        dtable_clear(&sh->prev);
+        pthread_mutex_destroy(&sh->lock);
+    }
+    oq__free(s->shards_mem);
+    oq__free(s);
+}
+
+/* ----------------------------------------------------------- operations */
+
+/* Claim a new id: a new entry. Lock held. */
+static int claim_add(oq_idset *s, struct shard *sh, const char *id,
+                     size_t len, digest d, int64_t lease_deadline_ms,
+                     oq_claim *out)
+{
+    claim *c = oq__malloc(sizeof(*c) + len);
+    if (c == NULL)
+        return OQ_ENOMEM;
+    memset(c, 0, sizeof(*c));
+    if (len > 0)
+        memcpy(c->id, id, len);
+    c->len = len;
+    c->lease_deadline_ms = lease_deadline_ms;
+    HASH_ADD_KEYPTR_BYHASHVALUE(hh, sh->claims, c->id, len, claim_hashv(d),
+                                c);
+    if (c->hh.tbl == NULL) {
+        oq__free(c);
+        return OQ_ENOMEM;
+    }
+    /* Only a claim that is in the table gets a token. */
+    c->token = new_token(s);
+    out->token = c->token;
+    out->lease_deadline_ms = lease_deadline_ms;
+    return OQ_CLAIMED;
+}
+
+int oq_idset_claim(oq_idset *s, const char *id, size_t len,
+                   int64_t lease_deadline_ms, oq_claim *out)
+{
+    oq_claim ignored;
+    if (s == NULL || !id_ok(id, len))
+        return OQ_EINVAL;
+    if (out == NULL)
+        out = &ignored;
+    digest d = id_digest(id, len);
+    struct shard *sh = shard_of(s, d);
+    int64_t now = oq_clock_now(s->clock);
+    int rc;
+
+    pthread_mutex_lock(&sh->lock);
+    rotate(s, sh, now);
+    if (shard_done(sh, d)) {
+        rc = OQ_DONE;
+        goto out_unlock;
+    }
+    claim *c = shard_find_claim(sh, id, len, d);
+    if (c == NULL) {
+        rc = claim_add(s, sh, id, len, d, lease_deadline_ms, out);
+    } else if (c->lease_deadline_ms > now) {
+        out->token = c->token;
+        out->lease_deadline_ms = c->lease_deadline_ms;
+        rc = OQ_BUSY;
+    } else {
+        c->token = new_token(s);
+        c->lease_deadline_ms = lease_deadline_ms;
+        sh->takeovers++;
+        out->token = c->token;
+        out->lease_deadline_ms = lease_deadline_ms;
+        rc = OQ_CLAIMED;
+    }
+out_unlock:
+    pthread_mutex_unlock(&sh->lock);
+    return rc;
+}
+
+int oq_idset_commit(oq_idset *s, const char *id, size_t len, uint64_t token)
+{
+    if (s == NULL || !id_ok(id, len))
+        return OQ_EINVAL;
+    digest d = id_digest(id, len);
+    struct shard *sh = shard_of(s, d);
+    int64_t now = oq_clock_now(s->clock);
+    int rc = OQ_ESTALE;
+
+    pthread_mutex_lock(&sh->lock);
+    rotate(s, sh, now);
+    claim *c = shard_find_claim(sh, id, len, d);
+    if (c != NULL && c->token == token && now < c->lease_deadline_ms) {
+        /* Add first: if that fails the claim is still there, unchanged. */
+        rc = dtable_add(&sh->cur, d, sh->init_cap);
+        if (rc == 0)
+            shard_drop_claim(sh, c);
+    }
+    pthread_mutex_unlock(&sh->lock);
+    return rc;
+}
+
+int oq_idset_release(oq_idset *s, const char *id, size_t len, uint64_t token)
+{
+    if (s == NULL || !id_ok(id, len))
+        return OQ_EINVAL;
+    digest d = id_digest(id, len);
+    struct shard *sh = shard_of(s, d);
+    int rc = OQ_ESTALE;
+
+    pthread_mutex_lock(&sh->lock);
+    claim *c = shard_find_claim(sh, id, len, d);
+    if (c != NULL && c->token == token) {
+        shard_drop_claim(sh, c);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&sh->lock);
+    return rc;
+}
+
+int oq_idset_insert_done(oq_idset *s, const char *id, size_t len)
+{
+    if (s == NULL || !id_ok(id, len))
+        return OQ_EINVAL;
+    digest d = id_digest(id, len);
+    struct shard *sh = shard_of(s, d);
+    int64_t now = oq_clock_now(s->clock);
+    int rc = OQ_EEXIST;
+
+    pthread_mutex_lock(&sh->lock);
+    rotate(s, sh, now);
+    if (!shard_done(sh, d)) {
+        rc = dtable_add(&sh->cur, d, sh->init_cap);
+        /* DONE and CLAIMED never overlap: the holder's token goes stale. */
+        claim *c = rc == 0 ? shard_find_claim(sh, id, len, d) : NULL;
+        if (c != NULL)
+            shard_drop_claim(sh, c);
+    }
+    pthread_mutex_unlock(&sh->lock);
+    return rc;
+}
+
+int oq_idset_contains(oq_idset *s, const char *id, size_t len)
+{
+    if (s == NULL || !id_ok(id, len))
+        return 0;
+    digest d = id_digest(id, len);
+    struct shard *sh = shard_of(s, d);
+    int64_t now = oq_clock_now(s->clock);
+
+    pthread_mutex_lock(&sh->lock);
+    rotate(s, sh, now);
+    int found = shard_done(sh, d);
+    pthread_mutex_unlock(&sh->lock);
+    return found;
+}
+
+void oq_idset_stats_get(oq_idset *s, oq_idset_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (s == NULL)
+        return;
+    int64_t now = oq_clock_now(s->clock);
+    for (size_t i = 0; i < s->nshards; i++) {
+        struct shard *sh = &s->shards[i];
+        pthread_mutex_lock(&sh->lock);
+        rotate(s, sh, now);
+        out->done += sh->cur.count + sh->prev.count;
+        out->claims += HASH_COUNT(sh->claims);
+        out->takeovers += sh->takeovers;
+        out->forgotten += sh->forgotten;
+        out->table_bytes += (sh->cur.cap + sh->prev.cap) * sizeof(digest);
+        pthread_mutex_unlock(&sh->lock);
+    }
+}

@@ -1,0 +1,66 @@
+/*
+ * The onceq command: dispatch on a table of subcommands (one short function
+ * each), --help and --version. Logic lives in the library and in the
+ * subcommand modules, where tests can reach it.
+ */
+#include "oq_internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+typedef struct command {
+    const char *name;
+    int (*fn)(int argc, char **argv);
+    const char *summary;
+} command;
+
+static const command commands[] = {
+    { "node", oq__cmd_node, "speak the JSON-lines node protocol on stdin/stdout" },
+};
+
+#define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: onceq [--help] [--version] COMMAND [ARGS...]\n"
+            "\n"
+            "onceq processes events exactly once with a pool of competing\n"
+            "worker threads: a visibility-timeout queue, a sharded processed\n"
+            "set with fenced leases, retries with backoff and a dead-letter\n"
+            "queue.\n"
+            "\n"
+            "Commands:\n");
+    for (size_t i = 0; i < NCOMMANDS; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f,
+            "\n"
+            "Options:\n"
+            "  -h, --help     show this help and exit\n"
+            "  -V, --version  print the version and exit\n"
+            "\n"
+            "Exit status: 0 success, 1 some events dead-lettered, 2 bad usage.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+        strcmp(argv[1], "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
+        printf("onceq %s\n", oq_version());
+        return 0;
+    }
+    for (size_t i = 0; i < NCOMMANDS; i++)
+        if (strcmp(argv[1], commands[i].name) == 0)
+            return commands[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "onceq: unknown command '%s' (try 'onceq --help')\n",
+            argv[1]);
+    return 2;
+}

@@ -1,0 +1,208 @@
+/*
+ * The in-memory sink: counters summed by key (uthash) and records in commit
+ * order. One mutex (m->mu) guards both; apply takes it once per txn, so a
+ * txn's effects appear together. It is a leaf lock.
+ */
+#include "oq_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define uthash_malloc(sz) oq__malloc(sz)
+#define uthash_free(ptr, sz) oq__free(ptr)
+#define HASH_NONFATAL_OOM 1
+static _Thread_local int hash_oom;
+#define uthash_nonfatal_oom(obj) (hash_oom = 1)
+#include <uthash.h>
+
+typedef struct counter {
+    int64_t value;
+    UT_hash_handle hh;
+    size_t len;
+    char key[];
+} counter;
+
+typedef struct record {
+    struct record *next;
+    size_t len;
+    char data[];
+} record;
+
+struct oq_memsink {
+    pthread_mutex_t mu;
+    counter *counters;          /* guarded by mu */
+    record *rec_head, *rec_tail; /* guarded by mu */
+    size_t nrecords;            /* guarded by mu */
+    int failed;                 /* guarded by mu: an apply ran out of memory */
+};
+
+int oq_memsink_new(oq_memsink **out)
+{
+    oq_memsink *m = oq__calloc(1, sizeof(*m));
+    if (m == NULL)
+        return OQ_ENOMEM;
+    pthread_mutex_init(&m->mu, NULL);
+    *out = m;
+    return 0;
+}
+
+void oq_memsink_free(oq_memsink *m)
+{
+    counter *c, *tmp;
+    record *r;
+
+    if (m == NULL)
+        return;
+    HASH_ITER(hh, m->counters, c, tmp) {
+        HASH_DEL(m->counters, c);
+        oq__free(c);
+    }
+    while ((r = m->rec_head) != NULL) {
+        m->rec_head = r->next;
+        oq__free(r);
+    }
+    pthread_mutex_destroy(&m->mu);
+    oq__free(m);
+}
+
+typedef struct apply_ctx {
+    oq_memsink *m;
+    int rc;
+} apply_ctx;
+
+static void add_count(const char *key, size_t len, int64_t delta, void *arg)
+{
+    apply_ctx *ctx = arg;
+    counter *c;
+
+    HASH_FIND(hh, ctx->m->counters, key, len, c);
+    if (c == NULL) {
+        c = oq__malloc(sizeof(*c) + len);
+        if (c == NULL) {
+            ctx->rc = OQ_ENOMEM;
+            return;
+        }
+        c->value = 0;
+        c->len = len;
+        memcpy(c->key, key, len);
+        hash_oom = 0;
+        HASH_ADD_KEYPTR(hh, ctx->m->counters, c->key, len, c);
+        if (hash_oom) {
+            oq__free(c);
+            ctx->rc = OQ_ENOMEM;
+            return;
+        }
+    }
+    c->value += delta;
+}
+
+static void add_record(const void *data, size_t len, void *arg)
+{
+    apply_ctx *ctx = arg;
+    record *r = oq__malloc(sizeof(*r) + len);
+
+    if (r == NULL) {
+        ctx->rc = OQ_ENOMEM;
+        return;
+    }
+    r->next = NULL;
+    r->len = len;
+    memcpy(r->data, data, len);
+    if (ctx->m->rec_tail)
+        ctx->m->rec_tail->next = r;
+    else
+        ctx->m->rec_head = r;
+    ctx->m->rec_tail = r;
+    ctx->m->nrecords++;
+}
+
+static int apply(const oq_event *ev, const oq_txn *txn, void *arg)
+{
+    apply_ctx ctx = { arg, 0 };
+    OQ__UNUSED(ev);
+    pthread_mutex_lock(&ctx.m->mu);
+    oq_txn_foreach(txn, add_record, add_count, &ctx);
+    if (ctx.rc != 0)
+        ctx.m->failed = 1;
+    pthread_mutex_unlock(&ctx.m->mu);
+    return ctx.rc;
+}
+
+oq_sink oq_memsink_sink(oq_memsink *m)
+{
+    oq_sink s = { apply, m };
+    return s;
+}
+
+int oq_memsink_get(oq_memsink *m, const char *key, size_t key_len,
+                   int64_t *value)
+{
+    counter *c;
+    pthread_mutex_lock(&m->mu);
+    HASH_FIND(hh, m->counters, key, key_len, c);
+    if (c && value)
+        *value = c->value;
+    pthread_mutex_unlock(&m->mu);
+    return c ? 0 : OQ_ENOENT;
+}
+
+size_t oq_memsink_nkeys(oq_memsink *m)
+{
+    size_t n;
+    pthread_mutex_lock(&m->mu);
+    n = HASH_COUNT(m->counters);
+    pthread_mutex_unlock(&m->mu);
+    return n;
+}
+
+size_t oq_memsink_nrecords(oq_memsink *m)
+{
+    size_t n;
+    pthread_mutex_lock(&m->mu);
+    n = m->nrecords;
+    pthread_mutex_unlock(&m->mu);
+    return n;
+}
+
+static int by_key(const void *a, const void *b)
+{
+    const counter *x = *(const counter *const *)a;
+    const counter *y = *(const counter *const *)b;
+    size_t n = OQ__MIN(x->len, y->len);
+    int c = memcmp(x->key, y->key, n);
+    if (c != 0)
+        return c;
+    return (x->len > y->len) - (x->len < y->len);
+}
+
+void oq_memsink_foreach_count(oq_memsink *m, oq_txn_count_fn fn, void *arg)
+{
+    counter **v, *c, *tmp;
+    size_t n, i = 0;
+
+    pthread_mutex_lock(&m->mu);
+    n = HASH_COUNT(m->counters);
+    v = oq__malloc((n ? n : 1) * sizeof(*v));
+    if (v == NULL) {
+        /* Unsorted is better than nothing. */
+        HASH_ITER(hh, m->counters, c, tmp)
+            fn(c->key, c->len, c->value, arg);
+        pthread_mutex_unlock(&m->mu);
+        return;
+    }
+    HASH_ITER(hh, m->counters, c, tmp)
+        v[i++] = c;
+    qsort(v, n, sizeof(*v), by_key);
+    for (i = 0; i < n; i++)
+        fn(v[i]->key, v[i]->len, v[i]->value, arg);
+    pthread_mutex_unlock(&m->mu);
+    oq__free(v);
+}
+
+void oq_memsink_foreach_record(oq_memsink *m, oq_txn_record_fn fn, void *arg)
+{
+    pthread_mutex_lock(&m->mu);
+    for (record *r = m->rec_head; r; r = r->next)
+        fn(r->data, r->len, arg);
+    pthread_mutex_unlock(&m->mu);
+}

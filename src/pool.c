@@ -1,0 +1,521 @@
+/*
+ * The worker pool.
+ *
+ * DESIGN
+ * ------
+ * N worker threads compete on one oq_queue and one oq_idset. Each loop:
+ *
+ *   receive a batch (one queue lock)
+ *   A. for each message, in order: claim its id (one shard lock)
+ *        DONE    -> ack as a duplicate
+ *        BUSY    -> held by our own earlier message in this batch: redo it
+ *                   after phase D; held by another worker: return it (not
+ *                   counted as an attempt) with a short delay
+ *        CLAIMED -> call the handler, no lock held
+ *                     OK    -> stage for commit
+ *                     RETRY -> release the claim; nack with backoff
+ *                     FAIL  -> stage like OK, with no outputs; after the
+ *                              fenced commit, dead-letter instead of ack
+ *                              (so a duplicate of a poison event is a
+ *                              duplicate, not a second dead letter)
+ *   B. pin every message staged for commit (one queue lock): a pinned
+ *      message cannot time out, so the ack after a successful commit cannot
+ *      be refused. A message whose receipt went stale (we overran the
+ *      visibility timeout and it was redelivered) is dropped here with its
+ *      outputs: the new holder owns it.
+ *   C. commit each pinned id in the idset, fenced by its token and lease
+ *      (shard lock); only then apply the txn to the sink. A refused commit
+ *      (lease lost) discards the txn and makes the message visible again.
+ *   D. settle the batch (one queue lock): acks, nacks, returns, dead letters,
+ *      and release of every delivery. Outcomes are counted only when the
+ *      queue accepted them, so each message is counted once.
+ *
+ * Locks: the pool takes the queue lock and shard locks only inside
+ * oq_queue_* and oq_idset_* calls, one at a time; they are leaves and are
+ * never nested. p->mu guards only p->running (for stop's timed wait). No
+ * lock is held across a handler call or a sink apply.
+ *
+ * Stop: oq_pool_stop sets p->stopping; a worker finishes the message its
+ * handler is running, returns the rest of its batch unprocessed (RETURN,
+ * delay 0), settles, and exits. Nothing un-acked is lost: it stays in the
+ * queue.
+ */
+#include "oq_internal.h"
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+
+enum outcome {
+    O_NONE,      /* nothing to count (stale, or redo) */
+    O_PROCESSED, /* committed; ack */
+    O_DUPLICATE, /* DONE at claim; ack */
+    O_RETRY,     /* nack with backoff */
+    O_BUSY,      /* returned: another worker holds the id */
+    O_DEAD,      /* dead-lettered: handler FAIL */
+    O_COMMIT,    /* staged: handler OK, to be pinned and committed */
+    O_FAILING,   /* staged: handler FAIL, to be pinned, committed, and
+                    dead-lettered (a later duplicate is a duplicate) */
+    O_REDO       /* BUSY on our own claim: retry after this batch */
+};
+
+typedef struct slot {
+    oq_delivery d;
+    oq_txn *txn;
+    oq_claim claim;
+    enum outcome outcome;
+} slot;
+
+/* Per-worker counters: written by one worker, read by stats_get. */
+typedef struct counters {
+    _Atomic uint64_t processed, duplicates, dead, retried, busy, fenced,
+        handler_calls, batches;
+} counters;
+
+typedef struct worker {
+    struct oq_pool *p;
+    pthread_t thread;
+    uint64_t rng;   /* jitter PRNG state; this worker's only */
+    oq_delivery *d; /* opts.batch of them: receive buffer */
+    slot *slots;    /* opts.batch of them */
+    oq_settle *ops; /* opts.batch of them: phase A and D */
+    oq_settle *pins; /* opts.batch of them: phase B */
+    counters c;
+} worker;
+
+struct oq_pool {
+    oq_queue *q;
+    oq_idset *s;
+    oq_pool_opts opts;  /* immutable after start */
+    worker *w;          /* opts.workers of them */
+    _Atomic int stopping;
+    bool joined;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;  /* a worker exited */
+    unsigned running;   /* guarded by mu */
+};
+
+void oq_pool_opts_defaults(oq_pool_opts *o)
+{
+    memset(o, 0, sizeof(*o));
+    o->workers = 2;
+    o->batch = 16;
+    o->backoff_base_ms = 100;
+    o->backoff_cap_ms = 30000;
+    o->busy_retry_ms = 10;
+    o->poll_ms = 100;
+}
+
+int64_t oq_backoff_ms(int64_t base_ms, int64_t cap_ms, uint32_t attempt,
+                      uint64_t *rng)
+{
+    int64_t ceil = base_ms;
+
+    if (base_ms <= 0 || cap_ms <= 0)
+        return 0;
+    /* base * 2^(attempt-1), saturating at cap. */
+    for (uint32_t i = 1; i < attempt && ceil < cap_ms; i++)
+        ceil = ceil > INT64_MAX / 2 ? INT64_MAX : ceil * 2;
+    ceil = OQ__MIN(ceil, cap_ms);
+    return (int64_t)(oq__splitmix64(rng) % (uint64_t)(ceil + 1));
+}
+
+#define INC(w, field) atomic_fetch_add_explicit(&(w)->c.field, 1, \
+                                                memory_order_relaxed)
+
+static void event_of(const oq_pool *p, const slot *s, oq_event *ev)
+{
+    ev->id = s->d.id;
+    ev->id_len = s->d.id_len;
+    ev->payload = s->d.payload;
+    ev->payload_len = s->d.payload_len;
+    ev->tag = s->d.tag;
+    ev->receipt = s->d.receipt;
+    ev->attempt = s->d.receive_count;
+    ev->deadline_ms = s->d.deadline_ms;
+    ev->clock = p->opts.clock;
+}
+
+static bool staged(enum outcome o)
+{
+    return o == O_COMMIT || o == O_FAILING;
+}
+
+/* Did an earlier message of this batch claim the same id? */
+static bool own_claim(const slot *slots, size_t i)
+{
+    for (size_t j = 0; j < i; j++)
+        if (staged(slots[j].outcome) &&
+            slots[j].d.id_len == slots[i].d.id_len &&
+            slots[j].claim.token == slots[i].claim.token &&
+            memcmp(slots[j].d.id, slots[i].d.id, slots[i].d.id_len) == 0)
+            return true;
+    return false;
+}
+
+/* Phase A for one message: claim and run the handler. */
+static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
+{
+    oq_pool *p = w->p;
+    int64_t now = oq_clock_now(p->opts.clock);
+    int rc;
+
+    op->d = &s->d;
+    op->release = 1;
+    rc = oq_idset_claim(p->s, s->d.id, s->d.id_len, s->d.deadline_ms,
+                        &s->claim);
+    if (rc == OQ_DONE) {
+        s->outcome = O_DUPLICATE;
+        op->op = OQ_SETTLE_ACK;
+        return;
+    }
+    if (rc == OQ_BUSY && own_claim(w->slots, i)) {
+        s->outcome = O_REDO;
+        op->op = OQ_SETTLE_NONE;
+        op->release = 0;
+        return;
+    }
+    if (rc != OQ_CLAIMED) {
+        /* BUSY, or the claim failed (out of memory): try again soon, and
+         * not as an attempt. */
+        int64_t delay = p->opts.busy_retry_ms;
+        if (rc == OQ_BUSY)
+            delay = OQ__MAX(OQ__MIN(delay, s->claim.lease_deadline_ms - now), 1);
+        s->outcome = O_BUSY;
+        op->op = OQ_SETTLE_RETURN;
+        op->delay_ms = delay;
+        return;
+    }
+
+    oq__txn_reset(s->txn);
+    {
+        oq_event ev;
+        event_of(p, s, &ev);
+        INC(w, handler_calls);
+        rc = p->opts.handler ? p->opts.handler(&ev, s->txn,
+                                               p->opts.handler_arg)
+                             : OQ_OK;
+    }
+    switch (rc) {
+    case OQ_OK:
+        s->outcome = O_COMMIT;
+        op->op = OQ_SETTLE_PIN;
+        op->release = 0;
+        return;
+    case OQ_RETRY:
+        oq_idset_release(p->s, s->d.id, s->d.id_len, s->claim.token);
+        s->outcome = O_RETRY;
+        op->op = OQ_SETTLE_NACK;
+        op->delay_ms = oq_backoff_ms(p->opts.backoff_base_ms,
+                                     p->opts.backoff_cap_ms,
+                                     s->d.receive_count, &w->rng);
+        return;
+    default:
+        /* A permanent failure settles the id too, fenced like a commit:
+         * the event's outcome is "dead-lettered", decided once. */
+        if (rc != OQ_FAIL)
+            oq_txn_error(s->txn, "handler returned %d", rc);
+        s->outcome = O_FAILING;
+        op->op = OQ_SETTLE_PIN;
+        op->release = 0;
+        return;
+    }
+}
+
+/* Phases B and C: pin, then commit, the messages whose handler said OK. */
+static void commit_staged(worker *w, size_t n)
+{
+    oq_pool *p = w->p;
+    size_t npin = 0;
+
+    for (size_t i = 0; i < n; i++)
+        if (staged(w->slots[i].outcome))
+            npin++;
+    if (npin == 0)
+        return;
+    /* The other ops must not act yet, so the pins go in an array of their
+     * own. */
+    {
+        oq_settle *pins = w->pins;
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++)
+            if (staged(w->slots[i].outcome))
+                pins[k++] = (oq_settle){ .d = &w->slots[i].d,
+                                         .op = OQ_SETTLE_PIN };
+        oq_queue_settle(p->q, pins, npin);
+        k = 0;
+        for (size_t i = 0; i < n; i++) {
+            slot *s = &w->slots[i];
+            oq_settle *op = &w->ops[i];
+            if (!staged(s->outcome))
+                continue;
+            op->release = 1;
+            if (pins[k++].result != 0) {
+                /* Redelivered since: the new holder owns it. */
+                oq_idset_release(p->s, s->d.id, s->d.id_len, s->claim.token);
+                s->outcome = O_NONE;
+                op->op = OQ_SETTLE_NONE;
+                INC(w, fenced);
+                continue;
+            }
+            if (oq_idset_commit(p->s, s->d.id, s->d.id_len,
+                                s->claim.token) != 0) {
+                /* Lease lost: discard the outputs; it will be redone. */
+                s->outcome = O_NONE;
+                op->op = OQ_SETTLE_NACK;
+                op->delay_ms = 0;
+                INC(w, fenced);
+                continue;
+            }
+            if (s->outcome == O_FAILING) {
+                s->outcome = O_DEAD;
+                op->op = OQ_SETTLE_DEAD;
+                op->reason = OQ_DLQ_FAILED;
+                op->error = oq_txn_error_text(s->txn);
+                continue;
+            }
+            if (p->opts.sink.apply) {
+                oq_event ev;
+                event_of(p, s, &ev);
+                if (p->opts.sink.apply(&ev, s->txn, p->opts.sink.arg) != 0)
+                    fprintf(stderr, "onceq: sink failed to apply the outputs "
+                                    "of '%.*s'\n", (int)s->d.id_len, s->d.id);
+            }
+            s->outcome = O_PROCESSED;
+            op->op = OQ_SETTLE_ACK;
+        }
+    }
+}
+
+static void count(worker *w, const slot *s, const oq_settle *op)
+{
+    if (op->op != OQ_SETTLE_NONE && op->result != 0) {
+        INC(w, fenced); /* the receipt went stale under us */
+        return;
+    }
+    switch (s->outcome) {
+    case O_PROCESSED: INC(w, processed); break;
+    case O_DUPLICATE: INC(w, duplicates); break;
+    case O_RETRY: INC(w, retried); break;
+    case O_BUSY: INC(w, busy); break;
+    case O_DEAD: INC(w, dead); break;
+    default: break;
+    }
+}
+
+/* Runs phases A-D over slots[0..n); returns how many were left to redo
+ * (moved to the front of slots). */
+static size_t run_batch(worker *w, size_t n)
+{
+    oq_pool *p = w->p;
+    size_t redo = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        slot *s = &w->slots[i];
+        oq_settle *op = &w->ops[i];
+        memset(op, 0, sizeof(*op));
+        s->outcome = O_NONE;
+        if (atomic_load(&p->stopping)) {
+            /* Stopping: hand the rest back untouched. */
+            op->d = &s->d;
+            op->op = OQ_SETTLE_RETURN;
+            op->release = 1;
+            continue;
+        }
+        run_one(w, s, i, op);
+    }
+    commit_staged(w, n);
+    oq_queue_settle(p->q, w->ops, n);
+    for (size_t i = 0; i < n; i++) {
+        if (w->slots[i].outcome == O_REDO) {
+            /* Keep the delivery; swap the txn pointers so none is lost. */
+            oq_txn *t = w->slots[redo].txn;
+            w->slots[redo].d = w->slots[i].d;
+            w->slots[redo].txn = w->slots[i].txn;
+            w->slots[i].txn = t;
+            redo++;
+        } else {
+            count(w, &w->slots[i], &w->ops[i]);
+        }
+    }
+    return redo;
+}
+
+static void *worker_main(void *arg)
+{
+    worker *w = arg;
+    oq_pool *p = w->p;
+    oq_delivery *d = w->d;
+
+    while (!atomic_load(&p->stopping)) {
+        int n = oq_queue_receive(p->q, d, p->opts.batch, p->opts.poll_ms);
+        if (n == OQ_EOF)
+            break;
+        if (n <= 0)
+            continue;
+        INC(w, batches);
+        for (int i = 0; i < n; i++)
+            w->slots[i].d = d[i];
+        for (size_t left = (size_t)n; left > 0;)
+            left = run_batch(w, left);
+    }
+    pthread_mutex_lock(&p->mu);
+    p->running--;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+static void free_workers(oq_pool *p)
+{
+    for (unsigned i = 0; p->w && i < p->opts.workers; i++) {
+        worker *w = &p->w[i];
+        for (unsigned j = 0; w->slots && j < p->opts.batch; j++)
+            oq__txn_free(w->slots[j].txn);
+        oq__free(w->slots);
+        oq__free(w->ops);
+        oq__free(w->pins);
+        oq__free(w->d);
+    }
+    oq__free(p->w);
+}
+
+static int alloc_workers(oq_pool *p)
+{
+    uint64_t seed = p->opts.seed ? p->opts.seed
+                                 : (uint64_t)oq_clock_now(NULL) * 2654435761u;
+
+    p->w = oq__calloc(p->opts.workers, sizeof(*p->w));
+    if (p->w == NULL)
+        return OQ_ENOMEM;
+    for (unsigned i = 0; i < p->opts.workers; i++) {
+        worker *w = &p->w[i];
+        w->p = p;
+        w->rng = seed + i * 0x9e3779b97f4a7c15ULL;
+        w->slots = oq__calloc(p->opts.batch, sizeof(*w->slots));
+        w->ops = oq__calloc(p->opts.batch, sizeof(*w->ops));
+        w->pins = oq__calloc(p->opts.batch, sizeof(*w->pins));
+        w->d = oq__calloc(p->opts.batch, sizeof(*w->d));
+        if (w->slots == NULL || w->ops == NULL || w->pins == NULL ||
+            w->d == NULL)
+            return OQ_ENOMEM;
+        for (unsigned j = 0; j < p->opts.batch; j++)
+            if ((w->slots[j].txn = oq__txn_new()) == NULL)
+                return OQ_ENOMEM;
+    }
+    return 0;
+}
+
+int oq_pool_start(oq_pool **out, oq_queue *q, oq_idset *s,
+                  const oq_pool_opts *opts)
+{
+    oq_pool *p;
+    int rc;
+
+    if (out == NULL || q == NULL || s == NULL || opts == NULL ||
+        opts->workers == 0 || opts->batch == 0 || opts->batch > 4096)
+        return OQ_EINVAL;
+    p = oq__calloc(1, sizeof(*p));
+    if (p == NULL)
+        return OQ_ENOMEM;
+    p->q = q;
+    p->s = s;
+    p->opts = *opts;
+    if (p->opts.poll_ms <= 0)
+        p->opts.poll_ms = 100;
+    pthread_mutex_init(&p->mu, NULL);
+    oq__cond_init_monotonic(&p->cv);
+    rc = alloc_workers(p);
+    if (rc != 0)
+        goto out_free;
+    for (unsigned i = 0; i < p->opts.workers; i++) {
+        rc = -pthread_create(&p->w[i].thread, NULL, worker_main, &p->w[i]);
+        if (rc != 0) {
+            /* Stop and join the ones already running. */
+            atomic_store(&p->stopping, 1);
+            oq_queue_wake(q);
+            for (unsigned j = 0; j < i; j++)
+                pthread_join(p->w[j].thread, NULL);
+            goto out_free;
+        }
+        pthread_mutex_lock(&p->mu);
+        p->running++;
+        pthread_mutex_unlock(&p->mu);
+    }
+    *out = p;
+    return 0;
+
+out_free:
+    free_workers(p);
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
+    oq__free(p);
+    return rc;
+}
+
+static void join_all(oq_pool *p)
+{
+    if (p->joined)
+        return;
+    for (unsigned i = 0; i < p->opts.workers; i++)
+        pthread_join(p->w[i].thread, NULL);
+    p->joined = true;
+}
+
+int oq_pool_wait(oq_pool *p)
+{
+    join_all(p);
+    return 0;
+}
+
+int oq_pool_stop(oq_pool *p, int64_t grace_ms)
+{
+    struct timespec until = oq__abstime_after(grace_ms);
+    int busy = 0;
+
+    atomic_store(&p->stopping, 1);
+    oq_queue_wake(p->q);
+    pthread_mutex_lock(&p->mu);
+    while (p->running > 0) {
+        if (grace_ms < 0) {
+            pthread_cond_wait(&p->cv, &p->mu);
+        } else if (pthread_cond_timedwait(&p->cv, &p->mu, &until) != 0) {
+            busy = p->running > 0;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (busy)
+        return OQ_EBUSY;
+    join_all(p);
+    return 0;
+}
+
+void oq_pool_stats_get(oq_pool *p, oq_pool_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    for (unsigned i = 0; i < p->opts.workers; i++) {
+        counters *c = &p->w[i].c;
+        out->processed += atomic_load(&c->processed);
+        out->duplicates += atomic_load(&c->duplicates);
+        out->dead += atomic_load(&c->dead);
+        out->retried += atomic_load(&c->retried);
+        out->busy += atomic_load(&c->busy);
+        out->fenced += atomic_load(&c->fenced);
+        out->handler_calls += atomic_load(&c->handler_calls);
+        out->batches += atomic_load(&c->batches);
+    }
+}
+
+void oq_pool_free(oq_pool *p)
+{
+    if (p == NULL)
+        return;
+    if (!p->joined)
+        oq_pool_stop(p, -1);
+    free_workers(p);
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
+    oq__free(p);
+}

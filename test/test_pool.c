@@ -1,0 +1,431 @@
+/* Description: the worker pool applies each event's effect exactly once:
+ * duplicates are acked without effect, RETRY is retried with backoff, FAIL
+ * is dead-lettered once (and settles the id), a worker that overran its
+ * lease has its outputs discarded, a graceful stop loses nothing, and the
+ * stats balance. Time comes from a test clock that only the test moves. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "oq_internal.h"
+
+#define VT 1000
+
+typedef struct fx {
+    oq_testclock *tc;
+    oq_queue *q;
+    oq_idset *s;
+    oq_memsink *sink;
+    oq_pool *p;
+    oq_pool_opts po;
+} fx;
+
+static void nap(void)
+{
+    struct timespec ts = { 0, 200 * 1000 };
+    nanosleep(&ts, NULL);
+}
+
+static int setup_with(void **state, size_t dedup)
+{
+    fx *f = calloc(1, sizeof(*f));
+    oq_queue_opts qo;
+    oq_idset_opts so;
+
+    f->tc = oq_testclock_new(1000000);
+    oq_queue_opts_defaults(&qo);
+    qo.visibility_timeout_ms = VT;
+    qo.dedup_count = dedup;
+    qo.clock = oq_testclock_clock(f->tc);
+    assert_int_equal(oq_queue_new(&f->q, &qo), 0);
+    oq_idset_opts_defaults(&so);
+    so.clock = qo.clock;
+    assert_int_equal(oq_idset_new(&f->s, &so), 0);
+    assert_int_equal(oq_memsink_new(&f->sink), 0);
+    oq_pool_opts_defaults(&f->po);
+    f->po.clock = qo.clock;
+    f->po.sink = oq_memsink_sink(f->sink);
+    f->po.backoff_base_ms = 100;
+    f->po.backoff_cap_ms = 400;
+    f->po.poll_ms = 5;
+    f->po.seed = 42;
+    *state = f;
+    return 0;
+}
+
+static int setup(void **state)
+{
+    return setup_with(state, 0); /* duplicates reach the processed set */
+}
+
+static int teardown(void **state)
+{
+    fx *f = *state;
+    oq_pool_free(f->p);
+    oq_queue_free(f->q);
+    oq_idset_free(f->s);
+    oq_memsink_free(f->sink);
+    oq_testclock_free(f->tc);
+    free(f);
+    return 0;
+}
+
+static void start(fx *f)
+{
+    assert_int_equal(oq_pool_start(&f->p, f->q, f->s, &f->po), 0);
+}
+
+/* Closes the queue and moves the test clock until the pool has drained. */
+static void drain(fx *f)
+{
+    oq_queue_stats st;
+    oq_queue_close(f->q);
+    for (int i = 0; i < 200000; i++) {
+        oq_queue_stats_get(f->q, &st);
+        if (st.ready + st.delayed + st.in_flight == 0)
+            break;
+        oq_testclock_advance(f->tc, 10);
+        nap();
+    }
+    assert_int_equal(oq_pool_wait(f->p), 0);
+}
+
+static void send_id(fx *f, const char *id)
+{
+    assert_int_equal(oq_queue_send(f->q, id, strlen(id), id, strlen(id), 0), 0);
+}
+
+/* Counts each event once under its id, and records the attempt. */
+static int count_handler(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    (void)arg;
+    oq_txn_count(txn, ev->id, ev->id_len, 1);
+    oq_txn_record(txn, ev->id, ev->id_len);
+    return OQ_OK;
+}
+
+static int64_t effect(fx *f, const char *id)
+{
+    int64_t v = 0;
+    if (oq_memsink_get(f->sink, id, strlen(id), &v) != 0)
+        return 0;
+    return v;
+}
+
+static void test_each_event_once(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+    char id[16];
+
+    f->po.handler = count_handler;
+    start(f);
+    for (int i = 0; i < 500; i++) {
+        snprintf(id, sizeof(id), "e%d", i);
+        send_id(f, id);
+    }
+    drain(f);
+    for (int i = 0; i < 500; i++) {
+        snprintf(id, sizeof(id), "e%d", i);
+        assert_int_equal(effect(f, id), 1);
+    }
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(ps.processed, 500);
+    assert_int_equal(ps.duplicates, 0);
+    assert_int_equal(oq_memsink_nrecords(f->sink), 500);
+}
+
+static void test_duplicates_have_no_effect(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+
+    f->po.handler = count_handler;
+    f->po.workers = 1; /* same batch: exercises the redo path */
+    start(f);
+    send_id(f, "x");
+    send_id(f, "y");
+    send_id(f, "x");
+    send_id(f, "x");
+    drain(f);
+    assert_int_equal(effect(f, "x"), 1);
+    assert_int_equal(effect(f, "y"), 1);
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(ps.processed, 2);
+    assert_int_equal(ps.duplicates, 2);
+    assert_int_equal(ps.busy, 0);
+}
+
+static void test_duplicates_across_batches(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+    char id[16];
+
+    f->po.handler = count_handler;
+    f->po.workers = 3;
+    f->po.batch = 4;
+    start(f);
+    for (int r = 0; r < 5; r++)
+        for (int i = 0; i < 60; i++) {
+            snprintf(id, sizeof(id), "d%d", i);
+            send_id(f, id);
+        }
+    drain(f);
+    for (int i = 0; i < 60; i++) {
+        snprintf(id, sizeof(id), "d%d", i);
+        assert_int_equal(effect(f, id), 1);
+    }
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(ps.processed, 60);
+    assert_int_equal(ps.duplicates, 240);
+}
+
+static int flaky_handler(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    (void)arg;
+    if (ev->attempt < 3) {
+        oq_txn_count(txn, "must-not-appear", 15, 1);
+        oq_txn_error(txn, "try again");
+        return OQ_RETRY;
+    }
+    oq_txn_count(txn, ev->id, ev->id_len, 1);
+    return OQ_OK;
+}
+
+static void test_retry_with_backoff(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+    oq_queue_stats qs;
+
+    f->po.handler = flaky_handler;
+    start(f);
+    send_id(f, "r1");
+    send_id(f, "r2");
+    drain(f);
+    assert_int_equal(effect(f, "r1"), 1);
+    assert_int_equal(effect(f, "r2"), 1);
+    assert_int_equal(effect(f, "must-not-appear"), 0);
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(ps.retried, 4);
+    assert_int_equal(ps.processed, 2);
+    oq_queue_stats_get(f->q, &qs);
+    assert_int_equal(qs.nacked, 4);
+}
+
+static int poison_handler(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    (void)arg;
+    if (ev->id_len == 6 && memcmp(ev->id, "poison", 6) == 0) {
+        oq_txn_count(txn, "poison-effect", 13, 1);
+        oq_txn_error(txn, "cannot handle %.*s", (int)ev->id_len, ev->id);
+        return OQ_FAIL;
+    }
+    oq_txn_count(txn, ev->id, ev->id_len, 1);
+    return OQ_OK;
+}
+
+typedef struct dls {
+    int n;
+    char error[64];
+    oq_dlq_reason reason;
+} dls;
+
+static void collect(const oq_dead_letter *dl, void *arg)
+{
+    dls *d = arg;
+    d->n++;
+    d->reason = dl->reason;
+    snprintf(d->error, sizeof(d->error), "%s", dl->error);
+}
+
+static void test_fail_dead_letters_once(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+    dls seen = { 0 };
+
+    f->po.handler = poison_handler;
+    start(f);
+    send_id(f, "ok");
+    send_id(f, "poison");
+    send_id(f, "poison"); /* a duplicate of a dead event is a duplicate */
+    drain(f);
+    oq_queue_dead_letters(f->q, 0, collect, &seen);
+    assert_int_equal(seen.n, 1);
+    assert_int_equal(seen.reason, OQ_DLQ_FAILED);
+    assert_string_equal(seen.error, "cannot handle poison");
+    assert_int_equal(effect(f, "poison-effect"), 0);
+    assert_int_equal(effect(f, "ok"), 1);
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(ps.dead, 1);
+    assert_int_equal(ps.duplicates, 1);
+    assert_int_equal(ps.processed, 1);
+}
+
+/* A handler that, on its first attempt, blocks until the test lets it go:
+ * the test moves the clock past its lease meanwhile. */
+typedef struct stall {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int started, release;
+} stall;
+
+static stall st_gate = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+                         0, 0 };
+
+static int stalling_handler(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    (void)arg;
+    oq_txn_count(txn, ev->id, ev->id_len, 1);
+    if (ev->attempt == 1) {
+        pthread_mutex_lock(&st_gate.mu);
+        st_gate.started = 1;
+        pthread_cond_broadcast(&st_gate.cv);
+        while (!st_gate.release)
+            pthread_cond_wait(&st_gate.cv, &st_gate.mu);
+        pthread_mutex_unlock(&st_gate.mu);
+    }
+    return OQ_OK;
+}
+
+static void test_overrun_lease_outputs_discarded(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+
+    f->po.handler = stalling_handler;
+    f->po.workers = 2;
+    f->po.batch = 1;
+    start(f);
+    send_id(f, "slow");
+    pthread_mutex_lock(&st_gate.mu);
+    while (!st_gate.started)
+        pthread_cond_wait(&st_gate.cv, &st_gate.mu);
+    pthread_mutex_unlock(&st_gate.mu);
+    /* Past the visibility timeout and the lease: the other worker gets it,
+     * takes the lease over, and commits. */
+    oq_testclock_advance(f->tc, VT + 1);
+    oq_queue_wake(f->q);
+    for (int i = 0; i < 100000 && effect(f, "slow") == 0; i++)
+        nap();
+    assert_int_equal(effect(f, "slow"), 1);
+    /* Now the first worker finishes: its commit must be refused. */
+    pthread_mutex_lock(&st_gate.mu);
+    st_gate.release = 1;
+    pthread_cond_broadcast(&st_gate.cv);
+    pthread_mutex_unlock(&st_gate.mu);
+    drain(f);
+    assert_int_equal(effect(f, "slow"), 1);
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(ps.processed, 1);
+    assert_int_equal(ps.fenced, 1);
+}
+
+static void test_graceful_stop_loses_nothing(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+    oq_queue_stats qs;
+    char id[16];
+
+    f->po.handler = count_handler;
+    f->po.workers = 2;
+    f->po.batch = 8;
+    for (int i = 0; i < 2000; i++) {
+        snprintf(id, sizeof(id), "s%d", i);
+        send_id(f, id);
+    }
+    start(f);
+    assert_int_equal(oq_pool_stop(f->p, 5000), 0);
+    oq_pool_stats_get(f->p, &ps);
+    oq_queue_stats_get(f->q, &qs);
+    /* What was not processed is still in the queue, visible, not in flight. */
+    assert_int_equal(qs.in_flight, 0);
+    assert_int_equal(ps.processed + qs.ready, 2000);
+    assert_int_equal(oq_memsink_nkeys(f->sink), ps.processed);
+}
+
+static void test_stats_balance(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+    oq_queue_stats qs;
+    char id[16];
+    uint64_t dead = 0;
+
+    f->po.handler = poison_handler;
+    f->po.workers = 2;
+    start(f);
+    for (int i = 0; i < 300; i++) {
+        snprintf(id, sizeof(id), "b%d", i % 200);
+        send_id(f, id);
+    }
+    send_id(f, "poison");
+    drain(f);
+    oq_pool_stats_get(f->p, &ps);
+    oq_queue_stats_get(f->q, &qs);
+    for (int r = 0; r < OQ_DLQ__COUNT; r++)
+        dead += qs.dead_lettered[r];
+    assert_int_equal(qs.sent, 301);
+    assert_int_equal(qs.sent, ps.processed + ps.duplicates + dead);
+    assert_int_equal(qs.acked, ps.processed + ps.duplicates);
+    assert_int_equal(ps.processed, 200);
+    assert_int_equal(ps.duplicates, 100);
+    assert_int_equal(dead, 1);
+}
+
+static void test_backoff_full_jitter(void **state)
+{
+    uint64_t rng = 7;
+    int64_t max = 0;
+    (void)state;
+    for (int i = 0; i < 5000; i++) {
+        int64_t b = oq_backoff_ms(100, 30000, 4, &rng);
+        assert_true(b >= 0 && b <= 800);
+        max = OQ__MAX(max, b);
+    }
+    assert_true(max > 700);
+    assert_true(oq_backoff_ms(100, 30000, 100, &rng) <= 30000);
+}
+
+static void test_bad_options(void **state)
+{
+    fx *f = *state;
+    oq_pool *p = NULL;
+    f->po.workers = 0;
+    assert_int_equal(oq_pool_start(&p, f->q, f->s, &f->po), OQ_EINVAL);
+    f->po.workers = 1;
+    f->po.batch = 0;
+    assert_int_equal(oq_pool_start(&p, f->q, f->s, &f->po), OQ_EINVAL);
+    assert_null(p);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+        T(test_each_event_once),
+        T(test_duplicates_have_no_effect),
+        T(test_duplicates_across_batches),
+        T(test_retry_with_backoff),
+        T(test_fail_dead_letters_once),
+        T(test_overrun_lease_outputs_discarded),
+        T(test_graceful_stop_loses_nothing),
+        T(test_stats_balance),
+        T(test_bad_options),
+        cmocka_unit_test(test_backoff_full_jitter),
+#undef T
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
