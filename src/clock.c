@@ -87,6 +87,20 @@ struct timespec oq__abstime_after(int64_t ms)
     return ts;
 }
 
+int oq__mutex_init(pthread_mutex_t *m)
+{
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc != 0)
+        return -rc;
+#ifdef PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
+#endif
+    rc = pthread_mutex_init(m, &attr);
+    pthread_mutexattr_destroy(&attr);
+    return -rc;
+}
+
 int oq__cond_init_monotonic(pthread_cond_t *c)
 {
     pthread_condattr_t attr;

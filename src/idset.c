@@ -332,7 +332,7 @@ int oq_idset_new(oq_idset **out, const oq_idset_opts *opts)
     size_t i;
     for (i = 0; i < s->nshards; i++) {
         struct shard *sh = &s->shards[i];
-        if (pthread_mutex_init(&sh->lock, NULL) != 0)
+        if (oq__mutex_init(&sh->lock) != 0)
             goto out_destroy;
         sh->gen_start_ms = now;
         sh->init_cap = s->init_cap;

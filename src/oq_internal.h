@@ -35,6 +35,10 @@ void oq__alloc_fail_after(long n); /* -1: never fail (the default) */
 struct timespec oq__abstime_after(int64_t ms);
 /* pthread_cond_t that waits on CLOCK_MONOTONIC. */
 int oq__cond_init_monotonic(pthread_cond_t *c);
+/* A mutex for short critical sections: it spins a little before sleeping
+ * (glibc's adaptive mutex), which matters when two workers contend for the
+ * queue lock for a few hundred ns at a time. */
+int oq__mutex_init(pthread_mutex_t *m);
 
 /* ------------------------------------------------------------------- heap */
 

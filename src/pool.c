@@ -158,7 +158,6 @@ static bool own_claim(const slot *slots, size_t i)
 static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
 {
     oq_pool *p = w->p;
-    int64_t now = oq_clock_now(p->opts.clock);
     int rc;
 
     op->d = &s->d;
@@ -180,8 +179,11 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
         /* BUSY, or the claim failed (out of memory): try again soon, and
          * not as an attempt. */
         int64_t delay = p->opts.busy_retry_ms;
-        if (rc == OQ_BUSY)
-            delay = OQ__MAX(OQ__MIN(delay, s->claim.lease_deadline_ms - now), 1);
+        if (rc == OQ_BUSY) {
+            int64_t left = s->claim.lease_deadline_ms -
+                           oq_clock_now(p->opts.clock);
+            delay = OQ__MAX(OQ__MIN(delay, left), 1);
+        }
         s->outcome = O_BUSY;
         op->op = OQ_SETTLE_RETURN;
         op->delay_ms = delay;

@@ -159,10 +159,10 @@ int oq_queue_new(oq_queue **out, const oq_queue_opts *opts)
         oq__free(q);
         return OQ_EINVAL;
     }
-    rc = pthread_mutex_init(&q->mu, NULL);
+    rc = oq__mutex_init(&q->mu);
     if (rc != 0) {
         oq__free(q);
-        return -rc;
+        return rc;
     }
     rc = oq__cond_init_monotonic(&q->cv);
     if (rc != 0) {

@@ -599,6 +599,7 @@ typedef struct mt_ctx {
     atomic_int commits[MT_IDS];
     atomic_int stale;          /* commits refused */
     atomic_bool stop;
+    bool tick;                 /* a ticker thread moves the clock */
 } mt_ctx;
 
 typedef struct mt_arg {
@@ -614,7 +615,7 @@ static void *mt_worker(void *p)
     char id[32];
     int pending = MT_IDS;
     /* Sweep until a whole pass sees every id DONE. */
-    while (pending > 0) {
+    for (int pass = 0; pending > 0; pass++) {
         pending = 0;
         for (int k = 0; k < MT_IDS; k++) {
             int i = (k + a->worker * (MT_IDS / MT_THREADS)) % MT_IDS;
@@ -627,8 +628,13 @@ static void *mt_worker(void *p)
             pending++;
             if (rc != OQ_CLAIMED)
                 continue;
-            if ((i + a->worker) % 5 == 0)
-                sched_yield(); /* a slow handler */
+            if ((i + a->worker) % 5 == 0) {
+                /* A slow handler; in the first pass, with a moving clock,
+                 * one that overruns its lease for sure. */
+                if (ctx->tick && pass == 0)
+                    oq_testclock_advance(ctx->tc, ctx->lease_ms);
+                sched_yield();
+            }
             rc = oq_idset_commit(ctx->s, id, len, c.token);
             if (rc == 0) {
                 atomic_fetch_add(&ctx->commits[i], 1);
@@ -658,6 +664,7 @@ static void run_mt(int64_t lease_ms, bool tick)
     ctx->tc = oq_testclock_new(T0);
     assert_non_null(ctx->tc);
     ctx->lease_ms = lease_ms;
+    ctx->tick = tick;
     oq_idset_opts o;
     oq_idset_opts_defaults(&o);
     o.shard_bits = 2; /* few shards: more contention */
@@ -687,6 +694,8 @@ static void run_mt(int64_t lease_ms, bool tick)
     oq_idset_stats_get(ctx->s, &st);
     assert_int_equal(st.done, MT_IDS);
     assert_int_equal(st.claims, 0);
+    if (tick)
+        assert_true(atomic_load(&ctx->stale) > 0);
     print_message("    lease %lld ms: %llu takeovers, %d commits refused\n",
                   (long long)lease_ms, (unsigned long long)st.takeovers,
                   atomic_load(&ctx->stale));
@@ -700,8 +709,8 @@ static void test_mt_each_id_committed_once(void **state)
     run_mt(INT64_C(1) << 40, false);
 }
 
-/* Same, with a clock that keeps moving and 2 ms leases, so leases expire
- * between claim and commit and get taken over. */
+/* Same, with a clock that keeps moving, 2 ms leases, and handlers that
+ * overrun them, so commits are refused and leases are taken over. */
 static void test_mt_takeovers_each_id_committed_once(void **state)
 {
     run_mt(2, true);
