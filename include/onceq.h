@@ -89,6 +89,9 @@ typedef enum oq_dlq_reason {
     OQ_DLQ_EXPIRED,          /* older than the TTL when it was due */
     OQ_DLQ_FAILED,           /* the handler reported a permanent failure */
     OQ_DLQ_REJECTED,         /* refused before processing (bad input) */
+    OQ_DLQ_PARSE_ERROR,      /* not a JSON object, invalid UTF-8, NUL bytes */
+    OQ_DLQ_BAD_ID,           /* missing, empty, too long or wrongly typed id */
+    OQ_DLQ_TOO_LARGE,        /* longer than the maximum line length */
     OQ_DLQ__COUNT
 } oq_dlq_reason;
 
@@ -185,6 +188,11 @@ OQ_API int oq_queue_send_batch(oq_queue *q, const oq_message *msgs, size_t n,
  */
 OQ_API int oq_queue_receive(oq_queue *q, oq_delivery *out, size_t max,
                             int64_t wait_ms);
+
+/* Puts a message straight on the dead-letter list, never delivered (bad
+ * input found by a producer). It counts as sent and as dead-lettered. */
+OQ_API int oq_queue_reject(oq_queue *q, const oq_message *m,
+                           oq_dlq_reason reason, const char *error);
 
 /* Single operations by receipt; OQ_ESTALE when the receipt is not current. */
 OQ_API int oq_queue_ack(oq_queue *q, uint64_t receipt);
@@ -348,6 +356,7 @@ typedef struct oq_event {
     uint32_t attempt;          /* 1 on the first delivery */
     int64_t deadline_ms;       /* the lease ends here */
     const oq_clock *clock;
+    void *parsed;              /* what the pool's decode hook produced */
 } oq_event;
 
 /*
@@ -356,6 +365,24 @@ typedef struct oq_event {
  * stage every effect in txn and return OQ_OK, OQ_RETRY or OQ_FAIL.
  */
 typedef int (*oq_handler_fn)(const oq_event *ev, oq_txn *txn, void *arg);
+
+/*
+ * Optional decode hook: runs in the worker, before the claim, with no lock
+ * held, so parsing is spread over the workers. It finds the event's id
+ * (for messages sent without one) and may keep a parsed form for the
+ * handler (ev->parsed). Return 0 with out->id/out->id_len set (they may
+ * point into the payload or into out->parsed), or a negative value with
+ * out->reason and out->error set: the message is dead-lettered with them.
+ */
+typedef struct oq_decoded {
+    const char *id;
+    size_t id_len;
+    void *parsed;            /* freed with the pool's free_parsed */
+    oq_dlq_reason reason;    /* on failure */
+    char error[256];         /* on failure */
+} oq_decoded;
+
+typedef int (*oq_decode_fn)(const oq_event *ev, oq_decoded *out, void *arg);
 
 /* Plugins export a function with this name and type. */
 #define OQ_PLUGIN_SYMBOL "oq_plugin_handle"
@@ -405,6 +432,9 @@ typedef struct oq_pool_opts {
     void *handler_arg;
     oq_sink sink;              /* where committed txns go; apply may be NULL */
     const oq_clock *clock;     /* the queue's and idset's clock; NULL = monotonic */
+    oq_decode_fn decode;       /* NULL: the message id is the event id */
+    void (*free_parsed)(void *parsed, void *arg);
+    void *decode_arg;
 } oq_pool_opts;
 
 OQ_API void oq_pool_opts_defaults(oq_pool_opts *o);
@@ -413,6 +443,7 @@ typedef struct oq_pool_stats {
     uint64_t processed;    /* committed and acked: one effect each */
     uint64_t duplicates;   /* id already DONE at claim: acked, no effect */
     uint64_t dead;         /* dead-lettered by a worker (handler FAIL) */
+    uint64_t rejected;     /* dead-lettered by the decode hook */
     uint64_t retried;      /* handler RETRY: nacked with backoff */
     uint64_t busy;         /* id held by another worker: returned */
     uint64_t fenced;       /* commit or ack refused: lease or receipt lost */

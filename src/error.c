@@ -44,6 +44,9 @@ const char *oq_dlq_reason_name(oq_dlq_reason r)
         [OQ_DLQ_EXPIRED] = "expired",
         [OQ_DLQ_FAILED] = "failed",
         [OQ_DLQ_REJECTED] = "rejected",
+        [OQ_DLQ_PARSE_ERROR] = "parse_error",
+        [OQ_DLQ_BAD_ID] = "bad_id",
+        [OQ_DLQ_TOO_LARGE] = "too_large",
     };
     if ((unsigned)r < OQ_DLQ__COUNT)
         return names[r];

@@ -1,7 +1,7 @@
 /*
  * The in-memory sink: counters summed by key (uthash) and records in commit
- * order. One mutex (m->mu) guards both; apply takes it once per txn, so a
- * txn's effects appear together. It is a leaf lock.
+ * order. One mutex (m->mu) guards both; apply takes it once per txn, and a
+ * txn's effects appear together or not at all. It is a leaf lock.
  */
 #include "oq_internal.h"
 
@@ -17,6 +17,7 @@ static _Thread_local int hash_oom;
 
 typedef struct counter {
     int64_t value;
+    struct counter *next_new; /* apply's list of counters it created */
     UT_hash_handle hh;
     size_t len;
     char key[];
@@ -33,7 +34,6 @@ struct oq_memsink {
     counter *counters;          /* guarded by mu */
     record *rec_head, *rec_tail; /* guarded by mu */
     size_t nrecords;            /* guarded by mu */
-    int failed;                 /* guarded by mu: an apply ran out of memory */
 };
 
 int oq_memsink_new(oq_memsink **out)
@@ -65,10 +65,75 @@ void oq_memsink_free(oq_memsink *m)
     oq__free(m);
 }
 
+/*
+ * apply is all-or-nothing: phase 1 makes every allocation (new counters
+ * enter the table at 0, records are built in a private list); if any fails,
+ * phase 1 is undone and nothing is visible. Phase 2 cannot fail: it adds
+ * the deltas and links the records.
+ */
 typedef struct apply_ctx {
     oq_memsink *m;
     int rc;
+    counter *created;            /* counters phase 1 added, via next_new */
+    record *head, *tail;         /* records phase 1 built */
+    size_t nrec;
 } apply_ctx;
+
+static void prepare_count(const char *key, size_t len, int64_t delta,
+                          void *arg)
+{
+    apply_ctx *ctx = arg;
+    counter *c;
+
+    OQ__UNUSED(delta);
+    if (ctx->rc != 0)
+        return;
+    HASH_FIND(hh, ctx->m->counters, key, len, c);
+    if (c != NULL)
+        return;
+    c = oq__malloc(sizeof(*c) + len);
+    if (c == NULL) {
+        ctx->rc = OQ_ENOMEM;
+        return;
+    }
+    c->value = 0;
+    c->len = len;
+    if (len)
+        memcpy(c->key, key, len);
+    hash_oom = 0;
+    HASH_ADD_KEYPTR(hh, ctx->m->counters, c->key, len, c);
+    if (hash_oom) {
+        oq__free(c);
+        ctx->rc = OQ_ENOMEM;
+        return;
+    }
+    c->next_new = ctx->created;
+    ctx->created = c;
+}
+
+static void prepare_record(const void *data, size_t len, void *arg)
+{
+    apply_ctx *ctx = arg;
+    record *r;
+
+    if (ctx->rc != 0)
+        return;
+    r = oq__malloc(sizeof(*r) + len);
+    if (r == NULL) {
+        ctx->rc = OQ_ENOMEM;
+        return;
+    }
+    r->next = NULL;
+    r->len = len;
+    if (len)
+        memcpy(r->data, data, len);
+    if (ctx->tail)
+        ctx->tail->next = r;
+    else
+        ctx->head = r;
+    ctx->tail = r;
+    ctx->nrec++;
+}
 
 static void add_count(const char *key, size_t len, int64_t delta, void *arg)
 {
@@ -76,55 +141,47 @@ static void add_count(const char *key, size_t len, int64_t delta, void *arg)
     counter *c;
 
     HASH_FIND(hh, ctx->m->counters, key, len, c);
-    if (c == NULL) {
-        c = oq__malloc(sizeof(*c) + len);
-        if (c == NULL) {
-            ctx->rc = OQ_ENOMEM;
-            return;
-        }
-        c->value = 0;
-        c->len = len;
-        memcpy(c->key, key, len);
-        hash_oom = 0;
-        HASH_ADD_KEYPTR(hh, ctx->m->counters, c->key, len, c);
-        if (hash_oom) {
-            oq__free(c);
-            ctx->rc = OQ_ENOMEM;
-            return;
-        }
-    }
-    c->value += delta;
+    c->value += delta; /* phase 1 made sure it exists */
 }
 
-static void add_record(const void *data, size_t len, void *arg)
+static void undo(apply_ctx *ctx)
 {
-    apply_ctx *ctx = arg;
-    record *r = oq__malloc(sizeof(*r) + len);
+    counter *c;
+    record *r;
 
-    if (r == NULL) {
-        ctx->rc = OQ_ENOMEM;
-        return;
+    while ((c = ctx->created) != NULL) {
+        ctx->created = c->next_new;
+        HASH_DEL(ctx->m->counters, c);
+        oq__free(c);
     }
-    r->next = NULL;
-    r->len = len;
-    memcpy(r->data, data, len);
-    if (ctx->m->rec_tail)
-        ctx->m->rec_tail->next = r;
-    else
-        ctx->m->rec_head = r;
-    ctx->m->rec_tail = r;
-    ctx->m->nrecords++;
+    while ((r = ctx->head) != NULL) {
+        ctx->head = r->next;
+        oq__free(r);
+    }
 }
 
 static int apply(const oq_event *ev, const oq_txn *txn, void *arg)
 {
-    apply_ctx ctx = { arg, 0 };
+    apply_ctx ctx = { .m = arg };
+    oq_memsink *m = ctx.m;
+
     OQ__UNUSED(ev);
-    pthread_mutex_lock(&ctx.m->mu);
-    oq_txn_foreach(txn, add_record, add_count, &ctx);
-    if (ctx.rc != 0)
-        ctx.m->failed = 1;
-    pthread_mutex_unlock(&ctx.m->mu);
+    pthread_mutex_lock(&m->mu);
+    oq_txn_foreach(txn, prepare_record, prepare_count, &ctx);
+    if (ctx.rc != 0) {
+        undo(&ctx);
+    } else {
+        oq_txn_foreach(txn, NULL, add_count, &ctx);
+        if (ctx.head) {
+            if (m->rec_tail)
+                m->rec_tail->next = ctx.head;
+            else
+                m->rec_head = ctx.head;
+            m->rec_tail = ctx.tail;
+            m->nrecords += ctx.nrec;
+        }
+    }
+    pthread_mutex_unlock(&m->mu);
     return ctx.rc;
 }
 

@@ -69,11 +69,105 @@ oq_txn *oq__txn_new(void);
 void oq__txn_reset(oq_txn *t); /* keeps its buffers */
 void oq__txn_free(oq_txn *t);
 
+/* ------------------------------------------------------------ source.c */
+
+/*
+ * Reading JSON-lines input. The reader only splits lines (memchr over big
+ * blocks); JSON parsing happens in the workers (oq__json_decode, used as the
+ * pool's decode hook), so parsing scales with the pool.
+ */
+
+/* What the reader found on one line. */
+typedef enum oq__line_kind {
+    OQ__LINE_EVENT,    /* a non-blank line to send */
+    OQ__LINE_BLANK,    /* empty or only whitespace: counted and skipped */
+    OQ__LINE_TOO_LARGE /* longer than max_line: data holds the first 4 KiB */
+} oq__line_kind;
+
+typedef struct oq__line {
+    oq__line_kind kind;
+    const char *data;  /* without the newline and without a trailing CR */
+    size_t len;        /* TOO_LARGE: bytes kept (<= 4096) */
+    size_t full_len;   /* the line's real length (without newline/CR) */
+    unsigned file;     /* index into the reader's inputs */
+    uint64_t lineno;   /* 1-based, per file */
+    uint64_t offset;   /* byte offset of the line's start in its file */
+} oq__line;
+
+typedef struct oq__reader oq__reader;
+
+/* paths: n inputs; "-" is stdin. max_line: bytes (e.g. 1 MiB). On failure
+ * returns a negative errno code and writes a one-line message (naming the
+ * file) to err. Every input is opened here, so an unreadable FILE is
+ * reported before anything is processed. */
+int oq__reader_open(oq__reader **out, const char *const *paths, unsigned n,
+                    size_t max_line, char *err, size_t errlen);
+/* The next line: 1 and *line filled (valid until the next call), 0 at the
+ * end of all inputs, or a negative errno code (read error; err filled). */
+int oq__reader_next(oq__reader *r, oq__line *line, char *err, size_t errlen);
+/* Bytes read so far and the total size of the inputs (0 when unknown, e.g.
+ * a pipe), for progress. */
+void oq__reader_progress(const oq__reader *r, uint64_t *done, uint64_t *total);
+const char *oq__reader_path(const oq__reader *r, unsigned file);
+void oq__reader_close(oq__reader *r);
+
+/* How oq__json_decode finds the id. */
+typedef struct oq__idspec {
+    const char *field;   /* "id" by default; "/a/b" is a JSON pointer */
+    bool fallback;       /* also accept "event_id" when field is absent
+                            (only when field is the default "id") */
+} oq__idspec;
+
+#define OQ__MAX_ID_LEN 1024
+
+/*
+ * The pool's decode hook for JSON lines (arg: const oq__idspec *). Rejects
+ * with OQ_DLQ_PARSE_ERROR: invalid JSON, not an object, invalid UTF-8, NUL
+ * bytes; with OQ_DLQ_BAD_ID: missing id, id neither string nor integer,
+ * empty, or longer than OQ__MAX_ID_LEN. Integer ids are used as their
+ * decimal text. out->parsed is an oq__json_free-able wrapper; handlers get
+ * the parsed object with oq__event_json(ev).
+ */
+int oq__json_decode(const oq_event *ev, oq_decoded *out, void *arg);
+void oq__json_free(void *parsed, void *arg);
+/* The event's parsed JSON object (a cJSON *), or NULL. */
+struct cJSON *oq__event_json(const oq_event *ev);
+/* 1 if s[0..len) is valid UTF-8 with no NUL byte. */
+int oq__utf8_valid(const char *s, size_t len);
+
+/* ---------------------------------------------------------- handlers.c */
+
+/* A handler made from a --handler SPEC. */
+typedef struct oq__handler {
+    oq_handler_fn fn;
+    void *arg;
+    void (*cleanup)(void *arg);
+    const char *name;        /* "wordcount", "count", "noop", "exec", "plugin" */
+    int output;              /* OQ__OUT_COUNTS or OQ__OUT_RECORDS */
+    const char *count_key;   /* OQ__OUT_COUNTS: "word" or the FIELD name */
+} oq__handler;
+
+enum { OQ__OUT_COUNTS = 0, OQ__OUT_RECORDS = 1 };
+
+typedef struct oq__handler_opts {
+    int64_t kill_grace_ms;   /* exec: SIGTERM -> SIGKILL grace; default 2000 */
+    bool emit;               /* noop: record each unique event's line */
+} oq__handler_opts;
+
+/* Builds the handler for spec ("wordcount", "count:FIELD", "noop",
+ * "exec:COMMAND", "plugin:PATH.so"). 0, or a negative code with a one-line
+ * message in err. */
+int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
+                          oq__handler *out, char *err, size_t errlen);
+void oq__handler_free(oq__handler *h);
+
 /* -------------------------------------------------------- CLI subcommands */
 
 /* Each subcommand of the onceq binary: argv[0] is the subcommand's name.
  * Returns the process exit status. */
 int oq__cmd_node(int argc, char **argv);
+int oq__cmd_run(int argc, char **argv);
+int oq__cmd_gen(int argc, char **argv);
 
 /* ------------------------------------------------------------------- misc */
 

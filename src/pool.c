@@ -54,6 +54,7 @@ enum outcome {
     O_BUSY,      /* returned: another worker holds the id */
     O_DEAD,      /* dead-lettered: handler FAIL */
     O_COMMIT,    /* staged: handler OK, to be pinned and committed */
+    O_REJECTED,  /* dead-lettered: decode failed */
     O_FAILING,   /* staged: handler FAIL, to be pinned, committed, and
                     dead-lettered (a later duplicate is a duplicate) */
     O_REDO       /* BUSY on our own claim: retry after this batch */
@@ -61,6 +62,10 @@ enum outcome {
 
 typedef struct slot {
     oq_delivery d;
+    const char *id;   /* the event id: d.id, or what decode found */
+    size_t id_len;
+    void *parsed;     /* decode's parsed form, or NULL */
+    bool decoded;     /* id/parsed are set (kept across a redo) */
     oq_txn *txn;
     oq_claim claim;
     enum outcome outcome;
@@ -68,7 +73,8 @@ typedef struct slot {
 
 /* Per-worker counters: written by one worker, read by stats_get. */
 typedef struct counters {
-    _Atomic uint64_t processed, duplicates, dead, retried, busy, fenced,
+    _Atomic uint64_t processed, duplicates, dead, rejected, retried, busy,
+        fenced,
         handler_calls, batches;
 } counters;
 
@@ -118,7 +124,7 @@ int64_t oq_backoff_ms(int64_t base_ms, int64_t cap_ms, uint32_t attempt,
     for (uint32_t i = 1; i < attempt && ceil < cap_ms; i++)
         ceil = ceil > INT64_MAX / 2 ? INT64_MAX : ceil * 2;
     ceil = OQ__MIN(ceil, cap_ms);
-    return (int64_t)(oq__splitmix64(rng) % (uint64_t)(ceil + 1));
+    return (int64_t)(oq__splitmix64(rng) % ((uint64_t)ceil + 1));
 }
 
 #define INC(w, field) atomic_fetch_add_explicit(&(w)->c.field, 1, \
@@ -126,8 +132,8 @@ int64_t oq_backoff_ms(int64_t base_ms, int64_t cap_ms, uint32_t attempt,
 
 static void event_of(const oq_pool *p, const slot *s, oq_event *ev)
 {
-    ev->id = s->d.id;
-    ev->id_len = s->d.id_len;
+    ev->id = s->id;
+    ev->id_len = s->id_len;
     ev->payload = s->d.payload;
     ev->payload_len = s->d.payload_len;
     ev->tag = s->d.tag;
@@ -135,6 +141,7 @@ static void event_of(const oq_pool *p, const slot *s, oq_event *ev)
     ev->attempt = s->d.receive_count;
     ev->deadline_ms = s->d.deadline_ms;
     ev->clock = p->opts.clock;
+    ev->parsed = s->parsed;
 }
 
 static bool staged(enum outcome o)
@@ -147,14 +154,50 @@ static bool own_claim(const slot *slots, size_t i)
 {
     for (size_t j = 0; j < i; j++)
         if (staged(slots[j].outcome) &&
-            slots[j].d.id_len == slots[i].d.id_len &&
+            slots[j].id_len == slots[i].id_len &&
             slots[j].claim.token == slots[i].claim.token &&
-            memcmp(slots[j].d.id, slots[i].d.id, slots[i].d.id_len) == 0)
+            memcmp(slots[j].id, slots[i].id, slots[i].id_len) == 0)
             return true;
     return false;
 }
 
-/* Phase A for one message: claim and run the handler. */
+/* Finds the event id, through the decode hook if there is one. Returns
+ * false if the message must be dead-lettered (op is set up for it). */
+static bool decode(worker *w, slot *s, oq_settle *op)
+{
+    oq_pool *p = w->p;
+    oq_decoded dec;
+    oq_event ev;
+
+    if (s->decoded)
+        return true;
+    s->id = s->d.id;
+    s->id_len = s->d.id_len;
+    s->parsed = NULL;
+    s->decoded = true;
+    if (p->opts.decode == NULL)
+        return true;
+    memset(&dec, 0, sizeof(dec));
+    event_of(p, s, &ev);
+    if (p->opts.decode(&ev, &dec, p->opts.decode_arg) != 0) {
+        if (dec.parsed && p->opts.free_parsed)
+            p->opts.free_parsed(dec.parsed, p->opts.decode_arg);
+        oq__txn_reset(s->txn);
+        oq_txn_error(s->txn, "%s", dec.error);
+        s->outcome = O_REJECTED;
+        op->op = OQ_SETTLE_DEAD;
+        op->reason = (unsigned)dec.reason < OQ_DLQ__COUNT ? dec.reason
+                                                          : OQ_DLQ_REJECTED;
+        op->error = oq_txn_error_text(s->txn);
+        return false;
+    }
+    s->id = dec.id;
+    s->id_len = dec.id_len;
+    s->parsed = dec.parsed;
+    return true;
+}
+
+/* Phase A for one message: decode, claim and run the handler. */
 static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
 {
     oq_pool *p = w->p;
@@ -162,7 +205,9 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
 
     op->d = &s->d;
     op->release = 1;
-    rc = oq_idset_claim(p->s, s->d.id, s->d.id_len, s->d.deadline_ms,
+    if (!decode(w, s, op))
+        return;
+    rc = oq_idset_claim(p->s, s->id, s->id_len, s->d.deadline_ms,
                         &s->claim);
     if (rc == OQ_DONE) {
         s->outcome = O_DUPLICATE;
@@ -206,7 +251,7 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
         op->release = 0;
         return;
     case OQ_RETRY:
-        oq_idset_release(p->s, s->d.id, s->d.id_len, s->claim.token);
+        oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
         s->outcome = O_RETRY;
         op->op = OQ_SETTLE_NACK;
         op->delay_ms = oq_backoff_ms(p->opts.backoff_base_ms,
@@ -255,13 +300,13 @@ static void commit_staged(worker *w, size_t n)
             op->release = 1;
             if (pins[k++].result != 0) {
                 /* Redelivered since: the new holder owns it. */
-                oq_idset_release(p->s, s->d.id, s->d.id_len, s->claim.token);
+                oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
                 s->outcome = O_NONE;
                 op->op = OQ_SETTLE_NONE;
                 INC(w, fenced);
                 continue;
             }
-            if (oq_idset_commit(p->s, s->d.id, s->d.id_len,
+            if (oq_idset_commit(p->s, s->id, s->id_len,
                                 s->claim.token) != 0) {
                 /* Lease lost: discard the outputs; it will be redone. */
                 s->outcome = O_NONE;
@@ -282,7 +327,7 @@ static void commit_staged(worker *w, size_t n)
                 event_of(p, s, &ev);
                 if (p->opts.sink.apply(&ev, s->txn, p->opts.sink.arg) != 0)
                     fprintf(stderr, "onceq: sink failed to apply the outputs "
-                                    "of '%.*s'\n", (int)s->d.id_len, s->d.id);
+                                    "of '%.*s'\n", (int)s->id_len, s->id);
             }
             s->outcome = O_PROCESSED;
             op->op = OQ_SETTLE_ACK;
@@ -302,6 +347,7 @@ static void count(worker *w, const slot *s, const oq_settle *op)
     case O_RETRY: INC(w, retried); break;
     case O_BUSY: INC(w, busy); break;
     case O_DEAD: INC(w, dead); break;
+    case O_REJECTED: INC(w, rejected); break;
     default: break;
     }
 }
@@ -330,15 +376,20 @@ static size_t run_batch(worker *w, size_t n)
     commit_staged(w, n);
     oq_queue_settle(p->q, w->ops, n);
     for (size_t i = 0; i < n; i++) {
-        if (w->slots[i].outcome == O_REDO) {
-            /* Keep the delivery; swap the txn pointers so none is lost. */
+        slot *s = &w->slots[i];
+        if (s->outcome == O_REDO) {
+            /* Keep the delivery and what decode found; swap the txn
+             * pointers so none is lost. */
+            slot keep = *s;
             oq_txn *t = w->slots[redo].txn;
-            w->slots[redo].d = w->slots[i].d;
-            w->slots[redo].txn = w->slots[i].txn;
+            w->slots[redo] = keep;
             w->slots[i].txn = t;
             redo++;
         } else {
-            count(w, &w->slots[i], &w->ops[i]);
+            count(w, s, &w->ops[i]);
+            if (s->parsed && p->opts.free_parsed)
+                p->opts.free_parsed(s->parsed, p->opts.decode_arg);
+            s->parsed = NULL;
         }
     }
     return redo;
@@ -357,8 +408,11 @@ static void *worker_main(void *arg)
         if (n <= 0)
             continue;
         INC(w, batches);
-        for (int i = 0; i < n; i++)
+        for (int i = 0; i < n; i++) {
             w->slots[i].d = d[i];
+            w->slots[i].decoded = false;
+            w->slots[i].parsed = NULL;
+        }
         for (size_t left = (size_t)n; left > 0;)
             left = run_batch(w, left);
     }
@@ -502,6 +556,7 @@ void oq_pool_stats_get(oq_pool *p, oq_pool_stats *out)
         out->processed += atomic_load(&c->processed);
         out->duplicates += atomic_load(&c->duplicates);
         out->dead += atomic_load(&c->dead);
+        out->rejected += atomic_load(&c->rejected);
         out->retried += atomic_load(&c->retried);
         out->busy += atomic_load(&c->busy);
         out->fenced += atomic_load(&c->fenced);

@@ -282,7 +282,8 @@ static void leave_flight(oq_queue *q, msg *m)
 
 /* Moves m (already out of every structure) to the dead-letter list. The
  * queue's reference moves with it. Fails only when out of memory, and then
- * m is put back as ready: a message is never dropped. */
+ * m is in no structure: the caller must put it back somewhere, so that a
+ * message is never dropped. */
 static int make_dead(oq_queue *q, msg *m, oq_dlq_reason reason,
                      const char *error, int64_t now)
 {
@@ -290,16 +291,17 @@ static int make_dead(oq_queue *q, msg *m, oq_dlq_reason reason,
     char *err = NULL;
 
     if (d && error && *error) {
-        err = strdup(error);
+        size_t len = strlen(error) + 1;
+        err = oq__malloc(len);
         if (err == NULL) {
             oq__free(d);
             d = NULL;
+        } else {
+            memcpy(err, error, len);
         }
     }
-    if (d == NULL) {
-        ready_push(q, m, now);
+    if (d == NULL)
         return OQ_ENOMEM;
-    }
     d->m = m;
     d->reason = reason;
     d->error = err;
@@ -486,6 +488,36 @@ int oq_queue_send_batch(oq_queue *q, const oq_message *msgs, size_t n,
     return accepted;
 }
 
+int oq_queue_reject(oq_queue *q, const oq_message *in, oq_dlq_reason reason,
+                    const char *error)
+{
+    int64_t now = now_ms(q);
+    msg *m;
+    int rc;
+
+    if ((unsigned)reason >= OQ_DLQ__COUNT || in == NULL ||
+        (in->id_len > 0 && in->id == NULL) ||
+        (in->payload_len > 0 && in->payload == NULL))
+        return OQ_EINVAL;
+    m = msg_new(in, now);
+    if (m == NULL)
+        return OQ_ENOMEM;
+    pthread_mutex_lock(&q->mu);
+    if (q->closed) {
+        rc = OQ_ECLOSED;
+    } else {
+        /* make_dead puts it on the ready list if it cannot allocate;
+         * take it back off: a reject that failed leaves nothing behind. */
+        rc = make_dead(q, m, reason, error, now);
+        if (rc == 0)
+            q->st.sent++;
+    }
+    pthread_mutex_unlock(&q->mu);
+    if (rc != 0)
+        oq__free(m);
+    return rc;
+}
+
 int oq_queue_send(oq_queue *q, const char *id, size_t id_len,
                   const void *payload, size_t payload_len, int64_t delay_ms)
 {
@@ -498,32 +530,46 @@ int oq_queue_send(oq_queue *q, const char *id, size_t id_len,
 /* --------------------------------------------------------------- receive */
 
 /* Delivers up to max ready messages; q->mu held. */
+/* Puts m back at the head of the READY FIFO (it was just popped). */
+static void ready_unpop(oq_queue *q, msg *m)
+{
+    m->next = q->ready_head;
+    q->ready_head = m;
+    if (q->ready_tail == NULL)
+        q->ready_tail = m;
+    q->ready_len++;
+}
+
+/* The redrive policy: why m must not be delivered now, or -1. */
+static int must_die(const oq_queue *q, const msg *m, int64_t now)
+{
+    if (q->opts.ttl_ms > 0 && now - m->sent_ms >= q->opts.ttl_ms)
+        return OQ_DLQ_EXPIRED;
+    if (q->opts.max_receives > 0 && m->receive_count >= q->opts.max_receives)
+        return OQ_DLQ_MAX_ATTEMPTS;
+    return -1;
+}
+
 static size_t take(oq_queue *q, oq_delivery *out, size_t max, int64_t now)
 {
     size_t n = 0;
     msg *m;
 
     while (n < max && (m = ready_pop(q)) != NULL) {
-        if (q->opts.ttl_ms > 0 && now - m->sent_ms >= q->opts.ttl_ms) {
-            if (make_dead(q, m, OQ_DLQ_EXPIRED, "message older than its TTL",
-                          now) != 0)
+        int why = must_die(q, m, now);
+        if (why >= 0) {
+            const char *err = why == OQ_DLQ_EXPIRED
+                ? "message older than its TTL"
+                : "receive count reached max_receives";
+            if (make_dead(q, m, (oq_dlq_reason)why, err, now) != 0) {
+                ready_unpop(q, m); /* out of memory: try again later */
                 break;
-            continue;
-        }
-        if (q->opts.max_receives > 0 &&
-            m->receive_count >= q->opts.max_receives) {
-            if (make_dead(q, m, OQ_DLQ_MAX_ATTEMPTS,
-                          "receive count reached max_receives", now) != 0)
-                break;
+            }
             continue;
         }
         if (oq__heap_push(&q->deadlines, m) != 0) {
-            /* Out of memory: put it back at the head, deliver what we have. */
-            m->next = q->ready_head;
-            q->ready_head = m;
-            if (q->ready_tail == NULL)
-                q->ready_tail = m;
-            q->ready_len++;
+            /* Out of memory: put it back, deliver what we have. */
+            ready_unpop(q, m);
             break;
         }
         m->state = M_INFLIGHT;
@@ -674,9 +720,19 @@ static int apply(oq_queue *q, msg *m, const oq_settle *op, int64_t now,
             q->pinned++;
         }
         return 0;
-    case OQ_SETTLE_DEAD:
+    case OQ_SETTLE_DEAD: {
+        int rc;
+        if ((unsigned)op->reason >= OQ_DLQ__COUNT)
+            return OQ_EINVAL;
         leave_flight(q, m);
-        return make_dead(q, m, op->reason, op->error, now);
+        rc = make_dead(q, m, op->reason, op->error, now);
+        if (rc != 0) {
+            /* Out of memory: visible again; it will be retried. */
+            ready_push(q, m, now);
+            wake_one(q);
+        }
+        return rc;
+    }
     }
     return OQ_EINVAL;
 }

@@ -125,11 +125,13 @@ void oq_txn_foreach(const oq_txn *t, oq_txn_record_fn rec,
 {
     for (size_t i = 0; i < t->nitems; i++) {
         const item *it = &t->items[i];
+        /* Only zero-length items so far: no buffer yet, but never NULL. */
+        const char *data = t->buf ? t->buf + it->off : "";
         if (it->is_count) {
             if (cnt)
-                cnt(t->buf + it->off, it->len, it->delta, arg);
+                cnt(data, it->len, it->delta, arg);
         } else if (rec) {
-            rec(t->buf + it->off, it->len, arg);
+            rec(data, it->len, arg);
         }
     }
 }

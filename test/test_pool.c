@@ -385,6 +385,75 @@ static void test_stats_balance(void **state)
     assert_int_equal(dead, 1);
 }
 
+/* A decode hook: payload "id=X" gives id X (parsed form: a heap copy of
+ * X, which the handler checks); anything else is dead-lettered BAD_ID. */
+static _Atomic int parsed_live;
+
+static int decode_kv(const oq_event *ev, oq_decoded *out, void *arg)
+{
+    const char *p = ev->payload;
+    char *copy;
+    (void)arg;
+    if (ev->payload_len < 4 || memcmp(p, "id=", 3) != 0) {
+        out->reason = OQ_DLQ_BAD_ID;
+        snprintf(out->error, sizeof(out->error), "no id in '%.*s'",
+                 (int)ev->payload_len, p);
+        return -1;
+    }
+    copy = strndup(p + 3, ev->payload_len - 3);
+    atomic_fetch_add(&parsed_live, 1);
+    out->parsed = copy;
+    out->id = copy;
+    out->id_len = strlen(copy);
+    return 0;
+}
+
+static void free_kv(void *parsed, void *arg)
+{
+    (void)arg;
+    atomic_fetch_sub(&parsed_live, 1);
+    free(parsed);
+}
+
+static int parsed_handler(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    (void)arg;
+    assert_non_null(ev->parsed);
+    assert_memory_equal(ev->parsed, ev->id, ev->id_len);
+    oq_txn_count(txn, ev->id, ev->id_len, 1);
+    return OQ_OK;
+}
+
+static void test_decode_hook(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+    dls seen = { 0 };
+    static const char *payloads[] = { "id=a", "id=b", "junk", "id=a", "id=c" };
+
+    f->po.handler = parsed_handler;
+    f->po.decode = decode_kv;
+    f->po.free_parsed = free_kv;
+    f->po.workers = 1;
+    start(f);
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(oq_queue_send(f->q, NULL, 0, payloads[i],
+                                       strlen(payloads[i]), 0), 0);
+    drain(f);
+    assert_int_equal(effect(f, "a"), 1);
+    assert_int_equal(effect(f, "b"), 1);
+    assert_int_equal(effect(f, "c"), 1);
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(ps.processed, 3);
+    assert_int_equal(ps.duplicates, 1);
+    assert_int_equal(ps.rejected, 1);
+    oq_queue_dead_letters(f->q, 0, collect, &seen);
+    assert_int_equal(seen.n, 1);
+    assert_int_equal(seen.reason, OQ_DLQ_BAD_ID);
+    assert_string_equal(seen.error, "no id in 'junk'");
+    assert_int_equal(atomic_load(&parsed_live), 0);
+}
+
 static void test_backoff_full_jitter(void **state)
 {
     uint64_t rng = 7;
@@ -424,6 +493,7 @@ int main(void)
         T(test_graceful_stop_loses_nothing),
         T(test_stats_balance),
         T(test_bad_options),
+        T(test_decode_hook),
         cmocka_unit_test(test_backoff_full_jitter),
 #undef T
     };
