@@ -9,7 +9,8 @@
 #
 # Usage: bench/bench_node.sh [N]     (env ONCEQ: the binary, default
 #        build/onceq; DUP_PCT: percent of repeated event ids, default 10;
-#        RUNS: runs per mode, the best is reported, default 3)
+#        RUNS: runs per mode, the best is reported, default 3;
+#        KEEP=1 keeps the generated input; CSV=FILE appends mode,n,msgs_per_s)
 set -eu
 N=${1:-1000000}
 ONCEQ=${ONCEQ:-build/onceq}
@@ -19,7 +20,11 @@ GOAL=200000
 
 [ -x "$ONCEQ" ] || { echo "bench_node: no binary at $ONCEQ (run make)" >&2; exit 2; }
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+if [ "${KEEP:-0}" = 1 ]; then
+    echo "bench_node: keeping the input in $tmp"
+else
+    trap 'rm -rf "$tmp"' EXIT
+fi
 in=$tmp/process.jsonl
 
 awk -v n="$N" -v dup="$DUP_PCT" 'BEGIN {
@@ -49,6 +54,7 @@ best_rate() {
     ratio=$(awk -v r="$best" -v g="$GOAL" 'BEGIN { printf "%.2f", r / g }')
     printf '%-10s %10d msgs/s  (goal %d, ratio %sx)\n' "$label" "$best" "$GOAL" "$ratio"
     printf '           command: %s\n' "$cmd"
+    [ -z "${CSV:-}" ] || echo "$label,$N,$best" >>"$CSV"
 }
 
 lines=$(wc -l <"$in")
