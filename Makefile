@@ -34,9 +34,11 @@ LDFLAGS += -fsanitize=address,undefined
 endif
 
 LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset.c \
-            src/txn.c src/memsink.c src/pool.c
-CLI_SRCS := src/main.c src/node.c
+            src/txn.c src/memsink.c src/pool.c src/source.c src/handlers.c \
+            src/runner.c
+CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_txn test_pool \
+              test_source \
               stress_pool
 BENCH_NAMES := bench_pool bench_idset_mem
 # Tests that drive the real binary (each prints "N passed, N failed").

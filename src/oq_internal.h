@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #define OQ__UNUSED(x) ((void)(x))
 #define OQ__MIN(a, b) ((a) < (b) ? (a) : (b))
@@ -110,6 +111,8 @@ int oq__reader_next(oq__reader *r, oq__line *line, char *err, size_t errlen);
 void oq__reader_progress(const oq__reader *r, uint64_t *done, uint64_t *total);
 const char *oq__reader_path(const oq__reader *r, unsigned file);
 void oq__reader_close(oq__reader *r);
+/* Test hook: the reader's block size in bytes (0: the default, 1 MiB). */
+void oq__reader_set_block_size(size_t bytes);
 
 /* How oq__json_decode finds the id. */
 typedef struct oq__idspec {
@@ -160,6 +163,39 @@ typedef struct oq__handler_opts {
 int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
                           oq__handler *out, char *err, size_t errlen);
 void oq__handler_free(oq__handler *h);
+
+/* ------------------------------------------------------------ runner.c */
+
+/* Everything `onceq run` was asked to do (run.c fills it from argv). */
+typedef struct oq__run_config {
+    const char *const *inputs;  /* ninputs paths; none: stdin */
+    unsigned ninputs;
+    unsigned workers;
+    const char *id_field;
+    int64_t vt_ms;
+    uint32_t max_attempts;
+    int64_t backoff_base_ms, backoff_cap_ms;
+    int64_t ttl_ms;             /* 0: none */
+    size_t dedup_window;
+    const char *handler_spec;
+    bool emit;
+    const char *out_path;       /* NULL: stdout */
+    const char *dlq_path;
+    const char *stats_path;     /* NULL: none; "-": stdout */
+    int progress;               /* 1: draw the progress line */
+    size_t max_line;
+    unsigned batch;
+    int64_t kill_grace_ms;
+    uint64_t seed;              /* jitter; 0: from the clock */
+    bool quiet, verbose;
+} oq__run_config;
+
+void oq__run_config_defaults(oq__run_config *c);
+/* Runs the whole job; returns the process exit status. */
+int oq__run(const oq__run_config *c);
+int oq__parse_duration(const char *s, int64_t *ms);
+/* Writes s[0..n) as a JSON string; invalid UTF-8 bytes become U+FFFD. */
+void oq__json_write_string(FILE *f, const char *s, size_t n);
 
 /* -------------------------------------------------------- CLI subcommands */
 

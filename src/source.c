@@ -1,0 +1,837 @@
+/*
+ * JSON-lines input: the line reader (reader thread) and the JSON decode hook
+ * (worker threads).
+ *
+ * DESIGN
+ * ------
+ * The reader only splits lines: read(2) into one big block buffer, memchr
+ * for '\n', and hand out lines that point into the buffer. It allocates
+ * nothing per line and never parses JSON, so one reader thread keeps up with
+ * several parsing workers. All inputs are opened (and fstat'ed) by
+ * oq__reader_open, so an unreadable file or a directory is refused before
+ * anything is processed.
+ *
+ * Buffer: buf[0..end) holds data read from the current file; buf[start..end)
+ * is not yet handed out, and buf[0] is at file offset base. When no newline
+ * is left in buf[start..end), the unfinished line is moved to the front and
+ * more is read after it. The buffer starts at the block size and grows only
+ * when one line needs it, up to max_line + 2 bytes (a line of max_line bytes,
+ * a CR and one more byte to tell that it is too long). A longer line is
+ * never buffered whole: its first 4 KiB are copied aside (r->big) and the
+ * rest is read and dropped up to its newline.
+ *
+ * Threads: one thread calls oq__reader_next; oq__reader_progress may be
+ * called from any thread (r->done is atomic, total never changes after
+ * open).
+ *
+ * The decode hook (oq__json_decode) runs in the workers, concurrently, with
+ * no shared state of its own. It uses cJSON, which allocates one node per
+ * JSON value and, in 1.7.15, also writes a global error position on every
+ * parse (harmless for us: we take the position from return_parse_end, and
+ * libcjson is not instrumented, so TSAN does not see it).
+ */
+#include "oq_internal.h"
+
+#include <cjson/cJSON.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define DEFAULT_BLOCK ((size_t)1 << 20) /* bytes per read(2) */
+#define DEFAULT_MAX_LINE ((size_t)1 << 20)
+#define KEEP_LARGE 4096 /* bytes kept of a too-large line */
+
+/* ================================================================= reader */
+
+/*
+ * Test hook: the block size of readers opened from now on (0: the default,
+ * 1 MiB). Tests use a small block to put lines across block boundaries.
+ * Not thread-safe; call it before oq__reader_open.
+ */
+
+static size_t block_size = DEFAULT_BLOCK;
+
+void oq__reader_set_block_size(size_t bytes)
+{
+    block_size = bytes ? bytes : DEFAULT_BLOCK;
+}
+
+typedef struct input {
+    const char *path;  /* as given; "-" is stdin */
+    int fd;            /* -1 once closed */
+} input;
+
+struct oq__reader {
+    input *in;
+    unsigned n;          /* inputs */
+    unsigned cur;        /* index of the input being read; n at the end */
+    size_t max_line;     /* bytes, without newline and CR */
+    char *buf;
+    size_t cap;          /* bytes allocated for buf */
+    size_t max_cap;      /* buf never grows beyond this */
+    size_t start, end;   /* buf[start..end): read, not handed out yet */
+    size_t scanned;      /* buf[start..scanned) holds no '\n' */
+    uint64_t base;       /* file offset of buf[0] in the current input */
+    uint64_t lineno;     /* lines handed out from the current input */
+    bool eof;            /* the current input has no more data */
+    int err;             /* sticky read error (negative errno), or 0 */
+    uint64_t done_prev;  /* bytes of the inputs before cur */
+    _Atomic uint64_t done; /* bytes handed out so far, all inputs */
+    uint64_t total;      /* sum of the regular files' sizes; 0 if unknown */
+    char big[KEEP_LARGE]; /* the start of a too-large line */
+};
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (err == NULL || errlen == 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static const char *shown_path(const char *path)
+{
+    return strcmp(path, "-") == 0 ? "<stdin>" : path;
+}
+
+/* Opens one input and finds whether it is a regular file and its size.
+ * Returns 0, or a negative errno with err filled. */
+static int open_input(input *in, const char *path, bool *regular,
+                      uint64_t *size, char *err, size_t errlen)
+{
+    struct stat st;
+
+    in->path = path;
+    if (strcmp(path, "-") == 0) {
+        in->fd = STDIN_FILENO;
+    } else {
+        in->fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (in->fd < 0) {
+            int e = errno;
+            set_err(err, errlen, "cannot open '%s': %s", path, strerror(e));
+            return -e;
+        }
+    }
+    if (fstat(in->fd, &st) != 0) {
+        int e = errno;
+        set_err(err, errlen, "cannot stat '%s': %s", shown_path(path),
+                strerror(e));
+        return -e;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        set_err(err, errlen, "cannot read '%s': %s", shown_path(path),
+                strerror(EISDIR));
+        return -EISDIR;
+    }
+    *regular = S_ISREG(st.st_mode);
+    *size = *regular ? (uint64_t)st.st_size : 0;
+    if (*regular)
+        (void)posix_fadvise(in->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    return 0;
+}
+
+static void close_input(input *in)
+{
+    if (in->fd >= 0 && in->fd != STDIN_FILENO)
+        close(in->fd);
+    in->fd = -1;
+}
+
+int oq__reader_open(oq__reader **out, const char *const *paths, unsigned n,
+                    size_t max_line, char *err, size_t errlen)
+{
+    static const char *const stdin_path[] = { "-" };
+    oq__reader *r;
+    bool all_regular = true;
+    int rc;
+
+    *out = NULL;
+    if (n == 0) {
+        paths = stdin_path;
+        n = 1;
+    }
+    r = oq__calloc(1, sizeof(*r));
+    if (r == NULL)
+        goto out_nomem;
+    r->in = oq__calloc(n, sizeof(*r->in));
+    if (r->in == NULL)
+        goto out_nomem;
+    for (unsigned i = 0; i < n; i++)
+        r->in[i].fd = -1;
+    r->n = n;
+    r->max_line = max_line ? max_line : DEFAULT_MAX_LINE;
+    r->max_cap = OQ__MAX(block_size, r->max_line + 2);
+    r->cap = OQ__MIN(block_size, r->max_cap);
+    r->buf = oq__malloc(r->cap);
+    if (r->buf == NULL)
+        goto out_nomem;
+    for (unsigned i = 0; i < n; i++) {
+        bool regular = false;
+        uint64_t size = 0;
+
+        rc = open_input(&r->in[i], paths[i], &regular, &size, err, errlen);
+        if (rc != 0)
+            goto out_close;
+        all_regular = all_regular && regular;
+        r->total += size;
+    }
+    if (!all_regular)
+        r->total = 0;
+    *out = r;
+    return 0;
+
+out_nomem:
+    rc = OQ_ENOMEM;
+    if (err && errlen)
+        snprintf(err, errlen, "cannot open inputs: %s", strerror(ENOMEM));
+out_close:
+    oq__reader_close(r);
+    return rc;
+}
+
+void oq__reader_close(oq__reader *r)
+{
+    if (r == NULL)
+        return;
+    if (r->in)
+        for (unsigned i = 0; i < r->n; i++)
+            close_input(&r->in[i]);
+    oq__free(r->in);
+    oq__free(r->buf);
+    oq__free(r);
+}
+
+const char *oq__reader_path(const oq__reader *r, unsigned file)
+{
+    if (file >= r->n)
+        return "?";
+    return shown_path(r->in[file].path);
+}
+
+void oq__reader_progress(const oq__reader *r, uint64_t *done, uint64_t *total)
+{
+    *done = atomic_load_explicit(&r->done, memory_order_relaxed);
+    *total = r->total;
+}
+
+/* read(2) into buf[at..cap), retrying on EINTR. Returns bytes read (0 at
+ * EOF) or a negative errno with err filled (and kept sticky). */
+static ssize_t fill(oq__reader *r, size_t at, char *err, size_t errlen)
+{
+    ssize_t got;
+
+    do {
+        got = read(r->in[r->cur].fd, r->buf + at, r->cap - at);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        r->err = -errno;
+        set_err(err, errlen, "read error on '%s': %s",
+                shown_path(r->in[r->cur].path), strerror(-r->err));
+        return r->err;
+    }
+    if (got == 0)
+        r->eof = true;
+    return got;
+}
+
+static bool is_blank(const char *s, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r')
+            return false;
+    return true;
+}
+
+/* Fills *line for the line buf[start..start+len) (len without the newline)
+ * and moves start past it and its newline (if any). */
+static void emit(oq__reader *r, oq__line *line, size_t len, bool newline)
+{
+    const char *s = r->buf + r->start;
+    size_t full = len;
+
+    if (full > 0 && s[full - 1] == '\r')
+        full--;
+    line->data = s;
+    line->full_len = full;
+    line->file = r->cur;
+    line->lineno = ++r->lineno;
+    line->offset = r->base + r->start;
+    if (full > r->max_line) {
+        line->kind = OQ__LINE_TOO_LARGE;
+        line->len = OQ__MIN(full, (size_t)KEEP_LARGE);
+    } else {
+        /* Most lines start with '{': test one byte before the loop. */
+        line->kind = (full == 0 || ((s[0] == ' ' || s[0] == '\t' ||
+                                     s[0] == '\r') && is_blank(s, full)))
+                         ? OQ__LINE_BLANK : OQ__LINE_EVENT;
+        line->len = full;
+    }
+    r->start += len + (newline ? 1 : 0);
+    r->scanned = r->start;
+}
+
+/* Keeps up to KEEP_LARGE bytes of a too-large line in r->big. */
+static void keep(oq__reader *r, size_t *kept, const char *s, size_t n)
+{
+    size_t k = OQ__MIN(n, KEEP_LARGE - *kept);
+    memcpy(r->big + *kept, s, k);
+    *kept += k;
+}
+
+/*
+ * buf[start..end) is the start of a line longer than max_line, with no
+ * newline yet. Streams through the rest of it without buffering it, keeping
+ * its first 4 KiB, and fills *line. Returns 1 or a negative errno.
+ */
+static int skip_large(oq__reader *r, oq__line *line, char *err, size_t errlen)
+{
+    uint64_t offset = r->base + r->start;
+    uint64_t count = r->end - r->start; /* bytes of the line so far */
+    char last = r->buf[r->end - 1];
+    size_t kept = 0;
+    bool found = false;
+
+    keep(r, &kept, r->buf + r->start, r->end - r->start);
+    r->base += r->end;
+    r->start = r->end = r->scanned = 0;
+    while (!found) {
+        ssize_t got = fill(r, 0, err, errlen);
+        char *nl;
+        size_t n;
+
+        if (got < 0)
+            return (int)got;
+        if (got == 0)
+            break;
+        nl = memchr(r->buf, '\n', (size_t)got);
+        n = nl ? (size_t)(nl - r->buf) : (size_t)got;
+        keep(r, &kept, r->buf, n);
+        count += n;
+        if (n > 0)
+            last = r->buf[n - 1];
+        if (nl) {
+            found = true;
+            r->start = r->scanned = n + 1;
+            r->end = (size_t)got;
+        } else {
+            r->base += (uint64_t)got;
+        }
+    }
+    if (last == '\r')
+        count--;
+    line->kind = OQ__LINE_TOO_LARGE;
+    line->data = r->big;
+    line->full_len = (size_t)count;
+    line->len = OQ__MIN(kept, (size_t)count);
+    line->file = r->cur;
+    line->lineno = ++r->lineno;
+    line->offset = offset;
+    return 1;
+}
+
+/* Makes room after buf[end) for the current unfinished line: moves it to
+ * the front, or grows the buffer. Returns 1, 0 when the line is already
+ * known to be too large (it holds more than max_line + 1 bytes), or
+ * OQ_ENOMEM (err filled). */
+static int make_room(oq__reader *r, char *err, size_t errlen)
+{
+    size_t pending = r->end - r->start;
+
+    if (pending > r->max_line + 1)
+        return 0;
+    if (r->start > 0) {
+        memmove(r->buf, r->buf + r->start, pending);
+        r->base += r->start;
+        r->scanned -= r->start;
+        r->start = 0;
+        r->end = pending;
+    }
+    if (r->end == r->cap && r->cap < r->max_cap) {
+        size_t ncap = OQ__MIN(OQ__MAX(r->cap * 2, (size_t)4096), r->max_cap);
+        char *nbuf = oq__realloc(r->buf, ncap);
+
+        if (nbuf == NULL) {
+            if (err && errlen)
+                snprintf(err, errlen, "reading '%s': %s",
+                         shown_path(r->in[r->cur].path), strerror(ENOMEM));
+            return OQ_ENOMEM;
+        }
+        r->buf = nbuf;
+        r->cap = ncap;
+    }
+    return 1; /* end < cap: the checks above make sure of it */
+}
+
+/* Moves to the next input. */
+static void next_input(oq__reader *r)
+{
+    r->done_prev += r->base + r->end;
+    close_input(&r->in[r->cur]);
+    r->cur++;
+    r->start = r->end = r->scanned = 0;
+    r->base = 0;
+    r->lineno = 0;
+    r->eof = false;
+}
+
+int oq__reader_next(oq__reader *r, oq__line *line, char *err, size_t errlen)
+{
+    int rc = 1;
+
+    if (r->err) {
+        set_err(err, errlen, "read error on '%s': %s",
+                oq__reader_path(r, r->cur), strerror(-r->err));
+        return r->err;
+    }
+    for (;;) {
+        char *nl;
+
+        if (r->cur >= r->n)
+            return 0;
+        nl = memchr(r->buf + r->scanned, '\n', r->end - r->scanned);
+        if (nl) {
+            emit(r, line, (size_t)(nl - (r->buf + r->start)), true);
+            break;
+        }
+        r->scanned = r->end;
+        if (r->eof) {
+            if (r->start < r->end) { /* a last line without a newline */
+                emit(r, line, r->end - r->start, false);
+                break;
+            }
+            next_input(r);
+            continue;
+        }
+        rc = make_room(r, err, errlen);
+        if (rc < 0)
+            return rc;
+        if (rc == 0) {
+            rc = skip_large(r, line, err, errlen);
+            break;
+        }
+        ssize_t got = fill(r, r->end, err, errlen);
+        if (got < 0)
+            return (int)got;
+        r->end += (size_t)got;
+    }
+    if (rc > 0)
+        atomic_store_explicit(&r->done, r->done_prev + r->base + r->start,
+                              memory_order_relaxed);
+    return rc;
+}
+
+/* ================================================================== UTF-8 */
+
+#define HIGH_BITS 0x8080808080808080ULL
+#define LOW_BITS 0x0101010101010101ULL
+
+/*
+ * Strict UTF-8 (Unicode 3-7: no overlong forms, no surrogates, nothing
+ * above U+10FFFF) and no NUL byte. Returns the offset of the first bad byte,
+ * or len if all is well; *nul tells whether the bad byte is a NUL.
+ */
+static size_t utf8_check(const unsigned char *s, size_t len, bool *nul)
+{
+    size_t i = 0;
+
+    *nul = false;
+    while (i < len) {
+        /* ASCII fast path: 8 bytes with no high bit and no zero byte. */
+        while (i + 8 <= len) {
+            uint64_t v;
+            memcpy(&v, s + i, 8);
+            if (((v | ((v - LOW_BITS) & ~v)) & HIGH_BITS) != 0)
+                break;
+            i += 8;
+        }
+        if (i >= len)
+            break;
+        unsigned char c = s[i];
+        if (c == 0) {
+            *nul = true;
+            return i;
+        }
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t need;
+        unsigned char lo = 0x80, hi = 0xBF; /* range of the 2nd byte */
+        if (c >= 0xC2 && c <= 0xDF) {
+            need = 1;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            need = 2;
+            if (c == 0xE0)
+                lo = 0xA0; /* overlong */
+            else if (c == 0xED)
+                hi = 0x9F; /* surrogates */
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            need = 3;
+            if (c == 0xF0)
+                lo = 0x90; /* overlong */
+            else if (c == 0xF4)
+                hi = 0x8F; /* above U+10FFFF */
+        } else {
+            return i; /* continuation byte, C0/C1, F5..FF */
+        }
+        if (need >= len - i)
+            return i; /* truncated */
+        if (s[i + 1] < lo || s[i + 1] > hi)
+            return i;
+        for (size_t k = 2; k <= need; k++)
+            if ((s[i + k] & 0xC0) != 0x80)
+                return i;
+        i += need + 1;
+    }
+    return len;
+}
+
+int oq__utf8_valid(const char *s, size_t len)
+{
+    bool nul;
+    return utf8_check((const unsigned char *)s, len, &nul) == len;
+}
+
+/* =========================================================== JSON decode */
+
+/*
+ * What out->parsed points to: the parsed event, and the text of an integer
+ * id (out->id points into it; string ids point into the cJSON tree).
+ *
+ * Note: the integer id 7 and the string id "7" are the same id. Ids are
+ * compared as bytes, and an integer has no other text form that both
+ * producers and consumers would agree on.
+ */
+typedef struct parsed {
+    cJSON *root;
+    char num[24]; /* decimal text of an integer id */
+} parsed;
+
+static const oq__idspec default_spec = { "id", true };
+
+/* JSON whitespace, as cJSON skips it: every byte <= 32. (NUL bytes were
+ * refused before parsing.) */
+static size_t skip_ws(const char *s, size_t len, size_t p)
+{
+    while (p < len && (unsigned char)s[p] <= 32)
+        p++;
+    return p;
+}
+
+/* Skips one JSON value starting at s[p] (text cJSON accepted). */
+static size_t skip_value(const char *s, size_t len, size_t p)
+{
+    int depth = 0;
+
+    if (p >= len)
+        return len;
+    if (s[p] != '"' && s[p] != '{' && s[p] != '[') {
+        while (p < len && (unsigned char)s[p] > 32 && s[p] != ',' &&
+               s[p] != '}' && s[p] != ']')
+            p++;
+        return p;
+    }
+    do {
+        char c = s[p];
+        if (c == '"') {
+            for (p++; p < len && s[p] != '"'; p++)
+                if (s[p] == '\\')
+                    p++;
+        } else if (c == '{' || c == '[') {
+            depth++;
+        } else if (c == '}' || c == ']') {
+            depth--;
+        }
+        p++;
+    } while (depth > 0 && p < len);
+    return OQ__MIN(p, len);
+}
+
+#define MAX_PATH 32
+
+/*
+ * Finds the source text of the value reached from the root by the child
+ * indices path[0..depth) (each the position of a member in its object or of
+ * an element in its array). cJSON keeps no source positions, so this walks
+ * the text, which cJSON has already accepted, in step with the tree.
+ */
+static bool raw_span(const char *s, size_t len, const cJSON *root,
+                     const int *path, int depth, size_t *b, size_t *e)
+{
+    const cJSON *node = root;
+    size_t p = 0;
+
+    if (len >= 3 && memcmp(s, "\xEF\xBB\xBF", 3) == 0)
+        p = 3; /* cJSON skips a BOM */
+    p = skip_ws(s, len, p);
+    for (int d = 0; d < depth; d++) {
+        bool obj = cJSON_IsObject(node);
+        const cJSON *child = node->child;
+
+        p++; /* '{' or '[' */
+        for (int i = 0; i <= path[d]; i++) {
+            p = skip_ws(s, len, p);
+            if (obj) {
+                p = skip_value(s, len, p);    /* key */
+                p = skip_ws(s, len, p) + 1;   /* ':' */
+                p = skip_ws(s, len, p);
+            }
+            if (i == path[d] || child == NULL)
+                break;
+            p = skip_value(s, len, p);
+            p = skip_ws(s, len, p) + 1;       /* ',' */
+            child = child->next;
+        }
+        if (p >= len || child == NULL)
+            return false;
+        node = child;
+    }
+    *b = p;
+    *e = skip_value(s, len, p);
+    return *e > *b;
+}
+
+/* Does key equal the JSON pointer token t[0..n) (with ~0 and ~1)? */
+static bool token_eq(const char *key, const char *t, size_t n)
+{
+    size_t i = 0;
+
+    if (key == NULL)
+        return false;
+    for (; i < n; i++, key++) {
+        char c = t[i];
+        if (c == '~') {
+            if (i + 1 >= n || (t[i + 1] != '0' && t[i + 1] != '1'))
+                return false; /* a bad escape matches nothing */
+            c = t[++i] == '0' ? '~' : '/';
+        }
+        if (*key != c)
+            return false;
+    }
+    return *key == '\0';
+}
+
+/* The child of node named by the token t[0..n), and its index. */
+static cJSON *pointer_step(cJSON *node, const char *t, size_t n,
+                           int *index)
+{
+    cJSON *c = node->child;
+    int i = 0;
+
+    if (cJSON_IsObject(node)) {
+        for (; c; c = c->next, i++)
+            if (token_eq(c->string, t, n))
+                break;
+    } else if (cJSON_IsArray(node)) {
+        long want = 0;
+        /* An array index: digits, no leading zero ("-" is past the end). */
+        if (n == 0 || n > 9 || (n > 1 && t[0] == '0'))
+            return NULL;
+        for (size_t k = 0; k < n; k++) {
+            if (t[k] < '0' || t[k] > '9')
+                return NULL;
+            want = want * 10 + (t[k] - '0');
+        }
+        for (; c && i < want; c = c->next)
+            i++;
+    } else {
+        return NULL;
+    }
+    *index = i;
+    return c;
+}
+
+/* Resolves the id field: a member name, or a JSON pointer ("/a/b"). Fills
+ * path[0..*depth) with child indices (*depth = -1 when too deep to track). */
+static cJSON *find_field(cJSON *root, const char *field, int *path,
+                         int *depth)
+{
+    cJSON *node = root;
+
+    *depth = 0;
+    if (field[0] != '/') { /* a plain member name: no ~ escapes */
+        int i = 0;
+        for (cJSON *c = root->child; c; c = c->next, i++)
+            if (c->string && strcmp(c->string, field) == 0) {
+                path[(*depth)++] = i;
+                return c;
+            }
+        return NULL;
+    }
+    while (node && *field == '/') {
+        const char *t = field + 1;
+        const char *slash = strchr(t, '/');
+        size_t n = slash ? (size_t)(slash - t) : strlen(t);
+        int index = 0;
+
+        node = pointer_step(node, t, n, &index);
+        if (*depth >= 0 && *depth < MAX_PATH)
+            path[(*depth)++] = index;
+        else
+            *depth = -1;
+        field = t + n;
+    }
+    return node;
+}
+
+static int reject(oq_decoded *out, oq_dlq_reason reason, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+static int reject(oq_decoded *out, oq_dlq_reason reason, const char *fmt, ...)
+{
+    va_list ap;
+
+    out->reason = reason;
+    va_start(ap, fmt);
+    vsnprintf(out->error, sizeof(out->error), fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* The id of a number: its decimal text, if it is an integer in +-2^53
+ * written without a fraction or exponent. */
+static bool integer_id(const char *s, size_t len, const cJSON *root,
+                       const cJSON *item, const int *path, int depth,
+                       char *num, size_t numlen)
+{
+    double v = item->valuedouble;
+    size_t b, e;
+
+    if (!(v >= -9007199254740992.0 && v <= 9007199254740992.0) ||
+        v != floor(v))
+        return false;
+    if (depth >= 0 && raw_span(s, len, root, path, depth, &b, &e)) {
+        for (size_t i = b; i < e; i++)
+            if (s[i] == '.' || s[i] == 'e' || s[i] == 'E')
+                return false;
+    }
+    snprintf(num, numlen, "%" PRId64, (int64_t)v);
+    return true;
+}
+
+/* Finds and checks the id in a parsed object; fills out or rejects. */
+static int decode_id(const char *s, size_t len, parsed *pd,
+                     const oq__idspec *spec, oq_decoded *out)
+{
+    int path[MAX_PATH];
+    int depth;
+    const char *field = spec->field ? spec->field : "id";
+    cJSON *item = find_field(pd->root, field, path, &depth);
+
+    if (item == NULL && spec->fallback && strcmp(field, "id") == 0)
+        item = find_field(pd->root, "event_id", path, &depth);
+    if (item == NULL) {
+        if (spec->fallback && strcmp(field, "id") == 0)
+            return reject(out, OQ_DLQ_BAD_ID,
+                          "missing id field 'id' or 'event_id'");
+        return reject(out, OQ_DLQ_BAD_ID, "missing id field '%.200s'", field);
+    }
+    if (cJSON_IsString(item)) {
+        size_t n = strlen(item->valuestring);
+        if (n == 0)
+            return reject(out, OQ_DLQ_BAD_ID, "empty id");
+        if (n > OQ__MAX_ID_LEN)
+            return reject(out, OQ_DLQ_BAD_ID, "id longer than %d bytes",
+                          OQ__MAX_ID_LEN);
+        out->id = item->valuestring;
+        out->id_len = n;
+        return 0;
+    }
+    if (cJSON_IsNumber(item) &&
+        integer_id(s, len, pd->root, item, path, depth, pd->num,
+                   sizeof(pd->num))) {
+        out->id = pd->num;
+        out->id_len = strlen(pd->num);
+        return 0;
+    }
+    return reject(out, OQ_DLQ_BAD_ID, "id must be a string or an integer");
+}
+
+int oq__json_decode(const oq_event *ev, oq_decoded *out, void *arg)
+{
+    const oq__idspec *spec = arg ? arg : &default_spec;
+    const char *s = ev->payload;
+    size_t len = ev->payload_len;
+    const char *end = NULL;
+    parsed *pd;
+    bool nul;
+    size_t bad, p;
+    int rc;
+
+    out->parsed = NULL;
+    bad = utf8_check((const unsigned char *)s, len, &nul);
+    if (bad < len)
+        return reject(out, OQ_DLQ_PARSE_ERROR, "%s at byte %zu",
+                      nul ? "NUL byte" : "invalid UTF-8", bad);
+    pd = oq__malloc(sizeof(*pd));
+    if (pd == NULL)
+        return reject(out, OQ_DLQ_REJECTED, "out of memory");
+    pd->root = cJSON_ParseWithLengthOpts(s, len, &end, 0);
+    if (pd->root == NULL) {
+        p = end ? (size_t)(end - s) : 0;
+        rc = reject(out, OQ_DLQ_PARSE_ERROR, "invalid JSON at byte %zu", p);
+        goto out_free;
+    }
+    /* cJSON stops after the value; only whitespace may follow it. */
+    p = end ? (size_t)(end - s) : len;
+    while (p < len && (s[p] == ' ' || s[p] == '\t' || s[p] == '\r' ||
+                       s[p] == '\n'))
+        p++;
+    if (p < len) {
+        rc = reject(out, OQ_DLQ_PARSE_ERROR,
+                    "invalid JSON: unexpected data after the value at byte %zu",
+                    p);
+        goto out_free;
+    }
+    if (!cJSON_IsObject(pd->root)) {
+        rc = reject(out, OQ_DLQ_PARSE_ERROR, "not a JSON object");
+        goto out_free;
+    }
+    rc = decode_id(s, len, pd, spec, out);
+    if (rc != 0)
+        goto out_free;
+    out->parsed = pd;
+    return 0;
+
+out_free:
+    cJSON_Delete(pd->root);
+    oq__free(pd);
+    return rc;
+}
+
+void oq__json_free(void *p, void *arg)
+{
+    parsed *pd = p;
+
+    OQ__UNUSED(arg);
+    if (pd == NULL)
+        return;
+    cJSON_Delete(pd->root);
+    oq__free(pd);
+}
+
+struct cJSON *oq__event_json(const oq_event *ev)
+{
+    const parsed *pd = ev ? ev->parsed : NULL;
+    return pd ? pd->root : NULL;
+}
