@@ -21,8 +21,9 @@ WARN := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
         -Wcast-qual -Wundef -Wno-unused-parameter
 CPPFLAGS += -Iinclude -Isrc -D_GNU_SOURCE -DOQ_BUILDING -MMD -MP
 CFLAGS   += -std=c11 -g $(OPT) -pthread -fPIC -fvisibility=hidden $(WARN)
-LDFLAGS  += -pthread
-LIBS     := -lxxhash -lcjson -lm
+# -rdynamic: plugins (plugin:PATH.so) link against the binary's oq_* API.
+LDFLAGS  += -pthread -rdynamic
+LIBS     := -lxxhash -lcjson -lm -ldl
 
 ifeq ($(SAN),thread)
 CFLAGS  += -fsanitize=thread -fno-omit-frame-pointer
@@ -38,11 +39,11 @@ LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset
             src/runner.c
 CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_txn test_pool \
-              test_source \
+              test_source test_handlers \
               stress_pool
 BENCH_NAMES := bench_pool bench_idset_mem
 # Tests that drive the real binary (each prints "N passed, N failed").
-SCRIPT_TESTS := test/test_node.py
+SCRIPT_TESTS := test/test_node.py test/test_run.py
 
 LIB_OBJS  := $(LIB_SRCS:src/%.c=$(BUILD)/obj/%.o)
 CLI_OBJS  := $(CLI_SRCS:src/%.c=$(BUILD)/obj/%.o)

@@ -397,6 +397,11 @@ typedef int (*oq_decode_fn)(const oq_event *ev, oq_decoded *out, void *arg);
 typedef struct oq_sink {
     int (*apply)(const oq_event *ev, const oq_txn *txn, void *arg);
     void *arg;
+    /* Optional: called after a message whose id was already DONE has been
+     * acked as a duplicate (for example to keep the earliest input
+     * position of an event). May run before the apply of the copy that
+     * committed, on another thread. */
+    void (*duplicate)(const oq_event *ev, void *arg);
 } oq_sink;
 
 /* A thread-safe in-memory sink: counters summed by key, records in commit

@@ -15,6 +15,8 @@ typedef struct command {
 } command;
 
 static const command commands[] = {
+    { "run", oq__cmd_run, "process JSON-lines event files exactly once" },
+    { "gen", oq__cmd_gen, "generate synthetic event files" },
     { "node", oq__cmd_node, "speak the JSON-lines node protocol on stdin/stdout" },
 };
 

@@ -187,7 +187,7 @@ static int apply(const oq_event *ev, const oq_txn *txn, void *arg)
 
 oq_sink oq_memsink_sink(oq_memsink *m)
 {
-    oq_sink s = { apply, m };
+    oq_sink s = { apply, m, NULL };
     return s;
 }
 

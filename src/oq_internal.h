@@ -163,6 +163,10 @@ typedef struct oq__handler_opts {
 int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
                           oq__handler *out, char *err, size_t errlen);
 void oq__handler_free(oq__handler *h);
+/* Stops every running exec command (SIGTERM, then SIGKILL after the grace)
+ * and makes later calls return OQ_RETRY without starting one: used when
+ * onceq is stopping, so no command outlives it. Thread-safe. */
+void oq__handler_cancel(oq__handler *h);
 
 /* ------------------------------------------------------------ runner.c */
 

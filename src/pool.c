@@ -86,6 +86,7 @@ typedef struct worker {
     slot *slots;    /* opts.batch of them */
     oq_settle *ops; /* opts.batch of them: phase A and D */
     oq_settle *pins; /* opts.batch of them: phase B */
+    double avg_ms;  /* moving average of a message's phase A time, ms */
     counters c;
 } worker;
 
@@ -205,6 +206,14 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
 
     op->d = &s->d;
     op->release = 1;
+    if (oq_clock_now(p->opts.clock) >= s->d.deadline_ms) {
+        /* Its lease is over (a slow message before it in the batch): it
+         * is redelivered or will be; do not run it for nothing. */
+        s->outcome = O_NONE;
+        op->op = OQ_SETTLE_NONE;
+        INC(w, fenced);
+        return;
+    }
     if (!decode(w, s, op))
         return;
     rc = oq_idset_claim(p->s, s->id, s->id_len, s->d.deadline_ms,
@@ -271,12 +280,12 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
 }
 
 /* Phases B and C: pin, then commit, the messages whose handler said OK. */
-static void commit_staged(worker *w, size_t n)
+static void commit_staged(worker *w, size_t lo, size_t hi)
 {
     oq_pool *p = w->p;
     size_t npin = 0;
 
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = lo; i < hi; i++)
         if (staged(w->slots[i].outcome))
             npin++;
     if (npin == 0)
@@ -286,13 +295,13 @@ static void commit_staged(worker *w, size_t n)
     {
         oq_settle *pins = w->pins;
         size_t k = 0;
-        for (size_t i = 0; i < n; i++)
+        for (size_t i = lo; i < hi; i++)
             if (staged(w->slots[i].outcome))
                 pins[k++] = (oq_settle){ .d = &w->slots[i].d,
                                          .op = OQ_SETTLE_PIN };
         oq_queue_settle(p->q, pins, npin);
         k = 0;
-        for (size_t i = 0; i < n; i++) {
+        for (size_t i = lo; i < hi; i++) {
             slot *s = &w->slots[i];
             oq_settle *op = &w->ops[i];
             if (!staged(s->outcome))
@@ -337,13 +346,22 @@ static void commit_staged(worker *w, size_t n)
 
 static void count(worker *w, const slot *s, const oq_settle *op)
 {
+    oq_pool *p = w->p;
+
     if (op->op != OQ_SETTLE_NONE && op->result != 0) {
         INC(w, fenced); /* the receipt went stale under us */
         return;
     }
     switch (s->outcome) {
     case O_PROCESSED: INC(w, processed); break;
-    case O_DUPLICATE: INC(w, duplicates); break;
+    case O_DUPLICATE:
+        INC(w, duplicates);
+        if (p->opts.sink.duplicate) {
+            oq_event ev;
+            event_of(p, s, &ev);
+            p->opts.sink.duplicate(&ev, p->opts.sink.arg);
+        }
+        break;
     case O_RETRY: INC(w, retried); break;
     case O_BUSY: INC(w, busy); break;
     case O_DEAD: INC(w, dead); break;
@@ -352,12 +370,40 @@ static void count(worker *w, const slot *s, const oq_settle *op)
     }
 }
 
+/* Phases B-D for slots [lo, hi): pin, commit, settle, count. */
+static void settle_range(worker *w, size_t lo, size_t hi)
+{
+    oq_pool *p = w->p;
+
+    commit_staged(w, lo, hi);
+    oq_queue_settle(p->q, w->ops + lo, hi - lo);
+    for (size_t i = lo; i < hi; i++) {
+        slot *s = &w->slots[i];
+        if (s->outcome == O_REDO)
+            continue;
+        count(w, s, &w->ops[i]);
+        if (s->parsed && p->opts.free_parsed)
+            p->opts.free_parsed(s->parsed, p->opts.decode_arg);
+        s->parsed = NULL;
+    }
+}
+
+/* Handlers slower than this (ms, moving average) are received and
+ * committed one by one: a fast message must not wait in a batch behind a
+ * slow one, or it may outlive its lease. Faster ones go per batch. */
+#define SLOW_HANDLER_MS 1.0
+
+static void note_duration(worker *w, int64_t ms)
+{
+    w->avg_ms = 0.8 * w->avg_ms + 0.2 * (double)ms;
+}
+
 /* Runs phases A-D over slots[0..n); returns how many were left to redo
  * (moved to the front of slots). */
 static size_t run_batch(worker *w, size_t n)
 {
     oq_pool *p = w->p;
-    size_t redo = 0;
+    size_t redo = 0, lo = 0;
 
     for (size_t i = 0; i < n; i++) {
         slot *s = &w->slots[i];
@@ -369,12 +415,16 @@ static size_t run_batch(worker *w, size_t n)
             op->d = &s->d;
             op->op = OQ_SETTLE_RETURN;
             op->release = 1;
-            continue;
+        } else {
+            int64_t t0 = oq_clock_now(NULL);
+            run_one(w, s, i, op);
+            note_duration(w, oq_clock_now(NULL) - t0);
         }
-        run_one(w, s, i, op);
+        if (i + 1 == n || w->avg_ms >= SLOW_HANDLER_MS) {
+            settle_range(w, lo, i + 1);
+            lo = i + 1;
+        }
     }
-    commit_staged(w, n);
-    oq_queue_settle(p->q, w->ops, n);
     for (size_t i = 0; i < n; i++) {
         slot *s = &w->slots[i];
         if (s->outcome == O_REDO) {
@@ -385,11 +435,6 @@ static size_t run_batch(worker *w, size_t n)
             w->slots[redo] = keep;
             w->slots[i].txn = t;
             redo++;
-        } else {
-            count(w, s, &w->ops[i]);
-            if (s->parsed && p->opts.free_parsed)
-                p->opts.free_parsed(s->parsed, p->opts.decode_arg);
-            s->parsed = NULL;
         }
     }
     return redo;
@@ -402,7 +447,11 @@ static void *worker_main(void *arg)
     oq_delivery *d = w->d;
 
     while (!atomic_load(&p->stopping)) {
-        int n = oq_queue_receive(p->q, d, p->opts.batch, p->opts.poll_ms);
+        /* Slow handlers take one message at a time: a batch would hold
+         * messages that other workers could start, until their leases
+         * run out. */
+        size_t want = w->avg_ms >= SLOW_HANDLER_MS ? 1 : p->opts.batch;
+        int n = oq_queue_receive(p->q, d, want, p->opts.poll_ms);
         if (n == OQ_EOF)
             break;
         if (n <= 0)
@@ -449,6 +498,7 @@ static int alloc_workers(oq_pool *p)
         worker *w = &p->w[i];
         w->p = p;
         w->rng = seed + i * 0x9e3779b97f4a7c15ULL;
+        w->avg_ms = 10 * SLOW_HANDLER_MS; /* one by one until measured */
         w->slots = oq__calloc(p->opts.batch, sizeof(*w->slots));
         w->ops = oq__calloc(p->opts.batch, sizeof(*w->ops));
         w->pins = oq__calloc(p->opts.batch, sizeof(*w->pins));

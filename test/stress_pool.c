@@ -203,7 +203,7 @@ static void stress(void **state)
     po.batch = cfg.batch;
     po.clock = qo.clock;
     po.handler = handler;
-    po.sink = (oq_sink){ apply, NULL };
+    po.sink = (oq_sink){ apply, NULL, NULL };
     po.backoff_base_ms = 10;
     po.backoff_cap_ms = 200;
     po.poll_ms = 50;

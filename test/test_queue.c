@@ -97,7 +97,7 @@ static void test_fifo_order_and_batch(void **state)
     fx *f = *state;
     oq_queue *q = make_queue(f, NULL);
     oq_delivery d[8];
-    char id[8];
+    char id[16];
 
     for (int i = 0; i < 5; i++) {
         snprintf(id, sizeof(id), "m%d", i);
@@ -509,6 +509,54 @@ static void test_explicit_dead_letter(void **state)
                      OQ_EINVAL);
 }
 
+static void test_reject_goes_straight_to_dead_letters(void **state)
+{
+    fx *f = *state;
+    oq_queue *q = make_queue(f, NULL);
+    oq_message m = { NULL, 0, "{not json", 9, 0, 42 };
+    oq_delivery d;
+    oq_queue_stats st;
+    dl_seen seen = { 0 };
+
+    assert_int_equal(oq_queue_reject(q, &m, OQ_DLQ_PARSE_ERROR, "bad"), 0);
+    assert_int_equal(recv1(q, &d), 0); /* never delivered */
+    oq_queue_stats_get(q, &st);
+    assert_int_equal(st.sent, 1);
+    assert_int_equal(st.dead_lettered[OQ_DLQ_PARSE_ERROR], 1);
+    oq_queue_dead_letters(q, 0, collect, &seen);
+    assert_string_equal(seen.payload, "{not json");
+    assert_string_equal(seen.error, "bad");
+    assert_int_equal(seen.attempts, 0);
+    assert_int_equal(oq_queue_reject(q, &m, OQ_DLQ__COUNT, "x"), OQ_EINVAL);
+    oq__alloc_fail_after(0);
+    assert_int_equal(oq_queue_reject(q, &m, OQ_DLQ_BAD_ID, "x"), OQ_ENOMEM);
+    oq__alloc_fail_after(-1);
+    oq_queue_stats_get(q, &st);
+    assert_int_equal(st.sent, 1);
+    assert_int_equal(st.dead_lettered[OQ_DLQ_BAD_ID], 0);
+    oq_queue_close(q);
+    assert_int_equal(recv1(q, &d), OQ_EOF);
+}
+
+static void test_dead_letter_out_of_memory_keeps_message(void **state)
+{
+    fx *f = *state;
+    oq_queue *q = make_queue(f, NULL);
+    oq_delivery d;
+    oq_queue_stats st;
+
+    send_s(q, "a", 0);
+    recv1(q, &d);
+    oq__alloc_fail_after(0);
+    assert_int_equal(oq_queue_dead_letter(q, d.receipt, OQ_DLQ_FAILED, "x"),
+                     OQ_ENOMEM);
+    oq__alloc_fail_after(-1);
+    oq_queue_release(q, &d, 1);
+    oq_queue_stats_get(q, &st);
+    assert_int_equal(st.ready, 1); /* visible again, not lost */
+    assert_int_equal(st.dead_lettered[OQ_DLQ_FAILED], 0);
+}
+
 static void test_stats_gauges_and_oldest_age(void **state)
 {
     fx *f = *state;
@@ -635,6 +683,8 @@ int main(void)
         T(test_pin_and_return),
         T(test_explicit_dead_letter),
         T(test_stats_gauges_and_oldest_age),
+        T(test_reject_goes_straight_to_dead_letters),
+        T(test_dead_letter_out_of_memory_keeps_message),
         T(test_send_batch_results),
         T(test_send_out_of_memory),
         T(test_bad_options),

@@ -1,0 +1,1396 @@
+/*
+ * Handlers: the built-in handlers of `onceq run`, all behind oq_handler_fn,
+ * and the parser of --handler SPEC.
+ *
+ * DESIGN
+ * ------
+ * A handler is called by several worker threads at once, with no lock held.
+ * Every handler here keeps its state in an argument that is immutable once
+ * oq__handler_from_spec returned, so none takes a lock; all per-event state
+ * lives on the caller's stack or in the caller's txn.
+ *
+ *   wordcount      counts the event's "word" (one word, verbatim) or the
+ *                  words of its "text" (split on ASCII whitespace).
+ *   count:FIELD    counts events by the value of FIELD (a top-level name, or
+ *                  a JSON pointer when it starts with '/'). A string counts
+ *                  under its text, any other value under its compact JSON
+ *                  text (cJSON's): 42, true, null, {"a":1}. So the string
+ *                  "42" and the number 42 share a key. A missing field is a
+ *                  permanent failure: the event is dead-lettered.
+ *   noop           does nothing; with emit, records the event's raw line.
+ *   exec:COMMAND   runs /bin/sh -c COMMAND per event (below).
+ *   plugin:PATH    calls a function loaded from a shared object.
+ *
+ * JSON handlers use the object the pool's decode hook parsed
+ * (oq__event_json); with no decode hook they parse the payload themselves.
+ *
+ * exec: the child is started with posix_spawn (vfork-like in glibc) in a
+ * process group of its own, with an empty signal mask and SIGPIPE at its
+ * default action whatever the CLI blocks or ignores. A command of plain
+ * words (no shell syntax, no builtin) runs without the shell, which saves
+ * one exec per event (see plan_direct); anything else runs as
+ * /bin/sh -c COMMAND. Its stdin, stdout and stderr are pipes whose parent
+ * ends are O_CLOEXEC from birth (pipe2), so a child spawned by another
+ * worker thread at the same moment cannot inherit them (a leaked write end
+ * would keep our reader from ever seeing EOF). One poll() loop writes the
+ * event's line to stdin and reads stdout and stderr, so no amount of output
+ * deadlocks, and it watches the child's exit through a pidfd. The lease
+ * deadline (ev->deadline_ms on ev->clock) bounds the loop: a command still
+ * running then gets SIGTERM on its process group, SIGKILL after the grace
+ * period, is reaped, and the event is retried with nothing staged.
+ * oq__handler_cancel does the same to every running command at once (an
+ * eventfd in every poll set). The child is always reaped: no zombies.
+ * When the command exits, output its background jobs have not written yet
+ * is not waited for (like xargs): what is in the pipes is drained, no more.
+ * SIGPIPE is blocked in the calling thread while it writes to the child, so
+ * a command that does not read its stdin gives EPIPE, not a dead process.
+ * The child's environment is ours as it was when the handler was built,
+ * plus ONCEQ_EVENT_ID, ONCEQ_ATTEMPT and ONCEQ_RECEIPT. Its stdout is kept
+ * up to 64 MiB (more fails the event); of stderr, the last 512 bytes.
+ *
+ * plugin: dlopen(RTLD_NOW | RTLD_LOCAL) of the file (a bare name means
+ * ./NAME), then OQ_PLUGIN_SYMBOL, and the optional oq_plugin_init,
+ * oq_plugin_fini, oq_plugin_output and oq_plugin_count_key (documented in
+ * examples/README.md). The plugin calls oq_txn_* from the executable, so
+ * the executable must export them (link with -rdynamic).
+ */
+#include "oq_internal.h"
+
+#include <cjson/cJSON.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+#define KILL_GRACE_DEFAULT_MS 2000
+#define STDERR_TAIL 512            /* bytes of stderr kept for the error */
+#define EXEC_MAX_OUTPUT (64u << 20) /* stdout above this fails the event */
+#define POLL_SLICE_MS 100          /* re-read the clock at least this often */
+#define EX_TEMPFAIL_STATUS 75      /* sysexits.h EX_TEMPFAIL */
+
+/* Declared first only to carry the printf format check. */
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (err == NULL || errlen == 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* A copy through the allocation seam (strdup would bypass it). */
+static char *dup_str(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = oq__malloc(n);
+
+    if (d != NULL)
+        memcpy(d, s, n);
+    return d;
+}
+
+/* ------------------------------------------------------------ JSON events */
+
+/* The event's JSON: the decode hook's object, or (no decode hook) parsed
+ * here from the payload, in which case *own is set and must be deleted. */
+static const cJSON *event_json(const oq_event *ev, cJSON **own)
+{
+    *own = NULL;
+    if (ev->parsed != NULL) {
+        const cJSON *j = oq__event_json(ev);
+        if (j != NULL)
+            return j;
+    }
+    *own = cJSON_ParseWithLength(ev->payload, ev->payload_len);
+    return *own;
+}
+
+static int stage_count(oq_txn *txn, const char *key, size_t len)
+{
+    if (oq_txn_count(txn, key, len, 1) != 0) {
+        oq_txn_error(txn, "out of memory");
+        return OQ_RETRY;
+    }
+    return OQ_OK;
+}
+
+static bool is_space(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' ||
+           c == '\f';
+}
+
+/* ------------------------------------------------------------- wordcount */
+
+static int count_words(oq_txn *txn, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+
+    for (;;) {
+        const unsigned char *w;
+        while (*p != '\0' && is_space(*p))
+            p++;
+        if (*p == '\0')
+            return OQ_OK;
+        w = p;
+        while (*p != '\0' && !is_space(*p))
+            p++;
+        if (stage_count(txn, (const char *)w, (size_t)(p - w)) != OQ_OK)
+            return OQ_RETRY;
+    }
+}
+
+static int wordcount_fn(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    cJSON *own;
+    const cJSON *j = event_json(ev, &own);
+    const cJSON *f;
+    int rc;
+
+    OQ__UNUSED(arg);
+    if (!cJSON_IsObject(j)) {
+        oq_txn_error(txn, "event is not a JSON object");
+        rc = OQ_FAIL;
+    } else if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(j, "word"))) {
+        /* One word, verbatim; an empty word counts nothing. */
+        size_t len = strlen(f->valuestring);
+        rc = len ? stage_count(txn, f->valuestring, len) : OQ_OK;
+    } else if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(j, "text"))) {
+        rc = count_words(txn, f->valuestring);
+    } else {
+        oq_txn_error(txn, "no 'word' or 'text' string field");
+        rc = OQ_FAIL;
+    }
+    cJSON_Delete(own);
+    return rc;
+}
+
+static int make_wordcount(const char *rest, const oq__handler_opts *o,
+                          oq__handler *out, char *err, size_t errlen)
+{
+    OQ__UNUSED(rest);
+    OQ__UNUSED(o);
+    OQ__UNUSED(err);
+    OQ__UNUSED(errlen);
+    out->fn = wordcount_fn;
+    out->output = OQ__OUT_COUNTS;
+    out->count_key = "word";
+    return 0;
+}
+
+/* ----------------------------------------------------------- count:FIELD */
+
+typedef struct count_arg {
+    char *key;       /* FIELD without a leading '/': the output's key name */
+    size_t ntok;     /* 0: key is a top-level name; else a JSON pointer */
+    char **tok;      /* the pointer's reference tokens, unescaped */
+} count_arg;
+
+static void count_cleanup(void *arg)
+{
+    count_arg *c = arg;
+
+    if (c == NULL)
+        return;
+    for (size_t i = 0; i < c->ntok; i++)
+        oq__free(c->tok[i]);
+    oq__free(c->tok);
+    oq__free(c->key);
+    oq__free(c);
+}
+
+/* An RFC 6901 array index: "0" or digits without a leading zero. */
+static bool array_index(const char *t, int *out)
+{
+    long v = 0;
+
+    if (*t == '\0' || (t[0] == '0' && t[1] != '\0'))
+        return false;
+    for (; *t; t++) {
+        if (*t < '0' || *t > '9' || v > INT_MAX / 10)
+            return false;
+        v = v * 10 + (*t - '0');
+    }
+    if (v > INT_MAX)
+        return false;
+    *out = (int)v;
+    return true;
+}
+
+static const cJSON *lookup(const count_arg *c, const cJSON *j)
+{
+    if (c->ntok == 0)
+        return cJSON_GetObjectItemCaseSensitive(j, c->key);
+    for (size_t i = 0; i < c->ntok && j != NULL; i++) {
+        int idx;
+        if (cJSON_IsObject(j))
+            j = cJSON_GetObjectItemCaseSensitive(j, c->tok[i]);
+        else if (cJSON_IsArray(j) && array_index(c->tok[i], &idx))
+            j = cJSON_GetArrayItem(j, idx);
+        else
+            j = NULL;
+    }
+    return j;
+}
+
+static int count_fn(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    const count_arg *c = arg;
+    cJSON *own;
+    const cJSON *j = event_json(ev, &own);
+    const cJSON *v;
+    int rc;
+
+    if (!cJSON_IsObject(j)) {
+        oq_txn_error(txn, "event is not a JSON object");
+        rc = OQ_FAIL;
+    } else if ((v = lookup(c, j)) == NULL) {
+        oq_txn_error(txn, "missing field '%s'", c->key);
+        rc = OQ_FAIL;
+    } else if (cJSON_IsString(v)) {
+        rc = stage_count(txn, v->valuestring, strlen(v->valuestring));
+    } else {
+        /* Scalars fit a stack buffer; objects and arrays are printed. */
+        char buf[64];
+        char *text = buf;
+        if (cJSON_IsArray(v) || cJSON_IsObject(v) ||
+            !cJSON_PrintPreallocated((cJSON *)(uintptr_t)v, buf,
+                                     sizeof(buf), 0))
+            text = cJSON_PrintUnformatted(v);
+        if (text == NULL) {
+            oq_txn_error(txn, "out of memory");
+            rc = OQ_RETRY;
+        } else {
+            rc = stage_count(txn, text, strlen(text));
+        }
+        if (text != buf)
+            cJSON_free(text);
+    }
+    cJSON_Delete(own);
+    return rc;
+}
+
+/* Splits the JSON pointer p ("/a/b~1c") into unescaped tokens. */
+static int split_pointer(count_arg *c, const char *p)
+{
+    size_t n = 0;
+
+    for (const char *s = p; *s; s++)
+        n += *s == '/';
+    c->tok = oq__calloc(n, sizeof(*c->tok));
+    if (c->tok == NULL)
+        return OQ_ENOMEM;
+    while (*p == '/') {
+        const char *end = strchr(p + 1, '/');
+        size_t len = end ? (size_t)(end - p - 1) : strlen(p + 1);
+        char *t = oq__malloc(len + 1), *d = t;
+        if (t == NULL)
+            return OQ_ENOMEM;
+        c->tok[c->ntok++] = t;
+        for (size_t i = 1; i <= len; i++) {
+            if (p[i] == '~' && i < len && (p[i + 1] == '0' || p[i + 1] == '1')) {
+                *d++ = p[i + 1] == '0' ? '~' : '/';
+                i++;
+            } else {
+                *d++ = p[i];
+            }
+        }
+        *d = '\0';
+        p += len + 1;
+    }
+    return 0;
+}
+
+static int make_count(const char *field, const oq__handler_opts *o,
+                      oq__handler *out, char *err, size_t errlen)
+{
+    count_arg *c = oq__calloc(1, sizeof(*c));
+
+    OQ__UNUSED(o);
+    if (c == NULL ||
+        (c->key = dup_str(field[0] == '/' ? field + 1 : field)) == NULL ||
+        (field[0] == '/' && split_pointer(c, field) != 0)) {
+        count_cleanup(c);
+        set_err(err, errlen, "out of memory");
+        return OQ_ENOMEM;
+    }
+    out->fn = count_fn;
+    out->arg = c;
+    out->cleanup = count_cleanup;
+    out->output = OQ__OUT_COUNTS;
+    out->count_key = c->key;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ noop */
+
+static int noop_fn(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    OQ__UNUSED(ev);
+    OQ__UNUSED(txn);
+    OQ__UNUSED(arg);
+    return OQ_OK;
+}
+
+static int noop_emit_fn(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    OQ__UNUSED(arg);
+    if (oq_txn_record(txn, ev->payload, ev->payload_len) != 0) {
+        oq_txn_error(txn, "out of memory");
+        return OQ_RETRY;
+    }
+    return OQ_OK;
+}
+
+static int make_noop(const char *rest, const oq__handler_opts *o,
+                     oq__handler *out, char *err, size_t errlen)
+{
+    OQ__UNUSED(rest);
+    OQ__UNUSED(err);
+    OQ__UNUSED(errlen);
+    out->fn = o->emit ? noop_emit_fn : noop_fn;
+    out->output = OQ__OUT_RECORDS;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ exec */
+
+typedef struct exec_arg {
+    char *argv[4];          /* "/bin/sh", "-c", COMMAND, NULL */
+    char **direct_argv;     /* COMMAND's words when it needs no shell, or
+                               NULL; they point into direct_buf */
+    char *direct_buf;
+    char *direct_path;      /* the program's path, found on PATH once */
+    char **env;             /* the environment at construction, without
+                               ONCEQ_* variables: nenv entries */
+    size_t nenv;
+    int64_t kill_grace_ms;  /* SIGTERM -> SIGKILL, in real ms */
+    int cancel_fd;          /* eventfd, readable once cancelled (never
+                               read: it wakes every running call) */
+    _Atomic bool cancelled; /* set with cancel_fd, by oq__handler_cancel */
+    posix_spawnattr_t attr; /* own process group, empty mask, SIGPIPE
+                               default; read-only, shared by the threads */
+} exec_arg;
+
+/* One run of the command. */
+typedef struct child {
+    pid_t pid;
+    int pidfd;          /* readable once the child exits; -1 if unavailable */
+    int in, out, err;   /* the parent's pipe ends; -1 once closed */
+    bool exited;        /* reaped; status is valid */
+    int status;         /* waitpid status; -1 when it could not be had */
+    bool epipe;         /* a write to stdin raised SIGPIPE (blocked) */
+} child;
+
+/* The event's line on its way to the child's stdin: payload, then "\n". */
+typedef struct feed {
+    struct iovec iov[2];
+    int n;              /* iovecs left; 0: all written */
+} feed;
+
+/* The child's stdout, kept whole; the first 4 KiB need no allocation. */
+typedef struct outbuf {
+    char *p;
+    size_t len, cap;
+    bool overflow;      /* over EXEC_MAX_OUTPUT: the rest was dropped */
+    char small[4096];
+} outbuf;
+
+/* The last STDERR_TAIL bytes of the child's stderr. */
+typedef struct tailbuf {
+    char b[STDERR_TAIL];
+    size_t len;
+} tailbuf;
+
+static void exec_cleanup(void *arg)
+{
+    exec_arg *x = arg;
+
+    if (x == NULL)
+        return;
+    posix_spawnattr_destroy(&x->attr);
+    if (x->cancel_fd >= 0)
+        close(x->cancel_fd);
+    for (size_t i = 0; i < x->nenv; i++)
+        oq__free(x->env[i]);
+    oq__free(x->env);
+    oq__free(x->argv[2]);
+    oq__free(x->direct_argv);
+    oq__free(x->direct_buf);
+    oq__free(x->direct_path);
+    oq__free(x);
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+/* A pipe whose ends are close-on-exec from birth and above 2, so dup2 onto
+ * 0, 1 and 2 in the child never meets one of them already in place (which
+ * would leave its close-on-exec flag set). */
+static int make_pipe(int p[2])
+{
+    if (pipe2(p, O_CLOEXEC) != 0)
+        return -errno;
+    for (int i = 0; i < 2; i++) {
+        if (p[i] <= 2) {
+            int fd = fcntl(p[i], F_DUPFD_CLOEXEC, 3);
+            if (fd < 0) {
+                int e = errno;
+                close(p[0]);
+                close(p[1]);
+                return -e;
+            }
+            close(p[i]);
+            p[i] = fd;
+        }
+    }
+    return 0;
+}
+
+static int pidfd_of(pid_t pid)
+{
+#ifdef SYS_pidfd_open
+    /* Always close-on-exec. Fails (ENOSYS, or ESRCH when SIGCHLD is ignored
+     * and the child already vanished): then exits are polled. */
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+#else
+    OQ__UNUSED(pid);
+    return -1;
+#endif
+}
+
+static int spawn_child(const exec_arg *x, char *const envp[], child *c,
+                       size_t in_len)
+{
+    int pin[2], pout[2], perr[2];
+    posix_spawn_file_actions_t fa;
+    int rc;
+
+    if ((rc = make_pipe(pin)) != 0)
+        return rc;
+    if ((rc = make_pipe(pout)) != 0)
+        goto out_in;
+    if ((rc = make_pipe(perr)) != 0)
+        goto out_out;
+    if ((rc = posix_spawn_file_actions_init(&fa)) != 0) {
+        rc = -rc;
+        goto out_err;
+    }
+    rc = posix_spawn_file_actions_adddup2(&fa, pin[0], 0);
+    if (rc == 0)
+        rc = posix_spawn_file_actions_adddup2(&fa, pout[1], 1);
+    if (rc == 0)
+        rc = posix_spawn_file_actions_adddup2(&fa, perr[1], 2);
+    /* Without a shell when the command needs none; if that fails (say, a
+     * script without a #! line: ENOEXEC), the shell runs it. */
+    if (rc == 0) {
+        rc = -1;
+        if (x->direct_argv != NULL)
+            rc = posix_spawn(&c->pid, x->direct_path, &fa, &x->attr,
+                             x->direct_argv, envp);
+        if (rc != 0)
+            rc = posix_spawn(&c->pid, x->argv[0], &fa, &x->attr, x->argv,
+                             envp);
+    }
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) {
+        rc = -rc;
+        goto out_err;
+    }
+    close(pin[0]);
+    close(pout[1]);
+    close(perr[1]);
+    c->in = pin[1];
+    c->out = pout[0];
+    c->err = perr[0];
+    c->pidfd = pidfd_of(c->pid);
+    c->exited = false;
+    c->status = -1;
+    c->epipe = false;
+    /* A line longer than the pipe's atomic size may not fit at once: write
+     * it without blocking, as poll allows. A shorter one always fits. */
+    if (in_len > PIPE_BUF)
+        fcntl(c->in, F_SETFL, O_NONBLOCK);
+    return 0;
+
+out_err:
+    close(perr[0]);
+    close(perr[1]);
+out_out:
+    close(pout[0]);
+    close(pout[1]);
+out_in:
+    close(pin[0]);
+    close(pin[1]);
+    return rc;
+}
+
+/* Reaps the child: blocking (WNOHANG not in flags) or not. True once it is
+ * reaped. */
+static bool reap(child *c, int flags)
+{
+    int st;
+    pid_t r;
+
+    if (c->exited)
+        return true;
+    do
+        r = waitpid(c->pid, &st, flags);
+    while (r < 0 && errno == EINTR);
+    if (r == 0)
+        return false;
+    c->exited = true;
+    c->status = r == c->pid ? st : -1; /* -1: ECHILD, SIGCHLD ignored */
+    close_fd(&c->pidfd);
+    return true;
+}
+
+/* Waits up to ms (real time) for the child to exit, without reaping it: its
+ * pid then still names its process group, which we may signal. */
+static bool wait_exit(child *c, int64_t ms)
+{
+    int64_t until = oq_clock_now(NULL) + ms;
+
+    for (;;) {
+        siginfo_t si;
+        int64_t left;
+
+        if (c->exited)
+            return true;
+        memset(&si, 0, sizeof(si));
+        if (waitid(P_PID, (id_t)c->pid, &si,
+                   WEXITED | WNOHANG | WNOWAIT) != 0) {
+            if (errno == EINTR)
+                continue;
+            return true; /* ECHILD: already gone */
+        }
+        if (si.si_pid != 0)
+            return true;
+        if ((left = until - oq_clock_now(NULL)) <= 0)
+            return false;
+        if (c->pidfd >= 0) {
+            struct pollfd pf = { .fd = c->pidfd, .events = POLLIN };
+            poll(&pf, 1, (int)OQ__MIN(left, INT_MAX));
+        } else {
+            struct timespec ts = { 0, 5 * 1000000L };
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+/* The deadline passed: SIGTERM to the process group, SIGKILL after the
+ * grace period (to the group: also grandchildren that ignore SIGTERM), and
+ * reap. Late output is discarded: the pipes are closed first. */
+static void terminate(child *c, int64_t grace_ms)
+{
+    close_fd(&c->in);
+    close_fd(&c->out);
+    close_fd(&c->err);
+    kill(-c->pid, SIGTERM);
+    wait_exit(c, grace_ms);
+    kill(-c->pid, SIGKILL);
+    reap(c, 0);
+}
+
+static void feed_advance(feed *f, size_t n)
+{
+    while (f->n > 0 && n >= f->iov[0].iov_len) {
+        n -= f->iov[0].iov_len;
+        f->iov[0] = f->iov[1];
+        f->n--;
+    }
+    if (f->n > 0) {
+        f->iov[0].iov_base = (char *)f->iov[0].iov_base + n;
+        f->iov[0].iov_len -= n;
+    }
+}
+
+/* Writes what the pipe takes; closes stdin when all is written or the
+ * child stopped reading. */
+static void feed_write(child *c, feed *f)
+{
+    while (f->n > 0) {
+        ssize_t w = writev(c->in, f->iov, f->n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                return;
+            /* EPIPE: the command does not read its stdin; that is fine. */
+            c->epipe |= errno == EPIPE;
+            break;
+        }
+        feed_advance(f, (size_t)w);
+    }
+    close_fd(&c->in);
+}
+
+static void outbuf_init(outbuf *o)
+{
+    o->p = o->small;
+    o->len = 0;
+    o->cap = sizeof(o->small);
+    o->overflow = false;
+}
+
+static void outbuf_free(outbuf *o)
+{
+    if (o->p != o->small)
+        oq__free(o->p);
+}
+
+/* Room for at least 4 KiB more, or false (over the limit, or no memory). */
+static bool outbuf_reserve(outbuf *o)
+{
+    size_t ncap;
+    char *np;
+
+    if (o->cap - o->len >= 4096)
+        return true;
+    if (o->overflow || o->cap >= EXEC_MAX_OUTPUT)
+        return false;
+    ncap = OQ__MIN((size_t)EXEC_MAX_OUTPUT, o->cap * 2);
+    if (o->p == o->small) {
+        if ((np = oq__malloc(ncap)) != NULL)
+            memcpy(np, o->small, o->len);
+    } else {
+        np = oq__realloc(o->p, ncap);
+    }
+    if (np == NULL)
+        return false;
+    o->p = np;
+    o->cap = ncap;
+    return true;
+}
+
+static void read_stdout(child *c, outbuf *o)
+{
+    char sink[4096];
+    ssize_t r;
+
+    if (outbuf_reserve(o)) {
+        r = read(c->out, o->p + o->len, o->cap - o->len);
+        if (r > 0)
+            o->len += (size_t)r;
+    } else {
+        o->overflow = true;
+        r = read(c->out, sink, sizeof(sink));
+    }
+    if (r == 0 || (r < 0 && errno != EINTR && errno != EAGAIN))
+        close_fd(&c->out);
+}
+
+static void read_stderr(child *c, tailbuf *t)
+{
+    char buf[4096];
+    ssize_t r = read(c->err, buf, sizeof(buf));
+
+    if (r == 0 || (r < 0 && errno != EINTR && errno != EAGAIN)) {
+        close_fd(&c->err);
+        return;
+    }
+    if (r < 0)
+        return;
+    if ((size_t)r >= STDERR_TAIL) {
+        memcpy(t->b, buf + r - STDERR_TAIL, STDERR_TAIL);
+        t->len = STDERR_TAIL;
+    } else {
+        size_t keep = OQ__MIN(t->len, STDERR_TAIL - (size_t)r);
+        memmove(t->b, t->b + t->len - keep, keep);
+        memcpy(t->b + keep, buf, (size_t)r);
+        t->len = keep + (size_t)r;
+    }
+}
+
+enum { PUMP_EXITED, PUMP_TIMED_OUT, PUMP_CANCELLED };
+
+/*
+ * Feeds stdin and collects stdout and the stderr tail until the child has
+ * exited and what it left in the pipes is read (PUMP_EXITED), until the
+ * deadline on ev->clock (PUMP_TIMED_OUT) or until the handler is cancelled
+ * (PUMP_CANCELLED); in those two the child still runs. Negative: poll
+ * failed.
+ */
+static int pump(child *c, const oq_event *ev, int cancel_fd, feed *f,
+                outbuf *o, tailbuf *t)
+{
+    for (;;) {
+        struct pollfd pf[5];
+        int ip = -1, op = -1, ep = -1, pp = -1, cp = -1;
+        nfds_t n = 0;
+        int timeout = 0, r;
+
+        if (c->exited) {
+            close_fd(&c->in);
+            if (c->out < 0 && c->err < 0)
+                return PUMP_EXITED;
+        } else {
+            int64_t left = ev->deadline_ms - oq_clock_now(ev->clock);
+            if (left <= 0)
+                return PUMP_TIMED_OUT;
+            timeout = (int)OQ__MIN(left, POLL_SLICE_MS);
+            if (c->pidfd < 0 && c->out < 0 && c->err < 0)
+                timeout = OQ__MIN(timeout, 5); /* exit is polled */
+        }
+        if (c->in >= 0)
+            pf[ip = (int)n++] = (struct pollfd){ c->in, POLLOUT, 0 };
+        if (c->out >= 0)
+            pf[op = (int)n++] = (struct pollfd){ c->out, POLLIN, 0 };
+        if (c->err >= 0)
+            pf[ep = (int)n++] = (struct pollfd){ c->err, POLLIN, 0 };
+        if (c->pidfd >= 0)
+            pf[pp = (int)n++] = (struct pollfd){ c->pidfd, POLLIN, 0 };
+        if (!c->exited && cancel_fd >= 0)
+            pf[cp = (int)n++] = (struct pollfd){ cancel_fd, POLLIN, 0 };
+        r = poll(pf, n, timeout);
+        if (r < 0 && errno != EINTR && errno != EAGAIN)
+            return -errno;
+        if (r == 0 && c->exited)
+            return PUMP_EXITED; /* drained; background jobs not waited for */
+        if (cp >= 0 && pf[cp].revents)
+            return PUMP_CANCELLED;
+        if (r <= 0 && !c->exited && c->pidfd < 0)
+            reap(c, WNOHANG);
+        if (r <= 0)
+            continue;
+        if (ip >= 0 && pf[ip].revents)
+            feed_write(c, f);
+        if (op >= 0 && pf[op].revents)
+            read_stdout(c, o);
+        if (ep >= 0 && pf[ep].revents)
+            read_stderr(c, t);
+        if ((pp >= 0 && pf[pp].revents) ||
+            (c->pidfd < 0 && c->out < 0 && c->err < 0))
+            reap(c, WNOHANG);
+    }
+}
+
+/* Room txn.c keeps for the error text (its buffer, less the NUL). */
+#define ERROR_ROOM 511
+
+/* "PREFIX: <stderr tail>", keeping the end of the tail when it must be cut,
+ * newlines and other control bytes made spaces. */
+static void error_with_tail(oq_txn *txn, const char *prefix, tailbuf *t)
+{
+    size_t plen = strlen(prefix) + 2;
+    size_t start = 0, end = t->len;
+
+    for (size_t i = 0; i < t->len; i++)
+        if ((unsigned char)t->b[i] < 0x20 || t->b[i] == 0x7f)
+            t->b[i] = ' ';
+    while (end > 0 && t->b[end - 1] == ' ')
+        end--;
+    while (start < end && t->b[start] == ' ')
+        start++;
+    if (end - start + plen > ERROR_ROOM)
+        start = end - (ERROR_ROOM - plen);
+    /* Do not start inside a UTF-8 sequence. */
+    while (start < end && ((unsigned char)t->b[start] & 0xC0) == 0x80)
+        start++;
+    if (start == end)
+        oq_txn_error(txn, "%s", prefix);
+    else
+        oq_txn_error(txn, "%s: %.*s", prefix, (int)(end - start),
+                     t->b + start);
+}
+
+/* What the exit status means for the event. */
+static int verdict(const child *c, outbuf *o, tailbuf *t, oq_txn *txn)
+{
+    char prefix[96];
+    int st = c->status;
+
+    if (c->status == -1) {
+        oq_txn_error(txn, "no exit status (is SIGCHLD ignored?)");
+        return OQ_FAIL;
+    }
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 0) {
+        size_t len = o->len;
+        if (o->overflow) {
+            oq_txn_error(txn, "stdout over %u MiB", EXEC_MAX_OUTPUT >> 20);
+            return OQ_FAIL;
+        }
+        if (len > 0 && o->p[len - 1] == '\n')
+            len--;
+        if (len > 0 && oq_txn_record(txn, o->p, len) != 0) {
+            oq_txn_error(txn, "out of memory");
+            return OQ_RETRY;
+        }
+        return OQ_OK;
+    }
+    if (WIFEXITED(st)) {
+        snprintf(prefix, sizeof(prefix), "exit %d", WEXITSTATUS(st));
+        error_with_tail(txn, prefix, t);
+        return WEXITSTATUS(st) == EX_TEMPFAIL_STATUS ? OQ_RETRY : OQ_FAIL;
+    }
+    {
+        int sig = WIFSIGNALED(st) ? WTERMSIG(st) : 0;
+        const char *abbrev = sigabbrev_np(sig);
+        snprintf(prefix, sizeof(prefix), "killed by signal %d (SIG%s)", sig,
+                 abbrev ? abbrev : "?");
+        error_with_tail(txn, prefix, t);
+        return OQ_FAIL;
+    }
+}
+
+/* The child's environment: ours, then the event's three variables. */
+typedef struct envbuf {
+    char **envp;
+    char *stack_envp[256];
+    char *id_var;
+    char id_small[1100];
+    char attempt_var[32];
+    char receipt_var[48];
+} envbuf;
+
+static int env_build(envbuf *e, const exec_arg *x, const oq_event *ev)
+{
+    size_t need = sizeof("ONCEQ_EVENT_ID=") + ev->id_len;
+
+    e->envp = e->stack_envp;
+    e->id_var = e->id_small;
+    if (x->nenv + 4 > sizeof(e->stack_envp) / sizeof(e->stack_envp[0]) &&
+        (e->envp = oq__malloc((x->nenv + 4) * sizeof(char *))) == NULL)
+        return OQ_ENOMEM;
+    if (need > sizeof(e->id_small) && (e->id_var = oq__malloc(need)) == NULL)
+        return OQ_ENOMEM;
+    snprintf(e->id_var, need, "ONCEQ_EVENT_ID=%.*s", (int)ev->id_len,
+             ev->id ? ev->id : "");
+    snprintf(e->attempt_var, sizeof(e->attempt_var), "ONCEQ_ATTEMPT=%" PRIu32,
+             ev->attempt);
+    snprintf(e->receipt_var, sizeof(e->receipt_var),
+             "ONCEQ_RECEIPT=%" PRIu64, ev->receipt);
+    memcpy(e->envp, x->env, x->nenv * sizeof(char *));
+    e->envp[x->nenv] = e->id_var;
+    e->envp[x->nenv + 1] = e->attempt_var;
+    e->envp[x->nenv + 2] = e->receipt_var;
+    e->envp[x->nenv + 3] = NULL;
+    return 0;
+}
+
+static void env_free(envbuf *e)
+{
+    if (e->envp != e->stack_envp)
+        oq__free(e->envp);
+    if (e->id_var != e->id_small)
+        oq__free(e->id_var);
+}
+
+/* Runs the started child to its end and decides the event's fate. */
+static int exec_run(const exec_arg *x, const oq_event *ev, oq_txn *txn,
+                    child *c)
+{
+    feed f = { .iov = { { (void *)(uintptr_t)ev->payload, ev->payload_len },
+                        { (void *)"\n", 1 } },
+               .n = 2 };
+    outbuf ob;
+    outbuf *o = &ob;
+    tailbuf t = { .len = 0 };
+    int rc;
+
+    outbuf_init(o);
+    feed_write(c, &f); /* usually all of it: the pipe is empty */
+    rc = pump(c, ev, x->cancel_fd, &f, o, &t);
+    if (rc == PUMP_EXITED) {
+        rc = verdict(c, o, &t, txn);
+    } else {
+        /* Timed out, cancelled, or poll failed: whatever it wrote is
+         * discarded, and the event is retried (redelivered). */
+        terminate(c, rc > 0 ? x->kill_grace_ms : 0);
+        if (rc == PUMP_TIMED_OUT)
+            oq_txn_error(txn, "timed out after visibility timeout");
+        else if (rc == PUMP_CANCELLED)
+            oq_txn_error(txn, "cancelled: onceq is stopping");
+        else
+            oq_txn_error(txn, "poll: %s", strerror(-rc));
+        rc = OQ_RETRY;
+    }
+    outbuf_free(o);
+    return rc;
+}
+
+static int exec_fn(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    const exec_arg *x = arg;
+    child c = { .pid = -1, .pidfd = -1, .in = -1, .out = -1, .err = -1 };
+    sigset_t pipe_set, old_mask;
+    envbuf env;
+    int rc;
+
+    if (oq_clock_now(ev->clock) >= ev->deadline_ms) {
+        oq_txn_error(txn, "timed out after visibility timeout");
+        return OQ_RETRY;
+    }
+    if (atomic_load(&((exec_arg *)arg)->cancelled)) {
+        oq_txn_error(txn, "cancelled: onceq is stopping");
+        return OQ_RETRY;
+    }
+    if (env_build(&env, x, ev) != 0) {
+        env_free(&env);
+        oq_txn_error(txn, "out of memory");
+        return OQ_RETRY;
+    }
+    /* A write to a command that does not read its stdin must give EPIPE,
+     * not kill the process, whatever the application does with SIGPIPE. */
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, &old_mask);
+    rc = spawn_child(x, env.envp, &c, ev->payload_len + 1);
+    env_free(&env);
+    if (rc != 0) {
+        oq_txn_error(txn, "cannot run /bin/sh: %s", strerror(-rc));
+        rc = OQ_RETRY;
+    } else {
+        rc = exec_run(x, ev, txn, &c);
+        close_fd(&c.in);
+        close_fd(&c.out);
+        close_fd(&c.err);
+        close_fd(&c.pidfd);
+    }
+    if (c.epipe) {
+        /* Take the SIGPIPE the failed write left pending on this thread. */
+        struct timespec zero = { 0, 0 };
+        sigtimedwait(&pipe_set, NULL, &zero);
+    }
+    pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
+    return rc;
+}
+
+static bool is_onceq_var(const char *e)
+{
+    return strncmp(e, "ONCEQ_EVENT_ID=", 15) == 0 ||
+           strncmp(e, "ONCEQ_ATTEMPT=", 14) == 0 ||
+           strncmp(e, "ONCEQ_RECEIPT=", 14) == 0;
+}
+
+static int init_attr(posix_spawnattr_t *a)
+{
+    sigset_t none, def;
+
+    /* The child starts as if from a shell: no blocked signals (the CLI
+     * blocks SIGINT and SIGTERM in its threads, and a blocked SIGTERM would
+     * defeat the timeout), and SIGPIPE at its default action (the CLI
+     * ignores it, and an ignored signal stays ignored across exec). */
+    sigemptyset(&none);
+    sigemptyset(&def);
+    sigaddset(&def, SIGPIPE);
+    if (posix_spawnattr_init(a) != 0)
+        return OQ_ENOMEM;
+    posix_spawnattr_setsigmask(a, &none);
+    posix_spawnattr_setsigdefault(a, &def);
+    posix_spawnattr_setpgroup(a, 0);
+    posix_spawnattr_setflags(a, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
+                                    POSIX_SPAWN_SETSIGDEF);
+    return 0;
+}
+
+/*
+ * The shell-less fast path (GNU make's): a command made only of plain words
+ * (letters, digits and / . _ - + , : = @ %, separated by spaces), whose first
+ * word is no shell builtin or keyword and no assignment, means the same run
+ * directly as through /bin/sh -c, and saves one exec per event (twice the
+ * jobs/s for a short command). Anything else (quotes, $, globs, redirections,
+ * pipes, ;, &, ~, #, backslashes, tabs, newlines, non-ASCII) goes to the
+ * shell. One difference remains: a program killed by a signal is reported
+ * as such, where sh would report exit 128+N.
+ */
+static const char *const shell_words[] = {
+    ".", ":", "[", "alias", "bg", "break", "cd", "chdir", "command",
+    "continue", "echo", "eval", "exec", "exit", "export", "false", "fc", "fg",
+    "getopts", "hash", "jobs", "kill", "local", "printf", "pwd", "read",
+    "readonly", "return", "set", "shift", "test", "times", "trap", "true",
+    "type", "ulimit", "umask", "unalias", "unset", "wait", "case", "do",
+    "done", "elif", "else", "esac", "fi", "for", "if", "in", "then", "until",
+    "while", "function", "select", "time",
+};
+
+static bool plain_command(const char *cmd)
+{
+    for (const char *p = cmd; *p; p++) {
+        char c = *p;
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              (c >= '0' && c <= '9') || strchr("/._-+,:=@% ", c) != NULL))
+            return false;
+    }
+    return true;
+}
+
+/* The executable file name would run, searched on PATH like the shell
+ * does; NULL if none (the shell then reports "not found"). */
+static char *find_program(const char *name)
+{
+    const char *path = getenv("PATH");
+
+    if (strchr(name, '/') != NULL)
+        return access(name, X_OK) == 0 ? dup_str(name) : NULL;
+    for (const char *d = path; d != NULL && *d;) {
+        const char *end = strchr(d, ':');
+        size_t dlen = end ? (size_t)(end - d) : strlen(d);
+        size_t n = dlen + strlen(name) + 3;
+        char *f = oq__malloc(n);
+        struct stat st;
+        if (f == NULL)
+            return NULL;
+        snprintf(f, n, "%.*s/%s", (int)(dlen ? dlen : 1), dlen ? d : ".",
+                 name);
+        if (stat(f, &st) == 0 && S_ISREG(st.st_mode) && access(f, X_OK) == 0)
+            return f;
+        oq__free(f);
+        d = end ? end + 1 : NULL;
+    }
+    return NULL;
+}
+
+/* Sets x->direct_* when cmd can run without a shell. Failing to (no
+ * memory, not found) only leaves the shell to run it. */
+static void plan_direct(exec_arg *x, const char *cmd)
+{
+    size_t nwords = 0;
+    char *p;
+
+    if (!plain_command(cmd) || (x->direct_buf = dup_str(cmd)) == NULL)
+        return;
+    for (p = x->direct_buf; *p;) {
+        while (*p == ' ')
+            p++;
+        if (*p == '\0')
+            break;
+        nwords++;
+        while (*p && *p != ' ')
+            p++;
+    }
+    if (nwords == 0 ||
+        (x->direct_argv = oq__calloc(nwords + 1, sizeof(char *))) == NULL)
+        goto out_none;
+    nwords = 0;
+    for (p = x->direct_buf; *p;) {
+        while (*p == ' ')
+            *p++ = '\0';
+        if (*p == '\0')
+            break;
+        x->direct_argv[nwords++] = p;
+        while (*p && *p != ' ')
+            p++;
+    }
+    if (strchr(x->direct_argv[0], '=') != NULL)
+        goto out_none;
+    for (size_t i = 0; i < sizeof(shell_words) / sizeof(shell_words[0]); i++)
+        if (strcmp(x->direct_argv[0], shell_words[i]) == 0)
+            goto out_none;
+    if ((x->direct_path = find_program(x->direct_argv[0])) != NULL)
+        return;
+
+out_none:
+    oq__free(x->direct_argv);
+    oq__free(x->direct_buf);
+    x->direct_argv = NULL;
+    x->direct_buf = NULL;
+}
+
+/* With SIGCHLD ignored (a disposition that survives exec, so a parent may
+ * have left it so), exited children are reaped by the kernel and their
+ * exit status is lost: every command would look failed. The exec handler
+ * needs the statuses, so it puts SIGCHLD back to its default (which also
+ * ignores it, but keeps zombies for waitpid). */
+static void keep_exit_statuses(void)
+{
+    struct sigaction sa;
+
+    if (sigaction(SIGCHLD, NULL, &sa) == 0 &&
+        (sa.sa_handler == SIG_IGN || (sa.sa_flags & SA_NOCLDWAIT))) {
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = SIG_DFL;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGCHLD, &sa, NULL);
+    }
+}
+
+static int make_exec(const char *cmd, const oq__handler_opts *o,
+                     oq__handler *out, char *err, size_t errlen)
+{
+    exec_arg *x = oq__calloc(1, sizeof(*x));
+    size_t n = 0;
+
+    if (x == NULL || init_attr(&x->attr) != 0) {
+        oq__free(x);
+        goto out_nomem;
+    }
+    atomic_init(&x->cancelled, false);
+    keep_exit_statuses();
+    if ((x->cancel_fd = eventfd(0, EFD_CLOEXEC)) < 0) {
+        int e = errno;
+        exec_cleanup(x);
+        set_err(err, errlen, "eventfd: %s", strerror(e));
+        return -e;
+    }
+    x->kill_grace_ms = o->kill_grace_ms > 0 ? o->kill_grace_ms
+                                            : KILL_GRACE_DEFAULT_MS;
+    x->argv[0] = (char *)(uintptr_t)"/bin/sh";
+    x->argv[1] = (char *)(uintptr_t)"-c";
+    if ((x->argv[2] = dup_str(cmd)) == NULL)
+        goto out_free;
+    for (char **e = environ; e && *e; e++)
+        n++;
+    if ((x->env = oq__calloc(n + 1, sizeof(*x->env))) == NULL)
+        goto out_free;
+    for (char **e = environ; e && *e; e++) {
+        if (is_onceq_var(*e))
+            continue;
+        if ((x->env[x->nenv] = dup_str(*e)) == NULL)
+            goto out_free;
+        x->nenv++;
+    }
+    plan_direct(x, cmd);
+    out->fn = exec_fn;
+    out->arg = x;
+    out->cleanup = exec_cleanup;
+    out->output = OQ__OUT_RECORDS;
+    return 0;
+
+out_free:
+    exec_cleanup(x);
+out_nomem:
+    set_err(err, errlen, "out of memory");
+    return OQ_ENOMEM;
+}
+
+/* ---------------------------------------------------------------- plugin */
+
+typedef struct plugin {
+    void *dl;                /* dlopen handle */
+    oq_handler_fn fn;        /* OQ_PLUGIN_SYMBOL */
+    void *arg;               /* what oq_plugin_init gave, or NULL */
+    void (*fini)(void *arg); /* oq_plugin_fini, or NULL */
+} plugin;
+
+static int plugin_fn(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    const plugin *p = arg;
+
+    return p->fn(ev, txn, p->arg);
+}
+
+static void plugin_cleanup(void *arg)
+{
+    plugin *p = arg;
+
+    if (p == NULL)
+        return;
+    if (p->fini != NULL)
+        p->fini(p->arg);
+    if (p->dl != NULL)
+        dlclose(p->dl);
+    oq__free(p);
+}
+
+/* dlsym into a function pointer without an object-to-function cast. */
+static void *sym(void *dl, const char *name)
+{
+    dlerror();
+    return dlsym(dl, name);
+}
+
+#define SYM_AS(fp, p) memcpy(&(fp), &(p), sizeof(fp))
+
+static int load_plugin(plugin *p, const char *path, oq__handler *out,
+                       char *err, size_t errlen)
+{
+    int (*init)(void **arg) = NULL;
+    void *s;
+    const int *output;
+    const char *const *count_key;
+
+    if ((p->dl = dlopen(path, RTLD_NOW | RTLD_LOCAL)) == NULL) {
+        set_err(err, errlen, "cannot load plugin: %s", dlerror());
+        return OQ_EINVAL;
+    }
+    if ((s = sym(p->dl, OQ_PLUGIN_SYMBOL)) == NULL) {
+        const char *e = dlerror();
+        set_err(err, errlen, "plugin %s: %s", path,
+                e ? e : "symbol " OQ_PLUGIN_SYMBOL " is NULL");
+        return OQ_EINVAL;
+    }
+    SYM_AS(p->fn, s);
+    if ((s = sym(p->dl, "oq_plugin_fini")) != NULL)
+        SYM_AS(p->fini, s);
+    if ((s = sym(p->dl, "oq_plugin_init")) != NULL) {
+        int rc;
+        SYM_AS(init, s);
+        if ((rc = init(&p->arg)) != 0) {
+            p->fini = NULL; /* init failed: nothing to finish */
+            set_err(err, errlen, "plugin %s: oq_plugin_init returned %d",
+                    path, rc);
+            return OQ_EINVAL;
+        }
+    }
+    output = sym(p->dl, "oq_plugin_output");
+    count_key = sym(p->dl, "oq_plugin_count_key");
+    out->output = output != NULL && *output == OQ__OUT_COUNTS
+                      ? OQ__OUT_COUNTS
+                      : OQ__OUT_RECORDS;
+    out->count_key = out->output != OQ__OUT_COUNTS ? NULL
+                     : count_key != NULL && *count_key != NULL ? *count_key
+                                                              : "key";
+    return 0;
+}
+
+static int make_plugin(const char *path, const oq__handler_opts *o,
+                       oq__handler *out, char *err, size_t errlen)
+{
+    plugin *p = oq__calloc(1, sizeof(*p));
+    char *rel = NULL;
+    int rc;
+
+    OQ__UNUSED(o);
+    if (p == NULL) {
+        set_err(err, errlen, "out of memory");
+        return OQ_ENOMEM;
+    }
+    /* A bare name is a file here, not a library on the search path. */
+    if (strchr(path, '/') == NULL) {
+        size_t n = strlen(path) + 3;
+        if ((rel = oq__malloc(n)) == NULL) {
+            oq__free(p);
+            set_err(err, errlen, "out of memory");
+            return OQ_ENOMEM;
+        }
+        snprintf(rel, n, "./%s", path);
+        path = rel;
+    }
+    rc = load_plugin(p, path, out, err, errlen);
+    oq__free(rel);
+    if (rc != 0) {
+        plugin_cleanup(p);
+        return rc;
+    }
+    out->fn = plugin_fn;
+    out->arg = p;
+    out->cleanup = plugin_cleanup;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ spec */
+
+typedef int (*make_fn)(const char *rest, const oq__handler_opts *o,
+                       oq__handler *out, char *err, size_t errlen);
+
+static const struct kind {
+    const char *name;
+    const char *arg;   /* what follows "name:", or NULL: takes none */
+    make_fn make;
+} kinds[] = {
+    { "wordcount", NULL, make_wordcount },
+    { "count", "FIELD", make_count },
+    { "noop", NULL, make_noop },
+    { "exec", "COMMAND", make_exec },
+    { "plugin", "PATH.so", make_plugin },
+};
+
+#define KNOWN "wordcount, count:FIELD, noop, exec:COMMAND or plugin:PATH.so"
+
+int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
+                          oq__handler *out, char *err, size_t errlen)
+{
+    static const oq__handler_opts defaults = {
+        .kill_grace_ms = KILL_GRACE_DEFAULT_MS };
+    const char *colon;
+    size_t nlen;
+    int rc;
+
+    if (out == NULL)
+        return OQ_EINVAL;
+    memset(out, 0, sizeof(*out));
+    if (spec == NULL)
+        spec = "";
+    if (o == NULL)
+        o = &defaults;
+    colon = strchr(spec, ':');
+    nlen = colon ? (size_t)(colon - spec) : strlen(spec);
+    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++) {
+        const struct kind *k = &kinds[i];
+        if (strlen(k->name) != nlen || memcmp(k->name, spec, nlen) != 0)
+            continue;
+        if (k->arg == NULL && colon != NULL) {
+            set_err(err, errlen, "handler '%s' takes no argument (got '%s')",
+                    k->name, spec);
+            return OQ_EINVAL;
+        }
+        if (k->arg != NULL &&
+            (colon == NULL || colon[1 + strspn(colon + 1, " \t")] == '\0')) {
+            set_err(err, errlen, "handler '%s' needs a %s: %s:%s", k->name,
+                    k->arg, k->name, k->arg);
+            return OQ_EINVAL;
+        }
+        rc = k->make(colon ? colon + 1 : "", o, out, err, errlen);
+        if (rc != 0) {
+            memset(out, 0, sizeof(*out));
+            return rc;
+        }
+        out->name = k->name;
+        return 0;
+    }
+    set_err(err, errlen, "unknown handler '%.*s' (expected " KNOWN ")",
+            (int)OQ__MIN(nlen, 200), spec);
+    return OQ_EINVAL;
+}
+
+
+/*
+ * Makes running and future calls of h return OQ_RETRY soon, for a graceful
+ * stop (SIGINT/SIGTERM): exec commands get SIGTERM on their process group,
+ * then SIGKILL after the grace period, and no new one starts. Their events
+ * stay unprocessed and are redelivered by a later run. Any thread may call
+ * it, at any time before oq__handler_free; the other handlers run to their
+ * end, which is short.
+ */
+void oq__handler_cancel(oq__handler *h)
+{
+    if (h != NULL && h->cleanup == exec_cleanup) {
+        exec_arg *x = h->arg;
+        uint64_t one = 1;
+        atomic_store(&x->cancelled, true);
+        if (write(x->cancel_fd, &one, sizeof(one)) < 0) {
+            /* The counter cannot overflow from our writes of 1: ignore. */
+        }
+    }
+}
+
+void oq__handler_free(oq__handler *h)
+{
+    if (h == NULL)
+        return;
+    if (h->cleanup != NULL)
+        h->cleanup(h->arg);
+    memset(h, 0, sizeof(*h));
+}

@@ -1,0 +1,360 @@
+/*
+ * onceq run: exactly-once batch processing of JSON-lines files.
+ *
+ * DESIGN
+ * ------
+ * Threads:
+ *   - the reader thread splits the inputs into lines (no JSON parsing) and
+ *     sends them to the queue in batches, with a cheap scan for a plain id
+ *     so the producer dedup window can work; bad lines it can see (too
+ *     large) are rejected straight to the dead letters;
+ *   - N pool workers decode (parse JSON, find the id), claim, run the
+ *     handler and commit: parsing scales with the pool;
+ *   - the main thread waits for signals (sigtimedwait; SIGINT/SIGTERM are
+ *     blocked in every thread) and draws the progress line.
+ * Results go to a run sink (counters in an oq_memsink, records with their
+ * input position) and are written once, at the end, in a stable order.
+ *
+ * Accounting: every line ends as exactly one of processed, duplicate
+ * (refused by the dedup window, or its id already DONE), dead-lettered, or
+ * blank; the run checks lines = processed + duplicates + dead + blank
+ * before it exits.
+ */
+#include "oq_internal.h"
+
+#include <cjson/cJSON.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+
+/* ------------------------------------------------------------- options */
+
+enum {
+    O_ID_FIELD = 256, O_VT, O_MAX_ATTEMPTS, O_BACKOFF, O_TTL, O_DEDUP,
+    O_HANDLER, O_DLQ, O_STATS, O_PROGRESS, O_NO_PROGRESS, O_MAX_LINE,
+    O_BATCH, O_EMIT, O_KILL_GRACE, O_SEED
+};
+
+static const struct option long_opts[] = {
+    { "workers", required_argument, NULL, 'w' },
+    { "id-field", required_argument, NULL, O_ID_FIELD },
+    { "visibility-timeout", required_argument, NULL, O_VT },
+    { "max-attempts", required_argument, NULL, O_MAX_ATTEMPTS },
+    { "backoff", required_argument, NULL, O_BACKOFF },
+    { "ttl", required_argument, NULL, O_TTL },
+    { "dedup-window", required_argument, NULL, O_DEDUP },
+    { "handler", required_argument, NULL, O_HANDLER },
+    { "emit", no_argument, NULL, O_EMIT },
+    { "out", required_argument, NULL, 'o' },
+    { "dlq", required_argument, NULL, O_DLQ },
+    { "stats", required_argument, NULL, O_STATS },
+    { "progress", no_argument, NULL, O_PROGRESS },
+    { "no-progress", no_argument, NULL, O_NO_PROGRESS },
+    { "max-line", required_argument, NULL, O_MAX_LINE },
+    { "batch", required_argument, NULL, O_BATCH },
+    { "kill-grace", required_argument, NULL, O_KILL_GRACE },
+    { "seed", required_argument, NULL, O_SEED },
+    { "quiet", no_argument, NULL, 'q' },
+    { "verbose", no_argument, NULL, 'v' },
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+};
+
+static void run_usage(FILE *f)
+{
+    fprintf(f,
+"usage: onceq run [OPTIONS] [FILE...]\n"
+"\n"
+"Reads newline-delimited JSON events from FILEs (or stdin when there is no\n"
+"FILE or FILE is -), and applies each event's effect exactly once with a\n"
+"pool of worker threads: duplicates (same id) are skipped, transient\n"
+"failures retried with backoff, and events that cannot be processed go to\n"
+"the dead-letter file with their reason.\n"
+"\n"
+"Workers and ids:\n"
+"  -w, --workers N             worker threads (default: number of CPUs)\n"
+"      --id-field NAME         the id field (default: id, or event_id when id\n"
+"                              is absent); /a/b is a JSON pointer\n"
+"Delivery and retries:\n"
+"      --visibility-timeout D  lease per delivery (default 30s)\n"
+"      --max-attempts N        deliveries before dead-lettering (default 5)\n"
+"      --backoff BASE[,CAP]    retry delay, exponential, full jitter\n"
+"                              (default 100ms,30s)\n"
+"      --ttl D                 dead-letter events older than D (default: none)\n"
+"      --dedup-window N        producer-side window of recent ids (default\n"
+"                              10000; 0 = off). Duplicates beyond it are still\n"
+"                              caught by the processed set.\n"
+"      --max-line BYTES        longer lines are dead-lettered (default 1MiB)\n"
+"      --batch N               messages per worker receive (default 16)\n"
+"Handler:\n"
+"      --handler SPEC          wordcount (default), count:FIELD, noop,\n"
+"                              exec:COMMAND, plugin:PATH.so\n"
+"      --emit                  with noop: write each unique event once, in\n"
+"                              input order\n"
+"      --kill-grace D          exec: SIGTERM to SIGKILL grace (default 2s)\n"
+"Outputs:\n"
+"  -o, --out PATH              results (default: stdout)\n"
+"      --dlq PATH              dead letters as JSONL (default onceq-dlq.jsonl;\n"
+"                              written only when there are any)\n"
+"      --stats PATH|-          final stats as JSON\n"
+"      --progress, --no-progress\n"
+"                              progress line on stderr (default: on if a TTY)\n"
+"  -q, --quiet                 no summary\n"
+"  -v, --verbose               more detail in the summary\n"
+"  -h, --help                  this help\n"
+"\n"
+"Durations take ms, s, m or h suffixes; a bare number is seconds.\n"
+"\n"
+"Exit status: 0 every event processed or a duplicate; 1 some events were\n"
+"dead-lettered; 2 bad usage or unreadable input (nothing processed); 3 a\n"
+"write error on an output; 130/143 stopped by SIGINT/SIGTERM.\n"
+"\n"
+"Examples:\n"
+"  onceq run events.jsonl                       word counts to stdout\n"
+"  onceq run -w 4 --handler count:country -o by-country.jsonl a.jsonl b.jsonl\n"
+"  onceq run --handler noop --emit < dupes.jsonl > unique.jsonl\n"
+"  onceq run --handler 'exec:./deliver.sh' --visibility-timeout 10s \\\n"
+"            --max-attempts 3 --dlq failed.jsonl events.jsonl\n"
+"  onceq gen --events 100000 --duplicates 0.1 | onceq run --stats -\n");
+}
+
+/* Parses "250ms", "30s", "2m", "1h" or a bare number of seconds. */
+int oq__parse_duration(const char *s, int64_t *ms)
+{
+    char *end;
+    double v;
+    double mult = 1000;
+
+    if (s == NULL || *s == '\0')
+        return OQ_EINVAL;
+    v = strtod(s, &end);
+    if (end == s || v < 0)
+        return OQ_EINVAL;
+    if (strcmp(end, "ms") == 0)
+        mult = 1;
+    else if (strcmp(end, "s") == 0 || *end == '\0')
+        mult = 1000;
+    else if (strcmp(end, "m") == 0)
+        mult = 60000;
+    else if (strcmp(end, "h") == 0)
+        mult = 3600000;
+    else
+        return OQ_EINVAL;
+    if (v * mult > 1e15)
+        return OQ_EINVAL;
+    *ms = (int64_t)(v * mult + 0.5);
+    return 0;
+}
+
+/* Parses a non-negative integer with an optional K/M/G (binary) suffix. */
+static int parse_size(const char *s, uint64_t *out, uint64_t max)
+{
+    char *end;
+    unsigned long long v;
+    uint64_t mult = 1;
+
+    if (s == NULL || *s < '0' || *s > '9')
+        return OQ_EINVAL;
+    v = strtoull(s, &end, 10);
+    if (*end == 'K' || *end == 'k')
+        mult = 1024, end++;
+    else if (*end == 'M')
+        mult = 1024 * 1024, end++;
+    else if (*end == 'G')
+        mult = 1024ULL * 1024 * 1024, end++;
+    if (*end == 'i' && mult > 1)
+        end++;
+    if (*end == 'B' && mult > 1)
+        end++;
+    if (*end != '\0' || v > max / mult)
+        return OQ_EINVAL;
+    *out = v * mult;
+    return 0;
+}
+
+static int bad_option(const char *opt, const char *val, const char *want)
+{
+    fprintf(stderr, "onceq run: invalid %s '%s' (%s)\n", opt, val, want);
+    return 2;
+}
+
+void oq__run_config_defaults(oq__run_config *c)
+{
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    memset(c, 0, sizeof(*c));
+    c->workers = ncpu > 0 ? (unsigned)ncpu : 1;
+    c->id_field = "id";
+    c->vt_ms = 30000;
+    c->max_attempts = 5;
+    c->backoff_base_ms = 100;
+    c->backoff_cap_ms = 30000;
+    c->dedup_window = 10000;
+    c->handler_spec = "wordcount";
+    c->dlq_path = "onceq-dlq.jsonl";
+    c->progress = isatty(STDERR_FILENO) ? 1 : 0;
+    c->max_line = 1024 * 1024;
+    c->batch = 16;
+    c->kill_grace_ms = 2000;
+}
+
+/* One option; returns 0 or an exit status. */
+static int set_option(oq__run_config *c, int opt, const char *arg)
+{
+    uint64_t u;
+    int64_t ms;
+
+    switch (opt) {
+    case 'w':
+        if (parse_size(arg, &u, 4096) != 0 || u == 0)
+            return bad_option("--workers", arg, "an integer from 1 to 4096");
+        c->workers = (unsigned)u;
+        return 0;
+    case O_ID_FIELD:
+        if (*arg == '\0')
+            return bad_option("--id-field", arg, "a field name or /pointer");
+        c->id_field = arg;
+        return 0;
+    case O_VT:
+        if (oq__parse_duration(arg, &ms) != 0 || ms <= 0)
+            return bad_option("--visibility-timeout", arg,
+                              "a positive duration like 30s or 500ms");
+        c->vt_ms = ms;
+        return 0;
+    case O_MAX_ATTEMPTS:
+        if (parse_size(arg, &u, 1000000) != 0 || u == 0)
+            return bad_option("--max-attempts", arg, "an integer >= 1");
+        c->max_attempts = (uint32_t)u;
+        return 0;
+    case O_BACKOFF: {
+        char base[64];
+        const char *comma = strchr(arg, ',');
+        size_t n = comma ? (size_t)(comma - arg) : strlen(arg);
+        if (n >= sizeof(base))
+            return bad_option("--backoff", arg, "BASE[,CAP] durations");
+        memcpy(base, arg, n);
+        base[n] = '\0';
+        if (oq__parse_duration(base, &c->backoff_base_ms) != 0 ||
+            (comma && oq__parse_duration(comma + 1, &c->backoff_cap_ms) != 0) ||
+            c->backoff_cap_ms < c->backoff_base_ms)
+            return bad_option("--backoff", arg,
+                              "BASE[,CAP] durations with CAP >= BASE");
+        return 0;
+    }
+    case O_TTL:
+        if (oq__parse_duration(arg, &ms) != 0 || ms <= 0)
+            return bad_option("--ttl", arg, "a positive duration");
+        c->ttl_ms = ms;
+        return 0;
+    case O_DEDUP:
+        if (parse_size(arg, &u, 1ULL << 32) != 0)
+            return bad_option("--dedup-window", arg, "a number of ids");
+        c->dedup_window = (size_t)u;
+        return 0;
+    case O_HANDLER:
+        c->handler_spec = arg;
+        return 0;
+    case O_EMIT:
+        c->emit = true;
+        return 0;
+    case 'o':
+        c->out_path = arg;
+        return 0;
+    case O_DLQ:
+        if (*arg == '\0')
+            return bad_option("--dlq", arg, "a path");
+        c->dlq_path = arg;
+        return 0;
+    case O_STATS:
+        c->stats_path = arg;
+        return 0;
+    case O_PROGRESS:
+        c->progress = 1;
+        return 0;
+    case O_NO_PROGRESS:
+        c->progress = 0;
+        return 0;
+    case O_MAX_LINE:
+        if (parse_size(arg, &u, 1ULL << 31) != 0 || u < 16)
+            return bad_option("--max-line", arg, "bytes, at least 16 (1M, 64K)");
+        c->max_line = (size_t)u;
+        return 0;
+    case O_BATCH:
+        if (parse_size(arg, &u, 4096) != 0 || u == 0)
+            return bad_option("--batch", arg, "an integer from 1 to 4096");
+        c->batch = (unsigned)u;
+        return 0;
+    case O_KILL_GRACE:
+        if (oq__parse_duration(arg, &ms) != 0)
+            return bad_option("--kill-grace", arg, "a duration");
+        c->kill_grace_ms = ms;
+        return 0;
+    case O_SEED:
+        if (parse_size(arg, &u, UINT64_MAX) != 0)
+            return bad_option("--seed", arg, "an integer");
+        c->seed = u;
+        return 0;
+    case 'q':
+        c->quiet = true;
+        return 0;
+    case 'v':
+        c->verbose = true;
+        return 0;
+    }
+    return 2;
+}
+
+/* Fills c from argv; returns -1 to go on, or an exit status. */
+static int parse_args(oq__run_config *c, int argc, char **argv)
+{
+    int opt;
+
+    optind = 1;
+    opterr = 0;
+    while ((opt = getopt_long(argc, argv, ":w:o:qvh", long_opts, NULL)) != -1) {
+        int rc;
+        if (opt == 'h') {
+            run_usage(stdout);
+            return 0;
+        }
+        if (opt == '?') {
+            if (optopt)
+                fprintf(stderr, "onceq run: unknown option '-%c' (try "
+                                "'onceq run --help')\n", optopt);
+            else
+                fprintf(stderr, "onceq run: unknown option '%s' (try "
+                                "'onceq run --help')\n", argv[optind - 1]);
+            return 2;
+        }
+        if (opt == ':') {
+            fprintf(stderr, "onceq run: option '%s' needs a value\n",
+                    argv[optind - 1]);
+            return 2;
+        }
+        rc = set_option(c, opt, optarg);
+        if (rc != 0)
+            return rc;
+    }
+    c->inputs = (const char *const *)(argv + optind);
+    c->ninputs = (unsigned)(argc - optind);
+    return -1;
+}
+
+int oq__cmd_run(int argc, char **argv)
+{
+    oq__run_config c;
+    int rc;
+
+    oq__run_config_defaults(&c);
+    rc = parse_args(&c, argc, argv);
+    if (rc >= 0)
+        return rc;
+    return oq__run(&c);
+}

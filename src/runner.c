@@ -1,0 +1,937 @@
+/*
+ * The engine of `onceq run`: inputs -> queue -> worker pool -> results.
+ *
+ * DESIGN
+ * ------
+ * Threads:
+ *   - the reader thread splits the inputs into lines (no JSON parsing: a
+ *     single parsing reader would cap the pool at one core) and sends them
+ *     to the queue in batches of 256, one lock hold each; lines it can judge
+ *     alone (too large) go straight to the dead letters; blank lines are
+ *     counted and skipped; it stops sending while the queue holds more than
+ *     a high-water mark of ready messages, so memory stays bounded;
+ *   - the pool's N workers decode each line (parse JSON, find the id: the
+ *     pool's decode hook), claim the id, run the handler, commit, ack;
+ *   - the main thread waits for SIGINT/SIGTERM with sigtimedwait (they are
+ *     blocked in every thread) and draws the progress line.
+ * Lines are sent without an id (the reader does not parse), so the queue's
+ * producer dedup window does not see them; the processed set catches every
+ * duplicate, however far apart.
+ *
+ * Results go to the run sink: counters in an oq_memsink, records kept with
+ * their input position (the message tag) under rs->mu, a leaf lock. They
+ * are written once, at the end: counts sorted by key, records in input
+ * order, dead letters in input order.
+ *
+ * Accounting: every line ends as exactly one of processed, duplicate, dead
+ * or blank, and the run checks lines = processed + duplicates + dead +
+ * blank before it exits (after a signal, the lines not settled yet are
+ * reported as unfinished).
+ */
+#include "oq_internal.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define uthash_malloc(sz) oq__malloc(sz)
+#define uthash_free(ptr, sz) oq__free(ptr)
+#define HASH_NONFATAL_OOM 1
+static _Thread_local int hash_oom;
+#define uthash_nonfatal_oom(obj) (hash_oom = 1)
+#include <uthash.h>
+
+#define SEND_BATCH 256
+#define READY_HIGH_WATER 65536
+#define TAG(file, line) (((uint64_t)(file) << 40) | (uint64_t)(line))
+#define TAG_FILE(tag) ((unsigned)((tag) >> 40))
+#define TAG_LINE(tag) ((tag) & ((1ULL << 40) - 1))
+
+/* ------------------------------------------------------------ run sink */
+
+typedef struct rec {
+    uint64_t tag;   /* input position */
+    size_t len;     /* of the record; the event id follows it in data */
+    size_t id_len;
+    char data[];
+} rec;
+
+/* For record outputs (exec, noop --emit, plugins): the earliest input
+ * position of each id, so each event's record is written where the event
+ * first appeared, whichever copy committed. */
+typedef struct first_seen {
+    uint64_t tag;
+    UT_hash_handle hh;
+    size_t len;
+    char id[];
+} first_seen;
+
+typedef struct run_sink {
+    oq_memsink *counts;
+    pthread_mutex_t mu;  /* guards recs, nrecs, cap, first; a leaf lock */
+    rec **recs;
+    size_t nrecs, cap;
+    bool track_first;    /* immutable after setup */
+    first_seen *first;
+    int rc;              /* an allocation failed in a callback */
+} run_sink;
+
+/* Lowers id's first-seen tag to tag; rs->mu held. */
+static void note_first(run_sink *rs, const char *id, size_t len, uint64_t tag)
+{
+    first_seen *f;
+
+    HASH_FIND(hh, rs->first, id, len, f);
+    if (f == NULL) {
+        f = oq__malloc(sizeof(*f) + len);
+        if (f == NULL) {
+            rs->rc = OQ_ENOMEM;
+            return;
+        }
+        f->tag = tag;
+        f->len = len;
+        memcpy(f->id, id, len);
+        hash_oom = 0;
+        HASH_ADD_KEYPTR(hh, rs->first, f->id, len, f);
+        if (hash_oom) {
+            oq__free(f);
+            rs->rc = OQ_ENOMEM;
+        }
+        return;
+    }
+    if (tag < f->tag)
+        f->tag = tag;
+}
+
+static void run_duplicate(const oq_event *ev, void *arg)
+{
+    run_sink *rs = arg;
+    if (!rs->track_first)
+        return;
+    pthread_mutex_lock(&rs->mu);
+    note_first(rs, ev->id, ev->id_len, ev->tag);
+    pthread_mutex_unlock(&rs->mu);
+}
+
+typedef struct rec_ctx {
+    run_sink *rs;
+    uint64_t tag;
+    const char *id; /* kept with the record when tracking first-seen */
+    size_t id_len;
+    rec **pending; /* built before the lock, linked under it */
+    size_t n, cap;
+    int rc;
+} rec_ctx;
+
+static void stage_rec(const void *data, size_t len, void *arg)
+{
+    rec_ctx *c = arg;
+    rec *r;
+
+    if (c->rc != 0)
+        return;
+    if (c->n == c->cap) {
+        size_t ncap = c->cap ? c->cap * 2 : 4;
+        rec **np = oq__realloc(c->pending, ncap * sizeof(*np));
+        if (np == NULL) {
+            c->rc = OQ_ENOMEM;
+            return;
+        }
+        c->pending = np;
+        c->cap = ncap;
+    }
+    r = oq__malloc(sizeof(*r) + len + c->id_len);
+    if (r == NULL) {
+        c->rc = OQ_ENOMEM;
+        return;
+    }
+    r->tag = c->tag;
+    r->len = len;
+    r->id_len = c->id_len;
+    if (len)
+        memcpy(r->data, data, len);
+    if (c->id_len)
+        memcpy(r->data + len, c->id, c->id_len);
+    c->pending[c->n++] = r;
+}
+
+/* Counters go to the memsink, records to the list; a txn has one or the
+ * other in practice (a handler's output kind), so the two applies need
+ * not be one atomic step. */
+static int run_apply(const oq_event *ev, const oq_txn *txn, void *arg)
+{
+    run_sink *rs = arg;
+    rec_ctx c = { rs, ev->tag, ev->id, rs->track_first ? ev->id_len : 0,
+                  NULL, 0, 0, 0 };
+    oq_sink counts;
+    int rc = 0;
+
+    if (oq_txn_ncounts(txn) > 0) {
+        counts = oq_memsink_sink(rs->counts);
+        rc = counts.apply(ev, txn, counts.arg);
+        if (rc != 0)
+            return rc;
+    }
+    if (oq_txn_nrecords(txn) == 0)
+        return 0;
+    oq_txn_foreach(txn, stage_rec, NULL, &c);
+    if (c.rc == 0) {
+        pthread_mutex_lock(&rs->mu);
+        if (rs->nrecs + c.n > rs->cap) {
+            size_t ncap = rs->cap ? rs->cap * 2 : 1024;
+            rec **np;
+            while (ncap < rs->nrecs + c.n)
+                ncap *= 2;
+            np = oq__realloc(rs->recs, ncap * sizeof(*np));
+            if (np == NULL) {
+                c.rc = OQ_ENOMEM;
+            } else {
+                rs->recs = np;
+                rs->cap = ncap;
+            }
+        }
+        if (c.rc == 0) {
+            memcpy(rs->recs + rs->nrecs, c.pending, c.n * sizeof(rec *));
+            rs->nrecs += c.n;
+            c.n = 0;
+            if (rs->track_first)
+                note_first(rs, ev->id, ev->id_len, ev->tag);
+        }
+        pthread_mutex_unlock(&rs->mu);
+    }
+    for (size_t i = 0; i < c.n; i++)
+        oq__free(c.pending[i]);
+    oq__free(c.pending);
+    return c.rc;
+}
+
+static int by_tag(const void *a, const void *b)
+{
+    const rec *x = *(rec *const *)a, *y = *(rec *const *)b;
+    return (x->tag > y->tag) - (x->tag < y->tag);
+}
+
+/* ---------------------------------------------------------- JSON output */
+
+/* Decodes one UTF-8 sequence at s (n bytes left); returns its length, or 0
+ * if it is not valid (overlong, surrogate, too large, truncated). */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+    uint32_t cp;
+    size_t len;
+
+    if (s[0] < 0x80)
+        return 1;
+    if (s[0] >= 0xc2 && s[0] <= 0xdf)
+        len = 2, cp = s[0] & 0x1f;
+    else if (s[0] >= 0xe0 && s[0] <= 0xef)
+        len = 3, cp = s[0] & 0x0f;
+    else if (s[0] >= 0xf0 && s[0] <= 0xf4)
+        len = 4, cp = s[0] & 0x07;
+    else
+        return 0;
+    if (len > n)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3f);
+    }
+    if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+        (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+        return 0;
+    return len;
+}
+
+/* Writes s as a JSON string; invalid UTF-8 bytes become U+FFFD. */
+void oq__json_write_string(FILE *f, const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0;
+
+    putc('"', f);
+    while (i < n) {
+        unsigned char ch = p[i];
+        size_t len;
+        if (ch == '"' || ch == '\\') {
+            putc('\\', f);
+            putc(ch, f);
+            i++;
+        } else if (ch == '\n') {
+            fputs("\\n", f), i++;
+        } else if (ch == '\t') {
+            fputs("\\t", f), i++;
+        } else if (ch == '\r') {
+            fputs("\\r", f), i++;
+        } else if (ch < 0x20 || ch == 0x7f) {
+            fprintf(f, "\\u%04x", ch), i++;
+        } else if ((len = utf8_len(p + i, n - i)) == 0) {
+            fputs("\\ufffd", f), i++;
+        } else {
+            fwrite(p + i, 1, len, f);
+            i += len;
+        }
+    }
+    putc('"', f);
+}
+
+/* ------------------------------------------------------------- the run */
+
+typedef struct run {
+    const oq__run_config *c;
+    oq_queue *q;
+    oq_idset *s;
+    oq_pool *p;
+    oq__reader *reader;
+    oq__handler h;
+    oq__idspec idspec;
+    run_sink rs;
+
+    /* Written by the reader thread, read by the main thread. */
+    _Atomic uint64_t lines, blank, too_large;
+    _Atomic int reader_done;
+    _Atomic int stop;
+    int reader_rc;              /* read by main only after the join */
+    char reader_err[512];
+
+    int64_t t0_ms;
+    int64_t wall0_ms;           /* wall clock at t0, for dead-letter times */
+} run;
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void send_batch(run *r, oq_message *m, size_t n)
+{
+    if (n > 0)
+        oq_queue_send_batch(r->q, m, n, NULL);
+}
+
+/* Waits while the queue holds too much that is ready. */
+static void throttle(run *r)
+{
+    oq_queue_stats st;
+    struct timespec nap = { 0, 1000 * 1000 };
+
+    for (;;) {
+        oq_queue_stats_get(r->q, &st);
+        if (st.ready < READY_HIGH_WATER || atomic_load(&r->stop))
+            return;
+        nanosleep(&nap, NULL);
+    }
+}
+
+static void reject_too_large(run *r, const oq__line *l)
+{
+    char err[128];
+    oq_message m = { NULL, 0, l->data, l->len, 0, TAG(l->file, l->lineno) };
+
+    snprintf(err, sizeof(err), "line of %zu bytes exceeds --max-line %zu "
+             "(first %zu bytes kept)", l->full_len, r->c->max_line, l->len);
+    oq_queue_reject(r->q, &m, OQ_DLQ_TOO_LARGE, err);
+    atomic_fetch_add(&r->too_large, 1);
+}
+
+static void *reader_main(void *arg)
+{
+    run *r = arg;
+    oq_message batch[SEND_BATCH];
+    char *arena = oq__malloc(SEND_BATCH * 512);
+    size_t arena_cap = SEND_BATCH * 512, used = 0, n = 0;
+    oq__line l;
+    int rc = 0;
+
+    while (arena && !atomic_load(&r->stop) &&
+           (rc = oq__reader_next(r->reader, &l, r->reader_err,
+                                 sizeof(r->reader_err))) > 0) {
+        atomic_fetch_add(&r->lines, 1);
+        if (l.kind == OQ__LINE_BLANK) {
+            atomic_fetch_add(&r->blank, 1);
+            continue;
+        }
+        if (l.kind == OQ__LINE_TOO_LARGE) {
+            reject_too_large(r, &l);
+            continue;
+        }
+        /* The line is only valid until the next call: copy it. */
+        if (used + l.len > arena_cap || n == SEND_BATCH) {
+            send_batch(r, batch, n);
+            throttle(r);
+            n = used = 0;
+        }
+        if (l.len > arena_cap) {
+            oq_message one = { NULL, 0, l.data, l.len, 0,
+                               TAG(l.file, l.lineno) };
+            send_batch(r, &one, 1);
+            continue;
+        }
+        memcpy(arena + used, l.data, l.len);
+        batch[n++] = (oq_message){ NULL, 0, arena + used, l.len, 0,
+                                   TAG(l.file, l.lineno) };
+        used += l.len;
+    }
+    send_batch(r, batch, n);
+    if (arena == NULL) {
+        rc = OQ_ENOMEM;
+        snprintf(r->reader_err, sizeof(r->reader_err), "out of memory");
+    }
+    oq__free(arena);
+    r->reader_rc = rc < 0 ? rc : 0;
+    oq_queue_close(r->q);
+    atomic_store(&r->reader_done, 1);
+    return NULL;
+}
+
+/* ------------------------------------------------------------ results */
+
+typedef struct totals {
+    uint64_t lines, blank, processed, duplicates, dead, unfinished;
+    uint64_t dead_by[OQ_DLQ__COUNT];
+    uint64_t retried, redelivered, fenced, bytes;
+    double elapsed_s;
+} totals;
+
+static void get_totals(run *r, totals *t)
+{
+    oq_queue_stats qs;
+    oq_pool_stats ps;
+    uint64_t total;
+
+    memset(t, 0, sizeof(*t));
+    oq_queue_stats_get(r->q, &qs);
+    oq_pool_stats_get(r->p, &ps);
+    t->lines = atomic_load(&r->lines);
+    t->blank = atomic_load(&r->blank);
+    t->processed = ps.processed;
+    t->duplicates = ps.duplicates + qs.duplicates_rejected;
+    for (int i = 0; i < OQ_DLQ__COUNT; i++) {
+        t->dead_by[i] = qs.dead_lettered[i];
+        t->dead += qs.dead_lettered[i];
+    }
+    t->unfinished = qs.ready + qs.delayed + qs.in_flight;
+    t->retried = ps.retried;
+    t->redelivered = qs.redelivered;
+    t->fenced = ps.fenced;
+    oq__reader_progress(r->reader, &t->bytes, &total);
+    t->elapsed_s = (oq_clock_now(NULL) - r->t0_ms) / 1000.0;
+}
+
+static void progress_line(run *r)
+{
+    totals t;
+    oq_queue_stats qs;
+    uint64_t done, total;
+    double rate;
+    char pct[64] = "";
+
+    get_totals(r, &t);
+    oq_queue_stats_get(r->q, &qs);
+    oq__reader_progress(r->reader, &done, &total);
+    rate = t.elapsed_s > 0 ? (t.processed + t.duplicates + t.dead) /
+                                 t.elapsed_s : 0;
+    if (total > 0) {
+        double frac = (double)done / total;
+        double eta = frac > 0 ? t.elapsed_s * (1 - frac) / frac : 0;
+        snprintf(pct, sizeof(pct), "  read %5.1f%%  ETA %dm%02ds",
+                 100 * frac, (int)eta / 60, (int)eta % 60);
+    }
+    fprintf(stderr, "\r\033[K%.0f ev/s  done %" PRIu64 "  dup %" PRIu64
+            "  dead %" PRIu64 "  in-flight %" PRIu64 "%s",
+            rate, t.processed, t.duplicates, t.dead, qs.in_flight, pct);
+    fflush(stderr);
+}
+
+typedef struct dl_item {
+    uint64_t tag;
+    oq_dlq_reason reason;
+    uint32_t attempts;
+    int64_t sent_ms, dead_ms;
+    char *error;
+    size_t len;
+    char payload[];
+} dl_item;
+
+typedef struct dl_list {
+    dl_item **v;
+    size_t n, cap;
+    int rc;
+} dl_list;
+
+static void take_dead(const oq_dead_letter *dl, void *arg)
+{
+    dl_list *l = arg;
+    dl_item *it;
+
+    if (l->n == l->cap) {
+        size_t ncap = l->cap ? l->cap * 2 : 64;
+        dl_item **nv = oq__realloc(l->v, ncap * sizeof(*nv));
+        if (nv == NULL) {
+            l->rc = OQ_ENOMEM;
+            return;
+        }
+        l->v = nv;
+        l->cap = ncap;
+    }
+    it = oq__malloc(sizeof(*it) + dl->payload_len + 1);
+    if (it == NULL || (it->error = strdup(dl->error)) == NULL) {
+        oq__free(it);
+        l->rc = OQ_ENOMEM;
+        return;
+    }
+    it->tag = dl->tag;
+    it->reason = dl->reason;
+    it->attempts = dl->attempts;
+    it->sent_ms = dl->sent_ms;
+    it->dead_ms = dl->dead_ms;
+    it->len = dl->payload_len;
+    memcpy(it->payload, dl->payload, dl->payload_len);
+    it->payload[it->len] = '\0';
+    l->v[l->n++] = it;
+}
+
+static int dl_by_tag(const void *a, const void *b)
+{
+    const dl_item *x = *(dl_item *const *)a, *y = *(dl_item *const *)b;
+    return (x->tag > y->tag) - (x->tag < y->tag);
+}
+
+static void write_time(FILE *f, const run *r, int64_t mono_ms)
+{
+    int64_t w = r->wall0_ms + (mono_ms - r->t0_ms);
+    time_t secs = (time_t)(w / 1000);
+    struct tm tm;
+    char buf[32];
+
+    gmtime_r(&secs, &tm);
+    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
+    fprintf(f, "\"%s.%03dZ\"", buf, (int)(w % 1000));
+}
+
+/* One dead letter as a JSON line. */
+static void write_dead(FILE *f, run *r, const dl_item *it)
+{
+    oq_event ev = { 0 };
+    oq_decoded dec;
+    const char *src = oq__reader_path(r->reader, TAG_FILE(it->tag));
+    bool json_ok;
+
+    memset(&dec, 0, sizeof(dec));
+    ev.payload = it->payload;
+    ev.payload_len = it->len;
+    json_ok = it->reason != OQ_DLQ_PARSE_ERROR &&
+              it->reason != OQ_DLQ_TOO_LARGE &&
+              oq__json_decode(&ev, &dec, &r->idspec) == 0;
+    fputs("{", f);
+    if (json_ok) {
+        fputs("\"id\":", f);
+        oq__json_write_string(f, dec.id, dec.id_len);
+        fputs(",", f);
+    }
+    fprintf(f, "\"source\":");
+    {
+        char buf[4200];
+        int n = snprintf(buf, sizeof(buf), "%s:%" PRIu64,
+                         strcmp(src, "-") == 0 ? "<stdin>" : src,
+                         (uint64_t)TAG_LINE(it->tag));
+        oq__json_write_string(f, buf, (size_t)OQ__MIN(n, (int)sizeof(buf) - 1));
+    }
+    fprintf(f, ",\"reason\":\"%s\",\"error\":", oq_dlq_reason_name(it->reason));
+    oq__json_write_string(f, it->error, strlen(it->error));
+    fprintf(f, ",\"attempts\":%u,\"first_seen\":", it->attempts);
+    write_time(f, r, it->sent_ms);
+    fputs(",\"last_seen\":", f);
+    write_time(f, r, it->dead_ms);
+    fputs(",\"event\":", f);
+    /* The original event when it is JSON (it parsed, so the bytes are
+     * valid JSON text), else the raw line as a string. */
+    if (dec.parsed != NULL || (it->reason == OQ_DLQ_BAD_ID &&
+                               oq__utf8_valid(it->payload, it->len)))
+        fwrite(it->payload, 1, it->len, f);
+    else
+        oq__json_write_string(f, it->payload, it->len);
+    fputs("}\n", f);
+    if (dec.parsed)
+        oq__json_free(dec.parsed, &r->idspec);
+}
+
+/* Writes the dead letters (only if any). Returns 0 or an exit status. */
+static int write_dlq(run *r, uint64_t *count)
+{
+    dl_list l = { 0 };
+    FILE *f;
+    int status = 0;
+
+    oq_queue_dead_letters(r->q, 1, take_dead, &l);
+    *count = l.n;
+    if (l.n == 0)
+        goto out;
+    qsort(l.v, l.n, sizeof(*l.v), dl_by_tag);
+    f = fopen(r->c->dlq_path, "w");
+    if (f == NULL) {
+        fprintf(stderr, "onceq run: cannot write dead letters to '%s': %s\n",
+                r->c->dlq_path, strerror(errno));
+        status = 3;
+        goto out;
+    }
+    for (size_t i = 0; i < l.n; i++)
+        write_dead(f, r, l.v[i]);
+    if (ferror(f) | fclose(f)) {
+        fprintf(stderr, "onceq run: write error on '%s': %s\n",
+                r->c->dlq_path, strerror(errno));
+        status = 3;
+    }
+out:
+    for (size_t i = 0; i < l.n; i++) {
+        free(l.v[i]->error);
+        oq__free(l.v[i]);
+    }
+    oq__free(l.v);
+    if (l.rc != 0 && status == 0) {
+        fprintf(stderr, "onceq run: out of memory collecting dead letters\n");
+        status = 3;
+    }
+    return status;
+}
+
+/* Gives each record the earliest position its id was seen at. */
+static void move_to_first_seen(run_sink *rs)
+{
+    for (size_t i = 0; i < rs->nrecs; i++) {
+        rec *x = rs->recs[i];
+        first_seen *f;
+        HASH_FIND(hh, rs->first, x->data + x->len, x->id_len, f);
+        if (f && f->tag < x->tag)
+            x->tag = f->tag;
+    }
+}
+
+typedef struct count_ctx {
+    FILE *f;
+    const char *key;
+} count_ctx;
+
+static void write_count(const char *key, size_t len, int64_t v, void *arg)
+{
+    count_ctx *c = arg;
+    fputs("{", c->f);
+    oq__json_write_string(c->f, c->key, strlen(c->key));
+    fputs(":", c->f);
+    oq__json_write_string(c->f, key, len);
+    fprintf(c->f, ",\"count\":%" PRId64 "}\n", v);
+}
+
+/* Writes the results. Returns 0 or an exit status. */
+static int write_results(run *r)
+{
+    FILE *f = stdout;
+    const char *path = r->c->out_path;
+    int bad;
+
+    if (path && strcmp(path, "-") != 0 && (f = fopen(path, "w")) == NULL) {
+        fprintf(stderr, "onceq run: cannot write results to '%s': %s\n", path,
+                strerror(errno));
+        return 3;
+    }
+    if (r->h.output == OQ__OUT_COUNTS) {
+        count_ctx c = { f, r->h.count_key ? r->h.count_key : "key" };
+        oq_memsink_foreach_count(r->rs.counts, write_count, &c);
+    } else {
+        if (r->rs.track_first)
+            move_to_first_seen(&r->rs);
+        qsort(r->rs.recs, r->rs.nrecs, sizeof(*r->rs.recs), by_tag);
+        for (size_t i = 0; i < r->rs.nrecs; i++) {
+            fwrite(r->rs.recs[i]->data, 1, r->rs.recs[i]->len, f);
+            putc('\n', f);
+        }
+    }
+    bad = ferror(f);
+    bad |= f == stdout ? fflush(f) : fclose(f);
+    if (bad) {
+        fprintf(stderr, "onceq run: write error on '%s': %s\n",
+                path ? path : "<stdout>", strerror(errno));
+        return 3;
+    }
+    return 0;
+}
+
+static void write_stats_json(FILE *f, const run *r, const totals *t)
+{
+    fprintf(f, "{\"lines\":%" PRIu64 ",\"processed\":%" PRIu64
+            ",\"duplicates\":%" PRIu64 ",\"dead\":%" PRIu64
+            ",\"blank\":%" PRIu64 ",\"unfinished\":%" PRIu64
+            ",\"dead_by_reason\":{",
+            t->lines, t->processed, t->duplicates, t->dead, t->blank,
+            t->unfinished);
+    for (int i = 0; i < OQ_DLQ__COUNT; i++)
+        fprintf(f, "%s\"%s\":%" PRIu64, i ? "," : "",
+                oq_dlq_reason_name((oq_dlq_reason)i), t->dead_by[i]);
+    fprintf(f, "},\"retried\":%" PRIu64 ",\"redelivered\":%" PRIu64
+            ",\"fenced\":%" PRIu64 ",\"bytes\":%" PRIu64
+            ",\"workers\":%u,\"handler\":\"%s\",\"elapsed_s\":%.3f"
+            ",\"events_per_s\":%.0f}\n",
+            t->retried, t->redelivered, t->fenced, t->bytes, r->c->workers,
+            r->h.name, t->elapsed_s,
+            t->elapsed_s > 0 ? (t->lines - t->blank) / t->elapsed_s : 0);
+}
+
+static int write_stats(const run *r, const totals *t)
+{
+    const char *path = r->c->stats_path;
+    FILE *f = stdout;
+    int bad;
+
+    if (path == NULL)
+        return 0;
+    if (strcmp(path, "-") != 0 && (f = fopen(path, "w")) == NULL) {
+        fprintf(stderr, "onceq run: cannot write stats to '%s': %s\n", path,
+                strerror(errno));
+        return 3;
+    }
+    write_stats_json(f, r, t);
+    bad = ferror(f);
+    bad |= f == stdout ? fflush(f) : fclose(f);
+    if (bad) {
+        fprintf(stderr, "onceq run: write error on stats '%s'\n", path);
+        return 3;
+    }
+    return 0;
+}
+
+static void summary(const run *r, const totals *t, int sig)
+{
+    if (r->c->quiet)
+        return;
+    fprintf(stderr, "onceq: %" PRIu64 " lines: %" PRIu64 " processed, %" PRIu64
+            " duplicates, %" PRIu64 " dead-lettered, %" PRIu64 " blank",
+            t->lines, t->processed, t->duplicates, t->dead, t->blank);
+    if (t->unfinished)
+        fprintf(stderr, ", %" PRIu64 " unfinished", t->unfinished);
+    fprintf(stderr, " in %.2fs (%.0f events/s)\n", t->elapsed_s,
+            t->elapsed_s > 0 ? (t->lines - t->blank) / t->elapsed_s : 0);
+    if (t->dead > 0) {
+        fprintf(stderr, "onceq: dead letters in %s:", r->c->dlq_path);
+        for (int i = 0; i < OQ_DLQ__COUNT; i++)
+            if (t->dead_by[i])
+                fprintf(stderr, " %s %" PRIu64,
+                        oq_dlq_reason_name((oq_dlq_reason)i), t->dead_by[i]);
+        fputc('\n', stderr);
+    }
+    if (r->c->verbose)
+        fprintf(stderr, "onceq: retried %" PRIu64 ", redelivered %" PRIu64
+                ", fenced %" PRIu64 ", %u workers, handler %s\n",
+                t->retried, t->redelivered, t->fenced, r->c->workers,
+                r->h.name);
+    if (sig)
+        fprintf(stderr, "onceq: stopped by %s; %" PRIu64 " lines were not "
+                "finished\n", sig == SIGINT ? "SIGINT" : "SIGTERM",
+                t->unfinished);
+}
+
+/* ----------------------------------------------------------- setup */
+
+static int open_all(run *r, char *err, size_t errlen)
+{
+    const oq__run_config *c = r->c;
+    static const char *const stdin_only[] = { "-" };
+    oq__handler_opts ho = { c->kill_grace_ms, c->emit };
+    oq_queue_opts qo;
+    oq_idset_opts so;
+    int rc;
+
+    rc = oq__handler_from_spec(c->handler_spec, &ho, &r->h, err, errlen);
+    if (rc != 0)
+        return rc;
+    if (c->emit && strcmp(r->h.name, "noop") != 0) {
+        snprintf(err, errlen, "--emit works only with --handler noop");
+        return OQ_EINVAL;
+    }
+    rc = oq__reader_open(&r->reader, c->ninputs ? c->inputs : stdin_only,
+                         c->ninputs ? c->ninputs : 1, c->max_line, err, errlen);
+    if (rc != 0)
+        return rc;
+    oq_queue_opts_defaults(&qo);
+    qo.visibility_timeout_ms = c->vt_ms;
+    qo.max_receives = c->max_attempts;
+    qo.ttl_ms = c->ttl_ms;
+    qo.dedup_count = c->dedup_window;
+    if ((rc = oq_queue_new(&r->q, &qo)) != 0)
+        goto nomem;
+    oq_idset_opts_defaults(&so);
+    if ((rc = oq_idset_new(&r->s, &so)) != 0)
+        goto nomem;
+    if ((rc = oq_memsink_new(&r->rs.counts)) != 0)
+        goto nomem;
+    oq__mutex_init(&r->rs.mu);
+    /* Records are written in input order, at each event's first line. */
+    r->rs.track_first = r->h.output == OQ__OUT_RECORDS;
+    r->idspec.field = c->id_field;
+    r->idspec.fallback = strcmp(c->id_field, "id") == 0;
+    return 0;
+nomem:
+    snprintf(err, errlen, "%s", oq_strerror(rc));
+    return rc;
+}
+
+static int start_pool(run *r)
+{
+    oq_pool_opts po;
+
+    oq_pool_opts_defaults(&po);
+    po.workers = r->c->workers;
+    po.batch = r->c->batch;
+    po.backoff_base_ms = r->c->backoff_base_ms;
+    po.backoff_cap_ms = r->c->backoff_cap_ms;
+    po.seed = r->c->seed;
+    po.handler = r->h.fn;
+    po.handler_arg = r->h.arg;
+    po.sink = (oq_sink){ run_apply, &r->rs, run_duplicate };
+    po.decode = oq__json_decode;
+    po.free_parsed = oq__json_free;
+    po.decode_arg = &r->idspec;
+    return oq_pool_start(&r->p, r->q, r->s, &po);
+}
+
+static void close_all(run *r)
+{
+    oq_pool_free(r->p);
+    oq_queue_free(r->q);
+    oq_idset_free(r->s);
+    oq_memsink_free(r->rs.counts);
+    for (size_t i = 0; i < r->rs.nrecs; i++)
+        oq__free(r->rs.recs[i]);
+    oq__free(r->rs.recs);
+    {
+        first_seen *f, *tmp;
+        HASH_ITER(hh, r->rs.first, f, tmp) {
+            HASH_DEL(r->rs.first, f);
+            oq__free(f);
+        }
+    }
+    if (r->rs.counts)
+        pthread_mutex_destroy(&r->rs.mu);
+    if (r->reader)
+        oq__reader_close(r->reader);
+    if (r->h.fn)
+        oq__handler_free(&r->h);
+}
+
+/* Waits for the end of the run or a signal; returns the signal or 0. */
+static int wait_done(run *r, const sigset_t *sigs)
+{
+    /* Look for the end every 5 ms; draw progress every 200 ms. */
+    struct timespec tick = { 0, 5 * 1000 * 1000 };
+    oq_queue_stats st;
+
+    for (unsigned n = 1;; n++) {
+        int sig = sigtimedwait(sigs, NULL, &tick);
+        if (sig == SIGINT || sig == SIGTERM)
+            return sig;
+        if (r->c->progress && n % 40 == 0)
+            progress_line(r);
+        if (atomic_load(&r->reader_done)) {
+            oq_queue_stats_get(r->q, &st);
+            if (st.ready + st.delayed + st.in_flight == 0)
+                return 0;
+        }
+    }
+}
+
+int oq__run(const oq__run_config *c)
+{
+    run *r = oq__calloc(1, sizeof(*r));
+    char err[512] = "";
+    sigset_t sigs, old;
+    pthread_t reader;
+    totals t;
+    int sig, status = 0, st2;
+    uint64_t ndead = 0;
+
+    if (r == NULL) {
+        fprintf(stderr, "onceq run: out of memory\n");
+        return 3;
+    }
+    r->c = c;
+    if (open_all(r, err, sizeof(err)) != 0) {
+        fprintf(stderr, "onceq run: %s\n", err);
+        close_all(r);
+        oq__free(r);
+        return 2;
+    }
+    /* Signals go to the main thread only; exec children may close pipes. */
+    signal(SIGPIPE, SIG_IGN);
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, &old);
+    r->t0_ms = oq_clock_now(NULL);
+    r->wall0_ms = wall_ms();
+    if (start_pool(r) != 0 ||
+        pthread_create(&reader, NULL, reader_main, r) != 0) {
+        fprintf(stderr, "onceq run: cannot start threads\n");
+        oq_queue_close(r->q);
+        close_all(r);
+        oq__free(r);
+        return 3;
+    }
+    sig = wait_done(r, &sigs);
+    if (sig) {
+        atomic_store(&r->stop, 1);
+        oq__handler_cancel(&r->h);
+        if (oq_pool_stop(r->p, c->kill_grace_ms + 1000) != 0) {
+            /* A handler is stuck: report and leave without freeing what
+             * its thread may still touch. */
+            get_totals(r, &t);
+            summary(r, &t, sig);
+            _exit(sig == SIGINT ? 130 : 143);
+        }
+    } else {
+        oq_pool_wait(r->p);
+    }
+    pthread_join(reader, NULL);
+    if (c->progress) {
+        progress_line(r); /* the final state stays on the screen */
+        fputc('\n', stderr);
+    }
+    get_totals(r, &t);
+    if (r->reader_rc != 0) {
+        fprintf(stderr, "onceq run: %s\n", r->reader_err);
+        status = 2;
+    }
+    if (r->rs.rc != 0) {
+        fprintf(stderr, "onceq run: out of memory keeping results\n");
+        status = 3;
+    }
+    st2 = write_results(r);
+    status = status ? status : st2;
+    st2 = write_dlq(r, &ndead);
+    status = status ? status : st2;
+    st2 = write_stats(r, &t);
+    status = status ? status : st2;
+    summary(r, &t, sig);
+    if (!sig && t.lines != t.processed + t.duplicates + t.dead + t.blank) {
+        fprintf(stderr, "onceq run: internal error: %" PRIu64 " lines but "
+                "%" PRIu64 " processed + %" PRIu64 " duplicates + %" PRIu64
+                " dead + %" PRIu64 " blank\n", t.lines, t.processed,
+                t.duplicates, t.dead, t.blank);
+        status = status ? status : 70;
+    }
+    if (sig)
+        status = sig == SIGINT ? 130 : 143;
+    else if (status == 0 && t.dead > 0)
+        status = 1;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close_all(r);
+    oq__free(r);
+    return status;
+}

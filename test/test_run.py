@@ -1,0 +1,465 @@
+#!/usr/bin/env python3
+"""Description: end-to-end tests of `onceq run` and `onceq gen`, on the real
+binary. Each test computes what the answer must be independently (in Python,
+from the input file) and compares it with what onceq wrote: word counts,
+emitted events, exec outputs, dead letters with their reasons, stats that
+balance, and exit statuses. Prints "N passed, N failed".
+
+Environment: ONCEQ (the binary; default ./onceq), OQ_RUN_SEED (default:
+time), BUILD (a sanitizer build gets smaller inputs)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+
+ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
+BUILD = os.environ.get("BUILD", "build")
+SLOW = "tsan" in BUILD or "asan" in BUILD
+SEED = int(os.environ.get("OQ_RUN_SEED", str(int(time.time()) % 100000)))
+TMP = tempfile.mkdtemp(prefix="onceq-run-test-")
+print(f"test_run: seed {SEED} (OQ_RUN_SEED), binary {ONCEQ}")
+
+tests = []
+
+
+def test(fn):
+    tests.append(fn)
+    return fn
+
+
+def path(name):
+    return os.path.join(TMP, name)
+
+
+def run(args, stdin=None, check_balance=True, timeout=300, cwd=None):
+    """Runs onceq; returns (exit status, stdout, stderr)."""
+    p = subprocess.run([ONCEQ] + args, input=stdin, capture_output=True,
+                       timeout=timeout, cwd=cwd or TMP)
+    return p.returncode, p.stdout.decode("utf-8", "replace"), \
+        p.stderr.decode("utf-8", "replace")
+
+
+def gen(name, *args):
+    rc, out, err = run(["gen", "-o", path(name)] + list(args))
+    assert rc == 0, f"gen failed: {err}"
+    return path(name)
+
+
+def read_jsonl(p):
+    with open(p, "rb") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def expected_words(p, id_field="id"):
+    """Word counts of the first occurrence of each id (the reference)."""
+    seen = set()
+    counts = Counter()
+    with open(p, "rb") as f:
+        for raw in f:
+            ev = json.loads(raw)
+            if ev[id_field] in seen:
+                continue
+            seen.add(ev[id_field])
+            if "word" in ev:
+                counts[ev["word"]] += 1
+            else:
+                counts.update(ev["text"].split())
+    return counts
+
+
+def parse_counts(out, key="word"):
+    got = {}
+    lines = [json.loads(line) for line in out.splitlines() if line]
+    for o in lines:
+        assert set(o) == {key, "count"}, o
+        assert o[key] not in got, f"key twice: {o}"
+        got[o[key]] = o["count"]
+    keys = [o[key].encode() for o in lines]
+    assert keys == sorted(keys), "output is not sorted by key"
+    return got
+
+
+def balanced(stats):
+    assert stats["lines"] == stats["processed"] + stats["duplicates"] + \
+        stats["dead"] + stats["blank"], stats
+
+
+# ------------------------------------------------------------- wordcount
+
+@test
+def wordcount_matches_independent_counts():
+    n = 20000 if SLOW else 200000
+    f = gen("wc.jsonl", "--events", str(n), "--duplicates", "0.1",
+            "--words", "500", "--seed", str(SEED))
+    rc, out, err = run(["run", "-w", "2", "--stats", path("wc.stats"), f])
+    assert rc == 0, err
+    assert parse_counts(out) == dict(expected_words(f))
+    st = json.load(open(path("wc.stats")))
+    balanced(st)
+    assert st["lines"] == n
+    uniq = len({e["id"] for e in read_jsonl(f)})
+    assert st["processed"] == uniq and st["duplicates"] == n - uniq, st
+
+
+@test
+def wordcount_text_field_and_one_worker():
+    f = gen("text.jsonl", "--events", "3000", "--duplicates", "0.2", "--text",
+            "--seed", str(SEED + 1))
+    rc, out, err = run(["run", "-w", "1", "--batch", "1", f])
+    assert rc == 0, err
+    assert parse_counts(out) == dict(expected_words(f))
+
+
+@test
+def stdin_input_and_dash():
+    f = gen("stdin.jsonl", "--events", "2000", "--duplicates", "0.1",
+            "--seed", str(SEED + 2))
+    data = open(f, "rb").read()
+    want = dict(expected_words(f))
+    rc, out, err = run(["run"], stdin=data)
+    assert rc == 0, err
+    assert parse_counts(out) == want
+    rc, out, err = run(["run", "-"], stdin=data)
+    assert rc == 0, err
+    assert parse_counts(out) == want
+
+
+@test
+def several_files_dedup_across_files():
+    a = path("a.jsonl")
+    b = path("b.jsonl")
+    open(a, "w").write('{"id":"1","word":"x"}\n{"id":"2","word":"y"}\n')
+    open(b, "w").write('{"id":"2","word":"y"}\n{"id":"3","word":"x"}\n')
+    rc, out, err = run(["run", "--stats", "-", "-o", path("ab.out"), a, b])
+    assert rc == 0, err
+    st = json.loads(out)
+    assert (st["processed"], st["duplicates"]) == (3, 1), st
+    assert parse_counts(open(path("ab.out")).read()) == {"x": 2, "y": 1}
+
+
+@test
+def id_field_pointer_and_event_id_fallback():
+    f = path("ids.jsonl")
+    open(f, "w").write('{"event_id":"a","word":"w"}\n'
+                       '{"event_id":"a","word":"w"}\n'
+                       '{"id":7,"word":"w"}\n{"id":7,"word":"w"}\n')
+    rc, out, err = run(["run", f])
+    assert rc == 0, err
+    assert parse_counts(out) == {"w": 2}
+    g = path("nested.jsonl")
+    open(g, "w").write('{"meta":{"id":"m1"},"word":"q"}\n'
+                       '{"meta":{"id":"m1"},"word":"q"}\n'
+                       '{"meta":{"id":"m2"},"word":"q"}\n')
+    rc, out, err = run(["run", "--id-field", "/meta/id", g])
+    assert rc == 0, err
+    assert parse_counts(out) == {"q": 2}
+
+
+@test
+def count_handler_groups_by_field():
+    f = path("countries.jsonl")
+    rows = [("1", "fr"), ("2", "de"), ("3", "fr"), ("3", "fr"), ("4", "it"),
+            ("5", "fr")]
+    open(f, "w").write("".join(f'{{"id":"{i}","country":"{c}"}}\n'
+                               for i, c in rows))
+    rc, out, err = run(["run", "--handler", "count:country", f])
+    assert rc == 0, err
+    assert parse_counts(out, "country") == {"fr": 3, "de": 1, "it": 1}
+
+
+# ------------------------------------------------------------ noop --emit
+
+@test
+def emit_writes_unique_events_in_input_order():
+    f = gen("emit.jsonl", "--events", "5000", "--duplicates", "0.3",
+            "--seed", str(SEED + 3))
+    rc, out, err = run(["run", "--handler", "noop", "--emit", "-w", "2", f])
+    assert rc == 0, err
+    want, seen = [], set()
+    for line in open(f, "rb").read().decode().splitlines():
+        i = json.loads(line)["id"]
+        if i not in seen:
+            seen.add(i)
+            want.append(line)
+    assert out.splitlines() == want
+
+
+@test
+def emit_needs_noop():
+    rc, out, err = run(["run", "--emit", os.devnull])
+    assert rc == 2 and "noop" in err, (rc, err)
+
+
+# --------------------------------------------------------------- exec
+
+EXEC_SCRIPT = r"""#!/bin/sh
+# transient events fail on the first attempt; poison events always fail;
+# slow events sleep past the visibility timeout on the first attempt.
+line=$(cat)
+case "$line" in
+  *'"transient":true'*) [ "$ONCEQ_ATTEMPT" = 1 ] && { echo "busy, try later" >&2; exit 75; } ;;
+  *'"poison":true'*) echo "cannot process $ONCEQ_EVENT_ID" >&2; exit 3 ;;
+  *'"slow":true'*) [ "$ONCEQ_ATTEMPT" = 1 ] && sleep 3 ;;
+esac
+printf '{"id":"%s","attempt":%s}\n' "$ONCEQ_EVENT_ID" "$ONCEQ_ATTEMPT"
+"""
+
+
+@test
+def exec_transient_permanent_and_slow_handlers():
+    script = path("handler.sh")
+    open(script, "w").write(EXEC_SCRIPT)
+    os.chmod(script, 0o755)
+    f = path("exec.jsonl")
+    events = []
+    for i in range(60):
+        ev = {"id": f"e{i}", "word": "w"}
+        if i % 10 == 1:
+            ev["transient"] = True
+        if i % 10 == 2:
+            ev["poison"] = True
+        if i in (5, 25):
+            ev["slow"] = True
+        events.append(ev)
+    lines = [json.dumps(e, separators=(",", ":")) for e in events]
+    lines += [lines[1], lines[2], lines[3]]  # redeliveries upstream
+    open(f, "w").write("\n".join(lines) + "\n")
+    dlq = path("exec-dlq.jsonl")
+    rc, out, err = run(["run", "-w", "2", "--handler", "exec:" + script,
+                        "--visibility-timeout", "1s", "--kill-grace", "200ms",
+                        "--backoff", "10ms,50ms", "--dlq", dlq,
+                        "--stats", path("exec.stats"), f])
+    assert rc == 1, (rc, err)  # poison events were dead-lettered
+    recs = [json.loads(x) for x in out.splitlines()]
+    ids = [r["id"] for r in recs]
+    good = [e["id"] for e in events if not e.get("poison")]
+    assert sorted(ids) == sorted(good), "each good event exactly once"
+    assert ids == good, "records in input order"
+    by_id = {r["id"]: r["attempt"] for r in recs}
+    for e in events:
+        if e.get("transient") or e.get("slow"):
+            assert by_id[e["id"]] == 2, (e, by_id[e["id"]])
+        elif not e.get("poison"):
+            assert by_id[e["id"]] == 1, e
+    dead = read_jsonl(dlq)
+    assert sorted(d["id"] for d in dead) == \
+        sorted(e["id"] for e in events if e.get("poison"))
+    for d in dead:
+        assert d["reason"] == "failed" and d["attempts"] == 1, d
+        assert "exit 3" in d["error"] and d["id"] in d["error"], d
+        assert d["event"]["poison"] is True
+        assert d["source"].endswith(".jsonl:%d" % (int(d["id"][1:]) + 1)), d
+        assert d["first_seen"] <= d["last_seen"]
+    st = json.load(open(path("exec.stats")))
+    balanced(st)
+    assert st["duplicates"] == 3 and st["dead"] == 6, st
+
+
+@test
+def exec_max_attempts_dead_letters():
+    f = path("always.jsonl")
+    open(f, "w").write('{"id":"x"}\n{"id":"y"}\n')
+    dlq = path("always-dlq.jsonl")
+    rc, out, err = run(["run", "--handler", "exec:exit 75", "--max-attempts",
+                        "3", "--backoff", "1ms,5ms", "--dlq", dlq, f])
+    assert rc == 1, err
+    dead = read_jsonl(dlq)
+    assert sorted(d["id"] for d in dead) == ["x", "y"]
+    for d in dead:
+        assert d["reason"] == "max_attempts" and d["attempts"] == 3, d
+
+
+# ------------------------------------------------------------ bad input
+
+@test
+def every_kind_of_bad_input():
+    f = gen("bad.jsonl", "--bad")
+    dlq = path("bad-dlq.jsonl")
+    rc, out, err = run(["run", "--dlq", dlq, "--stats", path("bad.stats"), f])
+    assert rc == 1, (rc, err)
+    st = json.load(open(path("bad.stats")))
+    balanced(st)
+    assert (st["processed"], st["duplicates"], st["blank"], st["dead"]) == \
+        (5, 1, 3, 18), st
+    assert st["dead_by_reason"]["parse_error"] == 8
+    assert st["dead_by_reason"]["bad_id"] == 9
+    assert st["dead_by_reason"]["too_large"] == 1
+    assert parse_counts(out) == {w: 1 for w in
+                                 ["alpha", "beta", "delta", "epsilon", "omega"]}
+    dead = read_jsonl(dlq)
+    assert len(dead) == 18
+    raw = open(f, "rb").read().split(b"\n")
+    for d in dead:
+        for k in ("source", "reason", "error", "attempts", "first_seen",
+                  "last_seen", "event"):
+            assert k in d, (k, d)
+        assert d["error"], d
+        lineno = int(d["source"].rsplit(":", 1)[1])
+        if d["reason"] == "too_large":
+            assert isinstance(d["event"], str) and len(d["event"]) == 4096
+        elif d["reason"] == "parse_error":
+            assert isinstance(d["event"], str), d
+        else:
+            assert d["reason"] == "bad_id", d
+            assert json.loads(raw[lineno - 1]) == d["event"], d
+    srcs = [int(d["source"].rsplit(":", 1)[1]) for d in dead]
+    assert srcs == sorted(srcs), "dead letters in input order"
+
+
+@test
+def crlf_and_no_final_newline_accepted():
+    f = path("crlf.jsonl")
+    open(f, "wb").write(b'{"id":"1","word":"a"}\r\n\r\n   \n'
+                        b'{"id":"2","word":"b"}')
+    rc, out, err = run(["run", "--stats", path("crlf.stats"), f])
+    assert rc == 0, err
+    assert parse_counts(out) == {"a": 1, "b": 1}
+    st = json.load(open(path("crlf.stats")))
+    assert (st["lines"], st["blank"], st["processed"]) == (4, 2, 2), st
+
+
+@test
+def too_large_line_with_small_max_line():
+    f = path("large.jsonl")
+    big = '{"id":"big","word":"%s"}' % ("x" * 5000)
+    open(f, "w").write('{"id":"1","word":"a"}\n' + big + '\n'
+                       '{"id":"2","word":"b"}\n')
+    dlq = path("large-dlq.jsonl")
+    rc, out, err = run(["run", "--max-line", "1K", "--dlq", dlq, f])
+    assert rc == 1, err
+    assert parse_counts(out) == {"a": 1, "b": 1}
+    (d,) = read_jsonl(dlq)
+    assert d["reason"] == "too_large" and d["source"].endswith(":2"), d
+    assert d["event"] == big[:4096]
+
+
+# ---------------------------------------------------------- exit codes
+
+@test
+def usage_errors_exit_2_before_processing():
+    good = gen("good.jsonl", "--events", "10")
+    cases = [
+        ["run", "--no-such-option", good],
+        ["run", "--handler", "nosuch", good],
+        ["run", "--handler", "count:", good],
+        ["run", "--workers", "0", good],
+        ["run", "--visibility-timeout", "soon", good],
+        ["run", "--backoff", "5s,1s", good],
+        ["run", good, path("missing.jsonl")],
+        ["run", TMP],
+        ["run", "--workers"],
+    ]
+    for args in cases:
+        rc, out, err = run(args)
+        assert rc == 2, (args, rc, err)
+        assert err.count("\n") == 1 and err.startswith("onceq run: "), \
+            (args, err)
+        assert out == "", (args, out)  # nothing was processed
+    rc, out, err = run(["frobnicate"])
+    assert rc == 2 and "unknown command" in err
+
+
+@test
+def dlq_written_only_when_needed():
+    good = gen("clean.jsonl", "--events", "50")
+    dlq = path("never.jsonl")
+    rc, out, err = run(["run", "--dlq", dlq, good])
+    assert rc == 0 and not os.path.exists(dlq), (rc, err)
+
+
+@test
+def write_error_exits_3():
+    good = gen("full.jsonl", "--events", "50")
+    if not os.path.exists("/dev/full"):
+        return
+    rc, out, err = run(["run", "-o", "/dev/full", good])
+    assert rc == 3 and "write error" in err, (rc, err)
+    rc, out, err = run(["run", "-o", os.path.join(TMP, "no", "dir"), good])
+    assert rc == 3 and "cannot write" in err, (rc, err)
+
+
+@test
+def sigint_and_sigterm_stop_gracefully():
+    f = path("slow.jsonl")
+    open(f, "w").write("".join(f'{{"id":"s{i}"}}\n' for i in range(200)))
+    for sig, want in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        p = subprocess.Popen([ONCEQ, "run", "-w", "2", "--handler",
+                              "exec:sleep 0.05; echo done", "--stats",
+                              path("sig.stats"), f],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=TMP)
+        time.sleep(0.8)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == want, (sig, p.returncode, err)
+        assert b"stopped by" in err, err
+        st = json.load(open(path("sig.stats")))
+        assert 0 < st["processed"] < 200, st
+        assert st["lines"] == st["processed"] + st["duplicates"] + \
+            st["dead"] + st["blank"] + st["unfinished"], st
+        # Only finished events were written.
+        assert len(out.splitlines()) == st["processed"]
+
+
+@test
+def help_lists_options_and_exit_codes():
+    rc, out, err = run(["run", "--help"])
+    assert rc == 0
+    for word in ("--workers", "--id-field", "--visibility-timeout",
+                 "--max-attempts", "--backoff", "--ttl", "--dedup-window",
+                 "--handler", "--out", "--dlq", "--stats", "--progress",
+                 "--no-progress", "--quiet", "--verbose", "Exit status",
+                 "Examples"):
+        assert word in out, word
+    rc, out, err = run(["--version"])
+    assert rc == 0 and out.startswith("onceq ")
+
+
+@test
+def progress_line_on_request():
+    f = gen("prog.jsonl", "--events", "2000")
+    rc, out, err = run(["run", "--progress", f])
+    assert rc == 0 and "ev/s" in err, err
+    rc, out, err = run(["run", f])
+    assert "ev/s" not in err  # not a TTY: off by default
+
+
+@test
+def gen_is_deterministic_and_validates():
+    a = gen("g1.jsonl", "--events", "1000", "--seed", "5", "--duplicates",
+            "0.2")
+    b = gen("g2.jsonl", "--events", "1000", "--seed", "5", "--duplicates",
+            "0.2")
+    assert open(a, "rb").read() == open(b, "rb").read()
+    rows = read_jsonl(a)
+    assert len(rows) == 1000
+    assert 150 <= 1000 - len({r["id"] for r in rows}) <= 250
+    rc, out, err = run(["gen", "--events", "10", "--duplicates", "2"])
+    assert rc == 2 and err.count("\n") == 1, err
+
+
+def main():
+    passed = failed = 0
+    for t in tests:
+        t0 = time.time()
+        try:
+            t()
+            passed += 1
+            print(f"[ OK ] {t.__name__} ({time.time() - t0:.2f}s)")
+        except Exception:
+            failed += 1
+            print(f"[FAIL] {t.__name__} (seed {SEED})")
+            traceback.print_exc()
+    shutil.rmtree(TMP, ignore_errors=True)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
