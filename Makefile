@@ -41,7 +41,7 @@ CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_txn test_pool \
               test_source test_handlers \
               stress_pool
-BENCH_NAMES := bench_pool bench_idset_mem
+BENCH_NAMES := bench_pool bench_idset_mem bench_run
 # Tests that drive the real binary (each prints "N passed, N failed").
 SCRIPT_TESTS := test/test_node.py test/test_run.py
 

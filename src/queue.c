@@ -411,7 +411,8 @@ static msg *msg_new(const oq_message *in, int64_t now)
         return NULL;
     memset(m, 0, sizeof(*m));
     p = m->data;
-    memcpy(p, in->id, in->id_len);
+    if (in->id_len)
+        memcpy(p, in->id, in->id_len);
     p[in->id_len] = '\0';
     m->id = p;
     m->id_len = in->id_len;

@@ -495,7 +495,8 @@ static void take_dead(const oq_dead_letter *dl, void *arg)
     it->sent_ms = dl->sent_ms;
     it->dead_ms = dl->dead_ms;
     it->len = dl->payload_len;
-    memcpy(it->payload, dl->payload, dl->payload_len);
+    if (dl->payload_len)
+        memcpy(it->payload, dl->payload, dl->payload_len);
     it->payload[it->len] = '\0';
     l->v[l->n++] = it;
 }
@@ -649,7 +650,8 @@ static int write_results(run *r)
     } else {
         if (r->rs.track_first)
             move_to_first_seen(&r->rs);
-        qsort(r->rs.recs, r->rs.nrecs, sizeof(*r->rs.recs), by_tag);
+        if (r->rs.nrecs > 0)
+            qsort(r->rs.recs, r->rs.nrecs, sizeof(*r->rs.recs), by_tag);
         for (size_t i = 0; i < r->rs.nrecs; i++) {
             fwrite(r->rs.recs[i]->data, 1, r->rs.recs[i]->len, f);
             putc('\n', f);
