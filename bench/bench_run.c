@@ -38,7 +38,7 @@ static double now_s(void)
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static const char *map_file(size_t *len)
+static char *map_file(size_t *len)
 {
     int fd = open(file, O_RDONLY);
     struct stat st;
@@ -62,7 +62,8 @@ static const char *map_file(size_t *len)
 static double memchr_pass(void)
 {
     size_t len, lines = 0;
-    const char *base = map_file(&len), *p = base, *end = base + len;
+    char *base = map_file(&len);
+    const char *p = base, *end = base + len;
     double t0 = now_s(), dt;
 
     while (p < end) {
@@ -71,7 +72,7 @@ static double memchr_pass(void)
         p = nl ? nl + 1 : end;
     }
     dt = now_s() - t0;
-    munmap((void *)base, len);
+    munmap(base, len);
     return lines / dt;
 }
 
@@ -79,7 +80,8 @@ static double memchr_pass(void)
 static double bare_loop(void)
 {
     size_t len, lines = 0;
-    const char *base = map_file(&len), *p = base, *end = base + len;
+    char *base = map_file(&len);
+    const char *p = base, *end = base + len;
     oq_idset *s;
     oq_idset_opts so;
     double t0, dt;
@@ -101,7 +103,7 @@ static double bare_loop(void)
     }
     dt = now_s() - t0;
     oq_idset_free(s);
-    munmap((void *)base, len);
+    munmap(base, len);
     return lines / dt;
 }
 

@@ -145,16 +145,31 @@ static unsigned claim_hashv(digest d)
 
 /* ----------------------------------------------------------- DONE table */
 
+/*
+ * Robin Hood linear probing: slots along a probe run are kept ordered by
+ * their distance from their home slot, so a lookup of an absent id stops as
+ * soon as it meets an entry closer to home than itself. At 0.8 load plain
+ * linear probing needs about 13 probes for a miss (and most claims are
+ * misses: new ids); Robin Hood needs about 3. No per-slot metadata: the
+ * home slot is recomputed from the stored digest. Entries are never
+ * deleted one by one (retention drops whole tables), so no backward shift.
+ */
+static size_t probe_dist(digest s, size_t i, size_t mask)
+{
+    return (i - ((size_t)s.lo & mask)) & mask;
+}
+
 static bool dtable_contains(const dtable *t, digest d)
 {
     if (t->count == 0)
         return false;
     size_t mask = t->cap - 1;
-    for (size_t i = (size_t)d.lo & mask;; i = (i + 1) & mask) {
+    size_t i = (size_t)d.lo & mask;
+    for (size_t dist = 0;; dist++, i = (i + 1) & mask) {
         digest s = t->slots[i];
         if (digest_eq(s, d))
             return true;
-        if (digest_empty(s))
+        if (digest_empty(s) || probe_dist(s, i, mask) < dist)
             return false;
     }
 }
@@ -164,9 +179,20 @@ static void dtable_place(digest *slots, size_t cap, digest d)
 {
     size_t mask = cap - 1;
     size_t i = (size_t)d.lo & mask;
-    while (!digest_empty(slots[i]))
-        i = (i + 1) & mask;
-    slots[i] = d;
+    for (size_t dist = 0;; dist++, i = (i + 1) & mask) {
+        digest s = slots[i];
+        if (digest_empty(s)) {
+            slots[i] = d;
+            return;
+        }
+        size_t sd = probe_dist(s, i, mask);
+        if (sd < dist) {
+            /* Take the slot from the richer entry; carry it on. */
+            slots[i] = d;
+            d = s;
+            dist = sd;
+        }
+    }
 }
 
 static int dtable_resize(dtable *t, size_t cap)

@@ -1326,7 +1326,6 @@ static void node_free(node *n)
 
 int oq__cmd_node(int argc, char **argv)
 {
-    cJSON_Hooks hooks = { oq__malloc, oq__free };
     node_opts o;
     node n;
     char *line = NULL;
@@ -1342,7 +1341,7 @@ int oq__cmd_node(int argc, char **argv)
     memset(&n, 0, sizeof(n));
     n.quiet = o.quiet;
     n.default_vt_ms = o.q.visibility_timeout_ms;
-    cJSON_InitHooks(&hooks);
+    oq__json_hooks_install();
     rc = oq_queue_new(&n.q, &o.q);
     n.dbuf = oq__calloc(RECEIVE_MAX_CAP, sizeof(*n.dbuf));
     if (rc != 0 || n.dbuf == NULL) {

@@ -135,6 +135,9 @@ int oq__json_decode(const oq_event *ev, oq_decoded *out, void *arg);
 void oq__json_free(void *parsed, void *arg);
 /* The event's parsed JSON object (a cJSON *), or NULL. */
 struct cJSON *oq__event_json(const oq_event *ev);
+/* Installs onceq's cJSON allocation hooks (per-thread arenas for parsed
+ * events; see source.c). Every cJSON user calls it before using cJSON. */
+void oq__json_hooks_install(void);
 /* 1 if s[0..len) is valid UTF-8 with no NUL byte. */
 int oq__utf8_valid(const char *s, size_t len);
 

@@ -775,8 +775,10 @@ static int open_all(run *r, char *err, size_t errlen)
     if ((rc = oq_memsink_new(&r->rs.counts)) != 0)
         goto nomem;
     oq__mutex_init(&r->rs.mu);
-    /* Records are written in input order, at each event's first line. */
-    r->rs.track_first = r->h.output == OQ__OUT_RECORDS;
+    /* Records are written in input order, at each event's first line
+     * (noop writes records only with --emit). */
+    r->rs.track_first = r->h.output == OQ__OUT_RECORDS &&
+                        (strcmp(r->h.name, "noop") != 0 || c->emit);
     r->idspec.field = c->id_field;
     r->idspec.fallback = strcmp(c->id_field, "id") == 0;
     return 0;

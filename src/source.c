@@ -526,6 +526,91 @@ typedef struct parsed {
 
 static const oq__idspec default_spec = { "id", true };
 
+/*
+ * cJSON allocates every node and string with malloc, which is most of what a
+ * parse of a small line costs. While a worker thread holds parsed events, its
+ * cJSON allocations come from a per-thread bump arena instead: freeing is a
+ * no-op, and the arena is reset when the thread's last parsed event is freed
+ * (the pool frees them in the thread that decoded them, after each batch).
+ * Outside that window, and for what does not fit, the hooks fall back to
+ * oq__malloc/oq__free. The hooks are process-wide (cJSON has no other kind),
+ * so every cJSON user in onceq goes through oq__json_hooks_install().
+ */
+#define ARENA_BYTES (512 * 1024)
+
+typedef struct arena {
+    char *base;
+    size_t used;
+    unsigned live; /* parsed events of this thread not yet freed */
+} arena;
+
+static _Thread_local arena tl_arena;
+static pthread_once_t hooks_once = PTHREAD_ONCE_INIT;
+static pthread_key_t arena_key;
+
+static bool in_arena(const void *p)
+{
+    const char *c = p;
+    return tl_arena.base && c >= tl_arena.base &&
+           c < tl_arena.base + ARENA_BYTES;
+}
+
+static void *hook_malloc(size_t n)
+{
+    arena *a = &tl_arena;
+    if (a->live > 0 && a->base) {
+        size_t need = (n + 15) & ~(size_t)15;
+        if (need <= ARENA_BYTES - a->used) {
+            void *p = a->base + a->used;
+            a->used += need;
+            return p;
+        }
+    }
+    return oq__malloc(n);
+}
+
+static void hook_free(void *p)
+{
+    if (!in_arena(p))
+        oq__free(p);
+}
+
+static void arena_destroy(void *base)
+{
+    oq__free(base);
+}
+
+static void install_hooks(void)
+{
+    cJSON_Hooks hooks = { hook_malloc, hook_free };
+    pthread_key_create(&arena_key, arena_destroy);
+    cJSON_InitHooks(&hooks);
+}
+
+void oq__json_hooks_install(void)
+{
+    pthread_once(&hooks_once, install_hooks);
+}
+
+/* Opens this thread's arena window for one more parsed event. */
+static void arena_enter(void)
+{
+    arena *a = &tl_arena;
+    if (a->base == NULL) {
+        a->base = oq__malloc(ARENA_BYTES);
+        if (a->base)
+            pthread_setspecific(arena_key, a->base);
+    }
+    a->live++;
+}
+
+static void arena_leave(void)
+{
+    arena *a = &tl_arena;
+    if (a->live > 0 && --a->live == 0)
+        a->used = 0;
+}
+
 /* JSON whitespace, as cJSON skips it: every byte <= 32. (NUL bytes were
  * refused before parsing.) */
 static size_t skip_ws(const char *s, size_t len, size_t p)
@@ -783,9 +868,11 @@ int oq__json_decode(const oq_event *ev, oq_decoded *out, void *arg)
     if (bad < len)
         return reject(out, OQ_DLQ_PARSE_ERROR, "%s at byte %zu",
                       nul ? "NUL byte" : "invalid UTF-8", bad);
+    oq__json_hooks_install();
     pd = oq__malloc(sizeof(*pd));
     if (pd == NULL)
         return reject(out, OQ_DLQ_REJECTED, "out of memory");
+    arena_enter();
     pd->root = cJSON_ParseWithLengthOpts(s, len, &end, 0);
     if (pd->root == NULL) {
         p = end ? (size_t)(end - s) : 0;
@@ -815,6 +902,7 @@ int oq__json_decode(const oq_event *ev, oq_decoded *out, void *arg)
 
 out_free:
     cJSON_Delete(pd->root);
+    arena_leave();
     oq__free(pd);
     return rc;
 }
@@ -827,6 +915,7 @@ void oq__json_free(void *p, void *arg)
     if (pd == NULL)
         return;
     cJSON_Delete(pd->root);
+    arena_leave();
     oq__free(pd);
 }
 
