@@ -123,6 +123,8 @@ bench: benches
 	$(Q)mkdir -p bench/results
 	$(Q)$(BUILD)/bench/bench_pool --csv bench/results/pool.csv
 	$(Q)$(BUILD)/bench/bench_idset_mem --ids 10000000 --csv bench/results/idset_mem.csv
+	$(Q)$(BUILD)/bench/bench_run --onceq $(BUILD)/onceq --csv bench/results/run.csv
+	$(Q)sh bench/bench_node.sh
 
 check: deps
 	$(Q)$(MAKE) --no-print-directory all
@@ -130,8 +132,8 @@ check: deps
 	$(Q)$(MAKE) --no-print-directory tsan
 	$(Q)$(MAKE) --no-print-directory asan
 
-DEB_PACKAGES := build-essential clang pkg-config uthash-dev libcmocka-dev \
-                libcjson-dev libxxhash-dev
+DEB_PACKAGES := build-essential clang pkg-config python3 uthash-dev \
+                libcmocka-dev libcjson-dev libxxhash-dev
 
 deps:
 	$(Q)missing=""; for p in $(DEB_PACKAGES); do \
@@ -146,7 +148,11 @@ deps:
 	else echo "deps: all installed"; fi
 
 demo: all
-	$(Q)./onceq --help
+	@echo '$$ ./onceq run -w 2 examples/events.jsonl'
+	$(Q)./onceq run -w 2 examples/events.jsonl
+	@echo
+	@echo '$$ ./onceq run --handler count:source examples/events.jsonl'
+	$(Q)./onceq run --handler count:source examples/events.jsonl
 
 clean:
 	$(Q)rm -rf build build-tsan build-asan onceq

@@ -55,7 +55,8 @@ OQ_API const char *oq_strerror(int err);
 /*
  * A source of monotonic milliseconds. The default reads CLOCK_MONOTONIC.
  * Tests use oq_testclock, whose time moves only when the test says so.
- * now_ms must be callable from any thread without a lock held by the caller.
+ * now_ms must be callable from any thread, must not block, and must not
+ * take a lock: the queue reads it with its own lock held.
  */
 typedef struct oq_clock {
     int64_t (*now_ms)(void *ctx);
@@ -216,11 +217,15 @@ typedef enum oq_settle_op {
 typedef struct oq_settle {
     oq_delivery *d;        /* the delivery */
     oq_settle_op op;
-    int release;           /* also release d (drop its reference) */
+    int release;           /* also release d (drop its reference), unless
+                              the op failed with OQ_ENOMEM: then d keeps it,
+                              so the op can be retried */
     int64_t delay_ms;      /* NACK/RETURN/EXTEND */
     oq_dlq_reason reason;  /* DEAD */
-    const char *error;     /* DEAD: copied */
-    int result;            /* out: 0 or OQ_ESTALE */
+    const char *error;     /* DEAD: the dead letter's error (copied); NACK:
+                              kept as the message's last error, reported if
+                              it later reaches max_receives */
+    int result;            /* out: 0, OQ_ESTALE, or OQ_ENOMEM (DEAD) */
 } oq_settle;
 
 /* Applies n ops under one lock hold. Returns how many ops succeeded. */
@@ -283,10 +288,19 @@ OQ_API void oq_idset_free(oq_idset *s);
  */
 OQ_API int oq_idset_claim(oq_idset *s, const char *id, size_t len,
                           int64_t lease_deadline_ms, oq_claim *out);
-/* CLAIMED -> DONE, only while token is current and the lease unexpired;
- * otherwise OQ_ESTALE and nothing changes. */
+/* CLAIMED -> DONE, only while token is current and the lease unexpired (or
+ * the claim is prepared); otherwise OQ_ESTALE and nothing changes. */
 OQ_API int oq_idset_commit(oq_idset *s, const char *id, size_t len,
                            uint64_t token);
+/*
+ * Two-phase commit, for outputs that must be written somewhere that can fail
+ * (a sink, a database) before the id is DONE: prepare locks the claim in
+ * (only while token is current and the lease unexpired; afterwards it can't
+ * be taken over even once the lease expires), then commit makes it DONE, or
+ * release gives it up if the write failed. OQ_ESTALE if not current.
+ */
+OQ_API int oq_idset_prepare(oq_idset *s, const char *id, size_t len,
+                            uint64_t token);
 /* Gives the claim up (the id can be claimed again at once). OQ_ESTALE if
  * token is not current. */
 OQ_API int oq_idset_release(oq_idset *s, const char *id, size_t len,

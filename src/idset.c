@@ -33,6 +33,11 @@
  * a commit of the same id are serialised by the shard lock and the takeover
  * changes the token.
  *
+ * Prepare. A holder whose outputs go somewhere that can fail first prepares
+ * (same checks as commit): the claim is marked committing and is never
+ * taken over, even after its lease ends, until the holder commits (DONE) or
+ * releases it. So a write that outlives the lease cannot race a takeover.
+ *
  * DONE table. Open addressing with linear probing over 16-byte slots that
  * hold the whole 128-bit digest: no per-id pointer, no id bytes. A false
  * "DONE" needs two ids with the same 128-bit digest. The all-zero digest
@@ -90,6 +95,7 @@ typedef struct claim {
     UT_hash_handle hh;         /* keyed by id[0..len) */
     uint64_t token;            /* fencing token, never 0 */
     int64_t lease_deadline_ms; /* the lease ends here (absolute, ms) */
+    bool committing;           /* prepared: no takeover, even once expired */
     size_t len;
     char id[];                 /* the exact id bytes (not NUL-terminated) */
 } claim;
@@ -450,7 +456,7 @@ int oq_idset_claim(oq_idset *s, const char *id, size_t len,
     claim *c = shard_find_claim(sh, id, len, d);
     if (c == NULL) {
         rc = claim_add(s, sh, id, len, d, lease_deadline_ms, out);
-    } else if (c->lease_deadline_ms > now) {
+    } else if (c->committing || c->lease_deadline_ms > now) {
         out->token = c->token;
         out->lease_deadline_ms = c->lease_deadline_ms;
         rc = OQ_BUSY;
@@ -479,11 +485,32 @@ int oq_idset_commit(oq_idset *s, const char *id, size_t len, uint64_t token)
     pthread_mutex_lock(&sh->lock);
     rotate(s, sh, now);
     claim *c = shard_find_claim(sh, id, len, d);
-    if (c != NULL && c->token == token && now < c->lease_deadline_ms) {
+    if (c != NULL && c->token == token &&
+        (c->committing || now < c->lease_deadline_ms)) {
         /* Add first: if that fails the claim is still there, unchanged. */
         rc = dtable_add(&sh->cur, d, sh->init_cap);
         if (rc == 0)
             shard_drop_claim(sh, c);
+    }
+    pthread_mutex_unlock(&sh->lock);
+    return rc;
+}
+
+int oq_idset_prepare(oq_idset *s, const char *id, size_t len, uint64_t token)
+{
+    if (s == NULL || !id_ok(id, len))
+        return OQ_EINVAL;
+    digest d = id_digest(id, len);
+    struct shard *sh = shard_of(s, d);
+    int64_t now = oq_clock_now(s->clock);
+    int rc = OQ_ESTALE;
+
+    pthread_mutex_lock(&sh->lock);
+    claim *c = shard_find_claim(sh, id, len, d);
+    if (c != NULL && c->token == token &&
+        (c->committing || now < c->lease_deadline_ms)) {
+        c->committing = true;
+        rc = 0;
     }
     pthread_mutex_unlock(&sh->lock);
     return rc;

@@ -111,6 +111,13 @@ int oq__reader_next(oq__reader *r, oq__line *line, char *err, size_t errlen);
 void oq__reader_progress(const oq__reader *r, uint64_t *done, uint64_t *total);
 const char *oq__reader_path(const oq__reader *r, unsigned file);
 void oq__reader_close(oq__reader *r);
+/* fn(arg) is called from oq__reader_next when it is about to wait for a
+ * pipe or terminal that has no data ready (to flush what the caller holds:
+ * lines read so far must not wait for lines that may never come). */
+void oq__reader_set_idle(oq__reader *r, void (*fn)(void *arg), void *arg);
+/* Makes a reader blocked in oq__reader_next on a pipe or terminal return
+ * -ECANCELED now (any thread; the reader itself is not thread-safe). */
+void oq__reader_cancel(oq__reader *r);
 /* Test hook: the reader's block size in bytes (0: the default, 1 MiB). */
 void oq__reader_set_block_size(size_t bytes);
 

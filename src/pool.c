@@ -176,8 +176,20 @@ static bool decode(worker *w, slot *s, oq_settle *op)
     s->id_len = s->d.id_len;
     s->parsed = NULL;
     s->decoded = true;
-    if (p->opts.decode == NULL)
-        return true;
+    if (p->opts.decode == NULL) {
+        if (s->id_len > 0)
+            return true;
+        /* Without a decode hook the message id is the event id; an id-less
+         * message would collide with every other one. */
+        oq__txn_reset(s->txn);
+        oq_txn_error(s->txn, "message has no id (and the pool has no decode "
+                             "hook)");
+        s->outcome = O_REJECTED;
+        op->op = OQ_SETTLE_DEAD;
+        op->reason = OQ_DLQ_BAD_ID;
+        op->error = oq_txn_error_text(s->txn);
+        return false;
+    }
     memset(&dec, 0, sizeof(dec));
     event_of(p, s, &ev);
     if (p->opts.decode(&ev, &dec, p->opts.decode_arg) != 0) {
@@ -198,15 +210,16 @@ static bool decode(worker *w, slot *s, oq_settle *op)
     return true;
 }
 
-/* Phase A for one message: decode, claim and run the handler. */
-static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
+/* Phase A for one message: decode, claim and run the handler. now is the
+ * pool clock's time. */
+static void run_one(worker *w, slot *s, size_t i, oq_settle *op, int64_t now)
 {
     oq_pool *p = w->p;
     int rc;
 
     op->d = &s->d;
     op->release = 1;
-    if (oq_clock_now(p->opts.clock) >= s->d.deadline_ms) {
+    if (now >= s->d.deadline_ms) {
         /* Its lease is over (a slow message before it in the batch): it
          * is redelivered or will be; do not run it for nothing. */
         s->outcome = O_NONE;
@@ -229,18 +242,33 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
         op->release = 0;
         return;
     }
-    if (rc != OQ_CLAIMED) {
-        /* BUSY, or the claim failed (out of memory): try again soon, and
-         * not as an attempt. */
-        int64_t delay = p->opts.busy_retry_ms;
-        if (rc == OQ_BUSY) {
-            int64_t left = s->claim.lease_deadline_ms -
-                           oq_clock_now(p->opts.clock);
-            delay = OQ__MAX(OQ__MIN(delay, left), 1);
-        }
+    if (rc == OQ_BUSY) {
+        /* Another worker holds it: try again soon, not as an attempt. */
+        int64_t left = s->claim.lease_deadline_ms - now;
         s->outcome = O_BUSY;
         op->op = OQ_SETTLE_RETURN;
-        op->delay_ms = delay;
+        op->delay_ms = OQ__MAX(OQ__MIN(p->opts.busy_retry_ms, left), 1);
+        return;
+    }
+    if (rc == OQ_EINVAL) {
+        /* An id the set cannot take (from a decode hook): never valid. */
+        oq__txn_reset(s->txn);
+        oq_txn_error(s->txn, "invalid id");
+        s->outcome = O_REJECTED;
+        op->op = OQ_SETTLE_DEAD;
+        op->reason = OQ_DLQ_BAD_ID;
+        op->error = oq_txn_error_text(s->txn);
+        return;
+    }
+    if (rc != OQ_CLAIMED) {
+        /* Out of memory: a real attempt, retried with backoff, so a lasting
+         * shortage ends in the dead letters instead of spinning. */
+        s->outcome = O_RETRY;
+        op->op = OQ_SETTLE_NACK;
+        op->error = "cannot claim the id: out of memory";
+        op->delay_ms = oq_backoff_ms(p->opts.backoff_base_ms,
+                                     p->opts.backoff_cap_ms,
+                                     s->d.receive_count, &w->rng);
         return;
     }
 
@@ -263,6 +291,7 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
         oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
         s->outcome = O_RETRY;
         op->op = OQ_SETTLE_NACK;
+        op->error = oq_txn_error_text(s->txn);
         op->delay_ms = oq_backoff_ms(p->opts.backoff_base_ms,
                                      p->opts.backoff_cap_ms,
                                      s->d.receive_count, &w->rng);
@@ -277,6 +306,43 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op)
         op->release = 0;
         return;
     }
+}
+
+static void nap_ms(long ms)
+{
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    nanosleep(&ts, NULL);
+}
+
+/* Applies s's outputs to the sink while its claim is prepared. If the sink
+ * fails (out of memory), nothing was applied: give the claim up and retry
+ * the message later, as a transient failure. */
+static bool apply_outputs(worker *w, slot *s, oq_settle *op)
+{
+    oq_pool *p = w->p;
+    oq_event ev;
+
+    if (p->opts.sink.apply == NULL)
+        return true;
+    event_of(p, s, &ev);
+    if (p->opts.sink.apply(&ev, s->txn, p->opts.sink.arg) == 0)
+        return true;
+    oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
+    s->outcome = O_RETRY;
+    op->op = OQ_SETTLE_NACK;
+    op->delay_ms = oq_backoff_ms(p->opts.backoff_base_ms,
+                                 p->opts.backoff_cap_ms, s->d.receive_count,
+                                 &w->rng);
+    return false;
+}
+
+/* Prepared -> DONE. It can fail only for lack of memory to grow the DONE
+ * table; the outputs are applied by then, so it must not give up: wait for
+ * memory rather than let the event be applied twice. */
+static void commit_prepared(oq_pool *p, const slot *s)
+{
+    while (oq_idset_commit(p->s, s->id, s->id_len, s->claim.token) != 0)
+        nap_ms(1);
 }
 
 /* Phases B and C: pin, then commit, the messages whose handler said OK. */
@@ -315,8 +381,8 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
                 INC(w, fenced);
                 continue;
             }
-            if (oq_idset_commit(p->s, s->id, s->id_len,
-                                s->claim.token) != 0) {
+            if (oq_idset_prepare(p->s, s->id, s->id_len,
+                                 s->claim.token) != 0) {
                 /* Lease lost: discard the outputs; it will be redone. */
                 s->outcome = O_NONE;
                 op->op = OQ_SETTLE_NACK;
@@ -324,22 +390,19 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
                 INC(w, fenced);
                 continue;
             }
+            /* Prepared: nobody can take the claim over now. */
+            if (s->outcome == O_COMMIT && !apply_outputs(w, s, op))
+                continue;
+            commit_prepared(p, s);
             if (s->outcome == O_FAILING) {
                 s->outcome = O_DEAD;
                 op->op = OQ_SETTLE_DEAD;
                 op->reason = OQ_DLQ_FAILED;
                 op->error = oq_txn_error_text(s->txn);
-                continue;
+            } else {
+                s->outcome = O_PROCESSED;
+                op->op = OQ_SETTLE_ACK;
             }
-            if (p->opts.sink.apply) {
-                oq_event ev;
-                event_of(p, s, &ev);
-                if (p->opts.sink.apply(&ev, s->txn, p->opts.sink.arg) != 0)
-                    fprintf(stderr, "onceq: sink failed to apply the outputs "
-                                    "of '%.*s'\n", (int)s->id_len, s->id);
-            }
-            s->outcome = O_PROCESSED;
-            op->op = OQ_SETTLE_ACK;
         }
     }
 }
@@ -378,6 +441,17 @@ static void settle_range(worker *w, size_t lo, size_t hi)
     commit_staged(w, lo, hi);
     oq_queue_settle(p->q, w->ops + lo, hi - lo);
     for (size_t i = lo; i < hi; i++) {
+        /* A dead letter that found no memory is still ours (its id is
+         * settled already): try until the queue takes it. */
+        while (w->ops[i].op == OQ_SETTLE_DEAD &&
+               w->ops[i].result == OQ_ENOMEM) {
+            oq_settle again = w->ops[i];
+            nap_ms(1);
+            oq_queue_settle(p->q, &again, 1);
+            w->ops[i].result = again.result;
+        }
+    }
+    for (size_t i = lo; i < hi; i++) {
         slot *s = &w->slots[i];
         if (s->outcome == O_REDO)
             continue;
@@ -406,6 +480,7 @@ static size_t run_batch(worker *w, size_t n)
     size_t redo = 0, lo = 0;
     bool fast = w->avg_ms < SLOW_HANDLER_MS;
     int64_t t0 = fast ? oq_clock_now(NULL) : 0;
+    int64_t start = oq_clock_now(p->opts.clock);
 
     for (size_t i = 0; i < n; i++) {
         slot *s = &w->slots[i];
@@ -417,13 +492,22 @@ static size_t run_batch(worker *w, size_t n)
             op->d = &s->d;
             op->op = OQ_SETTLE_RETURN;
             op->release = 1;
-        } else if (w->avg_ms >= SLOW_HANDLER_MS) {
-            /* Slow mode: time each message to notice when it is over. */
-            int64_t start = oq_clock_now(NULL);
-            run_one(w, s, i, op);
-            note_duration(w, oq_clock_now(NULL) - start);
         } else {
-            run_one(w, s, i, op);
+            int64_t now = oq_clock_now(p->opts.clock);
+            /* Half the batch's lease is gone (a slow message): commit what
+             * is finished before going on, or it may outlive its lease. */
+            if (i > lo && now - start >= (w->slots[lo].d.deadline_ms - start) / 2) {
+                settle_range(w, lo, i);
+                lo = i;
+            }
+            if (w->avg_ms >= SLOW_HANDLER_MS) {
+                /* Slow mode: time each message to notice when it is over. */
+                int64_t t1 = oq_clock_now(NULL);
+                run_one(w, s, i, op, now);
+                note_duration(w, oq_clock_now(NULL) - t1);
+            } else {
+                run_one(w, s, i, op, now);
+            }
         }
         if (i + 1 == n || w->avg_ms >= SLOW_HANDLER_MS) {
             settle_range(w, lo, i + 1);

@@ -83,10 +83,19 @@ typedef struct msg {
     int64_t first_receive_ms; /* 0 until the first delivery */
     unsigned refs;            /* queue's own + one per delivery */
     int hashed;               /* in q->inflight */
+    char *last_error;         /* the last nack's error text, or NULL */
     struct msg *next;         /* READY FIFO link, or free list */
     UT_hash_handle hh;        /* q->inflight, key receipt */
     char data[];              /* id bytes, NUL, payload bytes, NUL */
 } msg;
+
+static void msg_free(msg *m)
+{
+    if (m) {
+        oq__free(m->last_error);
+        oq__free(m);
+    }
+}
 
 typedef struct dead {
     msg *m;                   /* holds the queue's reference */
@@ -193,19 +202,19 @@ void oq_queue_free(oq_queue *q)
     /* Every message is reachable from exactly one of these. */
     while ((m = q->ready_head) != NULL) {
         q->ready_head = m->next;
-        oq__free(m);
+        msg_free(m);
     }
     while ((m = oq__heap_pop(&q->delayed)) != NULL)
-        oq__free(m);
+        msg_free(m);
     while ((m = oq__heap_pop(&q->deadlines)) != NULL)
         m->state = M_GONE; /* also in the hash; freed below */
     HASH_ITER(hh, q->inflight, m, tmp) {
         HASH_DEL(q->inflight, m);
-        oq__free(m);
+        msg_free(m);
     }
     while ((d = q->dead_head) != NULL) {
         q->dead_head = d->next;
-        oq__free(d->m);
+        msg_free(d->m);
         free_dead(d);
     }
     HASH_ITER(hh, q->dedup_hash, e, etmp) {
@@ -261,7 +270,7 @@ static void free_list(msg *m)
 {
     while (m) {
         msg *next = m->next;
-        oq__free(m);
+        msg_free(m);
         m = next;
     }
 }
@@ -280,31 +289,34 @@ static void leave_flight(oq_queue *q, msg *m)
     m->receipt = 0;
 }
 
-/* Moves m (already out of every structure) to the dead-letter list. The
- * queue's reference moves with it. Fails only when out of memory, and then
- * m is in no structure: the caller must put it back somewhere, so that a
- * message is never dropped. */
-static int make_dead(oq_queue *q, msg *m, oq_dlq_reason reason,
-                     const char *error, int64_t now)
+/* A dead-letter record for m, allocated before m leaves any structure, so
+ * that running out of memory leaves m where it was. */
+static dead *dead_new(const char *error)
 {
     dead *d = oq__malloc(sizeof(*d));
-    char *err = NULL;
 
-    if (d && error && *error) {
-        size_t len = strlen(error) + 1;
-        err = oq__malloc(len);
-        if (err == NULL) {
-            oq__free(d);
-            d = NULL;
-        } else {
-            memcpy(err, error, len);
-        }
-    }
     if (d == NULL)
-        return OQ_ENOMEM;
+        return NULL;
+    d->error = NULL;
+    if (error && *error) {
+        size_t len = strlen(error) + 1;
+        d->error = oq__malloc(len);
+        if (d->error == NULL) {
+            oq__free(d);
+            return NULL;
+        }
+        memcpy(d->error, error, len);
+    }
+    return d;
+}
+
+/* Moves m (already out of every structure) to the dead-letter list, with
+ * d from dead_new. The queue's reference moves with it. Cannot fail. */
+static void dead_link(oq_queue *q, msg *m, dead *d, oq_dlq_reason reason,
+                      int64_t now)
+{
     d->m = m;
     d->reason = reason;
-    d->error = err;
     d->attempts = m->receive_count;
     d->dead_ms = now;
     d->next = NULL;
@@ -315,7 +327,6 @@ static int make_dead(oq_queue *q, msg *m, oq_dlq_reason reason,
     q->dead_tail = d;
     m->state = M_DEAD;
     q->st.dead_lettered[reason]++;
-    return 0;
 }
 
 /* Lazy expiry: due delayed messages become ready; in-flight messages past
@@ -451,7 +462,7 @@ static int send_locked(oq_queue *q, const oq_message *in, int64_t now)
         m->due_ms = now + in->delay_ms;
         rc = oq__heap_push(&q->delayed, m);
         if (rc != 0) {
-            oq__free(m);
+            msg_free(m);
             return rc;
         }
     } else {
@@ -494,6 +505,7 @@ int oq_queue_reject(oq_queue *q, const oq_message *in, oq_dlq_reason reason,
 {
     int64_t now = now_ms(q);
     msg *m;
+    dead *d;
     int rc;
 
     if ((unsigned)reason >= OQ_DLQ__COUNT || in == NULL ||
@@ -503,19 +515,24 @@ int oq_queue_reject(oq_queue *q, const oq_message *in, oq_dlq_reason reason,
     m = msg_new(in, now);
     if (m == NULL)
         return OQ_ENOMEM;
+    d = dead_new(error);
+    if (d == NULL) {
+        msg_free(m);
+        return OQ_ENOMEM;
+    }
     pthread_mutex_lock(&q->mu);
     if (q->closed) {
         rc = OQ_ECLOSED;
     } else {
-        /* make_dead puts it on the ready list if it cannot allocate;
-         * take it back off: a reject that failed leaves nothing behind. */
-        rc = make_dead(q, m, reason, error, now);
-        if (rc == 0)
-            q->st.sent++;
+        dead_link(q, m, d, reason, now);
+        q->st.sent++;
+        rc = 0;
     }
     pthread_mutex_unlock(&q->mu);
-    if (rc != 0)
-        oq__free(m);
+    if (rc != 0) {
+        free_dead(d);
+        msg_free(m);
+    }
     return rc;
 }
 
@@ -559,13 +576,18 @@ static size_t take(oq_queue *q, oq_delivery *out, size_t max, int64_t now)
     while (n < max && (m = ready_pop(q)) != NULL) {
         int why = must_die(q, m, now);
         if (why >= 0) {
-            const char *err = why == OQ_DLQ_EXPIRED
-                ? "message older than its TTL"
-                : "receive count reached max_receives";
-            if (make_dead(q, m, (oq_dlq_reason)why, err, now) != 0) {
+            char err[640];
+            dead *d;
+            snprintf(err, sizeof(err), "%s%s%s", why == OQ_DLQ_EXPIRED
+                     ? "message older than its TTL"
+                     : "receive count reached max_receives",
+                     m->last_error ? "; last error: " : "",
+                     m->last_error ? m->last_error : "");
+            if ((d = dead_new(err)) == NULL) {
                 ready_unpop(q, m); /* out of memory: try again later */
                 break;
             }
+            dead_link(q, m, d, (oq_dlq_reason)why, now);
             continue;
         }
         if (oq__heap_push(&q->deadlines, m) != 0) {
@@ -696,6 +718,16 @@ static int apply(oq_queue *q, msg *m, const oq_settle *op, int64_t now,
             m->receive_count--;
         /* fall through */
     case OQ_SETTLE_NACK:
+        if (op->error && *op->error) {
+            /* Kept for a later dead letter; best effort. */
+            size_t len = strlen(op->error) + 1;
+            char *e = oq__malloc(len);
+            if (e) {
+                memcpy(e, op->error, len);
+                oq__free(m->last_error);
+                m->last_error = e;
+            }
+        }
         leave_flight(q, m);
         q->st.nacked++;
         if (op->delay_ms > 0) {
@@ -722,17 +754,16 @@ static int apply(oq_queue *q, msg *m, const oq_settle *op, int64_t now,
         }
         return 0;
     case OQ_SETTLE_DEAD: {
-        int rc;
+        dead *d;
         if ((unsigned)op->reason >= OQ_DLQ__COUNT)
             return OQ_EINVAL;
+        /* Out of memory: the message stays as it is, in flight with its
+         * receipt, so the caller can try again. */
+        if ((d = dead_new(op->error)) == NULL)
+            return OQ_ENOMEM;
         leave_flight(q, m);
-        rc = make_dead(q, m, op->reason, op->error, now);
-        if (rc != 0) {
-            /* Out of memory: visible again; it will be retried. */
-            ready_push(q, m, now);
-            wake_one(q);
-        }
-        return rc;
+        dead_link(q, m, d, op->reason, now);
+        return 0;
     }
     }
     return OQ_EINVAL;
@@ -758,7 +789,9 @@ int oq_queue_settle(oq_queue *q, oq_settle *ops, size_t n)
             op->result = apply(q, m, op, now, &freelist);
         if (op->result == 0)
             ok++;
-        if (op->release && m) {
+        /* Out of memory leaves the delivery's reference, so the caller
+         * can retry the op. */
+        if (op->release && m && op->result != OQ_ENOMEM) {
             unref(m, &freelist);
             op->d->msg_ = NULL;
         }

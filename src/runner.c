@@ -295,7 +295,7 @@ typedef struct run {
     run_sink rs;
 
     /* Written by the reader thread, read by the main thread. */
-    _Atomic uint64_t lines, blank, too_large;
+    _Atomic uint64_t lines, blank;
     _Atomic int reader_done;
     _Atomic int stop;
     int reader_rc;              /* read by main only after the join */
@@ -312,10 +312,28 @@ static int64_t wall_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void send_batch(run *r, oq_message *m, size_t n)
+/* Sends n messages; a message the queue could not take for lack of memory
+ * is tried again, after a pause, rather than lost. Returns 0, or OQ_ENOMEM
+ * if memory did not come back within about ten seconds. */
+static int send_all(run *r, oq_message *m, size_t n)
 {
-    if (n > 0)
-        oq_queue_send_batch(r->q, m, n, NULL);
+    int res[SEND_BATCH];
+    struct timespec nap = { 0, 1000 * 1000 };
+
+    for (unsigned tries = 0; n > 0; tries++) {
+        size_t left = 0;
+        if (tries > 0) {
+            if (tries > 10000 || atomic_load(&r->stop))
+                return OQ_ENOMEM;
+            nanosleep(&nap, NULL);
+        }
+        oq_queue_send_batch(r->q, m, n, res);
+        for (size_t i = 0; i < n; i++)
+            if (res[i] == OQ_ENOMEM)
+                m[left++] = m[i];
+        n = left;
+    }
+    return 0;
 }
 
 /* Waits while the queue holds too much that is ready. */
@@ -332,61 +350,95 @@ static void throttle(run *r)
     }
 }
 
-static void reject_too_large(run *r, const oq__line *l)
+static int reject_too_large(run *r, const oq__line *l)
 {
     char err[128];
     oq_message m = { NULL, 0, l->data, l->len, 0, TAG(l->file, l->lineno) };
 
+    struct timespec nap = { 0, 1000 * 1000 };
+
     snprintf(err, sizeof(err), "line of %zu bytes exceeds --max-line %zu "
              "(first %zu bytes kept)", l->full_len, r->c->max_line, l->len);
-    oq_queue_reject(r->q, &m, OQ_DLQ_TOO_LARGE, err);
-    atomic_fetch_add(&r->too_large, 1);
+    for (int tries = 0; tries < 10000; tries++) {
+        if (oq_queue_reject(r->q, &m, OQ_DLQ_TOO_LARGE, err) != OQ_ENOMEM)
+            return 0;
+        nanosleep(&nap, NULL);
+    }
+    return OQ_ENOMEM;
+}
+
+/* The reader thread's batch of lines not sent yet. */
+typedef struct pending {
+    run *r;
+    oq_message m[SEND_BATCH];
+    char *arena;    /* the lines' bytes (oq__reader_next reuses its buffer) */
+    size_t cap, used, n;
+    int rc;         /* a send that failed for good */
+} pending;
+
+#define ARENA_BYTES (SEND_BATCH * 512)
+
+static void flush(void *arg)
+{
+    pending *pb = arg;
+    if (pb->n > 0 && pb->rc == 0)
+        pb->rc = send_all(pb->r, pb->m, pb->n);
+    pb->n = pb->used = 0;
+}
+
+static void add_line(pending *pb, const oq__line *l)
+{
+    oq_message one = { NULL, 0, l->data, l->len, 0, TAG(l->file, l->lineno) };
+
+    if (pb->used + l->len > pb->cap || pb->n == SEND_BATCH) {
+        flush(pb);
+        throttle(pb->r);
+    }
+    if (l->len > pb->cap) {
+        if (pb->rc == 0)
+            pb->rc = send_all(pb->r, &one, 1);
+        return;
+    }
+    memcpy(pb->arena + pb->used, l->data, l->len);
+    one.payload = pb->arena + pb->used;
+    pb->m[pb->n++] = one;
+    pb->used += l->len;
 }
 
 static void *reader_main(void *arg)
 {
     run *r = arg;
-    oq_message batch[SEND_BATCH];
-    char *arena = oq__malloc(SEND_BATCH * 512);
-    size_t arena_cap = SEND_BATCH * 512, used = 0, n = 0;
+    pending *pb = oq__calloc(1, sizeof(*pb));
     oq__line l;
     int rc = 0;
 
-    while (arena && !atomic_load(&r->stop) &&
-           (rc = oq__reader_next(r->reader, &l, r->reader_err,
-                                 sizeof(r->reader_err))) > 0) {
-        atomic_fetch_add(&r->lines, 1);
-        if (l.kind == OQ__LINE_BLANK) {
-            atomic_fetch_add(&r->blank, 1);
-            continue;
+    if (pb && (pb->arena = oq__malloc(ARENA_BYTES)) != NULL) {
+        pb->r = r;
+        pb->cap = ARENA_BYTES;
+        /* Lines from a pipe must not wait for a full batch. */
+        oq__reader_set_idle(r->reader, flush, pb);
+        while (!atomic_load(&r->stop) && pb->rc == 0 &&
+               (rc = oq__reader_next(r->reader, &l, r->reader_err,
+                                     sizeof(r->reader_err))) > 0) {
+            atomic_fetch_add(&r->lines, 1);
+            if (l.kind == OQ__LINE_BLANK)
+                atomic_fetch_add(&r->blank, 1);
+            else if (l.kind == OQ__LINE_TOO_LARGE)
+                pb->rc = reject_too_large(r, &l);
+            else
+                add_line(pb, &l);
         }
-        if (l.kind == OQ__LINE_TOO_LARGE) {
-            reject_too_large(r, &l);
-            continue;
-        }
-        /* The line is only valid until the next call: copy it. */
-        if (used + l.len > arena_cap || n == SEND_BATCH) {
-            send_batch(r, batch, n);
-            throttle(r);
-            n = used = 0;
-        }
-        if (l.len > arena_cap) {
-            oq_message one = { NULL, 0, l.data, l.len, 0,
-                               TAG(l.file, l.lineno) };
-            send_batch(r, &one, 1);
-            continue;
-        }
-        memcpy(arena + used, l.data, l.len);
-        batch[n++] = (oq_message){ NULL, 0, arena + used, l.len, 0,
-                                   TAG(l.file, l.lineno) };
-        used += l.len;
+        flush(pb);
+        oq__reader_set_idle(r->reader, NULL, NULL);
     }
-    send_batch(r, batch, n);
-    if (arena == NULL) {
+    if (pb == NULL || pb->arena == NULL || pb->rc != 0) {
         rc = OQ_ENOMEM;
-        snprintf(r->reader_err, sizeof(r->reader_err), "out of memory");
+        snprintf(r->reader_err, sizeof(r->reader_err),
+                 "out of memory: input lines could not be queued");
     }
-    oq__free(arena);
+    if (pb)
+        oq__free(pb->arena);
+    oq__free(pb);
     r->reader_rc = rc < 0 ? rc : 0;
     oq_queue_close(r->q);
     atomic_store(&r->reader_done, 1);
@@ -891,6 +943,7 @@ int oq__run(const oq__run_config *c)
     sig = wait_done(r, &sigs);
     if (sig) {
         atomic_store(&r->stop, 1);
+        oq__reader_cancel(r->reader);
         oq__handler_cancel(&r->h);
         if (oq_pool_stop(r->p, c->kill_grace_ms + 1000) != 0) {
             /* A handler is stuck: report and leave without freeing what
@@ -908,7 +961,7 @@ int oq__run(const oq__run_config *c)
         fputc('\n', stderr);
     }
     get_totals(r, &t);
-    if (r->reader_rc != 0) {
+    if (r->reader_rc != 0 && !(sig && r->reader_rc == -ECANCELED)) {
         fprintf(stderr, "onceq run: %s\n", r->reader_err);
         status = 2;
     }

@@ -38,6 +38,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -67,6 +68,7 @@ void oq__reader_set_block_size(size_t bytes)
 typedef struct input {
     const char *path;  /* as given; "-" is stdin */
     int fd;            /* -1 once closed */
+    bool regular;      /* a regular file: reads never wait */
 } input;
 
 struct oq__reader {
@@ -86,6 +88,9 @@ struct oq__reader {
     uint64_t done_prev;  /* bytes of the inputs before cur */
     _Atomic uint64_t done; /* bytes handed out so far, all inputs */
     uint64_t total;      /* sum of the regular files' sizes; 0 if unknown */
+    int cancel[2];       /* pipe: oq__reader_cancel writes, fill polls */
+    void (*idle)(void *arg); /* called before waiting for a slow input */
+    void *idle_arg;
     char big[KEEP_LARGE]; /* the start of a too-large line */
 };
 
@@ -170,11 +175,14 @@ int oq__reader_open(oq__reader **out, const char *const *paths, unsigned n,
     r = oq__calloc(1, sizeof(*r));
     if (r == NULL)
         goto out_nomem;
+    r->cancel[0] = r->cancel[1] = -1;
     r->in = oq__calloc(n, sizeof(*r->in));
     if (r->in == NULL)
         goto out_nomem;
     for (unsigned i = 0; i < n; i++)
         r->in[i].fd = -1;
+    if (pipe2(r->cancel, O_CLOEXEC | O_NONBLOCK) != 0)
+        goto out_nomem;
     r->n = n;
     r->max_line = max_line ? max_line : DEFAULT_MAX_LINE;
     r->max_cap = OQ__MAX(block_size, r->max_line + 2);
@@ -190,6 +198,7 @@ int oq__reader_open(oq__reader **out, const char *const *paths, unsigned n,
         if (rc != 0)
             goto out_close;
         all_regular = all_regular && regular;
+        r->in[i].regular = regular;
         r->total += size;
     }
     if (!all_regular)
@@ -215,7 +224,24 @@ void oq__reader_close(oq__reader *r)
             close_input(&r->in[i]);
     oq__free(r->in);
     oq__free(r->buf);
+    if (r->cancel[0] >= 0) {
+        close(r->cancel[0]);
+        close(r->cancel[1]);
+    }
     oq__free(r);
+}
+
+void oq__reader_set_idle(oq__reader *r, void (*fn)(void *arg), void *arg)
+{
+    r->idle = fn;
+    r->idle_arg = arg;
+}
+
+void oq__reader_cancel(oq__reader *r)
+{
+    char one = 1;
+    ssize_t rc = write(r->cancel[1], &one, 1);
+    (void)rc; /* full pipe: a byte is there already */
 }
 
 const char *oq__reader_path(const oq__reader *r, unsigned file)
@@ -237,6 +263,32 @@ static ssize_t fill(oq__reader *r, size_t at, char *err, size_t errlen)
 {
     ssize_t got;
 
+    /* A pipe or terminal may not deliver for ever: wait for data or for
+     * oq__reader_cancel, whichever comes first. */
+    for (int wait_ms = 0; !r->in[r->cur].regular; wait_ms = -1) {
+        struct pollfd pf[2] = { { r->in[r->cur].fd, POLLIN, 0 },
+                                { r->cancel[0], POLLIN, 0 } };
+        int n = poll(pf, 2, wait_ms);
+        if (n == 0) {
+            /* Nothing yet: let the caller pass on what it holds. */
+            if (r->idle)
+                r->idle(r->idle_arg);
+            continue;
+        }
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break; /* let read report it */
+        }
+        if (pf[1].revents) {
+            r->err = -ECANCELED;
+            set_err(err, errlen, "reading '%s' was cancelled",
+                    shown_path(r->in[r->cur].path));
+            return r->err;
+        }
+        if (pf[0].revents)
+            break;
+    }
     do {
         got = read(r->in[r->cur].fd, r->buf + at, r->cap - at);
     } while (got < 0 && errno == EINTR);

@@ -454,6 +454,62 @@ static void test_decode_hook(void **state)
     assert_int_equal(atomic_load(&parsed_live), 0);
 }
 
+static void test_idless_message_is_bad_id(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+    dls seen = { 0 };
+
+    f->po.handler = count_handler;
+    start(f);
+    assert_int_equal(oq_queue_send(f->q, NULL, 0, "one", 3, 0), 0);
+    assert_int_equal(oq_queue_send(f->q, NULL, 0, "two", 3, 0), 0);
+    send_id(f, "real");
+    drain(f);
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(ps.processed, 1);
+    assert_int_equal(ps.duplicates, 0);
+    assert_int_equal(ps.rejected, 2);
+    oq_queue_dead_letters(f->q, 0, collect, &seen);
+    assert_int_equal(seen.n, 2);
+    assert_int_equal(seen.reason, OQ_DLQ_BAD_ID);
+}
+
+/* A sink whose first apply fails (as if out of memory): the event must be
+ * retried and applied once, not acked with its effect missing. */
+static _Atomic int applies, failures_left;
+
+static int flaky_apply(const oq_event *ev, const oq_txn *txn, void *arg)
+{
+    (void)ev;
+    (void)txn;
+    (void)arg;
+    if (atomic_fetch_sub(&failures_left, 1) > 0)
+        return OQ_ENOMEM;
+    atomic_fetch_add(&applies, 1);
+    return 0;
+}
+
+static void test_failed_sink_apply_is_retried(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+
+    atomic_store(&failures_left, 1);
+    atomic_store(&applies, 0);
+    f->po.handler = count_handler;
+    f->po.sink = (oq_sink){ flaky_apply, NULL, NULL };
+    f->po.workers = 1;
+    start(f);
+    send_id(f, "s1");
+    drain(f);
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(atomic_load(&applies), 1);
+    assert_int_equal(ps.processed, 1);
+    assert_int_equal(ps.retried, 1);
+    assert_int_equal(ps.handler_calls, 2);
+}
+
 static void test_backoff_full_jitter(void **state)
 {
     uint64_t rng = 7;
@@ -494,6 +550,8 @@ int main(void)
         T(test_stats_balance),
         T(test_bad_options),
         T(test_decode_hook),
+        T(test_idless_message_is_bad_id),
+        T(test_failed_sink_apply_is_retried),
         cmocka_unit_test(test_backoff_full_jitter),
 #undef T
     };

@@ -551,10 +551,39 @@ static void test_dead_letter_out_of_memory_keeps_message(void **state)
     assert_int_equal(oq_queue_dead_letter(q, d.receipt, OQ_DLQ_FAILED, "x"),
                      OQ_ENOMEM);
     oq__alloc_fail_after(-1);
-    oq_queue_release(q, &d, 1);
+    /* Nothing moved: still in flight under the same receipt, so the
+     * caller can try again. */
     oq_queue_stats_get(q, &st);
-    assert_int_equal(st.ready, 1); /* visible again, not lost */
+    assert_int_equal(st.in_flight, 1);
     assert_int_equal(st.dead_lettered[OQ_DLQ_FAILED], 0);
+    assert_int_equal(oq_queue_dead_letter(q, d.receipt, OQ_DLQ_FAILED, "x"), 0);
+    oq_queue_stats_get(q, &st);
+    assert_int_equal(st.in_flight, 0);
+    assert_int_equal(st.dead_lettered[OQ_DLQ_FAILED], 1);
+    oq_queue_release(q, &d, 1);
+}
+
+static void test_max_receives_reports_last_error(void **state)
+{
+    fx *f = *state;
+    oq_queue *q = make_queue(f, vt_max3);
+    oq_delivery d;
+    oq_settle op = { 0 };
+    dl_seen seen = { 0 };
+
+    send_s(q, "flaky", 0);
+    for (int i = 0; i < 3; i++) {
+        char err[32];
+        assert_int_equal(recv1(q, &d), 1);
+        snprintf(err, sizeof(err), "busy %d", i + 1);
+        op = (oq_settle){ .d = &d, .op = OQ_SETTLE_NACK, .release = 1,
+                          .error = err };
+        assert_int_equal(oq_queue_settle(q, &op, 1), 1);
+    }
+    assert_int_equal(recv1(q, &d), 0);
+    oq_queue_dead_letters(q, 0, collect, &seen);
+    assert_int_equal(seen.reason, OQ_DLQ_MAX_ATTEMPTS);
+    assert_non_null(strstr(seen.error, "last error: busy 3"));
 }
 
 static void test_stats_gauges_and_oldest_age(void **state)
@@ -685,6 +714,7 @@ int main(void)
         T(test_stats_gauges_and_oldest_age),
         T(test_reject_goes_straight_to_dead_letters),
         T(test_dead_letter_out_of_memory_keeps_message),
+        T(test_max_receives_reports_last_error),
         T(test_send_batch_results),
         T(test_send_out_of_memory),
         T(test_bad_options),

@@ -408,6 +408,26 @@ def sigint_and_sigterm_stop_gracefully():
 
 
 @test
+def sigint_with_open_stdin_pipe():
+    """A pipe that stays open (tail -f) must not keep onceq from stopping,
+    and lines read so far must not wait for a full batch."""
+    p = subprocess.Popen([ONCEQ, "run", "--stats", "-"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=TMP)
+    p.stdin.write(b'{"id":"a","word":"x"}\n{"id":"b","word":"x"}\n')
+    p.stdin.flush()
+    time.sleep(1.0 if SLOW else 0.4)
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130, (p.returncode, err)
+    assert time.time() - t0 < 10
+    lines = out.decode().splitlines()
+    assert lines[0] == '{"word":"x","count":2}', lines
+    assert json.loads(lines[1])["processed"] == 2
+
+
+@test
 def help_lists_options_and_exit_codes():
     rc, out, err = run(["run", "--help"])
     assert rc == 0
