@@ -41,7 +41,7 @@ CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_txn test_pool \
               test_source test_handlers \
               stress_pool
-BENCH_NAMES := bench_pool bench_idset_mem bench_run
+BENCH_NAMES := bench_pool bench_idset_mem bench_run bench_json
 # Tests that drive the real binary (each prints "N passed, N failed").
 SCRIPT_TESTS := test/test_node.py test/test_run.py
 
@@ -91,6 +91,9 @@ $(BUILD)/bench/%: $(BUILD)/bench/%.o $(BUILD)/libonceq.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 
+# Only the JSON comparison links jansson.
+$(BUILD)/bench/bench_json: LIBS += -ljansson
+
 tests: $(TEST_BINS)
 benches: $(BENCH_BINS)
 
@@ -123,6 +126,7 @@ bench: benches
 	$(Q)mkdir -p bench/results
 	$(Q)$(BUILD)/bench/bench_pool --csv bench/results/pool.csv
 	$(Q)$(BUILD)/bench/bench_idset_mem --ids 10000000 --csv bench/results/idset_mem.csv
+	$(Q)$(BUILD)/bench/bench_json
 	$(Q)$(BUILD)/bench/bench_run --onceq $(BUILD)/onceq --csv bench/results/run.csv
 	$(Q)sh bench/bench_node.sh
 
@@ -133,7 +137,7 @@ check: deps
 	$(Q)$(MAKE) --no-print-directory asan
 
 DEB_PACKAGES := build-essential clang pkg-config python3 uthash-dev \
-                libcmocka-dev libcjson-dev libxxhash-dev
+                libcmocka-dev libcjson-dev libxxhash-dev libjansson-dev
 
 deps:
 	$(Q)missing=""; for p in $(DEB_PACKAGES); do \

@@ -381,8 +381,18 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
                 INC(w, fenced);
                 continue;
             }
-            if (oq_idset_prepare(p->s, s->id, s->id_len,
-                                 s->claim.token) != 0) {
+            /* With nothing to write, commit at once; else prepare, so a
+             * failed write can still give the claim back. */
+            bool direct = s->outcome == O_FAILING || p->opts.sink.apply == NULL;
+            int rc = direct
+                ? oq_idset_commit(p->s, s->id, s->id_len, s->claim.token)
+                : oq_idset_prepare(p->s, s->id, s->id_len, s->claim.token);
+            if (rc == OQ_ENOMEM && direct) {
+                /* No memory for the DONE table: nothing was applied yet;
+                 * give the claim up and retry later. */
+                oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
+            }
+            if (rc != 0) {
                 /* Lease lost: discard the outputs; it will be redone. */
                 s->outcome = O_NONE;
                 op->op = OQ_SETTLE_NACK;
@@ -391,9 +401,11 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
                 continue;
             }
             /* Prepared: nobody can take the claim over now. */
-            if (s->outcome == O_COMMIT && !apply_outputs(w, s, op))
-                continue;
-            commit_prepared(p, s);
+            if (!direct) {
+                if (!apply_outputs(w, s, op))
+                    continue;
+                commit_prepared(p, s);
+            }
             if (s->outcome == O_FAILING) {
                 s->outcome = O_DEAD;
                 op->op = OQ_SETTLE_DEAD;
