@@ -23,7 +23,7 @@ CPPFLAGS += -Iinclude -Isrc -D_GNU_SOURCE -DOQ_BUILDING -MMD -MP
 CFLAGS   += -std=c11 -g $(OPT) -pthread -fPIC -fvisibility=hidden $(WARN)
 # -rdynamic: plugins (plugin:PATH.so) link against the binary's oq_* API.
 LDFLAGS  += -pthread -rdynamic
-LIBS     := -lxxhash -lcjson -lm -ldl
+LIBS     := -lxxhash -lcjson -lsqlite3 -lhiredis -lm -ldl
 
 ifeq ($(SAN),thread)
 CFLAGS  += -fsanitize=thread -fno-omit-frame-pointer
@@ -36,8 +36,9 @@ endif
 
 LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset.c \
             src/txn.c src/memsink.c src/pool.c src/source.c src/handlers.c \
-            src/runner.c
-CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c
+            src/runner.c src/store.c
+CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c src/state_cli.c \
+            src/redis.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_txn test_pool \
               test_source test_handlers \
               stress_pool
@@ -137,7 +138,8 @@ check: deps
 	$(Q)$(MAKE) --no-print-directory asan
 
 DEB_PACKAGES := build-essential clang pkg-config python3 uthash-dev \
-                libcmocka-dev libcjson-dev libxxhash-dev libjansson-dev
+                libcmocka-dev libcjson-dev libxxhash-dev libjansson-dev \
+                libsqlite3-dev sqlite3 libhiredis-dev redis-server
 
 deps:
 	$(Q)missing=""; for p in $(DEB_PACKAGES); do \

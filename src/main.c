@@ -18,6 +18,12 @@ static const command commands[] = {
     { "run", oq__cmd_run, "process JSON-lines event files exactly once" },
     { "gen", oq__cmd_gen, "generate synthetic event files" },
     { "node", oq__cmd_node, "speak the JSON-lines node protocol on stdin/stdout" },
+    { "send", oq__cmd_send, "load events into a Redis stream (--redis)" },
+    { "dlq", oq__cmd_dlq, "list, show, redrive or purge dead letters" },
+    { "export", oq__cmd_export, "write the results of a durable run as JSONL" },
+    { "stats", oq__cmd_stats, "print the stats of a durable run as JSON" },
+    { "checkpoint", oq__cmd_checkpoint, "save a named snapshot of a durable run" },
+    { "restore", oq__cmd_restore, "restore a named snapshot of a durable run" },
 };
 
 #define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))

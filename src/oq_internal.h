@@ -218,6 +218,21 @@ void oq__json_write_string(FILE *f, const char *s, size_t n);
 int oq__cmd_node(int argc, char **argv);
 int oq__cmd_run(int argc, char **argv);
 int oq__cmd_gen(int argc, char **argv);
+/* state_cli.c: the durable state's subcommands (--state PATH); with
+ * --redis they hand over to redis.c's oq__redis_dlq / oq__redis_export. */
+int oq__cmd_dlq(int argc, char **argv);
+int oq__cmd_export(int argc, char **argv);
+int oq__cmd_stats(int argc, char **argv);
+int oq__cmd_checkpoint(int argc, char **argv);
+int oq__cmd_restore(int argc, char **argv);
+/* redis.c: Redis Streams. `onceq run` hands over to oq__redis_run when its
+ * arguments hold --redis (argv as given to oq__cmd_run). */
+int oq__cmd_send(int argc, char **argv);
+int oq__redis_run(int argc, char **argv);
+int oq__redis_dlq(int argc, char **argv);
+int oq__redis_export(int argc, char **argv);
+/* 1 if argv[1..argc) holds the option name (exactly, or as "name=..."). */
+int oq__has_option(int argc, char **argv, const char *name);
 
 /* ------------------------------------------------------------------- misc */
 

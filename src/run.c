@@ -347,10 +347,26 @@ static int parse_args(oq__run_config *c, int argc, char **argv)
     return -1;
 }
 
+int oq__has_option(int argc, char **argv, const char *name)
+{
+    size_t n = strlen(name);
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--") == 0)
+            return 0;
+        if (strncmp(argv[i], name, n) == 0 &&
+            (argv[i][n] == '\0' || argv[i][n] == '='))
+            return 1;
+    }
+    return 0;
+}
+
 int oq__cmd_run(int argc, char **argv)
 {
     oq__run_config c;
     int rc;
+
+    if (oq__has_option(argc, argv, "--redis"))
+        return oq__redis_run(argc, argv);
 
     oq__run_config_defaults(&c);
     rc = parse_args(&c, argc, argv);
