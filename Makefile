@@ -45,15 +45,28 @@ TEST_NAMES := test_clock test_heap test_queue test_idset test_txn test_pool \
 BENCH_NAMES := bench_pool bench_idset_mem bench_run bench_json
 # Tests that drive the real binary (each prints "N passed, N failed").
 SCRIPT_TESTS := test/test_node.py test/test_run.py
+# The install test builds examples/ against an installed copy: normal build
+# only (a sanitizer build's library needs the sanitizer's runtime).
+ifeq ($(SAN),)
+SCRIPT_TESTS += test/test_install.sh
+endif
 
 LIB_OBJS  := $(LIB_SRCS:src/%.c=$(BUILD)/obj/%.o)
 CLI_OBJS  := $(CLI_SRCS:src/%.c=$(BUILD)/obj/%.o)
 TEST_BINS := $(TEST_NAMES:%=$(BUILD)/test/%)
 BENCH_BINS := $(BENCH_NAMES:%=$(BUILD)/bench/%)
 
+# The version lives in include/onceq.h only.
+VMAJOR  := $(shell sed -n 's/^\#define OQ_VERSION_MAJOR \([0-9]*\)/\1/p' include/onceq.h)
+VMINOR  := $(shell sed -n 's/^\#define OQ_VERSION_MINOR \([0-9]*\)/\1/p' include/onceq.h)
+VPATCH  := $(shell sed -n 's/^\#define OQ_VERSION_PATCH \([0-9]*\)/\1/p' include/onceq.h)
+VERSION := $(VMAJOR).$(VMINOR).$(VPATCH)
+SONAME  := libonceq.so.$(VMAJOR)
+LIB_LIBS := -lxxhash -lcjson -lsqlite3 -lm -ldl
+
 .PHONY: all lib tests benches check test tsan asan stress bench demo deps clean \
-        run-tests
-all: $(BUILD)/libonceq.a $(BUILD)/onceq onceq
+        run-tests install uninstall
+all: $(BUILD)/libonceq.a $(BUILD)/libonceq.so $(BUILD)/onceq onceq
 
 lib: $(BUILD)/libonceq.a
 
@@ -69,6 +82,11 @@ $(BUILD)/obj/%.o: src/%.c
 $(BUILD)/libonceq.a: $(LIB_OBJS)
 	@$(if $(Q),echo "  AR      $@")
 	$(Q)rm -f $@ && ar rcs $@ $^
+
+# Only what onceq.h marks OQ_API is exported (-fvisibility=hidden).
+$(BUILD)/libonceq.so: $(LIB_OBJS)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -shared -Wl,-soname,$(SONAME) $(LDFLAGS) -o $@ $^ $(LIB_LIBS)
 
 $(BUILD)/onceq: $(CLI_OBJS) $(BUILD)/libonceq.a
 	@$(if $(Q),echo "  LD      $@")
@@ -160,8 +178,29 @@ demo: all
 	@echo '$$ ./onceq run --handler count:source examples/events.jsonl'
 	$(Q)./onceq run --handler count:source examples/events.jsonl
 
+# make install PREFIX=/usr/local [DESTDIR=...]
+install: $(BUILD)/libonceq.a $(BUILD)/libonceq.so $(BUILD)/onceq
+	$(Q)install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/pkgconfig \
+		$(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/share/man/man1
+	$(Q)install -m 755 $(BUILD)/onceq $(DESTDIR)$(PREFIX)/bin/onceq
+	$(Q)install -m 644 $(BUILD)/libonceq.a $(DESTDIR)$(PREFIX)/lib/libonceq.a
+	$(Q)install -m 755 $(BUILD)/libonceq.so \
+		$(DESTDIR)$(PREFIX)/lib/libonceq.so.$(VERSION)
+	$(Q)ln -sf libonceq.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/$(SONAME)
+	$(Q)ln -sf $(SONAME) $(DESTDIR)$(PREFIX)/lib/libonceq.so
+	$(Q)install -m 644 include/onceq.h $(DESTDIR)$(PREFIX)/include/onceq.h
+	$(Q)install -m 644 docs/onceq.1 $(DESTDIR)$(PREFIX)/share/man/man1/onceq.1
+	$(Q)sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' onceq.pc.in \
+		> $(DESTDIR)$(PREFIX)/lib/pkgconfig/onceq.pc
+
+uninstall:
+	$(Q)rm -f $(DESTDIR)$(PREFIX)/bin/onceq $(DESTDIR)$(PREFIX)/lib/libonceq.a \
+		$(DESTDIR)$(PREFIX)/lib/libonceq.so* $(DESTDIR)$(PREFIX)/include/onceq.h \
+		$(DESTDIR)$(PREFIX)/share/man/man1/onceq.1 \
+		$(DESTDIR)$(PREFIX)/lib/pkgconfig/onceq.pc
+
 clean:
-	$(Q)rm -rf build build-tsan build-asan onceq
+	$(Q)rm -rf build build-tsan build-asan build-clang onceq
 
 -include $(wildcard $(BUILD)/obj/*.d $(BUILD)/test/*.d $(BUILD)/bench/*.d)
 .SECONDARY:

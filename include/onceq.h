@@ -27,10 +27,15 @@ extern "C" {
 #define OQ_API
 #endif
 
+/* The version: this is the one place it is written (the Makefile reads it
+ * from here for the soname and onceq.pc). */
 #define OQ_VERSION_MAJOR 0
 #define OQ_VERSION_MINOR 1
 #define OQ_VERSION_PATCH 0
-#define OQ_VERSION_STRING "0.1.0"
+#define OQ__STR2(x) #x
+#define OQ__STR(x) OQ__STR2(x)
+#define OQ_VERSION_STRING OQ__STR(OQ_VERSION_MAJOR) "." \
+    OQ__STR(OQ_VERSION_MINOR) "." OQ__STR(OQ_VERSION_PATCH)
 
 OQ_API const char *oq_version(void);
 
