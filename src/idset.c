@@ -74,6 +74,7 @@
 #include <uthash.h>
 
 #define MAX_SHARD_BITS 16
+#define SENTINEL_LEN ((size_t)UINT32_MAX) /* ids are shorter than this */
 #define DONE_MIN_CAP 16           /* slots in a table's first allocation */
 #define DONE_LOAD_NUM 4           /* grow past 4/5 = 0.8 full */
 #define DONE_LOAD_DEN 5
@@ -291,6 +292,38 @@ static bool shard_done(const struct shard *sh, digest d)
     return dtable_contains(&sh->cur, d) || dtable_contains(&sh->prev, d);
 }
 
+/*
+ * uthash frees a table's buckets when its last item is deleted, and
+ * allocates them again on the next add: with claims coming and going one at
+ * a time, that was two extra mallocs and frees per claim. So a shard's claim
+ * table, once used, keeps a sentinel entry for good. Its key length is one
+ * no id can have (id_ok refuses it), so no lookup ever matches it.
+ */
+static int shard_ensure_sentinel(struct shard *sh)
+{
+    claim *c;
+
+    if (sh->claims != NULL)
+        return 0;
+    c = oq__calloc(1, sizeof(*c));
+    if (c == NULL)
+        return OQ_ENOMEM;
+    c->len = SENTINEL_LEN;
+    HASH_ADD_KEYPTR_BYHASHVALUE(hh, sh->claims, c->id, (unsigned)SENTINEL_LEN,
+                                0, c);
+    if (c->hh.tbl == NULL) {
+        oq__free(c);
+        return OQ_ENOMEM;
+    }
+    return 0;
+}
+
+/* Live claims in the shard, without the sentinel. */
+static size_t shard_nclaims(const struct shard *sh)
+{
+    return sh->claims ? HASH_COUNT(sh->claims) - 1 : 0;
+}
+
 static claim *shard_find_claim(struct shard *sh, const char *id, size_t len,
                                digest d)
 {
@@ -314,7 +347,7 @@ static uint64_t new_token(oq_idset *s)
 /* uthash stores key lengths as unsigned. */
 static bool id_ok(const char *id, size_t len)
 {
-    return (id != NULL || len == 0) && len <= UINT32_MAX;
+    return (id != NULL || len == 0) && len < SENTINEL_LEN;
 }
 
 /* ------------------------------------------------------------ lifecycle */
@@ -413,7 +446,10 @@ static int claim_add(oq_idset *s, struct shard *sh, const char *id,
                      size_t len, digest d, int64_t lease_deadline_ms,
                      oq_claim *out)
 {
-    claim *c = oq__malloc(sizeof(*c) + len);
+    claim *c;
+    if (shard_ensure_sentinel(sh) != 0)
+        return OQ_ENOMEM;
+    c = oq__malloc(sizeof(*c) + len);
     if (c == NULL)
         return OQ_ENOMEM;
     memset(c, 0, sizeof(*c));
@@ -582,7 +618,7 @@ void oq_idset_stats_get(oq_idset *s, oq_idset_stats *out)
         pthread_mutex_lock(&sh->lock);
         rotate(s, sh, now);
         out->done += sh->cur.count + sh->prev.count;
-        out->claims += HASH_COUNT(sh->claims);
+        out->claims += shard_nclaims(sh);
         out->takeovers += sh->takeovers;
         out->forgotten += sh->forgotten;
         out->table_bytes += (sh->cur.cap + sh->prev.cap) * sizeof(digest);

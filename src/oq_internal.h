@@ -93,6 +93,7 @@ typedef struct oq__line {
     unsigned file;     /* index into the reader's inputs */
     uint64_t lineno;   /* 1-based, per file */
     uint64_t offset;   /* byte offset of the line's start in its file */
+    uint64_t end;      /* byte offset just past its newline (next line) */
 } oq__line;
 
 typedef struct oq__reader oq__reader;
@@ -118,6 +119,15 @@ void oq__reader_set_idle(oq__reader *r, void (*fn)(void *arg), void *arg);
 /* Makes a reader blocked in oq__reader_next on a pipe or terminal return
  * -ECANCELED now (any thread; the reader itself is not thread-safe). */
 void oq__reader_cancel(oq__reader *r);
+/* Resume: file (a regular file not read yet) starts at byte offset, which
+ * is the start of line lineno + 1; the bytes before it are never read.
+ * 0, OQ_EINVAL (not a regular file, or already read), or -errno. */
+int oq__reader_start_at(oq__reader *r, unsigned file, uint64_t offset,
+                        uint64_t lineno);
+/* The open descriptor of input file (-1 once it was read), for fstat and
+ * pread; and the number of inputs. */
+int oq__reader_fd(const oq__reader *r, unsigned file);
+unsigned oq__reader_count(const oq__reader *r);
 /* Test hook: the reader's block size in bytes (0: the default, 1 MiB). */
 void oq__reader_set_block_size(size_t bytes);
 

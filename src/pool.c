@@ -57,7 +57,9 @@ enum outcome {
     O_REJECTED,  /* dead-lettered: decode failed */
     O_FAILING,   /* staged: handler FAIL, to be pinned, committed, and
                     dead-lettered (a later duplicate is a duplicate) */
-    O_REDO       /* BUSY on our own claim: retry after this batch */
+    O_REDO,      /* BUSY on our own claim: retry after this batch */
+    O_HANDED     /* prepared and handed to the committer, which settles
+                    and counts it */
 };
 
 typedef struct slot {
@@ -345,6 +347,41 @@ static void commit_prepared(oq_pool *p, const slot *s)
         nap_ms(1);
 }
 
+/* Durable mode: prepare s's claim and hand the event to the committer,
+ * which writes it, commits the claim and settles the message. A refused
+ * handoff (the store failed) gives the claim up and returns the message. */
+static void hand_off(worker *w, slot *s, oq_settle *op)
+{
+    oq_pool *p = w->p;
+    oq_event ev;
+    oq_handoff h;
+
+    if (oq_idset_prepare(p->s, s->id, s->id_len, s->claim.token) != 0) {
+        /* Lease lost: discard the outputs; it will be redone. */
+        s->outcome = O_NONE;
+        op->op = OQ_SETTLE_NACK;
+        op->delay_ms = 0;
+        INC(w, fenced);
+        return;
+    }
+    event_of(p, s, &ev);
+    h = (oq_handoff){ &ev, s->txn, &s->d, s->claim.token,
+                      s->outcome == O_FAILING };
+    if (p->opts.committer.submit(&h, p->opts.committer.arg) == 0) {
+        s->outcome = O_HANDED;
+        op->op = OQ_SETTLE_NONE;
+        op->release = 0;
+        s->d.msg_ = NULL; /* the committer holds the reference now */
+        return;
+    }
+    oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
+    s->outcome = O_NONE;
+    op->op = OQ_SETTLE_RETURN;
+    op->delay_ms = OQ__MAX(oq_backoff_ms(p->opts.backoff_base_ms,
+                                         p->opts.backoff_cap_ms,
+                                         s->d.receive_count, &w->rng), 1);
+}
+
 /* Phases B and C: pin, then commit, the messages whose handler said OK. */
 static void commit_staged(worker *w, size_t lo, size_t hi)
 {
@@ -379,6 +416,10 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
                 s->outcome = O_NONE;
                 op->op = OQ_SETTLE_NONE;
                 INC(w, fenced);
+                continue;
+            }
+            if (p->opts.committer.submit != NULL) {
+                hand_off(w, s, op);
                 continue;
             }
             /* With nothing to write, commit at once; else prepare, so a

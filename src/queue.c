@@ -38,6 +38,7 @@
 #include "oq_internal.h"
 
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,18 +84,34 @@ typedef struct msg {
     int64_t first_receive_ms; /* 0 until the first delivery */
     unsigned refs;            /* queue's own + one per delivery */
     int hashed;               /* in q->inflight */
+    struct slab *slab;        /* the batch allocation it lives in, or NULL */
     char *last_error;         /* the last nack's error text, or NULL */
     struct msg *next;         /* READY FIFO link, or free list */
     UT_hash_handle hh;        /* q->inflight, key receipt */
     char data[];              /* id bytes, NUL, payload bytes, NUL */
 } msg;
 
+/*
+ * Messages sent in one batch live in one allocation (a slab), built before
+ * the queue lock is taken: one malloc per batch instead of one per message,
+ * and no copying under the lock. The slab is freed when its last message
+ * is; messages are freed outside the lock, by any thread, so the count is
+ * atomic. (A slab outlives its quick messages while a slow one lives on:
+ * at most one batch of memory per straggler.)
+ */
+typedef struct slab {
+    _Atomic size_t refs; /* messages of this slab not yet freed */
+} slab;
+
 static void msg_free(msg *m)
 {
-    if (m) {
-        oq__free(m->last_error);
+    if (m == NULL)
+        return;
+    oq__free(m->last_error);
+    if (m->slab == NULL)
         oq__free(m);
-    }
+    else if (atomic_fetch_sub(&m->slab->refs, 1) == 1)
+        oq__free(m->slab);
 }
 
 typedef struct dead {
@@ -126,7 +143,9 @@ struct oq_queue {
     size_t ready_len;
     oq__heap delayed;         /* DELAYED messages by due_ms */
     oq__heap deadlines;       /* INFLIGHT messages by due_ms */
-    msg *inflight;            /* uthash by receipt: INFLIGHT and PINNED */
+    msg *inflight;            /* uthash by receipt: INFLIGHT and PINNED,
+                                 and the sentinel */
+    msg *sentinel;            /* receipt 0: keeps the table allocated */
     size_t pinned;
     uint64_t next_receipt;
     dead *dead_head, *dead_tail;
@@ -181,6 +200,26 @@ int oq_queue_new(oq_queue **out, const oq_queue_opts *opts)
     }
     oq__heap_init(&q->delayed, offsetof(msg, due_ms), offsetof(msg, heap_pos));
     oq__heap_init(&q->deadlines, offsetof(msg, due_ms), offsetof(msg, heap_pos));
+    /* uthash frees its buckets whenever the table empties (after every
+     * batch, with one worker) and allocates them again on the next add; a
+     * sentinel under receipt 0, which is never issued nor looked up, keeps
+     * the receipt table allocated. */
+    q->sentinel = oq__calloc(1, sizeof(msg));
+    if (q->sentinel != NULL) {
+        hash_oom = 0;
+        HASH_ADD(hh, q->inflight, receipt, sizeof(q->sentinel->receipt),
+                 q->sentinel);
+        if (hash_oom) {
+            oq__free(q->sentinel);
+            q->sentinel = NULL;
+        }
+    }
+    if (q->sentinel == NULL) {
+        pthread_cond_destroy(&q->cv);
+        pthread_mutex_destroy(&q->mu);
+        oq__free(q);
+        return OQ_ENOMEM;
+    }
     *out = q;
     return 0;
 }
@@ -413,13 +452,23 @@ static void dedup_remember(oq_queue *q, const char *id, size_t len,
     }
 }
 
-static msg *msg_new(const oq_message *in, int64_t now)
+static size_t msg_size(const oq_message *in)
 {
-    msg *m = oq__malloc(sizeof(*m) + in->id_len + 1 + in->payload_len + 1);
+    size_t n = sizeof(msg) + in->id_len + 1 + in->payload_len + 1;
+    return (n + 15) & ~(size_t)15;
+}
+
+static bool msg_valid(const oq_message *in)
+{
+    return (in->id_len == 0 || in->id != NULL) &&
+           (in->payload_len == 0 || in->payload != NULL);
+}
+
+/* Fills the message at m (msg_size(in) bytes) from in. */
+static msg *msg_init(msg *m, const oq_message *in, int64_t now)
+{
     char *p;
 
-    if (m == NULL)
-        return NULL;
     memset(m, 0, sizeof(*m));
     p = m->data;
     if (in->id_len)
@@ -439,32 +488,28 @@ static msg *msg_new(const oq_message *in, int64_t now)
     return m;
 }
 
-/* Sends one message; q->mu held. */
-static int send_locked(oq_queue *q, const oq_message *in, int64_t now)
+static msg *msg_new(const oq_message *in, int64_t now)
+{
+    msg *m = oq__malloc(msg_size(in));
+    return m ? msg_init(m, in, now) : NULL;
+}
+
+/* Sends m, built from in; q->mu held. On failure the caller frees m. */
+static int send_locked(oq_queue *q, const oq_message *in, msg *m, int64_t now)
 {
     bool dedup_on = q->opts.dedup_count > 0 && in->id_len > 0;
-    msg *m;
     int rc;
 
-    if (in->id_len > 0 && in->id == NULL)
-        return OQ_EINVAL;
-    if (in->payload_len > 0 && in->payload == NULL)
-        return OQ_EINVAL;
     if (dedup_on && dedup_seen(q, in->id, in->id_len, now)) {
         q->st.duplicates_rejected++;
         return OQ_EEXIST;
     }
-    m = msg_new(in, now);
-    if (m == NULL)
-        return OQ_ENOMEM;
     if (in->delay_ms > 0) {
         m->state = M_DELAYED;
         m->due_ms = now + in->delay_ms;
         rc = oq__heap_push(&q->delayed, m);
-        if (rc != 0) {
-            msg_free(m);
+        if (rc != 0)
             return rc;
-        }
     } else {
         ready_push(q, m, now);
         wake_one(q);
@@ -475,28 +520,84 @@ static int send_locked(oq_queue *q, const oq_message *in, int64_t now)
     return 0;
 }
 
+/* Builds the messages of a batch in one slab; NULL when out of memory. */
+static slab *slab_build(const oq_message *msgs, size_t n, msg **out,
+                        int64_t now)
+{
+    size_t total = (sizeof(slab) + 15) & ~(size_t)15, nvalid = 0;
+    slab *sl;
+    char *p;
+
+    for (size_t i = 0; i < n; i++)
+        if (msg_valid(&msgs[i])) {
+            total += msg_size(&msgs[i]);
+            nvalid++;
+        }
+    if (nvalid == 0)
+        return NULL;
+    sl = oq__malloc(total);
+    if (sl == NULL)
+        return NULL;
+    atomic_init(&sl->refs, nvalid);
+    p = (char *)sl + ((sizeof(slab) + 15) & ~(size_t)15);
+    for (size_t i = 0; i < n; i++) {
+        out[i] = NULL;
+        if (!msg_valid(&msgs[i]))
+            continue;
+        out[i] = msg_init((msg *)(void *)p, &msgs[i], now);
+        out[i]->slab = sl;
+        p += msg_size(&msgs[i]);
+    }
+    return sl;
+}
+
+#define SEND_CHUNK 256
+
 int oq_queue_send_batch(oq_queue *q, const oq_message *msgs, size_t n,
                         int *results)
 {
     int accepted = 0;
     int64_t now = now_ms(q);
+    msg *built[SEND_CHUNK];
 
-    pthread_mutex_lock(&q->mu);
-    if (q->closed) {
+    /* In chunks, each one slab and one lock hold. */
+    for (size_t base = 0; base < n; base += SEND_CHUNK) {
+        size_t k = OQ__MIN(n - base, (size_t)SEND_CHUNK);
+        const oq_message *in = msgs + base;
+        slab *sl = slab_build(in, k, built, now);
+        msg *freelist = NULL;
+
+        pthread_mutex_lock(&q->mu);
+        pump(q, now);
+        for (size_t i = 0; i < k; i++) {
+            int rc;
+            if (!msg_valid(&in[i]))
+                rc = OQ_EINVAL;
+            else if (sl == NULL)
+                rc = OQ_ENOMEM;
+            else if (q->closed)
+                rc = OQ_ECLOSED;
+            else
+                rc = send_locked(q, &in[i], built[i], now);
+            if (rc != 0 && sl && built[i]) {
+                built[i]->next = freelist;
+                freelist = built[i];
+            }
+            if (results)
+                results[base + i] = rc;
+            if (rc == 0)
+                accepted++;
+        }
+        if (q->closed && accepted == 0) {
+            pthread_mutex_unlock(&q->mu);
+            free_list(freelist);
+            for (size_t i = base + k; results && i < n; i++)
+                results[i] = OQ_ECLOSED;
+            return OQ_ECLOSED;
+        }
         pthread_mutex_unlock(&q->mu);
-        for (size_t i = 0; results && i < n; i++)
-            results[i] = OQ_ECLOSED;
-        return OQ_ECLOSED;
+        free_list(freelist);
     }
-    pump(q, now);
-    for (size_t i = 0; i < n; i++) {
-        int rc = send_locked(q, &msgs[i], now);
-        if (results)
-            results[i] = rc;
-        if (rc == 0)
-            accepted++;
-    }
-    pthread_mutex_unlock(&q->mu);
     return accepted;
 }
 

@@ -69,6 +69,8 @@ typedef struct input {
     const char *path;  /* as given; "-" is stdin */
     int fd;            /* -1 once closed */
     bool regular;      /* a regular file: reads never wait */
+    uint64_t start_offset; /* resume: bytes skipped at the start */
+    uint64_t start_lineno; /* resume: lines skipped at the start */
 } input;
 
 struct oq__reader {
@@ -337,6 +339,7 @@ static void emit(oq__reader *r, oq__line *line, size_t len, bool newline)
     }
     r->start += len + (newline ? 1 : 0);
     r->scanned = r->start;
+    line->end = r->base + r->start;
 }
 
 /* Keeps up to KEEP_LARGE bytes of a too-large line in r->big. */
@@ -395,6 +398,7 @@ static int skip_large(oq__reader *r, oq__line *line, char *err, size_t errlen)
     line->file = r->cur;
     line->lineno = ++r->lineno;
     line->offset = offset;
+    line->end = r->base + r->start;
     return 1;
 }
 
@@ -431,16 +435,48 @@ static int make_room(oq__reader *r, char *err, size_t errlen)
     return 1; /* end < cap: the checks above make sure of it */
 }
 
-/* Moves to the next input. */
+/* Moves to the next input (and to its resume point, if it has one). */
 static void next_input(oq__reader *r)
 {
     r->done_prev += r->base + r->end;
     close_input(&r->in[r->cur]);
     r->cur++;
     r->start = r->end = r->scanned = 0;
-    r->base = 0;
-    r->lineno = 0;
+    r->base = r->cur < r->n ? r->in[r->cur].start_offset : 0;
+    r->lineno = r->cur < r->n ? r->in[r->cur].start_lineno : 0;
     r->eof = false;
+}
+
+int oq__reader_start_at(oq__reader *r, unsigned file, uint64_t offset,
+                        uint64_t lineno)
+{
+    input *in;
+
+    if (file >= r->n || !r->in[file].regular || r->cur > file ||
+        (r->cur == file && (r->base + r->end) > 0))
+        return OQ_EINVAL;
+    in = &r->in[file];
+    /* Only the descriptor's position moves: the skipped bytes are never
+     * read, let alone parsed. */
+    if (lseek(in->fd, (off_t)offset, SEEK_SET) < 0)
+        return -errno;
+    in->start_offset = offset;
+    in->start_lineno = lineno;
+    if (r->cur == file) {
+        r->base = offset;
+        r->lineno = lineno;
+    }
+    return 0;
+}
+
+int oq__reader_fd(const oq__reader *r, unsigned file)
+{
+    return file < r->n ? r->in[file].fd : -1;
+}
+
+unsigned oq__reader_count(const oq__reader *r)
+{
+    return r->n;
 }
 
 int oq__reader_next(oq__reader *r, oq__line *line, char *err, size_t errlen)
