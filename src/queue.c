@@ -691,14 +691,13 @@ static size_t take(oq_queue *q, oq_delivery *out, size_t max, int64_t now)
             dead_link(q, m, d, (oq_dlq_reason)why, now);
             continue;
         }
+        m->due_ms = now + q->opts.visibility_timeout_ms;
         if (oq__heap_push(&q->deadlines, m) != 0) {
             /* Out of memory: put it back, deliver what we have. */
             ready_unpop(q, m);
             break;
         }
         m->state = M_INFLIGHT;
-        m->due_ms = now + q->opts.visibility_timeout_ms;
-        oq__heap_update(&q->deadlines, m);
         m->receipt = ++q->next_receipt;
         /* Without memory for the receipt table, the delivery still works
          * through its oq_delivery; only oq_queue_ack(receipt) won't find it. */
