@@ -1,7 +1,20 @@
 /* Error codes, their text, and the version string. */
 #include "oq_internal.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
+
+void oq__set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (err == NULL || errlen == 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
 
 const char *oq_version(void)
 {

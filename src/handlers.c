@@ -65,7 +65,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdatomic.h>
@@ -86,23 +85,6 @@ extern char **environ;
 #define POLL_SLICE_MS 100          /* re-read the clock at least this often */
 #define EX_TEMPFAIL_STATUS 75      /* sysexits.h EX_TEMPFAIL */
 
-/* Declared first only to carry the printf format check. */
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || errlen == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* A copy through the allocation seam (strdup would bypass it). */
 static char *dup_str(const char *s)
@@ -337,7 +319,7 @@ static int make_count(const char *field, const oq__handler_opts *o,
         (c->key = dup_str(field[0] == '/' ? field + 1 : field)) == NULL ||
         (field[0] == '/' && split_pointer(c, field) != 0)) {
         count_cleanup(c);
-        set_err(err, errlen, "out of memory");
+        oq__set_err(err, errlen, "out of memory");
         return OQ_ENOMEM;
     }
     out->fn = count_fn;
@@ -1151,7 +1133,7 @@ static int make_exec(const char *cmd, const oq__handler_opts *o,
     if ((x->cancel_fd = eventfd(0, EFD_CLOEXEC)) < 0) {
         int e = errno;
         exec_cleanup(x);
-        set_err(err, errlen, "eventfd: %s", strerror(e));
+        oq__set_err(err, errlen, "eventfd: %s", strerror(e));
         return -e;
     }
     x->kill_grace_ms = o->kill_grace_ms > 0 ? o->kill_grace_ms
@@ -1181,7 +1163,7 @@ static int make_exec(const char *cmd, const oq__handler_opts *o,
 out_free:
     exec_cleanup(x);
 out_nomem:
-    set_err(err, errlen, "out of memory");
+    oq__set_err(err, errlen, "out of memory");
     return OQ_ENOMEM;
 }
 
@@ -1232,12 +1214,12 @@ static int load_plugin(plugin *p, const char *path, oq__handler *out,
     const char *const *count_key;
 
     if ((p->dl = dlopen(path, RTLD_NOW | RTLD_LOCAL)) == NULL) {
-        set_err(err, errlen, "cannot load plugin: %s", dlerror());
+        oq__set_err(err, errlen, "cannot load plugin: %s", dlerror());
         return OQ_EINVAL;
     }
     if ((s = sym(p->dl, OQ_PLUGIN_SYMBOL)) == NULL) {
         const char *e = dlerror();
-        set_err(err, errlen, "plugin %s: %s", path,
+        oq__set_err(err, errlen, "plugin %s: %s", path,
                 e ? e : "symbol " OQ_PLUGIN_SYMBOL " is NULL");
         return OQ_EINVAL;
     }
@@ -1249,7 +1231,7 @@ static int load_plugin(plugin *p, const char *path, oq__handler *out,
         SYM_AS(init, s);
         if ((rc = init(&p->arg)) != 0) {
             p->fini = NULL; /* init failed: nothing to finish */
-            set_err(err, errlen, "plugin %s: oq_plugin_init returned %d",
+            oq__set_err(err, errlen, "plugin %s: oq_plugin_init returned %d",
                     path, rc);
             return OQ_EINVAL;
         }
@@ -1274,7 +1256,7 @@ static int make_plugin(const char *path, const oq__handler_opts *o,
 
     OQ__UNUSED(o);
     if (p == NULL) {
-        set_err(err, errlen, "out of memory");
+        oq__set_err(err, errlen, "out of memory");
         return OQ_ENOMEM;
     }
     /* A bare name is a file here, not a library on the search path. */
@@ -1282,7 +1264,7 @@ static int make_plugin(const char *path, const oq__handler_opts *o,
         size_t n = strlen(path) + 3;
         if ((rel = oq__malloc(n)) == NULL) {
             oq__free(p);
-            set_err(err, errlen, "out of memory");
+            oq__set_err(err, errlen, "out of memory");
             return OQ_ENOMEM;
         }
         snprintf(rel, n, "./%s", path);
@@ -1342,13 +1324,13 @@ int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
         if (strlen(k->name) != nlen || memcmp(k->name, spec, nlen) != 0)
             continue;
         if (k->arg == NULL && colon != NULL) {
-            set_err(err, errlen, "handler '%s' takes no argument (got '%s')",
+            oq__set_err(err, errlen, "handler '%s' takes no argument (got '%s')",
                     k->name, spec);
             return OQ_EINVAL;
         }
         if (k->arg != NULL &&
             (colon == NULL || colon[1 + strspn(colon + 1, " \t")] == '\0')) {
-            set_err(err, errlen, "handler '%s' needs a %s: %s:%s", k->name,
+            oq__set_err(err, errlen, "handler '%s' needs a %s: %s:%s", k->name,
                     k->arg, k->name, k->arg);
             return OQ_EINVAL;
         }
@@ -1360,7 +1342,7 @@ int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
         out->name = k->name;
         return 0;
     }
-    set_err(err, errlen, "unknown handler '%.*s' (expected " KNOWN ")",
+    oq__set_err(err, errlen, "unknown handler '%.*s' (expected " KNOWN ")",
             (int)OQ__MIN(nlen, 200), spec);
     return OQ_EINVAL;
 }

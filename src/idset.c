@@ -332,6 +332,17 @@ static claim *shard_find_claim(struct shard *sh, const char *id, size_t len,
     return c;
 }
 
+/* The claim, if token is current and its lease unexpired (or prepared). */
+static claim *current_claim(struct shard *sh, const char *id, size_t len,
+                            digest d, uint64_t token, int64_t now)
+{
+    claim *c = shard_find_claim(sh, id, len, d);
+    if (c != NULL && c->token == token &&
+        (c->committing || now < c->lease_deadline_ms))
+        return c;
+    return NULL;
+}
+
 static void shard_drop_claim(struct shard *sh, claim *c)
 {
     HASH_DELETE(hh, sh->claims, c);
@@ -520,9 +531,8 @@ int oq_idset_commit(oq_idset *s, const char *id, size_t len, uint64_t token)
 
     pthread_mutex_lock(&sh->lock);
     rotate(s, sh, now);
-    claim *c = shard_find_claim(sh, id, len, d);
-    if (c != NULL && c->token == token &&
-        (c->committing || now < c->lease_deadline_ms)) {
+    claim *c = current_claim(sh, id, len, d, token, now);
+    if (c != NULL) {
         /* Add first: if that fails the claim is still there, unchanged. */
         rc = dtable_add(&sh->cur, d, sh->init_cap);
         if (rc == 0)
@@ -542,9 +552,8 @@ int oq_idset_prepare(oq_idset *s, const char *id, size_t len, uint64_t token)
     int rc = OQ_ESTALE;
 
     pthread_mutex_lock(&sh->lock);
-    claim *c = shard_find_claim(sh, id, len, d);
-    if (c != NULL && c->token == token &&
-        (c->committing || now < c->lease_deadline_ms)) {
+    claim *c = current_claim(sh, id, len, d, token, now);
+    if (c != NULL) {
         c->committing = true;
         rc = 0;
     }

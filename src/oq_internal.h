@@ -30,6 +30,13 @@ void *oq__realloc(void *p, size_t n);
 void oq__free(void *p);
 void oq__alloc_fail_after(long n); /* -1: never fail (the default) */
 
+/* Writes a one-line message into err[errlen] (if err is not NULL). */
+void oq__set_err(char *err, size_t errlen, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
 /* ------------------------------------------------------------------ clock */
 
 /* Absolute CLOCK_MONOTONIC timespec for "now + ms" (for timed waits). */

@@ -399,20 +399,26 @@ static bool drained(const oq_queue *q)
 
 /* ------------------------------------------------------------------ send */
 
+static void dedup_forget_oldest(oq_queue *q)
+{
+    dedup *e = q->dedup_head;
+
+    q->dedup_head = e->next;
+    if (q->dedup_head == NULL)
+        q->dedup_tail = NULL;
+    HASH_DEL(q->dedup_hash, e);
+    q->dedup_len--;
+    oq__free(e);
+}
+
 static bool dedup_seen(oq_queue *q, const char *id, size_t len, int64_t now)
 {
     dedup *e;
 
     /* Evict by age first, so an id older than the window is accepted. */
     while (q->opts.dedup_age_ms > 0 && (e = q->dedup_head) != NULL &&
-           now - e->sent_ms >= q->opts.dedup_age_ms) {
-        q->dedup_head = e->next;
-        if (q->dedup_head == NULL)
-            q->dedup_tail = NULL;
-        HASH_DEL(q->dedup_hash, e);
-        q->dedup_len--;
-        oq__free(e);
-    }
+           now - e->sent_ms >= q->opts.dedup_age_ms)
+        dedup_forget_oldest(q);
     HASH_FIND(hh, q->dedup_hash, id, len, e);
     return e != NULL;
 }
@@ -442,14 +448,8 @@ static void dedup_remember(oq_queue *q, const char *id, size_t len,
         q->dedup_head = e;
     q->dedup_tail = e;
     q->dedup_len++;
-    while (q->dedup_len > q->opts.dedup_count && (e = q->dedup_head)) {
-        q->dedup_head = e->next;
-        if (q->dedup_head == NULL)
-            q->dedup_tail = NULL;
-        HASH_DEL(q->dedup_hash, e);
-        q->dedup_len--;
-        oq__free(e);
-    }
+    while (q->dedup_len > q->opts.dedup_count && q->dedup_head)
+        dedup_forget_oldest(q);
 }
 
 static size_t msg_size(const oq_message *in)

@@ -96,22 +96,6 @@ struct oq__reader {
     char big[KEEP_LARGE]; /* the start of a too-large line */
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || errlen == 0)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static const char *shown_path(const char *path)
 {
@@ -132,18 +116,18 @@ static int open_input(input *in, const char *path, bool *regular,
         in->fd = open(path, O_RDONLY | O_CLOEXEC);
         if (in->fd < 0) {
             int e = errno;
-            set_err(err, errlen, "cannot open '%s': %s", path, strerror(e));
+            oq__set_err(err, errlen, "cannot open '%s': %s", path, strerror(e));
             return -e;
         }
     }
     if (fstat(in->fd, &st) != 0) {
         int e = errno;
-        set_err(err, errlen, "cannot stat '%s': %s", shown_path(path),
+        oq__set_err(err, errlen, "cannot stat '%s': %s", shown_path(path),
                 strerror(e));
         return -e;
     }
     if (S_ISDIR(st.st_mode)) {
-        set_err(err, errlen, "cannot read '%s': %s", shown_path(path),
+        oq__set_err(err, errlen, "cannot read '%s': %s", shown_path(path),
                 strerror(EISDIR));
         return -EISDIR;
     }
@@ -284,7 +268,7 @@ static ssize_t fill(oq__reader *r, size_t at, char *err, size_t errlen)
         }
         if (pf[1].revents) {
             r->err = -ECANCELED;
-            set_err(err, errlen, "reading '%s' was cancelled",
+            oq__set_err(err, errlen, "reading '%s' was cancelled",
                     shown_path(r->in[r->cur].path));
             return r->err;
         }
@@ -296,7 +280,7 @@ static ssize_t fill(oq__reader *r, size_t at, char *err, size_t errlen)
     } while (got < 0 && errno == EINTR);
     if (got < 0) {
         r->err = -errno;
-        set_err(err, errlen, "read error on '%s': %s",
+        oq__set_err(err, errlen, "read error on '%s': %s",
                 shown_path(r->in[r->cur].path), strerror(-r->err));
         return r->err;
     }
@@ -484,7 +468,7 @@ int oq__reader_next(oq__reader *r, oq__line *line, char *err, size_t errlen)
     int rc = 1;
 
     if (r->err) {
-        set_err(err, errlen, "read error on '%s': %s",
+        oq__set_err(err, errlen, "read error on '%s': %s",
                 oq__reader_path(r, r->cur), strerror(-r->err));
         return r->err;
     }
