@@ -1,34 +1,3073 @@
-/* Redis Streams broker (being written; see issue 6). */
+/*
+ * Redis Streams: many onceq processes, on many machines, as competing
+ * consumers of one stream, with the effect of every event applied exactly
+ * once. Commands: `onceq send --redis`, `onceq run --redis`, `onceq dlq
+ * --redis`, `onceq export --redis`.
+ *
+ * DESIGN
+ * ------
+ * Keys (S is --stream; every key starts with S, so one Redis holds many
+ * queues; Redis Cluster is not supported: a batch's keys span slots):
+ *   S               the stream; entry fields: e (the event line), s (source,
+ *                   file:line), and on a re-added retry a (attempts before
+ *                   this entry) and f (first seen, unix ms); big (the full
+ *                   length) marks a line cut at 4 KiB for being too large
+ *   S:id:<id>       the processed set and the claims, one string per event
+ *                   id: a claim token (SET PX = visibility timeout), or "D"
+ *                   once the id is settled (no TTL)
+ *   S:dedup:<id>    producer dedup (send): SET NX PX --dedup-window
+ *   S:counts        hash: aggregates (HINCRBY), e.g. word -> count
+ *   S:results       stream: records (field id, field r)
+ *   S:dlq           stream: dead letters (id, reason, error, attempts,
+ *                   event, source, first_seen, last_seen)
+ *   S:delayed       zset: retries waiting for their backoff, scored by due
+ *                   time (Redis TIME, ms); member "entry\nattempts\nfirst\n
+ *                   source\nevent"
+ *   S:stats         hash: sent, rejected, processed, duplicates, dead,
+ *                   dead:<reason>, retried, fenced, redriven; written only
+ *                   inside the scripts, so it is exact whatever fails
+ *   S:meta          hash: output (counts|records), count_key, handler
+ *
+ * Threads of `onceq run --redis` (each with its own hiredis context: a
+ * context is not thread-safe, and a worker blocked in XREADGROUP must not
+ * hold up another's commit):
+ *   - N workers. Each loops: take entries (its held BUSY entries when due,
+ *     then the process's reclaimed list, then XREADGROUP ... COUNT n BLOCK
+ *     100 STREAMS S >), decode each line (oq__json_decode), claim the ids
+ *     with one CLAIM script, run the handler on the claimed ones, and
+ *     settle the whole batch with one COMMIT script. The brief suggested
+ *     one fetcher thread feeding the workers; reading in each worker needs
+ *     no local queue (a message never waits in our memory while its
+ *     visibility clock runs), no hand-off, and gives backpressure for free.
+ *     The read size adapts: at most what the handler can finish in a
+ *     quarter of the visibility timeout (slow exec handlers read few).
+ *   - one housekeeper: every 20 ms moves due retries from S:delayed back
+ *     into the stream (PROMOTE script); every min(vt/4, 1 s) takes over
+ *     messages idle longer than the visibility timeout with XAUTOCLAIM (a
+ *     dead or hung consumer's), reads their delivery counts with XPENDING
+ *     (pipelined) and puts them on the reclaimed list (r->mu, a leaf
+ *     lock); with --drain, runs the DRAIN script, which says atomically
+ *     whether anything is pending with any consumer, delayed, or not yet
+ *     delivered to the group; when nothing is, the run stops.
+ *   - the main thread waits for SIGINT/SIGTERM (blocked in every other
+ *     thread) and for the end.
+ *
+ * Scripts (Lua, below as C strings; SCRIPT LOAD at connect, EVALSHA, and
+ * EVAL when the server answers NOSCRIPT, e.g. after a SCRIPT FLUSH):
+ *   CLAIM    per id: SET key token NX PX vt; else GET: "D" -> DONE, our own
+ *            token -> CLAIMED (a retried call is idempotent), another
+ *            token -> BUSY with its PTTL.
+ *   COMMIT   per message, one op: C (commit: token still current -> mark
+ *            "D", outputs, ack), F (handler FAIL: token current -> mark
+ *            "D", dead letter, ack), X (dead letter without settling the
+ *            id: bad input, max attempts), R (retry: token current ->
+ *            release, ZADD S:delayed, ack), D (duplicate: ack). Counters
+ *            are summed per batch and applied with one HINCRBY per key,
+ *            commits acked with one XACK. All of it is one script, so it
+ *            happens entirely or not at all.
+ *   PROMOTE, DRAIN, SEND (producer dedup), REDRIVE.
+ *
+ * Fencing: a claim is the key S:id:<id> holding a token unique to this
+ * process (a random 64-bit nonce, the worker, a counter), with PX = the
+ * visibility timeout on Redis's clock. The COMMIT script applies outputs
+ * only if the key still holds the token. A consumer that overran its lease
+ * (hung, stopped, slow) finds the key expired, taken by another token, or
+ * "D": its late commit changes nothing and its message is not acked by it
+ * (the consumer that took it over acks it). Because the COMMIT script is
+ * the only write of effects, a call retried after a reconnect (whose first
+ * run may have happened) is fenced the second time: never applied twice.
+ *
+ * Attempts: attempts = a (carried across retries) + the delivery count
+ * (1 for a new read, XPENDING's count for a taken-over message). Above
+ * --max-attempts at delivery, or on a RETRY at --max-attempts, the message
+ * is dead-lettered with reason max_attempts. A BUSY id is not an attempt:
+ * the worker keeps the message and claims it again after min(5 ms, the
+ * holder's lease left).
+ *
+ * Accounting: every entry is acked exactly once, by the script that
+ * settles it, and S:stats counts an outcome only when its XACK removed the
+ * entry (or, for a commit, when the fenced effect was applied). So once
+ * drained: sent = processed + duplicates + dead.
+ */
 #include "oq_internal.h"
 
-#include <stdio.h>
+#include <hiredis/hiredis.h>
 
-static int not_yet(const char *what)
+#include <ctype.h>
+#include <errno.h>
+#include <fnmatch.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#define DEFAULT_BATCH 128
+#define MAX_BATCH 1024
+#define SEND_BATCH 256
+#define SEND_WINDOW 8          /* send batches in flight */
+#define BLOCK_MS 100           /* XREADGROUP BLOCK: how soon a stop is seen */
+#define BUSY_RETRY_MS 5
+#define HOUSE_TICK_MS 20
+#define RECONNECT_GIVE_UP_MS 60000
+#define KEEP_LARGE 4096
+
+/* ============================================================= scripts */
+
+enum { SC_CLAIM, SC_COMMIT, SC_PROMOTE, SC_DRAIN, SC_SEND, SC_REDRIVE,
+       SC__COUNT };
+
+static const char *const script_text[SC__COUNT] = {
+/* CLAIM. KEYS: id keys. ARGV[1]: lease ms, ARGV[2]: the batch's token
+ * prefix, ARGV[2+i]: the stream entry of KEYS[i]; its token is prefix ..
+ * entry. Per key: 0 claimed, -1 done, or the holder's lease left (ms). */
+"local px, pre = ARGV[1], ARGV[2]\n"
+"local out = {}\n"
+"for i = 1, #KEYS do\n"
+"  local tok = pre .. ARGV[i + 2]\n"
+"  if redis.call('SET', KEYS[i], tok, 'NX', 'PX', px) then\n"
+"    out[i] = 0\n"
+"  else\n"
+"    local v = redis.call('GET', KEYS[i])\n"
+"    if v == 'D' then out[i] = -1\n"
+"    elseif v == tok then out[i] = 0\n"
+"    elseif not v then redis.call('SET', KEYS[i], tok, 'PX', px); out[i] = 0\n"
+"    else\n"
+"      local t = redis.call('PTTL', KEYS[i])\n"
+"      if t < 1 then t = 1 end\n"
+"      out[i] = t\n"
+"    end\n"
+"  end\n"
+"end\n"
+"return out\n",
+
+/* COMMIT. KEYS: [1] stream [2] counts [3] results [4] dlq [5] delayed
+ * [6] stats, then the id keys of the nc commits, then those of the other
+ * ops that hold a claim. ARGV: [1] group [2] token prefix [3] nc
+ * [4] ncounts [5] nrecs, then the nc commits' entries, the batch's counts
+ * summed per key (key delta)*ncounts, the records (id rec)*nrecs, then
+ * the other ops, each: op entry k id + tail:
+ *   D (duplicate): -           R (retry): delay_ms member
+ *   F (handler FAIL: settle the id), X (no settling): reason error
+ *                                       attempts event source first
+ * (k: index of the op's id key in KEYS, 0 = none). If any commit's claim
+ * is no longer ours, nothing is written and {-1, {its indexes}} comes back
+ * (the client drops them and calls again); otherwise {1, {per other op: 1
+ * done, 0 settled by another consumer, -1 fenced}}. Claims are read with
+ * one MGET and commits marked with one MSET: a redis.call costs about a
+ * microsecond and each argument a fifth of one, so a commit with counts
+ * costs one argument per event (its entry) and no call of its own. */
+"local S, G, pre = KEYS[1], ARGV[1], ARGV[2]\n"
+"local nc, ncnt, nrec = tonumber(ARGV[3]), tonumber(ARGV[4]),\n"
+"                       tonumber(ARGV[5])\n"
+"local cur = {}\n"
+"if #KEYS > 6 then cur = redis.call('MGET', unpack(KEYS, 7, #KEYS)) end\n"
+"local fenced = {}\n"
+"for j = 1, nc do\n"
+"  if cur[j] ~= pre .. ARGV[5 + j] then fenced[#fenced + 1] = j end\n"
+"end\n"
+"if #fenced > 0 then return {-1, fenced} end\n"
+"local st, out, dels, done = {}, {}, {}, {}\n"
+"local function bump(k, n) st[k] = (st[k] or 0) + n end\n"
+"if nc > 0 then\n"
+"  for j = 1, nc do done[2 * j - 1] = KEYS[6 + j]; done[2 * j] = 'D' end\n"
+"  redis.call('MSET', unpack(done))\n"
+"  redis.call('XACK', S, G, unpack(ARGV, 6, 5 + nc))\n"
+"  bump('processed', nc)\n"
+"end\n"
+"local i = 6 + nc\n"
+"for j = 1, ncnt do\n"
+"  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]); i = i + 2\n"
+"end\n"
+"for j = 1, nrec do\n"
+"  redis.call('XADD', KEYS[3], '*', 'id', ARGV[i], 'r', ARGV[i + 1])\n"
+"  i = i + 2\n"
+"end\n"
+"local now\n"
+"local n = 0\n"
+"while i <= #ARGV do\n"
+"  local op, entry, k, id = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]),\n"
+"                          ARGV[i+3]\n"
+"  i = i + 4\n"
+"  n = n + 1\n"
+"  local r = -1\n"
+"  local ok = k == 0 or cur[k - 6] == pre .. entry\n"
+"  if not now then\n"
+"    local t = redis.call('TIME')\n"
+"    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+"  end\n"
+"  if op == 'D' then\n"
+"    r = redis.call('XACK', S, G, entry)\n"
+"    bump('duplicates', r)\n"
+"  elseif op == 'R' then\n"
+"    local delay, member = tonumber(ARGV[i]), ARGV[i+1]; i = i + 2\n"
+"    if ok then\n"
+"      dels[#dels + 1] = KEYS[k]\n"
+"      redis.call('ZADD', KEYS[5], now + delay, member)\n"
+"      redis.call('XACK', S, G, entry)\n"
+"      bump('retried', 1); r = 1\n"
+"    end\n"
+"  else\n"
+"    local reason, err, att, ev, src, first = ARGV[i], ARGV[i+1],\n"
+"      ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5]\n"
+"    i = i + 6\n"
+"    if ok then\n"
+"      if k > 0 then\n"
+"        if op == 'F' then redis.call('SET', KEYS[k], 'D')\n"
+"        else dels[#dels + 1] = KEYS[k] end\n"
+"      end\n"
+"      r = redis.call('XACK', S, G, entry)\n"
+"      if r == 1 then\n"
+"        redis.call('XADD', KEYS[4], '*', 'id', id, 'reason', reason,\n"
+"          'error', err, 'attempts', att, 'event', ev, 'source', src,\n"
+"          'first_seen', first, 'last_seen', now)\n"
+"        bump('dead', 1); bump('dead:' .. reason, 1)\n"
+"      end\n"
+"    end\n"
+"  end\n"
+"  if r < 0 then bump('fenced', 1) end\n"
+"  out[n] = r\n"
+"end\n"
+"if #dels > 0 then redis.call('DEL', unpack(dels)) end\n"
+"for key, d in pairs(st) do\n"
+"  if d ~= 0 then redis.call('HINCRBY', KEYS[6], key, d) end\n"
+"end\n"
+"return {1, out}\n",
+
+/* PROMOTE. KEYS: [1] stream [2] delayed. ARGV[1]: max. Moves due retries
+ * back into the stream; returns how many. */
+"local t = redis.call('TIME')\n"
+"local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+"local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0,\n"
+"                       tonumber(ARGV[1]))\n"
+"for _, m in ipairs(due) do\n"
+"  local p1 = string.find(m, '\\n', 1, true)\n"
+"  local p2 = string.find(m, '\\n', p1 + 1, true)\n"
+"  local p3 = string.find(m, '\\n', p2 + 1, true)\n"
+"  local p4 = string.find(m, '\\n', p3 + 1, true)\n"
+"  redis.call('XADD', KEYS[1], '*', 'e', string.sub(m, p4 + 1),\n"
+"    's', string.sub(m, p3 + 1, p4 - 1), 'a', string.sub(m, p1 + 1, p2 - 1),\n"
+"    'f', string.sub(m, p2 + 1, p3 - 1))\n"
+"  redis.call('ZREM', KEYS[2], m)\n"
+"end\n"
+"return #due\n",
+
+/* DRAIN. KEYS: [1] stream [2] delayed. ARGV[1]: group. Returns {pending
+ * with any consumer, delayed, 1 if entries not delivered to the group}. */
+"local p = redis.call('XPENDING', KEYS[1], ARGV[1])[1]\n"
+"local d = redis.call('ZCARD', KEYS[2])\n"
+"local last = '0-0'\n"
+"for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do\n"
+"  local name, ld\n"
+"  for j = 1, #g, 2 do\n"
+"    if g[j] == 'name' then name = g[j + 1] end\n"
+"    if g[j] == 'last-delivered-id' then ld = g[j + 1] end\n"
+"  end\n"
+"  if name == ARGV[1] then last = ld end\n"
+"end\n"
+"local more = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)\n"
+"return {p, d, #more}\n",
+
+/* SEND. KEYS: [1] stream [2] stats [3..] dedup keys. ARGV[1]: window ms
+ * (0: off), then per event: k line source big (k: dedup key index, 0 =
+ * none; big: "" or the full length of a cut line). Returns {sent,
+ * rejected}. */
+"local w = tonumber(ARGV[1])\n"
+"local sent, rej = 0, 0\n"
+"local i = 2\n"
+"while i <= #ARGV do\n"
+"  local k, line, src, big = tonumber(ARGV[i]), ARGV[i+1], ARGV[i+2],\n"
+"                            ARGV[i+3]\n"
+"  i = i + 4\n"
+"  if k == 0 or w == 0 or\n"
+"     redis.call('SET', KEYS[k], '1', 'NX', 'PX', w) then\n"
+"    if big == '' then redis.call('XADD', KEYS[1], '*', 'e', line, 's', src)\n"
+"    else redis.call('XADD', KEYS[1], '*', 'e', line, 's', src, 'big', big)\n"
+"    end\n"
+"    sent = sent + 1\n"
+"  else rej = rej + 1 end\n"
+"end\n"
+"if sent > 0 then redis.call('HINCRBY', KEYS[2], 'sent', sent) end\n"
+"if rej > 0 then redis.call('HINCRBY', KEYS[2], 'rejected', rej) end\n"
+"return {sent, rej}\n",
+
+/* REDRIVE. KEYS: [1] stream [2] dlq [3] stats [4] id key. ARGV: dlq entry
+ * id, event, source, reason. A handler FAIL settled the id (with no
+ * effect): unsettle it, or the redriven copy would be a duplicate. */
+"if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end\n"
+"if ARGV[4] == 'failed' and redis.call('GET', KEYS[4]) == 'D' then\n"
+"  redis.call('DEL', KEYS[4])\n"
+"end\n"
+"redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 's', ARGV[3])\n"
+"redis.call('HINCRBY', KEYS[3], 'sent', 1)\n"
+"redis.call('HINCRBY', KEYS[3], 'redriven', 1)\n"
+"return 1\n",
+};
+
+/* ======================================================= argument lists */
+
+/* A growable list of binary-safe arguments (offsets into one buffer, so a
+ * batch of thousands of arguments costs two allocations). */
+typedef struct abuf {
+    char *buf;
+    size_t len, cap;
+    size_t *off, *alen;
+    size_t n, ncap;
+    int oom;
+} abuf;
+
+static void ab_reset(abuf *a)
 {
-    fprintf(stderr, "onceq %s --redis: not implemented yet\n", what);
+    a->len = a->n = 0;
+    a->oom = 0;
+}
+
+static void ab_free(abuf *a)
+{
+    oq__free(a->buf);
+    oq__free(a->off);
+    oq__free(a->alen);
+    memset(a, 0, sizeof(*a));
+}
+
+static void ab_add(abuf *a, const void *p, size_t len)
+{
+    if (a->oom)
+        return;
+    if (a->len + len > a->cap) {
+        size_t ncap = a->cap ? a->cap : 4096;
+        char *nb;
+        while (ncap < a->len + len)
+            ncap *= 2;
+        if ((nb = oq__realloc(a->buf, ncap)) == NULL) {
+            a->oom = 1;
+            return;
+        }
+        a->buf = nb;
+        a->cap = ncap;
+    }
+    if (a->n == a->ncap) {
+        size_t ncap = a->ncap ? a->ncap * 2 : 64;
+        size_t *no = oq__realloc(a->off, ncap * sizeof(*no));
+        size_t *nl;
+        if (no == NULL) {
+            a->oom = 1;
+            return;
+        }
+        a->off = no;
+        if ((nl = oq__realloc(a->alen, ncap * sizeof(*nl))) == NULL) {
+            a->oom = 1;
+            return;
+        }
+        a->alen = nl;
+        a->ncap = ncap;
+    }
+    if (len)
+        memcpy(a->buf + a->len, p, len);
+    a->off[a->n] = a->len;
+    a->alen[a->n++] = len;
+    a->len += len;
+}
+
+static void ab_adds(abuf *a, const char *s)
+{
+    ab_add(a, s, strlen(s));
+}
+
+static void ab_addu(abuf *a, uint64_t v)
+{
+    char b[24];
+    int n = snprintf(b, sizeof(b), "%" PRIu64, v);
+    ab_add(a, b, (size_t)n);
+}
+
+static void ab_addi(abuf *a, int64_t v)
+{
+    char b[24];
+    int n = snprintf(b, sizeof(b), "%" PRId64, v);
+    ab_add(a, b, (size_t)n);
+}
+
+/* Adds one argument made of two parts (a key prefix and an id). */
+static void ab_add2(abuf *a, const char *p, size_t plen, const char *q,
+                    size_t qlen)
+{
+    size_t start;
+    if (a->oom)
+        return;
+    ab_add(a, p, plen);
+    if (a->oom || qlen == 0)
+        return;
+    /* Extend the last argument in place. */
+    start = a->off[a->n - 1];
+    a->n--;
+    a->len = start;
+    {
+        size_t need = plen + qlen;
+        if (a->len + need > a->cap) {
+            size_t ncap = a->cap;
+            char *nb;
+            while (ncap < a->len + need)
+                ncap *= 2;
+            if ((nb = oq__realloc(a->buf, ncap)) == NULL) {
+                a->oom = 1;
+                return;
+            }
+            a->buf = nb;
+            a->cap = ncap;
+        }
+        memcpy(a->buf + start + plen, q, qlen);
+        a->off[a->n] = start;
+        a->alen[a->n++] = need;
+        a->len = start + need;
+    }
+}
+
+/* ============================================================ the URL */
+
+typedef struct rurl {
+    char host[256];
+    int port;
+    char user[256];
+    char pass[256];
+    int db;
+    char text[280];     /* host:port, for messages */
+} rurl;
+
+static int hexval(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c = tolower(c);
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+/* Copies s[0..n) percent-decoded into out; -1 if it does not fit. */
+static int pct_decode(const char *s, size_t n, char *out, size_t outlen)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        int c = (unsigned char)s[i];
+        if (c == '%' && i + 2 < n + 0 && hexval(s[i + 1]) >= 0 &&
+            hexval(s[i + 2]) >= 0) {
+            c = hexval(s[i + 1]) * 16 + hexval(s[i + 2]);
+            i += 2;
+        }
+        if (o + 1 >= outlen)
+            return -1;
+        out[o++] = (char)c;
+    }
+    out[o] = '\0';
+    return 0;
+}
+
+/* redis://[[user]:pass@]host[:port][/db]. 0, or -1 with a message. */
+static int parse_url(const char *url, rurl *u, char *err, size_t errlen)
+{
+    const char *p, *at, *hostend, *slash;
+    size_t hl;
+
+    memset(u, 0, sizeof(*u));
+    u->port = 6379;
+    if (strncmp(url, "redis://", 8) != 0)
+        goto bad;
+    p = url + 8;
+    slash = strchr(p, '/');
+    at = memchr(p, '@', slash ? (size_t)(slash - p) : strlen(p));
+    if (at) {
+        const char *colon = memchr(p, ':', (size_t)(at - p));
+        if (colon == NULL) {
+            /* redis://pass@host: a password alone */
+            if (pct_decode(p, (size_t)(at - p), u->pass, sizeof(u->pass)))
+                goto bad;
+        } else if (pct_decode(p, (size_t)(colon - p), u->user,
+                              sizeof(u->user)) ||
+                   pct_decode(colon + 1, (size_t)(at - colon - 1), u->pass,
+                              sizeof(u->pass))) {
+            goto bad;
+        }
+        p = at + 1;
+    }
+    if (*p == '[') {
+        const char *close = strchr(p, ']');
+        if (close == NULL)
+            goto bad;
+        hl = (size_t)(close - p - 1);
+        if (hl == 0 || hl >= sizeof(u->host))
+            goto bad;
+        memcpy(u->host, p + 1, hl);
+        hostend = close + 1;
+    } else {
+        hostend = p + strcspn(p, ":/");
+        hl = (size_t)(hostend - p);
+        if (hl == 0 || hl >= sizeof(u->host))
+            goto bad;
+        memcpy(u->host, p, hl);
+    }
+    u->host[hl] = '\0';
+    p = hostend;
+    if (*p == ':') {
+        char *end;
+        long port = strtol(p + 1, &end, 10);
+        if (end == p + 1 || port < 1 || port > 65535)
+            goto bad;
+        u->port = (int)port;
+        p = end;
+    }
+    if (*p == '/') {
+        char *end;
+        long db;
+        if (p[1] == '\0') {
+            p++;
+        } else {
+            db = strtol(p + 1, &end, 10);
+            if (end == p + 1 || *end != '\0' || db < 0 || db > 1000000)
+                goto bad;
+            u->db = (int)db;
+            p = end;
+        }
+    }
+    if (*p != '\0')
+        goto bad;
+    snprintf(u->text, sizeof(u->text), "%s:%d", u->host, u->port);
+    return 0;
+bad:
+    snprintf(err, errlen, "bad Redis URL '%s' (expected "
+             "redis://[user:password@]host[:port][/db])", url);
+    return -1;
+}
+
+/* ======================================================== connections */
+
+enum { RC_OK = 0, RC_IO = -1, RC_FATAL = -2 };
+
+/* One connection; used by one thread. */
+typedef struct rconn {
+    const rurl *u;
+    redisContext *c;
+    char name[320];              /* CLIENT SETNAME, so an operator (or a
+                                    test) can find our connections */
+    char sha[SC__COUNT][41];
+    const char **av;
+    size_t *al;
+    size_t avcap;
+    const atomic_int *stop;      /* stop reconnecting when set; may be NULL */
+    atomic_int *reconnects;      /* counted here; may be NULL */
+    char err[1024];              /* the last fatal error */
+} rconn;
+
+static int64_t mono_ms(void)
+{
+    return oq_clock_now(NULL);
+}
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void nap_ms(int64_t ms)
+{
+    struct timespec ts = { (time_t)(ms / 1000), (long)(ms % 1000) * 1000000 };
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+static int is_err(const redisReply *r, const char *prefix)
+{
+    return r && r->type == REDIS_REPLY_ERROR &&
+           strncmp(r->str, prefix, strlen(prefix)) == 0;
+}
+
+/* Connects, authenticates, selects the db, checks the server and loads
+ * the scripts. RC_OK, RC_IO (try again later) or RC_FATAL (bad config);
+ * rc->err says why. */
+static int rc_open(rconn *rc)
+{
+    struct timeval tv = { 2, 0 };
+    redisReply *r = NULL;
+    const char *v;
+    int major = 0, minor = 0;
+
+    if (rc->c) {
+        redisFree(rc->c);
+        rc->c = NULL;
+    }
+    rc->c = redisConnectWithTimeout(rc->u->host, rc->u->port, tv);
+    if (rc->c == NULL || rc->c->err) {
+        snprintf(rc->err, sizeof(rc->err), "cannot connect to Redis at %s: %s",
+                 rc->u->text, rc->c ? rc->c->errstr : "out of memory");
+        return RC_IO;
+    }
+    /* Commands (XREADGROUP blocks BLOCK_MS at most) never take this long;
+     * a longer silence is a dead peer: reconnect. */
+    tv.tv_sec = 60;
+    redisSetTimeout(rc->c, tv);
+    redisEnableKeepAlive(rc->c);
+    if (rc->u->pass[0]) {
+        if (rc->u->user[0])
+            r = redisCommand(rc->c, "AUTH %s %s", rc->u->user, rc->u->pass);
+        else
+            r = redisCommand(rc->c, "AUTH %s", rc->u->pass);
+        if (r == NULL)
+            goto io;
+        if (r->type == REDIS_REPLY_ERROR) {
+            snprintf(rc->err, sizeof(rc->err),
+                     "Redis at %s refused AUTH: %s", rc->u->text, r->str);
+            goto fatal;
+        }
+        freeReplyObject(r);
+    }
+    r = redisCommand(rc->c, "INFO server");
+    if (r == NULL)
+        goto io;
+    if (r->type == REDIS_REPLY_ERROR) {
+        snprintf(rc->err, sizeof(rc->err), "Redis at %s: %s%s", rc->u->text,
+                 r->str, is_err(r, "NOAUTH") ?
+                 " (give a password: redis://:PASSWORD@host:port)" : "");
+        goto fatal;
+    }
+    v = r->type == REDIS_REPLY_STRING ? strstr(r->str, "redis_version:")
+                                      : NULL;
+    if (v == NULL || sscanf(v + 14, "%d.%d", &major, &minor) != 2 ||
+        major < 6 || (major == 6 && minor < 2)) {
+        snprintf(rc->err, sizeof(rc->err), "Redis at %s is version %.*s; "
+                 "onceq needs 6.2 or later (streams with XAUTOCLAIM)",
+                 rc->u->text, v ? (int)strcspn(v + 14, "\r\n") : 7,
+                 v ? v + 14 : "unknown");
+        goto fatal;
+    }
+    freeReplyObject(r);
+    if (rc->u->db) {
+        r = redisCommand(rc->c, "SELECT %d", rc->u->db);
+        if (r == NULL)
+            goto io;
+        if (r->type == REDIS_REPLY_ERROR) {
+            snprintf(rc->err, sizeof(rc->err), "Redis at %s: SELECT %d: %s",
+                     rc->u->text, rc->u->db, r->str);
+            goto fatal;
+        }
+        freeReplyObject(r);
+    }
+    if (rc->name[0]) {
+        r = redisCommand(rc->c, "CLIENT SETNAME %s", rc->name);
+        if (r == NULL)
+            goto io;
+        freeReplyObject(r);
+    }
+    for (int i = 0; i < SC__COUNT; i++) {
+        r = redisCommand(rc->c, "SCRIPT LOAD %s", script_text[i]);
+        if (r == NULL)
+            goto io;
+        if (r->type != REDIS_REPLY_STRING || r->len != 40) {
+            snprintf(rc->err, sizeof(rc->err), "Redis at %s: SCRIPT LOAD: %s",
+                     rc->u->text, r->type == REDIS_REPLY_ERROR ? r->str
+                                                              : "bad reply");
+            goto fatal;
+        }
+        memcpy(rc->sha[i], r->str, 41);
+        freeReplyObject(r);
+    }
+    return RC_OK;
+io:
+    snprintf(rc->err, sizeof(rc->err), "lost the connection to Redis at %s: "
+             "%s", rc->u->text, rc->c->errstr[0] ? rc->c->errstr : "closed");
+    return RC_IO;
+fatal:
+    freeReplyObject(r);
+    return RC_FATAL;
+}
+
+static void rc_close(rconn *rc)
+{
+    if (rc->c)
+        redisFree(rc->c);
+    rc->c = NULL;
+    oq__free(rc->av);
+    oq__free(rc->al);
+    rc->av = NULL;
+    rc->al = NULL;
+    rc->avcap = 0;
+}
+
+/* After an I/O error: reconnects with backoff until it works, the run is
+ * stopped, or RECONNECT_GIVE_UP_MS passed. RC_OK, RC_IO or RC_FATAL. */
+static int rc_reconnect(rconn *rc)
+{
+    int64_t t0 = mono_ms();
+    uint64_t rng = (uint64_t)t0 ^ (uint64_t)(uintptr_t)rc;
+
+    if (rc->reconnects)
+        atomic_fetch_add(rc->reconnects, 1);
+    for (uint32_t attempt = 1;; attempt++) {
+        int st;
+        if (rc->stop && atomic_load(rc->stop)) {
+            snprintf(rc->err, sizeof(rc->err), "stopped while reconnecting");
+            return RC_IO;
+        }
+        nap_ms(10 + oq_backoff_ms(50, 2000, attempt, &rng));
+        st = rc_open(rc);
+        if (st != RC_IO)
+            return st;
+        if (mono_ms() - t0 > RECONNECT_GIVE_UP_MS)
+            return RC_IO;
+    }
+}
+
+/* Makes room for n argument pointers. */
+static int rc_argv(rconn *rc, size_t n)
+{
+    if (n <= rc->avcap)
+        return 0;
+    {
+        size_t ncap = rc->avcap ? rc->avcap : 64;
+        const char **nav;
+        size_t *nal;
+        while (ncap < n)
+            ncap *= 2;
+        nav = oq__realloc(rc->av, ncap * sizeof(*nav));
+        if (nav == NULL)
+            return -1;
+        rc->av = nav;
+        nal = oq__realloc(rc->al, ncap * sizeof(*nal));
+        if (nal == NULL)
+            return -1;
+        rc->al = nal;
+        rc->avcap = ncap;
+    }
+    return 0;
+}
+
+/* Appends a script call (EVALSHA, or EVAL when eval != 0) to the output
+ * buffer: keys and args are abufs (either may be NULL). */
+static int rc_append_script(rconn *rc, int script, int eval, const abuf *keys,
+                            const abuf *args)
+{
+    size_t nk = keys ? keys->n : 0, na = args ? args->n : 0, n = 0;
+    char nkeys[24];
+
+    if ((keys && keys->oom) || (args && args->oom) ||
+        rc_argv(rc, 3 + nk + na) != 0)
+        return -1;
+    snprintf(nkeys, sizeof(nkeys), "%zu", nk);
+    rc->av[n] = eval ? "EVAL" : "EVALSHA";
+    rc->al[n++] = strlen(rc->av[0]);
+    rc->av[n] = eval ? script_text[script] : rc->sha[script];
+    rc->al[n++] = strlen(rc->av[1]);
+    rc->av[n] = nkeys;
+    rc->al[n++] = strlen(nkeys);
+    for (size_t i = 0; i < nk; i++, n++) {
+        rc->av[n] = keys->buf + keys->off[i];
+        rc->al[n] = keys->alen[i];
+    }
+    for (size_t i = 0; i < na; i++, n++) {
+        rc->av[n] = args->buf + args->off[i];
+        rc->al[n] = args->alen[i];
+    }
+    return redisAppendCommandArgv(rc->c, (int)n, rc->av, rc->al) == REDIS_OK
+               ? 0 : -1;
+}
+
+/* Runs a script; on NOSCRIPT runs it with EVAL (which caches it again).
+ * After an I/O error it reconnects and calls again: the scripts are safe
+ * to run twice (see DESIGN). Returns the reply (possibly an error reply),
+ * or NULL: rc->err says why, and the run should stop. */
+static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
+                             const abuf *args)
+{
+    for (;;) {
+        void *reply = NULL;
+        int eval = 0;
+        for (;;) {
+            if (rc_append_script(rc, script, eval, keys, args) != 0) {
+                snprintf(rc->err, sizeof(rc->err), "out of memory");
+                return NULL;
+            }
+            if (redisGetReply(rc->c, &reply) != REDIS_OK)
+                break;
+            if (!eval && is_err(reply, "NOSCRIPT")) {
+                freeReplyObject(reply);
+                reply = NULL;
+                eval = 1;
+                continue;
+            }
+            return reply;
+        }
+        if (rc_reconnect(rc) != RC_OK)
+            return NULL;
+    }
+}
+
+/* A plain command (argv form), with the same reconnect rule. */
+static redisReply *rc_cmd(rconn *rc, int argc, const char **argv,
+                          const size_t *lens)
+{
+    for (;;) {
+        redisReply *r = redisCommandArgv(rc->c, argc, argv, lens);
+        if (r != NULL)
+            return r;
+        if (rc_reconnect(rc) != RC_OK)
+            return NULL;
+    }
+}
+
+/* A printf-style command (no binary arguments), same reconnect rule. */
+static redisReply *rc_cmdf(rconn *rc, const char *fmt, ...)
+{
+    for (;;) {
+        va_list ap;
+        redisReply *r;
+        va_start(ap, fmt);
+        r = redisvCommand(rc->c, fmt, ap);
+        va_end(ap);
+        if (r != NULL)
+            return r;
+        if (rc_reconnect(rc) != RC_OK)
+            return NULL;
+    }
+}
+
+/* First connection of a command: a one-line error and exit status 2 on
+ * failure. */
+static int rc_first(rconn *rc, const rurl *u, const char *cmd)
+{
+    int st;
+    rc->u = u;
+    st = rc_open(rc);
+    if (st != RC_OK) {
+        fprintf(stderr, "onceq %s: %s\n", cmd, rc->err);
+        rc_close(rc);
+        return 2;
+    }
+    return 0;
+}
+
+/* ============================================================== keys */
+
+typedef struct rkeys {
+    char stream[512];
+    char counts[540], results[540], dlq[540], delayed[540], stats[540],
+        meta[540], idpfx[540], dedup[540];
+    size_t idpfx_len, dedup_len;
+} rkeys;
+
+static int make_keys(rkeys *k, const char *stream, const char *cmd)
+{
+    if (stream == NULL || *stream == '\0' || strlen(stream) >= 500) {
+        fprintf(stderr, "onceq %s: --stream NAME is required (at most 499 "
+                "bytes)\n", cmd);
+        return 2;
+    }
+    snprintf(k->stream, sizeof(k->stream), "%s", stream);
+    snprintf(k->counts, sizeof(k->counts), "%s:counts", stream);
+    snprintf(k->results, sizeof(k->results), "%s:results", stream);
+    snprintf(k->dlq, sizeof(k->dlq), "%s:dlq", stream);
+    snprintf(k->delayed, sizeof(k->delayed), "%s:delayed", stream);
+    snprintf(k->stats, sizeof(k->stats), "%s:stats", stream);
+    snprintf(k->meta, sizeof(k->meta), "%s:meta", stream);
+    snprintf(k->idpfx, sizeof(k->idpfx), "%s:id:", stream);
+    snprintf(k->dedup, sizeof(k->dedup), "%s:dedup:", stream);
+    k->idpfx_len = strlen(k->idpfx);
+    k->dedup_len = strlen(k->dedup);
+    return 0;
+}
+
+/* ====================================================== small helpers */
+
+static int parse_uint(const char *s, uint64_t max, uint64_t *out)
+{
+    char *end;
+    unsigned long long v;
+    if (s == NULL || *s < '0' || *s > '9')
+        return -1;
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno || *end != '\0' || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int usage_error(const char *cmd, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static int usage_error(const char *cmd, const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "onceq %s: ", cmd);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
     return 2;
+}
+
+/* getopt's '?' and ':' as one-line messages. */
+static int getopt_error(const char *cmd, int opt, char **argv)
+{
+    if (opt == ':')
+        return usage_error(cmd, "option '%s' needs a value", argv[optind - 1]);
+    if (optopt)
+        return usage_error(cmd, "unknown option '-%c' (try 'onceq %s "
+                           "--help')", optopt, cmd);
+    return usage_error(cmd, "unknown option '%s' (try 'onceq %s --help')",
+                       argv[optind - 1], cmd);
+}
+
+/* A field of a stream entry's [f, v, f, v...] array, or NULL. */
+static const redisReply *field(const redisReply *kv, const char *name)
+{
+    if (kv == NULL || kv->type != REDIS_REPLY_ARRAY)
+        return NULL;
+    for (size_t i = 0; i + 1 < kv->elements; i += 2)
+        if (kv->element[i]->type == REDIS_REPLY_STRING &&
+            strcmp(kv->element[i]->str, name) == 0)
+            return kv->element[i + 1];
+    return NULL;
+}
+
+static uint64_t field_u64(const redisReply *kv, const char *name)
+{
+    const redisReply *v = field(kv, name);
+    return v && v->type == REDIS_REPLY_STRING ? strtoull(v->str, NULL, 10) : 0;
+}
+
+static void write_iso(FILE *f, int64_t ms)
+{
+    time_t secs = (time_t)(ms / 1000);
+    struct tm tm;
+    char buf[32];
+    gmtime_r(&secs, &tm);
+    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
+    fprintf(f, "\"%s.%03dZ\"", buf, (int)(ms % 1000));
+}
+
+/* =============================================================== send */
+
+typedef struct send_batch {
+    abuf keys, args;
+    size_t nevents;
+    int done;           /* its reply came back */
+} send_batch;
+
+static void send_usage(FILE *f)
+{
+    fprintf(f,
+"usage: onceq send --redis URL --stream NAME [OPTIONS] [FILE...]\n"
+"\n"
+"Loads JSON-lines events from FILEs (or stdin) into a Redis stream, for\n"
+"`onceq run --redis` consumers. An event whose id was sent within the\n"
+"dedup window is rejected as a duplicate (SET NX PX in the same Lua script\n"
+"as the XADD). Lines that are not JSON or have no usable id are sent\n"
+"anyway: the consumers dead-letter them with reason parse_error or bad_id.\n"
+"Blank lines are skipped; a line over --max-line is sent cut to 4 KiB and\n"
+"dead-lettered by the consumers as too_large.\n"
+"\n"
+"  --redis URL            redis://[user:password@]host[:port][/db]\n"
+"  --stream NAME          the stream (keys NAME, NAME:*)\n"
+"  --dedup-window D       producer dedup window (default 5m; a bare number\n"
+"                         is milliseconds; 0 = off)\n"
+"  --id-field NAME        the id field (default id, or event_id)\n"
+"  --batch N              events per Lua call (default 256)\n"
+"  --max-line BYTES       (default 1048576)\n"
+"  -q, --quiet            no summary\n"
+"\n"
+"Prints: sent N, rejected M duplicates. Exit status: 0 success, 2 bad\n"
+"usage, unreadable input or Redis unreachable, 3 Redis failed mid-way.\n");
+}
+
+/* A duration where a bare number is milliseconds. */
+static int parse_ms(const char *s, int64_t *ms)
+{
+    uint64_t u;
+    if (parse_uint(s, (uint64_t)1 << 50, &u) == 0) {
+        *ms = (int64_t)u;
+        return 0;
+    }
+    return oq__parse_duration(s, ms);
+}
+
+typedef struct send_cfg {
+    const char *url, *stream, *id_field;
+    int64_t window_ms;
+    unsigned batch;
+    size_t max_line;
+    bool quiet;
+} send_cfg;
+
+static int send_parse(send_cfg *c, int argc, char **argv)
+{
+    enum { O_REDIS = 256, O_STREAM, O_WINDOW, O_ID, O_BATCH, O_MAXLINE };
+    static const struct option lo[] = {
+        { "redis", required_argument, NULL, O_REDIS },
+        { "stream", required_argument, NULL, O_STREAM },
+        { "dedup-window", required_argument, NULL, O_WINDOW },
+        { "id-field", required_argument, NULL, O_ID },
+        { "batch", required_argument, NULL, O_BATCH },
+        { "max-line", required_argument, NULL, O_MAXLINE },
+        { "quiet", no_argument, NULL, 'q' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    int opt;
+    uint64_t u;
+
+    memset(c, 0, sizeof(*c));
+    c->id_field = "id";
+    c->window_ms = 300000;
+    c->batch = SEND_BATCH;
+    c->max_line = 1024 * 1024;
+    optind = 1;
+    opterr = 0;
+    while ((opt = getopt_long(argc, argv, ":qh", lo, NULL)) != -1) {
+        switch (opt) {
+        case 'h':
+            send_usage(stdout);
+            return 0;
+        case O_REDIS: c->url = optarg; break;
+        case O_STREAM: c->stream = optarg; break;
+        case O_ID: c->id_field = optarg; break;
+        case 'q': c->quiet = true; break;
+        case O_WINDOW:
+            if (parse_ms(optarg, &c->window_ms) != 0)
+                return usage_error("send", "invalid --dedup-window '%s' (a "
+                                   "duration like 5m, or milliseconds)",
+                                   optarg);
+            break;
+        case O_BATCH:
+            if (parse_uint(optarg, 4096, &u) != 0 || u == 0)
+                return usage_error("send", "invalid --batch '%s' (1 to "
+                                   "4096)", optarg);
+            c->batch = (unsigned)u;
+            break;
+        case O_MAXLINE:
+            if (parse_uint(optarg, 1ULL << 31, &u) != 0 || u < 16)
+                return usage_error("send", "invalid --max-line '%s' (bytes, "
+                                   "at least 16)", optarg);
+            c->max_line = (size_t)u;
+            break;
+        default:
+            return getopt_error("send", opt, argv);
+        }
+    }
+    if (c->url == NULL)
+        return usage_error("send", "--redis URL is required (try 'onceq "
+                           "send --help')");
+    return -1;
+}
+
+/* Sends the batches b[0..n) pipelined. A batch whose reply was lost with
+ * the connection is sent again after a reconnect (the dedup window makes
+ * that safe for events with an id: if the first call ran, they are
+ * rejected the second time); a batch refused with NOSCRIPT (SCRIPT FLUSH)
+ * is sent again after the scripts are loaded again. Adds to *sent and
+ * *rej. 0, or an exit status. */
+static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
+                      uint64_t *rej)
+{
+    for (size_t i = 0; i < n; i++)
+        b[i].done = 0;
+    for (;;) {
+        size_t left = 0, got = 0, want = 0;
+        int reload = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (b[i].done)
+                continue;
+            want++;
+            if (rc_append_script(rc, SC_SEND, 0, &b[i].keys, &b[i].args)) {
+                fprintf(stderr, "onceq send: out of memory\n");
+                return 3;
+            }
+        }
+        if (want == 0)
+            return 0;
+        for (size_t i = 0; i < n; i++) {
+            void *v;
+            redisReply *r;
+            if (b[i].done)
+                continue;
+            if (redisGetReply(rc->c, &v) != REDIS_OK)
+                break;
+            got++;
+            r = v;
+            if (is_err(r, "NOSCRIPT")) {
+                reload = 1;
+                left++;
+                freeReplyObject(r);
+                continue;
+            }
+            if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+                fprintf(stderr, "onceq send: Redis: %s\n",
+                        r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
+                freeReplyObject(r);
+                return 3;
+            }
+            *sent += (uint64_t)r->element[0]->integer;
+            *rej += (uint64_t)r->element[1]->integer;
+            b[i].done = 1;
+            freeReplyObject(r);
+        }
+        if (got == want && !reload)
+            return 0;
+        if ((got == want && rc_open(rc) == RC_OK) ||
+            rc_reconnect(rc) == RC_OK)
+            continue;
+        fprintf(stderr, "onceq send: %s\n", rc->err);
+        return 3;
+    }
+}
+
+static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
+{
+    static const char *const stdin_only[] = { "-" };
+    oq__idspec spec = { c->id_field, strcmp(c->id_field, "id") == 0 };
+    send_batch b[SEND_WINDOW];
+    size_t nb = 0;
+    uint64_t sent = 0, rej = 0, blank = 0;
+    oq__reader *rd = NULL;
+    rconn rc = { 0 };
+    rurl u;
+    rkeys k;
+    oq__line l;
+    char err[512];
+    int status = 0, got;
+
+    if (make_keys(&k, c->stream, "send") != 0)
+        return 2;
+    if (parse_url(c->url, &u, err, sizeof(err)) != 0)
+        return usage_error("send", "%s", err);
+    if (oq__reader_open(&rd, ninputs ? (const char *const *)inputs
+                                     : stdin_only,
+                        ninputs ? ninputs : 1, c->max_line, err,
+                        sizeof(err)) != 0) {
+        fprintf(stderr, "onceq send: %s\n", err);
+        return 2;
+    }
+    if (rc_first(&rc, &u, "send") != 0) {
+        oq__reader_close(rd);
+        return 2;
+    }
+    memset(b, 0, sizeof(b));
+    for (;;) {
+        send_batch *cur = &b[nb];
+        got = oq__reader_next(rd, &l, err, sizeof(err));
+        if (got < 0) {
+            fprintf(stderr, "onceq send: %s\n", err);
+            status = 2;
+            break;
+        }
+        if (got > 0 && l.kind == OQ__LINE_BLANK) {
+            blank++;
+            continue;
+        }
+        if (got > 0) {
+            char src[600];
+            const char *path = oq__reader_path(rd, l.file);
+            int64_t keyidx = 0;
+            if (cur->args.n == 0) {
+                ab_reset(&cur->keys);
+                ab_reset(&cur->args);
+                ab_adds(&cur->keys, k.stream);
+                ab_adds(&cur->keys, k.stats);
+                ab_addi(&cur->args, c->window_ms);
+                cur->nevents = 0;
+            }
+            if (l.kind == OQ__LINE_EVENT && c->window_ms > 0) {
+                oq_event ev = { 0 };
+                oq_decoded dec;
+                memset(&dec, 0, sizeof(dec));
+                ev.payload = l.data;
+                ev.payload_len = l.len;
+                if (oq__json_decode(&ev, &dec, &spec) == 0) {
+                    ab_add2(&cur->keys, k.dedup, k.dedup_len, dec.id,
+                            dec.id_len);
+                    keyidx = (int64_t)cur->keys.n;
+                }
+                if (dec.parsed)
+                    oq__json_free(dec.parsed, &spec);
+            }
+            ab_addi(&cur->args, keyidx);
+            ab_add(&cur->args, l.data, l.len);
+            snprintf(src, sizeof(src), "%s:%" PRIu64,
+                     strcmp(path, "-") == 0 ? "<stdin>" : path, l.lineno);
+            for (char *p = src; *p; p++)
+                if (*p == '\n')
+                    *p = '?';
+            ab_adds(&cur->args, src);
+            if (l.kind == OQ__LINE_TOO_LARGE)
+                ab_addu(&cur->args, l.full_len);
+            else
+                ab_add(&cur->args, "", 0);
+            cur->nevents++;
+            if (cur->nevents < c->batch)
+                continue;
+            nb++;
+        } else if (cur->args.n > 0) {
+            nb++;
+        }
+        if (nb == SEND_WINDOW || (got == 0 && nb > 0)) {
+            if ((status = send_flush(&rc, b, nb, &sent, &rej)) != 0)
+                break;
+            for (size_t i = 0; i < nb; i++)
+                b[i].args.n = 0;
+            nb = 0;
+        }
+        if (got == 0)
+            break;
+    }
+    if (status == 0 && !c->quiet)
+        printf("sent %" PRIu64 ", rejected %" PRIu64 " duplicates\n", sent,
+               rej);
+    if (status == 0 && !c->quiet && blank)
+        fprintf(stderr, "onceq send: skipped %" PRIu64 " blank lines\n",
+                blank);
+    for (size_t i = 0; i < SEND_WINDOW; i++) {
+        ab_free(&b[i].keys);
+        ab_free(&b[i].args);
+    }
+    rc_close(&rc);
+    oq__reader_close(rd);
+    return status;
 }
 
 int oq__cmd_send(int argc, char **argv)
 {
-    OQ__UNUSED(argc);
-    return not_yet(argv[0]);
+    send_cfg c;
+    int rc = send_parse(&c, argc, argv);
+    if (rc >= 0)
+        return rc;
+    return send_run(&c, argv + optind, (unsigned)(argc - optind));
+}
+
+/* =========================================================== consumer */
+
+typedef struct rcfg {
+    const char *url, *stream, *group, *consumer, *handler_spec, *id_field;
+    const char *out_path, *stats_path;
+    bool drain, quiet, verbose;
+    unsigned workers, batch;
+    int64_t vt_ms, backoff_base_ms, backoff_cap_ms, kill_grace_ms;
+    uint32_t max_attempts;
+    uint64_t seed;
+} rcfg;
+
+/* One stream entry, owned by the worker that holds it. */
+typedef struct rentry {
+    char *eid;            /* stream entry id, "ms-seq" */
+    char *line;           /* field e: the event line */
+    size_t len;
+    char *src;            /* field s: file:line */
+    uint32_t prior;       /* field a: attempts before this entry */
+    uint32_t deliveries;  /* 1 for a new read; XPENDING's count otherwise */
+    int64_t first_ms;     /* field f, or the entry id's time: unix ms */
+    uint64_t big;         /* field big: the full length of a cut line */
+    int64_t due_ms;       /* held (BUSY): claim again at, monotonic ms */
+} rentry;
+
+typedef struct rstats {
+    _Atomic uint64_t processed, duplicates, dead, retried, fenced,
+        redelivered, busy, settled_elsewhere, handler_calls, batches;
+    _Atomic uint64_t dead_by[OQ_DLQ__COUNT];
+} rstats;
+
+typedef struct rrun {
+    rcfg c;                     /* immutable after setup, like u, k, h */
+    rurl u;
+    rkeys k;
+    oq__handler h;
+    oq__idspec idspec;
+    char consumer[256];
+    uint64_t nonce;             /* makes our fencing tokens unique */
+    _Atomic int stop;           /* signal, drained, or a fatal error */
+    _Atomic int drained;
+    atomic_int reconnects;
+    pthread_mutex_t mu;         /* guards reclaimed*, fatal*; a leaf lock */
+    rentry **reclaimed;         /* taken over by XAUTOCLAIM, not started */
+    size_t nreclaimed, reclaimed_cap;
+    char fatal_msg[1024];
+    int fatal;
+    rstats st;
+    int64_t t0_ms;
+} rrun;
+
+static void run_fatal(rrun *r, const char *msg)
+{
+    pthread_mutex_lock(&r->mu);
+    if (!r->fatal) {
+        r->fatal = 1;
+        snprintf(r->fatal_msg, sizeof(r->fatal_msg), "%s", msg);
+    }
+    pthread_mutex_unlock(&r->mu);
+    atomic_store(&r->stop, 1);
+}
+
+static void run_fatal_reply(rrun *r, rconn *rc, const redisReply *rep,
+                            const char *what)
+{
+    char msg[1024];
+    /* A call abandoned because the run is stopping (drained, a signal) is
+     * not an error: what it was doing stays pending in Redis. */
+    if (rep == NULL && atomic_load(&r->stop))
+        return;
+    if (rep == NULL)
+        snprintf(msg, sizeof(msg), "%s", rc->err);
+    else
+        snprintf(msg, sizeof(msg), "Redis at %s: %s: %s", r->u.text, what,
+                 rep->type == REDIS_REPLY_ERROR ? rep->str
+                                                : "unexpected reply");
+    run_fatal(r, msg);
+}
+
+#define ADD(field, n) atomic_fetch_add_explicit(&r->st.field, (n), \
+                                                memory_order_relaxed)
+
+/* Copies a stream entry ([id, [field, value, ...]]) out of a reply. */
+static rentry *entry_from(const redisReply *e, uint32_t deliveries)
+{
+    const redisReply *kv, *line, *src;
+    size_t idl, ll, sl;
+    rentry *x;
+
+    if (e == NULL || e->type != REDIS_REPLY_ARRAY || e->elements < 2 ||
+        e->element[0]->type != REDIS_REPLY_STRING)
+        return NULL;
+    kv = e->element[1];
+    line = field(kv, "e");
+    src = field(kv, "s");
+    idl = e->element[0]->len;
+    ll = line && line->type == REDIS_REPLY_STRING ? line->len : 0;
+    sl = src && src->type == REDIS_REPLY_STRING ? src->len : 0;
+    x = oq__malloc(sizeof(*x) + idl + ll + sl + 3);
+    if (x == NULL)
+        return NULL;
+    x->eid = (char *)(x + 1);
+    memcpy(x->eid, e->element[0]->str, idl + 1);
+    x->line = x->eid + idl + 1;
+    if (ll)
+        memcpy(x->line, line->str, ll);
+    x->line[ll] = '\0';
+    x->len = ll;
+    x->src = x->line + ll + 1;
+    if (sl)
+        memcpy(x->src, src->str, sl);
+    x->src[sl] = '\0';
+    x->prior = (uint32_t)field_u64(kv, "a");
+    x->deliveries = deliveries;
+    x->first_ms = (int64_t)field_u64(kv, "f");
+    if (x->first_ms == 0)
+        x->first_ms = (int64_t)strtoull(x->eid, NULL, 10);
+    x->big = field_u64(kv, "big");
+    x->due_ms = 0;
+    return x;
+}
+
+/* Creates the group at the start of the stream (and the stream) unless it
+ * exists. 0, or -1 with the run's fatal error set. */
+static int ensure_group(rrun *r, rconn *rc)
+{
+    const char *av[] = { "XGROUP", "CREATE", r->k.stream, r->c.group, "0",
+                         "MKSTREAM" };
+    redisReply *rep = rc_cmd(rc, 6, av, NULL);
+    int ok = rep && (rep->type == REDIS_REPLY_STATUS ||
+                     is_err(rep, "BUSYGROUP"));
+    if (!ok)
+        run_fatal_reply(r, rc, rep, "XGROUP CREATE");
+    freeReplyObject(rep);
+    return ok ? 0 : -1;
+}
+
+/* ------------------------------------------------------------- worker */
+
+enum { K_REJECT, K_CLAIM };
+
+typedef struct slot {
+    rentry *e;            /* NULL once handed to the held list */
+    oq_decoded dec;       /* dec.error: also the F/X op's error text */
+    int kind;             /* K_REJECT or K_CLAIM */
+    uint32_t attempts;
+    int64_t claim;        /* CLAIM's answer: 0 claimed, -1 done, >0 busy */
+    char op;              /* the COMMIT op: C D R F X, or 0 (held) */
+    bool fenced;          /* C: the claim was lost before the commit */
+    oq_dlq_reason dead_reason;  /* F, X */
+    int64_t delay_ms;     /* R */
+    size_t c0, c1;        /* C: its counts, w->cnt[c0..c1) */
+    size_t r0, r1;        /* C: its records, args r0..r1 of w->stage */
+} slot;
+
+/* A staged counter delta: key = argument ki of w->stage. */
+typedef struct scount {
+    size_t ki;
+    int64_t delta;
+} scount;
+
+typedef struct rworker {
+    rrun *r;
+    unsigned idx;
+    pthread_t th;
+    rconn rc;
+    rentry **batch;       /* the entries of the current batch */
+    slot *slots;
+    rentry **held;        /* BUSY: claim again at due_ms */
+    size_t nheld, heldcap;
+    abuf keys, args;      /* the next script call */
+    abuf stage;           /* the handlers' count keys and records */
+    scount *cnt, *sorted;
+    size_t ncnt, cntcap;
+    oq_txn *txn;
+    uint64_t rng, seq;
+    char prefix[48];      /* the batch's token prefix */
+    double us_per_event;  /* handler time, moving average; < 0: unknown */
+} rworker;
+
+/* How many entries to take: as many as the handler can finish in a quarter
+ * of the visibility timeout, so a batch never outlives its leases; one
+ * until the handler's speed is known. */
+static size_t read_size(const rworker *w)
+{
+    const rrun *r = w->r;
+    double fit;
+    if (w->us_per_event < 0)
+        return 1;
+    fit = w->us_per_event > 1 ? (r->c.vt_ms * 250.0) / w->us_per_event
+                              : r->c.batch;
+    if (fit < 1)
+        return 1;
+    return fit > r->c.batch ? r->c.batch : (size_t)fit;
+}
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Moves held entries that are due into the batch. */
+static size_t take_held(rworker *w, size_t n, size_t want, int64_t now)
+{
+    size_t keep = 0;
+    for (size_t i = 0; i < w->nheld; i++) {
+        if (n < want && w->held[i]->due_ms <= now)
+            w->batch[n++] = w->held[i];
+        else
+            w->held[keep++] = w->held[i];
+    }
+    w->nheld = keep;
+    return n;
+}
+
+static size_t take_reclaimed(rworker *w, size_t n, size_t want)
+{
+    rrun *r = w->r;
+    pthread_mutex_lock(&r->mu);
+    while (n < want && r->nreclaimed > 0)
+        w->batch[n++] = r->reclaimed[--r->nreclaimed];
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
+/* XREADGROUP: appends new entries to the batch. */
+static size_t read_new(rworker *w, size_t n, size_t want, int64_t block_ms)
+{
+    rrun *r = w->r;
+    char count[24], block[24];
+    const char *av[12];
+    int ac = 0;
+    redisReply *rep;
+
+    snprintf(count, sizeof(count), "%zu", want - n);
+    snprintf(block, sizeof(block), "%" PRId64, block_ms);
+    av[ac++] = "XREADGROUP";
+    av[ac++] = "GROUP";
+    av[ac++] = r->c.group;
+    av[ac++] = r->consumer;
+    av[ac++] = "COUNT";
+    av[ac++] = count;
+    if (block_ms > 0) {
+        av[ac++] = "BLOCK";
+        av[ac++] = block;
+    }
+    av[ac++] = "STREAMS";
+    av[ac++] = r->k.stream;
+    av[ac++] = ">";
+    rep = rc_cmd(&w->rc, ac, av, NULL);
+    if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+        if (is_err(rep, "NOGROUP"))
+            ensure_group(r, &w->rc); /* the stream was deleted: start over */
+        else
+            run_fatal_reply(r, &w->rc, rep, "XREADGROUP");
+        freeReplyObject(rep);
+        return n;
+    }
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements > 0 &&
+        rep->element[0]->type == REDIS_REPLY_ARRAY &&
+        rep->element[0]->elements == 2) {
+        const redisReply *es = rep->element[0]->element[1];
+        for (size_t i = 0; i < es->elements && n < want; i++) {
+            rentry *x = entry_from(es->element[i], 1);
+            if (x == NULL) {
+                run_fatal(r, "out of memory reading entries");
+                break;
+            }
+            w->batch[n++] = x;
+        }
+    }
+    freeReplyObject(rep);
+    return n;
+}
+
+static void stage_count(const char *key, size_t len, int64_t delta, void *arg)
+{
+    rworker *w = arg;
+    if (w->ncnt == w->cntcap) {
+        size_t ncap = w->cntcap ? w->cntcap * 2 : 256;
+        scount *nc = oq__realloc(w->cnt, ncap * sizeof(*nc));
+        scount *ns;
+        if (nc == NULL) {
+            w->stage.oom = 1;
+            return;
+        }
+        w->cnt = nc;
+        if ((ns = oq__realloc(w->sorted, ncap * sizeof(*ns))) == NULL) {
+            w->stage.oom = 1;
+            return;
+        }
+        w->sorted = ns;
+        w->cntcap = ncap;
+    }
+    ab_add(&w->stage, key, len);
+    w->cnt[w->ncnt++] = (scount){ w->stage.n - 1, delta };
+}
+
+static void stage_record(const void *data, size_t len, void *arg)
+{
+    rworker *w = arg;
+    ab_add(&w->stage, data, len);
+}
+
+/* A claimed slot: runs the handler and decides its op. */
+static void handle(rworker *w, slot *s, int64_t deadline_ms)
+{
+    rrun *r = w->r;
+    oq_event ev;
+    const char *e;
+    int rc;
+    int64_t t0;
+
+    if (s->attempts > r->c.max_attempts) {
+        s->op = 'X';
+        s->dead_reason = OQ_DLQ_MAX_ATTEMPTS;
+        snprintf(s->dec.error, sizeof(s->dec.error), "not finished within "
+                 "the visibility timeout in %u deliveries", s->attempts - 1);
+        return;
+    }
+    memset(&ev, 0, sizeof(ev));
+    ev.id = s->dec.id;
+    ev.id_len = s->dec.id_len;
+    ev.payload = s->e->line;
+    ev.payload_len = s->e->len;
+    ev.attempt = s->attempts;
+    ev.deadline_ms = deadline_ms;
+    ev.parsed = s->dec.parsed;
+    oq__txn_reset(w->txn);
+    oq_txn_error(w->txn, "%s", "");
+    t0 = mono_us();
+    rc = r->h.fn(&ev, w->txn, r->h.arg);
+    t0 = mono_us() - t0;
+    w->us_per_event = w->us_per_event < 0 ? (double)t0
+                      : 0.8 * w->us_per_event + 0.2 * (double)t0;
+    ADD(handler_calls, 1);
+    if (rc == OQ_OK) {
+        s->op = 'C';
+        s->c0 = w->ncnt;
+        oq_txn_foreach(w->txn, NULL, stage_count, w);
+        s->c1 = w->ncnt;
+        s->r0 = w->stage.n;
+        oq_txn_foreach(w->txn, stage_record, NULL, w);
+        s->r1 = w->stage.n;
+        return;
+    }
+    e = oq_txn_error_text(w->txn);
+    if (rc == OQ_RETRY && s->attempts < r->c.max_attempts) {
+        s->op = 'R';
+        s->delay_ms = oq_backoff_ms(r->c.backoff_base_ms, r->c.backoff_cap_ms,
+                                    s->attempts, &w->rng);
+        return;
+    }
+    s->op = rc == OQ_RETRY ? 'X' : 'F';
+    s->dead_reason = rc == OQ_RETRY ? OQ_DLQ_MAX_ATTEMPTS : OQ_DLQ_FAILED;
+    snprintf(s->dec.error, sizeof(s->dec.error), "%s", *e ? e :
+             rc == OQ_RETRY ? "retried too often" : "the handler failed");
+}
+
+static int hold(rworker *w, rentry *e)
+{
+    if (w->nheld == w->heldcap) {
+        size_t ncap = w->heldcap ? w->heldcap * 2 : 64;
+        rentry **nh = oq__realloc(w->held, ncap * sizeof(*nh));
+        if (nh == NULL)
+            return -1;
+        w->held = nh;
+        w->heldcap = ncap;
+    }
+    w->held[w->nheld++] = e;
+    return 0;
+}
+
+/* Claims the ids of the K_CLAIM slots with one CLAIM call. 0, or -1 (the
+ * run's fatal error is set). */
+static int claim_batch(rworker *w, size_t n)
+{
+    rrun *r = w->r;
+    redisReply *rep;
+    size_t j = 0, nclaim = 0;
+
+    snprintf(w->prefix, sizeof(w->prefix), "%016" PRIx64 ".%u.%" PRIx64 ":",
+             r->nonce, w->idx, ++w->seq);
+    ab_reset(&w->keys);
+    ab_reset(&w->args);
+    ab_addi(&w->args, r->c.vt_ms);
+    ab_adds(&w->args, w->prefix);
+    for (size_t i = 0; i < n; i++) {
+        slot *s = &w->slots[i];
+        if (s->kind != K_CLAIM)
+            continue;
+        ab_add2(&w->keys, r->k.idpfx, r->k.idpfx_len, s->dec.id,
+                s->dec.id_len);
+        ab_adds(&w->args, s->e->eid);
+        nclaim++;
+    }
+    if (nclaim == 0)
+        return 0;
+    rep = rc_script(&w->rc, SC_CLAIM, &w->keys, &w->args);
+    if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
+        rep->elements != nclaim) {
+        run_fatal_reply(r, &w->rc, rep, "claim script");
+        freeReplyObject(rep);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (w->slots[i].kind == K_CLAIM)
+            w->slots[i].claim = rep->element[j++]->integer;
+    freeReplyObject(rep);
+    return 0;
+}
+
+/* qsort has no context argument: the stage being sorted, per thread. */
+static _Thread_local const abuf *tl_stage;
+
+static int by_key(const void *a, const void *b)
+{
+    const scount *x = a, *y = b;
+    const abuf *st = tl_stage;
+    size_t lx = st->alen[x->ki], ly = st->alen[y->ki];
+    int c = memcmp(st->buf + st->off[x->ki], st->buf + st->off[y->ki],
+                   OQ__MIN(lx, ly));
+    return c ? c : (lx > ly) - (lx < ly);
+}
+
+/* The tail of an F or X op. */
+static void op_dead(rworker *w, const slot *s)
+{
+    abuf *a = &w->args;
+    ab_adds(a, oq_dlq_reason_name(s->dead_reason));
+    ab_adds(a, s->dec.error);
+    ab_addu(a, s->attempts);
+    ab_add(a, s->e->line, s->e->len);
+    ab_adds(a, s->e->src);
+    ab_addi(a, s->e->first_ms);
+}
+
+/* The retry's delayed member: entry, attempts, first seen, source, event. */
+static void op_member(rworker *w, const slot *s)
+{
+    char head[128];
+    size_t sl = strlen(s->e->src);
+    int hl = snprintf(head, sizeof(head), "%s\n%u\n%" PRId64 "\n", s->e->eid,
+                      s->attempts, s->e->first_ms);
+    size_t total = (size_t)hl + sl + 1 + s->e->len;
+    char *m = oq__malloc(total);
+
+    if (m == NULL) {
+        w->args.oom = 1;
+        return;
+    }
+    memcpy(m, head, (size_t)hl);
+    memcpy(m + hl, s->e->src, sl);
+    m[(size_t)hl + sl] = '\n';
+    if (s->e->len)
+        memcpy(m + hl + sl + 1, s->e->line, s->e->len);
+    ab_add(&w->args, m, total);
+    oq__free(m);
+}
+
+/* Sums the batch's counter deltas per key (sort by key, merge runs) into
+ * w->sorted[0..return). */
+static size_t sum_counts(rworker *w, size_t n)
+{
+    size_t ns = 0, out = 0;
+    for (size_t i = 0; i < n; i++) {
+        const slot *s = &w->slots[i];
+        if (s->op == 'C' && !s->fenced)
+            for (size_t j = s->c0; j < s->c1; j++)
+                w->sorted[ns++] = w->cnt[j];
+    }
+    tl_stage = &w->stage;
+    if (ns > 1)
+        qsort(w->sorted, ns, sizeof(*w->sorted), by_key);
+    for (size_t i = 0; i < ns;) {
+        size_t j = i + 1;
+        scount sum = w->sorted[i];
+        while (j < ns && by_key(&w->sorted[i], &w->sorted[j]) == 0)
+            sum.delta += w->sorted[j++].delta;
+        w->sorted[out++] = sum;
+        i = j;
+    }
+    return out;
+}
+
+/* Builds the COMMIT call for the slots' ops (fenced commits left out). */
+static void build_commit(rworker *w, size_t n)
+{
+    rrun *r = w->r;
+    abuf *k = &w->keys, *a = &w->args, *st = &w->stage;
+    size_t nc = 0, nrec = 0, nagg = sum_counts(w, n);
+
+    for (size_t i = 0; i < n; i++) {
+        const slot *s = &w->slots[i];
+        if (s->op == 'C' && !s->fenced) {
+            nc++;
+            nrec += s->r1 - s->r0;
+        }
+    }
+    ab_reset(k);
+    ab_reset(a);
+    ab_adds(k, r->k.stream);
+    ab_adds(k, r->k.counts);
+    ab_adds(k, r->k.results);
+    ab_adds(k, r->k.dlq);
+    ab_adds(k, r->k.delayed);
+    ab_adds(k, r->k.stats);
+    ab_adds(a, r->c.group);
+    ab_adds(a, w->prefix);
+    ab_addu(a, nc);
+    ab_addu(a, nagg);
+    ab_addu(a, nrec);
+    for (size_t i = 0; i < n; i++) {
+        const slot *s = &w->slots[i];
+        if (s->op != 'C' || s->fenced)
+            continue;
+        ab_add2(k, r->k.idpfx, r->k.idpfx_len, s->dec.id, s->dec.id_len);
+        ab_adds(a, s->e->eid);
+    }
+    for (size_t i = 0; i < nagg; i++) {
+        ab_add(a, st->buf + st->off[w->sorted[i].ki],
+               st->alen[w->sorted[i].ki]);
+        ab_addi(a, w->sorted[i].delta);
+    }
+    for (size_t i = 0; i < n; i++) {
+        const slot *s = &w->slots[i];
+        if (s->op != 'C' || s->fenced)
+            continue;
+        for (size_t j = s->r0; j < s->r1; j++) {
+            ab_add(a, s->dec.id, s->dec.id_len);
+            ab_add(a, st->buf + st->off[j], st->alen[j]);
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        const slot *s = &w->slots[i];
+        int keyed = s->kind == K_CLAIM && s->op != 'D';
+        if (s->op == 0 || s->op == 'C')
+            continue;
+        ab_add(a, &s->op, 1);
+        ab_adds(a, s->e->eid);
+        if (keyed) {
+            ab_add2(k, r->k.idpfx, r->k.idpfx_len, s->dec.id, s->dec.id_len);
+            ab_addu(a, k->n);
+        } else {
+            ab_add(a, "0", 1);
+        }
+        ab_add(a, s->kind == K_CLAIM ? s->dec.id : "",
+               s->kind == K_CLAIM ? s->dec.id_len : 0);
+        if (s->op == 'R') {
+            ab_addi(a, s->delay_ms);
+            op_member(w, s);
+        } else if (s->op == 'F' || s->op == 'X') {
+            op_dead(w, s);
+        }
+    }
+}
+
+/* Counts what the COMMIT script did with each non-commit op (1 done, 0
+ * settled by another consumer, -1 fenced) and the commits. */
+static void count_ops(rworker *w, size_t n, const redisReply *res)
+{
+    rrun *r = w->r;
+    size_t j = 0;
+    for (size_t i = 0; i < n; i++) {
+        slot *s = &w->slots[i];
+        long long v;
+        if (s->op == 0)
+            continue;
+        if (s->op == 'C') {
+            if (s->fenced)
+                ADD(fenced, 1);
+            else
+                ADD(processed, 1);
+            continue;
+        }
+        v = j < res->elements ? res->element[j]->integer : 0;
+        j++;
+        if (v < 0)
+            ADD(fenced, 1);
+        else if (v == 0)
+            ADD(settled_elsewhere, 1);
+        else if (s->op == 'D')
+            ADD(duplicates, 1);
+        else if (s->op == 'R')
+            ADD(retried, 1);
+        else {
+            ADD(dead, 1);
+            ADD(dead_by[s->dead_reason], 1);
+        }
+    }
+}
+
+/* Commits the batch: one COMMIT call, again without the commits whose
+ * claim was lost if there were any. */
+static void commit_batch(rworker *w, size_t n)
+{
+    rrun *r = w->r;
+    for (;;) {
+        redisReply *rep, *res;
+        build_commit(w, n);
+        if (w->args.oom || w->keys.oom || w->stage.oom) {
+            run_fatal(r, "out of memory building a commit");
+            return;
+        }
+        rep = rc_script(&w->rc, SC_COMMIT, &w->keys, &w->args);
+        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
+            rep->elements != 2 ||
+            rep->element[0]->type != REDIS_REPLY_INTEGER ||
+            rep->element[1]->type != REDIS_REPLY_ARRAY) {
+            run_fatal_reply(r, &w->rc, rep, "commit script");
+            freeReplyObject(rep);
+            return;
+        }
+        res = rep->element[1];
+        if (rep->element[0]->integer < 0) {
+            /* Indexes (1-based) among the commits sent. */
+            size_t c = 0, f = 0;
+            for (size_t i = 0; i < n && f < res->elements; i++) {
+                slot *s = &w->slots[i];
+                if (s->op != 'C' || s->fenced)
+                    continue;
+                if ((long long)++c == res->element[f]->integer) {
+                    s->fenced = true;
+                    f++;
+                }
+            }
+            freeReplyObject(rep);
+            continue;
+        }
+        count_ops(w, n, res);
+        freeReplyObject(rep);
+        return;
+    }
+}
+
+/* One batch: decode, claim, handle, commit. */
+static void process(rworker *w, size_t n)
+{
+    rrun *r = w->r;
+    size_t nops = 0;
+    int64_t t_claim;
+
+    ADD(batches, 1);
+    ab_reset(&w->stage);
+    w->ncnt = 0;
+    for (size_t i = 0; i < n; i++) {
+        slot *s = &w->slots[i];
+        rentry *e = w->batch[i];
+        oq_event ev;
+        memset(s, 0, sizeof(*s));
+        s->e = e;
+        s->attempts = e->prior + e->deliveries;
+        if (e->big) {
+            s->kind = K_REJECT;
+            s->op = 'X';
+            s->dead_reason = OQ_DLQ_TOO_LARGE;
+            snprintf(s->dec.error, sizeof(s->dec.error), "line of %" PRIu64
+                     " bytes exceeds --max-line (first %zu bytes kept)",
+                     e->big, e->len);
+            continue;
+        }
+        memset(&ev, 0, sizeof(ev));
+        ev.payload = e->line;
+        ev.payload_len = e->len;
+        if (oq__json_decode(&ev, &s->dec, &r->idspec) != 0) {
+            s->kind = K_REJECT;
+            s->op = 'X';
+            s->dead_reason = s->dec.reason;
+            s->dec.parsed = NULL;
+        } else {
+            s->kind = K_CLAIM;
+        }
+    }
+    t_claim = mono_ms();
+    if (claim_batch(w, n) != 0)
+        goto out;
+    for (size_t i = 0; i < n; i++) {
+        slot *s = &w->slots[i];
+        if (s->kind == K_CLAIM && s->claim < 0) {
+            s->op = 'D';
+        } else if (s->kind == K_CLAIM && s->claim > 0) {
+            /* BUSY: not an attempt; keep it and claim again soon. */
+            s->e->due_ms = mono_ms() + OQ__MIN(s->claim, BUSY_RETRY_MS);
+            if (hold(w, s->e) == 0)
+                s->e = NULL; /* else dropped: pending, taken over later */
+            ADD(busy, 1);
+            continue;
+        } else if (s->kind == K_CLAIM) {
+            handle(w, s, t_claim + r->c.vt_ms);
+        }
+        nops++;
+    }
+    if (nops > 0)
+        commit_batch(w, n);
+out:
+    for (size_t i = 0; i < n; i++) {
+        slot *s = &w->slots[i];
+        if (s->dec.parsed)
+            oq__json_free(s->dec.parsed, &r->idspec);
+        oq__free(s->e);
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    rworker *w = arg;
+    rrun *r = w->r;
+
+    while (!atomic_load(&r->stop)) {
+        size_t want = read_size(w), n;
+        int64_t now = mono_ms(), next = INT64_MAX;
+
+        n = take_held(w, 0, want, now);
+        n = take_reclaimed(w, n, want);
+        for (size_t i = 0; i < w->nheld; i++)
+            next = OQ__MIN(next, w->held[i]->due_ms);
+        /* Read new entries only while few are held: a hung consumer's ids
+         * must not make us hold everything. */
+        if (n < want && w->nheld < r->c.batch) {
+            int64_t block = BLOCK_MS;
+            if (n > 0)
+                block = 0;
+            else if (w->nheld > 0)
+                block = OQ__MIN(BLOCK_MS, next - now);
+            n = read_new(w, n, want, block);
+        } else if (n == 0) {
+            nap_ms(OQ__MAX(1, OQ__MIN(BUSY_RETRY_MS, next - now)));
+        }
+        if (n > 0)
+            process(w, n);
+    }
+    /* What we hold stays pending in Redis: another consumer (or we, next
+     * time) takes it over after the visibility timeout. */
+    for (size_t i = 0; i < w->nheld; i++)
+        oq__free(w->held[i]);
+    w->nheld = 0;
+    return NULL;
+}
+
+/* -------------------------------------------------------- housekeeper */
+
+/* Takes over messages idle longer than the visibility timeout. */
+static void autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
+{
+    char vt[24], count[24];
+    size_t limit = (size_t)r->c.workers * r->c.batch;
+
+    snprintf(vt, sizeof(vt), "%" PRId64, r->c.vt_ms);
+    snprintf(count, sizeof(count), "%u", r->c.batch);
+    for (int round = 0; round < 16; round++) {
+        const char *av[] = { "XAUTOCLAIM", r->k.stream, r->c.group,
+                             r->consumer, vt, cursor, "COUNT", count };
+        redisReply *rep, *es;
+        size_t nes, got = 0;
+        rentry **tmp;
+
+        pthread_mutex_lock(&r->mu);
+        nes = r->nreclaimed;
+        pthread_mutex_unlock(&r->mu);
+        if (nes >= limit)
+            return;
+        rep = rc_cmd(rc, 8, av, NULL);
+        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
+            rep->elements < 2 || rep->element[0]->type != REDIS_REPLY_STRING) {
+            if (is_err(rep, "NOGROUP"))
+                ensure_group(r, rc);
+            else
+                run_fatal_reply(r, rc, rep, "XAUTOCLAIM");
+            freeReplyObject(rep);
+            return;
+        }
+        snprintf(cursor, curlen, "%s", rep->element[0]->str);
+        es = rep->element[1];
+        nes = es->elements;
+        tmp = oq__calloc(nes ? nes : 1, sizeof(*tmp));
+        if (tmp == NULL) {
+            freeReplyObject(rep);
+            return;
+        }
+        /* Delivery counts, one pipelined XPENDING per entry. */
+        for (size_t i = 0; i < nes; i++) {
+            const redisReply *e = es->element[i];
+            if (e->type != REDIS_REPLY_ARRAY || e->elements < 2 ||
+                e->element[1]->type != REDIS_REPLY_ARRAY)
+                continue;
+            redisAppendCommand(rc->c, "XPENDING %s %s %s %s 1", r->k.stream,
+                               r->c.group, e->element[0]->str,
+                               e->element[0]->str);
+            tmp[i] = entry_from(e, 1);
+            got++;
+        }
+        for (size_t i = 0; i < nes; i++) {
+            void *v;
+            redisReply *p;
+            if (tmp[i] == NULL)
+                continue;
+            if (redisGetReply(rc->c, &v) != REDIS_OK) {
+                /* The entries stay pending; taken over again later. */
+                for (size_t k = 0; k < nes; k++)
+                    oq__free(tmp[k]);
+                oq__free(tmp);
+                freeReplyObject(rep);
+                rc_reconnect(rc);
+                return;
+            }
+            p = v;
+            if (p->type == REDIS_REPLY_ARRAY && p->elements == 1 &&
+                p->element[0]->type == REDIS_REPLY_ARRAY &&
+                p->element[0]->elements == 4)
+                tmp[i]->deliveries =
+                    (uint32_t)p->element[0]->element[3]->integer;
+            freeReplyObject(p);
+        }
+        pthread_mutex_lock(&r->mu);
+        for (size_t i = 0; i < nes; i++) {
+            if (tmp[i] == NULL)
+                continue;
+            if (r->nreclaimed == r->reclaimed_cap) {
+                size_t ncap = r->reclaimed_cap ? r->reclaimed_cap * 2 : 256;
+                rentry **nr = oq__realloc(r->reclaimed, ncap * sizeof(*nr));
+                if (nr == NULL) {
+                    oq__free(tmp[i]); /* stays pending in Redis */
+                    continue;
+                }
+                r->reclaimed = nr;
+                r->reclaimed_cap = ncap;
+            }
+            r->reclaimed[r->nreclaimed++] = tmp[i];
+        }
+        pthread_mutex_unlock(&r->mu);
+        ADD(redelivered, got);
+        oq__free(tmp);
+        freeReplyObject(rep);
+        if (strcmp(cursor, "0-0") == 0 || nes == 0)
+            return;
+    }
+}
+
+/* 1 when nothing is pending with any consumer, delayed, or undelivered. */
+static int drained(rrun *r, rconn *rc)
+{
+    abuf keys = { 0 }, args = { 0 };
+    redisReply *rep;
+    int done = 0;
+
+    ab_adds(&keys, r->k.stream);
+    ab_adds(&keys, r->k.delayed);
+    ab_adds(&args, r->c.group);
+    rep = rc_script(rc, SC_DRAIN, &keys, &args);
+    if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 3)
+        done = rep->element[0]->integer == 0 &&
+               rep->element[1]->integer == 0 &&
+               rep->element[2]->integer == 0;
+    else if (is_err(rep, "NOGROUP") || is_err(rep, "ERR no such key"))
+        ensure_group(r, rc);
+    else
+        run_fatal_reply(r, rc, rep, "drain script");
+    freeReplyObject(rep);
+    ab_free(&keys);
+    ab_free(&args);
+    return done;
+}
+
+typedef struct house {
+    rrun *r;
+    rconn rc;
+    pthread_t th;
+} house;
+
+static void *house_main(void *arg)
+{
+    house *hk = arg;
+    rrun *r = hk->r;
+    abuf keys = { 0 }, args = { 0 };
+    char cursor[64] = "0-0";
+    int64_t ac_every = OQ__MAX(HOUSE_TICK_MS, OQ__MIN(r->c.vt_ms / 4, 1000));
+    int64_t last_ac = mono_ms();
+
+    ab_adds(&keys, r->k.stream);
+    ab_adds(&keys, r->k.delayed);
+    ab_addu(&args, 512);
+    while (!atomic_load(&r->stop)) {
+        int64_t now = mono_ms();
+        redisReply *rep = rc_script(&hk->rc, SC_PROMOTE, &keys, &args);
+        if (rep == NULL || rep->type != REDIS_REPLY_INTEGER) {
+            run_fatal_reply(r, &hk->rc, rep, "promote script");
+            freeReplyObject(rep);
+            break;
+        }
+        if (rep->integer == 512) {
+            freeReplyObject(rep);
+            continue; /* more are due */
+        }
+        freeReplyObject(rep);
+        if (now - last_ac >= ac_every) {
+            autoclaim(r, &hk->rc, cursor, sizeof(cursor));
+            last_ac = now;
+        }
+        if (r->c.drain && drained(r, &hk->rc)) {
+            atomic_store(&r->drained, 1);
+            atomic_store(&r->stop, 1);
+            break;
+        }
+        nap_ms(HOUSE_TICK_MS);
+    }
+    ab_free(&keys);
+    ab_free(&args);
+    return NULL;
+}
+
+/* ============================================================= export */
+
+typedef struct hkv {
+    char *key;
+    size_t klen;
+    char *val;
+} hkv;
+
+static int kv_cmp(const void *a, const void *b)
+{
+    const hkv *x = a, *y = b;
+    size_t n = OQ__MIN(x->klen, y->klen);
+    int c = memcmp(x->key, y->key, n);
+    if (c)
+        return c;
+    return (x->klen > y->klen) - (x->klen < y->klen);
+}
+
+/* Reads a hash field of S:meta into out ("" if none). */
+static void meta_get(rconn *rc, const rkeys *k, const char *name, char *out,
+                     size_t len)
+{
+    redisReply *rep = rc_cmdf(rc, "HGET %s %s", k->meta, name);
+    out[0] = '\0';
+    if (rep && rep->type == REDIS_REPLY_STRING)
+        snprintf(out, len, "%s", rep->str);
+    freeReplyObject(rep);
+}
+
+/* Writes counts (sorted by key, as `onceq run` does) or records (commit
+ * order) to f. 0, or an exit status with a message written. */
+static int export_to(rconn *rc, const rkeys *k, FILE *f, const char *cmd)
+{
+    char output[32], count_key[256];
+    hkv *v = NULL;
+    size_t n = 0, cap = 0;
+    char cursor[64] = "0";
+    int status = 0;
+
+    meta_get(rc, k, "output", output, sizeof(output));
+    meta_get(rc, k, "count_key", count_key, sizeof(count_key));
+    if (strcmp(output, "records") == 0) {
+        char start[64] = "-";
+        for (;;) {
+            redisReply *rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 1000",
+                                      k->results, start);
+            size_t ne;
+            if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
+                fprintf(stderr, "onceq %s: %s\n", cmd, rep ? rep->str ? rep->str
+                        : "bad reply" : rc->err);
+                freeReplyObject(rep);
+                return 3;
+            }
+            ne = rep->elements;
+            for (size_t i = 0; i < ne; i++) {
+                const redisReply *e = rep->element[i];
+                const redisReply *rr = field(e->element[1], "r");
+                if (rr && rr->type == REDIS_REPLY_STRING) {
+                    fwrite(rr->str, 1, rr->len, f);
+                    fputc('\n', f);
+                }
+                if (i + 1 == ne)
+                    snprintf(start, sizeof(start), "(%s", e->element[0]->str);
+            }
+            freeReplyObject(rep);
+            if (ne < 1000)
+                break;
+        }
+        return 0;
+    }
+    if (count_key[0] == '\0')
+        snprintf(count_key, sizeof(count_key), "key");
+    do {
+        redisReply *rep = rc_cmdf(rc, "HSCAN %s %s COUNT 1000", k->counts,
+                                  cursor);
+        const redisReply *items;
+        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
+            rep->elements != 2) {
+            fprintf(stderr, "onceq %s: %s\n", cmd, rep && rep->str ? rep->str
+                    : rc->err);
+            freeReplyObject(rep);
+            status = 3;
+            goto out;
+        }
+        snprintf(cursor, sizeof(cursor), "%s", rep->element[0]->str);
+        items = rep->element[1];
+        for (size_t i = 0; i + 1 < items->elements; i += 2) {
+            if (n == cap) {
+                size_t ncap = cap ? cap * 2 : 1024;
+                hkv *nv = oq__realloc(v, ncap * sizeof(*nv));
+                if (nv == NULL) {
+                    freeReplyObject(rep);
+                    fprintf(stderr, "onceq %s: out of memory\n", cmd);
+                    status = 3;
+                    goto out;
+                }
+                v = nv;
+                cap = ncap;
+            }
+            v[n].klen = items->element[i]->len;
+            v[n].key = oq__malloc(v[n].klen + 1);
+            v[n].val = strdup(items->element[i + 1]->str);
+            if (v[n].key == NULL || v[n].val == NULL) {
+                oq__free(v[n].key);
+                free(v[n].val);
+                freeReplyObject(rep);
+                fprintf(stderr, "onceq %s: out of memory\n", cmd);
+                status = 3;
+                goto out;
+            }
+            memcpy(v[n].key, items->element[i]->str, v[n].klen + 1);
+            n++;
+        }
+        freeReplyObject(rep);
+    } while (strcmp(cursor, "0") != 0);
+    if (n > 0)
+        qsort(v, n, sizeof(*v), kv_cmp);
+    for (size_t i = 0; i < n; i++) {
+        fputs("{", f);
+        oq__json_write_string(f, count_key, strlen(count_key));
+        fputs(":", f);
+        oq__json_write_string(f, v[i].key, v[i].klen);
+        fprintf(f, ",\"count\":%s}\n", v[i].val);
+    }
+out:
+    for (size_t i = 0; i < n; i++) {
+        oq__free(v[i].key);
+        free(v[i].val);
+    }
+    oq__free(v);
+    return status;
+}
+
+/* export_to a path ("-" or NULL: stdout). */
+static int export_path(rconn *rc, const rkeys *k, const char *path,
+                       const char *cmd)
+{
+    FILE *f = stdout;
+    int st, bad;
+    if (path && strcmp(path, "-") != 0 && (f = fopen(path, "w")) == NULL) {
+        fprintf(stderr, "onceq %s: cannot write '%s': %s\n", cmd, path,
+                strerror(errno));
+        return 3;
+    }
+    st = export_to(rc, k, f, cmd);
+    bad = ferror(f);
+    bad |= f == stdout ? fflush(f) : fclose(f);
+    if (bad && st == 0) {
+        fprintf(stderr, "onceq %s: write error on '%s'\n", cmd,
+                path ? path : "<stdout>");
+        st = 3;
+    }
+    return st;
+}
+
+/* ============================================================ the run */
+
+static void run_usage(FILE *f)
+{
+    fprintf(f,
+"usage: onceq run --redis URL --stream NAME --group G [OPTIONS]\n"
+"\n"
+"Joins consumer group G of the Redis stream NAME (creating both if needed)\n"
+"and processes its events exactly once, with any number of other onceq\n"
+"processes on any machines: claims, the processed set, outputs and dead\n"
+"letters live in Redis. Load events with `onceq send`.\n"
+"\n"
+"  --redis URL                 redis://[user:password@]host[:port][/db]\n"
+"  --stream NAME               the stream (keys NAME and NAME:*)\n"
+"  --group G                   the consumer group\n"
+"  --consumer NAME             this consumer's name (default host:pid)\n"
+"  --drain                     exit once the group has nothing new, nothing\n"
+"                              pending with any consumer (a dead consumer's\n"
+"                              messages are taken over first) and nothing\n"
+"                              delayed; without it, run until SIGINT/SIGTERM\n"
+"  -w, --workers N             worker threads, one connection each\n"
+"                              (default: number of CPUs)\n"
+"  --handler SPEC              wordcount (default), count:FIELD, noop,\n"
+"                              exec:COMMAND, plugin:PATH.so\n"
+"  --id-field NAME             (default id, or event_id)\n"
+"  --visibility-timeout D      lease per delivery (default 30s)\n"
+"  --max-attempts N            (default 5)\n"
+"  --backoff BASE[,CAP]        (default 100ms,30s)\n"
+"  --batch N                   entries per read, claim and commit (default\n"
+"                              128; fewer for slow handlers)\n"
+"  --kill-grace D              exec: SIGTERM to SIGKILL (default 2s)\n"
+"  -o, --out PATH|-            at the end, write the stream's results (all\n"
+"                              consumers'), like `onceq export --redis`\n"
+"  --stats PATH|-              this consumer's stats as JSON\n"
+"  -q, --quiet, -v, --verbose\n"
+"\n"
+"Outputs go to Redis: NAME:counts (hash), NAME:results (stream),\n"
+"NAME:dlq (dead letters, see `onceq dlq --redis`). See docs/REDIS.md.\n"
+"\n"
+"Exit status: 0 done; 1 this consumer dead-lettered events; 2 bad usage,\n"
+"bad URL, Redis unreachable or refusing us; 3 Redis lost for good (after\n"
+"60 s of reconnecting) or failing; 130/143 stopped by SIGINT/SIGTERM.\n");
+}
+
+static int run_parse(rcfg *c, int argc, char **argv)
+{
+    enum { O_REDIS = 256, O_STREAM, O_GROUP, O_CONSUMER, O_DRAIN, O_HANDLER,
+           O_ID, O_VT, O_MAXATT, O_BACKOFF, O_BATCH, O_GRACE, O_STATS,
+           O_SEED, O_PROGRESS };
+    static const struct option lo[] = {
+        { "redis", required_argument, NULL, O_REDIS },
+        { "stream", required_argument, NULL, O_STREAM },
+        { "group", required_argument, NULL, O_GROUP },
+        { "consumer", required_argument, NULL, O_CONSUMER },
+        { "drain", no_argument, NULL, O_DRAIN },
+        { "workers", required_argument, NULL, 'w' },
+        { "handler", required_argument, NULL, O_HANDLER },
+        { "id-field", required_argument, NULL, O_ID },
+        { "visibility-timeout", required_argument, NULL, O_VT },
+        { "max-attempts", required_argument, NULL, O_MAXATT },
+        { "backoff", required_argument, NULL, O_BACKOFF },
+        { "batch", required_argument, NULL, O_BATCH },
+        { "kill-grace", required_argument, NULL, O_GRACE },
+        { "out", required_argument, NULL, 'o' },
+        { "stats", required_argument, NULL, O_STATS },
+        { "seed", required_argument, NULL, O_SEED },
+        { "progress", no_argument, NULL, O_PROGRESS },
+        { "no-progress", no_argument, NULL, O_PROGRESS },
+        { "quiet", no_argument, NULL, 'q' },
+        { "verbose", no_argument, NULL, 'v' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int opt;
+    uint64_t u;
+    int64_t ms;
+
+    memset(c, 0, sizeof(*c));
+    c->workers = ncpu > 0 ? (unsigned)ncpu : 1;
+    c->batch = DEFAULT_BATCH;
+    c->handler_spec = "wordcount";
+    c->id_field = "id";
+    c->vt_ms = 30000;
+    c->max_attempts = 5;
+    c->backoff_base_ms = 100;
+    c->backoff_cap_ms = 30000;
+    c->kill_grace_ms = 2000;
+    optind = 1;
+    opterr = 0;
+    while ((opt = getopt_long(argc, argv, ":w:o:qvh", lo, NULL)) != -1) {
+        switch (opt) {
+        case 'h':
+            run_usage(stdout);
+            return 0;
+        case O_REDIS: c->url = optarg; break;
+        case O_STREAM: c->stream = optarg; break;
+        case O_GROUP: c->group = optarg; break;
+        case O_CONSUMER: c->consumer = optarg; break;
+        case O_DRAIN: c->drain = true; break;
+        case O_HANDLER: c->handler_spec = optarg; break;
+        case O_ID: c->id_field = optarg; break;
+        case 'o': c->out_path = optarg; break;
+        case O_STATS: c->stats_path = optarg; break;
+        case O_PROGRESS: break;
+        case 'q': c->quiet = true; break;
+        case 'v': c->verbose = true; break;
+        case 'w':
+            if (parse_uint(optarg, 1024, &u) != 0 || u == 0)
+                return usage_error("run", "invalid --workers '%s' (1 to "
+                                   "1024)", optarg);
+            c->workers = (unsigned)u;
+            break;
+        case O_BATCH:
+            if (parse_uint(optarg, MAX_BATCH, &u) != 0 || u == 0)
+                return usage_error("run", "invalid --batch '%s' (1 to %d)",
+                                   optarg, MAX_BATCH);
+            c->batch = (unsigned)u;
+            break;
+        case O_VT:
+            if (oq__parse_duration(optarg, &ms) != 0 || ms < 10)
+                return usage_error("run", "invalid --visibility-timeout '%s' "
+                                   "(a duration of at least 10ms)", optarg);
+            c->vt_ms = ms;
+            break;
+        case O_MAXATT:
+            if (parse_uint(optarg, 1000000, &u) != 0 || u == 0)
+                return usage_error("run", "invalid --max-attempts '%s'",
+                                   optarg);
+            c->max_attempts = (uint32_t)u;
+            break;
+        case O_BACKOFF: {
+            char base[64];
+            const char *comma = strchr(optarg, ',');
+            size_t bl = comma ? (size_t)(comma - optarg) : strlen(optarg);
+            if (bl >= sizeof(base))
+                return usage_error("run", "invalid --backoff '%s'", optarg);
+            memcpy(base, optarg, bl);
+            base[bl] = '\0';
+            if (oq__parse_duration(base, &c->backoff_base_ms) != 0 ||
+                (comma && oq__parse_duration(comma + 1,
+                                             &c->backoff_cap_ms) != 0) ||
+                c->backoff_cap_ms < c->backoff_base_ms)
+                return usage_error("run", "invalid --backoff '%s' (BASE[,CAP]"
+                                   " durations with CAP >= BASE)", optarg);
+            break;
+        }
+        case O_GRACE:
+            if (oq__parse_duration(optarg, &c->kill_grace_ms) != 0)
+                return usage_error("run", "invalid --kill-grace '%s'",
+                                   optarg);
+            break;
+        case O_SEED:
+            if (parse_uint(optarg, UINT64_MAX, &u) != 0)
+                return usage_error("run", "invalid --seed '%s'", optarg);
+            c->seed = u;
+            break;
+        default:
+            return getopt_error("run", opt, argv);
+        }
+    }
+    if (optind < argc)
+        return usage_error("run", "with --redis, events come from the stream,"
+                           " not from files ('%s'); load them with `onceq "
+                           "send`", argv[optind]);
+    if (c->url == NULL || c->stream == NULL || c->group == NULL)
+        return usage_error("run", "--redis URL, --stream NAME and --group G "
+                           "are all required (try 'onceq run --help')");
+    if (*c->group == '\0')
+        return usage_error("run", "--group must not be empty");
+    return -1;
+}
+
+static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
+{
+    rstats *s = &r->st;
+    uint64_t p = atomic_load(&s->processed), d = atomic_load(&s->duplicates),
+             dead = atomic_load(&s->dead);
+    redisReply *rep;
+
+    fprintf(f, "{\"lines\":%" PRIu64 ",\"processed\":%" PRIu64
+            ",\"duplicates\":%" PRIu64 ",\"dead\":%" PRIu64
+            ",\"blank\":0,\"unfinished\":0,\"dead_by_reason\":{",
+            p + d + dead, p, d, dead);
+    for (int i = 0; i < OQ_DLQ__COUNT; i++)
+        fprintf(f, "%s\"%s\":%" PRIu64, i ? "," : "",
+                oq_dlq_reason_name((oq_dlq_reason)i),
+                atomic_load(&s->dead_by[i]));
+    fprintf(f, "},\"retried\":%" PRIu64 ",\"redelivered\":%" PRIu64
+            ",\"fenced\":%" PRIu64 ",\"busy\":%" PRIu64
+            ",\"settled_elsewhere\":%" PRIu64 ",\"reconnects\":%d"
+            ",\"workers\":%u,\"handler\":\"%s\",\"elapsed_s\":%.3f"
+            ",\"events_per_s\":%.0f,\"consumer\":",
+            atomic_load(&s->retried), atomic_load(&s->redelivered),
+            atomic_load(&s->fenced), atomic_load(&s->busy),
+            atomic_load(&s->settled_elsewhere), atomic_load(&r->reconnects),
+            r->c.workers, r->h.name, el, el > 0 ? (p + d + dead) / el : 0);
+    oq__json_write_string(f, r->consumer, strlen(r->consumer));
+    /* The stream's totals, all consumers together. */
+    fputs(",\"stream\":{", f);
+    rep = rc_cmdf(rc, "HGETALL %s", r->k.stats);
+    if (rep && rep->type == REDIS_REPLY_ARRAY)
+        for (size_t i = 0; i + 1 < rep->elements; i += 2) {
+            fprintf(f, "%s", i ? "," : "");
+            oq__json_write_string(f, rep->element[i]->str,
+                                  rep->element[i]->len);
+            fprintf(f, ":%s", rep->element[i + 1]->str);
+        }
+    freeReplyObject(rep);
+    fputs("}}\n", f);
+}
+
+static int write_stats(rrun *r, double el, rconn *rc)
+{
+    const char *path = r->c.stats_path;
+    FILE *f = stdout;
+    int bad;
+    if (path == NULL)
+        return 0;
+    if (strcmp(path, "-") != 0 && (f = fopen(path, "w")) == NULL) {
+        fprintf(stderr, "onceq run: cannot write stats to '%s': %s\n", path,
+                strerror(errno));
+        return 3;
+    }
+    write_stats_json(f, r, el, rc);
+    bad = ferror(f);
+    bad |= f == stdout ? fflush(f) : fclose(f);
+    if (bad) {
+        fprintf(stderr, "onceq run: write error on stats '%s'\n", path);
+        return 3;
+    }
+    return 0;
+}
+
+static void summary(rrun *r, double el, int sig)
+{
+    rstats *s = &r->st;
+    uint64_t p = atomic_load(&s->processed), d = atomic_load(&s->duplicates),
+             dead = atomic_load(&s->dead);
+    if (r->c.quiet)
+        return;
+    fprintf(stderr, "onceq: consumer %s: %" PRIu64 " processed, %" PRIu64
+            " duplicates, %" PRIu64 " dead-lettered, %" PRIu64 " retried in "
+            "%.2fs (%.0f events/s)\n", r->consumer, p, d, dead,
+            atomic_load(&s->retried), el, el > 0 ? (p + d + dead) / el : 0);
+    if (r->c.verbose)
+        fprintf(stderr, "onceq: redelivered %" PRIu64 ", fenced %" PRIu64
+                ", busy %" PRIu64 ", reconnects %d, %u workers, handler %s\n",
+                atomic_load(&s->redelivered), atomic_load(&s->fenced),
+                atomic_load(&s->busy), atomic_load(&r->reconnects),
+                r->c.workers, r->h.name);
+    if (sig)
+        fprintf(stderr, "onceq: stopped by %s; messages not finished stay "
+                "pending and are taken over after the visibility timeout\n",
+                sig == SIGINT ? "SIGINT" : "SIGTERM");
+}
+
+static uint64_t make_nonce(void)
+{
+    uint64_t v = 0;
+    FILE *f = fopen("/dev/urandom", "rb");
+    if (f) {
+        if (fread(&v, sizeof(v), 1, f) != 1)
+            v = 0;
+        fclose(f);
+    }
+    if (v == 0) {
+        uint64_t s = (uint64_t)wall_ms() ^ ((uint64_t)getpid() << 32);
+        v = oq__splitmix64(&s);
+    }
+    return v;
+}
+
+/* Setup before the threads: handler, URL, first connection, group, meta.
+ * 0, or an exit status (message written). */
+static int run_setup(rrun *r, rconn *main_rc)
+{
+    oq__handler_opts ho = { r->c.kill_grace_ms, false };
+    char err[1024];
+    char host[200];
+    redisReply *rep;
+
+    if (make_keys(&r->k, r->c.stream, "run") != 0)
+        return 2;
+    if (parse_url(r->c.url, &r->u, err, sizeof(err)) != 0)
+        return usage_error("run", "%s", err);
+    if (oq__handler_from_spec(r->c.handler_spec, &ho, &r->h, err,
+                              sizeof(err)) != 0)
+        return usage_error("run", "%s", err);
+    r->idspec.field = r->c.id_field;
+    r->idspec.fallback = strcmp(r->c.id_field, "id") == 0;
+    if (r->c.consumer) {
+        snprintf(r->consumer, sizeof(r->consumer), "%s", r->c.consumer);
+    } else {
+        if (gethostname(host, sizeof(host)) != 0)
+            snprintf(host, sizeof(host), "localhost");
+        host[sizeof(host) - 1] = '\0';
+        snprintf(r->consumer, sizeof(r->consumer), "%s:%ld", host,
+                 (long)getpid());
+    }
+    r->nonce = make_nonce();
+    snprintf(main_rc->name, sizeof(main_rc->name), "onceq:%s:main",
+             r->consumer);
+    for (char *p = main_rc->name; *p; p++)
+        if (*p == ' ')
+            *p = '_';
+    if (rc_first(main_rc, &r->u, "run") != 0)
+        return 2;
+    if (ensure_group(r, main_rc) != 0) {
+        fprintf(stderr, "onceq run: %s\n", r->fatal_msg);
+        return 2;
+    }
+    rep = rc_cmdf(main_rc, "HSET %s output %s count_key %s handler %s",
+                  r->k.meta, r->h.output == OQ__OUT_RECORDS ? "records"
+                                                            : "counts",
+                  r->h.count_key ? r->h.count_key : "key", r->h.name);
+    if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+        fprintf(stderr, "onceq run: Redis at %s: %s\n", r->u.text,
+                rep ? rep->str : main_rc->err);
+        freeReplyObject(rep);
+        return 2;
+    }
+    freeReplyObject(rep);
+    return 0;
+}
+
+static void conn_init(rrun *r, rconn *rc, const char *role)
+{
+    rc->u = &r->u;
+    rc->stop = &r->stop;
+    rc->reconnects = &r->reconnects;
+    snprintf(rc->name, sizeof(rc->name), "onceq:%s:%s", r->consumer, role);
+    for (char *p = rc->name; *p; p++)
+        if (*p == ' ')
+            *p = '_';
+}
+
+/* Starts the housekeeper and the workers. 0, or an exit status. */
+static int start_threads(rrun *r, house *hk, rworker *ws)
+{
+    conn_init(r, &hk->rc, "house");
+    hk->r = r;
+    if (rc_open(&hk->rc) != RC_OK) {
+        fprintf(stderr, "onceq run: %s\n", hk->rc.err);
+        return 2;
+    }
+    for (unsigned i = 0; i < r->c.workers; i++) {
+        rworker *w = &ws[i];
+        char role[32];
+        w->r = r;
+        w->idx = i;
+        w->us_per_event = -1;
+        w->rng = (r->c.seed ? r->c.seed : r->nonce) + i * 0x9e3779b97f4a7c15ULL;
+        snprintf(role, sizeof(role), "w%u", i);
+        conn_init(r, &w->rc, role);
+        w->batch = oq__calloc(r->c.batch, sizeof(*w->batch));
+        w->slots = oq__calloc(r->c.batch, sizeof(*w->slots));
+        w->txn = oq__txn_new();
+        if (w->batch == NULL || w->slots == NULL || w->txn == NULL) {
+            fprintf(stderr, "onceq run: out of memory\n");
+            return 3;
+        }
+        if (rc_open(&w->rc) != RC_OK) {
+            fprintf(stderr, "onceq run: %s\n", w->rc.err);
+            return 2;
+        }
+    }
+    if (pthread_create(&hk->th, NULL, house_main, hk) != 0)
+        return 3;
+    for (unsigned i = 0; i < r->c.workers; i++)
+        if (pthread_create(&ws[i].th, NULL, worker_main, &ws[i]) != 0) {
+            atomic_store(&r->stop, 1);
+            for (unsigned j = 0; j < i; j++)
+                pthread_join(ws[j].th, NULL);
+            pthread_join(hk->th, NULL);
+            return 3;
+        }
+    return 0;
+}
+
+static void free_workers(rrun *r, house *hk, rworker *ws)
+{
+    if (ws)
+        for (unsigned i = 0; i < r->c.workers; i++) {
+            rc_close(&ws[i].rc);
+            oq__free(ws[i].batch);
+            oq__free(ws[i].slots);
+            oq__free(ws[i].held);
+            ab_free(&ws[i].keys);
+            ab_free(&ws[i].args);
+            ab_free(&ws[i].stage);
+            oq__free(ws[i].cnt);
+            oq__free(ws[i].sorted);
+            if (ws[i].txn)
+                oq__txn_free(ws[i].txn);
+        }
+    rc_close(&hk->rc);
+    for (size_t i = 0; i < r->nreclaimed; i++)
+        oq__free(r->reclaimed[i]);
+    oq__free(r->reclaimed);
+}
+
+/* Waits for the end (drained or fatal) or a signal; returns the signal. */
+static int wait_end(rrun *r, const sigset_t *sigs)
+{
+    struct timespec tick = { 0, 20 * 1000 * 1000 };
+    while (!atomic_load(&r->stop)) {
+        int sig = sigtimedwait(sigs, NULL, &tick);
+        if (sig == SIGINT || sig == SIGTERM)
+            return sig;
+    }
+    return 0;
 }
 
 int oq__redis_run(int argc, char **argv)
 {
-    OQ__UNUSED(argc);
-    return not_yet(argv[0]);
+    rrun *r = oq__calloc(1, sizeof(*r));
+    rconn main_rc = { 0 };
+    house hk = { 0 };
+    rworker *ws = NULL;
+    sigset_t sigs, old;
+    int status, sig = 0, st2;
+    double el;
+
+    if (r == NULL)
+        return 3;
+    oq__mutex_init(&r->mu);
+    status = run_parse(&r->c, argc, argv);
+    if (status >= 0)
+        goto out_free;
+    status = run_setup(r, &main_rc);
+    if (status != 0)
+        goto out_free;
+    signal(SIGPIPE, SIG_IGN);
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, &old);
+    ws = oq__calloc(r->c.workers, sizeof(*ws));
+    r->t0_ms = mono_ms();
+    if (ws == NULL || (status = start_threads(r, &hk, ws)) != 0) {
+        status = status ? status : 3;
+        goto out_mask;
+    }
+    sig = wait_end(r, &sigs);
+    atomic_store(&r->stop, 1);
+    if (sig)
+        oq__handler_cancel(&r->h);
+    for (unsigned i = 0; i < r->c.workers; i++)
+        pthread_join(ws[i].th, NULL);
+    pthread_join(hk.th, NULL);
+    el = (mono_ms() - r->t0_ms) / 1000.0;
+    status = 0;
+    if (r->fatal) {
+        fprintf(stderr, "onceq run: %s\n", r->fatal_msg);
+        status = 3;
+    }
+    main_rc.stop = NULL;
+    if (r->c.out_path && !r->fatal) {
+        st2 = export_path(&main_rc, &r->k, r->c.out_path, "run");
+        status = status ? status : st2;
+    }
+    st2 = write_stats(r, el, &main_rc);
+    status = status ? status : st2;
+    summary(r, el, sig);
+    if (sig)
+        status = sig == SIGINT ? 130 : 143;
+    else if (status == 0 && atomic_load(&r->st.dead) > 0)
+        status = 1;
+out_mask:
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+out_free:
+    free_workers(r, &hk, ws);
+    oq__free(ws);
+    rc_close(&main_rc);
+    if (r->h.fn)
+        oq__handler_free(&r->h);
+    pthread_mutex_destroy(&r->mu);
+    oq__free(r);
+    return status;
 }
 
-int oq__redis_dlq(int argc, char **argv)
+/* ====================================================== export and dlq */
+
+typedef struct tool_cfg {
+    const char *url, *stream, *out_path, *reason, *id_glob;
+    bool dry_run;
+} tool_cfg;
+
+/* Options shared by export and dlq. Returns -1 to go on, or a status. */
+static int tool_parse(tool_cfg *c, int argc, char **argv, const char *cmd,
+                      void (*usage)(FILE *))
 {
-    OQ__UNUSED(argc);
-    return not_yet(argv[0]);
+    enum { O_REDIS = 256, O_STREAM, O_REASON, O_ID, O_DRY };
+    static const struct option lo[] = {
+        { "redis", required_argument, NULL, O_REDIS },
+        { "stream", required_argument, NULL, O_STREAM },
+        { "reason", required_argument, NULL, O_REASON },
+        { "id", required_argument, NULL, O_ID },
+        { "dry-run", no_argument, NULL, O_DRY },
+        { "out", required_argument, NULL, 'o' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    int opt;
+
+    memset(c, 0, sizeof(*c));
+    optind = 1;
+    opterr = 0;
+    while ((opt = getopt_long(argc, argv, ":o:h", lo, NULL)) != -1) {
+        switch (opt) {
+        case 'h':
+            usage(stdout);
+            return 0;
+        case O_REDIS: c->url = optarg; break;
+        case O_STREAM: c->stream = optarg; break;
+        case O_REASON: c->reason = optarg; break;
+        case O_ID: c->id_glob = optarg; break;
+        case O_DRY: c->dry_run = true; break;
+        case 'o': c->out_path = optarg; break;
+        default:
+            return getopt_error(cmd, opt, argv);
+        }
+    }
+    if (c->url == NULL || c->stream == NULL)
+        return usage_error(cmd, "--redis URL and --stream NAME are required");
+    if (c->reason) {
+        int ok = 0;
+        for (int i = 0; i < OQ_DLQ__COUNT; i++)
+            ok |= strcmp(c->reason, oq_dlq_reason_name((oq_dlq_reason)i)) == 0;
+        if (!ok)
+            return usage_error(cmd, "unknown --reason '%s' (max_attempts, "
+                               "expired, failed, rejected, parse_error, "
+                               "bad_id, too_large)", c->reason);
+    }
+    return -1;
+}
+
+static void export_usage(FILE *f)
+{
+    fprintf(f,
+"usage: onceq export --redis URL --stream NAME [-o FILE]\n"
+"\n"
+"Writes the results of the Redis stream's consumers as JSON lines: counts\n"
+"sorted by key ({\"word\":\"w1\",\"count\":3}), or records in commit order.\n");
 }
 
 int oq__redis_export(int argc, char **argv)
 {
-    OQ__UNUSED(argc);
-    return not_yet(argv[0]);
+    tool_cfg c;
+    rconn rc = { 0 };
+    rurl u;
+    rkeys k;
+    char err[1024];
+    int st = tool_parse(&c, argc, argv, "export", export_usage);
+
+    if (st >= 0)
+        return st;
+    if (make_keys(&k, c.stream, "export") != 0)
+        return 2;
+    if (parse_url(c.url, &u, err, sizeof(err)) != 0)
+        return usage_error("export", "%s", err);
+    if (rc_first(&rc, &u, "export") != 0)
+        return 2;
+    st = export_path(&rc, &k, c.out_path, "export");
+    rc_close(&rc);
+    return st;
+}
+
+static void dlq_usage(FILE *f)
+{
+    fprintf(f,
+"usage: onceq dlq list|show ID|redrive|purge --redis URL --stream NAME\n"
+"                 [--reason R] [--id GLOB] [--dry-run]\n"
+"\n"
+"  list      every dead letter as a JSON line (id, source, reason, error,\n"
+"            attempts, first_seen, last_seen, event, dlq_id)\n"
+"  show ID   the dead letters of event id ID (or dead-letter entry ID)\n"
+"  redrive   sends matching dead letters back into the stream (a handler\n"
+"            failure's id is unsettled first) and removes them\n"
+"  purge     removes matching dead letters\n"
+"  --reason R, --id GLOB select; --dry-run only says what would happen.\n"
+"\n"
+"Exit status: 0 success, 1 show found nothing, 2 bad usage or Redis\n"
+"unreachable, 3 Redis failed.\n");
+}
+
+/* One dead letter as the runner writes it (plus dlq_id). */
+static void write_dead(FILE *f, const redisReply *e)
+{
+    const redisReply *kv = e->element[1];
+    const redisReply *id = field(kv, "id"), *reason = field(kv, "reason"),
+                     *error = field(kv, "error"), *src = field(kv, "source"),
+                     *ev = field(kv, "event");
+    const char *rs = reason && reason->str ? reason->str : "";
+
+    fputs("{", f);
+    if (id && id->len > 0) {
+        fputs("\"id\":", f);
+        oq__json_write_string(f, id->str, id->len);
+        fputs(",", f);
+    }
+    fputs("\"source\":", f);
+    oq__json_write_string(f, src ? src->str : "", src ? src->len : 0);
+    fputs(",\"reason\":", f);
+    oq__json_write_string(f, rs, strlen(rs));
+    fputs(",\"error\":", f);
+    oq__json_write_string(f, error ? error->str : "", error ? error->len : 0);
+    fprintf(f, ",\"attempts\":%" PRIu64 ",\"first_seen\":",
+            field_u64(kv, "attempts"));
+    write_iso(f, (int64_t)field_u64(kv, "first_seen"));
+    fputs(",\"last_seen\":", f);
+    write_iso(f, (int64_t)field_u64(kv, "last_seen"));
+    fputs(",\"event\":", f);
+    /* The event as JSON when it parsed; the raw line as a string when it
+     * did not (or was cut). */
+    if (ev && ev->len > 0 && strcmp(rs, "parse_error") != 0 &&
+        strcmp(rs, "too_large") != 0 && oq__utf8_valid(ev->str, ev->len))
+        fwrite(ev->str, 1, ev->len, f);
+    else
+        oq__json_write_string(f, ev ? ev->str : "", ev ? ev->len : 0);
+    fputs(",\"dlq_id\":", f);
+    oq__json_write_string(f, e->element[0]->str, e->element[0]->len);
+    fputs("}\n", f);
+}
+
+static int dlq_match(const tool_cfg *c, const char *show, const redisReply *e)
+{
+    const redisReply *kv = e->element[1];
+    const redisReply *id = field(kv, "id"), *reason = field(kv, "reason");
+    const char *ids = id && id->str ? id->str : "";
+    if (show)
+        return strcmp(ids, show) == 0 || strcmp(e->element[0]->str, show) == 0;
+    if (c->reason && (!reason || !reason->str ||
+                      strcmp(reason->str, c->reason) != 0))
+        return 0;
+    if (c->id_glob && fnmatch(c->id_glob, ids, 0) != 0)
+        return 0;
+    return 1;
+}
+
+enum { DLQ_LIST, DLQ_SHOW, DLQ_REDRIVE, DLQ_PURGE };
+
+/* Applies one action to one matching dead letter. 0 or -1. */
+static int dlq_act(rconn *rc, const rkeys *k, int action, const redisReply *e)
+{
+    const redisReply *kv = e->element[1];
+    const redisReply *id = field(kv, "id"), *reason = field(kv, "reason"),
+                     *ev = field(kv, "event"), *src = field(kv, "source");
+    redisReply *rep;
+    int ok;
+
+    if (action == DLQ_PURGE) {
+        rep = rc_cmdf(rc, "XDEL %s %s", k->dlq, e->element[0]->str);
+    } else {
+        abuf keys = { 0 }, args = { 0 };
+        ab_adds(&keys, k->stream);
+        ab_adds(&keys, k->dlq);
+        ab_adds(&keys, k->stats);
+        ab_add2(&keys, k->idpfx, k->idpfx_len, id ? id->str : "",
+                id ? id->len : 0);
+        ab_adds(&args, e->element[0]->str);
+        ab_add(&args, ev ? ev->str : "", ev ? ev->len : 0);
+        ab_add(&args, src ? src->str : "", src ? src->len : 0);
+        ab_adds(&args, reason && reason->str ? reason->str : "");
+        rep = rc_script(rc, SC_REDRIVE, &keys, &args);
+        ab_free(&keys);
+        ab_free(&args);
+    }
+    ok = rep && rep->type == REDIS_REPLY_INTEGER;
+    if (!ok)
+        fprintf(stderr, "onceq dlq: Redis: %s\n", rep && rep->str ? rep->str
+                : rc->err);
+    freeReplyObject(rep);
+    return ok ? 0 : -1;
+}
+
+int oq__redis_dlq(int argc, char **argv)
+{
+    static const char *const names[] = { "list", "show", "redrive", "purge" };
+    tool_cfg c;
+    rconn rc = { 0 };
+    rurl u;
+    rkeys k;
+    char err[1024], start[64] = "-";
+    const char *show = NULL;
+    int action = -1, st;
+    uint64_t matched = 0;
+
+    st = tool_parse(&c, argc, argv, "dlq", dlq_usage);
+    if (st >= 0)
+        return st;
+    if (optind < argc)
+        for (int i = 0; i < 4; i++)
+            if (strcmp(argv[optind], names[i]) == 0)
+                action = i;
+    if (action < 0)
+        return usage_error("dlq", "say list, show ID, redrive or purge (try "
+                           "'onceq dlq --help')");
+    if (action == DLQ_SHOW) {
+        if (optind + 1 >= argc)
+            return usage_error("dlq", "show needs an ID");
+        show = argv[optind + 1];
+    }
+    if (make_keys(&k, c.stream, "dlq") != 0)
+        return 2;
+    if (parse_url(c.url, &u, err, sizeof(err)) != 0)
+        return usage_error("dlq", "%s", err);
+    if (rc_first(&rc, &u, "dlq") != 0)
+        return 2;
+    st = 0;
+    for (;;) {
+        redisReply *rep = rc_cmdf(&rc, "XRANGE %s %s + COUNT 500", k.dlq,
+                                  start);
+        size_t ne;
+        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
+            fprintf(stderr, "onceq dlq: %s\n", rep && rep->str ? rep->str
+                    : rc.err);
+            freeReplyObject(rep);
+            st = 3;
+            break;
+        }
+        ne = rep->elements;
+        for (size_t i = 0; i < ne && st == 0; i++) {
+            const redisReply *e = rep->element[i];
+            if (i + 1 == ne)
+                snprintf(start, sizeof(start), "(%s", e->element[0]->str);
+            if (e->element[1]->type != REDIS_REPLY_ARRAY ||
+                !dlq_match(&c, show, e))
+                continue;
+            matched++;
+            if (action == DLQ_LIST || action == DLQ_SHOW)
+                write_dead(stdout, e);
+            else if (!c.dry_run && dlq_act(&rc, &k, action, e) != 0)
+                st = 3;
+        }
+        freeReplyObject(rep);
+        if (ne < 500 || st != 0)
+            break;
+    }
+    if (st == 0 && action == DLQ_REDRIVE)
+        printf("%s %" PRIu64 " dead letters\n",
+               c.dry_run ? "would redrive" : "redrove", matched);
+    else if (st == 0 && action == DLQ_PURGE)
+        printf("%s %" PRIu64 " dead letters\n",
+               c.dry_run ? "would purge" : "purged", matched);
+    else if (st == 0 && action == DLQ_SHOW && matched == 0) {
+        fprintf(stderr, "onceq dlq: no dead letter with id '%s'\n", show);
+        st = 1;
+    }
+    if (fflush(stdout) != 0 && st == 0)
+        st = 3;
+    rc_close(&rc);
+    return st;
 }
