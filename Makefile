@@ -40,11 +40,12 @@ LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset
 CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c src/state_cli.c \
             src/redis.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_txn test_pool \
-              test_source test_handlers \
+              test_source test_handlers test_store \
               stress_pool
 BENCH_NAMES := bench_pool bench_idset_mem bench_run bench_json
 # Tests that drive the real binary (each prints "N passed, N failed").
-SCRIPT_TESTS := test/test_node.py test/test_run.py
+SCRIPT_TESTS := test/test_node.py test/test_run.py test/test_durable.py \
+                test/test_redis.py
 # The install test builds examples/ against an installed copy: normal build
 # only (a sanitizer build's library needs the sanitizer's runtime).
 ifeq ($(SAN),)
@@ -140,6 +141,7 @@ stress: tests
 	$(Q)$(BUILD)/test/stress_pool --messages 1000000 $(STRESS_ARGS)
 	$(Q)$(MAKE) --no-print-directory BUILD=build-tsan SAN=thread OPT=-O1 tests
 	$(Q)build-tsan/test/stress_pool --messages 1000000 $(STRESS_ARGS)
+	$(Q)OQ_CRASH_ITERS=$${OQ_CRASH_ITERS:-500} ONCEQ=$(BUILD)/onceq BUILD=$(BUILD) python3 test/test_durable.py
 
 bench: benches
 	$(Q)mkdir -p bench/results
@@ -148,6 +150,9 @@ bench: benches
 	$(Q)$(BUILD)/bench/bench_json
 	$(Q)$(BUILD)/bench/bench_run --onceq $(BUILD)/onceq --csv bench/results/run.csv
 	$(Q)sh bench/bench_node.sh
+	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_durable.sh
+	$(Q)sh bench/bench_peers.sh
+	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_redis.sh
 
 check: deps
 	$(Q)$(MAKE) --no-print-directory all
@@ -157,7 +162,8 @@ check: deps
 
 DEB_PACKAGES := build-essential clang pkg-config python3 uthash-dev \
                 libcmocka-dev libcjson-dev libxxhash-dev libjansson-dev \
-                libsqlite3-dev sqlite3 libhiredis-dev redis-server
+                libsqlite3-dev sqlite3 libhiredis-dev redis-server \
+                gnuplot-nox parallel beanstalkd time
 
 deps:
 	$(Q)missing=""; for p in $(DEB_PACKAGES); do \

@@ -219,6 +219,12 @@ typedef struct oq__run_config {
     int64_t kill_grace_ms;
     uint64_t seed;              /* jitter; 0: from the clock */
     bool quiet, verbose;
+    /* Durable mode (--state): see docs/STATE.md. */
+    const char *state_path;     /* NULL: in memory */
+    int sync;                   /* oq__store_sync */
+    size_t commit_batch;        /* events per transaction; default 256 */
+    int64_t commit_interval_ms; /* longest wait for a batch; default 5 */
+    bool force;                 /* read a changed input from its start */
 } oq__run_config;
 
 void oq__run_config_defaults(oq__run_config *c);
@@ -227,6 +233,12 @@ int oq__run(const oq__run_config *c);
 int oq__parse_duration(const char *s, int64_t *ms);
 /* Writes s[0..n) as a JSON string; invalid UTF-8 bytes become U+FFFD. */
 void oq__json_write_string(FILE *f, const char *s, size_t n);
+/* Writes a Unix time in ms as a JSON ISO-8601 string (UTC, ms). */
+void oq__json_write_time(FILE *f, int64_t unix_ms);
+struct oq__dead_row;
+/* Writes a stored dead letter as one JSON line, as `onceq run --dlq` does
+ * (with_seq: its "seq" first, for `onceq dlq`). */
+void oq__write_dead_row(FILE *f, const struct oq__dead_row *d, bool with_seq);
 
 /* -------------------------------------------------------- CLI subcommands */
 
@@ -250,6 +262,189 @@ int oq__redis_dlq(int argc, char **argv);
 int oq__redis_export(int argc, char **argv);
 /* 1 if argv[1..argc) holds the option name (exactly, or as "name=..."). */
 int oq__has_option(int argc, char **argv, const char *name);
+
+/* -------------------------------------------------------------- store.c */
+
+/*
+ * Durable state in one SQLite file (docs/STATE.md). An oq__store is one
+ * connection, used by one thread at a time (no lock of its own). Errors are
+ * OQ_E* codes with a one-line message in oq__store_error().
+ */
+struct sqlite3;
+struct sqlite3_stmt;
+typedef struct oq__store oq__store;
+
+#define OQ__STORE_APP_ID 1869505393  /* PRAGMA application_id: "oncq" */
+#define OQ__STORE_VERSION 1          /* PRAGMA user_version */
+
+typedef enum oq__store_sync {
+    OQ__SYNC_FULL = 0, OQ__SYNC_NORMAL, OQ__SYNC_OFF
+} oq__store_sync;
+
+enum { OQ__STORE_CREATE = 1 };   /* oq__store_open flags */
+
+/* An input position (tag) is file << 40 | line (1-based); file index
+ * OQ__TAG_REDRIVE marks a redriven event, whose line is its redrive seq. */
+#define OQ__TAG(file, line) (((uint64_t)(file) << 40) | (uint64_t)(line))
+#define OQ__TAG_FILE(tag) ((unsigned)((tag) >> 40))
+#define OQ__TAG_LINE(tag) ((tag) & ((1ULL << 40) - 1))
+#define OQ__TAG_REDRIVE 0xffffffu
+
+typedef struct oq__dead_row {
+    int64_t seq;              /* rowid (when read) */
+    uint64_t tag;             /* the input position */
+    const char *source;       /* "path:line" */
+    const char *id;           /* NULL when unknown */
+    size_t id_len;
+    const char *reason;       /* oq_dlq_reason_name() */
+    const char *error;
+    uint32_t attempts;        /* deliveries, over all redrives unless reset */
+    int64_t first_seen_ms;    /* Unix time, ms */
+    int64_t dead_ms;          /* Unix time, ms */
+    const void *event;        /* the line's bytes */
+    size_t event_len;
+    const char *history;      /* JSON array of earlier deaths; NULL: "[]" */
+} oq__dead_row;
+
+typedef struct oq__source_row {
+    unsigned file;            /* index among the run's inputs */
+    const char *path;
+    uint64_t dev, ino, size;  /* identity when last seen; size in bytes */
+    uint64_t head_len;        /* bytes hashed at the start (<= 4096) */
+    uint64_t head_hash;       /* XXH3-64 of those bytes */
+    uint64_t offset;          /* bytes below which every line is settled */
+    uint64_t line;            /* lines below offset */
+    uint64_t blank;           /* of which blank */
+} oq__source_row;
+
+typedef void (*oq__store_id_fn)(const char *id, size_t len, void *arg);
+typedef void (*oq__store_dead_fn)(const oq__dead_row *d, void *arg);
+typedef struct oq__store_visit {
+    oq__store_id_fn id;
+    oq_txn_count_fn count;
+    oq_txn_record_fn record;
+    oq__store_dead_fn dead;
+    void *arg;
+} oq__store_visit;
+
+int oq__store_open(oq__store **out, const char *path, int flags,
+                   oq__store_sync sync, char *err, size_t errlen);
+void oq__store_close(oq__store *st);
+const char *oq__store_error(const oq__store *st);
+const char *oq__store_path(const oq__store *st);
+struct sqlite3 *oq__store_db(oq__store *st);
+/* Fault injection: when n >= 0, n more commits succeed, then every commit
+ * fails (rolled back, OQ_ENOSPC) as if the disk were full. -1: never. */
+void oq__store_fail_after(long n);
+
+/* A batch: begin, puts, commit (a failed commit rolls back). */
+int oq__store_begin(oq__store *st);
+int oq__store_commit(oq__store *st);
+void oq__store_rollback(oq__store *st);
+uint64_t oq__store_commits(const oq__store *st);
+/* status: 0 processed, 1 dead (handler FAIL). */
+int oq__store_put_processed(oq__store *st, const char *id, size_t len,
+                            int status, uint64_t tag);
+typedef struct oq__processed {
+    const char *id;
+    size_t len;
+    int status;               /* 0 processed, 1 dead */
+    uint64_t tag;             /* first-seen input position */
+} oq__processed;
+/* Many rows, in multi-row statements. */
+int oq__store_put_processed_many(oq__store *st, const oq__processed *rows,
+                                 size_t n);
+int oq__store_put_output(oq__store *st, const char *id, size_t len,
+                         unsigned seq, const void *data, size_t n);
+int oq__store_add_count(oq__store *st, const char *key, size_t len,
+                        int64_t delta);
+/* Lowers a processed id's first-seen tag to tag (a duplicate seen earlier
+ * in the input). */
+int oq__store_min_tag(oq__store *st, const char *id, size_t len,
+                      uint64_t tag);
+int oq__store_put_dead(oq__store *st, const oq__dead_row *d);
+int oq__store_del_redrive(oq__store *st, int64_t seq);
+int oq__store_put_source(oq__store *st, const oq__source_row *r);
+
+int oq__store_meta_get(oq__store *st, const char *key, char *buf, size_t len);
+int oq__store_meta_set(oq__store *st, const char *key, const char *value);
+int oq__store_foreach_processed(oq__store *st, oq__store_id_fn fn, void *arg);
+/* Counts sorted by key (bytewise); records by first-seen tag, then seq. */
+int oq__store_foreach_count(oq__store *st, oq_txn_count_fn fn, void *arg);
+int oq__store_foreach_record(oq__store *st, oq_txn_record_fn fn, void *arg);
+/* Dead letters by tag; redriven events by seq (reason "redrive"). */
+int oq__store_foreach_dead(oq__store *st, oq__store_dead_fn fn, void *arg);
+int oq__store_foreach_redrive(oq__store *st, oq__store_dead_fn fn, void *arg);
+/* Fills d from a row of "SELECT seq, tag, source, id, reason, error,
+ * attempts, first_seen_ms, dead_ms, event, history" (valid until the next
+ * step of s). */
+void oq__store_dead_from_row(struct sqlite3_stmt *s, oq__dead_row *d);
+/* 0 (r filled; r->path points into path), OQ_ENOENT, or an error. */
+int oq__store_get_source(oq__store *st, unsigned file, oq__source_row *r,
+                         char *path, size_t pathlen);
+/* Online backup of the whole database to file, or (restore) from it. */
+int oq__store_snapshot(oq__store *st, const char *file, bool restore);
+
+/* Source progress (store.c): lines read and not yet below the watermark,
+ * per tracked file. Thread-safe (a leaf lock). */
+typedef struct oq__tracker oq__tracker;
+int oq__tracker_new(oq__tracker **out, unsigned nfiles);
+void oq__tracker_free(oq__tracker *t);
+/* Tracks row->file from its saved watermark (row is copied). */
+int oq__tracker_track(oq__tracker *t, const oq__source_row *row);
+/* The reader read line (lines come in order); blank lines are settled. */
+int oq__tracker_add(oq__tracker *t, unsigned file, uint64_t line,
+                    uint64_t end, bool blank);
+void oq__tracker_settle(oq__tracker *t, const uint64_t *tags, size_t n);
+/* Up to max rows whose watermark moved since the last call. */
+size_t oq__tracker_collect(oq__tracker *t, oq__source_row *rows, size_t max);
+
+/* The committer thread (store.c): group commit of the pool's handoffs. */
+typedef struct oq__committer oq__committer;
+typedef struct oq__committer_opts {
+    oq__store *store;        /* used only by the committer thread */
+    oq_queue *q;
+    oq_idset *s;
+    oq__tracker *tracker;    /* NULL: no source progress */
+    size_t batch;            /* this many pending events start a
+                                transaction; default 256 */
+    int64_t interval_ms;     /* or the oldest has waited this long (ms);
+                                default 5 */
+    size_t max_batch;        /* a transaction takes all that is pending, up
+                                to this; default max(16 * batch, 4096) */
+    size_t max_pending;      /* submitters wait beyond this many items;
+                                default 2 * max_batch */
+    bool keep_first;         /* duplicates lower the first-seen position */
+    /* Completes a dead letter: source text, id when row->id is NULL,
+     * wall-clock times (given as monotonic ms), and for a redriven event its
+     * original tag, attempts and history. buf is scratch for the strings.
+     * Called on the committer thread. */
+    void (*describe)(oq__dead_row *row, char *buf, size_t buflen, void *arg);
+    /* The input position to record for tag (a redriven event's original). */
+    uint64_t (*position)(uint64_t tag, void *arg);
+    void *arg;
+} oq__committer_opts;
+
+typedef struct oq__committer_stats {
+    uint64_t processed;      /* committed and acked */
+    uint64_t commits;        /* transactions */
+    uint64_t events_total;   /* items over all transactions */
+    uint64_t events_max;     /* items in the largest transaction */
+    int64_t write_ms;        /* time spent writing batches (SQL), ms */
+    int64_t finish_ms;       /* time marking DONE and settling, ms */
+} oq__committer_stats;
+
+int oq__committer_start(oq__committer **out, const oq__committer_opts *o);
+/* The pool's committer hook (arg: the committer). */
+int oq__committer_submit(const oq_handoff *h, void *arg);
+/* A duplicate acked by a worker: its line is settled with the next batch. */
+void oq__committer_duplicate(oq__committer *c, const oq_event *ev);
+/* Writes what is pending and joins the thread; OQ_EIO (err filled) if a
+ * commit failed. Call after the pool has stopped. */
+int oq__committer_stop(oq__committer *c, char *err, size_t errlen);
+bool oq__committer_failed(oq__committer *c, char *err, size_t errlen);
+void oq__committer_stats_get(oq__committer *c, oq__committer_stats *out);
+void oq__committer_free(oq__committer *c);
 
 /* ------------------------------------------------------------------- misc */
 

@@ -30,6 +30,12 @@
  *      and release of every delivery. Outcomes are counted only when the
  *      queue accepted them, so each message is counted once.
  *
+ * Durable mode (opts.committer set): phase C prepares each pinned claim
+ * and hands the event to the committer (src/store.c), which writes it in a
+ * group commit, then commits the claim and settles the message itself; the
+ * pool neither applies, commits nor settles it, and counts it nowhere (the
+ * committer counts processed events).
+ *
  * Locks: the pool takes the queue lock and shard locks only inside
  * oq_queue_* and oq_idset_* calls, one at a time; they are leaves and are
  * never nested. p->mu guards only p->running (for stop's timed wait). No

@@ -32,14 +32,18 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <sqlite3.h>
+#include <xxhash.h>
 
 #define uthash_malloc(sz) oq__malloc(sz)
 #define uthash_free(ptr, sz) oq__free(ptr)
@@ -303,6 +307,17 @@ typedef struct run {
 
     int64_t t0_ms;
     int64_t wall0_ms;           /* wall clock at t0, for dead-letter times */
+
+    /* Durable mode (--state); see the DURABLE section below. The store is
+     * the committer thread's while it runs, the main thread's otherwise. */
+    oq__store *store;
+    oq__committer *cm;
+    oq__tracker *tracker;       /* thread-safe */
+    struct redrive_ent *redrive; /* read-only once the run starts */
+    size_t nredrive;
+    uint64_t skipped;           /* resumed_skipped_lines */
+    uint64_t loaded_ids;        /* processed ids loaded at the start */
+    int64_t load_ms;            /* time to load them, ms */
 } run;
 
 static int64_t wall_ms(void)
@@ -421,6 +436,12 @@ static void *reader_main(void *arg)
                (rc = oq__reader_next(r->reader, &l, r->reader_err,
                                      sizeof(r->reader_err))) > 0) {
             atomic_fetch_add(&r->lines, 1);
+            if (r->tracker &&
+                oq__tracker_add(r->tracker, l.file, l.lineno, l.end,
+                                l.kind == OQ__LINE_BLANK) != 0) {
+                pb->rc = OQ_ENOMEM;
+                break;
+            }
             if (l.kind == OQ__LINE_BLANK)
                 atomic_fetch_add(&r->blank, 1);
             else if (l.kind == OQ__LINE_TOO_LARGE)
@@ -452,6 +473,10 @@ typedef struct totals {
     uint64_t dead_by[OQ_DLQ__COUNT];
     uint64_t retried, redelivered, fenced, bytes;
     double elapsed_s;
+    /* Durable mode. */
+    uint64_t redriven, skipped, commits, commit_events, commit_max;
+    uint64_t db_processed, db_dead, db_bytes;
+    int64_t write_ms, finish_ms;
 } totals;
 
 static void get_totals(run *r, totals *t)
@@ -466,6 +491,18 @@ static void get_totals(run *r, totals *t)
     t->lines = atomic_load(&r->lines);
     t->blank = atomic_load(&r->blank);
     t->processed = ps.processed;
+    if (r->cm) {
+        oq__committer_stats cs;
+        oq__committer_stats_get(r->cm, &cs);
+        t->processed += cs.processed;
+        t->commits = cs.commits;
+        t->commit_events = cs.events_total;
+        t->commit_max = cs.events_max;
+        t->write_ms = cs.write_ms;
+        t->finish_ms = cs.finish_ms;
+        t->redriven = r->nredrive;
+        t->skipped = r->skipped;
+    }
     t->duplicates = ps.duplicates + qs.duplicates_rejected;
     for (int i = 0; i < OQ_DLQ__COUNT; i++) {
         t->dead_by[i] = qs.dead_lettered[i];
@@ -719,6 +756,603 @@ static int write_results(run *r)
     return 0;
 }
 
+static void write_stats_json(FILE *f, const run *r, const totals *t);
+
+/* ============================================================ DURABLE */
+
+/*
+ * Durable mode (--state PATH). The pool hands every finished event to the
+ * committer (store.c), which writes batches to the SQLite state and only
+ * then marks ids DONE and acks; duplicates and the queue's dead letters go
+ * through it too, so a line is settled only once what it did is on disk.
+ * The reader tells the tracker about every line it reads, so the committer
+ * can move each source's watermark over the settled prefix in the same
+ * transaction. At the start, the processed ids are loaded into the idset,
+ * each input skips to its watermark (after an identity check), and events
+ * redriven from the dead letters are sent first. At the end the results and
+ * dead letters are written from the state, never from memory.
+ */
+
+void oq__json_write_time(FILE *f, int64_t unix_ms)
+{
+    time_t secs = (time_t)(unix_ms / 1000);
+    struct tm tm;
+    char buf[32];
+
+    gmtime_r(&secs, &tm);
+    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
+    fprintf(f, "\"%s.%03dZ\"", buf, (int)(unix_ms % 1000));
+}
+
+void oq__write_dead_row(FILE *f, const oq__dead_row *d, bool with_seq)
+{
+    bool json = strcmp(d->reason, "parse_error") != 0 &&
+                strcmp(d->reason, "too_large") != 0 && d->event_len > 0 &&
+                oq__utf8_valid(d->event, d->event_len);
+
+    fputs("{", f);
+    if (with_seq)
+        fprintf(f, "\"seq\":%" PRId64 ",", d->seq);
+    if (d->id) {
+        fputs("\"id\":", f);
+        oq__json_write_string(f, d->id, d->id_len);
+        fputs(",", f);
+    }
+    fputs("\"source\":", f);
+    oq__json_write_string(f, d->source, strlen(d->source));
+    fputs(",\"reason\":", f);
+    oq__json_write_string(f, d->reason, strlen(d->reason));
+    fputs(",\"error\":", f);
+    oq__json_write_string(f, d->error, strlen(d->error));
+    fprintf(f, ",\"attempts\":%u,\"first_seen\":", d->attempts);
+    oq__json_write_time(f, d->first_seen_ms);
+    fputs(",\"last_seen\":", f);
+    oq__json_write_time(f, d->dead_ms);
+    if (d->history && strcmp(d->history, "[]") != 0)
+        fprintf(f, ",\"history\":%s", d->history);
+    fputs(",\"event\":", f);
+    /* Lines that parsed are JSON text: written as they are. */
+    if (json)
+        fwrite(d->event, 1, d->event_len, f);
+    else
+        oq__json_write_string(f, d->event, d->event_len);
+    fputs("}\n", f);
+}
+
+/* An event redriven from the dead letters, sent again with the tag
+ * OQ__TAG(OQ__TAG_REDRIVE, seq). */
+typedef struct redrive_ent {
+    int64_t seq;
+    uint64_t tag;        /* the original input position */
+    uint32_t attempts;   /* before the redrive (0 after --reset-attempts) */
+    char *source;
+    char *history;
+} redrive_ent;
+
+static const redrive_ent *find_redrive(const run *r, uint64_t tag)
+{
+    size_t lo = 0, hi = r->nredrive;
+    int64_t seq = (int64_t)OQ__TAG_LINE(tag);
+
+    if (OQ__TAG_FILE(tag) != OQ__TAG_REDRIVE)
+        return NULL;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (r->redrive[mid].seq == seq)
+            return &r->redrive[mid];
+        if (r->redrive[mid].seq < seq)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
+static uint64_t position(uint64_t tag, void *arg)
+{
+    const redrive_ent *e = find_redrive(arg, tag);
+    return e ? e->tag : tag;
+}
+
+static int64_t to_wall(const run *r, int64_t mono_ms)
+{
+    return r->wall0_ms + (mono_ms - r->t0_ms);
+}
+
+/* The committer's describe hook: see oq__committer_opts. */
+static void describe(oq__dead_row *row, char *buf, size_t buflen, void *arg)
+{
+    run *r = arg;
+    const redrive_ent *e = find_redrive(r, row->tag);
+    size_t used = 0;
+
+    if (e) {
+        row->tag = e->tag;
+        row->attempts += e->attempts;
+        row->source = e->source;
+        row->history = e->history;
+    } else {
+        const char *src = oq__reader_path(r->reader, OQ__TAG_FILE(row->tag));
+        int n = snprintf(buf, buflen, "%s:%" PRIu64,
+                         strcmp(src, "-") == 0 ? "<stdin>" : src,
+                         (uint64_t)OQ__TAG_LINE(row->tag));
+        row->source = buf;
+        used = n < 0 ? buflen : OQ__MIN((size_t)n + 1, buflen);
+    }
+    if (row->id == NULL && strcmp(row->reason, "parse_error") != 0 &&
+        strcmp(row->reason, "too_large") != 0) {
+        oq_event ev = { 0 };
+        oq_decoded dec;
+        memset(&dec, 0, sizeof(dec));
+        ev.payload = row->event;
+        ev.payload_len = row->event_len;
+        if (oq__json_decode(&ev, &dec, &r->idspec) == 0 &&
+            dec.id_len <= buflen - used) {
+            memcpy(buf + used, dec.id, dec.id_len);
+            row->id = buf + used;
+            row->id_len = dec.id_len;
+        }
+        if (dec.parsed)
+            oq__json_free(dec.parsed, &r->idspec);
+    }
+    row->first_seen_ms = to_wall(r, row->first_seen_ms);
+    row->dead_ms = to_wall(r, row->dead_ms);
+}
+
+static void durable_dup(const oq_event *ev, void *arg)
+{
+    oq__committer_duplicate(arg, ev);
+}
+
+static uint64_t file_bytes(const char *path, const char *suffix)
+{
+    char p[4200];
+    struct stat st;
+
+    snprintf(p, sizeof(p), "%s%s", path, suffix);
+    return stat(p, &st) == 0 ? (uint64_t)st.st_size : 0;
+}
+
+static void write_state_stats(FILE *f, const run *r, const totals *t)
+{
+    double avg = t->commits ? (double)t->commit_events / t->commits : 0;
+
+    fprintf(f, ",\"resumed_skipped_lines\":%" PRIu64 ",\"redriven\":%" PRIu64
+            ",\"state\":{\"path\":", t->skipped, t->redriven);
+    oq__json_write_string(f, r->c->state_path, strlen(r->c->state_path));
+    fprintf(f, ",\"loaded_ids\":%" PRIu64 ",\"load_ms\":%" PRId64
+            ",\"commits\":%" PRIu64 ",\"commits_per_s\":%.1f"
+            ",\"events_per_commit_avg\":%.1f,\"events_per_commit_max\":%"
+            PRIu64 ",\"processed_ids\":%" PRIu64 ",\"dead_letters\":%" PRIu64
+            ",\"db_bytes\":%" PRIu64 ",\"write_ms\":%" PRId64
+            ",\"finish_ms\":%" PRId64 "}",
+            r->loaded_ids, r->load_ms, t->commits,
+            t->elapsed_s > 0 ? t->commits / t->elapsed_s : 0, avg,
+            t->commit_max, t->db_processed, t->db_dead, t->db_bytes,
+            t->write_ms, t->finish_ms);
+}
+
+/* Counts of the state, for the stats (main thread, committer stopped). */
+static void state_totals(run *r, totals *t)
+{
+    sqlite3_stmt *s;
+    sqlite3 *db = oq__store_db(r->store);
+
+    if (sqlite3_prepare_v2(db, "SELECT (SELECT count(*) FROM processed "
+                           "WHERE status = 0), (SELECT count(*) FROM "
+                           "dead_letters)", -1, &s, NULL) == SQLITE_OK) {
+        if (sqlite3_step(s) == SQLITE_ROW) {
+            t->db_processed = (uint64_t)sqlite3_column_int64(s, 0);
+            t->db_dead = (uint64_t)sqlite3_column_int64(s, 1);
+        }
+        sqlite3_finalize(s);
+    }
+    t->db_bytes = file_bytes(r->c->state_path, "") +
+                  file_bytes(r->c->state_path, "-wal");
+}
+
+static void put_record(const void *data, size_t len, void *arg)
+{
+    fwrite(data, 1, len, arg);
+    putc('\n', arg);
+}
+
+/* Opens path for an atomic rewrite: a temp file beside it, renamed over it
+ * by finish_atomic. Something that is not a regular file (/dev/null, a
+ * pipe) is written in place. */
+static FILE *open_atomic(const char *path, char *tmp, size_t tmplen)
+{
+    struct stat st;
+
+    tmp[0] = '\0';
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+        return fopen(path, "w");
+    snprintf(tmp, tmplen, "%s.tmp.%ld", path, (long)getpid());
+    return fopen(tmp, "w");
+}
+
+static int finish_atomic(FILE *f, const char *path, const char *tmp)
+{
+    int bad = ferror(f);
+
+    bad |= fflush(f);
+    if (!bad && tmp[0])
+        bad |= fsync(fileno(f));
+    bad |= fclose(f);
+    if (!bad && tmp[0] && rename(tmp, path) != 0)
+        bad = 1;
+    if (bad && tmp[0])
+        unlink(tmp);
+    return bad;
+}
+
+/* The results, from the state. Returns 0 or an exit status. */
+static int write_results_db(run *r)
+{
+    const char *path = r->c->out_path;
+    bool to_stdout = path == NULL || strcmp(path, "-") == 0;
+    char tmp[4200];
+    FILE *f = to_stdout ? stdout : open_atomic(path, tmp, sizeof(tmp));
+    int rc, bad;
+
+    if (f == NULL) {
+        fprintf(stderr, "onceq run: cannot write results to '%s': %s\n", path,
+                strerror(errno));
+        return 3;
+    }
+    if (r->h.output == OQ__OUT_COUNTS) {
+        count_ctx c = { f, r->h.count_key ? r->h.count_key : "key" };
+        rc = oq__store_foreach_count(r->store, write_count, &c);
+    } else {
+        rc = oq__store_foreach_record(r->store, put_record, f);
+    }
+    if (to_stdout)
+        bad = ferror(f) | fflush(f);
+    else
+        bad = finish_atomic(f, path, tmp);
+    if (rc != 0) {
+        fprintf(stderr, "onceq run: %s\n", oq__store_error(r->store));
+        return 3;
+    }
+    if (bad) {
+        fprintf(stderr, "onceq run: write error on '%s': %s\n",
+                to_stdout ? "<stdout>" : path, strerror(errno));
+        return 3;
+    }
+    return 0;
+}
+
+typedef struct dead_out {
+    FILE *f;
+    uint64_t n;
+} dead_out;
+
+static void put_dead(const oq__dead_row *d, void *arg)
+{
+    dead_out *o = arg;
+    oq__write_dead_row(o->f, d, false);
+    o->n++;
+}
+
+/* The dead letters, from the state (only if there are any). */
+static int write_dlq_db(run *r, uint64_t *count)
+{
+    char tmp[4200];
+    dead_out o = { NULL, 0 };
+    int rc;
+
+    *count = 0;
+    o.f = open_atomic(r->c->dlq_path, tmp, sizeof(tmp));
+    if (o.f == NULL) {
+        fprintf(stderr, "onceq run: cannot write dead letters to '%s': %s\n",
+                r->c->dlq_path, strerror(errno));
+        return 3;
+    }
+    rc = oq__store_foreach_dead(r->store, put_dead, &o);
+    *count = o.n;
+    if (o.n == 0) {
+        /* Nothing to say: leave no file (and no stale one). */
+        fclose(o.f);
+        if (tmp[0]) {
+            unlink(tmp);
+            unlink(r->c->dlq_path);
+        }
+    } else if (finish_atomic(o.f, r->c->dlq_path, tmp) != 0) {
+        fprintf(stderr, "onceq run: write error on '%s': %s\n",
+                r->c->dlq_path, strerror(errno));
+        return 3;
+    }
+    if (rc != 0) {
+        fprintf(stderr, "onceq run: %s\n", oq__store_error(r->store));
+        return 3;
+    }
+    return 0;
+}
+
+/* The handler and id settings a state was made with must not change. */
+static int check_meta(run *r, char *err, size_t errlen)
+{
+    char want[1024], have[1024];
+    const struct { const char *key; const char *value; } kv[] = {
+        { "handler", want },
+        { "id_field", r->c->id_field },
+    };
+    int rc;
+
+    snprintf(want, sizeof(want), "%s%s", r->c->handler_spec,
+             r->c->emit ? " --emit" : "");
+    /* What `onceq export` needs to write the results like a run. */
+    if ((rc = oq__store_meta_set(r->store, "output",
+                                 r->h.output == OQ__OUT_COUNTS ? "counts"
+                                                               : "records")) ||
+        (rc = oq__store_meta_set(r->store, "count_key",
+                                 r->h.count_key ? r->h.count_key : "key"))) {
+        snprintf(err, errlen, "%s", oq__store_error(r->store));
+        return rc;
+    }
+    for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++) {
+        rc = oq__store_meta_get(r->store, kv[i].key, have, sizeof(have));
+        if (rc == OQ_ENOENT)
+            rc = oq__store_meta_set(r->store, kv[i].key, kv[i].value);
+        else if (rc == 0 && strcmp(have, kv[i].value) != 0) {
+            snprintf(err, errlen, "state '%.200s' was made with %s '%.100s', "
+                     "not '%.100s' (use another --state file)", r->c->state_path,
+                     i == 0 ? "--handler" : "--id-field", have, kv[i].value);
+            return OQ_EINVAL;
+        }
+        if (rc != 0) {
+            snprintf(err, errlen, "%s", oq__store_error(r->store));
+            return rc;
+        }
+    }
+    return 0;
+}
+
+#define HEAD_BYTES 4096
+
+/* Identity of input i now: fills row (path, dev, ino, size, head).
+ * Returns 1 for a regular file, 0 for anything else (not tracked). */
+static int identify(run *r, unsigned i, uint64_t head_len,
+                    oq__source_row *row)
+{
+    int fd = oq__reader_fd(r->reader, i);
+    char head[HEAD_BYTES];
+    struct stat st;
+    ssize_t got;
+
+    if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        return 0;
+    memset(row, 0, sizeof(*row));
+    row->file = i;
+    row->path = r->c->inputs[i];
+    row->dev = (uint64_t)st.st_dev;
+    row->ino = (uint64_t)st.st_ino;
+    row->size = (uint64_t)st.st_size;
+    row->head_len = OQ__MIN(head_len, row->size);
+    got = pread(fd, head, row->head_len, 0);
+    row->head_hash = XXH3_64bits(head, got > 0 ? (size_t)got : 0);
+    return 1;
+}
+
+/* Why a saved source does not match the file now; NULL if it does. */
+static const char *changed(const oq__source_row *was, const oq__source_row *now)
+{
+    if (strcmp(was->path, now->path) != 0)
+        return "another file is at this position of the input list";
+    if (was->dev != now->dev || was->ino != now->ino)
+        return "it is another file now (device or inode changed)";
+    if (now->size < was->size)
+        return "it is shorter now (truncated)";
+    if (now->head_len != was->head_len || now->head_hash != was->head_hash)
+        return "its first bytes changed";
+    return NULL;
+}
+
+/* Checks each input against its saved progress and sets where it resumes. */
+static int resume_sources(run *r, char *err, size_t errlen)
+{
+    for (unsigned i = 0; i < r->c->ninputs; i++) {
+        oq__source_row was, now;
+        char wpath[4200];
+        const char *why;
+        int rc;
+
+        if (!identify(r, i, HEAD_BYTES, &now))
+            continue;
+        rc = oq__store_get_source(r->store, i, &was, wpath, sizeof(wpath));
+        if (rc != 0 && rc != OQ_ENOENT) {
+            snprintf(err, errlen, "%s", oq__store_error(r->store));
+            return rc;
+        }
+        if (rc == 0) {
+            /* Compare the head over the length hashed then. */
+            oq__source_row head;
+            identify(r, i, was.head_len, &head);
+            now.head_len = head.head_len;
+            now.head_hash = head.head_hash;
+            if ((why = changed(&was, &now)) != NULL && !r->c->force) {
+                snprintf(err, errlen, "input '%s' changed since state '%s' "
+                         "last read it (%s); refusing to resume (--force "
+                         "reads it again from the start)", r->c->inputs[i],
+                         r->c->state_path, why);
+                return OQ_EINVAL;
+            }
+            if (why == NULL && was.offset > 0) {
+                rc = oq__reader_start_at(r->reader, i, was.offset, was.line);
+                if (rc != 0) {
+                    snprintf(err, errlen, "cannot seek in '%s': %s",
+                             r->c->inputs[i], oq_strerror(rc));
+                    return rc;
+                }
+                now.offset = was.offset;
+                now.line = was.line;
+                now.blank = was.blank;
+                r->skipped += was.line;
+            } else if (why != NULL && !r->c->quiet) {
+                fprintf(stderr, "onceq run: input '%s' changed (%s); "
+                        "--force: reading it from the start\n",
+                        r->c->inputs[i], why);
+            }
+            identify(r, i, HEAD_BYTES, &head);
+            now.head_len = head.head_len;
+            now.head_hash = head.head_hash;
+        }
+        if ((rc = oq__tracker_track(r->tracker, &now)) != 0) {
+            snprintf(err, errlen, "%s", oq_strerror(rc));
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static void load_id(const char *id, size_t len, void *arg)
+{
+    run *r = arg;
+    if (oq_idset_insert_done(r->s, id, len) == 0)
+        r->loaded_ids++;
+}
+
+typedef struct redrive_load {
+    run *r;
+    size_t cap;
+    int rc;
+} redrive_load;
+
+static char *dup_str(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *p = oq__malloc(n);
+    if (p)
+        memcpy(p, s, n);
+    return p;
+}
+
+static void load_redrive(const oq__dead_row *d, void *arg)
+{
+    redrive_load *l = arg;
+    run *r = l->r;
+    redrive_ent *e;
+    oq_message m;
+
+    if (l->rc != 0)
+        return;
+    if (r->nredrive == l->cap) {
+        size_t ncap = l->cap ? l->cap * 2 : 64;
+        redrive_ent *nv = oq__realloc(r->redrive, ncap * sizeof(*nv));
+        if (nv == NULL) {
+            l->rc = OQ_ENOMEM;
+            return;
+        }
+        r->redrive = nv;
+        l->cap = ncap;
+    }
+    e = &r->redrive[r->nredrive];
+    e->seq = d->seq;
+    e->tag = d->tag;
+    e->attempts = d->attempts;
+    e->source = dup_str(d->source);
+    e->history = dup_str(d->history ? d->history : "[]");
+    if (e->source == NULL || e->history == NULL) {
+        oq__free(e->source);
+        oq__free(e->history);
+        l->rc = OQ_ENOMEM;
+        return;
+    }
+    r->nredrive++;
+    m = (oq_message){ NULL, 0, d->event, d->event_len, 0,
+                      OQ__TAG(OQ__TAG_REDRIVE, (uint64_t)d->seq) };
+    if (send_all(r, &m, 1) != 0)
+        l->rc = OQ_ENOMEM;
+}
+
+static oq__store_sync sync_mode(int sync)
+{
+    return sync == OQ__SYNC_OFF ? OQ__SYNC_OFF
+           : sync == OQ__SYNC_NORMAL ? OQ__SYNC_NORMAL : OQ__SYNC_FULL;
+}
+
+/* Opens the state, checks and resumes the inputs, loads the processed ids,
+ * sends the redriven events and starts the committer. */
+static int open_state(run *r, char *err, size_t errlen)
+{
+    const oq__run_config *c = r->c;
+    redrive_load rl = { r, 0, 0 };
+    oq__committer_opts co;
+    int64_t t0;
+    int rc;
+
+    /* Test seam (test/test_durable.py): commits fail after this many, as
+     * on a full disk. */
+    if (getenv("ONCEQ_TEST_STORE_FAIL_AFTER"))
+        oq__store_fail_after(atol(getenv("ONCEQ_TEST_STORE_FAIL_AFTER")));
+    rc = oq__store_open(&r->store, c->state_path, OQ__STORE_CREATE,
+                        sync_mode(c->sync), err, errlen);
+    if (rc != 0)
+        return rc;
+    if ((rc = check_meta(r, err, errlen)) != 0)
+        return rc;
+    if ((rc = oq__tracker_new(&r->tracker, c->ninputs)) != 0) {
+        snprintf(err, errlen, "%s", oq_strerror(rc));
+        return rc;
+    }
+    if ((rc = resume_sources(r, err, errlen)) != 0)
+        return rc;
+    t0 = oq_clock_now(NULL);
+    rc = oq__store_foreach_processed(r->store, load_id, r);
+    r->load_ms = oq_clock_now(NULL) - t0;
+    if (rc == 0)
+        rc = oq__store_foreach_redrive(r->store, load_redrive, &rl);
+    if (rc != 0 || rl.rc != 0) {
+        snprintf(err, errlen, "%s", rc ? oq__store_error(r->store)
+                                       : oq_strerror(rl.rc));
+        return rc ? rc : rl.rc;
+    }
+    memset(&co, 0, sizeof(co));
+    co.store = r->store;
+    co.q = r->q;
+    co.s = r->s;
+    co.tracker = r->tracker;
+    co.batch = c->commit_batch;
+    co.interval_ms = c->commit_interval_ms;
+    co.keep_first = r->rs.track_first;
+    co.describe = describe;
+    co.position = position;
+    co.arg = r;
+    if ((rc = oq__committer_start(&r->cm, &co)) != 0)
+        snprintf(err, errlen, "cannot start the committer: %s",
+                 oq_strerror(rc));
+    return rc;
+}
+
+static void close_state(run *r)
+{
+    oq__committer_free(r->cm);
+    oq__tracker_free(r->tracker);
+    for (size_t i = 0; i < r->nredrive; i++) {
+        oq__free(r->redrive[i].source);
+        oq__free(r->redrive[i].history);
+    }
+    oq__free(r->redrive);
+    oq__store_close(r->store);
+}
+
+/* Saves the run's stats in the state, for `onceq stats`. */
+static void save_last_run(run *r, const totals *t)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+
+    if (f == NULL)
+        return;
+    write_stats_json(f, r, t);
+    fclose(f);
+    if (len > 0 && buf[len - 1] == '\n')
+        buf[len - 1] = '\0';
+    oq__store_meta_set(r->store, "last_run", buf);
+    free(buf);
+}
+
 static void write_stats_json(FILE *f, const run *r, const totals *t)
 {
     fprintf(f, "{\"lines\":%" PRIu64 ",\"processed\":%" PRIu64
@@ -733,10 +1367,13 @@ static void write_stats_json(FILE *f, const run *r, const totals *t)
     fprintf(f, "},\"retried\":%" PRIu64 ",\"redelivered\":%" PRIu64
             ",\"fenced\":%" PRIu64 ",\"bytes\":%" PRIu64
             ",\"workers\":%u,\"handler\":\"%s\",\"elapsed_s\":%.3f"
-            ",\"events_per_s\":%.0f}\n",
+            ",\"events_per_s\":%.0f",
             t->retried, t->redelivered, t->fenced, t->bytes, r->c->workers,
             r->h.name, t->elapsed_s,
             t->elapsed_s > 0 ? (t->lines - t->blank) / t->elapsed_s : 0);
+    if (r->store)
+        write_state_stats(f, r, t);
+    fputs("}\n", f);
 }
 
 static int write_stats(const run *r, const totals *t)
@@ -852,6 +1489,10 @@ static int start_pool(run *r)
     po.handler = r->h.fn;
     po.handler_arg = r->h.arg;
     po.sink = (oq_sink){ run_apply, &r->rs, run_duplicate };
+    if (r->cm) {
+        po.committer = (oq_committer){ oq__committer_submit, r->cm };
+        po.sink = (oq_sink){ NULL, r->cm, durable_dup };
+    }
     po.decode = oq__json_decode;
     po.free_parsed = oq__json_free;
     po.decode_arg = &r->idspec;
@@ -861,6 +1502,8 @@ static int start_pool(run *r)
 static void close_all(run *r)
 {
     oq_pool_free(r->p);
+    if (r->store)
+        close_state(r);
     oq_queue_free(r->q);
     oq_idset_free(r->s);
     oq_memsink_free(r->rs.counts);
@@ -895,6 +1538,8 @@ static int wait_done(run *r, const sigset_t *sigs)
             return sig;
         if (r->c->progress && n % 40 == 0)
             progress_line(r);
+        if (r->cm && oq__committer_failed(r->cm, NULL, 0))
+            return -1;
         if (atomic_load(&r->reader_done)) {
             oq_queue_stats_get(r->q, &st);
             if (st.ready + st.delayed + st.in_flight == 0)
@@ -903,22 +1548,56 @@ static int wait_done(run *r, const sigset_t *sigs)
     }
 }
 
+/* Writes the results, dead letters and stats; returns the exit status. */
+static int finish(run *r, const totals *t, int status, uint64_t *ndead)
+{
+    int st2;
+
+    if (r->store) {
+        st2 = write_results_db(r);
+        status = status ? status : st2;
+        st2 = write_dlq_db(r, ndead);
+        status = status ? status : st2;
+    } else {
+        st2 = write_results(r);
+        status = status ? status : st2;
+        st2 = write_dlq(r, ndead);
+        status = status ? status : st2;
+    }
+    st2 = write_stats(r, t);
+    return status ? status : st2;
+}
+
+/* Stops everything early (a signal, or the state could not commit). Returns
+ * false if a handler is stuck (the caller must _exit). */
+static bool stop_early(run *r)
+{
+    atomic_store(&r->stop, 1);
+    oq__reader_cancel(r->reader);
+    oq__handler_cancel(&r->h);
+    return oq_pool_stop(r->p, r->c->kill_grace_ms + 1000) == 0;
+}
+
 int oq__run(const oq__run_config *c)
 {
     run *r = oq__calloc(1, sizeof(*r));
-    char err[512] = "";
+    char err[512] = "", serr[512] = "";
     sigset_t sigs, old;
     pthread_t reader;
     totals t;
-    int sig, status = 0, st2;
+    int sig, status = 0;
     uint64_t ndead = 0;
+    bool state_failed = false;
 
     if (r == NULL) {
         fprintf(stderr, "onceq run: out of memory\n");
         return 3;
     }
     r->c = c;
-    if (open_all(r, err, sizeof(err)) != 0) {
+    r->t0_ms = oq_clock_now(NULL);
+    r->wall0_ms = wall_ms();
+    if (open_all(r, err, sizeof(err)) != 0 ||
+        (c->state_path && open_state(r, err, sizeof(err)) != 0)) {
         fprintf(stderr, "onceq run: %s\n", err);
         close_all(r);
         oq__free(r);
@@ -930,8 +1609,6 @@ int oq__run(const oq__run_config *c)
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &sigs, &old);
-    r->t0_ms = oq_clock_now(NULL);
-    r->wall0_ms = wall_ms();
     if (start_pool(r) != 0 ||
         pthread_create(&reader, NULL, reader_main, r) != 0) {
         fprintf(stderr, "onceq run: cannot start threads\n");
@@ -941,51 +1618,58 @@ int oq__run(const oq__run_config *c)
         return 3;
     }
     sig = wait_done(r, &sigs);
-    if (sig) {
-        atomic_store(&r->stop, 1);
-        oq__reader_cancel(r->reader);
-        oq__handler_cancel(&r->h);
-        if (oq_pool_stop(r->p, c->kill_grace_ms + 1000) != 0) {
+    if (sig != 0) {
+        if (!stop_early(r)) {
             /* A handler is stuck: report and leave without freeing what
              * its thread may still touch. */
             get_totals(r, &t);
-            summary(r, &t, sig);
-            _exit(sig == SIGINT ? 130 : 143);
+            summary(r, &t, sig > 0 ? sig : 0);
+            _exit(sig == SIGINT ? 130 : sig == SIGTERM ? 143 : 3);
         }
     } else {
         oq_pool_wait(r->p);
     }
     pthread_join(reader, NULL);
+    if (r->cm && oq__committer_stop(r->cm, serr, sizeof(serr)) != 0) {
+        fprintf(stderr, "onceq run: state '%s': %s\nonceq run: stopped; "
+                "every event acknowledged as processed is in the state: run "
+                "again to resume\n", c->state_path, serr);
+        state_failed = true;
+        status = 3;
+    }
     if (c->progress) {
         progress_line(r); /* the final state stays on the screen */
         fputc('\n', stderr);
     }
     get_totals(r, &t);
+    if (r->store && !state_failed)
+        state_totals(r, &t);
     if (r->reader_rc != 0 && !(sig && r->reader_rc == -ECANCELED)) {
         fprintf(stderr, "onceq run: %s\n", r->reader_err);
-        status = 2;
+        status = status ? status : 2;
     }
     if (r->rs.rc != 0) {
         fprintf(stderr, "onceq run: out of memory keeping results\n");
-        status = 3;
+        status = status ? status : 3;
     }
-    st2 = write_results(r);
-    status = status ? status : st2;
-    st2 = write_dlq(r, &ndead);
-    status = status ? status : st2;
-    st2 = write_stats(r, &t);
-    status = status ? status : st2;
-    summary(r, &t, sig);
-    if (!sig && t.lines != t.processed + t.duplicates + t.dead + t.blank) {
+    if (state_failed)
+        write_stats(r, &t);
+    else
+        status = finish(r, &t, status, &ndead);
+    if (r->store && !state_failed)
+        save_last_run(r, &t);
+    summary(r, &t, sig > 0 ? sig : 0);
+    if (sig == 0 && t.lines + t.redriven !=
+                        t.processed + t.duplicates + t.dead + t.blank) {
         fprintf(stderr, "onceq run: internal error: %" PRIu64 " lines but "
                 "%" PRIu64 " processed + %" PRIu64 " duplicates + %" PRIu64
-                " dead + %" PRIu64 " blank\n", t.lines, t.processed,
-                t.duplicates, t.dead, t.blank);
+                " dead + %" PRIu64 " blank\n", t.lines + t.redriven,
+                t.processed, t.duplicates, t.dead, t.blank);
         status = status ? status : 70;
     }
-    if (sig)
+    if (sig > 0)
         status = sig == SIGINT ? 130 : 143;
-    else if (status == 0 && t.dead > 0)
+    else if (status == 0 && ndead > 0)
         status = 1;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     close_all(r);

@@ -30,12 +30,24 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+
+#define uthash_malloc(sz) oq__malloc(sz)
+#define uthash_free(ptr, sz) oq__free(ptr)
+#include <uthash.h>
+
+#define STR_(x) #x
+#define STR(x) STR_(x)
 
 enum {
     S_BEGIN, S_COMMIT, S_ROLLBACK, S_PROCESSED, S_OUTPUT, S_COUNT, S_MIN_TAG,
-    S_DEAD, S_DEL_REDRIVE, S_SOURCE, S__COUNT
+    S_DEAD, S_DEL_REDRIVE, S_SOURCE, S_PROCESSED_MANY, S__COUNT
 };
+
+/* Processed ids go MANY_ROWS to a statement: one VDBE run for many rows
+ * costs much less than one per row. */
+#define MANY_ROWS 32
 
 static const char *const stmt_sql[S__COUNT] = {
     [S_BEGIN] = "BEGIN IMMEDIATE",
@@ -56,8 +68,8 @@ static const char *const stmt_sql[S__COUNT] = {
 };
 
 static const char schema_sql[] =
-    "PRAGMA application_id = " OQ__STR(OQ__STORE_APP_ID) ";"
-    "PRAGMA user_version = " OQ__STR(OQ__STORE_VERSION) ";"
+    "PRAGMA application_id = " STR(OQ__STORE_APP_ID) ";"
+    "PRAGMA user_version = " STR(OQ__STORE_VERSION) ";"
     "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)"
     " WITHOUT ROWID;"
     "CREATE TABLE processed(id TEXT PRIMARY KEY,"
@@ -249,12 +261,27 @@ int oq__store_open(oq__store **out, const char *path, int flags,
     if (rc == SQLITE_OK)
         rc = sqlite3_exec(st->db, "PRAGMA wal_autocheckpoint = 4096", NULL,
                           NULL, NULL);
+    /* 64 MiB of page cache (the default is 2 MiB): the processed table's
+     * hot pages stay in memory between batches. */
+    if (rc == SQLITE_OK)
+        rc = sqlite3_exec(st->db, "PRAGMA cache_size = -65536", NULL, NULL,
+                          NULL);
     if (rc != SQLITE_OK) {
         rc = db_err(st, rc, "cannot set up the state file");
         goto out_fail;
     }
     for (int i = 0; i < S__COUNT; i++) {
-        rc = sqlite3_prepare_v3(st->db, stmt_sql[i], -1,
+        char many[64 + MANY_ROWS * 16];
+        const char *text = stmt_sql[i];
+        if (i == S_PROCESSED_MANY) {
+            size_t n = (size_t)snprintf(many, sizeof(many), "INSERT INTO "
+                                        "processed(id, status, tag) VALUES ");
+            for (int k = 0; k < MANY_ROWS; k++)
+                n += (size_t)snprintf(many + n, sizeof(many) - n, "%s(?,?,?)",
+                                      k ? "," : "");
+            text = many;
+        }
+        rc = sqlite3_prepare_v3(st->db, text, -1,
                                 SQLITE_PREPARE_PERSISTENT, &st->st[i], NULL);
         if (rc != SQLITE_OK) {
             rc = db_err(st, rc, "cannot prepare a statement");
@@ -362,6 +389,26 @@ int oq__store_put_processed(oq__store *st, const char *id, size_t len,
     sqlite3_bind_int(s, 2, status);
     sqlite3_bind_int64(s, 3, (sqlite3_int64)tag);
     return step(st, S_PROCESSED, "cannot record a processed id");
+}
+
+int oq__store_put_processed_many(oq__store *st, const oq__processed *rows,
+                                 size_t n)
+{
+    sqlite3_stmt *s = st->st[S_PROCESSED_MANY];
+    int rc = 0;
+
+    for (; n >= MANY_ROWS && rc == 0; n -= MANY_ROWS, rows += MANY_ROWS) {
+        for (int k = 0; k < MANY_ROWS; k++) {
+            bind_text(s, 3 * k + 1, rows[k].id, rows[k].len);
+            sqlite3_bind_int(s, 3 * k + 2, rows[k].status);
+            sqlite3_bind_int64(s, 3 * k + 3, (sqlite3_int64)rows[k].tag);
+        }
+        rc = step(st, S_PROCESSED_MANY, "cannot record processed ids");
+    }
+    for (size_t k = 0; k < n && rc == 0; k++)
+        rc = oq__store_put_processed(st, rows[k].id, rows[k].len,
+                                     rows[k].status, rows[k].tag);
+    return rc;
 }
 
 int oq__store_put_output(oq__store *st, const char *id, size_t len,
@@ -491,11 +538,6 @@ int oq__store_meta_set(oq__store *st, const char *key, const char *value)
     sqlite3_finalize(s);
     return rc == SQLITE_DONE ? 0 : db_err(st, rc, "cannot write the state");
 }
-
-typedef struct cb {
-    void (*fn)();
-    void *arg;
-} cb;
 
 static void id_row(sqlite3_stmt *s, void *arg)
 {
@@ -695,4 +737,881 @@ int oq__store_snapshot(oq__store *st, const char *file, bool restore)
     }
     sqlite3_close(other);
     return rc;
+}
+
+/* ============================================================ tracker */
+
+/*
+ * Per-source progress: which lines are settled (processed, duplicate, dead
+ * or blank) and durable. Lines settle out of order, so each tracked file
+ * has a ring of the lines read but not yet below its watermark, in line
+ * order, each with its end offset and state; the watermark moves over the
+ * settled prefix. The ring holds at most what is in the queue or the
+ * committer (the reader throttles on the queue), not the file.
+ *
+ * Lock: t->mu guards everything below it; a leaf. The reader thread adds
+ * lines; the committer settles them and collects the moved watermarks.
+ */
+enum { L_PENDING = 0, L_SETTLED, L_BLANK };
+
+typedef struct tline {
+    uint64_t end;       /* offset just past the line */
+    uint8_t state;      /* L_* */
+} tline;
+
+typedef struct tfile {
+    bool tracked;       /* a regular file with a sources row */
+    bool dirty;         /* watermark moved since the last collect */
+    oq__source_row row; /* identity and watermark; row.path is owned */
+    tline *ring;
+    size_t cap;         /* a power of 2, or 0 */
+    size_t head, len;
+    uint64_t first;     /* line number of ring[head] */
+} tfile;
+
+struct oq__tracker {
+    pthread_mutex_t mu;
+    tfile *f;
+    unsigned n;
+};
+
+int oq__tracker_new(oq__tracker **out, unsigned nfiles)
+{
+    oq__tracker *t = oq__calloc(1, sizeof(*t));
+
+    if (t == NULL || (t->f = oq__calloc(nfiles ? nfiles : 1,
+                                        sizeof(*t->f))) == NULL) {
+        oq__free(t);
+        return OQ_ENOMEM;
+    }
+    t->n = nfiles;
+    oq__mutex_init(&t->mu);
+    *out = t;
+    return 0;
+}
+
+void oq__tracker_free(oq__tracker *t)
+{
+    if (t == NULL)
+        return;
+    for (unsigned i = 0; i < t->n; i++) {
+        oq__free(t->f[i].ring);
+        oq__free((char *)(uintptr_t)t->f[i].row.path);
+    }
+    oq__free(t->f);
+    pthread_mutex_destroy(&t->mu);
+    oq__free(t);
+}
+
+int oq__tracker_track(oq__tracker *t, const oq__source_row *row)
+{
+    tfile *f;
+    char *path;
+
+    if (row->file >= t->n)
+        return OQ_EINVAL;
+    if ((path = oq__malloc(strlen(row->path) + 1)) == NULL)
+        return OQ_ENOMEM;
+    strcpy(path, row->path);
+    f = &t->f[row->file];
+    f->tracked = true;
+    f->dirty = true; /* written with the first batch: the identity */
+    f->row = *row;
+    f->row.path = path;
+    f->first = row->line + 1;
+    return 0;
+}
+
+/* Moves the watermark over the settled prefix. t->mu held. */
+static void advance(tfile *f)
+{
+    while (f->len > 0 && f->ring[f->head].state != L_PENDING) {
+        tline *l = &f->ring[f->head];
+        f->row.offset = l->end;
+        f->row.line = f->first;
+        f->row.blank += l->state == L_BLANK;
+        f->first++;
+        f->head = (f->head + 1) & (f->cap - 1);
+        f->len--;
+        f->dirty = true;
+    }
+}
+
+static int grow(tfile *f)
+{
+    size_t ncap = f->cap ? f->cap * 2 : 1024;
+    tline *nr = oq__malloc(ncap * sizeof(*nr));
+
+    if (nr == NULL)
+        return OQ_ENOMEM;
+    for (size_t i = 0; i < f->len; i++)
+        nr[i] = f->ring[(f->head + i) & (f->cap - 1)];
+    oq__free(f->ring);
+    f->ring = nr;
+    f->cap = ncap;
+    f->head = 0;
+    return 0;
+}
+
+int oq__tracker_add(oq__tracker *t, unsigned file, uint64_t line,
+                    uint64_t end, bool blank)
+{
+    tfile *f = file < t->n ? &t->f[file] : NULL;
+    int rc = 0;
+
+    if (f == NULL || !f->tracked)
+        return 0;
+    pthread_mutex_lock(&t->mu);
+    if (line != f->first + f->len) {
+        rc = OQ_EINVAL; /* lines come in order, once each */
+    } else if (f->len == f->cap && (rc = grow(f)) == 0) {
+        ;
+    }
+    if (rc == 0) {
+        f->ring[(f->head + f->len) & (f->cap - 1)] =
+            (tline){ end, blank ? L_BLANK : L_PENDING };
+        f->len++;
+        if (blank)
+            advance(f);
+    }
+    pthread_mutex_unlock(&t->mu);
+    return rc;
+}
+
+/* t->mu held. */
+static void settle_locked(oq__tracker *t, uint64_t tag)
+{
+    unsigned file = OQ__TAG_FILE(tag);
+    uint64_t line = OQ__TAG_LINE(tag);
+    tfile *f = file < t->n ? &t->f[file] : NULL;
+
+    if (f == NULL || !f->tracked || line < f->first ||
+        line - f->first >= f->len)
+        return;
+    f->ring[(f->head + (line - f->first)) & (f->cap - 1)].state = L_SETTLED;
+    if (line == f->first)
+        advance(f);
+}
+
+void oq__tracker_settle(oq__tracker *t, const uint64_t *tags, size_t n)
+{
+    pthread_mutex_lock(&t->mu);
+    for (size_t i = 0; i < n; i++)
+        settle_locked(t, tags[i]);
+    pthread_mutex_unlock(&t->mu);
+}
+
+size_t oq__tracker_collect(oq__tracker *t, oq__source_row *rows, size_t max)
+{
+    size_t k = 0;
+
+    pthread_mutex_lock(&t->mu);
+    for (unsigned i = 0; i < t->n && k < max; i++) {
+        if (t->f[i].tracked && t->f[i].dirty) {
+            rows[k++] = t->f[i].row;
+            t->f[i].dirty = false;
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    return k;
+}
+
+/* ========================================================== committer */
+
+/*
+ * The committer thread: group commit of finished events.
+ *
+ * Workers hand it events through oq__committer_submit (the pool's committer
+ * hook), duplicates through oq__committer_duplicate; both copy what they
+ * need into one allocation (a citem) and append it to c->items. A
+ * transaction starts when `batch` items are pending or the oldest is
+ * `interval_ms` old, and takes every pending item up to `max_batch` (group
+ * commit: what arrives during one fsync goes into the next transaction),
+ * and the queue's new dead letters; it writes all of it at once: processed ids, outputs, aggregate deltas (summed
+ * per key over the batch first), dead letters, deleted redrive rows, and the
+ * sources' new watermarks. Only after COMMIT returns does it mark the ids
+ * DONE and ack (or dead-letter) the pinned messages, so whatever is acked is
+ * on disk. If COMMIT fails, the batch is rolled back, the claims released,
+ * the messages returned to the queue, and the committer refuses everything
+ * from then on (the run stops with the error).
+ *
+ * Lock: c->mu guards items, tail, nitems, first_ms, stopping, failed and
+ * err; a leaf. Submitters wait on c->room when nitems reaches max_pending
+ * (back-pressure); the thread waits on c->cv. The thread alone touches the
+ * store and the batch buffers (ops, tags, sums).
+ */
+enum { C_EVENT, C_FAILED, C_DUP, C_DEAD };
+
+typedef struct citem {
+    struct citem *next;
+    int kind;               /* C_* */
+    oq_delivery d;          /* C_EVENT/C_FAILED: the pinned delivery */
+    uint64_t token;         /* the prepared claim */
+    uint64_t tag;
+    uint32_t attempts;      /* C_FAILED/C_DEAD: receive count */
+    oq_dlq_reason reason;   /* C_DEAD */
+    int64_t sent_ms, dead_ms; /* C_FAILED/C_DEAD: monotonic ms */
+    size_t id_len;
+    size_t out_len;         /* outputs (C_EVENT): serialized after the id */
+    size_t event_len;       /* C_DEAD: the payload, after the outputs */
+    size_t err_len;         /* C_FAILED/C_DEAD: error text, last */
+    char data[];            /* id, outputs, event, error */
+} citem;
+
+/* An aggregate delta summed over a batch. */
+typedef struct csum {
+    UT_hash_handle hh;
+    const char *key;
+    size_t len;
+    int64_t delta;
+} csum;
+
+struct oq__committer {
+    oq__committer_opts o;   /* immutable after start */
+    pthread_t thread;
+    bool started;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;      /* items arrived, or stop */
+    pthread_cond_t room;    /* the thread took the items */
+    citem *items, *tail;    /* guarded by mu */
+    size_t nitems;          /* guarded by mu */
+    int64_t first_ms;       /* guarded by mu: when the oldest item came */
+    bool stopping;          /* guarded by mu */
+    bool failed;            /* guarded by mu */
+    char err[512];          /* guarded by mu */
+
+    /* The thread's own. */
+    oq_settle *ops;
+    uint64_t *tags;
+    csum *sums, *sum_mem;
+    oq__processed *prows;   /* the batch's processed ids */
+    size_t nprows;
+    size_t ops_cap, tags_cap, sum_cap, prows_cap;
+    citem *dead, *dead_tail; /* dead letters taken from the queue */
+
+    _Atomic uint64_t processed, dead_written, commits, events_max,
+        events_total;
+    _Atomic int64_t write_ms;   /* in write_batch, ms */
+    _Atomic int64_t finish_ms;  /* marking DONE and settling, ms */
+};
+
+#define REC_MARK 'R'
+#define CNT_MARK 'C'
+
+/* Serializes a txn's outputs: a first pass measures (p == NULL), the
+ * second writes into the item. */
+typedef struct ser {
+    char *p;
+    size_t len;
+} ser;
+
+static void ser_put(ser *b, const void *data, size_t n)
+{
+    if (b->p && n)
+        memcpy(b->p + b->len, data, n);
+    b->len += n;
+}
+
+static void ser_record(const void *data, size_t len, void *arg)
+{
+    uint32_t n = (uint32_t)len;
+    ser_put(arg, &(char){ REC_MARK }, 1);
+    ser_put(arg, &n, sizeof(n));
+    ser_put(arg, data, len);
+}
+
+static void ser_count(const char *key, size_t len, int64_t delta, void *arg)
+{
+    uint32_t n = (uint32_t)len;
+    ser_put(arg, &(char){ CNT_MARK }, 1);
+    ser_put(arg, &n, sizeof(n));
+    ser_put(arg, key, len);
+    ser_put(arg, &delta, sizeof(delta));
+}
+
+static citem *item_new(int kind, const char *id, size_t id_len,
+                       const void *out, size_t out_len, const void *event,
+                       size_t event_len, const char *err)
+{
+    size_t err_len = err ? strlen(err) : 0;
+    citem *it = oq__malloc(sizeof(*it) + id_len + out_len + event_len +
+                           err_len + 1);
+
+    if (it == NULL)
+        return NULL;
+    memset(it, 0, sizeof(*it));
+    it->kind = kind;
+    it->id_len = id_len;
+    it->out_len = out_len;
+    it->event_len = event_len;
+    it->err_len = err_len;
+    if (id_len)
+        memcpy(it->data, id, id_len);
+    if (out_len && out)
+        memcpy(it->data + id_len, out, out_len);
+    if (event_len)
+        memcpy(it->data + id_len + out_len, event, event_len);
+    if (err_len)
+        memcpy(it->data + id_len + out_len + event_len, err, err_len);
+    it->data[id_len + out_len + event_len + err_len] = '\0';
+    return it;
+}
+
+static const char *item_event(const citem *it)
+{
+    return it->data + it->id_len + it->out_len;
+}
+
+static const char *item_error(const citem *it)
+{
+    return it->data + it->id_len + it->out_len + it->event_len;
+}
+
+/* Appends it (waiting for room unless it is a dead letter). Returns 0, or
+ * OQ_EIO once the committer failed (it is not taken). */
+static int enqueue(oq__committer *c, citem *it, bool wait)
+{
+    int rc = 0;
+
+    pthread_mutex_lock(&c->mu);
+    while (wait && !c->failed && !c->stopping &&
+           c->nitems >= c->o.max_pending)
+        pthread_cond_wait(&c->room, &c->mu);
+    if (c->failed) {
+        rc = OQ_EIO;
+    } else {
+        if (c->nitems == 0)
+            c->first_ms = oq_clock_now(NULL);
+        if (c->tail)
+            c->tail->next = it;
+        else
+            c->items = it;
+        c->tail = it;
+        if (++c->nitems == c->o.batch)
+            pthread_cond_signal(&c->cv);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+int oq__committer_submit(const oq_handoff *h, void *arg)
+{
+    oq__committer *c = arg;
+    ser b = { NULL, 0 };
+    const char *err = h->failed ? oq_txn_error_text(h->txn) : NULL;
+    citem *it;
+    int rc;
+
+    if (!h->failed)
+        oq_txn_foreach(h->txn, ser_record, ser_count, &b);
+    it = item_new(h->failed ? C_FAILED : C_EVENT, h->ev->id, h->ev->id_len,
+                  NULL, b.len, h->failed ? h->d->payload : NULL,
+                  h->failed ? h->d->payload_len : 0, err);
+    if (it == NULL)
+        return OQ_ENOMEM;
+    if (b.len > 0) {
+        b = (ser){ it->data + it->id_len, 0 };
+        oq_txn_foreach(h->txn, ser_record, ser_count, &b);
+    }
+    it->d = *h->d;
+    it->token = h->token;
+    it->tag = h->ev->tag;
+    it->attempts = h->d->receive_count;
+    it->sent_ms = h->d->sent_ms;
+    rc = enqueue(c, it, true);
+    if (rc != 0)
+        oq__free(it);
+    return rc;
+}
+
+void oq__committer_duplicate(oq__committer *c, const oq_event *ev)
+{
+    citem *it = item_new(C_DUP, ev->id, c->o.keep_first ? ev->id_len : 0,
+                         NULL, 0, NULL, 0, NULL);
+
+    /* Without memory the line is not settled: a rerun reads it again and
+     * finds the id DONE again. Nothing is lost. */
+    if (it == NULL)
+        return;
+    it->tag = ev->tag;
+    if (enqueue(c, it, true) != 0)
+        oq__free(it);
+}
+
+/* Queue dead letters, taken on the committer thread. */
+static void take_dead(const oq_dead_letter *dl, void *arg)
+{
+    oq__committer *c = arg;
+    citem *it;
+
+    /* Handler failures were written with their event (C_FAILED). */
+    if (dl->reason == OQ_DLQ_FAILED)
+        return;
+    it = item_new(C_DEAD, dl->id, dl->id_len, NULL, 0, dl->payload,
+                  dl->payload_len, dl->error);
+    if (it == NULL) {
+        /* Not recorded: its line stays unsettled, so a rerun reads it and
+         * dead-letters it again. Stop, as for a failed commit. */
+        pthread_mutex_lock(&c->mu);
+        if (!c->failed)
+            snprintf(c->err, sizeof(c->err), "out of memory recording a "
+                     "dead letter");
+        c->failed = true;
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    it->tag = dl->tag;
+    it->reason = dl->reason;
+    it->attempts = dl->attempts;
+    it->sent_ms = dl->sent_ms;
+    it->dead_ms = dl->dead_ms;
+    if (c->dead_tail)
+        c->dead_tail->next = it;
+    else
+        c->dead = it;
+    c->dead_tail = it;
+}
+
+/* Makes sure the batch arrays hold n entries. */
+static int reserve(void **p, size_t *cap, size_t n, size_t size)
+{
+    void *np;
+
+    if (n <= *cap)
+        return 0;
+    if ((np = oq__realloc(*p, n * size)) == NULL)
+        return OQ_ENOMEM;
+    *p = np;
+    *cap = n;
+    return 0;
+}
+
+/* Adds delta to key's batch sum. */
+static void sum_add(oq__committer *c, size_t *nsum, const char *key,
+                    size_t len, int64_t delta)
+{
+    csum *e;
+
+    HASH_FIND(hh, c->sums, key, len, e);
+    if (e == NULL) {
+        e = &c->sum_mem[(*nsum)++];
+        e->key = key;
+        e->len = len;
+        e->delta = 0;
+        HASH_ADD_KEYPTR(hh, c->sums, e->key, len, e);
+    }
+    e->delta += delta;
+}
+
+/* Writes one event's id and outputs (counts go to the batch sums). */
+static int write_event(oq__committer *c, const citem *it, uint64_t pos,
+                       size_t *nsum)
+{
+    oq__store *st = c->o.store;
+    const char *p = it->data + it->id_len, *end = p + it->out_len;
+    unsigned seq = 0;
+    int rc = 0;
+
+    c->prows[c->nprows++] = (oq__processed){ it->data, it->id_len, 0, pos };
+
+    while (rc == 0 && p < end) {
+        char mark = *p++;
+        uint32_t n;
+        memcpy(&n, p, sizeof(n));
+        p += sizeof(n);
+        if (mark == REC_MARK) {
+            rc = oq__store_put_output(st, it->data, it->id_len, seq++, p, n);
+            p += n;
+        } else {
+            int64_t delta;
+            memcpy(&delta, p + n, sizeof(delta));
+            sum_add(c, nsum, p, n, delta);
+            p += n + sizeof(delta);
+        }
+    }
+    return rc;
+}
+
+/* Writes a dead letter (a handler failure or one of the queue's). */
+static int write_dead(oq__committer *c, const citem *it)
+{
+    char buf[8192];
+    oq__dead_row row = {
+        .tag = it->tag,
+        .source = "",
+        .id = it->id_len || it->kind == C_FAILED ? it->data : NULL,
+        .id_len = it->id_len,
+        .reason = oq_dlq_reason_name(it->kind == C_FAILED ? OQ_DLQ_FAILED
+                                                          : it->reason),
+        .error = item_error(it),
+        .attempts = it->attempts,
+        .first_seen_ms = it->sent_ms,
+        .dead_ms = it->kind == C_FAILED ? oq_clock_now(NULL) : it->dead_ms,
+        .event = item_event(it),
+        .event_len = it->event_len,
+    };
+
+    if (c->o.describe)
+        c->o.describe(&row, buf, sizeof(buf), c->o.arg);
+    return oq__store_put_dead(c->o.store, &row);
+}
+
+static uint64_t position(const oq__committer *c, uint64_t tag)
+{
+    return c->o.position ? c->o.position(tag, c->o.arg) : tag;
+}
+
+/* Writes the batch (items, then the queue's dead letters) in one
+ * transaction. Fills c->tags with the lines it settles. */
+static int write_batch(oq__committer *c, citem *items, size_t n,
+                       size_t *ntags)
+{
+    oq__store *st = c->o.store;
+    oq__source_row rows[64];
+    size_t nsum = 0, nrows, k = 0, ndead = 0;
+    int rc;
+
+    for (citem *it = c->dead; it; it = it->next)
+        ndead++;
+    rc = reserve((void **)&c->tags, &c->tags_cap, n + ndead + 1,
+                 sizeof(*c->tags));
+    if (rc == 0) {
+        size_t need = 0;
+        for (citem *it = items; it; it = it->next)
+            need += it->out_len / (1 + sizeof(uint32_t) + sizeof(int64_t)) + 1;
+        rc = reserve((void **)&c->sum_mem, &c->sum_cap, need,
+                     sizeof(*c->sum_mem));
+    }
+    if (rc == 0)
+        rc = reserve((void **)&c->prows, &c->prows_cap, n + 1,
+                     sizeof(*c->prows));
+    if (rc == 0)
+        rc = oq__store_begin(st);
+    if (rc != 0)
+        return rc;
+    c->sums = NULL;
+    c->nprows = 0;
+    for (citem *it = items; it && rc == 0; it = it->next) {
+        uint64_t pos = position(c, it->tag);
+        if (it->kind == C_EVENT)
+            rc = write_event(c, it, pos, &nsum);
+        else if (it->kind == C_FAILED)
+            c->prows[c->nprows++] = (oq__processed){ it->data, it->id_len, 1,
+                                                     pos };
+        else if (it->kind == C_DUP && it->id_len > 0)
+            rc = oq__store_min_tag(st, it->data, it->id_len, pos);
+        if (rc == 0 && it->kind == C_FAILED)
+            rc = write_dead(c, it);
+        if (rc == 0 && OQ__TAG_FILE(it->tag) == OQ__TAG_REDRIVE)
+            rc = oq__store_del_redrive(st, (int64_t)OQ__TAG_LINE(it->tag));
+        c->tags[k++] = it->tag;
+    }
+    if (rc == 0)
+        rc = oq__store_put_processed_many(st, c->prows, c->nprows);
+    for (csum *e = c->sums; e && rc == 0; e = e->hh.next)
+        rc = oq__store_add_count(st, e->key, e->len, e->delta);
+    HASH_CLEAR(hh, c->sums);
+    for (citem *it = c->dead; it && rc == 0; it = it->next) {
+        rc = write_dead(c, it);
+        if (rc == 0 && OQ__TAG_FILE(it->tag) == OQ__TAG_REDRIVE)
+            rc = oq__store_del_redrive(st, (int64_t)OQ__TAG_LINE(it->tag));
+        c->tags[k++] = it->tag;
+    }
+    *ntags = k;
+    if (rc == 0 && c->o.tracker) {
+        /* The watermarks move with what this transaction makes durable;
+         * if it fails the run stops, and they are not written. */
+        oq__tracker_settle(c->o.tracker, c->tags, k);
+        do {
+            nrows = oq__tracker_collect(c->o.tracker, rows, 64);
+            for (size_t i = 0; i < nrows && rc == 0; i++)
+                rc = oq__store_put_source(st, &rows[i]);
+        } while (rc == 0 && nrows == 64);
+    }
+    if (rc == 0)
+        return oq__store_commit(st);
+    oq__store_rollback(st);
+    return rc;
+}
+
+static void nap_ms(long ms)
+{
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    nanosleep(&ts, NULL);
+}
+
+/* After COMMIT: the ids become DONE, then the messages are settled. */
+static void finish_ok(oq__committer *c, citem *items, size_t n)
+{
+    size_t k = 0, processed = 0;
+
+    for (citem *it = items; it; it = it->next) {
+        if (it->kind != C_EVENT && it->kind != C_FAILED)
+            continue;
+        /* A prepared claim cannot go stale; only memory can be short.
+         * The event is on disk, so wait for memory rather than give up. */
+        int rc;
+        while ((rc = oq_idset_commit(c->o.s, it->data, it->id_len,
+                                     it->token)) == OQ_ENOMEM)
+            nap_ms(1);
+        c->ops[k++] = (oq_settle){
+            .d = &it->d,
+            .op = it->kind == C_EVENT ? OQ_SETTLE_ACK : OQ_SETTLE_DEAD,
+            .release = 1,
+            .reason = OQ_DLQ_FAILED,
+            .error = item_error(it),
+        };
+    }
+    if (k > 0)
+        oq_queue_settle(c->o.q, c->ops, k);
+    for (size_t i = 0; i < k; i++) {
+        while (c->ops[i].op == OQ_SETTLE_DEAD &&
+               c->ops[i].result == OQ_ENOMEM) {
+            oq_settle again = c->ops[i];
+            nap_ms(1);
+            oq_queue_settle(c->o.q, &again, 1);
+            c->ops[i].result = again.result;
+        }
+        if (c->ops[i].op == OQ_SETTLE_ACK && c->ops[i].result == 0)
+            processed++;
+    }
+    atomic_fetch_add(&c->processed, processed);
+    atomic_fetch_add(&c->commits, 1);
+    atomic_fetch_add(&c->events_total, n);
+    if (n > atomic_load(&c->events_max))
+        atomic_store(&c->events_max, n);
+}
+
+/* After a failed COMMIT (rolled back): nothing of the batch was kept, so
+ * nothing is acked; the claims are given up and the messages go back. */
+static void finish_failed(oq__committer *c, citem *items, const char *err)
+{
+    size_t k = 0;
+
+    for (citem *it = items; it; it = it->next) {
+        if (it->kind != C_EVENT && it->kind != C_FAILED)
+            continue;
+        oq_idset_release(c->o.s, it->data, it->id_len, it->token);
+        c->ops[k++] = (oq_settle){ .d = &it->d, .op = OQ_SETTLE_RETURN,
+                                   .release = 1 };
+    }
+    if (k > 0)
+        oq_queue_settle(c->o.q, c->ops, k);
+    pthread_mutex_lock(&c->mu);
+    if (!c->failed)
+        snprintf(c->err, sizeof(c->err), "%s", err);
+    c->failed = true;
+    pthread_cond_broadcast(&c->room);
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void free_items(citem *it)
+{
+    while (it) {
+        citem *next = it->next;
+        oq__free(it);
+        it = next;
+    }
+}
+
+/* Takes the pending items once there are enough, or the oldest is old
+ * enough, or every interval (to take the queue's dead letters). */
+static citem *take_items(oq__committer *c, size_t *n, bool *stopping,
+                         bool *failed)
+{
+    citem *items;
+
+    pthread_mutex_lock(&c->mu);
+    while (!c->stopping && c->nitems < c->o.batch) {
+        int64_t wait = c->o.interval_ms;
+        if (c->nitems > 0) {
+            wait = c->first_ms + c->o.interval_ms - oq_clock_now(NULL);
+            if (wait <= 0)
+                break;
+        }
+        struct timespec until = oq__abstime_after(wait);
+        if (pthread_cond_timedwait(&c->cv, &c->mu, &until) != 0 &&
+            c->nitems == 0)
+            break; /* idle: look at the dead letters */
+    }
+    /* Group commit: `batch` events (or the interval) start a transaction,
+     * and it takes everything that is pending, up to max_batch. While one
+     * transaction waits for its fsync, the next one fills up: with a fixed
+     * size, throughput would be capped at batch / fsync time. */
+    items = c->items;
+    *n = OQ__MIN(c->nitems, c->o.max_batch);
+    if (*n == c->nitems) {
+        c->items = c->tail = NULL;
+    } else {
+        citem *last = items;
+        for (size_t i = 1; i < *n; i++)
+            last = last->next;
+        c->items = last->next;
+        last->next = NULL;
+        c->first_ms = oq_clock_now(NULL);
+    }
+    c->nitems -= *n;
+    *stopping = c->stopping;
+    *failed = c->failed;
+    pthread_cond_broadcast(&c->room);
+    pthread_mutex_unlock(&c->mu);
+    return items;
+}
+
+/* Blank lines move a watermark without any item to write. */
+static bool tracker_dirty(oq__committer *c)
+{
+    oq__tracker *t = c->o.tracker;
+    bool dirty = false;
+
+    if (t == NULL)
+        return false;
+    pthread_mutex_lock(&t->mu);
+    for (unsigned i = 0; i < t->n && !dirty; i++)
+        dirty = t->f[i].tracked && t->f[i].dirty;
+    pthread_mutex_unlock(&t->mu);
+    return dirty;
+}
+
+static void *committer_main(void *arg)
+{
+    oq__committer *c = arg;
+
+    for (;;) {
+        size_t n, nd = 0, ntags = 0;
+        bool stopping, failed;
+        citem *items = take_items(c, &n, &stopping, &failed);
+        int rc;
+
+        if (!failed)
+            oq_queue_dead_letters(c->o.q, 1, take_dead, c);
+        for (citem *it = c->dead; it; it = it->next)
+            nd++;
+        if (failed) {
+            /* Refuse what came in meanwhile, as a failed batch. */
+            if (reserve((void **)&c->ops, &c->ops_cap, n + 1,
+                        sizeof(*c->ops)) == 0)
+                finish_failed(c, items, "");
+            free_items(items);
+            if (stopping)
+                break;
+            continue;
+        }
+        if (n + nd > 0 || tracker_dirty(c)) {
+            int64_t t0 = oq_clock_now(NULL), t1;
+            rc = reserve((void **)&c->ops, &c->ops_cap, n + 1,
+                         sizeof(*c->ops));
+            if (rc == 0)
+                rc = write_batch(c, items, n, &ntags);
+            t1 = oq_clock_now(NULL);
+            if (rc == 0)
+                finish_ok(c, items, n + nd);
+            else if (c->ops_cap >= n)
+                finish_failed(c, items, oq__store_error(c->o.store));
+            atomic_fetch_add(&c->write_ms, t1 - t0);
+            atomic_fetch_add(&c->finish_ms, oq_clock_now(NULL) - t1);
+            atomic_fetch_add(&c->dead_written, rc == 0 ? nd : 0);
+        }
+        free_items(items);
+        free_items(c->dead);
+        c->dead = c->dead_tail = NULL;
+        if (stopping && n == 0 && nd == 0 && !tracker_dirty(c))
+            break;
+    }
+    return NULL;
+}
+
+int oq__committer_start(oq__committer **out, const oq__committer_opts *o)
+{
+    oq__committer *c = oq__calloc(1, sizeof(*c));
+    int rc;
+
+    if (c == NULL)
+        return OQ_ENOMEM;
+    c->o = *o;
+    if (c->o.batch == 0)
+        c->o.batch = 256;
+    if (c->o.interval_ms <= 0)
+        c->o.interval_ms = 5;
+    if (c->o.max_batch < c->o.batch)
+        c->o.max_batch = OQ__MAX(16 * c->o.batch, (size_t)4096);
+    if (c->o.max_pending < c->o.max_batch)
+        c->o.max_pending = 2 * c->o.max_batch;
+    oq__mutex_init(&c->mu);
+    oq__cond_init_monotonic(&c->cv);
+    oq__cond_init_monotonic(&c->room);
+    rc = -pthread_create(&c->thread, NULL, committer_main, c);
+    if (rc != 0) {
+        oq__committer_free(c);
+        return rc;
+    }
+    c->started = true;
+    *out = c;
+    return 0;
+}
+
+int oq__committer_stop(oq__committer *c, char *err, size_t errlen)
+{
+    int rc = 0;
+
+    if (c == NULL)
+        return 0;
+    pthread_mutex_lock(&c->mu);
+    c->stopping = true;
+    pthread_cond_broadcast(&c->cv);
+    pthread_cond_broadcast(&c->room);
+    pthread_mutex_unlock(&c->mu);
+    if (c->started) {
+        pthread_join(c->thread, NULL);
+        c->started = false;
+    }
+    pthread_mutex_lock(&c->mu);
+    if (c->failed) {
+        rc = OQ_EIO;
+        if (err)
+            snprintf(err, errlen, "%s", c->err);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+bool oq__committer_failed(oq__committer *c, char *err, size_t errlen)
+{
+    bool failed;
+
+    pthread_mutex_lock(&c->mu);
+    failed = c->failed;
+    if (failed && err)
+        snprintf(err, errlen, "%s", c->err);
+    pthread_mutex_unlock(&c->mu);
+    return failed;
+}
+
+void oq__committer_stats_get(oq__committer *c, oq__committer_stats *out)
+{
+    out->processed = atomic_load(&c->processed);
+    out->commits = atomic_load(&c->commits);
+    out->events_total = atomic_load(&c->events_total);
+    out->events_max = atomic_load(&c->events_max);
+    out->write_ms = atomic_load(&c->write_ms);
+    out->finish_ms = atomic_load(&c->finish_ms);
+}
+
+void oq__committer_free(oq__committer *c)
+{
+    if (c == NULL)
+        return;
+    if (c->started)
+        oq__committer_stop(c, NULL, 0);
+    free_items(c->items);
+    free_items(c->dead);
+    oq__free(c->ops);
+    oq__free(c->tags);
+    oq__free(c->sum_mem);
+    oq__free(c->prows);
+    pthread_cond_destroy(&c->cv);
+    pthread_cond_destroy(&c->room);
+    pthread_mutex_destroy(&c->mu);
+    oq__free(c);
 }

@@ -1,0 +1,489 @@
+#!/usr/bin/env python3
+"""Description: end-to-end tests of durable mode (`onceq run --state`) and
+its subcommands, on the real binary. The crash loop proves invariant 5 of
+the design: kill -9 a durable run at any moment, run it again with the same
+state and inputs, and the results and the set of dead letters equal those of
+one clean in-memory run. Prints "N passed, N failed".
+
+Environment: ONCEQ (the binary; default ./onceq), BUILD (a sanitizer build
+runs fewer crash iterations on a smaller file: 50 iterations in the normal
+build, 12 under TSAN/ASAN), OQ_CRASH_ITERS (overrides the iteration count;
+`make stress` sets it), OQ_DURABLE_SEED (default: time). The handler is a
+small plugin this test compiles with cc: it counts words (or emits records),
+fails transiently on the first attempt of "transient" events and for good on
+"poison" events."""
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
+BUILD = os.environ.get("BUILD", "build")
+SLOW = "tsan" in BUILD or "asan" in BUILD
+SEED = int(os.environ.get("OQ_DURABLE_SEED", str(int(time.time()) % 100000)))
+ITERS = int(os.environ.get("OQ_CRASH_ITERS", "12" if SLOW else "50"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+TMP = tempfile.mkdtemp(prefix="onceq-durable-test-")
+print(f"test_durable: seed {SEED} (OQ_DURABLE_SEED), {ITERS} crash "
+      f"iterations (OQ_CRASH_ITERS), binary {ONCEQ}")
+
+tests = []
+
+
+def test(fn):
+    tests.append(fn)
+    return fn
+
+
+def path(name):
+    return os.path.join(TMP, name)
+
+
+def run(args, env=None, timeout=300):
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run([ONCEQ] + args, capture_output=True, timeout=timeout,
+                       cwd=TMP, env=e)
+    return p.returncode, p.stdout.decode("utf-8", "replace"), \
+        p.stderr.decode("utf-8", "replace")
+
+
+def gen(name, *args):
+    rc, out, err = run(["gen", "-o", path(name)] + list(args))
+    assert rc == 0, err
+    return path(name)
+
+
+def rm_state(db):
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.unlink(db + suffix)
+
+
+def dead_set(p):
+    if not os.path.exists(p):
+        return set()
+    with open(p, "rb") as f:
+        return {(d.get("id"), d["reason"]) for d in map(json.loads, f)}
+
+
+PLUGIN_C = r"""
+#define _GNU_SOURCE
+#include "onceq.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int oq_plugin_output = 0;
+const char *oq_plugin_count_key = "word";
+
+int oq_plugin_init(void **arg)
+{
+    const char *m = getenv("PLUGIN_RECORDS");
+    if (m && *m == '1')
+        oq_plugin_output = 1;
+    *arg = NULL;
+    return 0;
+}
+
+int oq_plugin_handle(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    const char *p = ev->payload, *w, *end;
+    size_t n = ev->payload_len;
+    char buf[2048];
+    (void)arg;
+    if (memmem(p, n, "\"poison\":true", 13) && !getenv("PLUGIN_FIXED")) {
+        oq_txn_error(txn, "poison %.*s", (int)ev->id_len, ev->id);
+        return OQ_FAIL;
+    }
+    if (memmem(p, n, "\"transient\":true", 16) && ev->attempt == 1) {
+        oq_txn_error(txn, "transient");
+        return OQ_RETRY;
+    }
+    w = memmem(p, n, "\"word\":\"", 8);
+    if (w == NULL)
+        return OQ_OK;
+    w += 8;
+    end = memchr(w, '"', (size_t)(p + n - w));
+    if (end == NULL)
+        return OQ_OK;
+    if (oq_plugin_output == 0)
+        return oq_txn_count(txn, w, (size_t)(end - w), 1) ? OQ_RETRY : OQ_OK;
+    n = (size_t)snprintf(buf, sizeof(buf), "{\"id\":\"%.*s\",\"word\":\"%.*s\"}",
+                         (int)ev->id_len, ev->id, (int)(end - w), w);
+    return oq_txn_record(txn, buf, n) ? OQ_RETRY : OQ_OK;
+}
+"""
+
+PLUGIN = path("crash_plugin.so")
+
+
+def build_plugin():
+    src = path("crash_plugin.c")
+    open(src, "w").write(PLUGIN_C)
+    cc = os.environ.get("CC", "cc")
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-I",
+                    os.path.join(HERE, "..", "include"), "-o", PLUGIN, src],
+                   check=True)
+
+
+def run_args(db, out, dlq, f, extra=()):
+    args = ["run", "-q", "--handler", "plugin:" + PLUGIN, "--backoff",
+            "1ms,5ms", "-o", out, "--dlq", dlq] + list(extra)
+    if db:
+        args += ["--state", db]
+    return args + [f]
+
+
+def reference(f, env, tag):
+    out, dlq = path(tag + ".ref.out"), path(tag + ".ref.dlq")
+    rc, _, err = run(run_args(None, out, dlq, f), env)
+    assert rc in (0, 1), err
+    return open(out, "rb").read(), dead_set(dlq)
+
+
+# ------------------------------------------------------------ crash loop
+
+@test
+def crash_loop_equals_one_clean_run():
+    """kill -9 at a random moment (once or twice), then run to the end:
+    results and dead letters equal one clean in-memory run's."""
+    n = 4000 if SLOW else 20000
+    f = gen("crash.jsonl", "--events", str(n), "--duplicates", "0.1",
+            "--poison", "0.01", "--transient", "0.05", "--words", "200",
+            "--seed", str(SEED))
+    refs = {m: reference(f, {"PLUGIN_RECORDS": m}, "crash" + m)
+            for m in ("0", "1")}
+    # How long a whole durable run takes: kills fall within it.
+    db = path("crash-time.db")
+    t0 = time.time()
+    rc, _, err = run(run_args(db, path("t.out"), path("t.dlq"), f))
+    span = time.time() - t0
+    assert rc in (0, 1), err
+    failures = []
+    phase = {"before the first commit": 0, "mid-run": 0, "after the end": 0}
+
+    def progress(db):
+        """Where the last kill struck, from what the state holds."""
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            line = con.execute("SELECT coalesce(sum(line), 0) FROM "
+                               "sources").fetchone()[0]
+            con.close()
+        except sqlite3.Error:
+            line = 0
+        return "before the first commit" if line == 0 else \
+            "after the end" if line == n else "mid-run"
+
+    for i in range(ITERS):
+        rnd = random.Random(SEED * 1000 + i)
+        mode = "1" if i % 3 == 2 else "0"   # a third with record outputs
+        env = {"PLUGIN_RECORDS": mode}
+        extra = ["-w", str(rnd.choice([1, 2, 4])), "--commit-batch",
+                 str(rnd.choice([1, 16, 256])), "--commit-interval",
+                 rnd.choice(["1ms", "5ms"])]
+        db, out, dlq = path("c.db"), path("c.out"), path("c.dlq")
+        rm_state(db)
+        kills = []
+        for k in range(rnd.choice([1, 1, 2])):
+            t = rnd.uniform(0, span)
+            e = dict(os.environ)
+            e.update(env)
+            p = subprocess.Popen([ONCEQ] + run_args(db, out, dlq, f, extra),
+                                 cwd=TMP, env=e, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            time.sleep(t)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills.append(round(t, 4))
+        phase[progress(db)] += 1
+        rc, _, err = run(run_args(db, out, dlq, f, extra), env)
+        want_out, want_dead = refs[mode]
+        why = None
+        if rc not in (0, 1):
+            why = f"exit {rc}: {err.strip()}"
+        elif open(out, "rb").read() != want_out:
+            why = "results differ"
+        elif dead_set(dlq) != want_dead:
+            why = (f"dead letters differ: extra {dead_set(dlq) - want_dead}, "
+                   f"missing {want_dead - dead_set(dlq)}")
+        if why:
+            failures.append(f"iteration {i} (seed {SEED}, kill times "
+                            f"{kills} s, {' '.join(extra)}, records={mode}): "
+                            f"{why}")
+    print(f"  kills struck: {phase} (whole run {span:.3f} s)")
+    assert not failures, "\n".join(failures)
+    # The kills must mostly land inside the runs, or this proves little.
+    assert phase["mid-run"] >= max(1, ITERS // 8), phase
+
+
+# ------------------------------------------------------------- resume
+
+@test
+def resume_skips_settled_lines_without_reading_them():
+    f = gen("resume.jsonl", "--events", "1000", "--duplicates", "0.1",
+            "--seed", str(SEED + 1))
+    db = path("resume.db")
+    rc, out1, err = run(["run", "-q", "--state", db, "--stats",
+                         path("r1.st"), f])
+    assert rc == 0, err
+    # Appending to the file keeps its identity: the rerun reads only the
+    # new lines.
+    more = gen("more.jsonl", "--events", "300", "--seed", str(SEED + 2))
+    with open(f, "ab") as a:
+        a.write(open(more, "rb").read().replace(b'"evt-', b'"new-'))
+    rc, out2, err = run(["run", "-q", "--state", db, "--stats",
+                         path("r2.st"), f])
+    assert rc == 0, err
+    st = json.load(open(path("r2.st")))
+    assert st["resumed_skipped_lines"] == 1000, st
+    assert st["lines"] == 300 and st["processed"] + st["duplicates"] == 300
+    rc, ref, err = run(["run", "-q", f])
+    assert out2 == ref, "results after resume differ from one clean run"
+    # A finished run, run again: nothing read, the same results.
+    rc, out3, err = run(["run", "-q", "--state", db, "--stats",
+                         path("r3.st"), f])
+    st = json.load(open(path("r3.st")))
+    assert rc == 0 and out3 == ref, err
+    assert (st["resumed_skipped_lines"], st["lines"], st["processed"]) == \
+        (1300, 0, 0), st
+
+
+@test
+def changed_input_is_refused_unless_forced():
+    f = gen("chg.jsonl", "--events", "200", "--seed", str(SEED + 3))
+    db = path("chg.db")
+    rc, _, err = run(["run", "-q", "--state", db, "-o", path("chg.out"), f])
+    assert rc == 0, err
+    # Truncated in place (same inode, shorter).
+    data = open(f, "rb").read()
+    with open(f, "r+b") as h:
+        h.truncate(100)
+    rc, out, err = run(["run", "--state", db, f])
+    assert rc == 2 and "shorter" in err, (rc, err)
+    assert err.count("\n") == 1 and out == "", err
+    open(f, "wb").write(data)
+    # Replaced by another file (a new inode) with other contents.
+    g = gen("chg2.jsonl", "--events", "200", "--seed", str(SEED + 4))
+    os.replace(g, f)
+    rc, out, err = run(["run", "--state", db, f])
+    assert rc == 2 and "changed" in err and "--force" in err, (rc, err)
+    rc, out, err = run(["run", "-q", "--state", db, "--force", "--stats",
+                        path("chg.st"), f])
+    assert rc == 0, err
+    assert json.load(open(path("chg.st")))["resumed_skipped_lines"] == 0
+
+
+@test
+def another_handler_on_the_same_state_is_refused():
+    f = gen("hnd.jsonl", "--events", "50")
+    db = path("hnd.db")
+    assert run(["run", "-q", "--state", db, f])[0] == 0
+    rc, out, err = run(["run", "--state", db, "--handler", "count:word", f])
+    assert rc == 2 and "--handler" in err, (rc, err)
+
+
+# ------------------------------------------------------------- redrive
+
+@test
+def redrive_filters_and_runs_each_event_once():
+    f = gen("rd.jsonl", "--events", "2000", "--poison", "0.02", "--seed",
+            str(SEED + 5))
+    poison = sorted({json.loads(l)["id"] for l in open(f)
+                     if '"poison":true' in l})
+    db, dlq = path("rd.db"), path("rd.dlq")
+    rc, _, err = run(run_args(db, path("rd.out"), dlq, f))
+    assert rc == 1, err
+    assert {i for i, _ in dead_set(dlq)} == set(poison)
+    rc, out, err = run(["dlq", "redrive", "--state", db, "--reason",
+                        "bad_id"])
+    assert rc == 0 and out.startswith("redrove 0 "), (rc, out, err)
+    rc, out, err = run(["dlq", "redrive", "--state", db, "--until", "@0"])
+    assert out.startswith("redrove 0 "), out
+    glob_ids = [i for i in poison if i.startswith("evt-1")]
+    assert glob_ids, "the seed gave no poison event matching evt-1*"
+    rc, out, err = run(["dlq", "redrive", "--state", db, "--id", "evt-1*",
+                        "--since", "1h", "--dry-run"])
+    assert out.startswith(f"would redrive {len(glob_ids)} "), out
+    rc, out, err = run(["dlq", "list", "--state", db])
+    assert len(out.splitlines()) == len(poison), "dry run changed nothing"
+    rc, out, err = run(["dlq", "redrive", "--state", db, "--id", "evt-1*"])
+    assert rc == 0 and out.startswith(f"redrove {len(glob_ids)} "), out
+    rc, out, err = run(["dlq", "redrive", "--state", db, "--id", "evt-1*"])
+    assert out.startswith("redrove 0 "), "a second redrive found them again"
+    # Fixed handler: the redriven events are processed, once.
+    env = {"PLUGIN_FIXED": "1"}
+    for attempt in range(2):
+        st = path(f"rd{attempt}.st")
+        rc, _, err = run(run_args(db, path("rd.out"), dlq, f,
+                                  ["--stats", st]), env)
+        assert rc == 1, err  # the other poison events are still dead
+        s = json.load(open(st))
+        want = len(glob_ids) if attempt == 0 else 0
+        assert (s["redriven"], s["processed"]) == (want, want), s
+    left = {i for i, _ in dead_set(dlq)}
+    assert left == set(poison) - set(glob_ids), left
+    con = sqlite3.connect(db)
+    n = con.execute("SELECT count(*) FROM processed WHERE id GLOB 'evt-1*'"
+                    " AND status = 0 AND id IN (%s)" %
+                    ",".join("?" * len(glob_ids)), glob_ids).fetchone()[0]
+    con.close()
+    assert n == len(glob_ids), n
+
+
+@test
+def dlq_show_list_purge():
+    f = path("bad.jsonl")
+    open(f, "w").write('{"id":"a","word":"x"}\nnot json\n{"word":"noid"}\n')
+    db = path("bad.db")
+    rc, _, err = run(["run", "-q", "--state", db, "--dlq", path("bad.dlq"),
+                      f])
+    assert rc == 1, err
+    rc, out, err = run(["dlq", "list", "--state", db])
+    rows = [json.loads(l) for l in out.splitlines()]
+    assert [r["reason"] for r in rows] == ["parse_error", "bad_id"], rows
+    assert rows[0]["source"].endswith("bad.jsonl:2")
+    rc, out, err = run(["dlq", "show", str(rows[1]["seq"]), "--state", db])
+    assert rc == 0 and json.loads(out)["event"] == {"word": "noid"}, out
+    rc, out, err = run(["dlq", "show", "nope", "--state", db])
+    assert rc == 1 and "no dead letter" in err
+    rc, out, err = run(["dlq", "purge", "--state", db, "--reason",
+                        "parse_error"])
+    assert out.startswith("purged 1 "), out
+    rc, out, err = run(["dlq", "list", "--state", db])
+    assert len(out.splitlines()) == 1
+
+
+# ------------------------------------------------- subcommands, errors
+
+@test
+def export_and_stats_agree_with_the_run():
+    f = gen("ex.jsonl", "--events", "3000", "--duplicates", "0.2", "--seed",
+            str(SEED + 6))
+    db = path("ex.db")
+    rc, out, err = run(["run", "-q", "--state", db, "--stats",
+                        path("ex.st"), f])
+    assert rc == 0, err
+    rc, exp, err = run(["export", "--state", db])
+    assert rc == 0 and exp == out, err
+    rc, _, err = run(["export", "--state", db, "-o", path("ex.out")])
+    assert open(path("ex.out")).read() == out
+    rc, s, err = run(["stats", "--state", db])
+    s = json.loads(s)
+    r = json.load(open(path("ex.st")))
+    for k in ("lines", "processed", "duplicates", "dead", "blank"):
+        assert s[k] == r[k], (k, s, r)
+    assert s["last_run"]["processed"] == r["processed"]
+
+
+@test
+def checkpoint_and_restore():
+    f = gen("ck.jsonl", "--events", "500", "--seed", str(SEED + 7))
+    db = path("ck.db")
+    rc, want, err = run(["run", "-q", "--state", db, f])
+    rc, out, err = run(["checkpoint", "one", "--state", db])
+    assert rc == 0 and os.path.exists(db + ".checkpoint.one"), err
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM aggregates")
+    con.commit()
+    con.close()
+    assert run(["export", "--state", db])[1] == ""
+    rc, out, err = run(["restore", "one", "--state", db])
+    assert rc == 0, err
+    assert run(["export", "--state", db])[1] == want
+    rc, out, err = run(["restore", "two", "--state", db])
+    assert rc == 2 and "no checkpoint" in err
+
+
+@test
+def not_a_state_file_is_a_clear_error():
+    f = gen("nf.jsonl", "--events", "10")
+    open(path("rand.db"), "wb").write(random.Random(SEED).randbytes(8192))
+    open(path("text.db"), "w").write("hello, world\n" * 100)
+    con = sqlite3.connect(path("other.db"))
+    con.execute("CREATE TABLE t(x)")
+    con.commit()
+    con.close()
+    for name in ("rand.db", "text.db", "other.db"):
+        for args in (["run", "--state", path(name), f],
+                     ["stats", "--state", path(name)],
+                     ["dlq", "list", "--state", path(name)],
+                     ["export", "--state", path(name)]):
+            rc, out, err = run(args)
+            assert rc == 2, (args, rc, err)
+            assert err.count("\n") == 1 and "not an onceq state" in err, err
+    con = sqlite3.connect(path("other.db"))
+    assert con.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    con.close()
+
+
+@test
+def usage_errors_exit_2_and_help_exits_0():
+    db = path("usage.db")
+    cases = [["dlq"], ["dlq", "frob", "--state", db], ["dlq", "list"],
+             ["dlq", "list", "--state", db, "--reason", "nope"],
+             ["dlq", "list", "--state", db, "--since", "yesterday-ish"],
+             ["dlq", "purge", "--state", db, "--reset-attempts"],
+             ["export", "--state", db, "extra"], ["checkpoint", "--state", db],
+             ["checkpoint", "a/b", "--state", db], ["stats", "--bogus"],
+             ["run", "--state", db, "--sync", "sometimes", os.devnull],
+             ["run", "--state", db, "--commit-batch", "0", os.devnull]]
+    for args in cases:
+        rc, out, err = run(args)
+        assert rc == 2 and err.count("\n") == 1, (args, rc, err)
+    for cmd in (["dlq"], ["export"], ["stats"], ["checkpoint"], ["restore"]):
+        rc, out, err = run(cmd + ["--help"])
+        assert rc == 0 and out.startswith("usage: onceq"), (cmd, out)
+    assert "--state" in run(["run", "--help"])[1]
+
+
+@test
+def full_disk_during_commit_loses_nothing_acknowledged():
+    # 20000 events need at least 5 transactions (each takes 4096 at most):
+    # the 4th fails.
+    f = gen("full.jsonl", "--events", "20000", "--duplicates", "0.1",
+            "--seed", str(SEED + 8))
+    db = path("full.db")
+    st = path("full.st")
+    rc, out, err = run(["run", "-q", "--state", db, "--commit-batch", "64",
+                        "--stats", st, f],
+                       env={"ONCEQ_TEST_STORE_FAIL_AFTER": "3"})
+    assert rc == 3 and "disk is full" in err and "resume" in err, (rc, err)
+    s = json.load(open(st))
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT count(*) FROM processed").fetchone()[0]
+    con.close()
+    # Acked as processed in that run == recorded in the state.
+    assert 0 < s["processed"] == rows, (s["processed"], rows)
+    rc, out, err = run(["run", "-q", "--state", db, f])
+    assert rc == 0, err
+    assert out == run(["run", "-q", f])[1]
+
+
+def main():
+    passed = failed = 0
+    build_plugin()
+    for t in tests:
+        t0 = time.time()
+        try:
+            t()
+            passed += 1
+            print(f"[ OK ] {t.__name__} ({time.time() - t0:.2f}s)")
+        except Exception:
+            failed += 1
+            print(f"[FAIL] {t.__name__} (seed {SEED})")
+            traceback.print_exc()
+    shutil.rmtree(TMP, ignore_errors=True)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
