@@ -137,7 +137,7 @@ asan:
 export OQ_STRESS_ARGS
 
 # The full-size stress run (1M messages), normal build and under TSAN.
-stress: tests
+stress: tests $(BUILD)/onceq
 	$(Q)$(BUILD)/test/stress_pool --messages 1000000 $(STRESS_ARGS)
 	$(Q)$(MAKE) --no-print-directory BUILD=build-tsan SAN=thread OPT=-O1 tests
 	$(Q)build-tsan/test/stress_pool --messages 1000000 $(STRESS_ARGS)
@@ -177,7 +177,8 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	else echo "deps: all installed"; fi
 
-demo: all
+demo: deps
+	$(Q)$(MAKE) --no-print-directory all
 	@echo '$$ ./onceq run -w 2 examples/events.jsonl'
 	$(Q)./onceq run -w 2 examples/events.jsonl
 	@echo
