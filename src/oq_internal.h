@@ -231,6 +231,13 @@ void oq__run_config_defaults(oq__run_config *c);
 /* Runs the whole job; returns the process exit status. */
 int oq__run(const oq__run_config *c);
 int oq__parse_duration(const char *s, int64_t *ms);
+/* Writes one result line of a counting handler, {"FIELD":"key","count":N},
+ * to arg (an oq__count_out); an oq_txn_count_fn. */
+typedef struct oq__count_out {
+    FILE *f;
+    const char *key;  /* FIELD */
+} oq__count_out;
+void oq__write_count(const char *key, size_t len, int64_t v, void *arg);
 /* Writes s[0..n) as a JSON string; invalid UTF-8 bytes become U+FFFD. */
 void oq__json_write_string(FILE *f, const char *s, size_t n);
 /* Writes a Unix time in ms as a JSON ISO-8601 string (UTC, ms). */

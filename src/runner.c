@@ -706,14 +706,10 @@ static void move_to_first_seen(run_sink *rs)
     }
 }
 
-typedef struct count_ctx {
-    FILE *f;
-    const char *key;
-} count_ctx;
-
-static void write_count(const char *key, size_t len, int64_t v, void *arg)
+/* One result line of a counting handler: {"FIELD":"key","count":N}. */
+void oq__write_count(const char *key, size_t len, int64_t v, void *arg)
 {
-    count_ctx *c = arg;
+    oq__count_out *c = arg;
     fputs("{", c->f);
     oq__json_write_string(c->f, c->key, strlen(c->key));
     fputs(":", c->f);
@@ -734,8 +730,8 @@ static int write_results(run *r)
         return 3;
     }
     if (r->h.output == OQ__OUT_COUNTS) {
-        count_ctx c = { f, r->h.count_key ? r->h.count_key : "key" };
-        oq_memsink_foreach_count(r->rs.counts, write_count, &c);
+        oq__count_out c = { f, r->h.count_key ? r->h.count_key : "key" };
+        oq_memsink_foreach_count(r->rs.counts, oq__write_count, &c);
     } else {
         if (r->rs.track_first)
             move_to_first_seen(&r->rs);
@@ -1001,8 +997,8 @@ static int write_results_db(run *r)
         return 3;
     }
     if (r->h.output == OQ__OUT_COUNTS) {
-        count_ctx c = { f, r->h.count_key ? r->h.count_key : "key" };
-        rc = oq__store_foreach_count(r->store, write_count, &c);
+        oq__count_out c = { f, r->h.count_key ? r->h.count_key : "key" };
+        rc = oq__store_foreach_count(r->store, oq__write_count, &c);
     } else {
         rc = oq__store_foreach_record(r->store, put_record, f);
     }

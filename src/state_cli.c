@@ -463,20 +463,6 @@ int oq__cmd_dlq(int argc, char **argv)
 
 /* -------------------------------------------------------------- export */
 
-typedef struct count_out {
-    FILE *f;
-    const char *key;
-} count_out;
-
-static void put_count(const char *key, size_t len, int64_t v, void *arg)
-{
-    count_out *c = arg;
-    fputs("{", c->f);
-    oq__json_write_string(c->f, c->key, strlen(c->key));
-    fputs(":", c->f);
-    oq__json_write_string(c->f, key, len);
-    fprintf(c->f, ",\"count\":%" PRId64 "}\n", v);
-}
 
 static void put_record(const void *data, size_t len, void *arg)
 {
@@ -525,8 +511,8 @@ int oq__cmd_export(int argc, char **argv)
     if (strcmp(output, "records") == 0) {
         rc = oq__store_foreach_record(st, put_record, f);
     } else {
-        count_out c = { f, key };
-        rc = oq__store_foreach_count(st, put_count, &c);
+        oq__count_out c = { f, key };
+        rc = oq__store_foreach_count(st, oq__write_count, &c);
     }
     if (rc != 0)
         fprintf(stderr, "onceq export: %s\n", oq__store_error(st));
