@@ -100,7 +100,9 @@ typedef struct oq__line {
     unsigned file;     /* index into the reader's inputs */
     uint64_t lineno;   /* 1-based, per file */
     uint64_t offset;   /* byte offset of the line's start in its file */
-    uint64_t end;      /* byte offset just past its newline (next line) */
+    uint64_t end;      /* byte offset just past its newline (the next
+                          line); a last line without a newline: its start,
+                          so a resumed run reads it again */
 } oq__line;
 
 typedef struct oq__reader oq__reader;
@@ -288,7 +290,10 @@ typedef enum oq__store_sync {
     OQ__SYNC_FULL = 0, OQ__SYNC_NORMAL, OQ__SYNC_OFF
 } oq__store_sync;
 
-enum { OQ__STORE_CREATE = 1 };   /* oq__store_open flags */
+/* oq__store_open flags. OQ__STORE_LOCK takes the run lock (an exclusive
+ * flock on PATH.lock) for the store's life, or fails with OQ_EBUSY and
+ * "state 'PATH' is in use by another onceq run". */
+enum { OQ__STORE_CREATE = 1, OQ__STORE_LOCK = 2 };
 
 /* An input position (tag) is file << 40 | line (1-based); file index
  * OQ__TAG_REDRIVE marks a redriven event, whose line is its redrive seq. */
@@ -296,6 +301,11 @@ enum { OQ__STORE_CREATE = 1 };   /* oq__store_open flags */
 #define OQ__TAG_FILE(tag) ((unsigned)((tag) >> 40))
 #define OQ__TAG_LINE(tag) ((tag) & ((1ULL << 40) - 1))
 #define OQ__TAG_REDRIVE 0xffffffu
+/* A dead letter of an earlier generation of an input (stdin or a pipe,
+ * which is new at every run, or a file read again from its start) is moved
+ * out of the way to OQ__TAG(OQ__TAG_RETIRED, its seq): dead_letters.tag is
+ * unique, and a line of this run at the same position is another event. */
+#define OQ__TAG_RETIRED 0xfffffeu
 
 typedef struct oq__dead_row {
     int64_t seq;              /* rowid (when read) */
@@ -371,6 +381,14 @@ int oq__store_min_tag(oq__store *st, const char *id, size_t len,
                       uint64_t tag);
 int oq__store_put_dead(oq__store *st, const oq__dead_row *d);
 int oq__store_del_redrive(oq__store *st, int64_t seq);
+/* Retires the dead letters of input file (see OQ__TAG_RETIRED). */
+int oq__store_retire_dead(oq__store *st, unsigned file);
+/* Deletes the dead letter of input position tag, if any. */
+int oq__store_del_dead(oq__store *st, uint64_t tag);
+/* *line: the highest line of input file's dead letters above line `above`
+ * (0 if none). */
+int oq__store_max_dead_line(oq__store *st, unsigned file, uint64_t above,
+                            uint64_t *line);
 int oq__store_put_source(oq__store *st, const oq__source_row *r);
 
 int oq__store_meta_get(oq__store *st, const char *key, char *buf, size_t len);
@@ -427,6 +445,12 @@ typedef struct oq__committer_opts {
      * original tag, attempts and history. buf is scratch for the strings.
      * Called on the committer thread. */
     void (*describe)(oq__dead_row *row, char *buf, size_t buflen, void *arg);
+    /* stale_dead[file] (file < nstale): the highest line of that input
+     * with a dead letter above its watermark at the start (0: none). Such
+     * a dead letter was committed before a crash; if its line is now
+     * processed, the dead letter is deleted in the same transaction. */
+    const uint64_t *stale_dead;
+    unsigned nstale;
     /* The input position to record for tag (a redriven event's original). */
     uint64_t (*position)(uint64_t tag, void *arg);
     void *arg;

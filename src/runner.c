@@ -313,6 +313,8 @@ typedef struct run {
     oq__store *store;
     oq__committer *cm;
     oq__tracker *tracker;       /* thread-safe */
+    uint64_t *stale_dead;       /* per input: see oq__committer_opts */
+    int load_rc;                /* loading the processed ids failed */
     struct redrive_ent *redrive; /* read-only once the run starts */
     size_t nredrive;
     uint64_t skipped;           /* resumed_skipped_lines */
@@ -1077,15 +1079,6 @@ static int check_meta(run *r, char *err, size_t errlen)
 
     snprintf(want, sizeof(want), "%s%s", r->c->handler_spec,
              r->c->emit ? " --emit" : "");
-    /* What `onceq export` needs to write the results like a run. */
-    if ((rc = oq__store_meta_set(r->store, "output",
-                                 r->h.output == OQ__OUT_COUNTS ? "counts"
-                                                               : "records")) ||
-        (rc = oq__store_meta_set(r->store, "count_key",
-                                 r->h.count_key ? r->h.count_key : "key"))) {
-        snprintf(err, errlen, "%s", oq__store_error(r->store));
-        return rc;
-    }
     for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++) {
         rc = oq__store_meta_get(r->store, kv[i].key, have, sizeof(have));
         if (rc == OQ_ENOENT)
@@ -1096,6 +1089,22 @@ static int check_meta(run *r, char *err, size_t errlen)
                      i == 0 ? "--handler" : "--id-field", have, kv[i].value);
             return OQ_EINVAL;
         }
+        if (rc != 0) {
+            snprintf(err, errlen, "%s", oq__store_error(r->store));
+            return rc;
+        }
+    }
+    /* What `onceq export` needs to write the results like a run: written
+     * once the checks passed, and only when absent (a refused run leaves
+     * the state as it was). */
+    const struct { const char *key; const char *value; } ex[] = {
+        { "output", r->h.output == OQ__OUT_COUNTS ? "counts" : "records" },
+        { "count_key", r->h.count_key ? r->h.count_key : "key" },
+    };
+    for (size_t i = 0; i < sizeof(ex) / sizeof(ex[0]); i++) {
+        rc = oq__store_meta_get(r->store, ex[i].key, have, sizeof(have));
+        if (rc == OQ_ENOENT)
+            rc = oq__store_meta_set(r->store, ex[i].key, ex[i].value);
         if (rc != 0) {
             snprintf(err, errlen, "%s", oq__store_error(r->store));
             return rc;
@@ -1116,7 +1125,10 @@ static int identify(run *r, unsigned i, uint64_t head_len,
     struct stat st;
     ssize_t got;
 
-    if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+    /* stdin is never tracked, even redirected from a regular file: it
+     * may be another file at the next run. */
+    if (strcmp(r->c->inputs[i], "-") == 0 || fd < 0 ||
+        fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
         return 0;
     memset(row, 0, sizeof(*row));
     row->file = i;
@@ -1137,7 +1149,7 @@ static const char *changed(const oq__source_row *was, const oq__source_row *now)
         return "another file is at this position of the input list";
     if (was->dev != now->dev || was->ino != now->ino)
         return "it is another file now (device or inode changed)";
-    if (now->size < was->size)
+    if (now->size < was->size || now->size < was->offset)
         return "it is shorter now (truncated)";
     if (now->head_len != was->head_len || now->head_hash != was->head_hash)
         return "its first bytes changed";
@@ -1145,22 +1157,45 @@ static const char *changed(const oq__source_row *was, const oq__source_row *now)
 }
 
 /* Checks each input against its saved progress and sets where it resumes. */
+static int retire(run *r, unsigned i, char *err, size_t errlen)
+{
+    int rc = oq__store_retire_dead(r->store, i);
+
+    if (rc != 0)
+        snprintf(err, errlen, "%s", oq__store_error(r->store));
+    return rc;
+}
+
 static int resume_sources(run *r, char *err, size_t errlen)
 {
+    /* An input read from its start (stdin, a pipe, a new file, --force) is
+     * a new generation: the dead letters at its positions are another
+     * input's, and are retired (OQ__TAG_RETIRED) so that this run's do not
+     * replace them. Only a resumed file keeps them (a rerun after a crash
+     * replaces a dead letter of the same line). */
+    if (r->c->ninputs == 0)
+        return retire(r, 0, err, errlen); /* implicit stdin */
     for (unsigned i = 0; i < r->c->ninputs; i++) {
         oq__source_row was, now;
         char wpath[4200];
-        const char *why;
+        const char *why = NULL;
         int rc;
 
-        if (!identify(r, i, HEAD_BYTES, &now))
+        if (!identify(r, i, HEAD_BYTES, &now)) {
+            if ((rc = retire(r, i, err, errlen)) != 0)
+                return rc;
             continue;
+        }
         rc = oq__store_get_source(r->store, i, &was, wpath, sizeof(wpath));
         if (rc != 0 && rc != OQ_ENOENT) {
             snprintf(err, errlen, "%s", oq__store_error(r->store));
             return rc;
         }
-        if (rc == 0) {
+        if (rc == OQ_ENOENT) {
+            /* A new file: read from its start. */
+            if ((rc = retire(r, i, err, errlen)) != 0)
+                return rc;
+        } else {
             /* Compare the head over the length hashed then. */
             oq__source_row head;
             identify(r, i, was.head_len, &head);
@@ -1184,10 +1219,19 @@ static int resume_sources(run *r, char *err, size_t errlen)
                 now.line = was.line;
                 now.blank = was.blank;
                 r->skipped += was.line;
-            } else if (why != NULL && !r->c->quiet) {
-                fprintf(stderr, "onceq run: input '%s' changed (%s); "
-                        "--force: reading it from the start\n",
-                        r->c->inputs[i], why);
+            }
+            if (why == NULL &&
+                (rc = oq__store_max_dead_line(r->store, i, was.line,
+                                              &r->stale_dead[i])) != 0) {
+                snprintf(err, errlen, "%s", oq__store_error(r->store));
+                return rc;
+            } else if (why != NULL) {
+                if (!r->c->quiet)
+                    fprintf(stderr, "onceq run: input '%s' changed (%s); "
+                            "--force: reading it from the start\n",
+                            r->c->inputs[i], why);
+                if ((rc = retire(r, i, err, errlen)) != 0)
+                    return rc;
             }
             identify(r, i, HEAD_BYTES, &head);
             now.head_len = head.head_len;
@@ -1204,8 +1248,12 @@ static int resume_sources(run *r, char *err, size_t errlen)
 static void load_id(const char *id, size_t len, void *arg)
 {
     run *r = arg;
-    if (oq_idset_insert_done(r->s, id, len) == 0)
+    int rc = oq_idset_insert_done(r->s, id, len);
+
+    if (rc == 0)
         r->loaded_ids++;
+    else if (rc != OQ_EEXIST && r->load_rc == 0)
+        r->load_rc = rc; /* a processed id not loaded: do not start */
 }
 
 typedef struct redrive_load {
@@ -1281,8 +1329,8 @@ static int open_state(run *r, char *err, size_t errlen)
      * on a full disk. */
     if (getenv("ONCEQ_TEST_STORE_FAIL_AFTER"))
         oq__store_fail_after(atol(getenv("ONCEQ_TEST_STORE_FAIL_AFTER")));
-    rc = oq__store_open(&r->store, c->state_path, OQ__STORE_CREATE,
-                        sync_mode(c->sync), err, errlen);
+    rc = oq__store_open(&r->store, c->state_path,
+                        OQ__STORE_CREATE | OQ__STORE_LOCK, sync_mode(c->sync), err, errlen);
     if (rc != 0)
         return rc;
     if ((rc = check_meta(r, err, errlen)) != 0)
@@ -1291,11 +1339,22 @@ static int open_state(run *r, char *err, size_t errlen)
         snprintf(err, errlen, "%s", oq_strerror(rc));
         return rc;
     }
+    r->stale_dead = oq__calloc(c->ninputs ? c->ninputs : 1,
+                               sizeof(*r->stale_dead));
+    if (r->stale_dead == NULL) {
+        snprintf(err, errlen, "%s", oq_strerror(OQ_ENOMEM));
+        return OQ_ENOMEM;
+    }
     if ((rc = resume_sources(r, err, errlen)) != 0)
         return rc;
     t0 = oq_clock_now(NULL);
     rc = oq__store_foreach_processed(r->store, load_id, r);
     r->load_ms = oq_clock_now(NULL) - t0;
+    if (rc == 0 && r->load_rc != 0) {
+        snprintf(err, errlen, "cannot load the processed ids of '%s': %s",
+                 c->state_path, oq_strerror(r->load_rc));
+        return r->load_rc;
+    }
     if (rc == 0)
         rc = oq__store_foreach_redrive(r->store, load_redrive, &rl);
     if (rc != 0 || rl.rc != 0) {
@@ -1313,6 +1372,8 @@ static int open_state(run *r, char *err, size_t errlen)
     co.keep_first = r->rs.track_first;
     co.describe = describe;
     co.position = position;
+    co.stale_dead = r->stale_dead;
+    co.nstale = c->ninputs;
     co.arg = r;
     if ((rc = oq__committer_start(&r->cm, &co)) != 0)
         snprintf(err, errlen, "cannot start the committer: %s",
@@ -1329,6 +1390,7 @@ static void close_state(run *r)
         oq__free(r->redrive[i].history);
     }
     oq__free(r->redrive);
+    oq__free(r->stale_dead);
     oq__store_close(r->store);
 }
 

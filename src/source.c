@@ -323,7 +323,10 @@ static void emit(oq__reader *r, oq__line *line, size_t len, bool newline)
     }
     r->start += len + (newline ? 1 : 0);
     r->scanned = r->start;
-    line->end = r->base + r->start;
+    /* A last line without a newline may still grow (the file is being
+     * written): its end is its start, so a durable run's watermark stays
+     * before it and a rerun reads it again, whole. */
+    line->end = newline ? r->base + r->start : line->offset;
 }
 
 /* Keeps up to KEEP_LARGE bytes of a too-large line in r->big. */
@@ -382,7 +385,7 @@ static int skip_large(oq__reader *r, oq__line *line, char *err, size_t errlen)
     line->file = r->cur;
     line->lineno = ++r->lineno;
     line->offset = offset;
-    line->end = r->base + r->start;
+    line->end = found ? r->base + r->start : offset; /* see emit() */
     return 1;
 }
 

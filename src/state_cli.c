@@ -159,12 +159,15 @@ static int parse(opts *o, int argc, char **argv, void (*help)(void))
     return -1;
 }
 
-static oq__store *open_state(const opts *o)
+/* lock: take the run lock (commands that write the state refuse while a
+ * run holds it). */
+static oq__store *open_state(const opts *o, bool lock)
 {
     oq__store *st;
     char err[600];
 
-    if (oq__store_open(&st, o->state, 0, OQ__SYNC_FULL, err,
+    if (oq__store_open(&st, o->state, lock ? OQ__STORE_LOCK : 0,
+                       OQ__SYNC_FULL, err,
                        sizeof(err)) != 0) {
         fprintf(stderr, "onceq %s: %s\n", o->cmd, err);
         return NULL;
@@ -454,7 +457,8 @@ int oq__cmd_dlq(int argc, char **argv)
     if (a == NULL)
         return usage_error(&o, "%s", "which action: list, show, redrive or "
                            "purge?");
-    if ((st = open_state(&o)) == NULL)
+    if ((st = open_state(&o, (a->fn == dlq_redrive || a->fn == dlq_purge) &&
+                                 !o.dry_run)) == NULL)
         return 2;
     rc = a->fn(st, &o);
     oq__store_close(st);
@@ -498,7 +502,7 @@ int oq__cmd_export(int argc, char **argv)
     if ((rc = parse(&o, argc, argv, export_help)) >= 0 ||
         (rc = refuse(&o, false, true, false, 0)) >= 0)
         return rc;
-    if ((st = open_state(&o)) == NULL)
+    if ((st = open_state(&o, false)) == NULL)
         return 2;
     oq__store_meta_get(st, "output", output, sizeof(output));
     oq__store_meta_get(st, "count_key", key, sizeof(key));
@@ -564,7 +568,7 @@ int oq__cmd_stats(int argc, char **argv)
     if ((rc = parse(&o, argc, argv, stats_help)) >= 0 ||
         (rc = refuse(&o, false, false, false, 0)) >= 0)
         return rc;
-    if ((st = open_state(&o)) == NULL)
+    if ((st = open_state(&o, false)) == NULL)
         return 2;
     db = oq__store_db(st);
     lines = one_int(db, "SELECT coalesce(sum(line), 0) FROM sources");
@@ -647,7 +651,7 @@ static int snapshot(int argc, char **argv, bool restore)
         return usage_error(&o, "bad checkpoint name '%s' (letters, digits, "
                            "'.', '_', '-')", o.args[0]);
     snprintf(file, sizeof(file), "%s.checkpoint.%s", o.state, o.args[0]);
-    if ((st = open_state(&o)) == NULL)
+    if ((st = open_state(&o, restore)) == NULL)
         return 2;
     rc = oq__store_snapshot(st, file, restore);
     if (rc != 0)

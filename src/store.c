@@ -23,12 +23,14 @@
 #include "oq_internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <sqlite3.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -42,7 +44,8 @@
 
 enum {
     S_BEGIN, S_COMMIT, S_ROLLBACK, S_PROCESSED, S_OUTPUT, S_COUNT, S_MIN_TAG,
-    S_DEAD, S_DEL_REDRIVE, S_SOURCE, S_PROCESSED_MANY, S__COUNT
+    S_DEAD, S_DEL_REDRIVE, S_SOURCE, S_DEL_DEAD, S_PROCESSED_MANY,
+    S__COUNT
 };
 
 /* Processed ids go MANY_ROWS to a statement: one VDBE run for many rows
@@ -62,6 +65,7 @@ static const char *const stmt_sql[S__COUNT] = {
                "error, attempts, first_seen_ms, dead_ms, event, history) "
                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     [S_DEL_REDRIVE] = "DELETE FROM redrive WHERE seq = ?1",
+    [S_DEL_DEAD] = "DELETE FROM dead_letters WHERE tag = ?1",
     [S_SOURCE] = "INSERT OR REPLACE INTO sources(file, path, dev, ino, size, "
                  "head_len, head_hash, offset, line, blank) "
                  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -98,6 +102,7 @@ struct oq__store {
     sqlite3 *db;
     sqlite3_stmt *st[S__COUNT];
     bool in_txn;
+    int lock_fd;               /* PATH.lock, flock()ed (OQ__STORE_LOCK), or -1 */
     uint64_t commits;          /* successful batch commits */
     char path[4096];
     char err[512];             /* the last error, one line */
@@ -224,6 +229,35 @@ static const char *sync_pragma(oq__store_sync sync)
     }
 }
 
+/* The run lock: an exclusive flock() on PATH.lock, a file of its own
+ * (SQLite's POSIX locks on the database and its WAL are another matter,
+ * and are dropped when any descriptor of the file is closed). A run holds
+ * it for its whole life; restore and dlq redrive/purge take it for theirs.
+ * The kernel drops it when the process dies, so a killed run leaves no
+ * stale lock. */
+static int take_lock(oq__store *st, int flags)
+{
+    char lpath[sizeof(st->path) + 8];
+
+    if (!(flags & OQ__STORE_CREATE) && access(st->path, F_OK) != 0)
+        return set_err(st, SQLITE_CANTOPEN, "no state file '%s'", st->path);
+    snprintf(lpath, sizeof(lpath), "%s.lock", st->path);
+    st->lock_fd = open(lpath, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (st->lock_fd < 0)
+        return set_err(st, SQLITE_CANTOPEN, "cannot open '%s': %s", lpath,
+                       strerror(errno));
+    while (flock(st->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EINTR)
+            continue;
+        if (errno == EWOULDBLOCK)
+            return set_err(st, SQLITE_BUSY, "state '%s' is in use by another "
+                           "onceq run", st->path);
+        return set_err(st, SQLITE_IOERR, "cannot lock '%s': %s", lpath,
+                       strerror(errno));
+    }
+    return 0;
+}
+
 int oq__store_open(oq__store **out, const char *path, int flags,
                    oq__store_sync sync, char *err, size_t errlen)
 {
@@ -237,6 +271,9 @@ int oq__store_open(oq__store **out, const char *path, int flags,
         return OQ_ENOMEM;
     }
     snprintf(st->path, sizeof(st->path), "%s", path);
+    st->lock_fd = -1;
+    if ((flags & OQ__STORE_LOCK) && (rc = take_lock(st, flags)) != 0)
+        goto out_fail;
     if (flags & OQ__STORE_CREATE) {
         oflags |= SQLITE_OPEN_CREATE;
     } else if (access(path, F_OK) != 0) {
@@ -305,6 +342,8 @@ void oq__store_close(oq__store *st)
         sqlite3_finalize(st->st[i]);
     if (st->db)
         sqlite3_close(st->db);
+    if (st->lock_fd >= 0)
+        close(st->lock_fd); /* after the database: drops the lock */
     oq__free(st);
 }
 
@@ -464,6 +503,51 @@ int oq__store_del_redrive(oq__store *st, int64_t seq)
 {
     sqlite3_bind_int64(st->st[S_DEL_REDRIVE], 1, seq);
     return step(st, S_DEL_REDRIVE, "cannot delete a redriven event");
+}
+
+int oq__store_del_dead(oq__store *st, uint64_t tag)
+{
+    sqlite3_bind_int64(st->st[S_DEL_DEAD], 1, (sqlite3_int64)tag);
+    return step(st, S_DEL_DEAD, "cannot delete a dead letter");
+}
+
+int oq__store_retire_dead(oq__store *st, unsigned file)
+{
+    sqlite3_stmt *s;
+    int rc = sqlite3_prepare_v2(st->db, "UPDATE dead_letters SET tag = ?3 + "
+                                "seq WHERE tag >= ?1 AND tag < ?2", -1, &s,
+                                NULL);
+
+    if (rc != SQLITE_OK)
+        return db_err(st, rc, "cannot write the state");
+    sqlite3_bind_int64(s, 1, (sqlite3_int64)OQ__TAG(file, 0));
+    sqlite3_bind_int64(s, 2, (sqlite3_int64)OQ__TAG(file + 1, 0));
+    sqlite3_bind_int64(s, 3, (sqlite3_int64)OQ__TAG(OQ__TAG_RETIRED, 0));
+    rc = sqlite3_step(s);
+    sqlite3_finalize(s);
+    return rc == SQLITE_DONE ? 0 : db_err(st, rc, "cannot write the state");
+}
+
+int oq__store_max_dead_line(oq__store *st, unsigned file, uint64_t above,
+                            uint64_t *line)
+{
+    sqlite3_stmt *s;
+    int rc = sqlite3_prepare_v2(st->db, "SELECT max(tag) FROM dead_letters "
+                                "WHERE tag > ?1 AND tag < ?2", -1, &s, NULL);
+
+    *line = 0;
+    if (rc != SQLITE_OK)
+        return db_err(st, rc, "cannot read the state");
+    sqlite3_bind_int64(s, 1, (sqlite3_int64)OQ__TAG(file, above));
+    sqlite3_bind_int64(s, 2, (sqlite3_int64)OQ__TAG(file + 1, 0));
+    rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW) {
+        if (sqlite3_column_type(s, 0) != SQLITE_NULL)
+            *line = OQ__TAG_LINE((uint64_t)sqlite3_column_int64(s, 0));
+        rc = SQLITE_DONE;
+    }
+    sqlite3_finalize(s);
+    return rc == SQLITE_DONE ? 0 : db_err(st, rc, "cannot read the state");
 }
 
 int oq__store_put_source(oq__store *st, const oq__source_row *r)
@@ -691,7 +775,9 @@ static int backup(oq__store *st, sqlite3 *dst, sqlite3 *src, const char *what)
         return set_err(st, sqlite3_errcode(dst), "%s: %s", what,
                        sqlite3_errmsg(dst));
     do {
-        rc = sqlite3_backup_step(b, 256);
+        /* One pass (-1): copying in steps restarts whenever a run commits
+         * meanwhile, and may never finish during a busy run. */
+        rc = sqlite3_backup_step(b, -1);
         if (rc == SQLITE_BUSY || rc == SQLITE_LOCKED)
             sqlite3_sleep(5);
     } while (rc == SQLITE_OK || rc == SQLITE_BUSY || rc == SQLITE_LOCKED);
@@ -827,9 +913,15 @@ static void advance(tfile *f)
 {
     while (f->len > 0 && f->ring[f->head].state != L_PENDING) {
         tline *l = &f->ring[f->head];
-        f->row.offset = l->end;
-        f->row.line = f->first;
-        f->row.blank += l->state == L_BLANK;
+        /* A last line without a newline ends where it starts (see the
+         * reader): it is settled in this run but the watermark stays
+         * before it (offset and line), so a rerun reads it again (whole,
+         * if the file grew meanwhile; its id is then a duplicate). */
+        if (l->end > f->row.offset) {
+            f->row.offset = l->end;
+            f->row.line = f->first;
+            f->row.blank += l->state == L_BLANK;
+        }
         f->first++;
         f->head = (f->head + 1) & (f->cap - 1);
         f->len--;
@@ -1294,8 +1386,14 @@ static int write_batch(oq__committer *c, citem *items, size_t n,
     c->nprows = 0;
     for (citem *it = items; it && rc == 0; it = it->next) {
         uint64_t pos = position(c, it->tag);
+        unsigned file = OQ__TAG_FILE(it->tag);
         if (it->kind == C_EVENT)
             rc = write_event(c, it, pos, &nsum);
+        /* A dead letter committed above the watermark before a crash,
+         * whose line is processed now: it is not dead any more. */
+        if (rc == 0 && it->kind == C_EVENT && file < c->o.nstale &&
+            OQ__TAG_LINE(it->tag) <= c->o.stale_dead[file])
+            rc = oq__store_del_dead(st, it->tag);
         else if (it->kind == C_FAILED)
             c->prows[c->nprows++] = (oq__processed){ it->data, it->id_len, 1,
                                                      pos };
@@ -1387,17 +1485,23 @@ static void finish_ok(oq__committer *c, citem *items, size_t n)
  * nothing is acked; the claims are given up and the messages go back. */
 static void finish_failed(oq__committer *c, citem *items, const char *err)
 {
+    /* A buffer of its own: this must work when c->ops could not grow. */
+    oq_settle ops[64];
     size_t k = 0;
 
     for (citem *it = items; it; it = it->next) {
         if (it->kind != C_EVENT && it->kind != C_FAILED)
             continue;
         oq_idset_release(c->o.s, it->data, it->id_len, it->token);
-        c->ops[k++] = (oq_settle){ .d = &it->d, .op = OQ_SETTLE_RETURN,
-                                   .release = 1 };
+        ops[k++] = (oq_settle){ .d = &it->d, .op = OQ_SETTLE_RETURN,
+                                .release = 1 };
+        if (k == sizeof(ops) / sizeof(ops[0])) {
+            oq_queue_settle(c->o.q, ops, k);
+            k = 0;
+        }
     }
     if (k > 0)
-        oq_queue_settle(c->o.q, c->ops, k);
+        oq_queue_settle(c->o.q, ops, k);
     pthread_mutex_lock(&c->mu);
     if (!c->failed)
         snprintf(c->err, sizeof(c->err), "%s", err);
@@ -1490,9 +1594,7 @@ static void *committer_main(void *arg)
             nd++;
         if (failed) {
             /* Refuse what came in meanwhile, as a failed batch. */
-            if (reserve((void **)&c->ops, &c->ops_cap, n + 1,
-                        sizeof(*c->ops)) == 0)
-                finish_failed(c, items, "");
+            finish_failed(c, items, "");
             free_items(items);
             if (stopping)
                 break;
@@ -1507,8 +1609,10 @@ static void *committer_main(void *arg)
             t1 = oq_clock_now(NULL);
             if (rc == 0)
                 finish_ok(c, items, n + nd);
-            else if (c->ops_cap >= n)
-                finish_failed(c, items, oq__store_error(c->o.store));
+            else
+                finish_failed(c, items, rc == OQ_ENOMEM &&
+                              c->ops_cap < n + 1 ? "out of memory"
+                              : oq__store_error(c->o.store));
             atomic_fetch_add(&c->write_ms, t1 - t0);
             atomic_fetch_add(&c->finish_ms, oq_clock_now(NULL) - t1);
             atomic_fetch_add(&c->dead_written, rc == 0 ? nd : 0);

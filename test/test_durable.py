@@ -62,7 +62,7 @@ def gen(name, *args):
 
 
 def rm_state(db):
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", ".lock"):
         if os.path.exists(db + suffix):
             os.unlink(db + suffix)
 
@@ -80,6 +80,7 @@ PLUGIN_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 int oq_plugin_output = 0;
 const char *oq_plugin_count_key = "word";
@@ -103,7 +104,10 @@ int oq_plugin_handle(const oq_event *ev, oq_txn *txn, void *arg)
         oq_txn_error(txn, "poison %.*s", (int)ev->id_len, ev->id);
         return OQ_FAIL;
     }
-    if (memmem(p, n, "\"transient\":true", 16) && ev->attempt == 1) {
+    if (memmem(p, n, "\"hold\":true", 11) && getenv("PLUGIN_HOLD"))
+        sleep(60);
+    if (memmem(p, n, "\"transient\":true", 16) && ev->attempt == 1 &&
+        !getenv("PLUGIN_UP")) {
         oq_txn_error(txn, "transient");
         return OQ_RETRY;
     }
@@ -286,8 +290,14 @@ def another_handler_on_the_same_state_is_refused():
     f = gen("hnd.jsonl", "--events", "50")
     db = path("hnd.db")
     assert run(["run", "-q", "--state", db, f])[0] == 0
+    want = run(["export", "--state", db])
     rc, out, err = run(["run", "--state", db, "--handler", "count:word", f])
     assert rc == 2 and "--handler" in err, (rc, err)
+    # A refused run leaves the state as it was (meta output, count_key).
+    rc, out, err = run(["run", "--state", db, "--handler", "noop", "--emit",
+                        f])
+    assert rc == 2 and "--handler" in err, (rc, err)
+    assert run(["export", "--state", db]) == want
 
 
 # ------------------------------------------------------------- redrive
@@ -400,6 +410,178 @@ def checkpoint_and_restore():
     assert run(["export", "--state", db])[1] == want
     rc, out, err = run(["restore", "two", "--state", db])
     assert rc == 2 and "no checkpoint" in err
+
+
+@test
+def a_running_state_is_locked():
+    """A run holds the state's lock for its whole life: a second run,
+    restore, dlq redrive and dlq purge refuse with exit status 2."""
+    f = gen("lk.jsonl", "--events", "50", "--seed", str(SEED + 9))
+    db = path("lk.db")
+    assert run(["run", "-q", "--state", db, f])[0] == 0
+    assert run(["checkpoint", "one", "--state", db])[0] == 0
+    p = subprocess.Popen([ONCEQ, "run", "-q", "--state", db, "-o",
+                          os.devnull, "-"], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         cwd=TMP)
+    try:
+        p.stdin.write(b'{"id":"lk-1","word":"x"}\n')
+        p.stdin.flush()
+        deadline = time.time() + 30
+        while time.time() < deadline:  # it holds the lock from its start
+            con = sqlite3.connect(db)
+            n = con.execute("SELECT count(*) FROM processed WHERE id = "
+                            "'lk-1'").fetchone()[0]
+            con.close()
+            if n == 1:
+                break
+            time.sleep(0.05)
+        msg = f"state '{db}' is in use by another onceq run"
+        for args in (["restore", "one", "--state", db],
+                     ["run", "-q", "--state", db, f],
+                     ["dlq", "redrive", "--state", db],
+                     ["dlq", "purge", "--state", db]):
+            rc, out, err = run(args)
+            assert rc == 2 and err.count("\n") == 1 and msg in err, \
+                (args, rc, err, p.poll())
+        # Reading is fine meanwhile.
+        for args in (["stats", "--state", db], ["dlq", "list", "--state", db],
+                     ["dlq", "purge", "--dry-run", "--state", db]):
+            rc, out, err = run(args)
+            assert rc == 0, (args, rc, err)
+    finally:
+        p.stdin.close()
+        p.wait(60)
+    assert p.returncode == 0, p.stderr.read()
+    assert run(["restore", "one", "--state", db])[0] == 0
+    assert run(["run", "-q", "--state", db, f])[0] == 0
+
+
+@test
+def a_last_line_without_newline_is_read_again():
+    """The watermark stays before a last line without a newline: the file
+    may grow, and a rerun reads the whole line again."""
+    f, db = path("pl.jsonl"), path("pl.db")
+    out, dlq, st = path("pl.out"), path("pl.dlq"), path("pl.st")
+    first = b'{"id":"1","text":"a"}\n'
+    # Cut in the middle: a parse error now, a good event once it grew.
+    open(f, "wb").write(first + b'{"id":"2","text":"b c')
+    rc, _, err = run(["run", "-q", "--state", db, "-o", out, "--dlq", dlq, f])
+    assert rc == 1, (rc, err)
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT offset, line FROM sources").fetchall() == \
+        [(len(first), 1)]
+    con.close()
+    open(f, "ab").write(b' d"}\n{"id":"3","text":"e"}\n')
+    rc, _, err = run(["run", "-q", "--state", db, "-o", out, "--dlq", dlq,
+                      "--stats", st, f])
+    assert rc == 0 and not os.path.exists(dlq), (rc, err)
+    s = json.load(open(st))
+    assert (s["lines"], s["processed"], s["resumed_skipped_lines"]) == \
+        (2, 2, 1), s
+    assert open(out).read() == run(["run", "-q", f])[1]
+    # A complete last line without a newline: processed, then a duplicate.
+    f2, db2 = path("pl2.jsonl"), path("pl2.db")
+    open(f2, "wb").write(first + b'{"id":"2","text":"b"}')
+    assert run(["run", "-q", "--state", db2, f2])[0] == 0
+    open(f2, "ab").write(b'\n')
+    rc, _, err = run(["run", "-q", "--state", db2, "--stats", st, f2])
+    s = json.load(open(st))
+    assert rc == 0 and (s["lines"], s["duplicates"]) == (1, 1), (rc, err, s)
+
+
+@test
+def a_dead_letter_above_the_watermark_is_not_stale():
+    """A dead letter committed above the watermark before a crash: if a
+    rerun processes its line, it is not dead any more."""
+    f, db = path("sd.jsonl"), path("sd.db")
+    out, dlq, st = path("sd.out"), path("sd.dlq"), path("sd.st")
+    open(f, "w").write('{"id":"a","word":"x","hold":true}\n'
+                       '{"id":"b","word":"y","transient":true}\n')
+    args = run_args(db, out, dlq, f, ["-w", "2", "--max-attempts", "1"])
+    p = subprocess.Popen([ONCEQ] + args, cwd=TMP, env=dict(
+        os.environ, PLUGIN_HOLD="1"), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                con = sqlite3.connect(db)
+                n = con.execute("SELECT count(*) FROM dead_letters")\
+                    .fetchone()[0]
+                con.close()
+                if n == 1:
+                    break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.05)
+        else:
+            raise AssertionError("no dead letter")
+    finally:
+        p.kill()
+        p.wait()
+    rc, _, err = run(args + ["--stats", st], env={"PLUGIN_UP": "1"})
+    assert rc == 0 and not os.path.exists(dlq), (rc, err)
+    assert json.load(open(st))["processed"] == 2
+    rc, out_, err = run(["stats", "--state", db])
+    s = json.loads(out_)
+    assert (s["processed"], s["dead"]) == (2, 0), s
+
+
+@test
+def explicit_stdin_is_not_tracked():
+    f = gen("si.jsonl", "--events", "20")
+    db = path("si.db")
+    for _ in range(2):
+        with open(f, "rb") as stdin:
+            p = subprocess.run([ONCEQ, "run", "-q", "--state", db, "-"],
+                               stdin=stdin, capture_output=True, cwd=TMP)
+        assert p.returncode == 0, p.stderr
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM sources").fetchone()[0] == 0
+    con.close()
+
+
+@test
+def dead_letters_of_earlier_generations_are_kept():
+    """stdin is a new input at every run, and --force reads a file again:
+    a dead letter at the same position does not replace an earlier one."""
+    db = path("gen.db")
+    for i in (1, 2):
+        p = subprocess.run(
+            [ONCEQ, "run", "-q", "--handler", "plugin:" + PLUGIN, "--state",
+             db, "-o", os.devnull],
+            input=b'{"id":"p%d","word":"a","poison":true}\n' % i,
+            capture_output=True, cwd=TMP)
+        assert p.returncode == 1, p.stderr
+    f = path("gen.jsonl")
+    for i in (3, 4):
+        open(f, "w").write('{"id":"p%d","word":"a","poison":true}\n' % i)
+        rc, _, err = run(["run", "-q", "--handler", "plugin:" + PLUGIN,
+                          "--state", db, "--force", f])
+        assert rc == 1, (rc, err)
+    # A rerun of the same file replaces its own dead letter (one row).
+    rc, _, err = run(["run", "-q", "--handler", "plugin:" + PLUGIN,
+                      "--state", db, f])
+    assert rc == 1, (rc, err)
+    con = sqlite3.connect(db)
+    dead = sorted(r[0] for r in con.execute("SELECT id FROM dead_letters"))
+    marked = sorted(r[0] for r in con.execute(
+        "SELECT id FROM processed WHERE status = 1"))
+    con.close()
+    assert dead == marked == ["p1", "p2", "p3", "p4"], (dead, marked)
+    rc, out, err = run(["dlq", "list", "--state", db])
+    assert rc == 0 and out.count("\n") == 4, out
+    assert run(["dlq", "redrive", "--state", db])[0] == 0
+    p = subprocess.run([ONCEQ, "run", "-q", "--handler", "plugin:" + PLUGIN,
+                        "--state", db, "-o", os.devnull], input=b"",
+                       capture_output=True, cwd=TMP,
+                       env=dict(os.environ, PLUGIN_FIXED="1"))
+    assert p.returncode == 0, p.stderr
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM processed WHERE status = 0")\
+        .fetchone()[0] == 4
+    con.close()
 
 
 @test
