@@ -240,6 +240,13 @@ typedef struct oq__count_out {
     const char *key;  /* FIELD */
 } oq__count_out;
 void oq__write_count(const char *key, size_t len, int64_t v, void *arg);
+/* Output files of the CLI. oq__out_open opens path for writing (NULL or
+ * "-": stdout); on failure it prints "PREFIX: cannot write WHAT to 'PATH':
+ * reason" and returns NULL. oq__out_close flushes stdout or closes f, and
+ * returns 0, or 3 (the exit status) after printing "PREFIX: write error on
+ * 'PATH': reason" if anything written to f was lost. */
+FILE *oq__out_open(const char *path, const char *prefix, const char *what);
+int oq__out_close(FILE *f, const char *path, const char *prefix);
 /* Writes s[0..n) as a JSON string; invalid UTF-8 bytes become U+FFFD. */
 void oq__json_write_string(FILE *f, const char *s, size_t n);
 /* Writes a Unix time in ms as a JSON ISO-8601 string (UTC, ms). */

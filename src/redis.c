@@ -2298,22 +2298,15 @@ out:
 static int export_path(rconn *rc, const rkeys *k, const char *path,
                        const char *cmd)
 {
-    FILE *f = stdout;
-    int st, bad;
-    if (path && strcmp(path, "-") != 0 && (f = fopen(path, "w")) == NULL) {
-        fprintf(stderr, "onceq %s: cannot write '%s': %s\n", cmd, path,
-                strerror(errno));
+    char prefix[64];
+    FILE *f;
+    int st, cl;
+    snprintf(prefix, sizeof(prefix), "onceq %s", cmd);
+    if ((f = oq__out_open(path, prefix, "results")) == NULL)
         return 3;
-    }
     st = export_to(rc, k, f, cmd);
-    bad = ferror(f);
-    bad |= f == stdout ? fflush(f) : fclose(f);
-    if (bad && st == 0) {
-        fprintf(stderr, "onceq %s: write error on '%s'\n", cmd,
-                path ? path : "<stdout>");
-        st = 3;
-    }
-    return st;
+    cl = oq__out_close(f, path, prefix);
+    return st ? st : cl;
 }
 
 /* ============================================================ the run */
@@ -2531,23 +2524,13 @@ static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
 static int write_stats(rrun *r, double el, rconn *rc)
 {
     const char *path = r->c.stats_path;
-    FILE *f = stdout;
-    int bad;
+    FILE *f;
     if (path == NULL)
         return 0;
-    if (strcmp(path, "-") != 0 && (f = fopen(path, "w")) == NULL) {
-        fprintf(stderr, "onceq run: cannot write stats to '%s': %s\n", path,
-                strerror(errno));
+    if ((f = oq__out_open(path, "onceq run", "stats")) == NULL)
         return 3;
-    }
     write_stats_json(f, r, el, rc);
-    bad = ferror(f);
-    bad |= f == stdout ? fflush(f) : fclose(f);
-    if (bad) {
-        fprintf(stderr, "onceq run: write error on stats '%s'\n", path);
-        return 3;
-    }
-    return 0;
+    return oq__out_close(f, path, "onceq run");
 }
 
 static void summary(rrun *r, double el, int sig)

@@ -719,18 +719,39 @@ void oq__write_count(const char *key, size_t len, int64_t v, void *arg)
     fprintf(c->f, ",\"count\":%" PRId64 "}\n", v);
 }
 
+FILE *oq__out_open(const char *path, const char *prefix, const char *what)
+{
+    FILE *f;
+
+    if (path == NULL || strcmp(path, "-") == 0)
+        return stdout;
+    if ((f = fopen(path, "w")) == NULL)
+        fprintf(stderr, "%s: cannot write %s to '%s': %s\n", prefix, what,
+                path, strerror(errno));
+    return f;
+}
+
+int oq__out_close(FILE *f, const char *path, const char *prefix)
+{
+    int bad = ferror(f);
+
+    bad |= f == stdout ? fflush(f) : fclose(f);
+    if (!bad)
+        return 0;
+    fprintf(stderr, "%s: write error on '%s': %s\n", prefix,
+            path && strcmp(path, "-") != 0 ? path : "<stdout>",
+            errno ? strerror(errno) : "unknown error");
+    return 3;
+}
+
 /* Writes the results. Returns 0 or an exit status. */
 static int write_results(run *r)
 {
-    FILE *f = stdout;
     const char *path = r->c->out_path;
-    int bad;
+    FILE *f = oq__out_open(path, "onceq run", "results");
 
-    if (path && strcmp(path, "-") != 0 && (f = fopen(path, "w")) == NULL) {
-        fprintf(stderr, "onceq run: cannot write results to '%s': %s\n", path,
-                strerror(errno));
+    if (f == NULL)
         return 3;
-    }
     if (r->h.output == OQ__OUT_COUNTS) {
         oq__count_out c = { f, r->h.count_key ? r->h.count_key : "key" };
         oq_memsink_foreach_count(r->rs.counts, oq__write_count, &c);
@@ -744,14 +765,7 @@ static int write_results(run *r)
             putc('\n', f);
         }
     }
-    bad = ferror(f);
-    bad |= f == stdout ? fflush(f) : fclose(f);
-    if (bad) {
-        fprintf(stderr, "onceq run: write error on '%s': %s\n",
-                path ? path : "<stdout>", strerror(errno));
-        return 3;
-    }
-    return 0;
+    return oq__out_close(f, path, "onceq run");
 }
 
 static void write_stats_json(FILE *f, const run *r, const totals *t);
@@ -1437,24 +1451,14 @@ static void write_stats_json(FILE *f, const run *r, const totals *t)
 static int write_stats(const run *r, const totals *t)
 {
     const char *path = r->c->stats_path;
-    FILE *f = stdout;
-    int bad;
+    FILE *f;
 
     if (path == NULL)
         return 0;
-    if (strcmp(path, "-") != 0 && (f = fopen(path, "w")) == NULL) {
-        fprintf(stderr, "onceq run: cannot write stats to '%s': %s\n", path,
-                strerror(errno));
+    if ((f = oq__out_open(path, "onceq run", "stats")) == NULL)
         return 3;
-    }
     write_stats_json(f, r, t);
-    bad = ferror(f);
-    bad |= f == stdout ? fflush(f) : fclose(f);
-    if (bad) {
-        fprintf(stderr, "onceq run: write error on stats '%s'\n", path);
-        return 3;
-    }
-    return 0;
+    return oq__out_close(f, path, "onceq run");
 }
 
 static void summary(const run *r, const totals *t, int sig)

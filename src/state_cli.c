@@ -506,9 +506,7 @@ int oq__cmd_export(int argc, char **argv)
         return 2;
     oq__store_meta_get(st, "output", output, sizeof(output));
     oq__store_meta_get(st, "count_key", key, sizeof(key));
-    if (o.out && strcmp(o.out, "-") != 0 && (f = fopen(o.out, "w")) == NULL) {
-        fprintf(stderr, "onceq export: cannot write '%s': %s\n", o.out,
-                strerror(errno));
+    if ((f = oq__out_open(o.out, "onceq export", "results")) == NULL) {
         oq__store_close(st);
         return 3;
     }
@@ -520,10 +518,7 @@ int oq__cmd_export(int argc, char **argv)
     }
     if (rc != 0)
         fprintf(stderr, "onceq export: %s\n", oq__store_error(st));
-    bad = ferror(f);
-    bad |= f == stdout ? fflush(f) : fclose(f);
-    if (bad)
-        fprintf(stderr, "onceq export: write error: %s\n", strerror(errno));
+    bad = oq__out_close(f, o.out, "onceq export");
     oq__store_close(st);
     return rc || bad ? 3 : 0;
 }
