@@ -233,6 +233,9 @@ void oq__run_config_defaults(oq__run_config *c);
 /* Runs the whole job; returns the process exit status. */
 int oq__run(const oq__run_config *c);
 int oq__parse_duration(const char *s, int64_t *ms);
+/* Parses --backoff BASE[,CAP] (durations, CAP >= BASE); *cap_ms keeps its
+ * value when CAP is not given. 0 or OQ_EINVAL (nothing changed). */
+int oq__parse_backoff(const char *arg, int64_t *base_ms, int64_t *cap_ms);
 /* Writes one result line of a counting handler, {"FIELD":"key","count":N},
  * to arg (an oq__count_out); an oq_txn_count_fn. */
 typedef struct oq__count_out {

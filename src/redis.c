@@ -2357,7 +2357,7 @@ static int run_parse(rcfg *c, int argc, char **argv)
 {
     enum { O_REDIS = 256, O_STREAM, O_GROUP, O_CONSUMER, O_DRAIN, O_HANDLER,
            O_ID, O_VT, O_MAXATT, O_BACKOFF, O_BATCH, O_GRACE, O_STATS,
-           O_SEED, O_PROGRESS };
+           O_SEED, O_PROGRESS, O_NO_PROGRESS };
     static const struct option lo[] = {
         { "redis", required_argument, NULL, O_REDIS },
         { "stream", required_argument, NULL, O_STREAM },
@@ -2376,27 +2376,28 @@ static int run_parse(rcfg *c, int argc, char **argv)
         { "stats", required_argument, NULL, O_STATS },
         { "seed", required_argument, NULL, O_SEED },
         { "progress", no_argument, NULL, O_PROGRESS },
-        { "no-progress", no_argument, NULL, O_PROGRESS },
+        { "no-progress", no_argument, NULL, O_NO_PROGRESS },
         { "quiet", no_argument, NULL, 'q' },
         { "verbose", no_argument, NULL, 'v' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    oq__run_config d; /* the same defaults as an in-process run */
     int opt;
     uint64_t u;
     int64_t ms;
 
+    oq__run_config_defaults(&d);
     memset(c, 0, sizeof(*c));
-    c->workers = ncpu > 0 ? (unsigned)ncpu : 1;
+    c->workers = d.workers;
     c->batch = DEFAULT_BATCH;
-    c->handler_spec = "wordcount";
-    c->id_field = "id";
-    c->vt_ms = 30000;
-    c->max_attempts = 5;
-    c->backoff_base_ms = 100;
-    c->backoff_cap_ms = 30000;
-    c->kill_grace_ms = 2000;
+    c->handler_spec = d.handler_spec;
+    c->id_field = d.id_field;
+    c->vt_ms = d.vt_ms;
+    c->max_attempts = d.max_attempts;
+    c->backoff_base_ms = d.backoff_base_ms;
+    c->backoff_cap_ms = d.backoff_cap_ms;
+    c->kill_grace_ms = d.kill_grace_ms;
     optind = 1;
     opterr = 0;
     while ((opt = getopt_long(argc, argv, ":w:o:qvh", lo, NULL)) != -1) {
@@ -2413,7 +2414,11 @@ static int run_parse(rcfg *c, int argc, char **argv)
         case O_ID: c->id_field = optarg; break;
         case 'o': c->out_path = optarg; break;
         case O_STATS: c->stats_path = optarg; break;
-        case O_PROGRESS: break;
+        case O_PROGRESS:
+            /* Accepting it and drawing nothing would mislead. */
+            return usage_error("run", "--progress is not supported with "
+                               "--redis (see the stats with --stats)");
+        case O_NO_PROGRESS: break;
         case 'q': c->quiet = true; break;
         case 'v': c->verbose = true; break;
         case 'w':
@@ -2440,22 +2445,12 @@ static int run_parse(rcfg *c, int argc, char **argv)
                                    optarg);
             c->max_attempts = (uint32_t)u;
             break;
-        case O_BACKOFF: {
-            char base[64];
-            const char *comma = strchr(optarg, ',');
-            size_t bl = comma ? (size_t)(comma - optarg) : strlen(optarg);
-            if (bl >= sizeof(base))
-                return usage_error("run", "invalid --backoff '%s'", optarg);
-            memcpy(base, optarg, bl);
-            base[bl] = '\0';
-            if (oq__parse_duration(base, &c->backoff_base_ms) != 0 ||
-                (comma && oq__parse_duration(comma + 1,
-                                             &c->backoff_cap_ms) != 0) ||
-                c->backoff_cap_ms < c->backoff_base_ms)
+        case O_BACKOFF:
+            if (oq__parse_backoff(optarg, &c->backoff_base_ms,
+                                  &c->backoff_cap_ms) != 0)
                 return usage_error("run", "invalid --backoff '%s' (BASE[,CAP]"
                                    " durations with CAP >= BASE)", optarg);
             break;
-        }
         case O_GRACE:
             if (oq__parse_duration(optarg, &c->kill_grace_ms) != 0)
                 return usage_error("run", "invalid --kill-grace '%s'",

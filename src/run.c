@@ -199,6 +199,25 @@ static int parse_size(const char *s, uint64_t *out, uint64_t max)
     return 0;
 }
 
+int oq__parse_backoff(const char *arg, int64_t *base_ms, int64_t *cap_ms)
+{
+    char base[64];
+    const char *comma = strchr(arg, ',');
+    size_t n = comma ? (size_t)(comma - arg) : strlen(arg);
+    int64_t b, c = *cap_ms;
+
+    if (n >= sizeof(base))
+        return OQ_EINVAL;
+    memcpy(base, arg, n);
+    base[n] = '\0';
+    if (oq__parse_duration(base, &b) != 0 ||
+        (comma && oq__parse_duration(comma + 1, &c) != 0) || c < b)
+        return OQ_EINVAL;
+    *base_ms = b;
+    *cap_ms = c;
+    return 0;
+}
+
 static int bad_option(const char *opt, const char *val, const char *want)
 {
     fprintf(stderr, "onceq run: invalid %s '%s' (%s)\n", opt, val, want);
@@ -255,21 +274,12 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
             return bad_option("--max-attempts", arg, "an integer >= 1");
         c->max_attempts = (uint32_t)u;
         return 0;
-    case O_BACKOFF: {
-        char base[64];
-        const char *comma = strchr(arg, ',');
-        size_t n = comma ? (size_t)(comma - arg) : strlen(arg);
-        if (n >= sizeof(base))
-            return bad_option("--backoff", arg, "BASE[,CAP] durations");
-        memcpy(base, arg, n);
-        base[n] = '\0';
-        if (oq__parse_duration(base, &c->backoff_base_ms) != 0 ||
-            (comma && oq__parse_duration(comma + 1, &c->backoff_cap_ms) != 0) ||
-            c->backoff_cap_ms < c->backoff_base_ms)
+    case O_BACKOFF:
+        if (oq__parse_backoff(arg, &c->backoff_base_ms,
+                              &c->backoff_cap_ms) != 0)
             return bad_option("--backoff", arg,
                               "BASE[,CAP] durations with CAP >= BASE");
         return 0;
-    }
     case O_TTL:
         if (oq__parse_duration(arg, &ms) != 0 || ms <= 0)
             return bad_option("--ttl", arg, "a positive duration");

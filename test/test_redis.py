@@ -456,6 +456,16 @@ def bad_url_is_refused():
 
 
 @test
+def unsupported_and_bad_options_are_refused():
+    base = ["run", "--redis", f"redis://127.0.0.1:{PORT}", "--stream", "s",
+            "--group", "g"]
+    err = one_line_exit_2(base + ["--progress"])
+    assert "--progress is not supported" in err, err
+    err = one_line_exit_2(base + ["--backoff", "5s,1s"])
+    assert "--backoff" in err, err
+
+
+@test
 def unreachable_server_is_refused():
     err = one_line_exit_2(["send", "--redis",
                            f"redis://127.0.0.1:{free_port()}", "--stream",
