@@ -35,6 +35,7 @@ LDFLAGS += -fsanitize=address,undefined
 endif
 
 LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset.c \
+            src/json.c \
             src/txn.c src/memsink.c src/pool.c src/source.c src/handlers.c \
             src/runner.c src/store.c
 CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c src/state_cli.c \
@@ -45,6 +46,7 @@ TEST_NAMES := test_clock test_heap test_queue test_idset test_txn test_pool \
 BENCH_NAMES := bench_pool bench_idset_mem bench_run bench_json
 # Tests that drive the real binary (each prints "N passed, N failed").
 SCRIPT_TESTS := test/test_node.py test/test_run.py test/test_durable.py \
+                test/test_options.py test/test_outputs.py \
                 test/test_redis.py
 # The install test builds examples/ against an installed copy: normal build
 # only (a sanitizer build's library needs the sanitizer's runtime).
