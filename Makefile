@@ -40,7 +40,7 @@ LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset
             src/runner.c src/store.c
 CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c src/state_cli.c \
             src/redis.c
-TEST_NAMES := test_clock test_heap test_queue test_idset test_txn test_pool \
+TEST_NAMES := test_clock test_heap test_queue test_idset test_json test_txn test_pool \
               test_source test_handlers test_store \
               stress_pool
 BENCH_NAMES := bench_pool bench_idset_mem bench_run bench_json

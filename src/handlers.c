@@ -13,16 +13,18 @@
  *                  words of its "text" (split on ASCII whitespace).
  *   count:FIELD    counts events by the value of FIELD (a top-level name, or
  *                  a JSON pointer when it starts with '/'). A string counts
- *                  under its text, any other value under its compact JSON
- *                  text (cJSON's): 42, true, null, {"a":1}. So the string
+ *                  under its bytes, any other value under its compact JSON
+ *                  text: 42, 1.50, true, null, {"a":1}. So the string
  *                  "42" and the number 42 share a key. A missing field is a
  *                  permanent failure: the event is dead-lettered.
  *   noop           does nothing; with emit, records the event's raw line.
  *   exec:COMMAND   runs /bin/sh -c COMMAND per event (below).
  *   plugin:PATH    calls a function loaded from a shared object.
  *
- * JSON handlers use the object the pool's decode hook parsed
- * (oq__event_json); with no decode hook they parse the payload themselves.
+ * JSON handlers read the document the pool's decode hook scanned
+ * (oq__event_doc, json.c): strings are byte strings with a length (an
+ * escaped NUL included) and numbers their text as written; with no decode
+ * hook they scan the payload themselves.
  *
  * exec: the child is started with posix_spawn (vfork-like in glibc) in a
  * process group of its own, with an empty signal mask and SIGPIPE at its
@@ -56,7 +58,6 @@
  */
 #include "oq_internal.h"
 
-#include <cjson/cJSON.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -99,27 +100,31 @@ static char *dup_str(const char *s)
 
 /* ------------------------------------------------------------ JSON events */
 
-/* The event's JSON: the decode hook's object, or (no decode hook) parsed
- * here from the payload, in which case *own is set and must be deleted. */
-static const cJSON *event_json(const oq_event *ev, cJSON **own)
+/* A transient failure: the event is retried with backoff. */
+static int out_of_memory(oq_txn *txn)
 {
-    *own = NULL;
-    if (ev->parsed != NULL) {
-        const cJSON *j = oq__event_json(ev);
-        if (j != NULL)
-            return j;
-    }
-    *own = cJSON_ParseWithLength(ev->payload, ev->payload_len);
-    return *own;
+    oq_txn_error(txn, "out of memory");
+    return OQ_RETRY;
 }
 
 static int stage_count(oq_txn *txn, const char *key, size_t len)
 {
-    if (oq_txn_count(txn, key, len, 1) != 0) {
-        oq_txn_error(txn, "out of memory");
-        return OQ_RETRY;
+    return oq_txn_count(txn, key, len, 1) == 0 ? OQ_OK : out_of_memory(txn);
+}
+
+/* The decoded bytes of string token i, in small (when they fit) or in *big
+ * (to be freed by the caller). NULL when out of memory. */
+static const char *string_of(const oq__jdoc *d, uint32_t i, char *small,
+                             size_t smallcap, char **big, size_t *len)
+{
+    char *buf = small;
+
+    *big = NULL;
+    if (d->tok[i].esc && d->tok[i].len > smallcap) {
+        if ((buf = *big = oq__malloc(d->tok[i].len)) == NULL)
+            return NULL;
     }
-    return OQ_OK;
+    return oq__jstr(d, i, buf, len);
 }
 
 static bool is_space(unsigned char c)
@@ -130,46 +135,58 @@ static bool is_space(unsigned char c)
 
 /* ------------------------------------------------------------- wordcount */
 
-static int count_words(oq_txn *txn, const char *s)
+/* Words are byte strings split on ASCII whitespace (a NUL is not one). */
+static int count_words(oq_txn *txn, const char *s, size_t n)
 {
-    const unsigned char *p = (const unsigned char *)s;
+    const char *end = s + n;
 
     for (;;) {
-        const unsigned char *w;
-        while (*p != '\0' && is_space(*p))
-            p++;
-        if (*p == '\0')
+        const char *w;
+        while (s < end && is_space((unsigned char)*s))
+            s++;
+        if (s == end)
             return OQ_OK;
-        w = p;
-        while (*p != '\0' && !is_space(*p))
-            p++;
-        if (stage_count(txn, (const char *)w, (size_t)(p - w)) != OQ_OK)
+        w = s;
+        while (s < end && !is_space((unsigned char)*s))
+            s++;
+        if (stage_count(txn, w, (size_t)(s - w)) != OQ_OK)
             return OQ_RETRY;
     }
 }
 
 static int wordcount_fn(const oq_event *ev, oq_txn *txn, void *arg)
 {
-    cJSON *own;
-    const cJSON *j = event_json(ev, &own);
-    const cJSON *f;
+    char err[256], small[512], *big = NULL;
+    void *own;
+    const oq__jdoc *d = oq__event_doc(ev, &own, err, sizeof(err));
+    const char *v;
+    uint32_t f;
+    size_t n;
     int rc;
 
     OQ__UNUSED(arg);
-    if (!cJSON_IsObject(j)) {
-        oq_txn_error(txn, "event is not a JSON object");
-        rc = OQ_FAIL;
-    } else if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(j, "word"))) {
+    if (d == NULL) {
+        oq_txn_error(txn, "%s", err);
+        return OQ_FAIL;
+    }
+    if ((f = oq__jget(d, 0, "word", 4)) != 0 && d->tok[f].type == OQ__J_STR) {
         /* One word, verbatim; an empty word counts nothing. */
-        size_t len = strlen(f->valuestring);
-        rc = len ? stage_count(txn, f->valuestring, len) : OQ_OK;
-    } else if (cJSON_IsString(f = cJSON_GetObjectItemCaseSensitive(j, "text"))) {
-        rc = count_words(txn, f->valuestring);
+        if ((v = string_of(d, f, small, sizeof(small), &big, &n)) == NULL)
+            rc = out_of_memory(txn);
+        else
+            rc = n ? stage_count(txn, v, n) : OQ_OK;
+    } else if ((f = oq__jget(d, 0, "text", 4)) != 0 &&
+               d->tok[f].type == OQ__J_STR) {
+        if ((v = string_of(d, f, small, sizeof(small), &big, &n)) == NULL)
+            rc = out_of_memory(txn);
+        else
+            rc = count_words(txn, v, n);
     } else {
         oq_txn_error(txn, "no 'word' or 'text' string field");
         rc = OQ_FAIL;
     }
-    cJSON_Delete(own);
+    oq__free(big);
+    oq__json_free(own, NULL);
     return rc;
 }
 
@@ -189,9 +206,8 @@ static int make_wordcount(const char *rest, const oq__handler_opts *o,
 /* ----------------------------------------------------------- count:FIELD */
 
 typedef struct count_arg {
-    char *key;       /* FIELD without a leading '/': the output's key name */
-    size_t ntok;     /* 0: key is a top-level name; else a JSON pointer */
-    char **tok;      /* the pointer's reference tokens, unescaped */
+    char *field;     /* as given: a member name, or a JSON pointer */
+    const char *key; /* the output's key name: field without a leading '/' */
 } count_arg;
 
 static void count_cleanup(void *arg)
@@ -200,113 +216,46 @@ static void count_cleanup(void *arg)
 
     if (c == NULL)
         return;
-    for (size_t i = 0; i < c->ntok; i++)
-        oq__free(c->tok[i]);
-    oq__free(c->tok);
-    oq__free(c->key);
+    oq__free(c->field);
     oq__free(c);
-}
-
-/* An RFC 6901 array index: "0" or digits without a leading zero. */
-static bool array_index(const char *t, int *out)
-{
-    long v = 0;
-
-    if (*t == '\0' || (t[0] == '0' && t[1] != '\0'))
-        return false;
-    for (; *t; t++) {
-        if (*t < '0' || *t > '9' || v > INT_MAX / 10)
-            return false;
-        v = v * 10 + (*t - '0');
-    }
-    if (v > INT_MAX)
-        return false;
-    *out = (int)v;
-    return true;
-}
-
-static const cJSON *lookup(const count_arg *c, const cJSON *j)
-{
-    if (c->ntok == 0)
-        return cJSON_GetObjectItemCaseSensitive(j, c->key);
-    for (size_t i = 0; i < c->ntok && j != NULL; i++) {
-        int idx;
-        if (cJSON_IsObject(j))
-            j = cJSON_GetObjectItemCaseSensitive(j, c->tok[i]);
-        else if (cJSON_IsArray(j) && array_index(c->tok[i], &idx))
-            j = cJSON_GetArrayItem(j, idx);
-        else
-            j = NULL;
-    }
-    return j;
 }
 
 static int count_fn(const oq_event *ev, oq_txn *txn, void *arg)
 {
     const count_arg *c = arg;
-    cJSON *own;
-    const cJSON *j = event_json(ev, &own);
-    const cJSON *v;
+    char err[256], small[512], *big = NULL;
+    void *own;
+    const oq__jdoc *d = oq__event_doc(ev, &own, err, sizeof(err));
+    const char *v;
+    uint32_t f;
+    size_t n;
     int rc;
 
-    if (!cJSON_IsObject(j)) {
-        oq_txn_error(txn, "event is not a JSON object");
-        rc = OQ_FAIL;
-    } else if ((v = lookup(c, j)) == NULL) {
+    if (d == NULL) {
+        oq_txn_error(txn, "%s", err);
+        return OQ_FAIL;
+    }
+    if ((f = oq__jpointer(d, c->field)) == 0) {
         oq_txn_error(txn, "missing field '%s'", c->key);
         rc = OQ_FAIL;
-    } else if (cJSON_IsString(v)) {
-        rc = stage_count(txn, v->valuestring, strlen(v->valuestring));
+    } else if (d->tok[f].type == OQ__J_STR) {
+        if ((v = string_of(d, f, small, sizeof(small), &big, &n)) == NULL)
+            rc = out_of_memory(txn);
+        else
+            rc = stage_count(txn, v, n);
+        oq__free(big);
     } else {
-        /* Scalars fit a stack buffer; objects and arrays are printed. */
-        char buf[64];
-        char *text = buf;
-        if (cJSON_IsArray(v) || cJSON_IsObject(v) ||
-            !cJSON_PrintPreallocated((cJSON *)(uintptr_t)v, buf,
-                                     sizeof(buf), 0))
-            text = cJSON_PrintUnformatted(v);
-        if (text == NULL) {
-            oq_txn_error(txn, "out of memory");
-            rc = OQ_RETRY;
-        } else {
-            rc = stage_count(txn, text, strlen(text));
-        }
-        if (text != buf)
-            cJSON_free(text);
+        /* Any other value counts under its compact JSON text: numbers as
+         * written, strings inside it re-escaped canonically. */
+        oq__buf b = { 0 };
+        if (oq__jcompact(d, f, &b) != 0)
+            rc = out_of_memory(txn);
+        else
+            rc = stage_count(txn, b.data, b.len);
+        oq__buf_free(&b);
     }
-    cJSON_Delete(own);
+    oq__json_free(own, NULL);
     return rc;
-}
-
-/* Splits the JSON pointer p ("/a/b~1c") into unescaped tokens. */
-static int split_pointer(count_arg *c, const char *p)
-{
-    size_t n = 0;
-
-    for (const char *s = p; *s; s++)
-        n += *s == '/';
-    c->tok = oq__calloc(n, sizeof(*c->tok));
-    if (c->tok == NULL)
-        return OQ_ENOMEM;
-    while (*p == '/') {
-        const char *end = strchr(p + 1, '/');
-        size_t len = end ? (size_t)(end - p - 1) : strlen(p + 1);
-        char *t = oq__malloc(len + 1), *d = t;
-        if (t == NULL)
-            return OQ_ENOMEM;
-        c->tok[c->ntok++] = t;
-        for (size_t i = 1; i <= len; i++) {
-            if (p[i] == '~' && i < len && (p[i + 1] == '0' || p[i + 1] == '1')) {
-                *d++ = p[i + 1] == '0' ? '~' : '/';
-                i++;
-            } else {
-                *d++ = p[i];
-            }
-        }
-        *d = '\0';
-        p += len + 1;
-    }
-    return 0;
 }
 
 static int make_count(const char *field, const oq__handler_opts *o,
@@ -315,13 +264,12 @@ static int make_count(const char *field, const oq__handler_opts *o,
     count_arg *c = oq__calloc(1, sizeof(*c));
 
     OQ__UNUSED(o);
-    if (c == NULL ||
-        (c->key = dup_str(field[0] == '/' ? field + 1 : field)) == NULL ||
-        (field[0] == '/' && split_pointer(c, field) != 0)) {
+    if (c == NULL || (c->field = dup_str(field)) == NULL) {
         count_cleanup(c);
         oq__set_err(err, errlen, "out of memory");
         return OQ_ENOMEM;
     }
+    c->key = c->field[0] == '/' ? c->field + 1 : c->field;
     out->fn = count_fn;
     out->arg = c;
     out->cleanup = count_cleanup;

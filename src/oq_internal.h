@@ -71,6 +71,75 @@ void oq__heap_remove(oq__heap *h, void *item);
 /* Call after the item's key changed. */
 void oq__heap_update(oq__heap *h, void *item);
 
+/* ------------------------------------------------------------ json.c */
+
+/* A growable byte buffer. */
+typedef struct oq__buf {
+    char *data;
+    size_t len, cap;
+} oq__buf;
+int oq__buf_reserve(oq__buf *b, size_t more);
+int oq__buf_add(oq__buf *b, const void *p, size_t n);
+void oq__buf_free(oq__buf *b);
+
+/* The strict JSON scanner (see json.c): one token per value and per
+ * object key, in document order. */
+enum {
+    OQ__J_OBJ = 1, OQ__J_ARR, OQ__J_STR, OQ__J_NUM, OQ__J_TRUE, OQ__J_FALSE,
+    OQ__J_NULL
+};
+#define OQ__JSON_MAX_DEPTH 1000
+
+typedef struct oq__jtok {
+    uint32_t start;  /* byte offset: a string's first byte after the quote;
+                        anything else's first byte */
+    uint32_t len;    /* bytes: a string's escaped form between the quotes;
+                        a number's or literal's text; a container's text
+                        through its closing bracket */
+    uint32_t end;    /* index of the token after this value's subtree */
+    uint8_t type;    /* OQ__J_* */
+    uint8_t esc;     /* a string with backslash escapes */
+} oq__jtok;
+
+typedef struct oq__jtape {
+    oq__jtok *tok;
+    uint32_t n, cap;
+} oq__jtape;
+
+typedef struct oq__jdoc {
+    const char *text;
+    size_t len;
+    const oq__jtok *tok;  /* tok[0] is the top-level value */
+    uint32_t ntok;
+} oq__jdoc;
+
+/* Scans the JSON text s[0..len) (valid UTF-8 without NUL: check that
+ * first) onto t (reused; grown as needed). 0; -1 for a text that is not
+ * strict JSON (*err_at: byte offset, *why: what is wrong); OQ_ENOMEM. */
+int oq__json_scan(const char *s, size_t len, oq__jtape *t, size_t *err_at,
+                  const char **why);
+void oq__jtape_free(oq__jtape *t);
+/* 1 if s[0..len) is one strict JSON text in valid UTF-8 without NUL. */
+int oq__json_valid(const char *s, size_t len);
+/* String token i's bytes: a pointer into the text when it has no escapes,
+ * else decoded into buf (at least tok[i].len bytes); *len is set. */
+const char *oq__jstr(const oq__jdoc *d, uint32_t i, char *buf, size_t *len);
+bool oq__jstr_eq(const oq__jdoc *d, uint32_t i, const char *s, size_t n);
+/* The value of member key in object obj, or 0 when absent (0 is the root,
+ * never a member). */
+uint32_t oq__jget(const oq__jdoc *d, uint32_t obj, const char *key,
+                  size_t keylen);
+/* The value a field names from the root: a member name, or a JSON pointer
+ * (RFC 6901) when it starts with '/'. 0 when absent. */
+uint32_t oq__jpointer(const oq__jdoc *d, const char *field);
+/* A number token written without fraction or exponent. */
+bool oq__jnum_is_integer(const oq__jdoc *d, uint32_t i);
+/* Appends value i as compact JSON (strings re-escaped canonically, numbers
+ * as written). */
+int oq__jcompact(const oq__jdoc *d, uint32_t i, oq__buf *b);
+/* Appends s[0..n) as a JSON string; invalid UTF-8 bytes become U+FFFD. */
+int oq__json_quote(oq__buf *b, const char *s, size_t n);
+
 /* -------------------------------------------------------------------- txn */
 
 oq_txn *oq__txn_new(void);
@@ -151,16 +220,21 @@ typedef struct oq__idspec {
 
 /*
  * The pool's decode hook for JSON lines (arg: const oq__idspec *). Rejects
- * with OQ_DLQ_PARSE_ERROR: invalid JSON, not an object, invalid UTF-8, NUL
- * bytes; with OQ_DLQ_BAD_ID: missing id, id neither string nor integer,
- * empty, or longer than OQ__MAX_ID_LEN. Integer ids are used as their
- * decimal text. out->parsed is an oq__json_free-able wrapper; handlers get
- * the parsed object with oq__event_json(ev).
+ * with OQ_DLQ_PARSE_ERROR: not strict JSON (json.c), not an object, invalid
+ * UTF-8, NUL bytes; with OQ_DLQ_BAD_ID: missing id, id neither a string nor
+ * an integer (a number with a fraction or exponent is not), empty, or
+ * longer than OQ__MAX_ID_LEN. A string id is its bytes (an escaped NUL
+ * included), an integer id its decimal text as written. out->parsed is an
+ * oq__json_free-able tape; handlers read it with oq__event_doc(ev).
  */
 int oq__json_decode(const oq_event *ev, oq_decoded *out, void *arg);
 void oq__json_free(void *parsed, void *arg);
-/* The event's parsed JSON object (a cJSON *), or NULL. */
-struct cJSON *oq__event_json(const oq_event *ev);
+/* The event as a scanned JSON document: the decode hook's, or (no decode
+ * hook ran) scanned now, in which case *own is set and must be freed with
+ * oq__json_free. NULL (err filled) if the payload is not a strict JSON
+ * object. */
+const oq__jdoc *oq__event_doc(const oq_event *ev, void **own,
+                              char *err, size_t errlen);
 /* Installs onceq's cJSON allocation hooks (per-thread arenas for parsed
  * events; see source.c). Every cJSON user calls it before using cJSON. */
 void oq__json_hooks_install(void);

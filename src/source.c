@@ -306,6 +306,12 @@ static void emit(oq__reader *r, oq__line *line, size_t len, bool newline)
 
     if (full > 0 && s[full - 1] == '\r')
         full--;
+    /* A UTF-8 byte order mark marks the file, not its first event. */
+    if (r->base + r->start == 0 && full >= 3 &&
+        memcmp(s, "\xEF\xBB\xBF", 3) == 0) {
+        s += 3;
+        full -= 3;
+    }
     line->data = s;
     line->full_len = full;
     line->file = r->cur;
@@ -587,29 +593,32 @@ int oq__utf8_valid(const char *s, size_t len)
 /* =========================================================== JSON decode */
 
 /*
- * What out->parsed points to: the parsed event, and the text of an integer
- * id (out->id points into it; string ids point into the cJSON tree).
+ * What out->parsed points to: the event's tape from the strict scanner
+ * (json.c) and the id's bytes, in one allocation. Handlers read the event
+ * through oq__event_doc(); its text is the payload, so parsed must not
+ * outlive the delivery when a handler reads it, but the id may be read
+ * after the delivery is released (a sink's duplicate callback does).
  *
  * Note: the integer id 7 and the string id "7" are the same id. Ids are
- * compared as bytes, and an integer has no other text form that both
- * producers and consumers would agree on.
+ * compared as bytes, and an integer id is its exact decimal text as
+ * written (so 9007199254740993 stays itself; -0 is "-0", not "0").
  */
 typedef struct parsed {
-    cJSON *root;
-    char num[24]; /* decimal text of an integer id */
+    oq__jdoc doc;
+    oq__jtok tok[];   /* doc.ntok of them, then the decoded id's bytes */
 } parsed;
 
 static const oq__idspec default_spec = { "id", true };
 
 /*
- * cJSON allocates every node and string with malloc, which is most of what a
- * parse of a small line costs. While a worker thread holds parsed events, its
- * cJSON allocations come from a per-thread bump arena instead: freeing is a
- * no-op, and the arena is reset when the thread's last parsed event is freed
- * (the pool frees them in the thread that decoded them, after each batch).
- * Outside that window, and for what does not fit, the hooks fall back to
- * oq__malloc/oq__free. The hooks are process-wide (cJSON has no other kind),
- * so every cJSON user in onceq goes through oq__json_hooks_install().
+ * Parsing allocates nothing per event but the parsed form: it comes from a
+ * per-thread bump arena while the thread holds parsed events (freeing is a
+ * no-op, and the arena is reset when the thread's last parsed event is
+ * freed: the pool frees them in the thread that decoded them, after each
+ * batch), and from oq__malloc outside that window or when it does not fit.
+ * The scanner's tape is a per-thread scratch buffer, copied out at the
+ * exact size. cJSON (used by the node protocol) gets the same arena through
+ * its process-wide hooks: every cJSON user calls oq__json_hooks_install().
  */
 #define ARENA_BYTES (512 * 1024)
 
@@ -620,8 +629,9 @@ typedef struct arena {
 } arena;
 
 static _Thread_local arena tl_arena;
+static _Thread_local oq__jtape tl_tape;
 static pthread_once_t hooks_once = PTHREAD_ONCE_INIT;
-static pthread_key_t arena_key;
+static pthread_key_t arena_key, tape_key;
 
 static bool in_arena(const void *p)
 {
@@ -659,6 +669,7 @@ static void install_hooks(void)
 {
     cJSON_Hooks hooks = { hook_malloc, hook_free };
     pthread_key_create(&arena_key, arena_destroy);
+    pthread_key_create(&tape_key, arena_destroy);
     cJSON_InitHooks(&hooks);
 }
 
@@ -686,171 +697,6 @@ static void arena_leave(void)
         a->used = 0;
 }
 
-/* JSON whitespace, as cJSON skips it: every byte <= 32. (NUL bytes were
- * refused before parsing.) */
-static size_t skip_ws(const char *s, size_t len, size_t p)
-{
-    while (p < len && (unsigned char)s[p] <= 32)
-        p++;
-    return p;
-}
-
-/* Skips one JSON value starting at s[p] (text cJSON accepted). */
-static size_t skip_value(const char *s, size_t len, size_t p)
-{
-    int depth = 0;
-
-    if (p >= len)
-        return len;
-    if (s[p] != '"' && s[p] != '{' && s[p] != '[') {
-        while (p < len && (unsigned char)s[p] > 32 && s[p] != ',' &&
-               s[p] != '}' && s[p] != ']')
-            p++;
-        return p;
-    }
-    do {
-        char c = s[p];
-        if (c == '"') {
-            for (p++; p < len && s[p] != '"'; p++)
-                if (s[p] == '\\')
-                    p++;
-        } else if (c == '{' || c == '[') {
-            depth++;
-        } else if (c == '}' || c == ']') {
-            depth--;
-        }
-        p++;
-    } while (depth > 0 && p < len);
-    return OQ__MIN(p, len);
-}
-
-#define MAX_PATH 32
-
-/*
- * Finds the source text of the value reached from the root by the child
- * indices path[0..depth) (each the position of a member in its object or of
- * an element in its array). cJSON keeps no source positions, so this walks
- * the text, which cJSON has already accepted, in step with the tree.
- */
-static bool raw_span(const char *s, size_t len, const cJSON *root,
-                     const int *path, int depth, size_t *b, size_t *e)
-{
-    const cJSON *node = root;
-    size_t p = 0;
-
-    if (len >= 3 && memcmp(s, "\xEF\xBB\xBF", 3) == 0)
-        p = 3; /* cJSON skips a BOM */
-    p = skip_ws(s, len, p);
-    for (int d = 0; d < depth; d++) {
-        bool obj = cJSON_IsObject(node);
-        const cJSON *child = node->child;
-
-        p++; /* '{' or '[' */
-        for (int i = 0; i <= path[d]; i++) {
-            p = skip_ws(s, len, p);
-            if (obj) {
-                p = skip_value(s, len, p);    /* key */
-                p = skip_ws(s, len, p) + 1;   /* ':' */
-                p = skip_ws(s, len, p);
-            }
-            if (i == path[d] || child == NULL)
-                break;
-            p = skip_value(s, len, p);
-            p = skip_ws(s, len, p) + 1;       /* ',' */
-            child = child->next;
-        }
-        if (p >= len || child == NULL)
-            return false;
-        node = child;
-    }
-    *b = p;
-    *e = skip_value(s, len, p);
-    return *e > *b;
-}
-
-/* Does key equal the JSON pointer token t[0..n) (with ~0 and ~1)? */
-static bool token_eq(const char *key, const char *t, size_t n)
-{
-    size_t i = 0;
-
-    if (key == NULL)
-        return false;
-    for (; i < n; i++, key++) {
-        char c = t[i];
-        if (c == '~') {
-            if (i + 1 >= n || (t[i + 1] != '0' && t[i + 1] != '1'))
-                return false; /* a bad escape matches nothing */
-            c = t[++i] == '0' ? '~' : '/';
-        }
-        if (*key != c)
-            return false;
-    }
-    return *key == '\0';
-}
-
-/* The child of node named by the token t[0..n), and its index. */
-static cJSON *pointer_step(cJSON *node, const char *t, size_t n,
-                           int *index)
-{
-    cJSON *c = node->child;
-    int i = 0;
-
-    if (cJSON_IsObject(node)) {
-        for (; c; c = c->next, i++)
-            if (token_eq(c->string, t, n))
-                break;
-    } else if (cJSON_IsArray(node)) {
-        long want = 0;
-        /* An array index: digits, no leading zero ("-" is past the end). */
-        if (n == 0 || n > 9 || (n > 1 && t[0] == '0'))
-            return NULL;
-        for (size_t k = 0; k < n; k++) {
-            if (t[k] < '0' || t[k] > '9')
-                return NULL;
-            want = want * 10 + (t[k] - '0');
-        }
-        for (; c && i < want; c = c->next)
-            i++;
-    } else {
-        return NULL;
-    }
-    *index = i;
-    return c;
-}
-
-/* Resolves the id field: a member name, or a JSON pointer ("/a/b"). Fills
- * path[0..*depth) with child indices (*depth = -1 when too deep to track). */
-static cJSON *find_field(cJSON *root, const char *field, int *path,
-                         int *depth)
-{
-    cJSON *node = root;
-
-    *depth = 0;
-    if (field[0] != '/') { /* a plain member name: no ~ escapes */
-        int i = 0;
-        for (cJSON *c = root->child; c; c = c->next, i++)
-            if (c->string && strcmp(c->string, field) == 0) {
-                path[(*depth)++] = i;
-                return c;
-            }
-        return NULL;
-    }
-    while (node && *field == '/') {
-        const char *t = field + 1;
-        const char *slash = strchr(t, '/');
-        size_t n = slash ? (size_t)(slash - t) : strlen(t);
-        int index = 0;
-
-        node = pointer_step(node, t, n, &index);
-        if (*depth >= 0 && *depth < MAX_PATH)
-            path[(*depth)++] = index;
-        else
-            *depth = -1;
-        field = t + n;
-    }
-    return node;
-}
-
 static int reject(oq_decoded *out, oq_dlq_reason reason, const char *fmt, ...)
 #if defined(__GNUC__)
     __attribute__((format(printf, 3, 4)))
@@ -868,63 +714,59 @@ static int reject(oq_decoded *out, oq_dlq_reason reason, const char *fmt, ...)
     return -1;
 }
 
-/* The id of a number: its decimal text, if it is an integer in +-2^53
- * written without a fraction or exponent. */
-static bool integer_id(const char *s, size_t len, const cJSON *root,
-                       const cJSON *item, const int *path, int depth,
-                       char *num, size_t numlen)
+/* Scans s onto this thread's scratch tape; fills out's reason on failure. */
+static int scan_event(const char *s, size_t len, oq_decoded *out)
 {
-    double v = item->valuedouble;
-    size_t b, e;
+    oq__jtok *before = tl_tape.tok;
+    size_t bad, at;
+    const char *why;
+    bool nul;
+    int rc;
 
-    if (!(v >= -9007199254740992.0 && v <= 9007199254740992.0) ||
-        v != floor(v))
-        return false;
-    if (depth >= 0 && raw_span(s, len, root, path, depth, &b, &e)) {
-        for (size_t i = b; i < e; i++)
-            if (s[i] == '.' || s[i] == 'e' || s[i] == 'E')
-                return false;
-    }
-    snprintf(num, numlen, "%" PRId64, (int64_t)v);
-    return true;
+    bad = utf8_check((const unsigned char *)s, len, &nul);
+    if (bad < len)
+        return reject(out, OQ_DLQ_PARSE_ERROR, "%s at byte %zu",
+                      nul ? "NUL byte" : "invalid UTF-8", bad);
+    oq__json_hooks_install();
+    rc = oq__json_scan(s, len, &tl_tape, &at, &why);
+    if (tl_tape.tok != before)
+        pthread_setspecific(tape_key, tl_tape.tok);
+    if (rc == OQ_ENOMEM)
+        return reject(out, OQ_DLQ_REJECTED, "out of memory");
+    if (rc != 0)
+        return reject(out, OQ_DLQ_PARSE_ERROR, "invalid JSON at byte %zu: %s",
+                      at, why);
+    if (tl_tape.tok[0].type != OQ__J_OBJ)
+        return reject(out, OQ_DLQ_PARSE_ERROR, "not a JSON object");
+    return 0;
 }
 
-/* Finds and checks the id in a parsed object; fills out or rejects. */
-static int decode_id(const char *s, size_t len, parsed *pd,
-                     const oq__idspec *spec, oq_decoded *out)
+/* Copies the scratch tape out, with extra bytes after it. */
+static parsed *keep_tape(const char *s, size_t len, size_t extra)
 {
-    int path[MAX_PATH];
-    int depth;
-    const char *field = spec->field ? spec->field : "id";
-    cJSON *item = find_field(pd->root, field, path, &depth);
+    size_t toks = (size_t)tl_tape.n * sizeof(oq__jtok);
+    parsed *pd;
 
-    if (item == NULL && spec->fallback && strcmp(field, "id") == 0)
-        item = find_field(pd->root, "event_id", path, &depth);
-    if (item == NULL) {
-        if (spec->fallback && strcmp(field, "id") == 0)
-            return reject(out, OQ_DLQ_BAD_ID,
-                          "missing id field 'id' or 'event_id'");
-        return reject(out, OQ_DLQ_BAD_ID, "missing id field '%.200s'", field);
+    arena_enter();
+    pd = hook_malloc(sizeof(*pd) + toks + extra);
+    if (pd == NULL) {
+        arena_leave();
+        return NULL;
     }
-    if (cJSON_IsString(item)) {
-        size_t n = strlen(item->valuestring);
-        if (n == 0)
-            return reject(out, OQ_DLQ_BAD_ID, "empty id");
-        if (n > OQ__MAX_ID_LEN)
-            return reject(out, OQ_DLQ_BAD_ID, "id longer than %d bytes",
-                          OQ__MAX_ID_LEN);
-        out->id = item->valuestring;
-        out->id_len = n;
-        return 0;
-    }
-    if (cJSON_IsNumber(item) &&
-        integer_id(s, len, pd->root, item, path, depth, pd->num,
-                   sizeof(pd->num))) {
-        out->id = pd->num;
-        out->id_len = strlen(pd->num);
-        return 0;
-    }
-    return reject(out, OQ_DLQ_BAD_ID, "id must be a string or an integer");
+    memcpy(pd->tok, tl_tape.tok, toks);
+    pd->doc = (oq__jdoc){ s, len, pd->tok, tl_tape.n };
+    return pd;
+}
+
+/* The id value the spec names, or 0. */
+static uint32_t find_id(const oq__jdoc *d, const oq__idspec *spec)
+{
+    const char *field = spec->field ? spec->field : "id";
+    uint32_t v = oq__jpointer(d, field);
+
+    if (v == 0 && spec->fallback && strcmp(field, "id") == 0)
+        v = oq__jget(d, 0, "event_id", 8);
+    return v;
 }
 
 int oq__json_decode(const oq_event *ev, oq_decoded *out, void *arg)
@@ -932,70 +774,87 @@ int oq__json_decode(const oq_event *ev, oq_decoded *out, void *arg)
     const oq__idspec *spec = arg ? arg : &default_spec;
     const char *s = ev->payload;
     size_t len = ev->payload_len;
-    const char *end = NULL;
+    oq__jdoc d;
+    const oq__jtok *t;
     parsed *pd;
-    bool nul;
-    size_t bad, p;
-    int rc;
+    char *idbuf;
+    uint32_t v;
+    size_t n;
 
     out->parsed = NULL;
-    bad = utf8_check((const unsigned char *)s, len, &nul);
-    if (bad < len)
-        return reject(out, OQ_DLQ_PARSE_ERROR, "%s at byte %zu",
-                      nul ? "NUL byte" : "invalid UTF-8", bad);
-    oq__json_hooks_install();
-    pd = oq__malloc(sizeof(*pd));
+    if (scan_event(s, len, out) != 0)
+        return -1;
+    d = (oq__jdoc){ s, len, tl_tape.tok, tl_tape.n };
+    if ((v = find_id(&d, spec)) == 0) {
+        if (spec->fallback && strcmp(spec->field ? spec->field : "id",
+                                     "id") == 0)
+            return reject(out, OQ_DLQ_BAD_ID,
+                          "missing id field 'id' or 'event_id'");
+        return reject(out, OQ_DLQ_BAD_ID, "missing id field '%.200s'",
+                      spec->field);
+    }
+    t = &d.tok[v];
+    if (t->type == OQ__J_NUM && !oq__jnum_is_integer(&d, v))
+        return reject(out, OQ_DLQ_BAD_ID, "id must be a string or an "
+                      "integer, not a number with a fraction or exponent");
+    if (t->type != OQ__J_STR && t->type != OQ__J_NUM)
+        return reject(out, OQ_DLQ_BAD_ID, "id must be a string or an integer");
+    if (t->len == 0)
+        return reject(out, OQ_DLQ_BAD_ID, "empty id");
+    /* The id is copied into parsed: a sink may look at it after the
+     * delivery (and its payload) is released. */
+    pd = keep_tape(s, len, t->len);
     if (pd == NULL)
         return reject(out, OQ_DLQ_REJECTED, "out of memory");
-    arena_enter();
-    pd->root = cJSON_ParseWithLengthOpts(s, len, &end, 0);
-    if (pd->root == NULL) {
-        p = end ? (size_t)(end - s) : 0;
-        rc = reject(out, OQ_DLQ_PARSE_ERROR, "invalid JSON at byte %zu", p);
-        goto out_free;
+    idbuf = (char *)(pd->tok + pd->doc.ntok);
+    if (t->type == OQ__J_STR) {
+        const char *v0 = oq__jstr(&pd->doc, v, idbuf, &n);
+        if (v0 != idbuf)
+            memcpy(idbuf, v0, n);
+    } else {
+        memcpy(idbuf, s + t->start, t->len);
+        n = t->len;
     }
-    /* cJSON stops after the value; only whitespace may follow it. */
-    p = end ? (size_t)(end - s) : len;
-    while (p < len && (s[p] == ' ' || s[p] == '\t' || s[p] == '\r' ||
-                       s[p] == '\n'))
-        p++;
-    if (p < len) {
-        rc = reject(out, OQ_DLQ_PARSE_ERROR,
-                    "invalid JSON: unexpected data after the value at byte %zu",
-                    p);
-        goto out_free;
+    out->id = idbuf;
+    if (n == 0 || n > OQ__MAX_ID_LEN) {
+        oq__json_free(pd, NULL);
+        return n == 0 ? reject(out, OQ_DLQ_BAD_ID, "empty id")
+                      : reject(out, OQ_DLQ_BAD_ID, "id longer than %d bytes",
+                               OQ__MAX_ID_LEN);
     }
-    if (!cJSON_IsObject(pd->root)) {
-        rc = reject(out, OQ_DLQ_PARSE_ERROR, "not a JSON object");
-        goto out_free;
-    }
-    rc = decode_id(s, len, pd, spec, out);
-    if (rc != 0)
-        goto out_free;
+    out->id_len = n;
     out->parsed = pd;
     return 0;
-
-out_free:
-    cJSON_Delete(pd->root);
-    arena_leave();
-    oq__free(pd);
-    return rc;
 }
 
 void oq__json_free(void *p, void *arg)
 {
-    parsed *pd = p;
-
     OQ__UNUSED(arg);
-    if (pd == NULL)
+    if (p == NULL)
         return;
-    cJSON_Delete(pd->root);
+    hook_free(p);
     arena_leave();
-    oq__free(pd);
 }
 
-struct cJSON *oq__event_json(const oq_event *ev)
+const oq__jdoc *oq__event_doc(const oq_event *ev, void **own,
+                              char *err, size_t errlen)
 {
-    const parsed *pd = ev ? ev->parsed : NULL;
-    return pd ? pd->root : NULL;
+    oq_decoded dec;
+    parsed *pd;
+
+    *own = NULL;
+    if (ev->parsed != NULL)
+        return &((const parsed *)ev->parsed)->doc;
+    /* No decode hook ran (a library pool): parse the payload here. */
+    memset(&dec, 0, sizeof(dec));
+    if (scan_event(ev->payload, ev->payload_len, &dec) != 0) {
+        oq__set_err(err, errlen, "%s", dec.error);
+        return NULL;
+    }
+    if ((pd = keep_tape(ev->payload, ev->payload_len, 0)) == NULL) {
+        oq__set_err(err, errlen, "out of memory");
+        return NULL;
+    }
+    *own = pd;
+    return &pd->doc;
 }

@@ -39,6 +39,7 @@ typedef struct staged {
     size_t rec_len[8];
     size_t nrec;
     char key[64][64];
+    size_t key_len[64];
     int64_t delta[64];
     size_t ncount;
 } staged;
@@ -59,6 +60,7 @@ static void on_count(const char *key, size_t len, int64_t delta, void *arg)
     assert_true(s->ncount < 64 && len < 64);
     memcpy(s->key[s->ncount], key, len);
     s->key[s->ncount][len] = '\0';
+    s->key_len[s->ncount] = len;
     s->delta[s->ncount++] = delta;
 }
 
@@ -226,7 +228,13 @@ static void test_wordcount_without_decode_hook(void **state)
     ev.payload = "[1]";
     ev.payload_len = 3;
     assert_int_equal(h.fn(&ev, t, h.arg), OQ_FAIL);
-    assert_string_equal(oq_txn_error_text(t), "event is not a JSON object");
+    assert_string_equal(oq_txn_error_text(t), "not a JSON object");
+    oq__txn_reset(t);
+    ev.payload = "{\"id\":\"1\",\"text\":\"a\tb\"}"; /* a raw tab */
+    ev.payload_len = strlen(ev.payload);
+    assert_int_equal(h.fn(&ev, t, h.arg), OQ_FAIL);
+    assert_string_equal(oq_txn_error_text(t), "invalid JSON at byte 19: "
+                        "control character in a string");
     oq__txn_free(t);
     oq__handler_free(&h);
 }
@@ -256,6 +264,12 @@ static void test_count_non_string_values_as_json_text(void **state)
         { "{\"id\":\"1\",\"v\":null}", "null" },
         { "{\"id\":\"1\",\"v\":[1, \"a\"]}", "[1,\"a\"]" },
         { "{\"id\":\"1\",\"v\":{ \"k\" : 1 }}", "{\"k\":1}" },
+        /* Numbers are their text as written, not a double's. */
+        { "{\"id\":\"1\",\"v\":9007199254740993}", "9007199254740993" },
+        { "{\"id\":\"1\",\"v\":0.30000000000000004}", "0.30000000000000004" },
+        { "{\"id\":\"1\",\"v\":1.50}", "1.50" },
+        /* Strings inside are re-escaped canonically. */
+        { "{\"id\":\"1\",\"v\":[\"\\u0041\\/\"]}", "[\"A/\"]" },
     };
 
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -265,6 +279,32 @@ static void test_count_non_string_values_as_json_text(void **state)
         assert_int_equal(s.ncount, 1);
         assert_string_equal(s.key[0], cases[i].key);
     }
+}
+
+/* Words and count keys are byte strings with a length: an escaped NUL
+ * does not cut them short. */
+static void test_keys_with_nul(void **state)
+{
+    staged s;
+
+    (void)state;
+    assert_int_equal(run_spec("wordcount", "{\"id\":\"1\",\"word\":\"a\\u0000b\"}",
+                              &s, NULL, 0), OQ_OK);
+    assert_int_equal(s.ncount, 1);
+    assert_int_equal(s.key_len[0], 3);
+    assert_memory_equal(s.key[0], "a\0b", 3);
+    assert_int_equal(run_spec("wordcount",
+                              "{\"id\":\"1\",\"text\":\"x\\u0000y z\\u0000\"}",
+                              &s, NULL, 0), OQ_OK);
+    assert_int_equal(s.ncount, 2);
+    assert_int_equal(s.key_len[0], 3);
+    assert_memory_equal(s.key[0], "x\0y", 3);
+    assert_int_equal(s.key_len[1], 2);
+    assert_memory_equal(s.key[1], "z\0", 2);
+    assert_int_equal(run_spec("count:c", "{\"id\":\"1\",\"c\":\"r\\u0000d\"}",
+                              &s, NULL, 0), OQ_OK);
+    assert_int_equal(s.key_len[0], 3);
+    assert_memory_equal(s.key[0], "r\0d", 3);
 }
 
 static void test_count_json_pointer(void **state)
@@ -1193,6 +1233,7 @@ int main(void)
         cmocka_unit_test(test_wordcount_without_decode_hook),
         cmocka_unit_test(test_count_string_field),
         cmocka_unit_test(test_count_non_string_values_as_json_text),
+        cmocka_unit_test(test_keys_with_nul),
         cmocka_unit_test(test_count_json_pointer),
         cmocka_unit_test(test_count_json_pointer_array_and_escapes),
         cmocka_unit_test(test_count_missing_field_fails),
