@@ -494,6 +494,11 @@ typedef struct oq_pool_opts {
     void (*free_parsed)(void *parsed, void *arg);
     void *decode_arg;
     oq_committer committer;    /* optional: takes over settlement (durable) */
+    int handler_never_blocks;  /* the handler only computes (no I/O, no
+                                  waits), so it cannot outlast a lease: the
+                                  finished messages of a batch need not be
+                                  pinned before each next handler call.
+                                  Default 0: they are. */
 } oq_pool_opts;
 
 OQ_API void oq_pool_opts_defaults(oq_pool_opts *o);

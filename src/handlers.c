@@ -198,6 +198,7 @@ static int make_wordcount(const char *rest, const oq__handler_opts *o,
     OQ__UNUSED(err);
     OQ__UNUSED(errlen);
     out->fn = wordcount_fn;
+    out->never_blocks = true;
     out->output = OQ__OUT_COUNTS;
     out->count_key = "word";
     return 0;
@@ -271,6 +272,7 @@ static int make_count(const char *field, const oq__handler_opts *o,
     }
     c->key = c->field[0] == '/' ? c->field + 1 : c->field;
     out->fn = count_fn;
+    out->never_blocks = true;
     out->arg = c;
     out->cleanup = count_cleanup;
     out->output = OQ__OUT_COUNTS;
@@ -305,6 +307,7 @@ static int make_noop(const char *rest, const oq__handler_opts *o,
     OQ__UNUSED(err);
     OQ__UNUSED(errlen);
     out->fn = o->emit ? noop_emit_fn : noop_fn;
+    out->never_blocks = true;
     out->output = OQ__OUT_RECORDS;
     return 0;
 }

@@ -251,6 +251,7 @@ typedef struct oq__handler {
     const char *name;        /* "wordcount", "count", "noop", "exec", "plugin" */
     int output;              /* OQ__OUT_COUNTS or OQ__OUT_RECORDS */
     const char *count_key;   /* OQ__OUT_COUNTS: "word" or the FIELD name */
+    bool never_blocks;       /* computes only: see oq_pool_opts */
 } oq__handler;
 
 enum { OQ__OUT_COUNTS = 0, OQ__OUT_RECORDS = 1 };

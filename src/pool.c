@@ -74,6 +74,8 @@ typedef struct slot {
     size_t id_len;
     void *parsed;     /* decode's parsed form, or NULL */
     bool decoded;     /* id/parsed are set (kept across a redo) */
+    bool pinned;      /* pinned early: its lease no longer runs */
+    bool prepared;    /* its claim is prepared (staged outcomes) */
     oq_txn *txn;
     oq_claim claim;
     enum outcome outcome;
@@ -362,7 +364,8 @@ static void hand_off(worker *w, slot *s, oq_settle *op)
     oq_event ev;
     oq_handoff h;
 
-    if (oq_idset_prepare(p->s, s->id, s->id_len, s->claim.token) != 0) {
+    if (!s->prepared &&
+        oq_idset_prepare(p->s, s->id, s->id_len, s->claim.token) != 0) {
         /* Lease lost: discard the outputs; it will be redone. */
         s->outcome = O_NONE;
         op->op = OQ_SETTLE_NACK;
@@ -388,16 +391,73 @@ static void hand_off(worker *w, slot *s, oq_settle *op)
                                          s->d.receive_count, &w->rng), 1);
 }
 
+/*
+ * Pins the decided messages of slots [lo, hi) that are not pinned yet, and
+ * prepares the claims of those staged for commit, before the next handler
+ * of the batch runs: that handler may run until the lease ends (a hanging
+ * command), and a finished message must not lose its lease, and run again,
+ * while it waits for the batch to settle. One queue lock for the lot.
+ * Skipped when the handler cannot block (opts.handler_never_blocks).
+ */
+static void pin_decided(worker *w, size_t lo, size_t hi)
+{
+    oq_pool *p = w->p;
+    size_t k = 0;
+
+    for (size_t i = lo; i < hi; i++) {
+        slot *s = &w->slots[i];
+        if (!s->pinned && s->outcome != O_REDO && w->ops[i].d != NULL &&
+            w->ops[i].op != OQ_SETTLE_NONE)
+            w->pins[k++] = (oq_settle){ .d = &s->d, .op = OQ_SETTLE_PIN };
+    }
+    if (k == 0)
+        return;
+    oq_queue_settle(p->q, w->pins, k);
+    k = 0;
+    for (size_t i = lo; i < hi; i++) {
+        slot *s = &w->slots[i];
+        oq_settle *op = &w->ops[i];
+        if (s->pinned || s->outcome == O_REDO || op->d == NULL ||
+            op->op == OQ_SETTLE_NONE)
+            continue;
+        if (w->pins[k++].result != 0) {
+            /* Redelivered already: the new holder owns it. */
+            if (staged(s->outcome))
+                oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
+            s->outcome = O_NONE;
+            op->op = OQ_SETTLE_NONE;
+            INC(w, fenced);
+            continue;
+        }
+        s->pinned = true;
+        if (staged(s->outcome)) {
+            if (oq_idset_prepare(p->s, s->id, s->id_len,
+                                 s->claim.token) != 0) {
+                /* Lease lost between the handler and the pin. */
+                s->outcome = O_NONE;
+                op->op = OQ_SETTLE_NACK;
+                op->delay_ms = 0;
+                INC(w, fenced);
+                continue;
+            }
+            s->prepared = true;
+        }
+    }
+}
+
 /* Phases B and C: pin, then commit, the messages whose handler said OK. */
 static void commit_staged(worker *w, size_t lo, size_t hi)
 {
     oq_pool *p = w->p;
-    size_t npin = 0;
+    size_t npin = 0, nstaged = 0;
 
     for (size_t i = lo; i < hi; i++)
-        if (staged(w->slots[i].outcome))
-            npin++;
-    if (npin == 0)
+        if (staged(w->slots[i].outcome)) {
+            nstaged++;
+            if (!w->slots[i].pinned)
+                npin++;
+        }
+    if (nstaged == 0)
         return;
     /* The other ops must not act yet, so the pins go in an array of their
      * own. */
@@ -405,10 +465,11 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
         oq_settle *pins = w->pins;
         size_t k = 0;
         for (size_t i = lo; i < hi; i++)
-            if (staged(w->slots[i].outcome))
+            if (staged(w->slots[i].outcome) && !w->slots[i].pinned)
                 pins[k++] = (oq_settle){ .d = &w->slots[i].d,
                                          .op = OQ_SETTLE_PIN };
-        oq_queue_settle(p->q, pins, npin);
+        if (npin > 0)
+            oq_queue_settle(p->q, pins, npin);
         k = 0;
         for (size_t i = lo; i < hi; i++) {
             slot *s = &w->slots[i];
@@ -416,7 +477,7 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
             if (!staged(s->outcome))
                 continue;
             op->release = 1;
-            if (pins[k++].result != 0) {
+            if (!s->pinned && pins[k++].result != 0) {
                 /* Redelivered since: the new holder owns it. */
                 oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
                 s->outcome = O_NONE;
@@ -433,6 +494,8 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
             bool direct = s->outcome == O_FAILING || p->opts.sink.apply == NULL;
             int rc = direct
                 ? oq_idset_commit(p->s, s->id, s->id_len, s->claim.token)
+                : s->prepared
+                ? 0
                 : oq_idset_prepare(p->s, s->id, s->id_len, s->claim.token);
             if (rc == OQ_ENOMEM && direct) {
                 /* No memory for the DONE table: nothing was applied yet;
@@ -546,6 +609,9 @@ static size_t run_batch(worker *w, size_t n)
         oq_settle *op = &w->ops[i];
         memset(op, 0, sizeof(*op));
         s->outcome = O_NONE;
+        s->pinned = s->prepared = false;
+        if (i > lo && !p->opts.handler_never_blocks)
+            pin_decided(w, lo, i);
         if (atomic_load(&p->stopping)) {
             /* Stopping: hand the rest back untouched. */
             op->d = &s->d;

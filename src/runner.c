@@ -1550,6 +1550,7 @@ static int start_pool(run *r)
     po.seed = r->c->seed;
     po.handler = r->h.fn;
     po.handler_arg = r->h.arg;
+    po.handler_never_blocks = r->h.never_blocks;
     po.sink = (oq_sink){ run_apply, &r->rs, run_duplicate };
     if (r->cm) {
         po.committer = (oq_committer){ oq__committer_submit, r->cm };

@@ -332,6 +332,102 @@ static void test_overrun_lease_outputs_discarded(void **state)
     assert_int_equal(ps.fenced, 1);
 }
 
+/* A batch-mate that runs past the lease (a hanging command) must not make
+ * the finished messages of its batch lose their lease and run again: they
+ * are pinned before the next handler starts. */
+static _Atomic int hang_calls[8];
+static oq_testclock *hang_clock;
+
+static int hang_index(const oq_event *ev)
+{
+    return ev->id_len == 1 && ev->id[0] >= 'a' && ev->id[0] <= 'h'
+               ? ev->id[0] - 'a' : 7;
+}
+
+static int hanging_handler(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    (void)arg;
+    atomic_fetch_add(&hang_calls[hang_index(ev)], 1);
+    oq_txn_count(txn, ev->id, ev->id_len, 1);
+    if (ev->id_len == 1 && ev->id[0] == 'h' && ev->attempt == 1)
+        oq_testclock_advance(hang_clock, 3 * VT); /* "hangs" past its lease */
+    return OQ_OK;
+}
+
+typedef struct dead_seen {
+    int n;
+    int bad_id, max_attempts, other;
+    char ids[8][8];
+} dead_seen;
+
+static void on_dead(const oq_dead_letter *dl, void *arg)
+{
+    dead_seen *d = arg;
+    if (dl->reason == OQ_DLQ_BAD_ID)
+        d->bad_id++;
+    else if (dl->reason == OQ_DLQ_MAX_ATTEMPTS)
+        d->max_attempts++;
+    else
+        d->other++;
+    if (d->n < 8)
+        snprintf(d->ids[d->n], sizeof(d->ids[0]), "%.*s", (int)dl->id_len,
+                 dl->id);
+    d->n++;
+}
+
+static void test_hanging_batch_mate(void **state)
+{
+    fx *f = *state;
+    oq_queue_opts qo;
+    oq_message m[5];
+    const char *ids[5] = { "a", "b", "", "h", "c" };
+    char warm[8];
+    dead_seen dead = { 0 };
+
+    /* At most one receive: a message whose lease runs out is dead. */
+    oq_queue_free(f->q);
+    oq_queue_opts_defaults(&qo);
+    qo.visibility_timeout_ms = VT;
+    qo.dedup_count = 0;
+    qo.max_receives = 1;
+    qo.clock = oq_testclock_clock(f->tc);
+    assert_int_equal(oq_queue_new(&f->q, &qo), 0);
+    hang_clock = f->tc;
+    for (int i = 0; i < 8; i++)
+        atomic_store(&hang_calls[i], 0);
+    f->po.handler = hanging_handler;
+    f->po.workers = 1;
+    f->po.batch = 8;
+    start(f);
+    /* Warm up: quick handlers move the pool to whole batches. */
+    for (int i = 0; i < 40; i++) {
+        snprintf(warm, sizeof(warm), "w%d", i);
+        send_id(f, warm);
+    }
+    for (int i = 0; i < 100000 && effect(f, "w39") == 0; i++)
+        nap();
+    for (int i = 0; i < 5; i++)
+        m[i] = (oq_message){ ids[i], strlen(ids[i]), ids[i], strlen(ids[i]),
+                             0, (uint64_t)i };
+    assert_int_equal(oq_queue_send_batch(f->q, m, 5, NULL), 5);
+    drain(f);
+    /* a and b finished before h hung: each ran once, applied once, and was
+     * neither redelivered nor dead-lettered. */
+    assert_int_equal(atomic_load(&hang_calls[0]), 1);
+    assert_int_equal(atomic_load(&hang_calls[1]), 1);
+    assert_int_equal(effect(f, "a"), 1);
+    assert_int_equal(effect(f, "b"), 1);
+    oq_queue_dead_letters(f->q, 0, on_dead, &dead);
+    /* The id-less message is bad_id, not max_attempts; h (and c, whose
+     * lease ran out before it started) may be max_attempts. */
+    assert_int_equal(dead.bad_id, 1);
+    assert_int_equal(dead.other, 0);
+    for (int i = 0; i < dead.n && i < 8; i++) {
+        assert_string_not_equal(dead.ids[i], "a");
+        assert_string_not_equal(dead.ids[i], "b");
+    }
+}
+
 static void test_graceful_stop_loses_nothing(void **state)
 {
     fx *f = *state;
@@ -546,6 +642,7 @@ int main(void)
         T(test_retry_with_backoff),
         T(test_fail_dead_letters_once),
         T(test_overrun_lease_outputs_discarded),
+        T(test_hanging_batch_mate),
         T(test_graceful_stop_loses_nothing),
         T(test_stats_balance),
         T(test_bad_options),
