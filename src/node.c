@@ -20,14 +20,15 @@
  *     ids, and the pending outputs, each of which points at the id and the
  *     word it added. The state is always "last commit + pending": commit
  *     forgets the pending list; rollback walks it backwards and undoes it.
- *     So no copy is made per commit, and a rollback after a restore goes
- *     back to the commit point as of that checkpoint. Checkpoints are
- *     whole copies (counts, ids, pending), by name.
+ *     So no copy is made per commit. Checkpoints hold copies of the
+ *     pending outputs only, by name: a restore rolls back to the last
+ *     commit and applies again those whose event ids are not committed,
+ *     so no committed output is ever undone or counted twice.
  *   - one oq_queue (the core visibility-timeout queue, with its producer
  *     dedup window and dead-letter list) for enqueue/receive/ack/nack.
  *   - the kafka-workload logs: per key an append-only array of messages
  *     (their JSON text) with offsets from 0, the committed offset, and a
- *     table message_id -> offset for duplicate sends.
+ *     table message_id -> offset for duplicate sends on that key.
  *
  * Hash tables are uthash. Allocation goes through oq__malloc (uthash and
  * cJSON included), so running out of memory gives an error reply (code 13)
@@ -1054,8 +1055,7 @@ static char *decode_string(const char *s, size_t n)
 enum { F_NONE, F_SRC, F_DEST, F_BODY, F_MSG_ID };
 
 /* Which field the key at s names, at depth (1: the message, 2: the body). */
-static int key_field(const char *s, size_t n, size_t depth, salvage *sv,
-                     unsigned *seen)
+static int key_field(const char *s, size_t n, size_t depth, unsigned *seen)
 {
     static const char *const names[] = { "", "src", "dest", "body", "msg_id" };
     char *k = decode_string(s, n);
@@ -1072,7 +1072,6 @@ static int key_field(const char *s, size_t n, size_t depth, salvage *sv,
         }
     }
     oq__free(k);
-    OQ__UNUSED(sv);
     return f;
 }
 
@@ -1176,7 +1175,7 @@ key:
     if ((depth == 1 && stack[0] == '{') ||
         (body_depth != 0 && depth == body_depth))
         field = key_field(q + 1, (size_t)(p - q - 2), depth == 1 ? 1 : 2,
-                          sv, &seen);
+                          &seen);
     p = scan_ws(p, end);
     if (p == end || *p != ':')
         goto out;
