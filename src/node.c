@@ -20,14 +20,15 @@
  *     ids, and the pending outputs, each of which points at the id and the
  *     word it added. The state is always "last commit + pending": commit
  *     forgets the pending list; rollback walks it backwards and undoes it.
- *     So no copy is made per commit, and a rollback after a restore goes
- *     back to the commit point as of that checkpoint. Checkpoints are
- *     whole copies (counts, ids, pending), by name.
+ *     So no copy is made per commit. Checkpoints hold copies of the
+ *     pending outputs only, by name: a restore rolls back to the last
+ *     commit and applies again those whose event ids are not committed,
+ *     so no committed output is ever undone or counted twice.
  *   - one oq_queue (the core visibility-timeout queue, with its producer
  *     dedup window and dead-letter list) for enqueue/receive/ack/nack.
  *   - the kafka-workload logs: per key an append-only array of messages
  *     (their JSON text) with offsets from 0, the committed offset, and a
- *     table message_id -> offset for duplicate sends.
+ *     table message_id -> offset for duplicate sends on that key.
  *
  * Hash tables are uthash. Allocation goes through oq__malloc (uthash and
  * cJSON included), so running out of memory gives an error reply (code 13)
@@ -35,8 +36,10 @@
  */
 #include "oq_internal.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
+#include <math.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -67,6 +70,11 @@ enum {
 #define RECEIVE_MAX_DEFAULT 10   /* messages per receive when max is absent */
 #define RECEIVE_MAX_CAP 1000     /* larger max values are cut to this */
 #define POLL_CAP 1000            /* messages per key per poll */
+/* The longest delay or visibility timeout, in ms, that the node hands to
+ * the queue: 2^62 ms, about 146 million years. Larger values (up to
+ * INT64_MAX) are cut to it, so that the queue's now + ms cannot overflow
+ * and a huge delay still means "not in this lifetime". */
+#define MS_MAX ((int64_t)1 << 62)
 
 /* ------------------------------------------------------------ out buffer */
 
@@ -258,9 +266,19 @@ typedef struct wc_state {
     size_t npending, cap;
 } wc_state;
 
+/* One saved pending output: its event id, then its word, each
+ * NUL-terminated, in one allocation. */
+typedef struct cp_out {
+    char *id;
+    size_t id_len, word_len;
+} cp_out;
+
+/* A checkpoint holds the pending outputs only: what is committed is never
+ * taken back, so a restore keeps the committed state as it is now. */
 typedef struct checkpoint {
     UT_hash_handle hh;
-    wc_state st;
+    cp_out *outs;            /* in processing order */
+    size_t nouts;
     size_t len;
     char name[];
 } checkpoint;
@@ -355,35 +373,59 @@ static void wc_free(wc_state *st)
     memset(st, 0, sizeof(*st));
 }
 
-/* dst = a deep copy of src (dst starts empty). 0 or OQ_ENOMEM. */
-static int wc_copy(wc_state *dst, const wc_state *src)
+static void cp_outs_free(cp_out *outs, size_t n)
 {
-    const wc_word *w, *wt;
-    const wc_id *e, *et;
+    for (size_t i = 0; i < n; i++)
+        oq__free(outs[i].id);
+    oq__free(outs);
+}
 
-    memset(dst, 0, sizeof(*dst));
-    HASH_ITER(hh, src->words, w, wt) {
-        if (word_add(dst, w->s, w->len, w->count) == NULL)
-            goto out_free;
+/* A copy of the pending outputs of st. 0 or OQ_ENOMEM. */
+static int cp_outs_copy(const wc_state *st, cp_out **out)
+{
+    cp_out *o = oq__calloc(st->npending ? st->npending : 1, sizeof(*o));
+
+    if (o == NULL)
+        return OQ_ENOMEM;
+    for (size_t i = 0; i < st->npending; i++) {
+        const wc_pending *p = &st->pending[i];
+        char *s = oq__malloc(p->id->len + p->word->len + 2);
+
+        if (s == NULL) {
+            cp_outs_free(o, i);
+            return OQ_ENOMEM;
+        }
+        memcpy(s, p->id->s, p->id->len + 1);
+        memcpy(s + p->id->len + 1, p->word->s, p->word->len + 1);
+        o[i] = (cp_out){ s, p->id->len, p->word->len };
     }
-    HASH_ITER(hh, src->ids, e, et) {
-        if (id_add(dst, e->s, e->len) == NULL)
-            goto out_free;
-    }
-    if (!pending_reserve(dst, src->npending))
-        goto out_free;
-    for (size_t i = 0; i < src->npending; i++) {
-        const wc_pending *p = &src->pending[i];
-        wc_pending *q = &dst->pending[i];
-        HASH_FIND(hh, dst->ids, p->id->s, p->id->len, q->id);
-        HASH_FIND(hh, dst->words, p->word->s, p->word->len, q->word);
-    }
-    dst->npending = src->npending;
+    *out = o;
     return 0;
+}
 
-out_free:
-    wc_free(dst);
-    return OQ_ENOMEM;
+/* Adds one output for a new event id. NULL (and no change) when out of
+ * memory. */
+static wc_word *wc_apply(wc_state *st, const char *eid, size_t eid_len,
+                         const char *word, size_t word_len)
+{
+    wc_id *id;
+    wc_word *w;
+
+    if (!pending_reserve(st, st->npending + 1))
+        return NULL;
+    id = id_add(st, eid, eid_len);
+    if (id == NULL)
+        return NULL;
+    HASH_FIND(hh, st->words, word, word_len, w);
+    if (w)
+        w->count++;
+    else if ((w = word_add(st, word, word_len, 1)) == NULL) {
+        HASH_DEL(st->ids, id);
+        oq__free(id);
+        return NULL;
+    }
+    st->pending[st->npending++] = (wc_pending){ id, w };
+    return w;
 }
 
 /* Undoes every pending output, newest first. Returns how many. */
@@ -408,11 +450,14 @@ typedef struct klog {
     size_t len, cap;
     int64_t committed;       /* valid when has_committed */
     bool has_committed;
+    unsigned long listed;    /* lineno of the last list that named it */
+    struct kmid *mids;       /* uthash by message_id JSON text */
     size_t keylen;
     char key[];
 } klog;
 
-/* A message_id seen by send, keyed by its JSON text (so 5 and "5" differ). */
+/* A message_id seen by send on one key, keyed by its JSON text as sent
+ * (so 5, 5.0 and "5" differ). */
 typedef struct kmid {
     UT_hash_handle hh;
     int64_t offset;
@@ -453,7 +498,7 @@ static bool grow_log(klog *l)
     return true;
 }
 
-static void kafka_free(klog **logs, kmid **mids)
+static void kafka_free(klog **logs)
 {
     klog *l, *lt;
     kmid *m, *mt;
@@ -461,13 +506,13 @@ static void kafka_free(klog **logs, kmid **mids)
     HASH_ITER(hh, *logs, l, lt) {
         HASH_DEL(*logs, l);
         for (size_t i = 0; i < l->len; i++)
-            cJSON_free(l->msgs[i]);
+            oq__free(l->msgs[i]);
+        HASH_ITER(hh, l->mids, m, mt) {
+            HASH_DEL(l->mids, m);
+            oq__free(m);
+        }
         oq__free(l->msgs);
         oq__free(l);
-    }
-    HASH_ITER(hh, *mids, m, mt) {
-        HASH_DEL(*mids, m);
-        oq__free(m);
     }
 }
 
@@ -482,8 +527,9 @@ typedef struct node {
     int64_t default_vt_ms;   /* the queue's visibility timeout */
     oq_delivery *dbuf;       /* receive buffer, RECEIVE_MAX_CAP entries */
     klog *logs;              /* uthash by key */
-    kmid *mids;              /* uthash by message_id JSON text */
-    sbuf out;
+    sbuf body;               /* a handler's reply fields */
+    sbuf tmp;                /* scratch: JSON text of a payload or msg */
+    sbuf out;                /* the reply line being written */
     unsigned long lineno;
     bool quiet;
 } node;
@@ -519,13 +565,9 @@ static int no_memory(nerr *e)
     return fail(e, E_CRASH, "out of memory");
 }
 
-static bool is_int64(const cJSON *v, int64_t *out)
+/* The integer that the double d is exactly, if it is one in int64 range. */
+static bool double_int64(double d, int64_t *out)
 {
-    double d;
-
-    if (!cJSON_IsNumber(v))
-        return false;
-    d = v->valuedouble;
     /* 2^63 is exact in a double; -2^63 itself is rejected, harmlessly. */
     if (!(d > -9223372036854775808.0 && d < 9223372036854775808.0))
         return false;
@@ -533,6 +575,40 @@ static bool is_int64(const cJSON *v, int64_t *out)
         return false;
     *out = (int64_t)d;
     return true;
+}
+
+/* The integer a JSON number's text names, if it is one in int64 range:
+ * "-12" exactly (a double would round above 2^53); "1.0" or "1e3"
+ * through their double value. */
+static bool text_int64(const char *s, int64_t *out)
+{
+    bool neg = *s == '-';
+    const char *p = s + neg;
+    uint64_t u = 0;
+
+    while (*p >= '0' && *p <= '9') {
+        unsigned d = (unsigned)(*p++ - '0');
+        if (u > (UINT64_MAX - d) / 10)
+            return false;
+        u = u * 10 + d;
+    }
+    if (*p != '\0')
+        return double_int64(strtod(s, NULL), out);
+    if (u > (uint64_t)INT64_MAX + neg)
+        return false;
+    *out = !neg ? (int64_t)u : u == 0 ? 0 : -(int64_t)(u - 1) - 1;
+    return true;
+}
+
+/* A number node's value as an integer. Every number of a request carries
+ * its JSON text in valuestring (see walk()). */
+static bool is_int64(const cJSON *v, int64_t *out)
+{
+    if (!cJSON_IsNumber(v))
+        return false;
+    if (v->valuestring != NULL)
+        return text_int64(v->valuestring, out);
+    return double_int64(v->valuedouble, out);
 }
 
 static int get_string(const cJSON *body, const char *field, const char **out,
@@ -558,6 +634,16 @@ static int get_count(const cJSON *body, const char *field, int64_t dflt,
     }
     if (!is_int64(v, out) || *out < 0)
         return bad_field(e, field, "an integer >= 0");
+    return 0;
+}
+
+/* A delay or timeout in ms (get_count), cut to MS_MAX. */
+static int get_ms(const cJSON *body, const char *field, int64_t dflt,
+                  int64_t *out, nerr *e)
+{
+    if (get_count(body, field, dflt, out, e))
+        return e->code;
+    *out = OQ__MIN(*out, MS_MAX);
     return 0;
 }
 
@@ -588,10 +674,516 @@ static int get_offsets(const cJSON *body, const cJSON **out, nerr *e)
     return 0;
 }
 
-/* JSON text of any value (cJSON_free it). */
-static char *json_text(const cJSON *v)
+/* ------------------------------------------------------------ JSON text */
+
+/* cJSON keeps a number as a double only, and it accepts some text that is
+ * not JSON ("01", "1.", "-.5", control bytes in strings, any byte <= 32 as
+ * a blank). So after cJSON has parsed a line, walk() goes over the line's
+ * text beside the tree: it refuses what is not strict JSON (RFC 8259),
+ * gives each number node its exact text (in valuestring: cJSON_Delete
+ * frees it), and replaces bytes that are not well-formed UTF-8 in strings
+ * and keys by U+FFFD, so that the node only ever holds valid UTF-8 and two
+ * strings that print the same are the same string. The node answers
+ * numbers with their text (put_value), never with a re-printed double.
+ *
+ * A line that is JSON but that cJSON refuses (a lone surrogate escape,
+ * nesting deeper than CJSON_NESTING_LIMIT) is read by salvage_scan(), a
+ * strict scanner without a tree, for the few fields an error reply needs. */
+
+enum { WALK_OK, WALK_NOT_JSON, WALK_NOMEM };
+
+/* Strict JSON number grammar: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? */
+static bool number_ok(const char *s, size_t n)
 {
-    return cJSON_PrintUnformatted(v);
+    size_t i = 0;
+
+#define DIGIT(i) ((i) < n && s[i] >= '0' && s[i] <= '9')
+    if (i < n && s[i] == '-')
+        i++;
+    if (i < n && s[i] == '0')
+        i++;
+    else if (DIGIT(i))
+        while (DIGIT(i))
+            i++;
+    else
+        return false;
+    if (i < n && s[i] == '.') {
+        if (!DIGIT(i + 1))
+            return false;
+        for (i++; DIGIT(i); i++)
+            ;
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-'))
+            i++;
+        if (!DIGIT(i))
+            return false;
+        while (DIGIT(i))
+            i++;
+    }
+#undef DIGIT
+    return i == n;
+}
+
+/* Length of the run of bytes that cJSON reads as a number. In a line that
+ * cJSON accepted, that run is exactly the number. */
+static size_t number_run(const char *p, const char *end)
+{
+    const char *q = p;
+
+    while (q < end && *q != '\0' && strchr("0123456789+-.eE", *q) != NULL)
+        q++;
+    return (size_t)(q - p);
+}
+
+/* *s with every byte that is not well-formed UTF-8 replaced by U+FFFD.
+ * The string is replaced only when it has such bytes. */
+static int fix_utf8(char **s)
+{
+    const unsigned char *u = (const unsigned char *)*s;
+    size_t n = strlen(*s), bad = 0, i, k;
+    char *r, *o;
+
+    for (i = 0; i < n; i += k) {
+        k = u[i] < 0x80 ? 1 : utf8_len(u + i, n - i);
+        if (k == 0) {
+            bad++;
+            k = 1;
+        }
+    }
+    if (bad == 0)
+        return WALK_OK;
+    r = cJSON_malloc(n + 2 * bad + 1);
+    if (r == NULL)
+        return WALK_NOMEM;
+    for (i = 0, o = r; i < n; i += k) {
+        k = u[i] < 0x80 ? 1 : utf8_len(u + i, n - i);
+        if (k == 0) {
+            memcpy(o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            k = 1;
+        } else {
+            memcpy(o, u + i, k);
+            o += k;
+        }
+    }
+    *o = '\0';
+    cJSON_free(*s);
+    *s = r;
+    return WALK_OK;
+}
+
+typedef struct walker {
+    const char *p, *end;     /* the line, from where the walk is */
+    nerr refused;            /* code 0, or why the request is refused */
+} walker;
+
+static int walk_ws(walker *w)
+{
+    while (w->p < w->end && (unsigned char)*w->p <= 32) {
+        if (*w->p != ' ' && *w->p != '\t' && *w->p != '\r' && *w->p != '\n')
+            return WALK_NOT_JSON;
+        w->p++;
+    }
+    return WALK_OK;
+}
+
+/* Steps over the string at w->p (cJSON has checked its escapes). */
+static int walk_string(walker *w)
+{
+    const char *p = w->p + 1;
+
+    while (p < w->end && *p != '"') {
+        if ((unsigned char)*p < 0x20)
+            return WALK_NOT_JSON;
+        p += *p == '\\' ? 2 : 1;
+    }
+    w->p = p + 1;
+    return WALK_OK;
+}
+
+static int cmp_cstr(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* An object with a repeated key (after the U+FFFD replacement; cJSON
+ * reads only the first) is refused: the node would answer it with a
+ * repeated key, or act on one value and ignore the other. */
+static int check_keys(const cJSON *obj, walker *w)
+{
+    const cJSON *c, *d;
+    const char *dup = NULL;
+    const char **v;
+    size_t n = 0, i;
+
+    if (w->refused.code != 0)
+        return WALK_OK;
+    for (c = obj->child; c; c = c->next)
+        n++;
+    if (n <= 16) {
+        for (c = obj->child; c && !dup; c = c->next)
+            for (d = c->next; d && !dup; d = d->next)
+                if (strcmp(c->string, d->string) == 0)
+                    dup = c->string;
+    } else {
+        v = oq__malloc(n * sizeof(*v));
+        if (v == NULL)
+            return WALK_NOMEM;
+        for (c = obj->child, i = 0; c; c = c->next)
+            v[i++] = c->string;
+        qsort(v, n, sizeof(*v), cmp_cstr);
+        for (i = 1; i < n && !dup; i++)
+            if (strcmp(v[i - 1], v[i]) == 0)
+                dup = v[i];
+        oq__free(v);
+    }
+    if (dup)
+        fail(&w->refused, E_MALFORMED, "repeated key '%.80s' in an object",
+             dup);
+    return WALK_OK;
+}
+
+/* Walks the text of v, which cJSON parsed from w->p. */
+static int walk(walker *w, cJSON *v)
+{
+    bool obj = cJSON_IsObject(v);
+    cJSON *c;
+    size_t len;
+    int rc;
+
+    if ((rc = walk_ws(w)) != WALK_OK)
+        return rc;
+    switch (v->type & 0xFF) {
+    case cJSON_Object:
+    case cJSON_Array:
+        w->p++;              /* '{' or '[' */
+        for (c = v->child; c; c = c->next) {
+            if (obj) {
+                if ((rc = walk_ws(w)) || (rc = walk_string(w)) ||
+                    (rc = walk_ws(w)) || (rc = fix_utf8(&c->string)))
+                    return rc;
+                w->p++;      /* ':' */
+            }
+            if ((rc = walk(w, c)) || (rc = walk_ws(w)))
+                return rc;
+            w->p++;          /* ',' or the closing bracket */
+        }
+        if (v->child == NULL) {
+            if ((rc = walk_ws(w)))
+                return rc;
+            w->p++;
+        }
+        return obj ? check_keys(v, w) : WALK_OK;
+    case cJSON_String:
+        if ((rc = walk_string(w)))
+            return rc;
+        return fix_utf8(&v->valuestring);
+    case cJSON_Number:
+        len = number_run(w->p, w->end);
+        if (!number_ok(w->p, len))
+            return WALK_NOT_JSON;
+        v->valuestring = cJSON_malloc(len + 1);
+        if (v->valuestring == NULL)
+            return WALK_NOMEM;
+        memcpy(v->valuestring, w->p, len);
+        v->valuestring[len] = '\0';
+        w->p += len;
+        return WALK_OK;
+    case cJSON_False:
+        w->p += 5;
+        return WALK_OK;
+    case cJSON_True:
+    case cJSON_NULL:
+        w->p += 4;
+        return WALK_OK;
+    }
+    return WALK_NOT_JSON;
+}
+
+/* Appends v as compact JSON: strings through sb_str, numbers as the text
+ * they had in the request. */
+static void put_value(sbuf *b, const cJSON *v)
+{
+    bool obj = cJSON_IsObject(v);
+    const cJSON *c;
+
+    switch (v->type & 0xFF) {
+    case cJSON_Object:
+    case cJSON_Array:
+        sb_put(b, obj ? "{" : "[", 1);
+        for (c = v->child; c; c = c->next) {
+            if (c != v->child)
+                sb_put(b, ",", 1);
+            if (obj) {
+                sb_cstr(b, c->string);
+                sb_put(b, ":", 1);
+            }
+            put_value(b, c);
+        }
+        sb_put(b, obj ? "}" : "]", 1);
+        return;
+    case cJSON_String:
+        sb_cstr(b, v->valuestring);
+        return;
+    case cJSON_Number:
+        if (v->valuestring != NULL) {
+            sb_puts(b, v->valuestring);
+        } else {
+            char t[32];
+            snprintf(t, sizeof(t), "%.17g", v->valuedouble);
+            sb_puts(b, isfinite(v->valuedouble) ? t : "null");
+        }
+        return;
+    case cJSON_True:
+        sb_puts(b, "true");
+        return;
+    case cJSON_False:
+        sb_puts(b, "false");
+        return;
+    default:
+        sb_puts(b, "null");
+        return;
+    }
+}
+
+/* What salvage_scan() found: spans of the line, NULL when absent. */
+typedef struct salvage {
+    const char *src, *dest;  /* string contents, without the quotes */
+    size_t src_len, dest_len;
+    const char *mid;         /* the body's msg_id, when a number */
+    size_t mid_len;
+    bool body;               /* the first "body" is an object */
+} salvage;
+
+static const char *scan_ws(const char *p, const char *end)
+{
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n'))
+        p++;
+    return p;
+}
+
+/* The end of the JSON string at p (after its closing quote), or NULL. */
+static const char *scan_string(const char *p, const char *end)
+{
+    for (p++; p < end && *p != '"'; p++) {
+        if ((unsigned char)*p < 0x20)
+            return NULL;
+        if (*p != '\\')
+            continue;
+        if (++p == end || strchr("\"\\/bfnrtu", *p) == NULL || *p == '\0')
+            return NULL;
+        if (*p == 'u') {
+            for (int i = 0; i < 4; i++)
+                if (++p == end || !isxdigit((unsigned char)*p))
+                    return NULL;
+        }
+    }
+    return p < end ? p + 1 : NULL;
+}
+
+static unsigned hex4(const char *p)
+{
+    unsigned v = 0;
+
+    for (int i = 0; i < 4; i++)
+        v = v * 16 + (unsigned)(isdigit((unsigned char)p[i])
+                                    ? p[i] - '0'
+                                    : (tolower((unsigned char)p[i]) - 'a' + 10));
+    return v;
+}
+
+/* The contents of a JSON string already checked by scan_string, decoded
+ * (oq__free it; a lone surrogate becomes U+FFFD, \u0000 ends it), or NULL
+ * when out of memory. Decoding never makes the text longer. */
+static char *decode_string(const char *s, size_t n)
+{
+    char *r = oq__malloc(n + 1), *o = r;
+    const char *end = s + n;
+
+    if (r == NULL)
+        return NULL;
+    while (s < end) {
+        unsigned c;
+
+        if (*s != '\\') {
+            *o++ = *s++;
+            continue;
+        }
+        s++;
+        switch (*s++) {
+        case 'b': *o++ = '\b'; continue;
+        case 'f': *o++ = '\f'; continue;
+        case 'n': *o++ = '\n'; continue;
+        case 'r': *o++ = '\r'; continue;
+        case 't': *o++ = '\t'; continue;
+        case 'u': break;
+        default: *o++ = s[-1]; continue;
+        }
+        c = hex4(s);
+        s += 4;
+        if (c >= 0xD800 && c <= 0xDBFF && end - s >= 6 && s[0] == '\\' &&
+            s[1] == 'u' && hex4(s + 2) >= 0xDC00 && hex4(s + 2) <= 0xDFFF) {
+            c = 0x10000 + ((c - 0xD800) << 10) + (hex4(s + 2) - 0xDC00);
+            s += 6;
+        } else if (c >= 0xD800 && c <= 0xDFFF) {
+            c = 0xFFFD;
+        }
+        if (c == 0)
+            break;
+        if (c < 0x80) {
+            *o++ = (char)c;
+        } else if (c < 0x800) {
+            *o++ = (char)(0xC0 | c >> 6);
+            *o++ = (char)(0x80 | (c & 0x3F));
+        } else if (c < 0x10000) {
+            *o++ = (char)(0xE0 | c >> 12);
+            *o++ = (char)(0x80 | ((c >> 6) & 0x3F));
+            *o++ = (char)(0x80 | (c & 0x3F));
+        } else {
+            *o++ = (char)(0xF0 | c >> 18);
+            *o++ = (char)(0x80 | ((c >> 12) & 0x3F));
+            *o++ = (char)(0x80 | ((c >> 6) & 0x3F));
+            *o++ = (char)(0x80 | (c & 0x3F));
+        }
+    }
+    *o = '\0';
+    return r;
+}
+
+enum { F_NONE, F_SRC, F_DEST, F_BODY, F_MSG_ID };
+
+/* Which field the key at s names, at depth (1: the message, 2: the body). */
+static int key_field(const char *s, size_t n, size_t depth, unsigned *seen)
+{
+    static const char *const names[] = { "", "src", "dest", "body", "msg_id" };
+    char *k = decode_string(s, n);
+    int f = F_NONE;
+
+    if (k == NULL)
+        return F_NONE;
+    for (int i = depth == 1 ? F_SRC : F_MSG_ID;
+         i <= (depth == 1 ? F_BODY : F_MSG_ID); i++) {
+        /* Only the first occurrence counts, as with cJSON's lookups. */
+        if (strcmp(k, names[i]) == 0 && !(*seen & (1u << i))) {
+            *seen |= 1u << i;
+            f = i;
+        }
+    }
+    oq__free(k);
+    return f;
+}
+
+/* Scans s..end as strict JSON without building a tree (no depth limit),
+ * keeping the spans of src, dest and body.msg_id. true if it is JSON. */
+static bool salvage_scan(const char *p, const char *end, salvage *sv)
+{
+    char *stack = NULL;      /* '{' or '[' per open container */
+    size_t depth = 0, cap = 0, body_depth = 0;
+    unsigned seen = 0;
+    int field = F_NONE;
+    const char *q;
+    bool ok = false;
+
+    memset(sv, 0, sizeof(*sv));
+    if (end - p >= 3 && memcmp(p, "\xEF\xBB\xBF", 3) == 0)
+        p += 3;
+value:
+    p = scan_ws(p, end);
+    if (p == end)
+        goto out;
+    if (*p == '{' || *p == '[') {
+        if (depth == cap) {
+            char *s = oq__realloc(stack, cap ? cap * 2 : 64);
+            if (s == NULL)
+                goto out;
+            stack = s;
+            cap = cap ? cap * 2 : 64;
+        }
+        if (field == F_BODY && *p == '{') {
+            sv->body = true;
+            body_depth = depth + 1;
+        }
+        field = F_NONE;
+        stack[depth++] = *p++;
+        p = scan_ws(p, end);
+        if (p < end && *p == (stack[depth - 1] == '{' ? '}' : ']')) {
+            p++;
+            depth--;
+            goto after;
+        }
+        if (stack[depth - 1] == '{')
+            goto key;
+        goto value;
+    }
+    q = p;
+    if (*p == '"') {
+        if ((p = scan_string(p, end)) == NULL)
+            goto out;
+        if (field == F_SRC) {
+            sv->src = q + 1;
+            sv->src_len = (size_t)(p - q - 2);
+        } else if (field == F_DEST) {
+            sv->dest = q + 1;
+            sv->dest_len = (size_t)(p - q - 2);
+        }
+    } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
+        p += number_run(p, end);
+        if (!number_ok(q, (size_t)(p - q)))
+            goto out;
+        if (field == F_MSG_ID) {
+            sv->mid = q;
+            sv->mid_len = (size_t)(p - q);
+        }
+    } else if (end - p >= 4 && (memcmp(p, "true", 4) == 0 ||
+                                memcmp(p, "null", 4) == 0)) {
+        p += 4;
+    } else if (end - p >= 5 && memcmp(p, "false", 5) == 0) {
+        p += 5;
+    } else {
+        goto out;
+    }
+    field = F_NONE;
+after:
+    if (body_depth > depth)
+        body_depth = 0;
+    p = scan_ws(p, end);
+    if (depth == 0) {
+        ok = p == end;
+        goto out;
+    }
+    if (p < end && *p == ',') {
+        p++;
+        if (stack[depth - 1] == '{')
+            goto key;
+        goto value;
+    }
+    if (p < end && *p == (stack[depth - 1] == '{' ? '}' : ']')) {
+        p++;
+        depth--;
+        goto after;
+    }
+    goto out;
+key:
+    p = scan_ws(p, end);
+    if (p == end || *p != '"')
+        goto out;
+    q = p;
+    if ((p = scan_string(p, end)) == NULL)
+        goto out;
+    if ((depth == 1 && stack[0] == '{') ||
+        (body_depth != 0 && depth == body_depth))
+        field = key_field(q + 1, (size_t)(p - q - 2), depth == 1 ? 1 : 2,
+                          &seen);
+    p = scan_ws(p, end);
+    if (p == end || *p != ':')
+        goto out;
+    p++;
+    goto value;
+out:
+    oq__free(stack);
+    return ok;
 }
 
 /* ------------------------------------------------------------- handlers */
@@ -621,20 +1213,20 @@ static int h_init(node *n, const cJSON *body, nerr *e)
         return no_memory(e);
     oq__free(n->node_id);
     n->node_id = copy;
-    sb_key(&n->out, "msg_id");
-    sb_int(&n->out, n->next_msg_id++);
+    sb_key(&n->body, "msg_id");
+    sb_int(&n->body, n->next_msg_id++);
     return 0;
 }
 
 static void put_processed(node *n, const char *word, size_t len,
                           int64_t count, bool dup)
 {
-    sb_key(&n->out, "word");
-    sb_str(&n->out, word, len);
-    sb_key(&n->out, "count");
-    sb_int(&n->out, count);
-    sb_key(&n->out, "was_duplicate");
-    sb_puts(&n->out, dup ? "true" : "false");
+    sb_key(&n->body, "word");
+    sb_str(&n->body, word, len);
+    sb_key(&n->body, "count");
+    sb_int(&n->body, count);
+    sb_key(&n->body, "was_duplicate");
+    sb_puts(&n->body, dup ? "true" : "false");
 }
 
 static int h_process(node *n, const cJSON *body, nerr *e)
@@ -650,25 +1242,15 @@ static int h_process(node *n, const cJSON *body, nerr *e)
         return e->code;
     eid_len = strlen(eid);
     word_len = strlen(word);
-    HASH_FIND(hh, st->words, word, word_len, w);
     HASH_FIND(hh, st->ids, eid, eid_len, id);
     if (id) {
+        HASH_FIND(hh, st->words, word, word_len, w);
         put_processed(n, word, word_len, w ? w->count : 0, true);
         return 0;
     }
-    if (!pending_reserve(st, st->npending + 1))
+    w = wc_apply(st, eid, eid_len, word, word_len);
+    if (w == NULL)
         return no_memory(e);
-    id = id_add(st, eid, eid_len);
-    if (id == NULL)
-        return no_memory(e);
-    if (w)
-        w->count++;
-    else if ((w = word_add(st, word, word_len, 1)) == NULL) {
-        HASH_DEL(st->ids, id);
-        oq__free(id);
-        return no_memory(e);
-    }
-    st->pending[st->npending++] = (wc_pending){ id, w };
     put_processed(n, word, word_len, w->count, false);
     return 0;
 }
@@ -678,12 +1260,12 @@ static int h_checkpoint(node *n, const cJSON *body, nerr *e)
     const char *name = NULL;
     size_t len;
     checkpoint *cp;
-    wc_state copy;
+    cp_out *outs;
 
     if (get_string(body, "checkpoint_id", &name, e))
         return e->code;
     len = strlen(name);
-    if (wc_copy(&copy, &n->wc) != 0)
+    if (cp_outs_copy(&n->wc, &outs) != 0)
         return no_memory(e);
     HASH_FIND(hh, n->checkpoints, name, len, cp);
     if (cp == NULL) {
@@ -698,24 +1280,29 @@ static int h_checkpoint(node *n, const cJSON *body, nerr *e)
             goto out_nomem;
         }
     } else {
-        wc_free(&cp->st);
+        cp_outs_free(cp->outs, cp->nouts);
     }
-    cp->st = copy;
-    sb_key(&n->out, "checkpoint_id");
-    sb_str(&n->out, name, len);
+    cp->outs = outs;
+    cp->nouts = n->wc.npending;
+    sb_key(&n->body, "checkpoint_id");
+    sb_str(&n->body, name, len);
     return 0;
 
 out_nomem:
-    wc_free(&copy);
+    cp_outs_free(outs, n->wc.npending);
     return no_memory(e);
 }
 
+/* The state becomes the last commit plus the checkpoint's pending outputs
+ * whose event ids are not committed since: an output counts once, however
+ * often it is restored and committed. Out of memory half way leaves the
+ * last commit plus the outputs restored so far (a consistent state). */
 static int h_restore(node *n, const cJSON *body, nerr *e)
 {
     const char *name = NULL;
     checkpoint *cp;
-    wc_state copy;
     const wc_word *w, *wt;
+    const wc_id *id;
     bool first = true;
 
     if (get_string(body, "checkpoint_id", &name, e))
@@ -723,21 +1310,26 @@ static int h_restore(node *n, const cJSON *body, nerr *e)
     HASH_FIND(hh, n->checkpoints, name, strlen(name), cp);
     if (cp == NULL)
         return fail(e, E_NO_SUCH_KEY, "no checkpoint named '%s'", name);
-    if (wc_copy(&copy, &cp->st) != 0)
-        return no_memory(e);
-    wc_free(&n->wc);
-    n->wc = copy;
-    sb_key(&n->out, "counts");
-    sb_put(&n->out, "{", 1);
+    wc_rollback(&n->wc);
+    for (size_t i = 0; i < cp->nouts; i++) {
+        const cp_out *o = &cp->outs[i];
+
+        HASH_FIND(hh, n->wc.ids, o->id, o->id_len, id);
+        if (id == NULL && wc_apply(&n->wc, o->id, o->id_len,
+                                   o->id + o->id_len + 1, o->word_len) == NULL)
+            return no_memory(e);
+    }
+    sb_key(&n->body, "counts");
+    sb_put(&n->body, "{", 1);
     HASH_ITER(hh, n->wc.words, w, wt) {
         if (!first)
-            sb_put(&n->out, ",", 1);
+            sb_put(&n->body, ",", 1);
         first = false;
-        sb_str(&n->out, w->s, w->len);
-        sb_put(&n->out, ":", 1);
-        sb_int(&n->out, w->count);
+        sb_str(&n->body, w->s, w->len);
+        sb_put(&n->body, ":", 1);
+        sb_int(&n->body, w->count);
     }
-    sb_put(&n->out, "}", 1);
+    sb_put(&n->body, "}", 1);
     return 0;
 }
 
@@ -749,8 +1341,8 @@ static int h_commit(node *n, const cJSON *body, nerr *e)
     OQ__UNUSED(e);
     /* The outputs are committed: they can no longer be rolled back. */
     n->wc.npending = 0;
-    sb_key(&n->out, "output_count");
-    sb_int(&n->out, (int64_t)moved);
+    sb_key(&n->body, "output_count");
+    sb_int(&n->body, (int64_t)moved);
     return 0;
 }
 
@@ -758,8 +1350,8 @@ static int h_rollback(node *n, const cJSON *body, nerr *e)
 {
     OQ__UNUSED(body);
     OQ__UNUSED(e);
-    sb_key(&n->out, "discarded_count");
-    sb_int(&n->out, (int64_t)wc_rollback(&n->wc));
+    sb_key(&n->body, "discarded_count");
+    sb_int(&n->body, (int64_t)wc_rollback(&n->wc));
     return 0;
 }
 
@@ -770,7 +1362,6 @@ static int h_enqueue(node *n, const cJSON *body, nerr *e)
     const cJSON *payload = cJSON_GetObjectItemCaseSensitive(body, "payload");
     const char *id = NULL;
     int64_t delay;
-    char *text;
     int rc;
 
     if (get_string(body, "id", &id, e))
@@ -779,17 +1370,18 @@ static int h_enqueue(node *n, const cJSON *body, nerr *e)
         return bad_field(e, "id", "a non-empty string");
     if (payload == NULL)
         return bad_field(e, "payload", "a JSON value");
-    if (get_count(body, "delay_ms", 0, &delay, e))
+    if (get_ms(body, "delay_ms", 0, &delay, e))
         return e->code;
-    text = json_text(payload);
-    if (text == NULL)
+    n->tmp.len = 0;
+    n->tmp.oom = false;
+    put_value(&n->tmp, payload);
+    if (n->tmp.oom)
         return no_memory(e);
-    rc = oq_queue_send(n->q, id, strlen(id), text, strlen(text), delay);
-    cJSON_free(text);
+    rc = oq_queue_send(n->q, id, strlen(id), n->tmp.p, n->tmp.len, delay);
     if (rc != 0 && rc != OQ_EEXIST)
         return fail(e, E_CRASH, "enqueue: %s", oq_strerror(rc));
-    sb_key(&n->out, "duplicate");
-    sb_puts(&n->out, rc == OQ_EEXIST ? "true" : "false");
+    sb_key(&n->body, "duplicate");
+    sb_puts(&n->body, rc == OQ_EEXIST ? "true" : "false");
     return 0;
 }
 
@@ -812,7 +1404,7 @@ static int h_receive(node *n, const cJSON *body, nerr *e)
     int got;
 
     if (get_count(body, "max", RECEIVE_MAX_DEFAULT, &max, e) ||
-        get_count(body, "visibility_timeout_ms", n->default_vt_ms, &vt, e))
+        get_ms(body, "visibility_timeout_ms", n->default_vt_ms, &vt, e))
         return e->code;
     max = OQ__MIN(max, RECEIVE_MAX_CAP);
     got = oq_queue_receive(n->q, n->dbuf, (size_t)max, 0);
@@ -821,14 +1413,14 @@ static int h_receive(node *n, const cJSON *body, nerr *e)
     /* The queue's timeout is per queue; set this call's per delivery. */
     for (int i = 0; vt != n->default_vt_ms && i < got; i++)
         oq_queue_extend(n->q, n->dbuf[i].receipt, vt);
-    sb_key(&n->out, "messages");
-    sb_put(&n->out, "[", 1);
+    sb_key(&n->body, "messages");
+    sb_put(&n->body, "[", 1);
     for (int i = 0; i < got; i++) {
         if (i)
-            sb_put(&n->out, ",", 1);
-        put_delivery(&n->out, &n->dbuf[i]);
+            sb_put(&n->body, ",", 1);
+        put_delivery(&n->body, &n->dbuf[i]);
     }
-    sb_put(&n->out, "]", 1);
+    sb_put(&n->body, "]", 1);
     oq_queue_release(n->q, n->dbuf, (size_t)got);
     return 0;
 }
@@ -858,7 +1450,7 @@ static int h_nack(node *n, const cJSON *body, nerr *e)
     int64_t receipt, delay;
 
     if (get_count(body, "receipt", -1, &receipt, e) ||
-        get_count(body, "delay_ms", 0, &delay, e))
+        get_ms(body, "delay_ms", 0, &delay, e))
         return e->code;
     return settle_result(oq_queue_nack(n->q, (uint64_t)receipt, delay),
                          "nack", receipt, e);
@@ -887,89 +1479,96 @@ static void put_dead(const oq_dead_letter *dl, void *arg)
 
 static int h_dead_letters(node *n, const cJSON *body, nerr *e)
 {
-    dl_ctx c = { &n->out, 0 };
+    dl_ctx c = { &n->body, 0 };
 
     OQ__UNUSED(body);
     OQ__UNUSED(e);
-    sb_key(&n->out, "messages");
-    sb_put(&n->out, "[", 1);
+    sb_key(&n->body, "messages");
+    sb_put(&n->body, "[", 1);
     oq_queue_dead_letters(n->q, 0, put_dead, &c);
-    sb_put(&n->out, "]", 1);
+    sb_put(&n->body, "]", 1);
     return 0;
 }
 
 /* --------------------------------------------------------- kafka workload */
 
-static int send_dup(node *n, const cJSON *mid, char **mtext, kmid **found,
-                    nerr *e)
+/* Appends one message to l under the message_id text mtext (or none). */
+static int send_append(node *n, klog *l, const cJSON *msg, const char *mtext,
+                       size_t mlen, nerr *e)
 {
-    *mtext = NULL;
-    *found = NULL;
-    if (mid == NULL)
-        return 0;
-    if (!cJSON_IsString(mid) && !cJSON_IsNumber(mid))
-        return bad_field(e, "message_id", "a string or a number");
-    *mtext = json_text(mid);
-    if (*mtext == NULL)
+    kmid *m = NULL;
+    char *text;
+
+    n->tmp.len = 0;
+    n->tmp.oom = false;
+    put_value(&n->tmp, msg);
+    if (n->tmp.oom)
         return no_memory(e);
-    HASH_FIND(hh, n->mids, *mtext, strlen(*mtext), *found);
-    return 0;
-}
-
-static int send_remember(node *n, const char *mtext, int64_t offset)
-{
-    kmid *m = entry_new(sizeof(kmid), mtext, strlen(mtext));
-
-    if (m == NULL)
-        return OQ_ENOMEM;
-    m->len = strlen(mtext);
-    m->offset = offset;
-    hash_oom = 0;
-    HASH_ADD_KEYPTR(hh, n->mids, m->s, m->len, m);
-    if (hash_oom) {
-        oq__free(m);
-        return OQ_ENOMEM;
+    if (mtext && (m = entry_new(sizeof(kmid), mtext, mlen)) == NULL)
+        return no_memory(e);
+    text = entry_new(0, n->tmp.p, n->tmp.len);
+    if (text == NULL || (l->len == l->cap && !grow_log(l)))
+        goto out_nomem;
+    if (m) {
+        m->len = mlen;
+        m->offset = (int64_t)l->len;
+        hash_oom = 0;
+        HASH_ADD_KEYPTR(hh, l->mids, m->s, m->len, m);
+        if (hash_oom)
+            goto out_nomem;
     }
+    l->msgs[l->len] = text;
+    sb_key(&n->body, "offset");
+    sb_int(&n->body, (int64_t)l->len++);
     return 0;
+
+out_nomem:
+    oq__free(text);
+    oq__free(m);
+    return no_memory(e);
 }
 
+/* A message_id makes a send idempotent on its key: the same message_id on
+ * another key is another message. */
 static int h_send(node *n, const cJSON *body, nerr *e)
 {
     const cJSON *msg = cJSON_GetObjectItemCaseSensitive(body, "msg");
+    const cJSON *mid = cJSON_GetObjectItemCaseSensitive(body, "message_id");
     const char *key = NULL;
-    char *mtext = NULL, *text = NULL;
-    kmid *dup;
+    char *mtext = NULL;
+    size_t mlen = 0;
+    kmid *dup = NULL;
     klog *l;
-    int rc = 0;
+    int rc;
 
     if (get_string(body, "key", &key, e))
         return e->code;
     if (msg == NULL)
         return bad_field(e, "msg", "a JSON value");
-    if (send_dup(n, cJSON_GetObjectItemCaseSensitive(body, "message_id"),
-                 &mtext, &dup, e))
-        return e->code;
-    if (dup) {
-        sb_key(&n->out, "offset");
-        sb_int(&n->out, dup->offset);
-        sb_key(&n->out, "duplicate");
-        sb_puts(&n->out, "true");
-        goto out;
-    }
+    if (mid && !cJSON_IsString(mid) && !cJSON_IsNumber(mid))
+        return bad_field(e, "message_id", "a string or a number");
     l = klog_get(&n->logs, key, true);
-    text = json_text(msg);
-    if (l == NULL || text == NULL || (l->len == l->cap && !grow_log(l)) ||
-        (mtext && send_remember(n, mtext, (int64_t)l->len) != 0)) {
-        rc = no_memory(e);
-        goto out;
+    if (l == NULL)
+        return no_memory(e);
+    if (mid) {
+        n->tmp.len = 0;
+        n->tmp.oom = false;
+        put_value(&n->tmp, mid);
+        if (n->tmp.oom || (mtext = entry_new(0, n->tmp.p, n->tmp.len)) == NULL)
+            return no_memory(e);
+        mlen = n->tmp.len;
+        HASH_FIND(hh, l->mids, mtext, mlen, dup);
     }
-    l->msgs[l->len] = text;
-    text = NULL;
-    sb_key(&n->out, "offset");
-    sb_int(&n->out, (int64_t)l->len++);
-out:
-    cJSON_free(text);
-    cJSON_free(mtext);
+    if (dup) {
+        sb_key(&n->body, "offset");
+        sb_int(&n->body, dup->offset);
+        sb_key(&n->body, "duplicate");
+        sb_puts(&n->body, "true");
+        rc = 0;
+    } else {
+        rc = send_append(n, l, msg, mtext, mlen, e);
+    }
+    oq__free(mtext);
     return rc;
 }
 
@@ -980,32 +1579,35 @@ static int h_poll(node *n, const cJSON *body, nerr *e)
 
     if (get_offsets(body, &offsets, e))
         return e->code;
-    sb_key(&n->out, "msgs");
-    sb_put(&n->out, "{", 1);
+    sb_key(&n->body, "msgs");
+    sb_put(&n->body, "{", 1);
     cJSON_ArrayForEach(kv, offsets) {
         const klog *l = klog_get(&n->logs, kv->string, false);
-        size_t from = (size_t)kv->valuedouble, end;
+        int64_t off = 0;
+        size_t from, end;
 
         if (!first)
-            sb_put(&n->out, ",", 1);
+            sb_put(&n->body, ",", 1);
         first = false;
-        sb_cstr(&n->out, kv->string);
-        sb_put(&n->out, ":[", 2);
+        is_int64(kv, &off);      /* checked by get_offsets */
+        from = (size_t)off;
+        sb_cstr(&n->body, kv->string);
+        sb_put(&n->body, ":[", 2);
         end = l ? l->len : 0;
         if (from < end && end - from > POLL_CAP)
             end = from + POLL_CAP;
         for (size_t i = from; i < end; i++) {
             if (i > from)
-                sb_put(&n->out, ",", 1);
-            sb_put(&n->out, "[", 1);
-            sb_int(&n->out, (int64_t)i);
-            sb_put(&n->out, ",", 1);
-            sb_puts(&n->out, l->msgs[i]);
-            sb_put(&n->out, "]", 1);
+                sb_put(&n->body, ",", 1);
+            sb_put(&n->body, "[", 1);
+            sb_int(&n->body, (int64_t)i);
+            sb_put(&n->body, ",", 1);
+            sb_puts(&n->body, l->msgs[i]);
+            sb_put(&n->body, "]", 1);
         }
-        sb_put(&n->out, "]", 1);
+        sb_put(&n->body, "]", 1);
     }
-    sb_put(&n->out, "}", 1);
+    sb_put(&n->body, "}", 1);
     return 0;
 }
 
@@ -1017,8 +1619,9 @@ static int h_commit_offsets(node *n, const cJSON *body, nerr *e)
         return e->code;
     cJSON_ArrayForEach(kv, offsets) {
         klog *l = klog_get(&n->logs, kv->string, true);
-        int64_t off = (int64_t)kv->valuedouble;
+        int64_t off = 0;
 
+        is_int64(kv, &off);      /* checked by get_offsets */
         if (l == NULL)
             return no_memory(e);
         /* Committed offsets only move forward. */
@@ -1041,21 +1644,23 @@ static int h_list_committed(node *n, const cJSON *body, nerr *e)
         if (!cJSON_IsString(k))
             return bad_field(e, "keys", "an array of strings");
     }
-    sb_key(&n->out, "offsets");
-    sb_put(&n->out, "{", 1);
+    sb_key(&n->body, "offsets");
+    sb_put(&n->body, "{", 1);
     cJSON_ArrayForEach(k, keys) {
-        const klog *l = klog_get(&n->logs, k->valuestring, false);
+        klog *l = klog_get(&n->logs, k->valuestring, false);
 
-        if (l == NULL || !l->has_committed)
+        /* A key named twice is answered once. */
+        if (l == NULL || !l->has_committed || l->listed == n->lineno)
             continue;
+        l->listed = n->lineno;
         if (!first)
-            sb_put(&n->out, ",", 1);
+            sb_put(&n->body, ",", 1);
         first = false;
-        sb_cstr(&n->out, k->valuestring);
-        sb_put(&n->out, ":", 1);
-        sb_int(&n->out, l->committed);
+        sb_cstr(&n->body, k->valuestring);
+        sb_put(&n->body, ":", 1);
+        sb_int(&n->body, l->committed);
     }
-    sb_put(&n->out, "}", 1);
+    sb_put(&n->body, "}", 1);
     return 0;
 }
 
@@ -1097,9 +1702,10 @@ static const route *find_route(const char *type)
     return NULL;
 }
 
-/* {"src":..,"dest":..,"body":{"type":T,"in_reply_to":N  (left open) */
+/* {"src":..,"dest":..,"body":{"type":T,"in_reply_to":N  (left open).
+ * Written after the handler ran, so that init_ok comes from the new id. */
 static void put_head(node *n, const char *src, const char *dest,
-                     const char *type, const cJSON *msg_id, int64_t id)
+                     const char *type, bool has_id, int64_t id)
 {
     sbuf *b = &n->out;
 
@@ -1110,20 +1716,21 @@ static void put_head(node *n, const char *src, const char *dest,
     sb_put(b, ",\"body\":{\"type\":", 16);
     sb_cstr(b, type);
     sb_key(b, "in_reply_to");
-    if (msg_id)
+    if (has_id)
         sb_int(b, id);
     else
         sb_puts(b, "null");
 }
 
 static void put_error(node *n, const char *src, const char *dest,
-                      const cJSON *msg_id, int64_t id, const nerr *e)
+                      bool has_id, int64_t id, const nerr *e)
 {
-    put_head(n, src, dest, "error", msg_id, id);
+    put_head(n, src, dest, "error", has_id, id);
     sb_key(&n->out, "code");
     sb_int(&n->out, e->code);
     sb_key(&n->out, "text");
     sb_cstr(&n->out, e->text);
+    sb_put(&n->out, "}}\n", 3);
 }
 
 /* Writes the whole buffer. false when stdout is gone. */
@@ -1152,18 +1759,21 @@ static void log_skip(const node *n, const char *why)
                 why);
 }
 
-/* Answers one parsed message (already known to have src and body). */
+/* Answers one parsed message (already known to have src and body);
+ * refused: why the request is refused before any handler runs, or NULL. */
 static void answer(node *n, const char *src, const char *dest,
-                   const cJSON *body)
+                   const cJSON *body, const nerr *refused)
 {
     const cJSON *mid = cJSON_GetObjectItemCaseSensitive(body, "msg_id");
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(body, "type");
     const route *r = NULL;
     int64_t id = 0;
+    bool has_id = is_int64(mid, &id);
     nerr e = { 0, "" };
 
-    if (!is_int64(mid, &id)) {
-        mid = NULL;
+    if (refused != NULL && refused->code != 0) {
+        e = *refused;
+    } else if (!has_id) {
         bad_field(&e, "msg_id", "an integer");
     } else if (!cJSON_IsString(type)) {
         bad_field(&e, "type", "a string");
@@ -1172,8 +1782,11 @@ static void answer(node *n, const char *src, const char *dest,
              type->valuestring);
     }
     if (r) {
-        put_head(n, src, dest, r->reply, mid, id);
-        if (r->fn(n, body, &e) == 0 && !n->out.oom) {
+        n->body.len = 0;
+        n->body.oom = false;
+        if (r->fn(n, body, &e) == 0 && !n->body.oom) {
+            put_head(n, src, dest, r->reply, true, id);
+            sb_put(&n->out, n->body.p, n->body.len);
             sb_put(&n->out, "}}\n", 3);
             if (!n->out.oom)
                 return;
@@ -1185,8 +1798,43 @@ static void answer(node *n, const char *src, const char *dest,
         n->out.len = 0;
         n->out.oom = false;
     }
-    put_error(n, src, dest, mid, id, &e);
-    sb_put(&n->out, "}}\n", 3);
+    put_error(n, src, dest, has_id, id, &e);
+}
+
+/* A line that is JSON but that cJSON could not take: answered with error
+ * 12 when it has a src and a body, like any other request. */
+static void answer_salvaged(node *n, const char *line, size_t len)
+{
+    salvage sv;
+    char *src = NULL, *dest = NULL, *mtext = NULL;
+    int64_t id = 0;
+    bool has_id = false;
+    nerr e;
+
+    if (!salvage_scan(line, line + len, &sv)) {
+        log_skip(n, "not JSON");
+        return;
+    }
+    if (sv.src == NULL || !sv.body) {
+        log_skip(n, "no \"src\" string or no \"body\" object");
+        return;
+    }
+    src = decode_string(sv.src, sv.src_len);
+    dest = sv.dest ? decode_string(sv.dest, sv.dest_len) : NULL;
+    mtext = sv.mid ? entry_new(0, sv.mid, sv.mid_len) : NULL;
+    if (src == NULL || (sv.dest && dest == NULL) || (sv.mid && mtext == NULL)) {
+        log_skip(n, "out of memory");
+        goto out;
+    }
+    has_id = mtext && text_int64(mtext, &id);
+    fail(&e, E_MALFORMED, "unsupported JSON in the request: a \\u escape of "
+         "a lone surrogate, or nesting deeper than %d levels",
+         CJSON_NESTING_LIMIT);
+    put_error(n, src, dest ? dest : "", has_id, id, &e);
+out:
+    oq__free(src);
+    oq__free(dest);
+    oq__free(mtext);
 }
 
 static void handle_line(node *n, char *line, size_t len)
@@ -1194,6 +1842,8 @@ static void handle_line(node *n, char *line, size_t len)
     const char *end = NULL;
     cJSON *msg;
     const cJSON *src, *dest, *body;
+    walker w;
+    int rc;
 
     /* cJSON stops right after the value: trailing blanks go first. */
     while (len > 0 && strchr(" \t\r\n", line[len - 1]) != NULL)
@@ -1201,12 +1851,28 @@ static void handle_line(node *n, char *line, size_t len)
     if (len == 0)
         return;
     msg = cJSON_ParseWithLengthOpts(line, len, &end, 0);
-    if (msg == NULL || end != line + len) {
-        log_skip(n, msg ? "trailing bytes after the JSON value"
-                        : "not JSON");
-        cJSON_Delete(msg);
+    if (msg == NULL) {
+        answer_salvaged(n, line, len);
         return;
     }
+    if (end != line + len) {
+        log_skip(n, "trailing bytes after the JSON value");
+        goto out;
+    }
+    memset(&w, 0, sizeof(w));
+    w.p = line;
+    w.end = line + len;
+    if (len >= 3 && memcmp(line, "\xEF\xBB\xBF", 3) == 0)
+        w.p += 3;        /* cJSON skips a byte order mark */
+    rc = walk(&w, msg);
+    if (rc == WALK_OK && (rc = walk_ws(&w)) == WALK_OK && w.p != w.end)
+        rc = WALK_NOT_JSON;
+    if (rc == WALK_NOT_JSON) {
+        log_skip(n, "not JSON");
+        goto out;
+    }
+    if (rc == WALK_NOMEM)
+        no_memory(&w.refused);
     src = cJSON_GetObjectItemCaseSensitive(msg, "src");
     dest = cJSON_GetObjectItemCaseSensitive(msg, "dest");
     body = cJSON_GetObjectItemCaseSensitive(msg, "body");
@@ -1214,7 +1880,9 @@ static void handle_line(node *n, char *line, size_t len)
         log_skip(n, "no \"src\" string or no \"body\" object");
     else
         answer(n, src->valuestring,
-               cJSON_IsString(dest) ? dest->valuestring : "", body);
+               cJSON_IsString(dest) ? dest->valuestring : "", body,
+               &w.refused);
+out:
     cJSON_Delete(msg);
 }
 
@@ -1291,7 +1959,7 @@ static int parse_opts(int argc, char **argv, node_opts *o)
             return 2;
         }
         if (c == 'v')
-            o->q.visibility_timeout_ms = v;
+            o->q.visibility_timeout_ms = OQ__MIN(v, MS_MAX);
         else if (c == 'm')
             o->q.max_receives = (uint32_t)v;
         else if (c == 't')
@@ -1314,13 +1982,15 @@ static void node_free(node *n)
     wc_free(&n->wc);
     HASH_ITER(hh, n->checkpoints, cp, ct) {
         HASH_DEL(n->checkpoints, cp);
-        wc_free(&cp->st);
+        cp_outs_free(cp->outs, cp->nouts);
         oq__free(cp);
     }
-    kafka_free(&n->logs, &n->mids);
+    kafka_free(&n->logs);
     oq_queue_free(n->q);
     oq__free(n->dbuf);
     oq__free(n->out.p);
+    oq__free(n->body.p);
+    oq__free(n->tmp.p);
     oq__free(n->node_id);
 }
 

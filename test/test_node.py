@@ -77,10 +77,26 @@ def run_node(data, args=(), timeout=60):
     return p.returncode, p.stdout, p.stderr
 
 
+def no_repeated_keys(pairs):
+    keys = [k for k, _ in pairs]
+    check(len(keys) == len(set(keys)), "an object repeats a key: %r" % keys)
+    return dict(pairs)
+
+
+def reject_constant(c):
+    raise Failure("not strict JSON: %s" % c)
+
+
+def loads(line):
+    """json.loads, stricter: no repeated keys, no NaN or Infinity."""
+    return json.loads(line, object_pairs_hook=no_repeated_keys,
+                      parse_constant=reject_constant)
+
+
 def reply_lines(out):
     text = out.decode("utf-8")  # strict: the node must write valid UTF-8
     check(text == "" or text.endswith("\n"), "output does not end in a newline")
-    return [json.loads(l) for l in text.splitlines()]
+    return [loads(l) for l in text.split("\n")[:-1]] if text else []
 
 
 # ------------------------------------------------------------ comparison
@@ -282,7 +298,7 @@ def t_poll_cap():
 
 
 def t_many_checkpoints():
-    """Checkpoints are independent full copies."""
+    """Checkpoints are independent copies; a restore keeps what is committed."""
     lines, expect = [], []
     mid = 0
     for i in range(200):
@@ -300,17 +316,159 @@ def t_many_checkpoints():
         expect.append((mid, i))
     rc, out, _ = run_node(lines)
     got = {r["body"]["in_reply_to"]: r["body"] for r in reply_lines(out)}
-    # Rebuild what each checkpoint must hold with the reference model.
+    # What each restore must answer, from the reference model.
     m = Model(0, 10000)
-    cps = {}
+    want = {}
     for l in lines:
         b = json.loads(l)["body"]
-        m.apply(b)
-        if b["type"] == "checkpoint":
-            cps[b["checkpoint_id"]] = dict(m.counts)
+        r = m.apply(b)
+        if b["type"] == "restore":
+            want[b["msg_id"]] = r["counts"]
     for mid, i in expect:
-        check(got[mid]["counts"] == cps["c%d" % i],
-              "restore c%d: %r != %r" % (i, got[mid]["counts"], cps["c%d" % i]))
+        check(got[mid]["counts"] == want[mid],
+              "restore c%d: %r != %r" % (i, got[mid]["counts"], want[mid]))
+
+
+def raw(body, src="c1", dest="n1"):
+    """A request line with body given as raw JSON text (bytes)."""
+    return (b'{"src":"%s","dest":"%s","body":' % (src.encode(), dest.encode())
+            + body + b'}\n')
+
+
+def t_invalid_utf8_values():
+    """Bytes that are not UTF-8 in a kafka msg or a queue payload (values
+    and keys) come back as U+FFFD: every reply parses strictly."""
+    data = (raw(b'{"type":"send","msg_id":1,"key":"k","msg":{"a\xff":"b\xc3","c":["\xed\xa0\x80"]}}')
+            + raw(b'{"type":"poll","msg_id":2,"offsets":{"k":0}}')
+            + raw(b'{"type":"enqueue","msg_id":3,"id":"q","payload":"x\xfe\xe6\x97"}')
+            + raw(b'{"type":"receive","msg_id":4}'))
+    rc, out, _ = run_node(data)
+    got = reply_lines(out)
+    check(rc == 0 and len(got) == 4, "rc %d, %d replies" % (rc, len(got)))
+    check(got[1]["body"]["msgs"]["k"] == [[0, {"a\ufffd": "b\ufffd",
+                                                "c": ["\ufffd\ufffd\ufffd"]}]],
+          "poll: %r" % got[1]["body"])
+    check(got[3]["body"]["messages"][0]["payload"] == "x\ufffd\ufffd\ufffd",
+          "receive: %r" % got[3]["body"])
+
+
+def t_no_repeated_keys():
+    """No reply repeats a key: words that differ only in bytes that are not
+    UTF-8 are one word (U+FFFD); a key listed twice is answered once; a
+    request object with a repeated key is refused (error 12)."""
+    data = (raw(b'{"type":"process","msg_id":1,"event_id":"e1","word":"\xff"}')
+            + raw(b'{"type":"process","msg_id":2,"event_id":"e2","word":"\xfe"}')
+            + raw(b'{"type":"checkpoint","msg_id":3,"checkpoint_id":"c"}')
+            + raw(b'{"type":"restore","msg_id":4,"checkpoint_id":"c"}')
+            + raw(b'{"type":"commit_offsets","msg_id":5,"offsets":{"k":3}}')
+            + raw(b'{"type":"list_committed_offsets","msg_id":6,"keys":["k","k","x","k"]}')
+            + raw(b'{"type":"send","msg_id":7,"key":"k","msg":{"a":1,"a":2}}')
+            + raw(b'{"type":"poll","msg_id":8,"offsets":{"k":0,"k":1}}')
+            + raw(b'{"type":"poll","msg_id":9,"offsets":{"k\xff":0,"k\xfe":1}}'))
+    rc, out, _ = run_node(data)
+    got = [r["body"] for r in reply_lines(out)]  # raises on a repeated key
+    check(len(got) == 9, "%d replies" % len(got))
+    check(got[1]["count"] == 2 and got[3]["counts"] == {"\ufffd": 2},
+          "restore: %r" % got[3])
+    check(got[5]["offsets"] == {"k": 3}, "list: %r" % got[5])
+    for i in (6, 7, 8):
+        check(got[i]["type"] == "error" and got[i]["code"] == 12
+              and "repeated key" in got[i]["text"], "reply %d: %r" % (i + 1, got[i]))
+
+
+def t_huge_delays():
+    """delay_ms and visibility_timeout_ms up to INT64_MAX mean "not for a
+    very long time" (cut to 2^62 ms), never "at once"."""
+    big = 2 ** 63 - 1
+    lines = [msg({"type": "enqueue", "msg_id": 1, "id": "a", "payload": 1, "delay_ms": big}),
+             msg({"type": "enqueue", "msg_id": 2, "id": "b", "payload": 2}),
+             msg({"type": "receive", "msg_id": 3, "visibility_timeout_ms": big}),
+             msg({"type": "receive", "msg_id": 4}),
+             msg({"type": "enqueue", "msg_id": 5, "id": "c", "payload": 3}),
+             msg({"type": "receive", "msg_id": 6}),
+             msg({"type": "nack", "msg_id": 7, "receipt": 2, "delay_ms": big}),
+             msg({"type": "receive", "msg_id": 8})]
+    for args in ([], ["--visibility-timeout", str(big)]):
+        rc, out, err = run_node(lines, args)
+        got = [r["body"] for r in reply_lines(out)]
+        check(rc == 0 and len(got) == 8, "%s: rc %d, %d replies: %s"
+              % (args, rc, len(got), err[-300:]))
+        ids = [[m["id"] for m in got[i]["messages"]] for i in (2, 3, 5, 7)]
+        check(ids == [["b"], [], ["c"], []], "%s: received %r" % (args, ids))
+        check(got[6]["type"] == "nack_ok", "nack: %r" % got[6])
+
+
+def t_init_ok_from_new_id():
+    """init_ok comes from the node id that init just set, with or without dest."""
+    lines = [json.dumps({"src": "c", "body": {"type": "init", "msg_id": 1,
+                                              "node_id": "n7", "node_ids": []}}),
+             msg({"type": "init", "msg_id": 2, "node_id": "n8", "node_ids": []})]
+    _, out, _ = run_node(lines)
+    got = reply_lines(out)
+    check([g["src"] for g in got] == ["n7", "n8"], "srcs: %r" % got)
+
+
+def t_exact_numbers():
+    """msg_id above 2^53 and numbers in a msg come back as sent."""
+    data = (raw(b'{"type":"send","msg_id":9007199254740993,"key":"k",'
+                b'"msg":[9007199254740993,0.30000000000000004,-0.0,1E+2,'
+                b'12345678901234567890123]}')
+            + raw(b'{"type":"poll","msg_id":-9223372036854775808,"offsets":{"k":0}}')
+            + raw(b'{"type":"enqueue","msg_id":3,"id":"q","payload":{"x":1.50}}')
+            + raw(b'{"type":"receive","msg_id":4}')
+            + raw(b'{"type":"commit","msg_id":9223372036854775808}'))
+    rc, out, _ = run_node(data)
+    text = out.decode()
+    reply_lines(out)
+    for frag in ('"in_reply_to":9007199254740993,',
+                 '[[0,[9007199254740993,0.30000000000000004,-0.0,1E+2,'
+                 '12345678901234567890123]]]',
+                 '"in_reply_to":-9223372036854775808,', '"payload":{"x":1.50}',
+                 '"in_reply_to":null,'):
+        check(frag in text, "%s not in %s" % (frag, text))
+
+
+def t_unparsable_json():
+    """JSON that cJSON cannot take (a lone surrogate, nesting over its limit)
+    is answered with error 12 when it has src and body; not-JSON is not."""
+    deep = b"[" * 1500 + b"]" * 1500
+    data = (raw(b'{"type":"process","msg_id":9007199254740993,"event_id":"e","word":"\\ud800"}',
+                src="c\\u00e9")
+            + raw(b'{"type":"send","msg_id":2,"key":"k","msg":' + deep + b'}')
+            + b'{"src":"c","body":{"msg_id":3,"x":"\\udc00"}, "src":"d", "body":7}\n'
+            + raw(b'{"type":"process","event_id":"\\ud800"}')
+            + b'{"src":"c","body":{"msg_id":5,"x":"\\udc00"}} x\n'
+            + raw(b'{"msg_id":6,"x":"\\ud800","y":01}')
+            + raw(b'{"msg_id":7,"x":"\\ud800\x01"}')
+            + raw(b'{"type":"commit","msg_id":8,"x":01}')
+            + raw(b'{"type":"commit","msg_id":9,"x":"\x01"}')
+            + raw(b'{"type":"commit","msg_id":10}'))
+    rc, out, err = run_node(data)
+    got = reply_lines(out)
+    ids = [g["body"]["in_reply_to"] for g in got]
+    check(ids == [9007199254740993, 2, 3, None, 10], "replies to %r" % ids)
+    check(got[0]["dest"] == "c\u00e9" and got[0]["src"] == "n1", "envelope %r" % got[0])
+    for g in got[:4]:
+        check(g["body"]["type"] == "error" and g["body"]["code"] == 12, "%r" % g)
+    check(err.count(b"not JSON") == 5, "stderr: %r" % err)
+
+
+def t_restore_keeps_commits():
+    """checkpoint, commit, restore, commit commits nothing twice."""
+    lines = [msg({"type": "process", "msg_id": 1, "event_id": "e1", "word": "w"}),
+             msg({"type": "checkpoint", "msg_id": 2, "checkpoint_id": "c"}),
+             msg({"type": "commit", "msg_id": 3}),
+             msg({"type": "restore", "msg_id": 4, "checkpoint_id": "c"}),
+             msg({"type": "commit", "msg_id": 5}),
+             msg({"type": "process", "msg_id": 6, "event_id": "e2", "word": "w"}),
+             msg({"type": "rollback", "msg_id": 7}),
+             msg({"type": "process", "msg_id": 8, "event_id": "e1", "word": "w"})]
+    _, out, _ = run_node(lines)
+    got = [r["body"] for r in reply_lines(out)]
+    check(got[2]["output_count"] == 1 and got[4]["output_count"] == 0,
+          "commits: %r, %r" % (got[2], got[4]))
+    check(got[3]["counts"] == {"w": 1}, "restored %r" % got[3])
+    check(got[7]["was_duplicate"] is True and got[7]["count"] == 1, "%r" % got[7])
 
 
 # ------------------------------------------------------ reference model
@@ -362,15 +520,18 @@ class Model:
         return {"word": w, "count": self.counts[w], "was_duplicate": False}
 
     def m_checkpoint(self, b):
-        self.cps[b["checkpoint_id"]] = (dict(self.counts), set(self.seen),
-                                        list(self.pending))
+        # A checkpoint holds the pending outputs; what is committed stays.
+        self.cps[b["checkpoint_id"]] = list(self.pending)
         return {"checkpoint_id": b["checkpoint_id"]}
 
     def m_restore(self, b):
         cp = self.cps.get(b["checkpoint_id"])
         if cp is None:
             return ("error", 20, b["checkpoint_id"])
-        self.counts, self.seen, self.pending = dict(cp[0]), set(cp[1]), list(cp[2])
+        self.m_rollback(b)  # back to the last commit
+        for e, w in cp:  # then the outputs not committed since
+            if e not in self.seen:
+                self.m_process({"event_id": e, "word": w})
         return {"counts": dict(self.counts)}
 
     def m_commit(self, b):
@@ -435,8 +596,8 @@ class Model:
         return {"messages": [dict(d) for d in self.dead]}
 
     def m_send(self, b):
-        mid = b.get("message_id")
-        k = None if mid is None else (type(mid).__name__, mid)
+        mid = b.get("message_id")  # idempotent per key
+        k = None if mid is None else (b["key"], type(mid).__name__, mid)
         if k is not None and k in self.mids:
             return {"offset": self.mids[k], "duplicate": True}
         log = self.logs.setdefault(b["key"], [])
@@ -615,9 +776,9 @@ class Session:
             b = dict(self.body(kind), type=kind)
             exp = None
         b["msg_id"] = self.msg_id
-        reply_src = self.model.node_id or dest
         if exp is None:
             exp = self.model.apply(b)
+        reply_src = self.model.node_id or dest  # init_ok: from the new id
         if isinstance(exp, dict):
             if b["type"] == "receive":
                 self.issued += [m["receipt"] for m in exp["messages"]]
@@ -721,7 +882,14 @@ def main():
                      ("stdout closed", t_stdout_closed),
                      ("usage", t_usage),
                      ("poll cap", t_poll_cap),
-                     ("many checkpoints", t_many_checkpoints)]:
+                     ("many checkpoints", t_many_checkpoints),
+                     ("invalid utf-8 in values", t_invalid_utf8_values),
+                     ("no repeated keys", t_no_repeated_keys),
+                     ("huge delays", t_huge_delays),
+                     ("init_ok from the new id", t_init_ok_from_new_id),
+                     ("exact numbers", t_exact_numbers),
+                     ("unparsable json", t_unparsable_json),
+                     ("restore keeps commits", t_restore_keeps_commits)]:
         run_test(name, fn)
     run_test("session of %d (seed %d)" % (args.session, seed), t_session(seed, args.session))
 
