@@ -281,7 +281,7 @@ static void usage(FILE *f)
 "                       newline (27 lines: 5 processed, 1 duplicate,\n"
 "                       3 blank, 18 dead-lettered)\n"
 "      --max-line BYTES size the too-large line of --bad for this limit\n"
-"                       (suffix K or M allowed; default 1M; at least 2048)\n"
+"                       (suffix K, M or G; default 1M; 2048 to 4G)\n"
 "  -o, --out FILE       write to FILE instead of stdout\n"
 "  -h, --help           show this help\n"
 "\n"
@@ -296,36 +296,28 @@ static void usage(FILE *f)
             RECENT);
 }
 
-static bool parse_u64(const char *s, uint64_t *out, bool size_suffix)
-{
-    char *end;
-    unsigned long long v;
-    uint64_t mult = 1;
-
-    if (s[0] < '0' || s[0] > '9')
-        return false;
-    errno = 0;
-    v = strtoull(s, &end, 10);
-    if (errno != 0 || end == s)
-        return false;
-    if (size_suffix && (*end == 'k' || *end == 'K'))
-        mult = 1024, end++;
-    else if (size_suffix && (*end == 'm' || *end == 'M'))
-        mult = 1024 * 1024, end++;
-    if (*end != '\0' || v > UINT64_MAX / mult)
-        return false;
-    *out = v * mult;
-    return true;
-}
-
+/* A fraction in [0,1]: DIGITS[.DIGITS], nothing else (strtod alone would
+ * take whitespace, a sign, hex, exponents, nan and inf). */
 static bool parse_fraction(const char *s, double *out)
 {
-    char *end;
+    const char *p = s;
     double v;
 
-    errno = 0;
-    v = strtod(s, &end);
-    if (errno != 0 || end == s || *end != '\0' || !(v >= 0.0 && v <= 1.0))
+    if (*p < '0' || *p > '9')
+        return false;
+    while (*p >= '0' && *p <= '9')
+        p++;
+    if (*p == '.') {
+        p++;
+        if (*p < '0' || *p > '9')
+            return false;
+        while (*p >= '0' && *p <= '9')
+            p++;
+    }
+    if (*p != '\0')
+        return false;
+    v = strtod(s, NULL);
+    if (!(v >= 0.0 && v <= 1.0))
         return false;
     *out = v;
     return true;
@@ -371,7 +363,7 @@ static int parse_args(int argc, char **argv, gen_opts *g)
     while ((c = getopt_long(argc, argv, ":n:o:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'n':
-            if (!parse_u64(optarg, &g->events, false))
+            if (oq__parse_count(optarg, 0, UINT64_MAX, &g->events) != 0)
                 return bad_usage("--events wants a count >= 0, not", optarg);
             break;
         case OPT_DUP:
@@ -390,13 +382,12 @@ static int parse_args(int argc, char **argv, gen_opts *g)
                                  optarg);
             break;
         case OPT_WORDS:
-            if (!parse_u64(optarg, &g->words, false) || g->words == 0 ||
-                g->words > MAX_WORDS)
+            if (oq__parse_count(optarg, 1, MAX_WORDS, &g->words) != 0)
                 return bad_usage("--words wants a count in [1,10000000], not",
                                  optarg);
             break;
         case OPT_SEED:
-            if (!parse_u64(optarg, &g->seed, false))
+            if (oq__parse_count(optarg, 0, UINT64_MAX, &g->seed) != 0)
                 return bad_usage("--seed wants an unsigned integer, not",
                                  optarg);
             break;
@@ -407,8 +398,8 @@ static int parse_args(int argc, char **argv, gen_opts *g)
             g->bad = true;
             break;
         case OPT_MAX_LINE:
-            if (!parse_u64(optarg, &g->max_line, true) ||
-                g->max_line < 2048 || g->max_line > ((uint64_t)1 << 32))
+            if (oq__parse_size(optarg, 2048, (uint64_t)1 << 32,
+                               &g->max_line) != 0)
                 return bad_usage("--max-line wants a size in [2048,4G], not",
                                  optarg);
             break;

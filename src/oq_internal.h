@@ -307,7 +307,25 @@ typedef struct oq__run_config {
 void oq__run_config_defaults(oq__run_config *c);
 /* Runs the whole job; returns the process exit status. */
 int oq__run(const oq__run_config *c);
+/*
+ * The number parsers of every option (run, run --redis, send, gen, the
+ * state tools). Strict: decimal digits only -- no sign, no whitespace, no
+ * hex, no exponent, no nan/inf -- and a value out of range is refused, never
+ * wrapped. Each returns 0, or OQ_EINVAL with *out unchanged.
+ */
+/* The longest duration any option takes: 100 years of 365 days (876000h),
+ * in ms. Small enough that now + it can never overflow an int64_t. */
+#define OQ__DURATION_MAX_MS ((int64_t)100 * 365 * 24 * 3600 * 1000)
+/* A duration: DIGITS[.DIGITS] then ms, s, m or h; a bare number is seconds.
+ * Rounded to the nearest ms; at most OQ__DURATION_MAX_MS. */
 int oq__parse_duration(const char *s, int64_t *ms);
+/* The same, where a bare number counts bare_ms milliseconds (1: ms). */
+int oq__parse_duration_bare(const char *s, int64_t bare_ms, int64_t *ms);
+/* A count: DIGITS, from min to max. */
+int oq__parse_count(const char *s, uint64_t min, uint64_t max, uint64_t *out);
+/* A size in bytes: DIGITS with an optional K, M or G (binary; either case,
+ * then an optional iB or B: 64K, 1M, 1MiB, 2GB), from min to max. */
+int oq__parse_size(const char *s, uint64_t min, uint64_t max, uint64_t *out);
 /* Parses --backoff BASE[,CAP] (durations, CAP >= BASE); *cap_ms keeps its
  * value when CAP is not given. 0 or OQ_EINVAL (nothing changed). */
 int oq__parse_backoff(const char *arg, int64_t *base_ms, int64_t *cap_ms);

@@ -515,25 +515,27 @@ static int parse_url(const char *url, rurl *u, char *err, size_t errlen)
     u->host[hl] = '\0';
     p = hostend;
     if (*p == ':') {
-        char *end;
-        long port = strtol(p + 1, &end, 10);
-        if (end == p + 1 || port < 1 || port > 65535)
+        char num[16];
+        size_t n = strcspn(p + 1, "/");
+        uint64_t port;
+        if (n >= sizeof(num))
+            goto bad;
+        memcpy(num, p + 1, n);
+        num[n] = '\0';
+        if (oq__parse_count(num, 1, 65535, &port) != 0)
             goto bad;
         u->port = (int)port;
-        p = end;
+        p += 1 + n;
     }
     if (*p == '/') {
-        char *end;
-        long db;
-        if (p[1] == '\0') {
-            p++;
-        } else {
-            db = strtol(p + 1, &end, 10);
-            if (end == p + 1 || *end != '\0' || db < 0 || db > 1000000)
+        uint64_t db;
+        /* redis://host/ is db 0; the number is the rest of the URL. */
+        if (p[1] != '\0') {
+            if (oq__parse_count(p + 1, 0, 1000000, &db) != 0)
                 goto bad;
             u->db = (int)db;
-            p = end;
         }
+        p += strlen(p);
     }
     if (*p != '\0')
         goto bad;
@@ -884,20 +886,6 @@ static int make_keys(rkeys *k, const char *stream, const char *cmd)
 
 /* ====================================================== small helpers */
 
-static int parse_uint(const char *s, uint64_t max, uint64_t *out)
-{
-    char *end;
-    unsigned long long v;
-    if (s == NULL || *s < '0' || *s > '9')
-        return -1;
-    errno = 0;
-    v = strtoull(s, &end, 10);
-    if (errno || *end != '\0' || v > max)
-        return -1;
-    *out = v;
-    return 0;
-}
-
 static int usage_error(const char *cmd, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
@@ -979,22 +967,11 @@ static void send_usage(FILE *f)
 "                         is milliseconds; 0 = off)\n"
 "  --id-field NAME        the id field (default id, or event_id)\n"
 "  --batch N              events per Lua call (default 256)\n"
-"  --max-line BYTES       (default 1048576)\n"
+"  --max-line BYTES       (default 1M; K, M, G suffixes)\n"
 "  -q, --quiet            no summary\n"
 "\n"
 "Prints: sent N, rejected M duplicates. Exit status: 0 success, 2 bad\n"
 "usage, unreadable input or Redis unreachable, 3 Redis failed mid-way.\n");
-}
-
-/* A duration where a bare number is milliseconds. */
-static int parse_ms(const char *s, int64_t *ms)
-{
-    uint64_t u;
-    if (parse_uint(s, (uint64_t)1 << 50, &u) == 0) {
-        *ms = (int64_t)u;
-        return 0;
-    }
-    return oq__parse_duration(s, ms);
 }
 
 typedef struct send_cfg {
@@ -1039,21 +1016,22 @@ static int send_parse(send_cfg *c, int argc, char **argv)
         case O_ID: c->id_field = optarg; break;
         case 'q': c->quiet = true; break;
         case O_WINDOW:
-            if (parse_ms(optarg, &c->window_ms) != 0)
+            /* A bare number is milliseconds here (documented). */
+            if (oq__parse_duration_bare(optarg, 1, &c->window_ms) != 0)
                 return usage_error("send", "invalid --dedup-window '%s' (a "
-                                   "duration like 5m, or milliseconds)",
-                                   optarg);
+                                   "duration like 5m, or milliseconds; at "
+                                   "most 876000h; 0 = off)", optarg);
             break;
         case O_BATCH:
-            if (parse_uint(optarg, 4096, &u) != 0 || u == 0)
-                return usage_error("send", "invalid --batch '%s' (1 to "
-                                   "4096)", optarg);
+            if (oq__parse_count(optarg, 1, 4096, &u) != 0)
+                return usage_error("send", "invalid --batch '%s' (an integer "
+                                   "from 1 to 4096)", optarg);
             c->batch = (unsigned)u;
             break;
         case O_MAXLINE:
-            if (parse_uint(optarg, 1ULL << 31, &u) != 0 || u < 16)
-                return usage_error("send", "invalid --max-line '%s' (bytes, "
-                                   "at least 16)", optarg);
+            if (oq__parse_size(optarg, 16, (uint64_t)1 << 31, &u) != 0)
+                return usage_error("send", "invalid --max-line '%s' (bytes "
+                                   "from 16 to 2G, like 1M or 64K)", optarg);
             c->max_line = (size_t)u;
             break;
         default:
@@ -2339,7 +2317,8 @@ static void run_usage(FILE *f)
 "  --backoff BASE[,CAP]        (default 100ms,30s)\n"
 "  --batch N                   entries per read, claim and commit (default\n"
 "                              128; fewer for slow handlers)\n"
-"  --kill-grace D              exec: SIGTERM to SIGKILL (default 2s)\n"
+"  --kill-grace D              exec: SIGTERM to SIGKILL (default 2s; 0:\n"
+"                              SIGKILL at once)\n"
 "  -o, --out PATH|-            at the end, write the stream's results (all\n"
 "                              consumers'), like `onceq export --redis`\n"
 "  --stats PATH|-              this consumer's stats as JSON\n"
@@ -2422,43 +2401,48 @@ static int run_parse(rcfg *c, int argc, char **argv)
         case 'q': c->quiet = true; break;
         case 'v': c->verbose = true; break;
         case 'w':
-            if (parse_uint(optarg, 1024, &u) != 0 || u == 0)
-                return usage_error("run", "invalid --workers '%s' (1 to "
-                                   "1024)", optarg);
+            if (oq__parse_count(optarg, 1, 1024, &u) != 0)
+                return usage_error("run", "invalid --workers '%s' (an "
+                                   "integer from 1 to 1024)", optarg);
             c->workers = (unsigned)u;
             break;
         case O_BATCH:
-            if (parse_uint(optarg, MAX_BATCH, &u) != 0 || u == 0)
-                return usage_error("run", "invalid --batch '%s' (1 to %d)",
-                                   optarg, MAX_BATCH);
+            if (oq__parse_count(optarg, 1, MAX_BATCH, &u) != 0)
+                return usage_error("run", "invalid --batch '%s' (an integer "
+                                   "from 1 to %d)", optarg, MAX_BATCH);
             c->batch = (unsigned)u;
             break;
         case O_VT:
             if (oq__parse_duration(optarg, &ms) != 0 || ms < 10)
                 return usage_error("run", "invalid --visibility-timeout '%s' "
-                                   "(a duration of at least 10ms)", optarg);
+                                   "(a duration like 30s or 500ms, from 10ms "
+                                   "to 876000h)", optarg);
             c->vt_ms = ms;
             break;
         case O_MAXATT:
-            if (parse_uint(optarg, 1000000, &u) != 0 || u == 0)
-                return usage_error("run", "invalid --max-attempts '%s'",
-                                   optarg);
+            if (oq__parse_count(optarg, 1, 1000000, &u) != 0)
+                return usage_error("run", "invalid --max-attempts '%s' (an "
+                                   "integer from 1 to 1000000)", optarg);
             c->max_attempts = (uint32_t)u;
             break;
         case O_BACKOFF:
             if (oq__parse_backoff(optarg, &c->backoff_base_ms,
                                   &c->backoff_cap_ms) != 0)
                 return usage_error("run", "invalid --backoff '%s' (BASE[,CAP]"
-                                   " durations with CAP >= BASE)", optarg);
+                                   " durations like 100ms,30s, CAP >= BASE, "
+                                   "at most 876000h)", optarg);
             break;
         case O_GRACE:
+            /* 0 is passed on as it is: SIGKILL at once. */
             if (oq__parse_duration(optarg, &c->kill_grace_ms) != 0)
-                return usage_error("run", "invalid --kill-grace '%s'",
-                                   optarg);
+                return usage_error("run", "invalid --kill-grace '%s' (a "
+                                   "duration like 2s or 500ms, at most "
+                                   "876000h; 0: SIGKILL at once)", optarg);
             break;
         case O_SEED:
-            if (parse_uint(optarg, UINT64_MAX, &u) != 0)
-                return usage_error("run", "invalid --seed '%s'", optarg);
+            if (oq__parse_count(optarg, 0, UINT64_MAX, &u) != 0)
+                return usage_error("run", "invalid --seed '%s' (an integer "
+                                   "from 0 to 18446744073709551615)", optarg);
             c->seed = u;
             break;
         default:

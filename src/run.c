@@ -105,7 +105,8 @@ static void run_usage(FILE *f)
 "                              exec:COMMAND, plugin:PATH.so\n"
 "      --emit                  with noop: write each unique event once, in\n"
 "                              input order\n"
-"      --kill-grace D          exec: SIGTERM to SIGKILL grace (default 2s)\n"
+"      --kill-grace D          exec: SIGTERM to SIGKILL grace (default 2s;\n"
+"                              0: SIGKILL at once)\n"
 "Durable state (exactly once across crashes and reruns; docs/STATE.md):\n"
 "      --state PATH            keep processed ids, results, dead letters and\n"
 "                              input progress in an SQLite file; a rerun\n"
@@ -129,7 +130,9 @@ static void run_usage(FILE *f)
 "  -v, --verbose               more detail in the summary\n"
 "  -h, --help                  this help\n"
 "\n"
-"Durations take ms, s, m or h suffixes; a bare number is seconds.\n"
+"Durations take ms, s, m or h suffixes (250ms, 1.5s, 3m, 1h); a bare number\n"
+"is seconds; at most 876000h (100 years). Counts and sizes are decimal;\n"
+"sizes take K, M or G (binary: 64K, 1M).\n"
 "\n"
 "Exit status: 0 every event processed or a duplicate; 1 some events were\n"
 "dead-lettered; 2 bad usage or unreadable input (nothing processed); 3 a\n"
@@ -145,58 +148,113 @@ static void run_usage(FILE *f)
 "  onceq run --state run.db -o counts.jsonl events.jsonl  (kill it, rerun it)\n");
 }
 
-/* Parses "250ms", "30s", "2m", "1h" or a bare number of seconds. */
-int oq__parse_duration(const char *s, int64_t *ms)
-{
-    char *end;
-    double v;
-    double mult = 1000;
+/* ------------------------------------------------------------- numbers */
 
-    if (s == NULL || *s == '\0')
+/*
+ * The one set of number parsers behind every option (declared in
+ * oq_internal.h). strtod and strtoull are not used: they take leading
+ * whitespace, a sign (strtoull negates "-1" into 2^64 - 1), hex, exponents,
+ * nan and inf, and the values they give on overflow are easy to miss.
+ */
+
+/* Reads the decimal digits at *p (at least one) into *v and moves *p past
+ * them; false when there is no digit or the value passes max. */
+static bool scan_digits(const char **p, uint64_t max, uint64_t *v)
+{
+    const char *s = *p;
+    uint64_t x = 0;
+
+    if (*s < '0' || *s > '9')
+        return false;
+    for (; *s >= '0' && *s <= '9'; s++) {
+        uint64_t d = (uint64_t)(*s - '0');
+        if (d > max || x > (max - d) / 10)
+            return false;
+        x = x * 10 + d;
+    }
+    *p = s;
+    *v = x;
+    return true;
+}
+
+int oq__parse_count(const char *s, uint64_t min, uint64_t max, uint64_t *out)
+{
+    uint64_t v;
+
+    if (s == NULL || !scan_digits(&s, max, &v) || *s != '\0' || v < min)
         return OQ_EINVAL;
-    v = strtod(s, &end);
-    if (end == s || v < 0)
-        return OQ_EINVAL;
-    if (strcmp(end, "ms") == 0)
-        mult = 1;
-    else if (strcmp(end, "s") == 0 || *end == '\0')
-        mult = 1000;
-    else if (strcmp(end, "m") == 0)
-        mult = 60000;
-    else if (strcmp(end, "h") == 0)
-        mult = 3600000;
-    else
-        return OQ_EINVAL;
-    if (v * mult > 1e15)
-        return OQ_EINVAL;
-    *ms = (int64_t)(v * mult + 0.5);
+    *out = v;
     return 0;
 }
 
-/* Parses a non-negative integer with an optional K/M/G (binary) suffix. */
-static int parse_size(const char *s, uint64_t *out, uint64_t max)
+int oq__parse_size(const char *s, uint64_t min, uint64_t max, uint64_t *out)
 {
-    char *end;
-    unsigned long long v;
-    uint64_t mult = 1;
+    uint64_t v, mult = 1;
 
-    if (s == NULL || *s < '0' || *s > '9')
+    if (s == NULL || !scan_digits(&s, UINT64_MAX, &v))
         return OQ_EINVAL;
-    v = strtoull(s, &end, 10);
-    if (*end == 'K' || *end == 'k')
-        mult = 1024, end++;
-    else if (*end == 'M')
-        mult = 1024 * 1024, end++;
-    else if (*end == 'G')
-        mult = 1024ULL * 1024 * 1024, end++;
-    if (*end == 'i' && mult > 1)
-        end++;
-    if (*end == 'B' && mult > 1)
-        end++;
-    if (*end != '\0' || v > max / mult)
+    switch (*s) {
+    case 'K': case 'k': mult = (uint64_t)1 << 10; break;
+    case 'M': case 'm': mult = (uint64_t)1 << 20; break;
+    case 'G': case 'g': mult = (uint64_t)1 << 30; break;
+    }
+    if (mult > 1) {
+        s++;
+        if (strcmp(s, "iB") == 0 || strcmp(s, "B") == 0)
+            s += strlen(s);
+    }
+    if (*s != '\0' || v > max / mult || v * mult < min)
         return OQ_EINVAL;
     *out = v * mult;
     return 0;
+}
+
+int oq__parse_duration_bare(const char *s, int64_t bare_ms, int64_t *ms)
+{
+    /* Fraction digits past the ninth are checked but not counted: they are
+     * worth less than a millisecond even in hours. */
+    uint64_t whole, num = 0, den = 1, mult, v;
+
+    if (s == NULL || bare_ms <= 0 || !scan_digits(&s, UINT64_MAX, &whole))
+        return OQ_EINVAL;
+    if (*s == '.') {
+        s++;
+        if (*s < '0' || *s > '9')
+            return OQ_EINVAL;
+        for (; *s >= '0' && *s <= '9'; s++) {
+            if (den < 1000000000) {
+                num = num * 10 + (uint64_t)(*s - '0');
+                den *= 10;
+            }
+        }
+    }
+    if (*s == '\0')
+        mult = (uint64_t)bare_ms;
+    else if (strcmp(s, "ms") == 0)
+        mult = 1;
+    else if (strcmp(s, "s") == 0)
+        mult = 1000;
+    else if (strcmp(s, "m") == 0)
+        mult = 60 * 1000;
+    else if (strcmp(s, "h") == 0)
+        mult = 3600 * 1000;
+    else
+        return OQ_EINVAL;
+    /* whole * mult, then the fraction (num * mult < 10^9 * 3.6 10^6: no
+     * overflow), rounded to the nearest ms. */
+    if (whole > (uint64_t)OQ__DURATION_MAX_MS / mult)
+        return OQ_EINVAL;
+    v = whole * mult + (num * mult + den / 2) / den;
+    if (v > (uint64_t)OQ__DURATION_MAX_MS)
+        return OQ_EINVAL;
+    *ms = (int64_t)v;
+    return 0;
+}
+
+/* Parses "250ms", "30s", "1.5s", "2m", "1h" or a bare number of seconds. */
+int oq__parse_duration(const char *s, int64_t *ms)
+{
+    return oq__parse_duration_bare(s, 1000, ms);
 }
 
 int oq__parse_backoff(const char *arg, int64_t *base_ms, int64_t *cap_ms)
@@ -217,6 +275,9 @@ int oq__parse_backoff(const char *arg, int64_t *base_ms, int64_t *cap_ms)
     *cap_ms = c;
     return 0;
 }
+
+#define DURATION_WANTED \
+    "a duration like 30s, 500ms, 1.5m or 1h, above 0, at most 876000h"
 
 static int bad_option(const char *opt, const char *val, const char *want)
 {
@@ -254,7 +315,7 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
 
     switch (opt) {
     case 'w':
-        if (parse_size(arg, &u, 4096) != 0 || u == 0)
+        if (oq__parse_count(arg, 1, 4096, &u) != 0)
             return bad_option("--workers", arg, "an integer from 1 to 4096");
         c->workers = (unsigned)u;
         return 0;
@@ -265,29 +326,30 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
         return 0;
     case O_VT:
         if (oq__parse_duration(arg, &ms) != 0 || ms <= 0)
-            return bad_option("--visibility-timeout", arg,
-                              "a positive duration like 30s or 500ms");
+            return bad_option("--visibility-timeout", arg, DURATION_WANTED);
         c->vt_ms = ms;
         return 0;
     case O_MAX_ATTEMPTS:
-        if (parse_size(arg, &u, 1000000) != 0 || u == 0)
-            return bad_option("--max-attempts", arg, "an integer >= 1");
+        if (oq__parse_count(arg, 1, 1000000, &u) != 0)
+            return bad_option("--max-attempts", arg,
+                              "an integer from 1 to 1000000");
         c->max_attempts = (uint32_t)u;
         return 0;
     case O_BACKOFF:
         if (oq__parse_backoff(arg, &c->backoff_base_ms,
                               &c->backoff_cap_ms) != 0)
-            return bad_option("--backoff", arg,
-                              "BASE[,CAP] durations with CAP >= BASE");
+            return bad_option("--backoff", arg, "BASE[,CAP] durations like "
+                              "100ms,30s, CAP >= BASE, at most 876000h");
         return 0;
     case O_TTL:
         if (oq__parse_duration(arg, &ms) != 0 || ms <= 0)
-            return bad_option("--ttl", arg, "a positive duration");
+            return bad_option("--ttl", arg, DURATION_WANTED);
         c->ttl_ms = ms;
         return 0;
     case O_DEDUP:
-        if (parse_size(arg, &u, 1ULL << 32) != 0)
-            return bad_option("--dedup-window", arg, "a number of ids");
+        if (oq__parse_count(arg, 0, (uint64_t)1 << 32, &u) != 0)
+            return bad_option("--dedup-window", arg,
+                              "a number of ids from 0 to 4294967296");
         c->dedup_window = (size_t)u;
         return 0;
     case O_HANDLER:
@@ -314,23 +376,27 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
         c->progress = 0;
         return 0;
     case O_MAX_LINE:
-        if (parse_size(arg, &u, 1ULL << 31) != 0 || u < 16)
-            return bad_option("--max-line", arg, "bytes, at least 16 (1M, 64K)");
+        if (oq__parse_size(arg, 16, (uint64_t)1 << 31, &u) != 0)
+            return bad_option("--max-line", arg,
+                              "bytes from 16 to 2G, like 1M or 64K");
         c->max_line = (size_t)u;
         return 0;
     case O_BATCH:
-        if (parse_size(arg, &u, 4096) != 0 || u == 0)
+        if (oq__parse_count(arg, 1, 4096, &u) != 0)
             return bad_option("--batch", arg, "an integer from 1 to 4096");
         c->batch = (unsigned)u;
         return 0;
     case O_KILL_GRACE:
+        /* 0 is passed on as it is: SIGKILL at once. */
         if (oq__parse_duration(arg, &ms) != 0)
-            return bad_option("--kill-grace", arg, "a duration");
+            return bad_option("--kill-grace", arg, "a duration like 2s or "
+                              "500ms, at most 876000h; 0: SIGKILL at once");
         c->kill_grace_ms = ms;
         return 0;
     case O_SEED:
-        if (parse_size(arg, &u, UINT64_MAX) != 0)
-            return bad_option("--seed", arg, "an integer");
+        if (oq__parse_count(arg, 0, UINT64_MAX, &u) != 0)
+            return bad_option("--seed", arg,
+                              "an integer from 0 to 18446744073709551615");
         c->seed = u;
         return 0;
     case O_STATE:
@@ -349,7 +415,7 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
             return bad_option("--sync", arg, "full, normal or off");
         return 0;
     case O_COMMIT_BATCH:
-        if (parse_size(arg, &u, 1000000) != 0 || u == 0)
+        if (oq__parse_count(arg, 1, 1000000, &u) != 0)
             return bad_option("--commit-batch", arg,
                               "an integer from 1 to 1000000");
         c->commit_batch = (size_t)u;
