@@ -30,7 +30,6 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -102,7 +101,9 @@ struct oq__store {
     sqlite3 *db;
     sqlite3_stmt *st[S__COUNT];
     bool in_txn;
-    int lock_fd;               /* PATH.lock, flock()ed (OQ__STORE_LOCK), or -1 */
+    int lock_fd;               /* PATH.lock, locked (OQ__STORE_LOCK), or -1 */
+    dev_t lock_dev;            /* its device and inode, in held_locks */
+    ino_t lock_ino;
     uint64_t commits;          /* successful batch commits */
     char path[4096];
     char err[512];             /* the last error, one line */
@@ -229,33 +230,108 @@ static const char *sync_pragma(oq__store_sync sync)
     }
 }
 
-/* The run lock: an exclusive flock() on PATH.lock, a file of its own
- * (SQLite's POSIX locks on the database and its WAL are another matter,
- * and are dropped when any descriptor of the file is closed). A run holds
- * it for its whole life; restore and dlq redrive/purge take it for theirs.
- * The kernel drops it when the process dies, so a killed run leaves no
- * stale lock. */
+/* The run lock: an exclusive POSIX record lock (fcntl F_SETLK) on
+ * PATH.lock, a file of its own (SQLite's locks on the database and its WAL
+ * are another matter). A run holds it for its whole life; restore and dlq
+ * redrive/purge take it for theirs.
+ *
+ * Not flock(): a flock belongs to the open file description, which an exec
+ * child shares between its spawn and its exec (close-on-exec closes it only
+ * at the exec), so after a kill -9 a child being spawned kept the lock for
+ * a millisecond or so and a rerun was refused. A POSIX lock belongs to the
+ * process: no child ever holds it, and the kernel drops it when the process
+ * dies. Two consequences of POSIX locks are handled here: a process never
+ * conflicts with its own lock, and closing any descriptor of the file drops
+ * it; so this process's locks are kept in held_locks (by device and inode),
+ * a second lock of the same file is refused from that list without opening
+ * the file again, and only oq__store_close closes the descriptor. */
+typedef struct held_lock {
+    struct held_lock *next;
+    dev_t dev;
+    ino_t ino;
+} held_lock;
+
+static pthread_mutex_t held_mu = PTHREAD_MUTEX_INITIALIZER;
+static held_lock *held_locks;  /* guarded by held_mu */
+
+/* held_mu held. */
+static held_lock **find_held(dev_t dev, ino_t ino)
+{
+    held_lock **h = &held_locks;
+
+    while (*h && ((*h)->dev != dev || (*h)->ino != ino))
+        h = &(*h)->next;
+    return h;
+}
+
+static int busy(oq__store *st)
+{
+    return set_err(st, SQLITE_BUSY, "state '%s' is in use by another onceq "
+                   "run", st->path);
+}
+
 static int take_lock(oq__store *st, int flags)
 {
     char lpath[sizeof(st->path) + 8];
+    struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET };
+    struct stat sb;
+    held_lock *h = NULL;
+    int rc = 0;
 
     if (!(flags & OQ__STORE_CREATE) && access(st->path, F_OK) != 0)
         return set_err(st, SQLITE_CANTOPEN, "no state file '%s'", st->path);
     snprintf(lpath, sizeof(lpath), "%s.lock", st->path);
+    pthread_mutex_lock(&held_mu);
+    if (stat(lpath, &sb) == 0 && *find_held(sb.st_dev, sb.st_ino) != NULL) {
+        rc = busy(st);
+        goto out;
+    }
     st->lock_fd = open(lpath, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (st->lock_fd < 0)
-        return set_err(st, SQLITE_CANTOPEN, "cannot open '%s': %s", lpath,
-                       strerror(errno));
-    while (flock(st->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    if (st->lock_fd < 0 || fstat(st->lock_fd, &sb) != 0) {
+        rc = set_err(st, SQLITE_CANTOPEN, "cannot open '%s': %s", lpath,
+                     strerror(errno));
+        goto out;
+    }
+    if ((h = oq__malloc(sizeof(*h))) == NULL) {
+        rc = set_err(st, SQLITE_NOMEM, "out of memory");
+        goto out;
+    }
+    while (fcntl(st->lock_fd, F_SETLK, &fl) != 0) {
         if (errno == EINTR)
             continue;
-        if (errno == EWOULDBLOCK)
-            return set_err(st, SQLITE_BUSY, "state '%s' is in use by another "
-                           "onceq run", st->path);
-        return set_err(st, SQLITE_IOERR, "cannot lock '%s': %s", lpath,
-                       strerror(errno));
+        rc = errno == EAGAIN || errno == EACCES
+                 ? busy(st)
+                 : set_err(st, SQLITE_IOERR, "cannot lock '%s': %s", lpath,
+                           strerror(errno));
+        oq__free(h);
+        goto out;
     }
-    return 0;
+    st->lock_dev = h->dev = sb.st_dev;
+    st->lock_ino = h->ino = sb.st_ino;
+    h->next = held_locks;
+    held_locks = h;
+out:
+    if (rc != 0 && st->lock_fd >= 0) {
+        close(st->lock_fd); /* this process held no lock of this file */
+        st->lock_fd = -1;
+    }
+    pthread_mutex_unlock(&held_mu);
+    return rc;
+}
+
+/* Drops the run lock (closing the descriptor releases it). */
+static void drop_lock(oq__store *st)
+{
+    held_lock **h, *gone;
+
+    pthread_mutex_lock(&held_mu);
+    h = find_held(st->lock_dev, st->lock_ino);
+    if ((gone = *h) != NULL)
+        *h = gone->next;
+    close(st->lock_fd);
+    st->lock_fd = -1;
+    pthread_mutex_unlock(&held_mu);
+    oq__free(gone);
 }
 
 int oq__store_open(oq__store **out, const char *path, int flags,
@@ -343,7 +419,7 @@ void oq__store_close(oq__store *st)
     if (st->db)
         sqlite3_close(st->db);
     if (st->lock_fd >= 0)
-        close(st->lock_fd); /* after the database: drops the lock */
+        drop_lock(st); /* after the database */
     oq__free(st);
 }
 
