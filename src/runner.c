@@ -1460,6 +1460,18 @@ static int check_meta(run *r, char *err, size_t errlen)
             return rc;
         }
     }
+    /* The duplicates counted so far (onceq stats): a state made before
+     * they were counted starts from its watermarks' estimate. */
+    if (sqlite3_exec(oq__store_db(r->store), "INSERT OR IGNORE INTO meta"
+                     "(key, value) SELECT 'duplicates', max(0, (SELECT "
+                     "coalesce(sum(line) - sum(blank), 0) FROM sources) - "
+                     "(SELECT count(*) FROM processed WHERE status = 0) - "
+                     "(SELECT count(*) FROM dead_letters) - (SELECT count(*) "
+                     "FROM redrive))", NULL, NULL, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "cannot write the state: %s",
+                 sqlite3_errmsg(oq__store_db(r->store)));
+        return OQ_EIO;
+    }
     /* What `onceq export` needs to write the results like a run: written
      * once the checks passed, and only when absent (a refused run leaves
      * the state as it was). */

@@ -44,7 +44,7 @@
 enum {
     S_BEGIN, S_COMMIT, S_ROLLBACK, S_PROCESSED, S_OUTPUT, S_COUNT, S_MIN_TAG,
     S_DEAD, S_DEL_REDRIVE, S_SOURCE, S_DEL_DEAD, S_PROCESSED_MANY,
-    S__COUNT
+    S_DEL_STALE, S_META_ADD, S__COUNT
 };
 
 /* Processed ids go MANY_ROWS to a statement: one VDBE run for many rows
@@ -65,6 +65,13 @@ static const char *const stmt_sql[S__COUNT] = {
                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     [S_DEL_REDRIVE] = "DELETE FROM redrive WHERE seq = ?1",
     [S_DEL_DEAD] = "DELETE FROM dead_letters WHERE tag = ?1",
+    /* A handler failure settled its id: that dead letter is the event's
+     * outcome, and its line read again is a duplicate of itself. */
+    [S_DEL_STALE] = "DELETE FROM dead_letters WHERE tag = ?1 AND "
+                    "reason <> 'failed'",
+    [S_META_ADD] = "INSERT INTO meta(key, value) VALUES (?1, ?2) "
+                   "ON CONFLICT(key) DO UPDATE SET "
+                   "value = CAST(value AS INTEGER) + excluded.value",
     [S_SOURCE] = "INSERT OR REPLACE INTO sources(file, path, dev, ino, size, "
                  "head_len, head_hash, offset, line, blank) "
                  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -935,6 +942,8 @@ struct oq__tracker {
     pthread_mutex_t mu;
     tfile *f;
     unsigned n;
+    uint64_t blank_untracked; /* blank lines of untracked inputs (stdin,
+                                 pipes) not yet counted in the state */
 };
 
 int oq__tracker_new(oq__tracker **out, unsigned nfiles)
@@ -1027,8 +1036,16 @@ int oq__tracker_add(oq__tracker *t, unsigned file, uint64_t line,
     tfile *f = file < t->n ? &t->f[file] : NULL;
     int rc = 0;
 
-    if (f == NULL || !f->tracked)
+    if (f == NULL || !f->tracked) {
+        /* Settled as it is read; counted in the state's totals with the
+         * next transaction. */
+        if (blank) {
+            pthread_mutex_lock(&t->mu);
+            t->blank_untracked++;
+            pthread_mutex_unlock(&t->mu);
+        }
         return 0;
+    }
     pthread_mutex_lock(&t->mu);
     if (line != f->first + f->len) {
         rc = OQ_EINVAL; /* lines come in order, once each */
@@ -1430,6 +1447,19 @@ static uint64_t position(const oq__committer *c, uint64_t tag)
     return c->o.position ? c->o.position(tag, c->o.arg) : tag;
 }
 
+static int del_stale(oq__store *st, uint64_t tag)
+{
+    sqlite3_bind_int64(st->st[S_DEL_STALE], 1, (sqlite3_int64)tag);
+    return step(st, S_DEL_STALE, "cannot delete a dead letter");
+}
+
+static int meta_add(oq__store *st, const char *key, uint64_t n)
+{
+    sqlite3_bind_text(st->st[S_META_ADD], 1, key, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st->st[S_META_ADD], 2, (sqlite3_int64)n);
+    return step(st, S_META_ADD, "cannot update the totals");
+}
+
 /* Writes the batch (items, then the queue's dead letters) in one
  * transaction. Fills c->tags with the lines it settles. */
 static int write_batch(oq__committer *c, citem *items, size_t n,
@@ -1438,6 +1468,7 @@ static int write_batch(oq__committer *c, citem *items, size_t n,
     oq__store *st = c->o.store;
     oq__source_row rows[64];
     size_t nsum = 0, nrows, k = 0, ndead = 0;
+    uint64_t ndup = 0, nblank = 0;
     int rc;
 
     for (citem *it = c->dead; it; it = it->next)
@@ -1475,6 +1506,12 @@ static int write_batch(oq__committer *c, citem *items, size_t n,
                                                      pos };
         else if (it->kind == C_DUP && it->id_len > 0)
             rc = oq__store_min_tag(st, it->data, it->id_len, pos);
+        /* Likewise when its line is a duplicate now (a last line that
+         * was cut short when it was read: the whole line is a copy). */
+        if (rc == 0 && it->kind == C_DUP && file < c->o.nstale &&
+            OQ__TAG_LINE(it->tag) <= c->o.stale_dead[file])
+            rc = del_stale(st, it->tag);
+        ndup += it->kind == C_DUP;
         if (rc == 0 && it->kind == C_FAILED)
             rc = write_dead(c, it);
         if (rc == 0 && OQ__TAG_FILE(it->tag) == OQ__TAG_REDRIVE)
@@ -1493,6 +1530,23 @@ static int write_batch(oq__committer *c, citem *items, size_t n,
         c->tags[k++] = it->tag;
     }
     *ntags = k;
+    /* The state's totals (onceq stats): duplicates and the blank lines of
+     * untracked inputs are counted in the transaction that settles them. */
+    if (rc == 0 && c->o.tracker) {
+        pthread_mutex_lock(&c->o.tracker->mu);
+        nblank = c->o.tracker->blank_untracked;
+        c->o.tracker->blank_untracked = 0;
+        pthread_mutex_unlock(&c->o.tracker->mu);
+    }
+    if (rc == 0 && ndup > 0)
+        rc = meta_add(st, "duplicates", ndup);
+    if (rc == 0 && nblank > 0)
+        rc = meta_add(st, "blank_untracked", nblank);
+    if (rc != 0 && nblank > 0 && c->o.tracker) {
+        pthread_mutex_lock(&c->o.tracker->mu);
+        c->o.tracker->blank_untracked += nblank; /* not written */
+        pthread_mutex_unlock(&c->o.tracker->mu);
+    }
     if (rc == 0 && c->o.tracker) {
         /* The watermarks move with what this transaction makes durable;
          * if it fails the run stops, and they are not written. */
@@ -1648,6 +1702,7 @@ static bool tracker_dirty(oq__committer *c)
     if (t == NULL)
         return false;
     pthread_mutex_lock(&t->mu);
+    dirty = t->blank_untracked > 0;
     for (unsigned i = 0; i < t->n && !dirty; i++)
         dirty = t->f[i].tracked && t->f[i].dirty;
     pthread_mutex_unlock(&t->mu);
