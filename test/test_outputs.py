@@ -338,18 +338,18 @@ def exec_children_inherit_only_stdin_stdout_stderr():
 def a_rerun_right_after_kill_9_is_not_refused():
     """kill -9 a durable exec run and start again at once: the lock went
     with the process (an exec child being spawned must not hold it)."""
-    f = gen("k9.jsonl", "--events", "4000", "--seed", "9")
+    f = gen("k9.jsonl", "--events", "1500", "--seed", "9")
     db = path("k9.db")
     rm_state(db)
     h = "exec:cat"
     args = [ONCEQ, "run", "-q", "-w", "8", "--handler", h, "--state", db,
             "-o", path("k9.out"), "--dlq", path("k9.dlq"), f]
     refused = 0
-    rounds = 6 if SLOW else 15
+    rounds = 8 if SLOW else 20
     for i in range(rounds):
         p = subprocess.Popen(args, cwd=TMP, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-        time.sleep(0.25 + 0.02 * i)
+        time.sleep(0.15 + 0.01 * i)
         p.send_signal(signal.SIGKILL)
         p.wait()
         q = subprocess.run(args[:-1] + ["--stats", path("k9.st"), f],
