@@ -31,8 +31,10 @@
 #include "oq_internal.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -286,6 +288,423 @@ void oq__json_write_string(FILE *f, const char *s, size_t n)
     putc('"', f);
 }
 
+/*
+ * Strict JSON text (RFC 8259), for the writers that copy text they did not
+ * make (an event, a history built by SQLite, a saved stats line): they copy
+ * it only when it is valid UTF-8, strict JSON, and no object in it repeats
+ * a key; otherwise they write it as a JSON string. Nesting deeper than
+ * JSON_MAX_DEPTH counts as not JSON (no unbounded recursion on input).
+ */
+#define JSON_MAX_DEPTH 128
+
+typedef struct jscan {
+    const unsigned char *p, *end;
+    int depth;
+} jscan;
+
+typedef struct jkey {
+    char *s;        /* the decoded key (escapes resolved) */
+    size_t len;
+} jkey;
+
+static bool json_value(jscan *j);
+
+static void json_ws(jscan *j)
+{
+    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' ||
+                             *j->p == '\n' || *j->p == '\r'))
+        j->p++;
+}
+
+static int hex4(const unsigned char *p)
+{
+    int v = 0;
+
+    for (int i = 0; i < 4; i++) {
+        int c = p[i], d = c >= '0' && c <= '9' ? c - '0'
+                        : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                        : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0)
+            return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+/* A string at j->p ('"'). With out, its decoded bytes are stored there
+ * (malloc'ed; a \uXXXX escape is kept as the 2 bytes of its value after a
+ * 0xff byte, which valid UTF-8 never holds, so equal keys decode equal). */
+static bool json_string(jscan *j, jkey *out)
+{
+    const unsigned char *start = ++j->p;
+    char *buf = NULL;
+    size_t n = 0;
+
+    if (out) {
+        /* Decoded, a string is never longer than its text. */
+        const unsigned char *q = start;
+        while (q < j->end && *q != '"')
+            q += *q == '\\' && q + 1 < j->end ? 2 : 1;
+        if ((buf = oq__malloc((size_t)(q - start) + 1)) == NULL)
+            return false;
+    }
+    while (j->p < j->end && *j->p != '"') {
+        unsigned char c = *j->p;
+        size_t len;
+        if (c < 0x20)
+            goto bad;
+        if (c == '\\') {
+            int v;
+            if (j->end - j->p < 2)
+                goto bad;
+            c = j->p[1];
+            if (c == 'u') {
+                if (j->end - j->p < 6 || (v = hex4(j->p + 2)) < 0)
+                    goto bad;
+                if (buf) {
+                    buf[n++] = (char)0xff;
+                    buf[n++] = (char)(v >> 8);
+                    buf[n++] = (char)(v & 0xff);
+                }
+                j->p += 6;
+                continue;
+            }
+            if (strchr("\"\\/bfnrt", c) == NULL || c == '\0')
+                goto bad;
+            if (buf)
+                buf[n++] = (char)c;
+            j->p += 2;
+            continue;
+        }
+        if ((len = utf8_len(j->p, (size_t)(j->end - j->p))) == 0)
+            goto bad;
+        if (buf)
+            memcpy(buf + n, j->p, len);
+        n += len;
+        j->p += len;
+    }
+    if (j->p >= j->end)
+        goto bad;
+    j->p++;
+    if (out) {
+        out->s = buf;
+        out->len = n;
+    }
+    return true;
+bad:
+    oq__free(buf);
+    return false;
+}
+
+static bool json_number(jscan *j)
+{
+    const unsigned char *p = j->p, *e = j->end;
+
+    if (p < e && *p == '-')
+        p++;
+    if (p < e && *p == '0')
+        p++;
+    else if (p < e && *p >= '1' && *p <= '9')
+        while (p < e && *p >= '0' && *p <= '9')
+            p++;
+    else
+        return false;
+    if (p < e && *p == '.') {
+        if (++p >= e || *p < '0' || *p > '9')
+            return false;
+        while (p < e && *p >= '0' && *p <= '9')
+            p++;
+    }
+    if (p < e && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < e && (*p == '+' || *p == '-'))
+            p++;
+        if (p >= e || *p < '0' || *p > '9')
+            return false;
+        while (p < e && *p >= '0' && *p <= '9')
+            p++;
+    }
+    j->p = p;
+    return true;
+}
+
+static int key_cmp(const void *a, const void *b)
+{
+    const jkey *x = a, *y = b;
+    int c = memcmp(x->s, y->s, OQ__MIN(x->len, y->len));
+    return c ? c : (x->len > y->len) - (x->len < y->len);
+}
+
+static bool json_object(jscan *j)
+{
+    jkey *keys = NULL;
+    size_t n = 0, cap = 0;
+    bool ok = false;
+
+    j->p++;
+    json_ws(j);
+    if (j->p < j->end && *j->p == '}') {
+        j->p++;
+        return true;
+    }
+    for (;;) {
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 8;
+            jkey *nk = oq__realloc(keys, ncap * sizeof(*nk));
+            if (nk == NULL)
+                goto out;
+            keys = nk;
+            cap = ncap;
+        }
+        if (j->p >= j->end || *j->p != '"' || !json_string(j, &keys[n]))
+            goto out;
+        n++;
+        json_ws(j);
+        if (j->p >= j->end || *j->p != ':')
+            goto out;
+        j->p++;
+        if (!json_value(j))
+            goto out;
+        json_ws(j);
+        if (j->p < j->end && *j->p == ',') {
+            j->p++;
+            json_ws(j);
+            continue;
+        }
+        if (j->p < j->end && *j->p == '}') {
+            j->p++;
+            break;
+        }
+        goto out;
+    }
+    qsort(keys, n, sizeof(*keys), key_cmp);
+    ok = true;
+    for (size_t i = 1; i < n && ok; i++)
+        ok = key_cmp(&keys[i - 1], &keys[i]) != 0;
+out:
+    for (size_t i = 0; i < n; i++)
+        oq__free(keys[i].s);
+    oq__free(keys);
+    return ok;
+}
+
+static bool json_array(jscan *j)
+{
+    j->p++;
+    json_ws(j);
+    if (j->p < j->end && *j->p == ']') {
+        j->p++;
+        return true;
+    }
+    for (;;) {
+        if (!json_value(j))
+            return false;
+        json_ws(j);
+        if (j->p < j->end && *j->p == ',') {
+            j->p++;
+            continue;
+        }
+        if (j->p < j->end && *j->p == ']') {
+            j->p++;
+            return true;
+        }
+        return false;
+    }
+}
+
+static bool json_word(jscan *j, const char *w)
+{
+    size_t n = strlen(w);
+
+    if ((size_t)(j->end - j->p) < n || memcmp(j->p, w, n) != 0)
+        return false;
+    j->p += n;
+    return true;
+}
+
+static bool json_value(jscan *j)
+{
+    bool ok;
+
+    json_ws(j);
+    if (j->p >= j->end)
+        return false;
+    switch (*j->p) {
+    case '{':
+    case '[':
+        if (++j->depth > JSON_MAX_DEPTH)
+            return false;
+        ok = *j->p == '{' ? json_object(j) : json_array(j);
+        j->depth--;
+        return ok;
+    case '"': return json_string(j, NULL);
+    case 't': return json_word(j, "true");
+    case 'f': return json_word(j, "false");
+    case 'n': return json_word(j, "null");
+    default: return json_number(j);
+    }
+}
+
+bool oq__json_strict(const char *s, size_t n);
+
+/* Whether s is one strict JSON text with no repeated key in any object. */
+bool oq__json_strict(const char *s, size_t n)
+{
+    jscan j = { (const unsigned char *)s, (const unsigned char *)s + n, 0 };
+
+    if (s == NULL || !json_value(&j))
+        return false;
+    json_ws(&j);
+    return j.p == j.end;
+}
+
+/* Writes s as it is when it is strict JSON text, else as a JSON string. */
+static void write_json_or_string(FILE *f, const char *s, size_t n)
+{
+    if (oq__json_strict(s, n))
+        fwrite(s, 1, n, f);
+    else
+        oq__json_write_string(f, s, n);
+}
+
+/* ------------------------------------------------------------ outputs */
+
+/*
+ * The outputs (-o, --dlq, --stats) are opened before the first event is
+ * read, so that a path that cannot be written stops the run before any
+ * work (exit 2) instead of losing every result at the end. A regular file
+ * (or a path that does not exist yet) is written to a temporary file
+ * beside it, PATH.tmp.PID, which is fsynced and renamed over PATH at the
+ * end: a reader never sees half a file, and a run that stops early leaves
+ * the previous file as it was. Something else (/dev/null, a pipe, a
+ * terminal) is written in place; "-" is stdout. Every descriptor is
+ * close-on-exec: exec children must not hold them.
+ */
+typedef struct outfile {
+    const char *path;   /* NULL: not asked for */
+    const char *what;   /* "results", "dead letters", "stats" */
+    FILE *f;            /* open from the start to the end */
+    char tmp[PATH_MAX + 32]; /* the temporary file, or "" (in place) */
+} outfile;
+
+/* Removes PATH.tmp.PID files left by a run that died (kill -9, power
+ * loss) before it renamed them: PID is a process that is gone. A live
+ * process's temporary file is its own business. */
+static void clean_stale_tmp(const char *path)
+{
+    char dir[PATH_MAX];
+    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
+    size_t blen = strlen(base);
+    struct dirent *e;
+    DIR *d;
+
+    if (slash == NULL || (size_t)(slash - path) + 1 >= sizeof(dir)) {
+        snprintf(dir, sizeof(dir), "%s", slash ? "/" : ".");
+        if (slash)
+            return; /* a directory name too long to be one */
+    } else {
+        memcpy(dir, path, (size_t)(slash - path) + 1);
+        dir[slash - path + 1] = '\0';
+    }
+    if ((d = opendir(dir)) == NULL)
+        return;
+    while ((e = readdir(d)) != NULL) {
+        const char *p = e->d_name + blen + 5;
+        char *end;
+        long pid;
+        if (strncmp(e->d_name, base, blen) != 0 ||
+            strncmp(e->d_name + blen, ".tmp.", 5) != 0 || *p < '1' ||
+            *p > '9')
+            continue;
+        pid = strtol(p, &end, 10);
+        if (*end != '\0' || pid <= 0 || pid == (long)getpid() ||
+            pid > INT_MAX || kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+            continue;
+        unlinkat(dirfd(d), e->d_name, 0);
+    }
+    closedir(d);
+}
+
+/* Opens o for writing. Returns 0, or -1 with err filled. */
+static int out_begin(outfile *o, const char *path, const char *what,
+                     char *err, size_t errlen)
+{
+    struct stat st;
+
+    memset(o, 0, sizeof(*o));
+    o->path = path;
+    o->what = what;
+    if (path == NULL)
+        return 0;
+    if (strcmp(path, "-") == 0) {
+        o->f = stdout;
+        return 0;
+    }
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+        o->f = fopen(path, "we");
+    } else {
+        clean_stale_tmp(path);
+        snprintf(o->tmp, sizeof(o->tmp), "%s.tmp.%ld", path, (long)getpid());
+        o->f = fopen(o->tmp, "we");
+    }
+    if (o->f == NULL) {
+        snprintf(err, errlen, "cannot write %s to '%.300s': %s", what, path,
+                 strerror(errno));
+        o->tmp[0] = '\0';
+        return -1;
+    }
+    return 0;
+}
+
+/* Gives up o: its temporary file is removed, the file at its path stays
+ * as it was; with remove, that file is removed too (a regular file only). */
+static void out_discard(outfile *o, bool remove)
+{
+    if (o->f == NULL)
+        return;
+    if (o->f == stdout)
+        fflush(stdout);
+    else
+        fclose(o->f);
+    o->f = NULL;
+    if (o->tmp[0]) {
+        unlink(o->tmp);
+        if (remove)
+            unlink(o->path);
+    }
+}
+
+/* Finishes o: flushed, fsynced and renamed over its path. Returns 0 or
+ * an exit status (3, a write error, with a message). */
+static int out_commit(outfile *o, const char *prefix)
+{
+    int bad;
+
+    if (o->f == NULL)
+        return 0;
+    errno = 0;
+    bad = ferror(o->f);
+    if (o->f == stdout) {
+        bad |= fflush(stdout);
+    } else {
+        bad |= fflush(o->f);
+        if (!bad && o->tmp[0])
+            bad |= fsync(fileno(o->f));
+        bad |= fclose(o->f);
+        if (!bad && o->tmp[0])
+            bad |= rename(o->tmp, o->path);
+        if (bad && o->tmp[0])
+            unlink(o->tmp);
+    }
+    o->f = NULL;
+    if (!bad)
+        return 0;
+    fprintf(stderr, "%s: write error on '%s': %s\n", prefix,
+            strcmp(o->path, "-") == 0 ? "<stdout>" : o->path,
+            errno ? strerror(errno) : "unknown error");
+    return 3;
+}
+
 /* ------------------------------------------------------------- the run */
 
 typedef struct run {
@@ -297,6 +716,7 @@ typedef struct run {
     oq__handler h;
     oq__idspec idspec;
     run_sink rs;
+    outfile out, dlq, stats; /* -o, --dlq, --stats: open from the start */
 
     /* Written by the reader thread, read by the main thread. */
     _Atomic uint64_t lines, blank;
@@ -645,11 +1065,10 @@ static void write_dead(FILE *f, run *r, const dl_item *it)
     fputs(",\"last_seen\":", f);
     write_time(f, r, it->dead_ms);
     fputs(",\"event\":", f);
-    /* The original event when it is JSON (it parsed, so the bytes are
-     * valid JSON text), else the raw line as a string. */
-    if (dec.parsed != NULL || (it->reason == OQ_DLQ_BAD_ID &&
-                               oq__utf8_valid(it->payload, it->len)))
-        fwrite(it->payload, 1, it->len, f);
+    /* The original event when it is strict JSON text, else the raw line
+     * as a string (an unparsable line always). */
+    if (it->reason != OQ_DLQ_PARSE_ERROR && it->reason != OQ_DLQ_TOO_LARGE)
+        write_json_or_string(f, it->payload, it->len);
     else
         oq__json_write_string(f, it->payload, it->len);
     fputs("}\n", f);
@@ -657,42 +1076,32 @@ static void write_dead(FILE *f, run *r, const dl_item *it)
         oq__json_free(dec.parsed, &r->idspec);
 }
 
-/* Writes the dead letters (only if any). Returns 0 or an exit status. */
+/* Writes the dead letters; with none, the --dlq file is removed (no
+ * stale one from an earlier run). Returns 0 or an exit status. */
 static int write_dlq(run *r, uint64_t *count)
 {
     dl_list l = { 0 };
-    FILE *f;
     int status = 0;
 
     oq_queue_dead_letters(r->q, 1, take_dead, &l);
     *count = l.n;
-    if (l.n == 0)
-        goto out;
-    qsort(l.v, l.n, sizeof(*l.v), dl_by_tag);
-    f = fopen(r->c->dlq_path, "w");
-    if (f == NULL) {
-        fprintf(stderr, "onceq run: cannot write dead letters to '%s': %s\n",
-                r->c->dlq_path, strerror(errno));
+    if (l.rc != 0) {
+        fprintf(stderr, "onceq run: out of memory collecting dead letters\n");
+        out_discard(&r->dlq, false);
         status = 3;
-        goto out;
+    } else if (l.n == 0) {
+        out_discard(&r->dlq, true);
+    } else {
+        qsort(l.v, l.n, sizeof(*l.v), dl_by_tag);
+        for (size_t i = 0; i < l.n; i++)
+            write_dead(r->dlq.f, r, l.v[i]);
+        status = out_commit(&r->dlq, "onceq run");
     }
-    for (size_t i = 0; i < l.n; i++)
-        write_dead(f, r, l.v[i]);
-    if (ferror(f) | fclose(f)) {
-        fprintf(stderr, "onceq run: write error on '%s': %s\n",
-                r->c->dlq_path, strerror(errno));
-        status = 3;
-    }
-out:
     for (size_t i = 0; i < l.n; i++) {
         free(l.v[i]->error);
         oq__free(l.v[i]);
     }
     oq__free(l.v);
-    if (l.rc != 0 && status == 0) {
-        fprintf(stderr, "onceq run: out of memory collecting dead letters\n");
-        status = 3;
-    }
     return status;
 }
 
@@ -708,12 +1117,16 @@ static void move_to_first_seen(run_sink *rs)
     }
 }
 
-/* One result line of a counting handler: {"FIELD":"key","count":N}. */
+/* One result line of a counting handler: {"FIELD":"key","count":N}, or
+ * {"value":"key","count":N} when FIELD is "count". */
 void oq__write_count(const char *key, size_t len, int64_t v, void *arg)
 {
     oq__count_out *c = arg;
+    /* count:count would repeat the key "count": the value is "value". */
+    const char *name = strcmp(c->key, "count") == 0 ? "value" : c->key;
+
     fputs("{", c->f);
-    oq__json_write_string(c->f, c->key, strlen(c->key));
+    oq__json_write_string(c->f, name, strlen(name));
     fputs(":", c->f);
     oq__json_write_string(c->f, key, len);
     fprintf(c->f, ",\"count\":%" PRId64 "}\n", v);
@@ -725,7 +1138,7 @@ FILE *oq__out_open(const char *path, const char *prefix, const char *what)
 
     if (path == NULL || strcmp(path, "-") == 0)
         return stdout;
-    if ((f = fopen(path, "w")) == NULL)
+    if ((f = fopen(path, "we")) == NULL)
         fprintf(stderr, "%s: cannot write %s to '%s': %s\n", prefix, what,
                 path, strerror(errno));
     return f;
@@ -747,11 +1160,8 @@ int oq__out_close(FILE *f, const char *path, const char *prefix)
 /* Writes the results. Returns 0 or an exit status. */
 static int write_results(run *r)
 {
-    const char *path = r->c->out_path;
-    FILE *f = oq__out_open(path, "onceq run", "results");
+    FILE *f = r->out.f;
 
-    if (f == NULL)
-        return 3;
     if (r->h.output == OQ__OUT_COUNTS) {
         oq__count_out c = { f, r->h.count_key ? r->h.count_key : "key" };
         oq_memsink_foreach_count(r->rs.counts, oq__write_count, &c);
@@ -765,7 +1175,7 @@ static int write_results(run *r)
             putc('\n', f);
         }
     }
-    return oq__out_close(f, path, "onceq run");
+    return out_commit(&r->out, "onceq run");
 }
 
 static void write_stats_json(FILE *f, const run *r, const totals *t);
@@ -799,8 +1209,7 @@ void oq__json_write_time(FILE *f, int64_t unix_ms)
 void oq__write_dead_row(FILE *f, const oq__dead_row *d, bool with_seq)
 {
     bool json = strcmp(d->reason, "parse_error") != 0 &&
-                strcmp(d->reason, "too_large") != 0 && d->event_len > 0 &&
-                oq__utf8_valid(d->event, d->event_len);
+                strcmp(d->reason, "too_large") != 0;
 
     fputs("{", f);
     if (with_seq)
@@ -820,12 +1229,15 @@ void oq__write_dead_row(FILE *f, const oq__dead_row *d, bool with_seq)
     oq__json_write_time(f, d->first_seen_ms);
     fputs(",\"last_seen\":", f);
     oq__json_write_time(f, d->dead_ms);
-    if (d->history && strcmp(d->history, "[]") != 0)
-        fprintf(f, ",\"history\":%s", d->history);
+    if (d->history && strcmp(d->history, "[]") != 0) {
+        /* Built by SQLite from stored text, which may hold any bytes. */
+        fputs(",\"history\":", f);
+        write_json_or_string(f, d->history, strlen(d->history));
+    }
     fputs(",\"event\":", f);
-    /* Lines that parsed are JSON text: written as they are. */
+    /* An event that is strict JSON text is written as it is. */
     if (json)
-        fwrite(d->event, 1, d->event_len, f);
+        write_json_or_string(f, d->event, d->event_len);
     else
         oq__json_write_string(f, d->event, d->event_len);
     fputs("}\n", f);
@@ -969,69 +1381,24 @@ static void put_record(const void *data, size_t len, void *arg)
     putc('\n', arg);
 }
 
-/* Opens path for an atomic rewrite: a temp file beside it, renamed over it
- * by finish_atomic. Something that is not a regular file (/dev/null, a
- * pipe) is written in place. */
-static FILE *open_atomic(const char *path, char *tmp, size_t tmplen)
-{
-    struct stat st;
-
-    tmp[0] = '\0';
-    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
-        return fopen(path, "w");
-    snprintf(tmp, tmplen, "%s.tmp.%ld", path, (long)getpid());
-    return fopen(tmp, "w");
-}
-
-static int finish_atomic(FILE *f, const char *path, const char *tmp)
-{
-    int bad = ferror(f);
-
-    bad |= fflush(f);
-    if (!bad && tmp[0])
-        bad |= fsync(fileno(f));
-    bad |= fclose(f);
-    if (!bad && tmp[0] && rename(tmp, path) != 0)
-        bad = 1;
-    if (bad && tmp[0])
-        unlink(tmp);
-    return bad;
-}
-
 /* The results, from the state. Returns 0 or an exit status. */
 static int write_results_db(run *r)
 {
-    const char *path = r->c->out_path;
-    bool to_stdout = path == NULL || strcmp(path, "-") == 0;
-    char tmp[4200];
-    FILE *f = to_stdout ? stdout : open_atomic(path, tmp, sizeof(tmp));
-    int rc, bad;
+    FILE *f = r->out.f;
+    int rc;
 
-    if (f == NULL) {
-        fprintf(stderr, "onceq run: cannot write results to '%s': %s\n", path,
-                strerror(errno));
-        return 3;
-    }
     if (r->h.output == OQ__OUT_COUNTS) {
         oq__count_out c = { f, r->h.count_key ? r->h.count_key : "key" };
         rc = oq__store_foreach_count(r->store, oq__write_count, &c);
     } else {
         rc = oq__store_foreach_record(r->store, put_record, f);
     }
-    if (to_stdout)
-        bad = ferror(f) | fflush(f);
-    else
-        bad = finish_atomic(f, path, tmp);
     if (rc != 0) {
         fprintf(stderr, "onceq run: %s\n", oq__store_error(r->store));
+        out_discard(&r->out, false);
         return 3;
     }
-    if (bad) {
-        fprintf(stderr, "onceq run: write error on '%s': %s\n",
-                to_stdout ? "<stdout>" : path, strerror(errno));
-        return 3;
-    }
-    return 0;
+    return out_commit(&r->out, "onceq run");
 }
 
 typedef struct dead_out {
@@ -1046,39 +1413,24 @@ static void put_dead(const oq__dead_row *d, void *arg)
     o->n++;
 }
 
-/* The dead letters, from the state (only if there are any). */
+/* The dead letters, from the state; with none, the --dlq file is removed
+ * (no stale one). */
 static int write_dlq_db(run *r, uint64_t *count)
 {
-    char tmp[4200];
-    dead_out o = { NULL, 0 };
-    int rc;
+    dead_out o = { r->dlq.f, 0 };
+    int rc = oq__store_foreach_dead(r->store, put_dead, &o);
 
-    *count = 0;
-    o.f = open_atomic(r->c->dlq_path, tmp, sizeof(tmp));
-    if (o.f == NULL) {
-        fprintf(stderr, "onceq run: cannot write dead letters to '%s': %s\n",
-                r->c->dlq_path, strerror(errno));
-        return 3;
-    }
-    rc = oq__store_foreach_dead(r->store, put_dead, &o);
     *count = o.n;
-    if (o.n == 0) {
-        /* Nothing to say: leave no file (and no stale one). */
-        fclose(o.f);
-        if (tmp[0]) {
-            unlink(tmp);
-            unlink(r->c->dlq_path);
-        }
-    } else if (finish_atomic(o.f, r->c->dlq_path, tmp) != 0) {
-        fprintf(stderr, "onceq run: write error on '%s': %s\n",
-                r->c->dlq_path, strerror(errno));
-        return 3;
-    }
     if (rc != 0) {
         fprintf(stderr, "onceq run: %s\n", oq__store_error(r->store));
+        out_discard(&r->dlq, false);
         return 3;
     }
-    return 0;
+    if (o.n == 0) {
+        out_discard(&r->dlq, true);
+        return 0;
+    }
+    return out_commit(&r->dlq, "onceq run");
 }
 
 /* The handler and id settings a state was made with must not change. */
@@ -1107,6 +1459,18 @@ static int check_meta(run *r, char *err, size_t errlen)
             snprintf(err, errlen, "%s", oq__store_error(r->store));
             return rc;
         }
+    }
+    /* The duplicates counted so far (onceq stats): a state made before
+     * they were counted starts from its watermarks' estimate. */
+    if (sqlite3_exec(oq__store_db(r->store), "INSERT OR IGNORE INTO meta"
+                     "(key, value) SELECT 'duplicates', max(0, (SELECT "
+                     "coalesce(sum(line) - sum(blank), 0) FROM sources) - "
+                     "(SELECT count(*) FROM processed WHERE status = 0) - "
+                     "(SELECT count(*) FROM dead_letters) - (SELECT count(*) "
+                     "FROM redrive))", NULL, NULL, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "cannot write the state: %s",
+                 sqlite3_errmsg(oq__store_db(r->store)));
+        return OQ_EIO;
     }
     /* What `onceq export` needs to write the results like a run: written
      * once the checks passed, and only when absent (a refused run leaves
@@ -1438,27 +1802,22 @@ static void write_stats_json(FILE *f, const run *r, const totals *t)
                 oq_dlq_reason_name((oq_dlq_reason)i), t->dead_by[i]);
     fprintf(f, "},\"retried\":%" PRIu64 ",\"redelivered\":%" PRIu64
             ",\"fenced\":%" PRIu64 ",\"bytes\":%" PRIu64
-            ",\"workers\":%u,\"handler\":\"%s\",\"elapsed_s\":%.3f"
-            ",\"events_per_s\":%.0f",
-            t->retried, t->redelivered, t->fenced, t->bytes, r->c->workers,
-            r->h.name, t->elapsed_s,
+            ",\"workers\":%u,\"handler\":",
+            t->retried, t->redelivered, t->fenced, t->bytes, r->c->workers);
+    oq__json_write_string(f, r->h.name, strlen(r->h.name));
+    fprintf(f, ",\"elapsed_s\":%.3f,\"events_per_s\":%.0f", t->elapsed_s,
             t->elapsed_s > 0 ? (t->lines - t->blank) / t->elapsed_s : 0);
     if (r->store)
         write_state_stats(f, r, t);
     fputs("}\n", f);
 }
 
-static int write_stats(const run *r, const totals *t)
+static int write_stats(run *r, const totals *t)
 {
-    const char *path = r->c->stats_path;
-    FILE *f;
-
-    if (path == NULL)
+    if (r->stats.f == NULL)
         return 0;
-    if ((f = oq__out_open(path, "onceq run", "stats")) == NULL)
-        return 3;
-    write_stats_json(f, r, t);
-    return oq__out_close(f, path, "onceq run");
+    write_stats_json(r->stats.f, r, t);
+    return out_commit(&r->stats, "onceq run");
 }
 
 static void summary(const run *r, const totals *t, int sig)
@@ -1564,6 +1923,10 @@ static int start_pool(run *r)
 
 static void close_all(run *r)
 {
+    /* Outputs not finished (a run that did not start): left as they were. */
+    out_discard(&r->out, false);
+    out_discard(&r->dlq, false);
+    out_discard(&r->stats, false);
     oq_pool_free(r->p);
     if (r->store)
         close_state(r);
@@ -1609,6 +1972,134 @@ static int wait_done(run *r, const sigset_t *sigs)
                 return 0;
         }
     }
+}
+
+/* ----------------------------------------------- where outputs may go */
+
+/* What a path leads to, to compare two paths: a regular file by device
+ * and inode, a path with no file yet by its absolute name (its directory
+ * resolved), and anything else (a device, a pipe: written in place, so
+ * nothing is clobbered) not at all. */
+typedef struct place {
+    enum { P_NONE, P_FILE, P_NAME } kind;
+    dev_t dev;
+    ino_t ino;
+    char name[PATH_MAX + 256];
+} place;
+
+static void place_of(const char *path, place *pl)
+{
+    const char *slash = strrchr(path, '/');
+    char dir[PATH_MAX], real[PATH_MAX];
+    struct stat st;
+
+    memset(pl, 0, sizeof(*pl));
+    if (stat(path, &st) == 0) {
+        if (S_ISREG(st.st_mode)) {
+            pl->kind = P_FILE;
+            pl->dev = st.st_dev;
+            pl->ino = st.st_ino;
+        }
+        return;
+    }
+    if (slash == NULL)
+        snprintf(dir, sizeof(dir), ".");
+    else
+        snprintf(dir, sizeof(dir), "%.*s", (int)(slash - path + 1), path);
+    pl->kind = P_NAME;
+    snprintf(pl->name, sizeof(pl->name), "%s/%s",
+             realpath(dir, real) ? real : dir, slash ? slash + 1 : path);
+}
+
+static void place_of_fd(int fd, place *pl)
+{
+    struct stat st;
+
+    memset(pl, 0, sizeof(*pl));
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+        pl->kind = P_FILE;
+        pl->dev = st.st_dev;
+        pl->ino = st.st_ino;
+    }
+}
+
+static bool same_place(const place *a, const place *b)
+{
+    if (a->kind != b->kind || a->kind == P_NONE)
+        return false;
+    return a->kind == P_FILE ? a->dev == b->dev && a->ino == b->ino
+                             : strcmp(a->name, b->name) == 0;
+}
+
+/* Refuses an output (-o, --dlq, --stats) that would be written over the
+ * state, its WAL, shared-memory or lock file, an input, or another output:
+ * the rename at the end would destroy it. Checked before anything runs. */
+static int check_outputs(const oq__run_config *c, char *err, size_t errlen)
+{
+    static const char *const suffix[] = { "", "-wal", "-shm", ".lock" };
+    static const char *const what[] = { "the state file", "the state's WAL",
+                                        "the state's shared memory",
+                                        "the state's lock file" };
+    const struct { const char *opt, *path; } out[] = {
+        { "-o", c->out_path }, { "--dlq", c->dlq_path },
+        { "--stats", c->stats_path },
+    };
+    place *o = oq__calloc(3, sizeof(*o)), *x = oq__malloc(sizeof(*x));
+    char name[PATH_MAX + 16];
+    int rc = 0;
+
+    if (o == NULL || x == NULL) {
+        snprintf(err, errlen, "%s", oq_strerror(OQ_ENOMEM));
+        rc = OQ_ENOMEM;
+        goto out;
+    }
+    for (int i = 0; i < 3 && rc == 0; i++) {
+        const char *is = NULL, *which = "";
+        if (out[i].path == NULL || strcmp(out[i].path, "-") == 0)
+            continue;
+        place_of(out[i].path, &o[i]);
+        for (int k = 0; k < i && is == NULL; k++)
+            if (same_place(&o[i], &o[k]))
+                is = "also", which = out[k].opt;
+        for (int k = 0; c->state_path && k < 4 && is == NULL; k++) {
+            snprintf(name, sizeof(name), "%s%s", c->state_path, suffix[k]);
+            place_of(name, x);
+            if (same_place(&o[i], x))
+                is = what[k], which = name;
+        }
+        for (unsigned k = 0; k < OQ__MAX(c->ninputs, 1u) && is == NULL; k++) {
+            const char *in = c->ninputs ? c->inputs[k] : "-";
+            if (strcmp(in, "-") == 0)
+                place_of_fd(STDIN_FILENO, x);
+            else
+                place_of(in, x);
+            if (same_place(&o[i], x))
+                is = "input", which = strcmp(in, "-") ? in : "<stdin>";
+        }
+        if (is != NULL) {
+            snprintf(err, errlen, "%s '%.150s' is %s '%.150s': it would be "
+                     "overwritten (choose another path)", out[i].opt,
+                     out[i].path, is, which);
+            rc = OQ_EINVAL;
+        }
+    }
+out:
+    oq__free(o);
+    oq__free(x);
+    return rc;
+}
+
+/* Opens the outputs, before anything runs. */
+static int open_outputs(run *r, char *err, size_t errlen)
+{
+    const oq__run_config *c = r->c;
+
+    if (out_begin(&r->out, c->out_path ? c->out_path : "-", "results", err,
+                  errlen) != 0 ||
+        out_begin(&r->dlq, c->dlq_path, "dead letters", err, errlen) != 0 ||
+        out_begin(&r->stats, c->stats_path, "stats", err, errlen) != 0)
+        return OQ_EIO;
+    return 0;
 }
 
 /* Writes the results, dead letters and stats; returns the exit status. */
@@ -1659,7 +2150,9 @@ int oq__run(const oq__run_config *c)
     r->c = c;
     r->t0_ms = oq_clock_now(NULL);
     r->wall0_ms = wall_ms();
-    if (open_all(r, err, sizeof(err)) != 0 ||
+    if (check_outputs(c, err, sizeof(err)) != 0 ||
+        open_outputs(r, err, sizeof(err)) != 0 ||
+        open_all(r, err, sizeof(err)) != 0 ||
         (c->state_path && open_state(r, err, sizeof(err)) != 0)) {
         fprintf(stderr, "onceq run: %s\n", err);
         close_all(r);
@@ -1687,6 +2180,9 @@ int oq__run(const oq__run_config *c)
              * its thread may still touch. */
             get_totals(r, &t);
             summary(r, &t, sig > 0 ? sig : 0);
+            out_discard(&r->out, false);
+            out_discard(&r->dlq, false);
+            out_discard(&r->stats, false);
             _exit(sig == SIGINT ? 130 : sig == SIGTERM ? 143 : 3);
         }
     } else {
@@ -1707,17 +2203,23 @@ int oq__run(const oq__run_config *c)
     get_totals(r, &t);
     if (r->store && !state_failed)
         state_totals(r, &t);
+    /* A read error stops the reading, not the run: what was read is
+     * processed and written, and the status says the input was cut short
+     * (3, an I/O error, like a write error; 2 means nothing ran). */
     if (r->reader_rc != 0 && !(sig && r->reader_rc == -ECANCELED)) {
         fprintf(stderr, "onceq run: %s\n", r->reader_err);
-        status = status ? status : 2;
+        status = status ? status : 3;
     }
     if (r->rs.rc != 0) {
         fprintf(stderr, "onceq run: out of memory keeping results\n");
         status = status ? status : 3;
     }
-    if (state_failed)
+    if (state_failed) {
+        /* The outputs stay as they were; a rerun resumes and writes them. */
+        out_discard(&r->out, false);
+        out_discard(&r->dlq, false);
         write_stats(r, &t);
-    else
+    } else
         status = finish(r, &t, status, &ndead);
     if (r->store && !state_failed)
         save_last_run(r, &t);

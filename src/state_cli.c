@@ -538,6 +538,34 @@ static int64_t one_int(sqlite3 *db, const char *sql)
     return v;
 }
 
+bool oq__json_strict(const char *s, size_t n); /* runner.c */
+
+/* The last run's stats as saved (JSON that run wrote), whatever its
+ * length; null when there is none; a string if it is not JSON. */
+static void write_last_run(sqlite3 *db)
+{
+    sqlite3_stmt *s;
+    const char *v = NULL;
+    size_t n = 0;
+
+    if (sqlite3_prepare_v2(db, "SELECT value FROM meta WHERE key = "
+                           "'last_run'", -1, &s, NULL) != SQLITE_OK) {
+        fputs("null", stdout);
+        return;
+    }
+    if (sqlite3_step(s) == SQLITE_ROW) {
+        v = (const char *)sqlite3_column_text(s, 0);
+        n = (size_t)sqlite3_column_bytes(s, 0);
+    }
+    if (v == NULL)
+        fputs("null", stdout);
+    else if (oq__json_strict(v, n))
+        fwrite(v, 1, n, stdout);
+    else
+        oq__json_write_string(stdout, v, n);
+    sqlite3_finalize(s);
+}
+
 static void stats_help(void)
 {
     printf(
@@ -554,7 +582,6 @@ static void stats_help(void)
 int oq__cmd_stats(int argc, char **argv)
 {
     opts o = { .cmd = "stats" };
-    char last[8192] = "null";
     oq__store *st;
     sqlite3 *db;
     int64_t lines, blank, processed, dead, dup, unfinished;
@@ -566,16 +593,28 @@ int oq__cmd_stats(int argc, char **argv)
     if ((st = open_state(&o, false)) == NULL)
         return 2;
     db = oq__store_db(st);
-    lines = one_int(db, "SELECT coalesce(sum(line), 0) FROM sources");
-    blank = one_int(db, "SELECT coalesce(sum(blank), 0) FROM sources");
+    /* Every settled line is processed, a duplicate, dead, blank or (a
+     * redriven event) unfinished; the lines are their sum. Duplicates and
+     * the blank lines of untracked inputs (stdin, pipes) are counted by
+     * the runs, in the transactions that settle them; a state made before
+     * they were counted estimates its duplicates from the watermarks. */
+    blank = one_int(db, "SELECT coalesce(sum(blank), 0) FROM sources") +
+            one_int(db, "SELECT coalesce(sum(value), 0) FROM meta WHERE "
+                        "key = 'blank_untracked'");
     processed = one_int(db, "SELECT count(*) FROM processed WHERE status = 0");
     dead = one_int(db, "SELECT count(*) FROM dead_letters");
     unfinished = one_int(db, "SELECT count(*) FROM redrive");
-    dup = lines - blank - processed - dead - unfinished;
+    if (one_int(db, "SELECT count(*) FROM meta WHERE key = 'duplicates'"))
+        dup = one_int(db, "SELECT value FROM meta WHERE key = 'duplicates'");
+    else
+        dup = one_int(db, "SELECT coalesce(sum(line), 0) FROM sources") -
+              blank - processed - dead - unfinished;
+    dup = dup > 0 ? dup : 0;
+    lines = processed + dup + dead + blank + unfinished;
     printf("{\"lines\":%" PRId64 ",\"processed\":%" PRId64 ",\"duplicates\":%"
            PRId64 ",\"dead\":%" PRId64 ",\"blank\":%" PRId64
            ",\"unfinished\":%" PRId64 ",\"dead_by_reason\":{",
-           lines, processed, dup > 0 ? dup : 0, dead, blank, unfinished);
+           lines, processed, dup, dead, blank, unfinished);
     for (int i = 0; i < OQ_DLQ__COUNT; i++) {
         char sql[160];
         const char *name = oq_dlq_reason_name((oq_dlq_reason)i);
@@ -583,11 +622,12 @@ int oq__cmd_stats(int argc, char **argv)
                  "reason = '%s'", name);
         printf("%s\"%s\":%" PRId64, i ? "," : "", name, one_int(db, sql));
     }
-    oq__store_meta_get(st, "last_run", last, sizeof(last));
     printf("},\"aggregates\":%" PRId64 ",\"outputs\":%" PRId64
-           ",\"last_run\":%s}\n",
+           ",\"last_run\":",
            one_int(db, "SELECT count(*) FROM aggregates"),
-           one_int(db, "SELECT count(*) FROM outputs"), last);
+           one_int(db, "SELECT count(*) FROM outputs"));
+    write_last_run(db);
+    printf("}\n");
     oq__store_close(st);
     return fflush(stdout) ? 3 : 0;
 }

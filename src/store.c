@@ -30,7 +30,6 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -45,7 +44,7 @@
 enum {
     S_BEGIN, S_COMMIT, S_ROLLBACK, S_PROCESSED, S_OUTPUT, S_COUNT, S_MIN_TAG,
     S_DEAD, S_DEL_REDRIVE, S_SOURCE, S_DEL_DEAD, S_PROCESSED_MANY,
-    S__COUNT
+    S_DEL_STALE, S_META_ADD, S__COUNT
 };
 
 /* Processed ids go MANY_ROWS to a statement: one VDBE run for many rows
@@ -66,6 +65,13 @@ static const char *const stmt_sql[S__COUNT] = {
                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     [S_DEL_REDRIVE] = "DELETE FROM redrive WHERE seq = ?1",
     [S_DEL_DEAD] = "DELETE FROM dead_letters WHERE tag = ?1",
+    /* A handler failure settled its id: that dead letter is the event's
+     * outcome, and its line read again is a duplicate of itself. */
+    [S_DEL_STALE] = "DELETE FROM dead_letters WHERE tag = ?1 AND "
+                    "reason <> 'failed'",
+    [S_META_ADD] = "INSERT INTO meta(key, value) VALUES (?1, ?2) "
+                   "ON CONFLICT(key) DO UPDATE SET "
+                   "value = CAST(value AS INTEGER) + excluded.value",
     [S_SOURCE] = "INSERT OR REPLACE INTO sources(file, path, dev, ino, size, "
                  "head_len, head_hash, offset, line, blank) "
                  "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -102,7 +108,9 @@ struct oq__store {
     sqlite3 *db;
     sqlite3_stmt *st[S__COUNT];
     bool in_txn;
-    int lock_fd;               /* PATH.lock, flock()ed (OQ__STORE_LOCK), or -1 */
+    int lock_fd;               /* PATH.lock, locked (OQ__STORE_LOCK), or -1 */
+    dev_t lock_dev;            /* its device and inode, in held_locks */
+    ino_t lock_ino;
     uint64_t commits;          /* successful batch commits */
     char path[4096];
     char err[512];             /* the last error, one line */
@@ -229,33 +237,108 @@ static const char *sync_pragma(oq__store_sync sync)
     }
 }
 
-/* The run lock: an exclusive flock() on PATH.lock, a file of its own
- * (SQLite's POSIX locks on the database and its WAL are another matter,
- * and are dropped when any descriptor of the file is closed). A run holds
- * it for its whole life; restore and dlq redrive/purge take it for theirs.
- * The kernel drops it when the process dies, so a killed run leaves no
- * stale lock. */
+/* The run lock: an exclusive POSIX record lock (fcntl F_SETLK) on
+ * PATH.lock, a file of its own (SQLite's locks on the database and its WAL
+ * are another matter). A run holds it for its whole life; restore and dlq
+ * redrive/purge take it for theirs.
+ *
+ * Not flock(): a flock belongs to the open file description, which an exec
+ * child shares between its spawn and its exec (close-on-exec closes it only
+ * at the exec), so after a kill -9 a child being spawned kept the lock for
+ * a millisecond or so and a rerun was refused. A POSIX lock belongs to the
+ * process: no child ever holds it, and the kernel drops it when the process
+ * dies. Two consequences of POSIX locks are handled here: a process never
+ * conflicts with its own lock, and closing any descriptor of the file drops
+ * it; so this process's locks are kept in held_locks (by device and inode),
+ * a second lock of the same file is refused from that list without opening
+ * the file again, and only oq__store_close closes the descriptor. */
+typedef struct held_lock {
+    struct held_lock *next;
+    dev_t dev;
+    ino_t ino;
+} held_lock;
+
+static pthread_mutex_t held_mu = PTHREAD_MUTEX_INITIALIZER;
+static held_lock *held_locks;  /* guarded by held_mu */
+
+/* held_mu held. */
+static held_lock **find_held(dev_t dev, ino_t ino)
+{
+    held_lock **h = &held_locks;
+
+    while (*h && ((*h)->dev != dev || (*h)->ino != ino))
+        h = &(*h)->next;
+    return h;
+}
+
+static int busy(oq__store *st)
+{
+    return set_err(st, SQLITE_BUSY, "state '%s' is in use by another onceq "
+                   "run", st->path);
+}
+
 static int take_lock(oq__store *st, int flags)
 {
     char lpath[sizeof(st->path) + 8];
+    struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET };
+    struct stat sb;
+    held_lock *h = NULL;
+    int rc = 0;
 
     if (!(flags & OQ__STORE_CREATE) && access(st->path, F_OK) != 0)
         return set_err(st, SQLITE_CANTOPEN, "no state file '%s'", st->path);
     snprintf(lpath, sizeof(lpath), "%s.lock", st->path);
+    pthread_mutex_lock(&held_mu);
+    if (stat(lpath, &sb) == 0 && *find_held(sb.st_dev, sb.st_ino) != NULL) {
+        rc = busy(st);
+        goto out;
+    }
     st->lock_fd = open(lpath, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (st->lock_fd < 0)
-        return set_err(st, SQLITE_CANTOPEN, "cannot open '%s': %s", lpath,
-                       strerror(errno));
-    while (flock(st->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    if (st->lock_fd < 0 || fstat(st->lock_fd, &sb) != 0) {
+        rc = set_err(st, SQLITE_CANTOPEN, "cannot open '%s': %s", lpath,
+                     strerror(errno));
+        goto out;
+    }
+    if ((h = oq__malloc(sizeof(*h))) == NULL) {
+        rc = set_err(st, SQLITE_NOMEM, "out of memory");
+        goto out;
+    }
+    while (fcntl(st->lock_fd, F_SETLK, &fl) != 0) {
         if (errno == EINTR)
             continue;
-        if (errno == EWOULDBLOCK)
-            return set_err(st, SQLITE_BUSY, "state '%s' is in use by another "
-                           "onceq run", st->path);
-        return set_err(st, SQLITE_IOERR, "cannot lock '%s': %s", lpath,
-                       strerror(errno));
+        rc = errno == EAGAIN || errno == EACCES
+                 ? busy(st)
+                 : set_err(st, SQLITE_IOERR, "cannot lock '%s': %s", lpath,
+                           strerror(errno));
+        oq__free(h);
+        goto out;
     }
-    return 0;
+    st->lock_dev = h->dev = sb.st_dev;
+    st->lock_ino = h->ino = sb.st_ino;
+    h->next = held_locks;
+    held_locks = h;
+out:
+    if (rc != 0 && st->lock_fd >= 0) {
+        close(st->lock_fd); /* this process held no lock of this file */
+        st->lock_fd = -1;
+    }
+    pthread_mutex_unlock(&held_mu);
+    return rc;
+}
+
+/* Drops the run lock (closing the descriptor releases it). */
+static void drop_lock(oq__store *st)
+{
+    held_lock **h, *gone;
+
+    pthread_mutex_lock(&held_mu);
+    h = find_held(st->lock_dev, st->lock_ino);
+    if ((gone = *h) != NULL)
+        *h = gone->next;
+    close(st->lock_fd);
+    st->lock_fd = -1;
+    pthread_mutex_unlock(&held_mu);
+    oq__free(gone);
 }
 
 int oq__store_open(oq__store **out, const char *path, int flags,
@@ -343,7 +426,7 @@ void oq__store_close(oq__store *st)
     if (st->db)
         sqlite3_close(st->db);
     if (st->lock_fd >= 0)
-        close(st->lock_fd); /* after the database: drops the lock */
+        drop_lock(st); /* after the database */
     oq__free(st);
 }
 
@@ -859,6 +942,8 @@ struct oq__tracker {
     pthread_mutex_t mu;
     tfile *f;
     unsigned n;
+    uint64_t blank_untracked; /* blank lines of untracked inputs (stdin,
+                                 pipes) not yet counted in the state */
 };
 
 int oq__tracker_new(oq__tracker **out, unsigned nfiles)
@@ -951,8 +1036,16 @@ int oq__tracker_add(oq__tracker *t, unsigned file, uint64_t line,
     tfile *f = file < t->n ? &t->f[file] : NULL;
     int rc = 0;
 
-    if (f == NULL || !f->tracked)
+    if (f == NULL || !f->tracked) {
+        /* Settled as it is read; counted in the state's totals with the
+         * next transaction. */
+        if (blank) {
+            pthread_mutex_lock(&t->mu);
+            t->blank_untracked++;
+            pthread_mutex_unlock(&t->mu);
+        }
         return 0;
+    }
     pthread_mutex_lock(&t->mu);
     if (line != f->first + f->len) {
         rc = OQ_EINVAL; /* lines come in order, once each */
@@ -1354,6 +1447,19 @@ static uint64_t position(const oq__committer *c, uint64_t tag)
     return c->o.position ? c->o.position(tag, c->o.arg) : tag;
 }
 
+static int del_stale(oq__store *st, uint64_t tag)
+{
+    sqlite3_bind_int64(st->st[S_DEL_STALE], 1, (sqlite3_int64)tag);
+    return step(st, S_DEL_STALE, "cannot delete a dead letter");
+}
+
+static int meta_add(oq__store *st, const char *key, uint64_t n)
+{
+    sqlite3_bind_text(st->st[S_META_ADD], 1, key, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st->st[S_META_ADD], 2, (sqlite3_int64)n);
+    return step(st, S_META_ADD, "cannot update the totals");
+}
+
 /* Writes the batch (items, then the queue's dead letters) in one
  * transaction. Fills c->tags with the lines it settles. */
 static int write_batch(oq__committer *c, citem *items, size_t n,
@@ -1362,6 +1468,7 @@ static int write_batch(oq__committer *c, citem *items, size_t n,
     oq__store *st = c->o.store;
     oq__source_row rows[64];
     size_t nsum = 0, nrows, k = 0, ndead = 0;
+    uint64_t ndup = 0, nblank = 0;
     int rc;
 
     for (citem *it = c->dead; it; it = it->next)
@@ -1399,6 +1506,12 @@ static int write_batch(oq__committer *c, citem *items, size_t n,
                                                      pos };
         else if (it->kind == C_DUP && it->id_len > 0)
             rc = oq__store_min_tag(st, it->data, it->id_len, pos);
+        /* Likewise when its line is a duplicate now (a last line that
+         * was cut short when it was read: the whole line is a copy). */
+        if (rc == 0 && it->kind == C_DUP && file < c->o.nstale &&
+            OQ__TAG_LINE(it->tag) <= c->o.stale_dead[file])
+            rc = del_stale(st, it->tag);
+        ndup += it->kind == C_DUP;
         if (rc == 0 && it->kind == C_FAILED)
             rc = write_dead(c, it);
         if (rc == 0 && OQ__TAG_FILE(it->tag) == OQ__TAG_REDRIVE)
@@ -1417,6 +1530,23 @@ static int write_batch(oq__committer *c, citem *items, size_t n,
         c->tags[k++] = it->tag;
     }
     *ntags = k;
+    /* The state's totals (onceq stats): duplicates and the blank lines of
+     * untracked inputs are counted in the transaction that settles them. */
+    if (rc == 0 && c->o.tracker) {
+        pthread_mutex_lock(&c->o.tracker->mu);
+        nblank = c->o.tracker->blank_untracked;
+        c->o.tracker->blank_untracked = 0;
+        pthread_mutex_unlock(&c->o.tracker->mu);
+    }
+    if (rc == 0 && ndup > 0)
+        rc = meta_add(st, "duplicates", ndup);
+    if (rc == 0 && nblank > 0)
+        rc = meta_add(st, "blank_untracked", nblank);
+    if (rc != 0 && nblank > 0 && c->o.tracker) {
+        pthread_mutex_lock(&c->o.tracker->mu);
+        c->o.tracker->blank_untracked += nblank; /* not written */
+        pthread_mutex_unlock(&c->o.tracker->mu);
+    }
     if (rc == 0 && c->o.tracker) {
         /* The watermarks move with what this transaction makes durable;
          * if it fails the run stops, and they are not written. */
@@ -1572,6 +1702,7 @@ static bool tracker_dirty(oq__committer *c)
     if (t == NULL)
         return false;
     pthread_mutex_lock(&t->mu);
+    dirty = t->blank_untracked > 0;
     for (unsigned i = 0; i < t->n && !dirty; i++)
         dirty = t->f[i].tracked && t->f[i].dirty;
     pthread_mutex_unlock(&t->mu);
