@@ -110,6 +110,12 @@ typedef struct oq_queue_opts {
     size_t dedup_count;            /* producer dedup window, ids; default 10000; 0 = off */
     int64_t dedup_age_ms;          /* and/or by age; 0 = no age limit */
     const oq_clock *clock;         /* NULL = monotonic */
+    int deliver_dying;             /* 0: a message that reached max_receives
+                                      or its TTL goes to the dead letters at
+                                      delivery time. 1: it is delivered once
+                                      more with oq_delivery.dying set, for a
+                                      consumer with a processed set (the
+                                      pool) to settle it: one outcome per id */
 } oq_queue_opts;
 
 OQ_API void oq_queue_opts_defaults(oq_queue_opts *o);
@@ -141,6 +147,15 @@ typedef struct oq_delivery {
     int64_t sent_ms;           /* when the message was sent */
     int64_t first_receive_ms;  /* when it was first delivered */
     int64_t deadline_ms;       /* when it becomes visible again */
+    int dying;                 /* with oq_queue_opts.deliver_dying: the
+                                  message is due for the dead letters
+                                  (dying_reason); the consumer settles it
+                                  without running it: ACK when its id is
+                                  already processed, DEAD otherwise (or
+                                  RETURN). Not counted as a receive. */
+    oq_dlq_reason dying_reason; /* OQ_DLQ_MAX_ATTEMPTS or OQ_DLQ_EXPIRED */
+    const char *last_error;    /* the last nack's error text, or NULL;
+                                  valid until the delivery is settled */
     void *msg_;                /* private */
 } oq_delivery;
 
@@ -465,8 +480,12 @@ typedef struct oq_handoff {
     const oq_txn *txn;     /* staged outputs; valid during submit only */
     const oq_delivery *d;  /* pinned; copy it: the reference is yours */
     uint64_t token;        /* the prepared claim's fencing token */
-    int failed;            /* handler FAIL: dead-letter it with
-                              oq_txn_error_text(txn) as the error */
+    int failed;            /* the id settles as dead: dead-letter it with
+                              reason and oq_txn_error_text(txn) as the
+                              error */
+    oq_dlq_reason reason;  /* failed: OQ_DLQ_FAILED (handler FAIL), or the
+                              queue's OQ_DLQ_MAX_ATTEMPTS / OQ_DLQ_EXPIRED
+                              for a dying delivery */
 } oq_handoff;
 
 typedef struct oq_committer {
@@ -506,7 +525,8 @@ OQ_API void oq_pool_opts_defaults(oq_pool_opts *o);
 typedef struct oq_pool_stats {
     uint64_t processed;    /* committed and acked: one effect each */
     uint64_t duplicates;   /* id already DONE at claim: acked, no effect */
-    uint64_t dead;         /* dead-lettered by a worker (handler FAIL) */
+    uint64_t dead;         /* dead-lettered by a worker: handler FAIL, or a
+                              dying delivery whose id was not processed */
     uint64_t rejected;     /* dead-lettered by the decode hook */
     uint64_t retried;      /* handler RETRY: nacked with backoff */
     uint64_t busy;         /* id held by another worker: returned */

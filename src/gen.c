@@ -438,7 +438,7 @@ int oq__cmd_gen(int argc, char **argv)
         return 1;
     }
     o->f = stdout;
-    if (g.out && (o->f = fopen(g.out, "w")) == NULL) {
+    if (g.out && (o->f = fopen(g.out, "we")) == NULL) {
         fprintf(stderr, "onceq gen: cannot create '%s': %s\n", g.out,
                 strerror(errno));
         free(o);

@@ -1087,7 +1087,7 @@ static int make_exec(const char *cmd, const oq__handler_opts *o,
         oq__set_err(err, errlen, "eventfd: %s", strerror(e));
         return -e;
     }
-    x->kill_grace_ms = o->kill_grace_ms > 0 ? o->kill_grace_ms
+    x->kill_grace_ms = o->kill_grace_ms >= 0 ? o->kill_grace_ms
                                             : KILL_GRACE_DEFAULT_MS;
     x->argv[0] = (char *)(uintptr_t)"/bin/sh";
     x->argv[1] = (char *)(uintptr_t)"-c";

@@ -687,17 +687,16 @@ static size_t utf8_seq(const unsigned char *s, size_t n)
     return len;
 }
 
-int oq__json_quote(oq__buf *b, const char *s, size_t n)
+size_t oq__json_escape(char *out, size_t cap, const char *s, size_t n,
+                       size_t *used)
 {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *p = (const unsigned char *)s;
+    char *o = out;
+    size_t i = 0;
 
-    /* At most 6 bytes out per byte in, plus the quotes. */
-    if (n > (SIZE_MAX - 2) / 6 || oq__buf_reserve(b, n * 6 + 2) != 0)
-        return OQ_ENOMEM;
-    char *o = b->data + b->len;
-    *o++ = '"';
-    for (size_t i = 0; i < n;) {
+    /* One input sequence never takes more than 6 bytes out. */
+    while (i < n && (size_t)(o - out) + 6 <= cap) {
         unsigned char c = p[i];
         size_t l;
         if (c == '"' || c == '\\') {
@@ -723,9 +722,35 @@ int oq__json_quote(oq__buf *b, const char *s, size_t n)
             o += l, i += l;
         }
     }
-    *o++ = '"';
-    b->len = (size_t)(o - b->data);
+    *used = i;
+    return (size_t)(o - out);
+}
+
+int oq__json_quote(oq__buf *b, const char *s, size_t n)
+{
+    size_t used;
+
+    /* At most 6 bytes out per byte in, plus the quotes. */
+    if (n > (SIZE_MAX - 2) / 6 || oq__buf_reserve(b, n * 6 + 2) != 0)
+        return OQ_ENOMEM;
+    b->data[b->len++] = '"';
+    b->len += oq__json_escape(b->data + b->len, n * 6, s, n, &used);
+    b->data[b->len++] = '"';
     return 0;
+}
+
+void oq__json_write_string(FILE *f, const char *s, size_t n)
+{
+    char chunk[4096];
+
+    putc('"', f);
+    while (n > 0) {
+        size_t used, k = oq__json_escape(chunk, sizeof(chunk), s, n, &used);
+        fwrite(chunk, 1, k, f);
+        s += used;
+        n -= used;
+    }
+    putc('"', f);
 }
 
 int oq__jcompact(const oq__jdoc *d, uint32_t i, oq__buf *b)

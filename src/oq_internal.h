@@ -137,8 +137,14 @@ bool oq__jnum_is_integer(const oq__jdoc *d, uint32_t i);
 /* Appends value i as compact JSON (strings re-escaped canonically, numbers
  * as written). */
 int oq__jcompact(const oq__jdoc *d, uint32_t i, oq__buf *b);
-/* Appends s[0..n) as a JSON string; invalid UTF-8 bytes become U+FFFD. */
+/* Appends s[0..n) as a JSON string; invalid UTF-8 bytes become U+FFFD,
+ * control characters and DEL \u escapes. */
 int oq__json_quote(oq__buf *b, const char *s, size_t n);
+/* The same escaping, without the quotes, into out[0..cap): escapes whole
+ * input sequences while 6 bytes of room are left; *used: bytes of s done.
+ * Returns the bytes written. */
+size_t oq__json_escape(char *out, size_t cap, const char *s, size_t n,
+                       size_t *used);
 
 /* -------------------------------------------------------------------- txn */
 
@@ -581,6 +587,16 @@ void oq__committer_stats_get(oq__committer *c, oq__committer_stats *out);
 void oq__committer_free(oq__committer *c);
 
 /* ------------------------------------------------------------------- misc */
+
+/* a + b for times in ms, saturating at INT64_MAX / INT64_MIN instead of
+ * overflowing (a huge delay is "never", not "at once"). */
+static inline int64_t oq__add_ms(int64_t a, int64_t b)
+{
+    int64_t r;
+    if (__builtin_add_overflow(a, b, &r))
+        return b > 0 ? INT64_MAX : INT64_MIN;
+    return r;
+}
 
 /* splitmix64: a small, good PRNG step for jitter and tests. */
 static inline uint64_t oq__splitmix64(uint64_t *state)

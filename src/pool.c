@@ -76,6 +76,7 @@ typedef struct slot {
     bool decoded;     /* id/parsed are set (kept across a redo) */
     bool pinned;      /* pinned early: its lease no longer runs */
     bool prepared;    /* its claim is prepared (staged outcomes) */
+    oq_dlq_reason dead_reason; /* O_FAILING: FAILED, or a dying delivery's */
     oq_txn *txn;
     oq_claim claim;
     enum outcome outcome;
@@ -283,6 +284,22 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op, int64_t now)
     }
 
     oq__txn_reset(s->txn);
+    if (s->d.dying) {
+        /* Due for the dead letters (max receives, TTL), and not processed:
+         * settle the id as dead, like a handler FAIL, so that every other
+         * copy of the event is a duplicate. It does not run again. */
+        oq_txn_error(s->txn, "%s%s%s",
+                     s->d.dying_reason == OQ_DLQ_EXPIRED
+                         ? "message older than its TTL"
+                         : "receive count reached max_receives",
+                     s->d.last_error ? "; last error: " : "",
+                     s->d.last_error ? s->d.last_error : "");
+        s->dead_reason = s->d.dying_reason;
+        s->outcome = O_FAILING;
+        op->op = OQ_SETTLE_PIN;
+        op->release = 0;
+        return;
+    }
     {
         oq_event ev;
         event_of(p, s, &ev);
@@ -311,6 +328,7 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op, int64_t now)
          * the event's outcome is "dead-lettered", decided once. */
         if (rc != OQ_FAIL)
             oq_txn_error(s->txn, "handler returned %d", rc);
+        s->dead_reason = OQ_DLQ_FAILED;
         s->outcome = O_FAILING;
         op->op = OQ_SETTLE_PIN;
         op->release = 0;
@@ -375,7 +393,7 @@ static void hand_off(worker *w, slot *s, oq_settle *op)
     }
     event_of(p, s, &ev);
     h = (oq_handoff){ &ev, s->txn, &s->d, s->claim.token,
-                      s->outcome == O_FAILING };
+                      s->outcome == O_FAILING, s->dead_reason };
     if (p->opts.committer.submit(&h, p->opts.committer.arg) == 0) {
         s->outcome = O_HANDED;
         op->op = OQ_SETTLE_NONE;
@@ -519,7 +537,7 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
             if (s->outcome == O_FAILING) {
                 s->outcome = O_DEAD;
                 op->op = OQ_SETTLE_DEAD;
-                op->reason = OQ_DLQ_FAILED;
+                op->reason = s->dead_reason;
                 op->error = oq_txn_error_text(s->txn);
             } else {
                 s->outcome = O_PROCESSED;

@@ -81,6 +81,8 @@ typedef struct msg {
     int64_t ready_ms;         /* READY: when it became ready */
     uint64_t receipt;         /* INFLIGHT/PINNED: current receipt, else 0 */
     uint32_t receive_count;
+    bool counted;             /* the current delivery counted as a receive
+                                 (a dying one does not: see take()) */
     int64_t first_receive_ms; /* 0 until the first delivery */
     unsigned refs;            /* queue's own + one per delivery */
     int hashed;               /* in q->inflight */
@@ -506,7 +508,7 @@ static int send_locked(oq_queue *q, const oq_message *in, msg *m, int64_t now)
     }
     if (in->delay_ms > 0) {
         m->state = M_DELAYED;
-        m->due_ms = now + in->delay_ms;
+        m->due_ms = oq__add_ms(now, in->delay_ms);
         rc = oq__heap_push(&q->delayed, m);
         if (rc != 0)
             return rc;
@@ -669,6 +671,13 @@ static int must_die(const oq_queue *q, const msg *m, int64_t now)
     return -1;
 }
 
+/*
+ * Delivers up to max ready messages; q->mu held. A message due for the dead
+ * letters (must_die) goes there now, or, with opts.deliver_dying, is
+ * delivered once more marked dying, without counting as a receive, so the
+ * consumer can look at its processed set first: a copy of an event already
+ * processed is a duplicate, not a dead letter, and an event has one outcome.
+ */
 static size_t take(oq_queue *q, oq_delivery *out, size_t max, int64_t now)
 {
     size_t n = 0;
@@ -676,7 +685,7 @@ static size_t take(oq_queue *q, oq_delivery *out, size_t max, int64_t now)
 
     while (n < max && (m = ready_pop(q)) != NULL) {
         int why = must_die(q, m, now);
-        if (why >= 0) {
+        if (why >= 0 && !q->opts.deliver_dying) {
             char err[640];
             dead *d;
             snprintf(err, sizeof(err), "%s%s%s", why == OQ_DLQ_EXPIRED
@@ -691,7 +700,7 @@ static size_t take(oq_queue *q, oq_delivery *out, size_t max, int64_t now)
             dead_link(q, m, d, (oq_dlq_reason)why, now);
             continue;
         }
-        m->due_ms = now + q->opts.visibility_timeout_ms;
+        m->due_ms = oq__add_ms(now, q->opts.visibility_timeout_ms);
         if (oq__heap_push(&q->deadlines, m) != 0) {
             /* Out of memory: put it back, deliver what we have. */
             ready_unpop(q, m);
@@ -704,7 +713,9 @@ static size_t take(oq_queue *q, oq_delivery *out, size_t max, int64_t now)
         hash_oom = 0;
         HASH_ADD(hh, q->inflight, receipt, sizeof(m->receipt), m);
         m->hashed = !hash_oom;
-        m->receive_count++;
+        m->counted = why < 0;
+        if (m->counted)
+            m->receive_count++;
         if (m->first_receive_ms == 0)
             m->first_receive_ms = now;
         m->refs++;
@@ -720,6 +731,9 @@ static size_t take(oq_queue *q, oq_delivery *out, size_t max, int64_t now)
         out[n].sent_ms = m->sent_ms;
         out[n].first_receive_ms = m->first_receive_ms;
         out[n].deadline_ms = m->due_ms;
+        out[n].dying = why >= 0;
+        out[n].dying_reason = why >= 0 ? (oq_dlq_reason)why : OQ_DLQ_MAX_ATTEMPTS;
+        out[n].last_error = m->last_error;
         out[n].msg_ = m;
         n++;
     }
@@ -743,7 +757,7 @@ int oq_queue_receive(oq_queue *q, oq_delivery *out, size_t max,
                      int64_t wait_ms)
 {
     int64_t now = now_ms(q);
-    int64_t until = wait_ms < 0 ? INT64_MAX : now + wait_ms;
+    int64_t until = wait_ms < 0 ? INT64_MAX : oq__add_ms(now, wait_ms);
     int rc = 0;
 
     if (out == NULL && max > 0)
@@ -814,7 +828,7 @@ static int apply(oq_queue *q, msg *m, const oq_settle *op, int64_t now,
         return 0;
     case OQ_SETTLE_RETURN:
         /* The consumer could not start it: not an attempt. */
-        if (m->receive_count > 0)
+        if (m->counted && m->receive_count > 0)
             m->receive_count--;
         /* fall through */
     case OQ_SETTLE_NACK:
@@ -832,7 +846,7 @@ static int apply(oq_queue *q, msg *m, const oq_settle *op, int64_t now,
         q->st.nacked++;
         if (op->delay_ms > 0) {
             m->state = M_DELAYED;
-            m->due_ms = now + op->delay_ms;
+            m->due_ms = oq__add_ms(now, op->delay_ms);
             if (oq__heap_push(&q->delayed, m) == 0)
                 return 0;
             /* No memory for the heap slot: make it ready now instead. */
@@ -842,7 +856,7 @@ static int apply(oq_queue *q, msg *m, const oq_settle *op, int64_t now,
         return 0;
     case OQ_SETTLE_EXTEND:
         if (m->state == M_INFLIGHT) {
-            m->due_ms = now + OQ__MAX(op->delay_ms, 0);
+            m->due_ms = oq__add_ms(now, OQ__MAX(op->delay_ms, 0));
             oq__heap_update(&q->deadlines, m);
         }
         return 0;

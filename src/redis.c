@@ -2257,11 +2257,9 @@ static int export_to(rconn *rc, const rkeys *k, FILE *f, const char *cmd)
     if (n > 0)
         qsort(v, n, sizeof(*v), kv_cmp);
     for (size_t i = 0; i < n; i++) {
-        fputs("{", f);
-        oq__json_write_string(f, count_key, strlen(count_key));
-        fputs(":", f);
-        oq__json_write_string(f, v[i].key, v[i].klen);
-        fprintf(f, ",\"count\":%s}\n", v[i].val);
+        oq__count_out co = { f, count_key };
+        oq__write_count(v[i].key, v[i].klen,
+                        (int64_t)strtoll(v[i].val, NULL, 10), &co);
     }
 out:
     for (size_t i = 0; i < n; i++) {
@@ -2538,7 +2536,7 @@ static void summary(rrun *r, double el, int sig)
 static uint64_t make_nonce(void)
 {
     uint64_t v = 0;
-    FILE *f = fopen("/dev/urandom", "rb");
+    FILE *f = fopen("/dev/urandom", "rbe");
     if (f) {
         if (fread(&v, sizeof(v), 1, f) != 1)
             v = 0;

@@ -84,8 +84,8 @@ static int parse_time(const char *s, int64_t *ms)
     char *end;
 
     if (s[0] == '@') {
-        long long v = strtoll(s + 1, &end, 10);
-        if (end == s + 1 || *end != '\0')
+        uint64_t v;
+        if (oq__parse_count(s + 1, 0, INT64_MAX / 1000, &v) != 0)
             return OQ_EINVAL;
         *ms = (int64_t)v * 1000;
         return 0;
@@ -538,7 +538,6 @@ static int64_t one_int(sqlite3 *db, const char *sql)
     return v;
 }
 
-bool oq__json_strict(const char *s, size_t n); /* runner.c */
 
 /* The last run's stats as saved (JSON that run wrote), whatever its
  * length; null when there is none; a string if it is not JSON. */
@@ -559,7 +558,7 @@ static void write_last_run(sqlite3 *db)
     }
     if (v == NULL)
         fputs("null", stdout);
-    else if (oq__json_strict(v, n))
+    else if (oq__json_valid(v, n))
         fwrite(v, 1, n, stdout);
     else
         oq__json_write_string(stdout, v, n);

@@ -65,10 +65,11 @@ static const char *const stmt_sql[S__COUNT] = {
                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     [S_DEL_REDRIVE] = "DELETE FROM redrive WHERE seq = ?1",
     [S_DEL_DEAD] = "DELETE FROM dead_letters WHERE tag = ?1",
-    /* A handler failure settled its id: that dead letter is the event's
-     * outcome, and its line read again is a duplicate of itself. */
+    /* A handler failure, and a worker's max_attempts or expired dead
+     * letter, settled its id: that dead letter is the event's outcome,
+     * and its line read again is a duplicate of itself. */
     [S_DEL_STALE] = "DELETE FROM dead_letters WHERE tag = ?1 AND "
-                    "reason <> 'failed'",
+                    "reason NOT IN ('failed', 'max_attempts', 'expired')",
     [S_META_ADD] = "INSERT INTO meta(key, value) VALUES (?1, ?2) "
                    "ON CONFLICT(key) DO UPDATE SET "
                    "value = CAST(value AS INTEGER) + excluded.value",
@@ -1134,7 +1135,7 @@ typedef struct citem {
     uint64_t token;         /* the prepared claim */
     uint64_t tag;
     uint32_t attempts;      /* C_FAILED/C_DEAD: receive count */
-    oq_dlq_reason reason;   /* C_DEAD */
+    oq_dlq_reason reason;   /* C_FAILED/C_DEAD */
     int64_t sent_ms, dead_ms; /* C_FAILED/C_DEAD: monotonic ms */
     size_t id_len;
     size_t out_len;         /* outputs (C_EVENT): serialized after the id */
@@ -1300,6 +1301,7 @@ int oq__committer_submit(const oq_handoff *h, void *arg)
         oq_txn_foreach(h->txn, ser_record, ser_count, &b);
     }
     it->d = *h->d;
+    it->reason = h->failed ? h->reason : OQ_DLQ_FAILED;
     it->token = h->token;
     it->tag = h->ev->tag;
     it->attempts = h->d->receive_count;
@@ -1427,8 +1429,7 @@ static int write_dead(oq__committer *c, const citem *it)
         .source = "",
         .id = it->id_len || it->kind == C_FAILED ? it->data : NULL,
         .id_len = it->id_len,
-        .reason = oq_dlq_reason_name(it->kind == C_FAILED ? OQ_DLQ_FAILED
-                                                          : it->reason),
+        .reason = oq_dlq_reason_name(it->reason),
         .error = item_error(it),
         .attempts = it->attempts,
         .first_seen_ms = it->sent_ms,
@@ -1587,7 +1588,7 @@ static void finish_ok(oq__committer *c, citem *items, size_t n)
             .d = &it->d,
             .op = it->kind == C_EVENT ? OQ_SETTLE_ACK : OQ_SETTLE_DEAD,
             .release = 1,
-            .reason = OQ_DLQ_FAILED,
+            .reason = it->reason,
             .error = item_error(it),
         };
     }

@@ -428,6 +428,47 @@ static void test_hanging_batch_mate(void **state)
     }
 }
 
+/* A copy that expires (TTL) is settled against the processed set: a copy
+ * of a processed event is a duplicate, and an expired event that was never
+ * processed is dead-lettered once, whatever the number of copies. */
+static void test_dying_copies_have_one_outcome(void **state)
+{
+    fx *f = *state;
+    oq_queue_opts qo;
+    oq_pool_stats ps;
+    dead_seen dead = { 0 };
+
+    oq_queue_free(f->q);
+    oq_queue_opts_defaults(&qo);
+    qo.visibility_timeout_ms = VT;
+    qo.dedup_count = 0;
+    qo.ttl_ms = 500;
+    qo.deliver_dying = 1;
+    qo.clock = oq_testclock_clock(f->tc);
+    assert_int_equal(oq_queue_new(&f->q, &qo), 0);
+    f->po.handler = count_handler;
+    f->po.workers = 2;
+    start(f);
+    send_id(f, "x");
+    for (int i = 0; i < 100000 && effect(f, "x") == 0; i++)
+        nap();
+    assert_int_equal(effect(f, "x"), 1);
+    /* Ready only once they are older than the TTL. */
+    assert_int_equal(oq_queue_send(f->q, "x", 1, "x", 1, 1000), 0);
+    assert_int_equal(oq_queue_send(f->q, "y", 1, "y", 1, 1000), 0);
+    assert_int_equal(oq_queue_send(f->q, "y", 1, "y", 1, 1000), 0);
+    drain(f);
+    assert_int_equal(effect(f, "x"), 1);
+    assert_int_equal(effect(f, "y"), 0);
+    oq_queue_dead_letters(f->q, 0, on_dead, &dead);
+    assert_int_equal(dead.n, 1);
+    assert_string_equal(dead.ids[0], "y");
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(ps.processed, 1);
+    assert_int_equal(ps.duplicates, 2);
+    assert_int_equal(ps.dead, 1);
+}
+
 static void test_graceful_stop_loses_nothing(void **state)
 {
     fx *f = *state;
@@ -643,6 +684,7 @@ int main(void)
         T(test_fail_dead_letters_once),
         T(test_overrun_lease_outputs_discarded),
         T(test_hanging_batch_mate),
+        T(test_dying_copies_have_one_outcome),
         T(test_graceful_stop_loses_nothing),
         T(test_stats_balance),
         T(test_bad_options),

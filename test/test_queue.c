@@ -586,6 +586,96 @@ static void test_max_receives_reports_last_error(void **state)
     assert_non_null(strstr(seen.error, "last error: busy 3"));
 }
 
+static void dying_max2(oq_queue_opts *o)
+{
+    o->max_receives = 2;
+    o->ttl_ms = 5000;
+    o->deliver_dying = 1;
+}
+
+/* With deliver_dying, a message due for the dead letters is delivered once
+ * more, marked, for the consumer to settle against its processed set; it
+ * does not count as a receive, and a RETURN does not uncount one. */
+static void test_deliver_dying(void **state)
+{
+    fx *f = *state;
+    oq_queue *q = make_queue(f, dying_max2);
+    oq_delivery d;
+    oq_settle op;
+    oq_queue_stats st;
+
+    send_s(q, "m", 0);
+    for (int i = 1; i <= 2; i++) {
+        assert_int_equal(recv1(q, &d), 1);
+        assert_false(d.dying);
+        assert_int_equal(d.receive_count, i);
+        op = (oq_settle){ .d = &d, .op = OQ_SETTLE_NACK, .release = 1,
+                          .error = "boom" };
+        assert_int_equal(oq_queue_settle(q, &op, 1), 1);
+    }
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(recv1(q, &d), 1);
+        assert_true(d.dying);
+        assert_int_equal(d.dying_reason, OQ_DLQ_MAX_ATTEMPTS);
+        assert_int_equal(d.receive_count, 2);
+        assert_string_equal(d.last_error, "boom");
+        /* Returned (its id was busy elsewhere): still dying next time. */
+        op = (oq_settle){ .d = &d, .op = OQ_SETTLE_RETURN, .release = 1 };
+        assert_int_equal(oq_queue_settle(q, &op, 1), 1);
+    }
+    assert_int_equal(recv1(q, &d), 1);
+    assert_true(d.dying);
+    op = (oq_settle){ .d = &d, .op = OQ_SETTLE_ACK, .release = 1 };
+    assert_int_equal(oq_queue_settle(q, &op, 1), 1);
+    oq_queue_stats_get(q, &st);
+    assert_int_equal(st.dead_lettered[OQ_DLQ_MAX_ATTEMPTS], 0);
+    assert_int_equal(st.acked, 1);
+
+    /* Past the TTL: dying with reason EXPIRED. */
+    send_s(q, "t", 0);
+    oq_testclock_advance(f->tc, 5000);
+    assert_int_equal(recv1(q, &d), 1);
+    assert_true(d.dying);
+    assert_int_equal(d.dying_reason, OQ_DLQ_EXPIRED);
+    assert_int_equal(d.receive_count, 0);
+    op = (oq_settle){ .d = &d, .op = OQ_SETTLE_DEAD, .release = 1,
+                      .reason = OQ_DLQ_EXPIRED, .error = "old" };
+    assert_int_equal(oq_queue_settle(q, &op, 1), 1);
+    oq_queue_stats_get(q, &st);
+    assert_int_equal(st.dead_lettered[OQ_DLQ_EXPIRED], 1);
+}
+
+/* Times saturate: a delay, timeout or extension near INT64_MAX means
+ * "never", not "at once" (now + ms used to overflow). */
+static void big_vt(oq_queue_opts *o)
+{
+    o->visibility_timeout_ms = INT64_MAX;
+}
+
+static void test_huge_times_saturate(void **state)
+{
+    fx *f = *state;
+    oq_queue *q = make_queue(f, big_vt);
+    oq_delivery d;
+    oq_settle op;
+
+    send_s(q, "late", INT64_MAX);
+    send_s(q, "late2", INT64_MAX - 1);
+    oq_testclock_advance(f->tc, 1000000);
+    assert_int_equal(recv1(q, &d), 0);
+    send_s(q, "now", 0);
+    assert_int_equal(recv1(q, &d), 1);
+    assert_true(d.deadline_ms == INT64_MAX);
+    oq_testclock_advance(f->tc, 1000000);
+    op = (oq_settle){ .d = &d, .op = OQ_SETTLE_EXTEND, .delay_ms = INT64_MAX };
+    assert_int_equal(oq_queue_settle(q, &op, 1), 1);
+    op = (oq_settle){ .d = &d, .op = OQ_SETTLE_NACK, .release = 1,
+                      .delay_ms = INT64_MAX };
+    assert_int_equal(oq_queue_settle(q, &op, 1), 1);
+    oq_testclock_advance(f->tc, 1000000);
+    assert_int_equal(recv1(q, &d), 0);
+}
+
 static void test_stats_gauges_and_oldest_age(void **state)
 {
     fx *f = *state;
@@ -715,6 +805,8 @@ int main(void)
         T(test_reject_goes_straight_to_dead_letters),
         T(test_dead_letter_out_of_memory_keeps_message),
         T(test_max_receives_reports_last_error),
+        T(test_deliver_dying),
+        T(test_huge_times_saturate),
         T(test_send_batch_results),
         T(test_send_out_of_memory),
         T(test_bad_options),

@@ -380,8 +380,9 @@ def write_error_exits_3():
         return
     rc, out, err = run(["run", "-o", "/dev/full", good])
     assert rc == 3 and "write error" in err, (rc, err)
+    # An output that cannot be opened is refused before anything runs.
     rc, out, err = run(["run", "-o", os.path.join(TMP, "no", "dir"), good])
-    assert rc == 3 and "cannot write" in err, (rc, err)
+    assert rc == 2 and "cannot write" in err, (rc, err)
 
 
 @test
@@ -462,6 +463,154 @@ def gen_is_deterministic_and_validates():
     assert 150 <= 1000 - len({r["id"] for r in rows}) <= 250
     rc, out, err = run(["gen", "--events", "10", "--duplicates", "2"])
     assert rc == 2 and err.count("\n") == 1, err
+
+
+def strict_event(raw):
+    """What onceq must do with one line, decided by Python's strict json:
+    "ok" with the id, or "parse_error" / "bad_id"."""
+    def no_dup(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            raise ValueError("duplicate key")
+        return dict(pairs)
+
+    def no_const(c):
+        raise ValueError(c)
+
+    def has_surrogate(v):
+        if isinstance(v, str):
+            return any(0xD800 <= ord(ch) <= 0xDFFF for ch in v)
+        if isinstance(v, dict):
+            return any(has_surrogate(k) or has_surrogate(x) for k, x in v.items())
+        if isinstance(v, list):
+            return any(has_surrogate(x) for x in v)
+        return False
+
+    try:
+        text = raw.decode("utf-8")
+        if "\x00" in text:
+            return "parse_error", None
+        ev = json.loads(text, object_pairs_hook=no_dup, parse_constant=no_const)
+        if has_surrogate(ev):
+            return "parse_error", None
+    except (ValueError, UnicodeDecodeError):
+        return "parse_error", None
+    if not isinstance(ev, dict):
+        return "parse_error", None
+    idv = ev["id"] if "id" in ev else ev.get("event_id")
+    if isinstance(idv, bool) or idv is None:
+        return "bad_id", None
+    if isinstance(idv, str):
+        b = idv.encode("utf-8")
+        return ("ok", b) if 0 < len(b) <= 1024 else ("bad_id", None)
+    if isinstance(idv, int):
+        return "ok", str(idv).encode()  # exact for the short ints used here
+    return "bad_id", None
+
+
+@test
+def strict_json_matches_python():
+    """Differential: mutated lines are accepted exactly when Python's strict
+    json accepts them (no NaN, no duplicate keys, no lone surrogates, no
+    control characters or other whitespace), with the same id."""
+    import random
+    rnd = random.Random(SEED)
+    seeds = [b'{"id":"e1","word":"w"}', b'{"id":17,"text":"a b"}',
+             b'{"event_id":"x\\u0041","n":[1,2.5e3,{"k":null}],"t":true}',
+             b'{"id":"\\ud83d\\ude00","v":-0}']
+    alphabet = (b'{}[]":,\\/ubfnrt0123456789.eE+-aAxX \t\r\x0b\x0c\x00\x01'
+                b'\x7f\xc3\xa9\xff')
+    lines = [b'{"id":"first"}']
+    for _ in range(1500 if SLOW else 6000):
+        b = bytearray(rnd.choice(seeds))
+        for _ in range(rnd.randint(1, 3)):
+            at = rnd.randint(0, len(b))
+            op = rnd.randint(0, 2)
+            ch = alphabet[rnd.randrange(len(alphabet))]
+            if op == 0 and at < len(b):
+                b[at] = ch
+            elif op == 1:
+                b.insert(at, ch)
+            elif at < len(b):
+                del b[at]
+        b = bytes(b).rstrip(b"\r")
+        if b.strip(b" \t\r") == b"":
+            continue
+        lines.append(b)
+    f = path("strict.jsonl")
+    open(f, "wb").write(b"\n".join(lines) + b"\n")
+    out, dlq = path("strict.out"), path("strict.dlq")
+    rc, _, err = run(["run", "-w", "2", "--handler", "noop", "--emit", "-o",
+                      out, "--dlq", dlq, f], check_balance=False)
+    assert rc in (0, 1), err
+    want_dead, first = {}, {}
+    for n, raw in enumerate(lines, 1):
+        what, idv = strict_event(raw)
+        if what != "ok":
+            want_dead[n] = what
+        elif idv not in first:
+            first[idv] = raw
+    got_dead = {}
+    if os.path.exists(dlq):
+        for d in read_jsonl(dlq):
+            got_dead[int(d["source"].rsplit(":", 1)[1])] = d["reason"]
+    wrong = {n: (want_dead.get(n), got_dead.get(n), lines[n - 1])
+             for n in set(want_dead) | set(got_dead)
+             if want_dead.get(n) != got_dead.get(n)}
+    assert not wrong, list(wrong.items())[:5]
+    emitted = open(out, "rb").read().split(b"\n")[:-1]  # not on a lone CR
+    assert emitted == list(first.values()), (len(emitted), len(first))
+    for line in emitted:
+        json.loads(line)
+
+
+@test
+def ids_are_exact_byte_strings():
+    """Ids that differ after an escaped NUL, or above 2^53, are different
+    events; a float id is bad_id at any --id-field depth."""
+    f = path("exact.jsonl")
+    lines = ['{"id":"x\\u0000y","word":"a"}', '{"id":"x\\u0000z","word":"a"}',
+             '{"id":"x\\u0000y","word":"a"}',
+             '{"id":9007199254740993,"word":"b"}',
+             '{"id":9007199254740992,"word":"b"}',
+             '{"id":"k","word":"c\\u0000d"}', '{"id":"k2","word":"c\\u0000e"}']
+    open(f, "w").write("\n".join(lines) + "\n")
+    rc, out, err = run(["run", f])
+    assert rc == 0, err
+    counts = {}
+    for line in out.splitlines():
+        o = json.loads(line)
+        counts[o["word"]] = o["count"]
+    assert counts == {"a": 2, "b": 2, "c\x00d": 1, "c\x00e": 1}, counts
+    deep = "/" + "/".join(["a"] * 40)
+    g = path("deep.jsonl")
+    doc = '{"a":' * 40 + "1.0" + "}" * 40
+    doc2 = '{"a":' * 40 + "7" + "}" * 40
+    open(g, "w").write(doc[:-1] + ',"word":"x"}\n' + doc2[:-1] + ',"word":"y"}\n')
+    dlq = path("deep.dlq")
+    rc, out, err = run(["run", "--id-field", deep, "--dlq", dlq, g])
+    assert rc == 1, err
+    dead = read_jsonl(dlq)
+    assert [d["reason"] for d in dead] == ["bad_id"], dead
+    assert json.loads(out.splitlines()[0]) == {"word": "y", "count": 1}, out
+
+
+@test
+def expired_copy_of_a_processed_event_is_a_duplicate():
+    """--ttl: a copy that waited past the TTL behind a slow handler is a
+    duplicate when its id was processed, and an expired event is
+    dead-lettered once, not once per copy."""
+    f = path("ttl.jsonl")
+    open(f, "w").write('{"id":"a"}\n{"id":"a"}\n{"id":"b"}\n{"id":"b"}\n')
+    dlq, stats = path("ttl.dlq"), path("ttl.stats")
+    rc, out, err = run(["run", "-w", "1", "--handler",
+                        "exec:sleep 1; cat", "--ttl", "300ms", "--dlq", dlq,
+                        "--stats", stats, f])
+    assert rc == 1, err
+    dead = read_jsonl(dlq)
+    assert [(d["id"], d["reason"]) for d in dead] == [("b", "expired")], dead
+    st = json.load(open(stats))
+    assert (st["processed"], st["duplicates"], st["dead"]) == (1, 2, 1), st
 
 
 def main():
