@@ -492,8 +492,8 @@ def a_last_line_without_newline_is_read_again():
 
 @test
 def a_dead_letter_above_the_watermark_is_not_stale():
-    """A dead letter committed above the watermark before a crash: if a
-    rerun processes its line, it is not dead any more."""
+    """A dead letter committed above the watermark before a crash is the
+    event's outcome: the rerun keeps it; a redrive runs it again."""
     f, db = path("sd.jsonl"), path("sd.db")
     out, dlq, st = path("sd.out"), path("sd.dlq"), path("sd.st")
     open(f, "w").write('{"id":"a","word":"x","hold":true}\n'
@@ -520,9 +520,18 @@ def a_dead_letter_above_the_watermark_is_not_stale():
     finally:
         p.kill()
         p.wait()
+    # max_attempts settled b's id as dead (one outcome per id): the rerun
+    # keeps that outcome, as one clean run would have had it ...
+    rc, _, err = run(args + ["--stats", st], env={"PLUGIN_UP": "1"})
+    assert rc == 1, (rc, err)
+    assert [(d["id"], d["reason"]) for d in map(json.loads, open(dlq))] == \
+        [("b", "max_attempts")]
+    assert json.load(open(st))["processed"] == 1
+    # ... and a redrive gives it its fresh chance.
+    rc, _, err = run(["dlq", "redrive", "--state", db])
+    assert rc == 0, err
     rc, _, err = run(args + ["--stats", st], env={"PLUGIN_UP": "1"})
     assert rc == 0 and not os.path.exists(dlq), (rc, err)
-    assert json.load(open(st))["processed"] == 2
     rc, out_, err = run(["stats", "--state", db])
     s = json.loads(out_)
     assert (s["processed"], s["dead"]) == (2, 0), s
