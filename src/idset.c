@@ -10,8 +10,8 @@
  * struct shard). A shard lock is a leaf: while it is held no other lock is
  * taken, not another shard's nor the queue's. The clock is read before the
  * lock is taken, because a caller's clock may lock. stats_get takes the
- * shard locks one after another, never two at once. The only state shared
- * by all shards is the token counter, an atomic.
+ * shard locks one after another, never two at once. No state is shared by
+ * all shards.
  *
  * States. An id is in at most one of:
  *   - CLAIMED: an entry in its shard's uthash table, keyed by the exact id
@@ -22,8 +22,9 @@
  * lock hold, and insert_done drops a claim it finds, so the two never
  * overlap.
  *
- * Fencing. Tokens come from one atomic counter per set, so they strictly
- * increase across all ids and are never 0. A claim whose lease has ended
+ * Fencing. Tokens come from a counter per shard, tagged with the shard, so
+ * they are unique in the set, strictly increase for each id, and are never
+ * 0. A claim whose lease has ended
  * (now >= lease_deadline_ms) is taken over with a new token; the old
  * holder's commit and release then fail with OQ_ESTALE. Commit also needs
  * now < lease_deadline_ms, so a holder that overran its lease cannot commit
@@ -110,6 +111,7 @@ struct shard {
     size_t init_cap;           /* first allocation of an empty DONE table */
     uint64_t takeovers;        /* expired leases taken over */
     uint64_t forgotten;        /* DONE ids dropped by retention */
+    uint64_t next_token;       /* last fencing token handed out here */
 };
 
 struct oq_idset {
@@ -120,7 +122,6 @@ struct oq_idset {
     size_t init_cap;           /* DONE slots per shard from expected_ids */
     int64_t retention_ms;      /* 0: keep DONE ids forever */
     const oq_clock *clock;
-    _Atomic uint64_t next_token; /* last token handed out */
 };
 
 /* ------------------------------------------------------------- digests */
@@ -204,9 +205,16 @@ static void dtable_place(digest *slots, size_t cap, digest d)
 
 static int dtable_resize(dtable *t, size_t cap)
 {
-    digest *slots = oq__calloc(cap, sizeof(*slots));
+    /* Not calloc: a large calloc is fresh zero pages, and Robin Hood
+     * placement reads a slot before it writes it, so every page would
+     * fault twice (read: the shared zero page; write: copy-on-write),
+     * and with several threads each copy-on-write fault sends a TLB
+     * shootdown to the other CPUs. Writing the zeros first faults each
+     * page once. */
+    digest *slots = oq__malloc(cap * sizeof(*slots));
     if (slots == NULL)
         return OQ_ENOMEM;
+    memset(slots, 0, cap * sizeof(*slots));
     for (size_t i = 0; i < t->cap; i++) {
         if (!digest_empty(t->slots[i]))
             dtable_place(slots, cap, t->slots[i]);
@@ -349,10 +357,14 @@ static void shard_drop_claim(struct shard *sh, claim *c)
     oq__free(c);
 }
 
-static uint64_t new_token(oq_idset *s)
+/* Tokens come from a counter per shard (under its lock), with the shard's
+ * index in the low bits, so they are unique in the set and increase for
+ * each id: a set-wide atomic counter was one cache line written by every
+ * claim of every worker. */
+static uint64_t new_token(const oq_idset *s, struct shard *sh)
 {
-    return atomic_fetch_add_explicit(&s->next_token, 1,
-                                     memory_order_relaxed) + 1;
+    return (++sh->next_token << MAX_SHARD_BITS) |
+           (uint64_t)(sh - s->shards);
 }
 
 /* uthash stores key lengths as unsigned. */
@@ -389,7 +401,6 @@ int oq_idset_new(oq_idset **out, const oq_idset_opts *opts)
     s->shard_mask = s->nshards - 1;
     s->retention_ms = opts->retention_ms;
     s->clock = opts->clock;
-    atomic_init(&s->next_token, 0);
 
     /* One shard per 64-byte line at least, so locks do not share lines. */
     size_t align = alignof(struct shard);
@@ -475,7 +486,7 @@ static int claim_add(oq_idset *s, struct shard *sh, const char *id,
         return OQ_ENOMEM;
     }
     /* Only a claim that is in the table gets a token. */
-    c->token = new_token(s);
+    c->token = new_token(s, sh);
     out->token = c->token;
     out->lease_deadline_ms = lease_deadline_ms;
     return OQ_CLAIMED;
@@ -508,7 +519,7 @@ int oq_idset_claim(oq_idset *s, const char *id, size_t len,
         out->lease_deadline_ms = c->lease_deadline_ms;
         rc = OQ_BUSY;
     } else {
-        c->token = new_token(s);
+        c->token = new_token(s, sh);
         c->lease_deadline_ms = lease_deadline_ms;
         sh->takeovers++;
         out->token = c->token;

@@ -185,6 +185,53 @@ static int apply(const oq_event *ev, const oq_txn *txn, void *arg)
     return ctx.rc;
 }
 
+int oq__memsink_merge(oq_memsink *into, oq_memsink *from)
+{
+    counter *cs, *c, *tmp;
+    record *rh, *rt;
+    size_t nr;
+    int rc = 0;
+
+    /* One lock at a time: take from's contents, then add them to into. */
+    pthread_mutex_lock(&from->mu);
+    cs = from->counters;
+    rh = from->rec_head;
+    rt = from->rec_tail;
+    nr = from->nrecords;
+    from->counters = NULL;
+    from->rec_head = from->rec_tail = NULL;
+    from->nrecords = 0;
+    pthread_mutex_unlock(&from->mu);
+
+    pthread_mutex_lock(&into->mu);
+    HASH_ITER(hh, cs, c, tmp) {
+        counter *have;
+        HASH_DEL(cs, c);
+        HASH_FIND(hh, into->counters, c->key, c->len, have);
+        if (have != NULL) {
+            have->value += c->value;
+            oq__free(c);
+            continue;
+        }
+        hash_oom = 0;
+        HASH_ADD_KEYPTR(hh, into->counters, c->key, c->len, c);
+        if (hash_oom) {
+            oq__free(c);
+            rc = OQ_ENOMEM;
+        }
+    }
+    if (rh) {
+        if (into->rec_tail)
+            into->rec_tail->next = rh;
+        else
+            into->rec_head = rh;
+        into->rec_tail = rt;
+        into->nrecords += nr;
+    }
+    pthread_mutex_unlock(&into->mu);
+    return rc;
+}
+
 oq_sink oq_memsink_sink(oq_memsink *m)
 {
     oq_sink s = { apply, m, NULL };

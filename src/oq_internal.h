@@ -146,6 +146,13 @@ int oq__json_quote(oq__buf *b, const char *s, size_t n);
 size_t oq__json_escape(char *out, size_t cap, const char *s, size_t n,
                        size_t *used);
 
+/* -------------------------------------------------------------- memsink.c */
+
+/* Moves from's counters (summed) and records (appended) into into; from is
+ * left empty. OQ_ENOMEM if some counter could not be added (it is lost:
+ * the caller reports the run as failed). Takes one lock at a time. */
+int oq__memsink_merge(oq_memsink *into, oq_memsink *from);
+
 /* -------------------------------------------------------------------- txn */
 
 oq_txn *oq__txn_new(void);

@@ -18,8 +18,9 @@
  * producer dedup window does not see them; the processed set catches every
  * duplicate, however far apart.
  *
- * Results go to the run sink: counters in an oq_memsink, records kept with
- * their input position (the message tag) under rs->mu, a leaf lock. They
+ * Results go to the run sink, one part per worker thread (counters in an
+ * oq_memsink, records kept with their input position, the message tag),
+ * written by that worker alone and merged once the pool has stopped. They
  * are written once, at the end: counts sorted by key, records in input
  * order, dead letters in input order.
  *
@@ -79,60 +80,128 @@ typedef struct first_seen {
     char id[];
 } first_seen;
 
-typedef struct run_sink {
-    oq_memsink *counts;
-    pthread_mutex_t mu;  /* guards recs, nrecs, cap, first; a leaf lock */
+/*
+ * The run sink has one part per worker thread, written by that thread only
+ * (no shared lock on the hot path: one sink mutex taken by every worker
+ * for every event was a serial point of the pool), and folded into the
+ * run sink's own fields by merge_parts() once the pool has stopped.
+ */
+typedef struct part {
+    oq_memsink *counts;  /* its own lock, never contended */
     rec **recs;
     size_t nrecs, cap;
-    bool track_first;    /* immutable after setup */
     first_seen *first;
-    int rc;              /* an allocation failed in a callback */
+    int rc;              /* an allocation failed */
+    struct part *next;   /* run_sink.parts; set once, under run_sink.mu */
+} part;
+
+typedef struct run_sink {
+    bool track_first;    /* immutable after setup */
+    pthread_mutex_t mu;  /* guards parts (registration only); a leaf */
+    part *parts;
+    /* The merged result, written by merge_parts() only. */
+    oq_memsink *counts;
+    rec **recs;
+    size_t nrecs, cap;
+    first_seen *first;
+    int rc;              /* an allocation failed in a callback or merge */
 } run_sink;
 
-/* Lowers id's first-seen tag to tag; rs->mu held. */
-static void note_first(run_sink *rs, const char *id, size_t len, uint64_t tag)
+/* Lowers id's first-seen tag in *head to tag. */
+static int note_first(first_seen **head, const char *id, size_t len,
+                      uint64_t tag)
 {
     first_seen *f;
 
-    HASH_FIND(hh, rs->first, id, len, f);
+    HASH_FIND(hh, *head, id, len, f);
     if (f == NULL) {
         f = oq__malloc(sizeof(*f) + len);
-        if (f == NULL) {
-            rs->rc = OQ_ENOMEM;
-            return;
-        }
+        if (f == NULL)
+            return OQ_ENOMEM;
         f->tag = tag;
         f->len = len;
         memcpy(f->id, id, len);
         hash_oom = 0;
-        HASH_ADD_KEYPTR(hh, rs->first, f->id, len, f);
+        HASH_ADD_KEYPTR(hh, *head, f->id, len, f);
         if (hash_oom) {
             oq__free(f);
-            rs->rc = OQ_ENOMEM;
+            return OQ_ENOMEM;
         }
-        return;
+        return 0;
     }
     if (tag < f->tag)
         f->tag = tag;
+    return 0;
+}
+
+static void free_first(first_seen **head)
+{
+    first_seen *f, *tmp;
+
+    HASH_ITER(hh, *head, f, tmp) {
+        HASH_DEL(*head, f);
+        oq__free(f);
+    }
+}
+
+static void free_recs(rec **recs, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        oq__free(recs[i]);
+    oq__free(recs);
+}
+
+static void part_free(part *p)
+{
+    oq_memsink_free(p->counts);
+    free_recs(p->recs, p->nrecs);
+    free_first(&p->first);
+    oq__free(p);
+}
+
+/* This thread's part of rs, made on first use. NULL: out of memory. */
+static part *my_part(run_sink *rs)
+{
+    static _Thread_local run_sink *owner;
+    static _Thread_local part *mine;
+    part *p;
+
+    if (owner == rs && mine != NULL)
+        return mine;
+    if ((p = oq__calloc(1, sizeof(*p))) == NULL)
+        return NULL;
+    if (oq_memsink_new(&p->counts) != 0) {
+        oq__free(p);
+        return NULL;
+    }
+    pthread_mutex_lock(&rs->mu);
+    p->next = rs->parts;
+    rs->parts = p;
+    pthread_mutex_unlock(&rs->mu);
+    owner = rs;
+    mine = p;
+    return p;
 }
 
 static void run_duplicate(const oq_event *ev, void *arg)
 {
     run_sink *rs = arg;
+    part *p;
+
     if (!rs->track_first)
         return;
-    pthread_mutex_lock(&rs->mu);
-    note_first(rs, ev->id, ev->id_len, ev->tag);
-    pthread_mutex_unlock(&rs->mu);
+    if ((p = my_part(rs)) == NULL)
+        rs->rc = OQ_ENOMEM; /* a benign race: any thread may set it */
+    else if (note_first(&p->first, ev->id, ev->id_len, ev->tag) != 0)
+        p->rc = OQ_ENOMEM;
 }
 
 typedef struct rec_ctx {
-    run_sink *rs;
+    part *p;
     uint64_t tag;
     const char *id; /* kept with the record when tracking first-seen */
     size_t id_len;
-    rec **pending; /* built before the lock, linked under it */
-    size_t n, cap;
+    size_t n0;      /* p->nrecs before this txn */
     int rc;
 } rec_ctx;
 
@@ -143,16 +212,6 @@ static void stage_rec(const void *data, size_t len, void *arg)
 
     if (c->rc != 0)
         return;
-    if (c->n == c->cap) {
-        size_t ncap = c->cap ? c->cap * 2 : 4;
-        rec **np = oq__realloc(c->pending, ncap * sizeof(*np));
-        if (np == NULL) {
-            c->rc = OQ_ENOMEM;
-            return;
-        }
-        c->pending = np;
-        c->cap = ncap;
-    }
     r = oq__malloc(sizeof(*r) + len + c->id_len);
     if (r == NULL) {
         c->rc = OQ_ENOMEM;
@@ -165,57 +224,88 @@ static void stage_rec(const void *data, size_t len, void *arg)
         memcpy(r->data, data, len);
     if (c->id_len)
         memcpy(r->data + len, c->id, c->id_len);
-    c->pending[c->n++] = r;
+    c->p->recs[c->p->nrecs++] = r; /* room was made before */
 }
 
-/* Counters go to the memsink, records to the list; a txn has one or the
- * other in practice (a handler's output kind), so the two applies need
- * not be one atomic step. */
+/* Counters go to the part's memsink, records to its list; a txn has one or
+ * the other in practice (a handler's output kind), so the two applies need
+ * not be one atomic step. Each is all or nothing. */
 static int run_apply(const oq_event *ev, const oq_txn *txn, void *arg)
 {
     run_sink *rs = arg;
-    rec_ctx c = { rs, ev->tag, ev->id, rs->track_first ? ev->id_len : 0,
-                  NULL, 0, 0, 0 };
-    oq_sink counts;
-    int rc = 0;
+    part *p = my_part(rs);
+    size_t n = oq_txn_nrecords(txn);
+    rec_ctx c;
+    int rc;
 
+    if (p == NULL)
+        return OQ_ENOMEM;
     if (oq_txn_ncounts(txn) > 0) {
-        counts = oq_memsink_sink(rs->counts);
-        rc = counts.apply(ev, txn, counts.arg);
-        if (rc != 0)
+        oq_sink counts = oq_memsink_sink(p->counts);
+        if ((rc = counts.apply(ev, txn, counts.arg)) != 0)
             return rc;
     }
-    if (oq_txn_nrecords(txn) == 0)
+    if (n == 0)
         return 0;
+    if (p->nrecs + n > p->cap) {
+        size_t ncap = p->cap ? p->cap * 2 : 1024;
+        rec **np;
+        while (ncap < p->nrecs + n)
+            ncap *= 2;
+        if ((np = oq__realloc(p->recs, ncap * sizeof(*np))) == NULL)
+            return OQ_ENOMEM;
+        p->recs = np;
+        p->cap = ncap;
+    }
+    c = (rec_ctx){ p, ev->tag, ev->id, rs->track_first ? ev->id_len : 0,
+                   p->nrecs, 0 };
     oq_txn_foreach(txn, stage_rec, NULL, &c);
-    if (c.rc == 0) {
-        pthread_mutex_lock(&rs->mu);
-        if (rs->nrecs + c.n > rs->cap) {
-            size_t ncap = rs->cap ? rs->cap * 2 : 1024;
-            rec **np;
-            while (ncap < rs->nrecs + c.n)
-                ncap *= 2;
-            np = oq__realloc(rs->recs, ncap * sizeof(*np));
-            if (np == NULL) {
-                c.rc = OQ_ENOMEM;
-            } else {
+    if (c.rc == 0 && rs->track_first)
+        c.rc = note_first(&p->first, ev->id, ev->id_len, ev->tag);
+    if (c.rc != 0) {
+        /* Nothing of this txn stays. */
+        for (size_t i = c.n0; i < p->nrecs; i++)
+            oq__free(p->recs[i]);
+        p->nrecs = c.n0;
+    }
+    return c.rc;
+}
+
+/* Folds every part into rs (after the pool stopped: no worker writes). */
+static void merge_parts(run_sink *rs)
+{
+    part *p;
+
+    pthread_mutex_lock(&rs->mu);
+    while ((p = rs->parts) != NULL) {
+        rs->parts = p->next;
+        if (p->rc != 0 || oq__memsink_merge(rs->counts, p->counts) != 0)
+            rs->rc = OQ_ENOMEM;
+        if (p->nrecs > 0) {
+            if (rs->nrecs + p->nrecs > rs->cap) {
+                size_t ncap = rs->nrecs + p->nrecs;
+                rec **np = oq__realloc(rs->recs, ncap * sizeof(*np));
+                if (np == NULL) {
+                    rs->rc = OQ_ENOMEM;
+                    part_free(p);
+                    continue;
+                }
                 rs->recs = np;
                 rs->cap = ncap;
             }
+            memcpy(rs->recs + rs->nrecs, p->recs, p->nrecs * sizeof(rec *));
+            rs->nrecs += p->nrecs;
+            p->nrecs = 0;
         }
-        if (c.rc == 0) {
-            memcpy(rs->recs + rs->nrecs, c.pending, c.n * sizeof(rec *));
-            rs->nrecs += c.n;
-            c.n = 0;
-            if (rs->track_first)
-                note_first(rs, ev->id, ev->id_len, ev->tag);
+        {
+            first_seen *f, *tmp;
+            HASH_ITER(hh, p->first, f, tmp)
+                if (note_first(&rs->first, f->id, f->len, f->tag) != 0)
+                    rs->rc = OQ_ENOMEM;
         }
-        pthread_mutex_unlock(&rs->mu);
+        part_free(p);
     }
-    for (size_t i = 0; i < c.n; i++)
-        oq__free(c.pending[i]);
-    oq__free(c.pending);
-    return c.rc;
+    pthread_mutex_unlock(&rs->mu);
 }
 
 static int by_tag(const void *a, const void *b)
@@ -1603,17 +1693,14 @@ static void close_all(run *r)
         close_state(r);
     oq_queue_free(r->q);
     oq_idset_free(r->s);
-    oq_memsink_free(r->rs.counts);
-    for (size_t i = 0; i < r->rs.nrecs; i++)
-        oq__free(r->rs.recs[i]);
-    oq__free(r->rs.recs);
-    {
-        first_seen *f, *tmp;
-        HASH_ITER(hh, r->rs.first, f, tmp) {
-            HASH_DEL(r->rs.first, f);
-            oq__free(f);
-        }
+    while (r->rs.parts) {
+        part *p = r->rs.parts;
+        r->rs.parts = p->next;
+        part_free(p);
     }
+    oq_memsink_free(r->rs.counts);
+    free_recs(r->rs.recs, r->rs.nrecs);
+    free_first(&r->rs.first);
     if (r->rs.counts)
         pthread_mutex_destroy(&r->rs.mu);
     if (r->reader)
@@ -1860,6 +1947,7 @@ int oq__run(const oq__run_config *c)
         oq_pool_wait(r->p);
     }
     pthread_join(reader, NULL);
+    merge_parts(&r->rs); /* every worker has stopped */
     if (r->cm && oq__committer_stop(r->cm, serr, sizeof(serr)) != 0) {
         fprintf(stderr, "onceq run: state '%s': %s\nonceq run: stopped; "
                 "every event acknowledged as processed is in the state: run "

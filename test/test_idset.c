@@ -192,15 +192,36 @@ static void test_release_unknown_id_is_stale(void **state)
     assert_int_equal(release(f->s, "nobody", 1), OQ_ESTALE);
 }
 
+/* Tokens are unique in the set (a token of one id never fences another)
+ * and increase for each id across takeovers. */
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
 static void test_tokens_strictly_increase(void **state)
 {
     fixture *f = *state;
-    uint64_t last = 0;
+    uint64_t tok[1000], last = 0;
     char id[32];
     for (int i = 0; i < 1000; i++) {
         oq_claim c;
         snprintf(id, sizeof(id), "t-%d", i);
         assert_int_equal(claim(f->s, id, T0 + 10, &c), OQ_CLAIMED);
+        assert_true(c.token != 0);
+        tok[i] = c.token;
+    }
+    qsort(tok, 1000, sizeof(tok[0]), cmp_u64);
+    for (int i = 1; i < 1000; i++)
+        assert_true(tok[i] > tok[i - 1]);
+    /* One id taken over again and again: its tokens increase. */
+    for (int i = 0; i < 50; i++) {
+        oq_claim c;
+        oq_testclock_advance(f->tc, 20);
+        assert_int_equal(claim(f->s, "again",
+                               oq_clock_now(oq_testclock_clock(f->tc)) + 10,
+                               &c), OQ_CLAIMED);
         assert_true(c.token > last);
         last = c.token;
     }

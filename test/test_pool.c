@@ -381,7 +381,7 @@ static void test_hanging_batch_mate(void **state)
     oq_queue_opts qo;
     oq_message m[5];
     const char *ids[5] = { "a", "b", "", "h", "c" };
-    char warm[8];
+    char warm[16];
     dead_seen dead = { 0 };
 
     /* At most one receive: a message whose lease runs out is dead. */
