@@ -47,3 +47,6 @@ void oq__free(void *p)
 {
     free(p);
 }
+
+/* uthash's failed-allocation flag (src/oq_uthash.h). */
+_Thread_local int oq__hash_oom;

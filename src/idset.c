@@ -66,13 +66,7 @@
 #include <string.h>
 #include <xxhash.h>
 
-/* uthash allocates through the seam and reports OOM instead of exiting: an
- * add that could not allocate leaves the item out and sets item->hh.tbl to
- * NULL, and the table stays usable. */
-#define HASH_NONFATAL_OOM 1
-#define uthash_malloc(sz) oq__malloc(sz)
-#define uthash_free(ptr, sz) oq__free(ptr)
-#include <uthash.h>
+#include "oq_uthash.h"
 
 #define MAX_SHARD_BITS 16
 #define SENTINEL_LEN ((size_t)UINT32_MAX) /* ids are shorter than this */

@@ -8,12 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define uthash_malloc(sz) oq__malloc(sz)
-#define uthash_free(ptr, sz) oq__free(ptr)
-#define HASH_NONFATAL_OOM 1
-static _Thread_local int hash_oom;
-#define uthash_nonfatal_oom(obj) (hash_oom = 1)
-#include <uthash.h>
+#include "oq_uthash.h"
 
 typedef struct counter {
     int64_t value;
@@ -100,9 +95,9 @@ static void prepare_count(const char *key, size_t len, int64_t delta,
     c->len = len;
     if (len)
         memcpy(c->key, key, len);
-    hash_oom = 0;
+    oq__hash_oom = 0;
     HASH_ADD_KEYPTR(hh, ctx->m->counters, c->key, len, c);
-    if (hash_oom) {
+    if (oq__hash_oom) {
         oq__free(c);
         ctx->rc = OQ_ENOMEM;
         return;
@@ -213,9 +208,9 @@ int oq__memsink_merge(oq_memsink *into, oq_memsink *from)
             oq__free(c);
             continue;
         }
-        hash_oom = 0;
+        oq__hash_oom = 0;
         HASH_ADD_KEYPTR(hh, into->counters, c->key, c->len, c);
-        if (hash_oom) {
+        if (oq__hash_oom) {
             oq__free(c);
             rc = OQ_ENOMEM;
         }

@@ -49,14 +49,7 @@
 
 #include <cjson/cJSON.h>
 
-#define uthash_malloc(sz) oq__malloc(sz)
-#define uthash_free(ptr, sz) oq__free(ptr)
-#define HASH_NONFATAL_OOM 1
-/* Set when uthash could not grow a bucket array (the add did not happen).
- * Read right after each add. */
-static int hash_oom;
-#define uthash_nonfatal_oom(obj) (hash_oom = 1)
-#include <uthash.h>
+#include "oq_uthash.h"
 
 /* Maelstrom error codes. */
 enum {
@@ -303,9 +296,9 @@ static wc_id *id_add(wc_state *st, const char *s, size_t len)
     if (e == NULL)
         return NULL;
     e->len = len;
-    hash_oom = 0;
+    oq__hash_oom = 0;
     HASH_ADD_KEYPTR(hh, st->ids, e->s, len, e);
-    if (hash_oom) {
+    if (oq__hash_oom) {
         oq__free(e);
         return NULL;
     }
@@ -321,9 +314,9 @@ static wc_word *word_add(wc_state *st, const char *s, size_t len,
         return NULL;
     w->len = len;
     w->count = count;
-    hash_oom = 0;
+    oq__hash_oom = 0;
     HASH_ADD_KEYPTR(hh, st->words, w->s, len, w);
-    if (hash_oom) {
+    if (oq__hash_oom) {
         oq__free(w);
         return NULL;
     }
@@ -477,9 +470,9 @@ static klog *klog_get(klog **logs, const char *key, bool create)
     if (l == NULL)
         return NULL;
     l->keylen = len;
-    hash_oom = 0;
+    oq__hash_oom = 0;
     HASH_ADD_KEYPTR(hh, *logs, l->key, len, l);
-    if (hash_oom) {
+    if (oq__hash_oom) {
         oq__free(l);
         return NULL;
     }
@@ -1273,9 +1266,9 @@ static int h_checkpoint(node *n, const cJSON *body, nerr *e)
         if (cp == NULL)
             goto out_nomem;
         cp->len = len;
-        hash_oom = 0;
+        oq__hash_oom = 0;
         HASH_ADD_KEYPTR(hh, n->checkpoints, cp->name, len, cp);
-        if (hash_oom) {
+        if (oq__hash_oom) {
             oq__free(cp);
             goto out_nomem;
         }
@@ -1512,9 +1505,9 @@ static int send_append(node *n, klog *l, const cJSON *msg, const char *mtext,
     if (m) {
         m->len = mlen;
         m->offset = (int64_t)l->len;
-        hash_oom = 0;
+        oq__hash_oom = 0;
         HASH_ADD_KEYPTR(hh, l->mids, m->s, m->len, m);
-        if (hash_oom)
+        if (oq__hash_oom)
             goto out_nomem;
     }
     l->msgs[l->len] = text;

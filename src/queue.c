@@ -43,14 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define uthash_malloc(sz) oq__malloc(sz)
-#define uthash_free(ptr, sz) oq__free(ptr)
-#define HASH_NONFATAL_OOM 1
-/* Set when uthash could not grow its bucket array (the add did not happen).
- * Per thread, and only read right after the add, under q->mu. */
-static _Thread_local int hash_oom;
-#define uthash_nonfatal_oom(obj) (hash_oom = 1)
-#include <uthash.h>
+#include "oq_uthash.h"
 
 /* Longest wait on the condition variable, in real ms, before time is looked
  * at again. Bounds how late a receiver notices a test clock that moved. */
@@ -208,10 +201,10 @@ int oq_queue_new(oq_queue **out, const oq_queue_opts *opts)
      * the receipt table allocated. */
     q->sentinel = oq__calloc(1, sizeof(msg));
     if (q->sentinel != NULL) {
-        hash_oom = 0;
+        oq__hash_oom = 0;
         HASH_ADD(hh, q->inflight, receipt, sizeof(q->sentinel->receipt),
                  q->sentinel);
-        if (hash_oom) {
+        if (oq__hash_oom) {
             oq__free(q->sentinel);
             q->sentinel = NULL;
         }
@@ -438,9 +431,9 @@ static void dedup_remember(oq_queue *q, const char *id, size_t len,
     e->next = NULL;
     e->len = len;
     memcpy(e->id, id, len);
-    hash_oom = 0;
+    oq__hash_oom = 0;
     HASH_ADD_KEYPTR(hh, q->dedup_hash, e->id, len, e);
-    if (hash_oom) {
+    if (oq__hash_oom) {
         oq__free(e);
         return;
     }
@@ -710,9 +703,9 @@ static size_t take(oq_queue *q, oq_delivery *out, size_t max, int64_t now)
         m->receipt = ++q->next_receipt;
         /* Without memory for the receipt table, the delivery still works
          * through its oq_delivery; only oq_queue_ack(receipt) won't find it. */
-        hash_oom = 0;
+        oq__hash_oom = 0;
         HASH_ADD(hh, q->inflight, receipt, sizeof(m->receipt), m);
-        m->hashed = !hash_oom;
+        m->hashed = !oq__hash_oom;
         m->counted = why < 0;
         if (m->counted)
             m->receive_count++;

@@ -48,12 +48,7 @@
 #include <sqlite3.h>
 #include <xxhash.h>
 
-#define uthash_malloc(sz) oq__malloc(sz)
-#define uthash_free(ptr, sz) oq__free(ptr)
-#define HASH_NONFATAL_OOM 1
-static _Thread_local int hash_oom;
-#define uthash_nonfatal_oom(obj) (hash_oom = 1)
-#include <uthash.h>
+#include "oq_uthash.h"
 
 #define SEND_BATCH 256
 #define READY_HIGH_WATER 65536
@@ -121,9 +116,9 @@ static int note_first(first_seen **head, const char *id, size_t len,
         f->tag = tag;
         f->len = len;
         memcpy(f->id, id, len);
-        hash_oom = 0;
+        oq__hash_oom = 0;
         HASH_ADD_KEYPTR(hh, *head, f->id, len, f);
-        if (hash_oom) {
+        if (oq__hash_oom) {
             oq__free(f);
             return OQ_ENOMEM;
         }

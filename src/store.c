@@ -34,9 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define uthash_malloc(sz) oq__malloc(sz)
-#define uthash_free(ptr, sz) oq__free(ptr)
-#include <uthash.h>
+#include "oq_uthash.h"
 
 #define STR_(x) #x
 #define STR(x) STR_(x)
@@ -1374,9 +1372,10 @@ static int reserve(void **p, size_t *cap, size_t n, size_t size)
     return 0;
 }
 
-/* Adds delta to key's batch sum. */
-static void sum_add(oq__committer *c, size_t *nsum, const char *key,
-                    size_t len, int64_t delta)
+/* Adds delta to key's batch sum. OQ_ENOMEM if the table could not grow
+ * (the batch then fails and rolls back: nothing is lost). */
+static int sum_add(oq__committer *c, size_t *nsum, const char *key,
+                   size_t len, int64_t delta)
 {
     csum *e;
 
@@ -1386,9 +1385,15 @@ static void sum_add(oq__committer *c, size_t *nsum, const char *key,
         e->key = key;
         e->len = len;
         e->delta = 0;
+        oq__hash_oom = 0;
         HASH_ADD_KEYPTR(hh, c->sums, e->key, len, e);
+        if (oq__hash_oom) {
+            (*nsum)--;
+            return OQ_ENOMEM;
+        }
     }
     e->delta += delta;
+    return 0;
 }
 
 /* Writes one event's id and outputs (counts go to the batch sums). */
@@ -1413,7 +1418,7 @@ static int write_event(oq__committer *c, const citem *it, uint64_t pos,
         } else {
             int64_t delta;
             memcpy(&delta, p + n, sizeof(delta));
-            sum_add(c, nsum, p, n, delta);
+            rc = sum_add(c, nsum, p, n, delta);
             p += n + sizeof(delta);
         }
     }
