@@ -771,60 +771,39 @@ static int dl_by_tag(const void *a, const void *b)
     return (x->tag > y->tag) - (x->tag < y->tag);
 }
 
-static void write_time(FILE *f, const run *r, int64_t mono_ms)
-{
-    int64_t w = r->wall0_ms + (mono_ms - r->t0_ms);
-    time_t secs = (time_t)(w / 1000);
-    struct tm tm;
-    char buf[32];
-
-    gmtime_r(&secs, &tm);
-    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
-    fprintf(f, "\"%s.%03dZ\"", buf, (int)(w % 1000));
-}
-
-/* One dead letter as a JSON line. */
+/* One dead letter of the queue as a JSON line: the one writer of dead
+ * letters (oq__write_dead_row), with times on the wall clock and the id
+ * found again in the event (the queue keeps none for raw lines). */
 static void write_dead(FILE *f, run *r, const dl_item *it)
 {
+    const char *src = oq__reader_path(r->reader, TAG_FILE(it->tag));
+    char source[4200];
     oq_event ev = { 0 };
     oq_decoded dec;
-    const char *src = oq__reader_path(r->reader, TAG_FILE(it->tag));
-    bool json_ok;
+    oq__dead_row row = {
+        .tag = it->tag,
+        .source = source,
+        .reason = oq_dlq_reason_name(it->reason),
+        .error = it->error,
+        .attempts = it->attempts,
+        .first_seen_ms = r->wall0_ms + (it->sent_ms - r->t0_ms),
+        .dead_ms = r->wall0_ms + (it->dead_ms - r->t0_ms),
+        .event = it->payload,
+        .event_len = it->len,
+    };
 
+    snprintf(source, sizeof(source), "%s:%" PRIu64,
+             strcmp(src, "-") == 0 ? "<stdin>" : src,
+             (uint64_t)TAG_LINE(it->tag));
     memset(&dec, 0, sizeof(dec));
     ev.payload = it->payload;
     ev.payload_len = it->len;
-    json_ok = it->reason != OQ_DLQ_PARSE_ERROR &&
-              it->reason != OQ_DLQ_TOO_LARGE &&
-              oq__json_decode(&ev, &dec, &r->idspec) == 0;
-    fputs("{", f);
-    if (json_ok) {
-        fputs("\"id\":", f);
-        oq__json_write_string(f, dec.id, dec.id_len);
-        fputs(",", f);
+    if (it->reason != OQ_DLQ_PARSE_ERROR && it->reason != OQ_DLQ_TOO_LARGE &&
+        oq__json_decode(&ev, &dec, &r->idspec) == 0) {
+        row.id = dec.id;
+        row.id_len = dec.id_len;
     }
-    fprintf(f, "\"source\":");
-    {
-        char buf[4200];
-        int n = snprintf(buf, sizeof(buf), "%s:%" PRIu64,
-                         strcmp(src, "-") == 0 ? "<stdin>" : src,
-                         (uint64_t)TAG_LINE(it->tag));
-        oq__json_write_string(f, buf, (size_t)OQ__MIN(n, (int)sizeof(buf) - 1));
-    }
-    fprintf(f, ",\"reason\":\"%s\",\"error\":", oq_dlq_reason_name(it->reason));
-    oq__json_write_string(f, it->error, strlen(it->error));
-    fprintf(f, ",\"attempts\":%u,\"first_seen\":", it->attempts);
-    write_time(f, r, it->sent_ms);
-    fputs(",\"last_seen\":", f);
-    write_time(f, r, it->dead_ms);
-    fputs(",\"event\":", f);
-    /* The original event when it is strict JSON text, else the raw line
-     * as a string (an unparsable line always). */
-    if (it->reason != OQ_DLQ_PARSE_ERROR && it->reason != OQ_DLQ_TOO_LARGE)
-        write_json_or_string(f, it->payload, it->len);
-    else
-        oq__json_write_string(f, it->payload, it->len);
-    fputs("}\n", f);
+    oq__write_dead_row(f, &row, false);
     if (dec.parsed)
         oq__json_free(dec.parsed, &r->idspec);
 }
