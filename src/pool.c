@@ -444,6 +444,7 @@ static void pin_decided(worker *w, size_t lo, size_t hi)
                 oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
             s->outcome = O_NONE;
             op->op = OQ_SETTLE_NONE;
+            op->release = 1;
             INC(w, fenced);
             continue;
         }
@@ -455,6 +456,7 @@ static void pin_decided(worker *w, size_t lo, size_t hi)
                 s->outcome = O_NONE;
                 op->op = OQ_SETTLE_NACK;
                 op->delay_ms = 0;
+                op->release = 1;
                 INC(w, fenced);
                 continue;
             }

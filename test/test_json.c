@@ -253,8 +253,10 @@ static size_t mutate(char *buf, size_t len, size_t cap, uint64_t *rng)
             if (len > 0 && len * 2 < cap) {
                 size_t from = (size_t)(r >> 16) % len;
                 size_t n = OQ__MIN(len - from, (size_t)(r >> 48) % 16 + 1);
+                char span[16];
+                memcpy(span, buf + from, n);
                 memmove(buf + at + n, buf + at, len - at);
-                memcpy(buf + at, buf + (from >= at ? from + n : from), n);
+                memcpy(buf + at, span, n);
                 len += n;
             }
             break;
