@@ -74,10 +74,9 @@
 #define DONE_LOAD_NUM 4           /* grow past 4/5 = 0.8 full */
 #define DONE_LOAD_DEN 5
 
-/* A DONE id: its XXH3-128 digest. All-zero means an empty slot. */
-typedef struct digest {
-    uint64_t lo, hi;
-} digest;
+/* A DONE id: its XXH3-128 digest (oq__digest). All-zero means an empty
+ * slot. */
+typedef oq__digest digest;
 
 /* An open-addressing set of digests. cap is 0 (slots NULL) or a power of 2. */
 typedef struct dtable {
@@ -120,7 +119,7 @@ struct oq_idset {
 
 /* ------------------------------------------------------------- digests */
 
-static digest id_digest(const char *id, size_t len)
+oq__digest oq__idset_digest(const char *id, size_t len)
 {
     XXH128_hash_t h = XXH3_128bits(id, len);
     digest d = { h.low64, h.high64 };
@@ -489,12 +488,20 @@ static int claim_add(oq_idset *s, struct shard *sh, const char *id,
 int oq_idset_claim(oq_idset *s, const char *id, size_t len,
                    int64_t lease_deadline_ms, oq_claim *out)
 {
+    if (s == NULL || !id_ok(id, len))
+        return OQ_EINVAL;
+    return oq__idset_claim_d(s, id, len, oq__idset_digest(id, len),
+                             lease_deadline_ms, out);
+}
+
+int oq__idset_claim_d(oq_idset *s, const char *id, size_t len, oq__digest d,
+                      int64_t lease_deadline_ms, oq_claim *out)
+{
     oq_claim ignored;
     if (s == NULL || !id_ok(id, len))
         return OQ_EINVAL;
     if (out == NULL)
         out = &ignored;
-    digest d = id_digest(id, len);
     struct shard *sh = shard_of(s, d);
     int64_t now = oq_clock_now(s->clock);
     int rc;
@@ -529,7 +536,14 @@ int oq_idset_commit(oq_idset *s, const char *id, size_t len, uint64_t token)
 {
     if (s == NULL || !id_ok(id, len))
         return OQ_EINVAL;
-    digest d = id_digest(id, len);
+    return oq__idset_commit_d(s, id, len, oq__idset_digest(id, len), token);
+}
+
+int oq__idset_commit_d(oq_idset *s, const char *id, size_t len, oq__digest d,
+                      uint64_t token)
+{
+    if (s == NULL || !id_ok(id, len))
+        return OQ_EINVAL;
     struct shard *sh = shard_of(s, d);
     int64_t now = oq_clock_now(s->clock);
     int rc = OQ_ESTALE;
@@ -551,7 +565,14 @@ int oq_idset_prepare(oq_idset *s, const char *id, size_t len, uint64_t token)
 {
     if (s == NULL || !id_ok(id, len))
         return OQ_EINVAL;
-    digest d = id_digest(id, len);
+    return oq__idset_prepare_d(s, id, len, oq__idset_digest(id, len), token);
+}
+
+int oq__idset_prepare_d(oq_idset *s, const char *id, size_t len, oq__digest d,
+                      uint64_t token)
+{
+    if (s == NULL || !id_ok(id, len))
+        return OQ_EINVAL;
     struct shard *sh = shard_of(s, d);
     int64_t now = oq_clock_now(s->clock);
     int rc = OQ_ESTALE;
@@ -570,7 +591,14 @@ int oq_idset_release(oq_idset *s, const char *id, size_t len, uint64_t token)
 {
     if (s == NULL || !id_ok(id, len))
         return OQ_EINVAL;
-    digest d = id_digest(id, len);
+    return oq__idset_release_d(s, id, len, oq__idset_digest(id, len), token);
+}
+
+int oq__idset_release_d(oq_idset *s, const char *id, size_t len, oq__digest d,
+                      uint64_t token)
+{
+    if (s == NULL || !id_ok(id, len))
+        return OQ_EINVAL;
     struct shard *sh = shard_of(s, d);
     int rc = OQ_ESTALE;
 
@@ -588,7 +616,7 @@ int oq_idset_insert_done(oq_idset *s, const char *id, size_t len)
 {
     if (s == NULL || !id_ok(id, len))
         return OQ_EINVAL;
-    digest d = id_digest(id, len);
+    digest d = oq__idset_digest(id, len);
     struct shard *sh = shard_of(s, d);
     int64_t now = oq_clock_now(s->clock);
     int rc = OQ_EEXIST;
@@ -610,7 +638,7 @@ int oq_idset_contains(oq_idset *s, const char *id, size_t len)
 {
     if (s == NULL || !id_ok(id, len))
         return 0;
-    digest d = id_digest(id, len);
+    digest d = oq__idset_digest(id, len);
     struct shard *sh = shard_of(s, d);
     int64_t now = oq_clock_now(s->clock);
 

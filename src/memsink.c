@@ -66,12 +66,18 @@ void oq_memsink_free(oq_memsink *m)
  * phase 1 is undone and nothing is visible. Phase 2 cannot fail: it adds
  * the deltas and links the records.
  */
+#define APPLY_REMEMBER 32
+
 typedef struct apply_ctx {
     oq_memsink *m;
     int rc;
     counter *created;            /* counters phase 1 added, via next_new */
     record *head, *tail;         /* records phase 1 built */
     size_t nrec;
+    /* The counters phase 1 found or made, in txn order, so phase 2 need
+     * not look them up again (the first APPLY_REMEMBER of them). */
+    counter *seen[APPLY_REMEMBER];
+    size_t nseen, next;
 } apply_ctx;
 
 static void prepare_count(const char *key, size_t len, int64_t delta,
@@ -84,8 +90,11 @@ static void prepare_count(const char *key, size_t len, int64_t delta,
     if (ctx->rc != 0)
         return;
     HASH_FIND(hh, ctx->m->counters, key, len, c);
-    if (c != NULL)
+    if (c != NULL) {
+        if (ctx->nseen < APPLY_REMEMBER)
+            ctx->seen[ctx->nseen++] = c;
         return;
+    }
     c = oq__malloc(sizeof(*c) + len);
     if (c == NULL) {
         ctx->rc = OQ_ENOMEM;
@@ -104,6 +113,8 @@ static void prepare_count(const char *key, size_t len, int64_t delta,
     }
     c->next_new = ctx->created;
     ctx->created = c;
+    if (ctx->nseen < APPLY_REMEMBER)
+        ctx->seen[ctx->nseen++] = c;
 }
 
 static void prepare_record(const void *data, size_t len, void *arg)
@@ -135,7 +146,10 @@ static void add_count(const char *key, size_t len, int64_t delta, void *arg)
     apply_ctx *ctx = arg;
     counter *c;
 
-    HASH_FIND(hh, ctx->m->counters, key, len, c);
+    if (ctx->next < ctx->nseen)
+        c = ctx->seen[ctx->next++];
+    else
+        HASH_FIND(hh, ctx->m->counters, key, len, c);
     c->value += delta; /* phase 1 made sure it exists */
 }
 

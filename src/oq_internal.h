@@ -146,6 +146,24 @@ int oq__json_quote(oq__buf *b, const char *s, size_t n);
 size_t oq__json_escape(char *out, size_t cap, const char *s, size_t n,
                        size_t *used);
 
+/* --------------------------------------------------------------- idset.c */
+
+/* An id's 128-bit XXH3 digest: what the processed set keys it by. The _d
+ * variants of the oq_idset calls take it precomputed, so a caller that
+ * claims, prepares and commits one id hashes it once. */
+typedef struct oq__digest {
+    uint64_t lo, hi;
+} oq__digest;
+oq__digest oq__idset_digest(const char *id, size_t len);
+int oq__idset_claim_d(oq_idset *s, const char *id, size_t len, oq__digest d,
+                      int64_t lease_deadline_ms, oq_claim *out);
+int oq__idset_commit_d(oq_idset *s, const char *id, size_t len, oq__digest d,
+                       uint64_t token);
+int oq__idset_prepare_d(oq_idset *s, const char *id, size_t len,
+                        oq__digest d, uint64_t token);
+int oq__idset_release_d(oq_idset *s, const char *id, size_t len,
+                        oq__digest d, uint64_t token);
+
 /* -------------------------------------------------------------- memsink.c */
 
 /* Moves from's counters (summed) and records (appended) into into; from is

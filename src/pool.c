@@ -78,6 +78,7 @@ typedef struct slot {
     bool prepared;    /* its claim is prepared (staged outcomes) */
     oq_dlq_reason dead_reason; /* O_FAILING: FAILED, or a dying delivery's */
     oq_txn *txn;
+    oq__digest dg;    /* the id's digest, computed once after decode */
     oq_claim claim;
     enum outcome outcome;
 } slot;
@@ -240,8 +241,9 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op, int64_t now)
     }
     if (!decode(w, s, op))
         return;
-    rc = oq_idset_claim(p->s, s->id, s->id_len, s->d.deadline_ms,
-                        &s->claim);
+    s->dg = oq__idset_digest(s->id, s->id_len);
+    rc = oq__idset_claim_d(p->s, s->id, s->id_len, s->dg, s->d.deadline_ms,
+                           &s->claim);
     if (rc == OQ_DONE) {
         s->outcome = O_DUPLICATE;
         op->op = OQ_SETTLE_ACK;
@@ -315,7 +317,8 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op, int64_t now)
         op->release = 0;
         return;
     case OQ_RETRY:
-        oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
+        oq__idset_release_d(p->s, s->id, s->id_len, s->dg,
+                            s->claim.token);
         s->outcome = O_RETRY;
         op->op = OQ_SETTLE_NACK;
         op->error = oq_txn_error_text(s->txn);
@@ -355,7 +358,8 @@ static bool apply_outputs(worker *w, slot *s, oq_settle *op)
     event_of(p, s, &ev);
     if (p->opts.sink.apply(&ev, s->txn, p->opts.sink.arg) == 0)
         return true;
-    oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
+    oq__idset_release_d(p->s, s->id, s->id_len, s->dg,
+                        s->claim.token);
     s->outcome = O_RETRY;
     op->op = OQ_SETTLE_NACK;
     op->delay_ms = oq_backoff_ms(p->opts.backoff_base_ms,
@@ -369,7 +373,8 @@ static bool apply_outputs(worker *w, slot *s, oq_settle *op)
  * memory rather than let the event be applied twice. */
 static void commit_prepared(oq_pool *p, const slot *s)
 {
-    while (oq_idset_commit(p->s, s->id, s->id_len, s->claim.token) != 0)
+    while (oq__idset_commit_d(p->s, s->id, s->id_len, s->dg,
+                              s->claim.token) != 0)
         nap_ms(1);
 }
 
@@ -383,7 +388,8 @@ static void hand_off(worker *w, slot *s, oq_settle *op)
     oq_handoff h;
 
     if (!s->prepared &&
-        oq_idset_prepare(p->s, s->id, s->id_len, s->claim.token) != 0) {
+        oq__idset_prepare_d(p->s, s->id, s->id_len, s->dg,
+                            s->claim.token) != 0) {
         /* Lease lost: discard the outputs; it will be redone. */
         s->outcome = O_NONE;
         op->op = OQ_SETTLE_NACK;
@@ -401,7 +407,8 @@ static void hand_off(worker *w, slot *s, oq_settle *op)
         s->d.msg_ = NULL; /* the committer holds the reference now */
         return;
     }
-    oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
+    oq__idset_release_d(p->s, s->id, s->id_len, s->dg,
+                        s->claim.token);
     s->outcome = O_NONE;
     op->op = OQ_SETTLE_RETURN;
     op->delay_ms = OQ__MAX(oq_backoff_ms(p->opts.backoff_base_ms,
@@ -441,7 +448,8 @@ static void pin_decided(worker *w, size_t lo, size_t hi)
         if (w->pins[k++].result != 0) {
             /* Redelivered already: the new holder owns it. */
             if (staged(s->outcome))
-                oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
+                oq__idset_release_d(p->s, s->id, s->id_len, s->dg,
+                                    s->claim.token);
             s->outcome = O_NONE;
             op->op = OQ_SETTLE_NONE;
             op->release = 1;
@@ -450,7 +458,7 @@ static void pin_decided(worker *w, size_t lo, size_t hi)
         }
         s->pinned = true;
         if (staged(s->outcome)) {
-            if (oq_idset_prepare(p->s, s->id, s->id_len,
+            if (oq__idset_prepare_d(p->s, s->id, s->id_len, s->dg,
                                  s->claim.token) != 0) {
                 /* Lease lost between the handler and the pin. */
                 s->outcome = O_NONE;
@@ -499,7 +507,8 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
             op->release = 1;
             if (!s->pinned && pins[k++].result != 0) {
                 /* Redelivered since: the new holder owns it. */
-                oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
+                oq__idset_release_d(p->s, s->id, s->id_len, s->dg,
+                                    s->claim.token);
                 s->outcome = O_NONE;
                 op->op = OQ_SETTLE_NONE;
                 INC(w, fenced);
@@ -513,14 +522,17 @@ static void commit_staged(worker *w, size_t lo, size_t hi)
              * failed write can still give the claim back. */
             bool direct = s->outcome == O_FAILING || p->opts.sink.apply == NULL;
             int rc = direct
-                ? oq_idset_commit(p->s, s->id, s->id_len, s->claim.token)
+                ? oq__idset_commit_d(p->s, s->id, s->id_len, s->dg,
+                                     s->claim.token)
                 : s->prepared
                 ? 0
-                : oq_idset_prepare(p->s, s->id, s->id_len, s->claim.token);
+                : oq__idset_prepare_d(p->s, s->id, s->id_len, s->dg,
+                                      s->claim.token);
             if (rc == OQ_ENOMEM && direct) {
                 /* No memory for the DONE table: nothing was applied yet;
                  * give the claim up and retry later. */
-                oq_idset_release(p->s, s->id, s->id_len, s->claim.token);
+                oq__idset_release_d(p->s, s->id, s->id_len, s->dg,
+                                    s->claim.token);
             }
             if (rc != 0) {
                 /* Lease lost: discard the outputs; it will be redone. */
@@ -641,7 +653,8 @@ static size_t run_batch(worker *w, size_t n)
             int64_t now = oq_clock_now(p->opts.clock);
             /* Half the batch's lease is gone (a slow message): commit what
              * is finished before going on, or it may outlive its lease. */
-            if (i > lo && now - start >= (w->slots[lo].d.deadline_ms - start) / 2) {
+            if (i > lo &&
+                now - start >= (w->slots[lo].d.deadline_ms - start) / 2) {
                 settle_range(w, lo, i);
                 lo = i;
             }
