@@ -151,6 +151,7 @@ bench: benches
 	$(Q)$(BUILD)/bench/bench_idset_mem --ids 10000000 --csv bench/results/idset_mem.csv
 	$(Q)$(BUILD)/bench/bench_json
 	$(Q)$(BUILD)/bench/bench_run --onceq $(BUILD)/onceq --csv bench/results/run.csv
+	$(Q)ONCEQ=$(BUILD)/onceq BENCH_RUN=$(BUILD)/bench/bench_run sh bench/bench_scale.sh 1000000 3 1,2
 	$(Q)sh bench/bench_node.sh
 	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_durable.sh
 	$(Q)sh bench/bench_peers.sh
