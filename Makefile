@@ -166,7 +166,7 @@ check: deps
 DEB_PACKAGES := build-essential clang pkg-config python3 uthash-dev \
                 libcmocka-dev libcjson-dev libxxhash-dev libjansson-dev \
                 libsqlite3-dev sqlite3 libhiredis-dev redis-server \
-                gnuplot-nox parallel beanstalkd time
+                gnuplot-nox parallel beanstalkd time libjsmn-dev
 
 deps:
 	$(Q)missing=""; for p in $(DEB_PACKAGES); do \
