@@ -13,7 +13,7 @@
  *                   this entry) and f (first seen, unix ms); big (the full
  *                   length) marks a line cut at 4 KiB for being too large
  *   S:id:<id>       the processed set and the claims, one string per event
- *                   id: a claim token (SET PX = visibility timeout), or "D"
+ *                   id: a claim token (SET PX = the delivery's rest), or "D"
  *                   once the id is settled (no TTL)
  *   S:dedup:<id>    producer dedup (send): SET NX PX --dedup-window
  *   S:counts        hash: aggregates (HINCRBY), e.g. word -> count
@@ -33,20 +33,29 @@
  * hold up another's commit):
  *   - N workers. Each loops: take entries (its held BUSY entries when due,
  *     then the process's reclaimed list, then XREADGROUP ... COUNT n BLOCK
- *     100 STREAMS S >), decode each line (oq__json_decode), claim the ids
- *     with one CLAIM script, run the handler on the claimed ones, and
- *     settle the whole batch with one COMMIT script. The brief suggested
+ *     100 STREAMS S >), decode each line (oq__json_decode), keep one claim
+ *     per id (a second copy of an entry is dropped, another entry of the
+ *     id is redone after the batch), claim the ids with one CLAIM script,
+ *     run the handler on the claimed ones, and settle the batch with one
+ *     COMMIT script; when the handler may block (not never_blocks), what
+ *     is decided is committed before each next handler call, so a
+ *     finished event never waits behind a hanging batch-mate. The brief suggested
  *     one fetcher thread feeding the workers; reading in each worker needs
  *     no local queue (a message never waits in our memory while its
  *     visibility clock runs), no hand-off, and gives backpressure for free.
  *     The read size adapts: at most what the handler can finish in a
- *     quarter of the visibility timeout (slow exec handlers read few).
+ *     quarter of the visibility timeout; one for slow handlers that may
+ *     block. Every entry carries its delivery deadline (the delivering
+ *     call's start + vt): the claim's lease is what is left of it, so the
+ *     lease ends when XAUTOCLAIM may hand the entry over; a copy past it
+ *     is dropped, never claimed.
  *   - one housekeeper: every 20 ms moves due retries from S:delayed back
  *     into the stream (PROMOTE script); every min(vt/4, 1 s) takes over
  *     messages idle longer than the visibility timeout with XAUTOCLAIM (a
- *     dead or hung consumer's), reads their delivery counts with XPENDING
- *     (pipelined) and puts them on the reclaimed list (r->mu, a leaf
- *     lock); with --drain, runs the DRAIN script, which says atomically
+ *     dead or hung consumer's; no more than the workers finish in vt/4, and
+ *     again at the next tick while there is more), reads their delivery
+ *     counts with XPENDING (pipelined) and puts them on the reclaimed list
+ *     (r->mu, a leaf lock); with --drain, runs the DRAIN script, which says atomically
  *     whether anything is pending with any consumer, delayed, or not yet
  *     delivered to the group; when nothing is, the run stops.
  *   - the main thread waits for SIGINT/SIGTERM (blocked in every other
@@ -54,13 +63,15 @@
  *
  * Scripts (Lua, below as C strings; SCRIPT LOAD at connect, EVALSHA, and
  * EVAL when the server answers NOSCRIPT, e.g. after a SCRIPT FLUSH):
- *   CLAIM    per id: SET key token NX PX vt; else GET: "D" -> DONE, our own
- *            token -> CLAIMED (a retried call is idempotent), another
- *            token -> BUSY with its PTTL.
+ *   CLAIM    per id: SET key token NX PX (the delivery's rest); else GET:
+ *            "D" -> DONE, our own token -> CLAIMED (a retried call is
+ *            idempotent), another token -> BUSY with its PTTL (and the
+ *            entry's delivery renewed, XCLAIM JUSTID); a key seen earlier
+ *            in the call -> a same-batch duplicate.
  *   COMMIT   per message, one op: C (commit: token still current -> mark
- *            "D", outputs, ack), F (handler FAIL: token current -> mark
- *            "D", dead letter, ack), X (dead letter without settling the
- *            id: bad input, max attempts), R (retry: token current ->
+ *            "D", outputs, ack), F (handler FAIL, max attempts: token
+ *            current -> mark "D", dead letter, ack), X (dead letter
+ *            without an id to settle: bad input), R (retry: token current ->
  *            release, ZADD S:delayed, ack), D (duplicate: ack). Counters
  *            are summed per batch and applied with one HINCRBY per key,
  *            commits acked with one XACK. All of it is one script, so it
@@ -68,8 +79,9 @@
  *   PROMOTE, DRAIN, SEND (producer dedup), REDRIVE.
  *
  * Fencing: a claim is the key S:id:<id> holding a token unique to this
- * process (a random 64-bit nonce, the worker, a counter), with PX = the
- * visibility timeout on Redis's clock. The COMMIT script applies outputs
+ * process (a random 64-bit nonce, the worker, a counter), with PX = what
+ * is left of the entry's delivery (so on Redis's clock it ends no later
+ * than XAUTOCLAIM may hand the entry over). The COMMIT script applies outputs
  * only if the key still holds the token. A consumer that overran its lease
  * (hung, stopped, slow) finds the key expired, taken by another token, or
  * "D": its late commit changes nothing and its message is not acked by it
@@ -80,9 +92,12 @@
  * Attempts: attempts = a (carried across retries) + the delivery count
  * (1 for a new read, XPENDING's count for a taken-over message). Above
  * --max-attempts at delivery, or on a RETRY at --max-attempts, the message
- * is dead-lettered with reason max_attempts. A BUSY id is not an attempt:
- * the worker keeps the message and claims it again after min(5 ms, the
- * holder's lease left).
+ * is dead-lettered with reason max_attempts, after its id is claimed (a
+ * processed id is a duplicate, a BUSY one is kept), and the id is settled:
+ * one outcome per id. A BUSY id is not an attempt: the CLAIM script
+ * renews the entry's delivery without counting it, and the worker keeps
+ * the message and claims it again after min(5 ms, the holder's lease
+ * left).
  *
  * Accounting: every entry is acked exactly once, by the script that
  * settles it, and S:stats counts an outcome only when its XACK removed the
