@@ -13,7 +13,7 @@
  *                   this entry) and f (first seen, unix ms); big (the full
  *                   length) marks a line cut at 4 KiB for being too large
  *   S:id:<id>       the processed set and the claims, one string per event
- *                   id: a claim token (SET PX = visibility timeout), or "D"
+ *                   id: a claim token (SET PX = the delivery's rest), or "D"
  *                   once the id is settled (no TTL)
  *   S:dedup:<id>    producer dedup (send): SET NX PX --dedup-window
  *   S:counts        hash: aggregates (HINCRBY), e.g. word -> count
@@ -33,20 +33,29 @@
  * hold up another's commit):
  *   - N workers. Each loops: take entries (its held BUSY entries when due,
  *     then the process's reclaimed list, then XREADGROUP ... COUNT n BLOCK
- *     100 STREAMS S >), decode each line (oq__json_decode), claim the ids
- *     with one CLAIM script, run the handler on the claimed ones, and
- *     settle the whole batch with one COMMIT script. The brief suggested
+ *     100 STREAMS S >), decode each line (oq__json_decode), keep one claim
+ *     per id (a second copy of an entry is dropped, another entry of the
+ *     id is redone after the batch), claim the ids with one CLAIM script,
+ *     run the handler on the claimed ones, and settle the batch with one
+ *     COMMIT script; when the handler may block (not never_blocks), what
+ *     is decided is committed before each next handler call, so a
+ *     finished event never waits behind a hanging batch-mate. The brief suggested
  *     one fetcher thread feeding the workers; reading in each worker needs
  *     no local queue (a message never waits in our memory while its
  *     visibility clock runs), no hand-off, and gives backpressure for free.
  *     The read size adapts: at most what the handler can finish in a
- *     quarter of the visibility timeout (slow exec handlers read few).
+ *     quarter of the visibility timeout; one for slow handlers that may
+ *     block. Every entry carries its delivery deadline (the delivering
+ *     call's start + vt): the claim's lease is what is left of it, so the
+ *     lease ends when XAUTOCLAIM may hand the entry over; a copy past it
+ *     is dropped, never claimed.
  *   - one housekeeper: every 20 ms moves due retries from S:delayed back
  *     into the stream (PROMOTE script); every min(vt/4, 1 s) takes over
  *     messages idle longer than the visibility timeout with XAUTOCLAIM (a
- *     dead or hung consumer's), reads their delivery counts with XPENDING
- *     (pipelined) and puts them on the reclaimed list (r->mu, a leaf
- *     lock); with --drain, runs the DRAIN script, which says atomically
+ *     dead or hung consumer's; no more than the workers finish in vt/4, and
+ *     again at the next tick while there is more), reads their delivery
+ *     counts with XPENDING (pipelined) and puts them on the reclaimed list
+ *     (r->mu, a leaf lock); with --drain, runs the DRAIN script, which says atomically
  *     whether anything is pending with any consumer, delayed, or not yet
  *     delivered to the group; when nothing is, the run stops.
  *   - the main thread waits for SIGINT/SIGTERM (blocked in every other
@@ -54,13 +63,15 @@
  *
  * Scripts (Lua, below as C strings; SCRIPT LOAD at connect, EVALSHA, and
  * EVAL when the server answers NOSCRIPT, e.g. after a SCRIPT FLUSH):
- *   CLAIM    per id: SET key token NX PX vt; else GET: "D" -> DONE, our own
- *            token -> CLAIMED (a retried call is idempotent), another
- *            token -> BUSY with its PTTL.
+ *   CLAIM    per id: SET key token NX PX (the delivery's rest); else GET:
+ *            "D" -> DONE, our own token -> CLAIMED (a retried call is
+ *            idempotent), another token -> BUSY with its PTTL (and the
+ *            entry's delivery renewed, XCLAIM JUSTID); a key seen earlier
+ *            in the call -> a same-batch duplicate.
  *   COMMIT   per message, one op: C (commit: token still current -> mark
- *            "D", outputs, ack), F (handler FAIL: token current -> mark
- *            "D", dead letter, ack), X (dead letter without settling the
- *            id: bad input, max attempts), R (retry: token current ->
+ *            "D", outputs, ack), F (handler FAIL, max attempts: token
+ *            current -> mark "D", dead letter, ack), X (dead letter
+ *            without an id to settle: bad input), R (retry: token current ->
  *            release, ZADD S:delayed, ack), D (duplicate: ack). Counters
  *            are summed per batch and applied with one HINCRBY per key,
  *            commits acked with one XACK. All of it is one script, so it
@@ -68,8 +79,9 @@
  *   PROMOTE, DRAIN, SEND (producer dedup), REDRIVE.
  *
  * Fencing: a claim is the key S:id:<id> holding a token unique to this
- * process (a random 64-bit nonce, the worker, a counter), with PX = the
- * visibility timeout on Redis's clock. The COMMIT script applies outputs
+ * process (a random 64-bit nonce, the worker, a counter), with PX = what
+ * is left of the entry's delivery (so on Redis's clock it ends no later
+ * than XAUTOCLAIM may hand the entry over). The COMMIT script applies outputs
  * only if the key still holds the token. A consumer that overran its lease
  * (hung, stopped, slow) finds the key expired, taken by another token, or
  * "D": its late commit changes nothing and its message is not acked by it
@@ -80,9 +92,12 @@
  * Attempts: attempts = a (carried across retries) + the delivery count
  * (1 for a new read, XPENDING's count for a taken-over message). Above
  * --max-attempts at delivery, or on a RETRY at --max-attempts, the message
- * is dead-lettered with reason max_attempts. A BUSY id is not an attempt:
- * the worker keeps the message and claims it again after min(5 ms, the
- * holder's lease left).
+ * is dead-lettered with reason max_attempts, after its id is claimed (a
+ * processed id is a duplicate, a BUSY one is kept), and the id is settled:
+ * one outcome per id. A BUSY id is not an attempt: the CLAIM script
+ * renews the entry's delivery without counting it, and the worker keeps
+ * the message and claims it again after min(5 ms, the holder's lease
+ * left).
  *
  * Accounting: every entry is acked exactly once, by the script that
  * settles it, and S:stats counts an outcome only when its XACK removed the
@@ -124,26 +139,38 @@ enum { SC_CLAIM, SC_COMMIT, SC_PROMOTE, SC_DRAIN, SC_SEND, SC_REDRIVE,
        SC__COUNT };
 
 static const char *const script_text[SC__COUNT] = {
-/* CLAIM. KEYS: id keys. ARGV[1]: lease ms, ARGV[2]: the batch's token
- * prefix, ARGV[2+i]: the stream entry of KEYS[i]; its token is prefix ..
- * entry. Per key: 0 claimed, -1 done, or the holder's lease left (ms). */
-"local px, pre = ARGV[1], ARGV[2]\n"
-"local out = {}\n"
-"for i = 1, #KEYS do\n"
-"  local tok = pre .. ARGV[i + 2]\n"
-"  if redis.call('SET', KEYS[i], tok, 'NX', 'PX', px) then\n"
-"    out[i] = 0\n"
+/* CLAIM. KEYS: [1] stream, then the id keys. ARGV: [1] the batch's token
+ * prefix [2] group [3] consumer, then per id key KEYS[1+i]: its stream
+ * entry ARGV[2+2i] (its token is prefix .. entry) and its lease ARGV[3+2i]
+ * (ms: what is left of the entry's delivery, so that the lease ends when
+ * XAUTOCLAIM may hand the entry to another consumer). Per key: 0 claimed,
+ * -1 done, -2 a key already claimed earlier in this call (a same-batch
+ * duplicate: redone after the batch), or the holder's lease left (ms,
+ * BUSY). Our own token answers 0 only when the whole call is run again
+ * (a reconnect): tokens are unique per batch and entry, and a key is
+ * claimed once per call. A BUSY entry's delivery is renewed (XCLAIM
+ * JUSTID: idle time 0, delivery count unchanged): BUSY is not an attempt,
+ * and the entry must not be handed over again while we keep it. */
+"local S, pre, G, C = KEYS[1], ARGV[1], ARGV[2], ARGV[3]\n"
+"local out, seen = {}, {}\n"
+"for i = 2, #KEYS do\n"
+"  local k, e, px = KEYS[i], ARGV[2 * i], ARGV[2 * i + 1]\n"
+"  local tok = pre .. e\n"
+"  if seen[k] then out[i - 1] = -2\n"
+"  elseif redis.call('SET', k, tok, 'NX', 'PX', px) then\n"
+"    out[i - 1] = 0\n"
 "  else\n"
-"    local v = redis.call('GET', KEYS[i])\n"
-"    if v == 'D' then out[i] = -1\n"
-"    elseif v == tok then out[i] = 0\n"
-"    elseif not v then redis.call('SET', KEYS[i], tok, 'PX', px); out[i] = 0\n"
+"    local v = redis.call('GET', k)\n"
+"    if v == 'D' then out[i - 1] = -1\n"
+"    elseif v == tok then out[i - 1] = 0\n"
 "    else\n"
-"      local t = redis.call('PTTL', KEYS[i])\n"
+"      local t = redis.call('PTTL', k)\n"
 "      if t < 1 then t = 1 end\n"
-"      out[i] = t\n"
+"      redis.call('XCLAIM', S, G, C, 0, e, 'JUSTID')\n"
+"      out[i - 1] = t\n"
 "    end\n"
 "  end\n"
+"  seen[k] = true\n"
 "end\n"
 "return out\n",
 
@@ -298,10 +325,12 @@ static const char *const script_text[SC__COUNT] = {
 "return {sent, rej}\n",
 
 /* REDRIVE. KEYS: [1] stream [2] dlq [3] stats [4] id key. ARGV: dlq entry
- * id, event, source, reason. A handler FAIL settled the id (with no
- * effect): unsettle it, or the redriven copy would be a duplicate. */
+ * id, event, source, reason. A handler FAIL or max attempts settled the
+ * id (with no effect): unsettle it, or the redriven copy would be a
+ * duplicate. */
 "if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end\n"
-"if ARGV[4] == 'failed' and redis.call('GET', KEYS[4]) == 'D' then\n"
+"if (ARGV[4] == 'failed' or ARGV[4] == 'max_attempts') and\n"
+"   redis.call('GET', KEYS[4]) == 'D' then\n"
 "  redis.call('DEL', KEYS[4])\n"
 "end\n"
 "redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 's', ARGV[3])\n"
@@ -1250,6 +1279,10 @@ typedef struct rentry {
     int64_t first_ms;     /* field f, or the entry id's time: unix ms */
     uint64_t big;         /* field big: the full length of a cut line */
     int64_t due_ms;       /* held (BUSY): claim again at, monotonic ms */
+    int64_t deadline_ms;  /* the delivery's end, monotonic ms (the call
+                             that delivered it began at deadline - vt):
+                             after it XAUTOCLAIM may hand the entry over,
+                             so the claim's lease ends then too */
 } rentry;
 
 typedef struct rstats {
@@ -1272,6 +1305,7 @@ typedef struct rrun {
     pthread_mutex_t mu;         /* guards reclaimed*, fatal*; a leaf lock */
     rentry **reclaimed;         /* taken over by XAUTOCLAIM, not started */
     size_t nreclaimed, reclaimed_cap;
+    _Atomic size_t fit;         /* what a worker finishes in vt/4 */
     char fatal_msg[1024];
     int fatal;
     rstats st;
@@ -1310,7 +1344,8 @@ static void run_fatal_reply(rrun *r, rconn *rc, const redisReply *rep,
                                                 memory_order_relaxed)
 
 /* Copies a stream entry ([id, [field, value, ...]]) out of a reply. */
-static rentry *entry_from(const redisReply *e, uint32_t deliveries)
+static rentry *entry_from(const redisReply *e, uint32_t deliveries,
+                          int64_t deadline_ms)
 {
     const redisReply *kv, *line, *src;
     size_t idl, ll, sl;
@@ -1346,6 +1381,7 @@ static rentry *entry_from(const redisReply *e, uint32_t deliveries)
         x->first_ms = (int64_t)strtoull(x->eid, NULL, 10);
     x->big = field_u64(kv, "big");
     x->due_ms = 0;
+    x->deadline_ms = deadline_ms;
     return x;
 }
 
@@ -1366,12 +1402,16 @@ static int ensure_group(rrun *r, rconn *rc)
 
 /* ------------------------------------------------------------- worker */
 
-enum { K_REJECT, K_CLAIM };
+/* K_SKIP: not claimed and no op, the entry is dropped (a second copy of
+ * an entry in the batch, or a copy whose delivery is over: it is pending,
+ * and is taken over again). K_REDO: its id is claimed by a batch-mate;
+ * it is kept and done again after the batch. */
+enum { K_REJECT, K_CLAIM, K_SKIP, K_REDO };
 
 typedef struct slot {
     rentry *e;            /* NULL once handed to the held list */
     oq_decoded dec;       /* dec.error: also the F/X op's error text */
-    int kind;             /* K_REJECT or K_CLAIM */
+    int kind;             /* K_REJECT, K_CLAIM, K_SKIP or K_REDO */
     uint32_t attempts;
     int64_t claim;        /* CLAIM's answer: 0 claimed, -1 done, >0 busy */
     char op;              /* the COMMIT op: C D R F X, or 0 (held) */
@@ -1395,6 +1435,7 @@ typedef struct rworker {
     rconn rc;
     rentry **batch;       /* the entries of the current batch */
     slot *slots;
+    size_t *order;        /* the batch's claimable slots sorted by id */
     rentry **held;        /* BUSY: claim again at due_ms */
     size_t nheld, heldcap;
     abuf keys, args;      /* the next script call */
@@ -1407,10 +1448,15 @@ typedef struct rworker {
     double us_per_event;  /* handler time, moving average; < 0: unknown */
 } rworker;
 
-/* How many entries to take: as many as the handler can finish in a quarter
- * of the visibility timeout, so a batch never outlives its leases; one
- * until the handler's speed is known. */
-static size_t read_size(const rworker *w)
+/* Handlers slower than this (µs per event, moving average) that may
+ * block take one entry at a time, as in the in-process pool: a batch would
+ * hold entries that other workers (or consumers) could start, and one
+ * hanging call would make its batch-mates outlive their deliveries. */
+#define SLOW_HANDLER_US 1000.0
+
+/* How many entries the handler can finish in a quarter of the visibility
+ * timeout (at most --batch); one until its speed is known. */
+static size_t fit_size(const rworker *w)
 {
     const rrun *r = w->r;
     double fit;
@@ -1423,6 +1469,15 @@ static size_t read_size(const rworker *w)
     return fit > r->c.batch ? r->c.batch : (size_t)fit;
 }
 
+/* How many entries to take: what fits (so a batch never outlives its
+ * leases), and one for slow handlers that may block. */
+static size_t read_size(const rworker *w)
+{
+    if (!w->r->h.never_blocks && w->us_per_event >= SLOW_HANDLER_US)
+        return 1;
+    return fit_size(w);
+}
+
 static int64_t mono_us(void)
 {
     struct timespec ts;
@@ -1430,12 +1485,18 @@ static int64_t mono_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* Moves held entries that are due into the batch. */
+/* Moves held entries that are due into the batch. A held entry whose
+ * delivery is over is dropped: it is pending, idle longer than the
+ * visibility timeout, and XAUTOCLAIM delivers it again (to us or to
+ * another consumer); keeping the old copy too would put one entry twice
+ * in our hands. */
 static size_t take_held(rworker *w, size_t n, size_t want, int64_t now)
 {
     size_t keep = 0;
     for (size_t i = 0; i < w->nheld; i++) {
-        if (n < want && w->held[i]->due_ms <= now)
+        if (w->held[i]->deadline_ms <= now)
+            oq__free(w->held[i]);
+        else if (n < want && w->held[i]->due_ms <= now)
             w->batch[n++] = w->held[i];
         else
             w->held[keep++] = w->held[i];
@@ -1444,12 +1505,17 @@ static size_t take_held(rworker *w, size_t n, size_t want, int64_t now)
     return n;
 }
 
-static size_t take_reclaimed(rworker *w, size_t n, size_t want)
+static size_t take_reclaimed(rworker *w, size_t n, size_t want, int64_t now)
 {
     rrun *r = w->r;
     pthread_mutex_lock(&r->mu);
-    while (n < want && r->nreclaimed > 0)
-        w->batch[n++] = r->reclaimed[--r->nreclaimed];
+    while (n < want && r->nreclaimed > 0) {
+        rentry *e = r->reclaimed[--r->nreclaimed];
+        if (e->deadline_ms <= now)
+            oq__free(e); /* delivered again later, as above */
+        else
+            w->batch[n++] = e;
+    }
     pthread_mutex_unlock(&r->mu);
     return n;
 }
@@ -1461,6 +1527,7 @@ static size_t read_new(rworker *w, size_t n, size_t want, int64_t block_ms)
     char count[24], block[24];
     const char *av[12];
     int ac = 0;
+    int64_t deadline;
     redisReply *rep;
 
     snprintf(count, sizeof(count), "%zu", want - n);
@@ -1478,6 +1545,7 @@ static size_t read_new(rworker *w, size_t n, size_t want, int64_t block_ms)
     av[ac++] = "STREAMS";
     av[ac++] = r->k.stream;
     av[ac++] = ">";
+    deadline = mono_ms() + r->c.vt_ms;
     rep = rc_cmd(&w->rc, ac, av, NULL);
     if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
         if (is_err(rep, "NOGROUP"))
@@ -1492,7 +1560,7 @@ static size_t read_new(rworker *w, size_t n, size_t want, int64_t block_ms)
         rep->element[0]->elements == 2) {
         const redisReply *es = rep->element[0]->element[1];
         for (size_t i = 0; i < es->elements && n < want; i++) {
-            rentry *x = entry_from(es->element[i], 1);
+            rentry *x = entry_from(es->element[i], 1, deadline);
             if (x == NULL) {
                 run_fatal(r, "out of memory reading entries");
                 break;
@@ -1533,8 +1601,11 @@ static void stage_record(const void *data, size_t len, void *arg)
     ab_add(&w->stage, data, len);
 }
 
-/* A claimed slot: runs the handler and decides its op. */
-static void handle(rworker *w, slot *s, int64_t deadline_ms)
+/* A claimed slot: runs the handler and decides its op. A message out of
+ * attempts is dead-lettered with op F, which settles its id (we hold the
+ * claim, so the id is not processed): one outcome per id, and every
+ * other copy of the event is a duplicate of it. */
+static void handle(rworker *w, slot *s)
 {
     rrun *r = w->r;
     oq_event ev;
@@ -1543,7 +1614,7 @@ static void handle(rworker *w, slot *s, int64_t deadline_ms)
     int64_t t0;
 
     if (s->attempts > r->c.max_attempts) {
-        s->op = 'X';
+        s->op = 'F';
         s->dead_reason = OQ_DLQ_MAX_ATTEMPTS;
         snprintf(s->dec.error, sizeof(s->dec.error), "not finished within "
                  "the visibility timeout in %u deliveries", s->attempts - 1);
@@ -1555,7 +1626,7 @@ static void handle(rworker *w, slot *s, int64_t deadline_ms)
     ev.payload = s->e->line;
     ev.payload_len = s->e->len;
     ev.attempt = s->attempts;
-    ev.deadline_ms = deadline_ms;
+    ev.deadline_ms = s->e->deadline_ms;
     ev.parsed = s->dec.parsed;
     oq__txn_reset(w->txn);
     oq_txn_error(w->txn, "%s", "");
@@ -1582,7 +1653,7 @@ static void handle(rworker *w, slot *s, int64_t deadline_ms)
                                     s->attempts, &w->rng);
         return;
     }
-    s->op = rc == OQ_RETRY ? 'X' : 'F';
+    s->op = 'F';
     s->dead_reason = rc == OQ_RETRY ? OQ_DLQ_MAX_ATTEMPTS : OQ_DLQ_FAILED;
     snprintf(s->dec.error, sizeof(s->dec.error), "%s", *e ? e :
              rc == OQ_RETRY ? "retried too often" : "the handler failed");
@@ -1602,20 +1673,78 @@ static int hold(rworker *w, rentry *e)
     return 0;
 }
 
-/* Claims the ids of the K_CLAIM slots with one CLAIM call. 0, or -1 (the
- * run's fatal error is set). */
+/* qsort has no context argument: the slots being sorted, per thread. */
+static _Thread_local const slot *tl_slots;
+
+static int by_id(const void *a, const void *b)
+{
+    size_t i = *(const size_t *)a, j = *(const size_t *)b;
+    const slot *x = &tl_slots[i], *y = &tl_slots[j];
+    int c = memcmp(x->dec.id, y->dec.id, OQ__MIN(x->dec.id_len,
+                                                 y->dec.id_len));
+    if (c == 0)
+        c = (x->dec.id_len > y->dec.id_len) - (x->dec.id_len < y->dec.id_len);
+    return c ? c : (i > j) - (i < j);
+}
+
+/* One claim per id per batch. Among the slots of one id, the first claims
+ * it; another copy of the same entry (taken over by XAUTOCLAIM while a copy
+ * waited in our memory) is dropped, its later delivery kept; another entry
+ * with the id is done again after the batch settles (it then finds the id
+ * settled, or claims it if the first was retried). */
+static void one_claim_per_id(rworker *w, size_t n)
+{
+    size_t m = 0;
+
+    for (size_t i = 0; i < n; i++)
+        if (w->slots[i].kind == K_CLAIM)
+            w->order[m++] = i;
+    if (m < 2)
+        return;
+    tl_slots = w->slots;
+    qsort(w->order, m, sizeof(*w->order), by_id);
+    for (size_t a = 0; a < m;) {
+        slot *first = &w->slots[w->order[a]];
+        size_t b = a + 1;
+        for (; b < m; b++) {
+            slot *s = &w->slots[w->order[b]];
+            rentry *e = s->e, *f = first->e;
+            if (s->dec.id_len != first->dec.id_len ||
+                memcmp(s->dec.id, first->dec.id, s->dec.id_len) != 0)
+                break;
+            if (strcmp(e->eid, f->eid) != 0) {
+                s->kind = K_REDO;
+                continue;
+            }
+            if (e->deadline_ms > f->deadline_ms) {
+                f->deadline_ms = e->deadline_ms;
+                f->deliveries = OQ__MAX(f->deliveries, e->deliveries);
+                first->attempts = f->prior + f->deliveries;
+            }
+            s->kind = K_SKIP;
+        }
+        a = b;
+    }
+}
+
+/* Claims the ids of the K_CLAIM slots with one CLAIM call, each with the
+ * rest of its entry's delivery as its lease. 0, or -1 (the run's fatal
+ * error is set). */
 static int claim_batch(rworker *w, size_t n)
 {
     rrun *r = w->r;
     redisReply *rep;
     size_t j = 0, nclaim = 0;
+    int64_t now = mono_ms();
 
     snprintf(w->prefix, sizeof(w->prefix), "%016" PRIx64 ".%u.%" PRIx64 ":",
              r->nonce, w->idx, ++w->seq);
     ab_reset(&w->keys);
     ab_reset(&w->args);
-    ab_addi(&w->args, r->c.vt_ms);
+    ab_adds(&w->keys, r->k.stream);
     ab_adds(&w->args, w->prefix);
+    ab_adds(&w->args, r->c.group);
+    ab_adds(&w->args, r->consumer);
     for (size_t i = 0; i < n; i++) {
         slot *s = &w->slots[i];
         if (s->kind != K_CLAIM)
@@ -1623,6 +1752,7 @@ static int claim_batch(rworker *w, size_t n)
         ab_add2(&w->keys, r->k.idpfx, r->k.idpfx_len, s->dec.id,
                 s->dec.id_len);
         ab_adds(&w->args, s->e->eid);
+        ab_addi(&w->args, OQ__MAX(s->e->deadline_ms - now, 1));
         nclaim++;
     }
     if (nclaim == 0)
@@ -1634,9 +1764,14 @@ static int claim_batch(rworker *w, size_t n)
         freeReplyObject(rep);
         return -1;
     }
-    for (size_t i = 0; i < n; i++)
-        if (w->slots[i].kind == K_CLAIM)
-            w->slots[i].claim = rep->element[j++]->integer;
+    for (size_t i = 0; i < n; i++) {
+        slot *s = &w->slots[i];
+        if (s->kind != K_CLAIM)
+            continue;
+        s->claim = rep->element[j++]->integer;
+        if (s->claim > 0) /* BUSY: the script renewed its delivery */
+            s->e->deadline_ms = now + r->c.vt_ms;
+    }
     freeReplyObject(rep);
     return 0;
 }
@@ -1689,12 +1824,12 @@ static void op_member(rworker *w, const slot *s)
     oq__free(m);
 }
 
-/* Sums the batch's counter deltas per key (sort by key, merge runs) into
- * w->sorted[0..return). */
-static size_t sum_counts(rworker *w, size_t n)
+/* Sums the counter deltas of slots [lo, hi) per key (sort by key, merge
+ * runs) into w->sorted[0..return). */
+static size_t sum_counts(rworker *w, size_t lo, size_t hi)
 {
     size_t ns = 0, out = 0;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = lo; i < hi; i++) {
         const slot *s = &w->slots[i];
         if (s->op == 'C' && !s->fenced)
             for (size_t j = s->c0; j < s->c1; j++)
@@ -1714,14 +1849,15 @@ static size_t sum_counts(rworker *w, size_t n)
     return out;
 }
 
-/* Builds the COMMIT call for the slots' ops (fenced commits left out). */
-static void build_commit(rworker *w, size_t n)
+/* Builds the COMMIT call for the ops of slots [lo, hi) (fenced commits
+ * left out). */
+static void build_commit(rworker *w, size_t lo, size_t hi)
 {
     rrun *r = w->r;
     abuf *k = &w->keys, *a = &w->args, *st = &w->stage;
-    size_t nc = 0, nrec = 0, nagg = sum_counts(w, n);
+    size_t nc = 0, nrec = 0, nagg = sum_counts(w, lo, hi);
 
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = lo; i < hi; i++) {
         const slot *s = &w->slots[i];
         if (s->op == 'C' && !s->fenced) {
             nc++;
@@ -1741,7 +1877,7 @@ static void build_commit(rworker *w, size_t n)
     ab_addu(a, nc);
     ab_addu(a, nagg);
     ab_addu(a, nrec);
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = lo; i < hi; i++) {
         const slot *s = &w->slots[i];
         if (s->op != 'C' || s->fenced)
             continue;
@@ -1753,7 +1889,7 @@ static void build_commit(rworker *w, size_t n)
                st->alen[w->sorted[i].ki]);
         ab_addi(a, w->sorted[i].delta);
     }
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = lo; i < hi; i++) {
         const slot *s = &w->slots[i];
         if (s->op != 'C' || s->fenced)
             continue;
@@ -1762,7 +1898,7 @@ static void build_commit(rworker *w, size_t n)
             ab_add(a, st->buf + st->off[j], st->alen[j]);
         }
     }
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = lo; i < hi; i++) {
         const slot *s = &w->slots[i];
         int keyed = s->kind == K_CLAIM && s->op != 'D';
         if (s->op == 0 || s->op == 'C')
@@ -1786,13 +1922,15 @@ static void build_commit(rworker *w, size_t n)
     }
 }
 
-/* Counts what the COMMIT script did with each non-commit op (1 done, 0
- * settled by another consumer, -1 fenced) and the commits. */
-static void count_ops(rworker *w, size_t n, const redisReply *res)
+/* Counts what the COMMIT script did with each non-commit op of slots
+ * [lo, hi) (1 done, 0 settled by another consumer, -1 fenced) and the
+ * commits. */
+static void count_ops(rworker *w, size_t lo, size_t hi,
+                      const redisReply *res)
 {
     rrun *r = w->r;
     size_t j = 0;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = lo; i < hi; i++) {
         slot *s = &w->slots[i];
         long long v;
         if (s->op == 0)
@@ -1821,14 +1959,21 @@ static void count_ops(rworker *w, size_t n, const redisReply *res)
     }
 }
 
-/* Commits the batch: one COMMIT call, again without the commits whose
- * claim was lost if there were any. */
-static void commit_batch(rworker *w, size_t n)
+/* Commits the ops of slots [lo, hi): one COMMIT call, again without the
+ * commits whose claim was lost if there were any. */
+static void commit_range(rworker *w, size_t lo, size_t hi)
 {
     rrun *r = w->r;
+    size_t nops = 0;
+
+    for (size_t i = lo; i < hi; i++)
+        if (w->slots[i].op != 0)
+            nops++;
+    if (nops == 0)
+        return;
     for (;;) {
         redisReply *rep, *res;
-        build_commit(w, n);
+        build_commit(w, lo, hi);
         if (w->args.oom || w->keys.oom || w->stage.oom) {
             run_fatal(r, "out of memory building a commit");
             return;
@@ -1846,7 +1991,7 @@ static void commit_batch(rworker *w, size_t n)
         if (rep->element[0]->integer < 0) {
             /* Indexes (1-based) among the commits sent. */
             size_t c = 0, f = 0;
-            for (size_t i = 0; i < n && f < res->elements; i++) {
+            for (size_t i = lo; i < hi && f < res->elements; i++) {
                 slot *s = &w->slots[i];
                 if (s->op != 'C' || s->fenced)
                     continue;
@@ -1858,22 +2003,19 @@ static void commit_batch(rworker *w, size_t n)
             freeReplyObject(rep);
             continue;
         }
-        count_ops(w, n, res);
+        count_ops(w, lo, hi, res);
         freeReplyObject(rep);
         return;
     }
 }
 
-/* One batch: decode, claim, handle, commit. */
-static void process(rworker *w, size_t n)
+/* Decodes the batch's entries into their slots: K_CLAIM, K_REJECT (a dead
+ * letter), or K_SKIP for a copy whose delivery is over. */
+static void decode_batch(rworker *w, size_t n)
 {
     rrun *r = w->r;
-    size_t nops = 0;
-    int64_t t_claim;
+    int64_t now = mono_ms();
 
-    ADD(batches, 1);
-    ab_reset(&w->stage);
-    w->ncnt = 0;
     for (size_t i = 0; i < n; i++) {
         slot *s = &w->slots[i];
         rentry *e = w->batch[i];
@@ -1881,6 +2023,10 @@ static void process(rworker *w, size_t n)
         memset(s, 0, sizeof(*s));
         s->e = e;
         s->attempts = e->prior + e->deliveries;
+        if (e->deadline_ms <= now) {
+            s->kind = K_SKIP;
+            continue;
+        }
         if (e->big) {
             s->kind = K_REJECT;
             s->op = 'X';
@@ -1902,27 +2048,69 @@ static void process(rworker *w, size_t n)
             s->kind = K_CLAIM;
         }
     }
-    t_claim = mono_ms();
+}
+
+/* Keeps the entry of s for a later batch, due at due_ms. */
+static void keep(rworker *w, slot *s, int64_t due_ms)
+{
+    s->e->due_ms = due_ms;
+    if (hold(w, s->e) == 0)
+        s->e = NULL; /* else dropped: pending, taken over later */
+}
+
+/*
+ * One batch: decode, claim, handle, commit. A finished message must never
+ * wait for its commit behind a batch-mate that is still running: that one
+ * may run until the lease ends (a hanging command), and the finished one
+ * would then lose its lease, be taken over, and run again (and again, until
+ * its attempts are spent). So, unless the handler only computes
+ * (never_blocks: the whole batch is committed with one call), what is
+ * decided is committed before each next handler call; and a message whose
+ * delivery ended before its turn is not started (it is delivered again).
+ */
+static void process(rworker *w, size_t n)
+{
+    rrun *r = w->r;
+    size_t lo = 0;
+
+    ADD(batches, 1);
+    ab_reset(&w->stage);
+    w->ncnt = 0;
+    decode_batch(w, n);
+    one_claim_per_id(w, n);
     if (claim_batch(w, n) != 0)
         goto out;
     for (size_t i = 0; i < n; i++) {
         slot *s = &w->slots[i];
-        if (s->kind == K_CLAIM && s->claim < 0) {
-            s->op = 'D';
-        } else if (s->kind == K_CLAIM && s->claim > 0) {
-            /* BUSY: not an attempt; keep it and claim again soon. */
-            s->e->due_ms = mono_ms() + OQ__MIN(s->claim, BUSY_RETRY_MS);
-            if (hold(w, s->e) == 0)
-                s->e = NULL; /* else dropped: pending, taken over later */
-            ADD(busy, 1);
+        if (s->kind != K_CLAIM)
             continue;
-        } else if (s->kind == K_CLAIM) {
-            handle(w, s, t_claim + r->c.vt_ms);
+        if (s->claim == -1) {
+            s->op = 'D';
+        } else if (s->claim < 0) {
+            s->kind = K_REDO;
+        } else if (s->claim > 0) {
+            /* BUSY: not an attempt; keep it and claim again soon. */
+            keep(w, s, mono_ms() + OQ__MIN(s->claim, BUSY_RETRY_MS));
+            ADD(busy, 1);
+        } else {
+            if (!r->h.never_blocks) {
+                commit_range(w, lo, i);
+                lo = i;
+            }
+            if (mono_ms() >= s->e->deadline_ms) {
+                /* Its delivery is over: not started; it stays pending and
+                 * is delivered again. */
+                ADD(fenced, 1);
+                continue;
+            }
+            handle(w, s);
         }
-        nops++;
     }
-    if (nops > 0)
-        commit_batch(w, n);
+    commit_range(w, lo, n);
+    /* Same-batch duplicates: done again now that the batch is settled. */
+    for (size_t i = 0; i < n; i++)
+        if (w->slots[i].kind == K_REDO && w->slots[i].e != NULL)
+            keep(w, &w->slots[i], 0);
 out:
     for (size_t i = 0; i < n; i++) {
         slot *s = &w->slots[i];
@@ -1941,8 +2129,9 @@ static void *worker_main(void *arg)
         size_t want = read_size(w), n;
         int64_t now = mono_ms(), next = INT64_MAX;
 
+        atomic_store_explicit(&r->fit, fit_size(w), memory_order_relaxed);
         n = take_held(w, 0, want, now);
-        n = take_reclaimed(w, n, want);
+        n = take_reclaimed(w, n, want, now);
         for (size_t i = 0; i < w->nheld; i++)
             next = OQ__MIN(next, w->held[i]->due_ms);
         /* Read new entries only while few are held: a hung consumer's ids
@@ -1970,26 +2159,40 @@ static void *worker_main(void *arg)
 
 /* -------------------------------------------------------- housekeeper */
 
-/* Takes over messages idle longer than the visibility timeout. */
-static void autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
+/*
+ * Takes over messages idle longer than the visibility timeout. Their new
+ * delivery ends a visibility timeout after the call, so it takes no more
+ * than the workers can start in time: what they finish in a quarter of
+ * the visibility timeout (fit_size each). A bigger backlog would
+ * wait in our memory past its deliveries, be taken over again, and reach
+ * --max-attempts without ever running. Returns 1 when there may be more to
+ * take now (call again soon), else 0.
+ */
+static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
 {
     char vt[24], count[24];
-    size_t limit = (size_t)r->c.workers * r->c.batch;
+    size_t fit = atomic_load_explicit(&r->fit, memory_order_relaxed);
+    size_t limit = (size_t)r->c.workers * OQ__MAX(fit, 1);
+    int more = 0;
 
+    limit = OQ__MIN(limit, (size_t)r->c.workers * r->c.batch);
     snprintf(vt, sizeof(vt), "%" PRId64, r->c.vt_ms);
-    snprintf(count, sizeof(count), "%u", r->c.batch);
     for (int round = 0; round < 16; round++) {
         const char *av[] = { "XAUTOCLAIM", r->k.stream, r->c.group,
                              r->consumer, vt, cursor, "COUNT", count };
         redisReply *rep, *es;
         size_t nes, got = 0;
         rentry **tmp;
+        int64_t deadline;
 
         pthread_mutex_lock(&r->mu);
         nes = r->nreclaimed;
         pthread_mutex_unlock(&r->mu);
         if (nes >= limit)
-            return;
+            return 1;
+        snprintf(count, sizeof(count), "%zu",
+                 OQ__MIN(limit - nes, (size_t)r->c.batch));
+        deadline = mono_ms() + r->c.vt_ms;
         rep = rc_cmd(rc, 8, av, NULL);
         if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
             rep->elements < 2 || rep->element[0]->type != REDIS_REPLY_STRING) {
@@ -1998,7 +2201,7 @@ static void autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
             else
                 run_fatal_reply(r, rc, rep, "XAUTOCLAIM");
             freeReplyObject(rep);
-            return;
+            return 0;
         }
         snprintf(cursor, curlen, "%s", rep->element[0]->str);
         es = rep->element[1];
@@ -2006,7 +2209,7 @@ static void autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
         tmp = oq__calloc(nes ? nes : 1, sizeof(*tmp));
         if (tmp == NULL) {
             freeReplyObject(rep);
-            return;
+            return 0;
         }
         /* Delivery counts, one pipelined XPENDING per entry. */
         for (size_t i = 0; i < nes; i++) {
@@ -2017,7 +2220,7 @@ static void autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
             redisAppendCommand(rc->c, "XPENDING %s %s %s %s 1", r->k.stream,
                                r->c.group, e->element[0]->str,
                                e->element[0]->str);
-            tmp[i] = entry_from(e, 1);
+            tmp[i] = entry_from(e, 1, deadline);
             got++;
         }
         for (size_t i = 0; i < nes; i++) {
@@ -2032,7 +2235,7 @@ static void autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
                 oq__free(tmp);
                 freeReplyObject(rep);
                 rc_reconnect(rc);
-                return;
+                return 0;
             }
             p = v;
             if (p->type == REDIS_REPLY_ARRAY && p->elements == 1 &&
@@ -2062,9 +2265,11 @@ static void autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
         ADD(redelivered, got);
         oq__free(tmp);
         freeReplyObject(rep);
+        more |= got > 0;
         if (strcmp(cursor, "0-0") == 0 || nes == 0)
-            return;
+            return more;
     }
+    return 1;
 }
 
 /* 1 when nothing is pending with any consumer, delayed, or undelivered. */
@@ -2106,6 +2311,7 @@ static void *house_main(void *arg)
     char cursor[64] = "0-0";
     int64_t ac_every = OQ__MAX(HOUSE_TICK_MS, OQ__MIN(r->c.vt_ms / 4, 1000));
     int64_t last_ac = mono_ms();
+    int ac_more = 0;
 
     ab_adds(&keys, r->k.stream);
     ab_adds(&keys, r->k.delayed);
@@ -2123,8 +2329,9 @@ static void *house_main(void *arg)
             continue; /* more are due */
         }
         freeReplyObject(rep);
-        if (now - last_ac >= ac_every) {
-            autoclaim(r, &hk->rc, cursor, sizeof(cursor));
+        /* A backlog being taken over is taken as the workers catch up. */
+        if (ac_more || now - last_ac >= ac_every) {
+            ac_more = autoclaim(r, &hk->rc, cursor, sizeof(cursor));
             last_ac = now;
         }
         if (r->c.drain && drained(r, &hk->rc)) {
@@ -2633,8 +2840,10 @@ static int start_threads(rrun *r, house *hk, rworker *ws)
         conn_init(r, &w->rc, role);
         w->batch = oq__calloc(r->c.batch, sizeof(*w->batch));
         w->slots = oq__calloc(r->c.batch, sizeof(*w->slots));
+        w->order = oq__calloc(r->c.batch, sizeof(*w->order));
         w->txn = oq__txn_new();
-        if (w->batch == NULL || w->slots == NULL || w->txn == NULL) {
+        if (w->batch == NULL || w->slots == NULL || w->order == NULL ||
+            w->txn == NULL) {
             fprintf(stderr, "onceq run: out of memory\n");
             return 3;
         }
@@ -2663,6 +2872,7 @@ static void free_workers(rrun *r, house *hk, rworker *ws)
             rc_close(&ws[i].rc);
             oq__free(ws[i].batch);
             oq__free(ws[i].slots);
+            oq__free(ws[i].order);
             oq__free(ws[i].held);
             ab_free(&ws[i].keys);
             ab_free(&ws[i].args);
