@@ -5,9 +5,10 @@
  * DESIGN
  * ------
  * A handler is called by several worker threads at once, with no lock held.
- * Every handler here keeps its state in an argument that is immutable once
- * oq__handler_from_spec returned, so none takes a lock; all per-event state
- * lives on the caller's stack or in the caller's txn.
+ * Every handler here but coproc: keeps its state in an argument that is
+ * immutable once oq__handler_from_spec returned, so none takes a lock; all
+ * per-event state lives on the caller's stack or in the caller's txn.
+ * coproc: keeps one child per calling thread (below).
  *
  *   wordcount      counts the event's "word" (one word, verbatim) or the
  *                  words of its "text" (split on ASCII whitespace).
@@ -19,6 +20,8 @@
  *                  permanent failure: the event is dead-lettered.
  *   noop           does nothing; with emit, records the event's raw line.
  *   exec:COMMAND   runs /bin/sh -c COMMAND per event (below).
+ *   coproc:COMMAND keeps COMMAND running, one per worker thread, and
+ *                  talks to it in JSON lines (below).
  *   plugin:PATH    calls a function loaded from a shared object.
  *
  * JSON handlers read the document the pool's decode hook scanned
@@ -49,6 +52,40 @@
  * The child's environment is ours as it was when the handler was built,
  * plus ONCEQ_EVENT_ID, ONCEQ_ATTEMPT and ONCEQ_RECEIPT. Its stdout is kept
  * up to 64 MiB (more fails the event); of stderr, the last 512 bytes.
+ *
+ * coproc: COMMAND starts (as exec: runs it: without the shell when it is
+ * plain words, in its own process group, empty signal mask, SIGPIPE
+ * default, our environment) on a thread's first call, and stays. Each
+ * event is one line on its stdin, {"id":ID,"attempt":N,"event":EVENT}
+ * (ID through oq__json_quote: NUL escaped, invalid UTF-8 as U+FFFD), and
+ * one line on its stdout answers it: {"status":"ok","output":V} stages V's
+ * compact JSON as the record (absent or null: none), "retry" and "fail"
+ * give OQ_RETRY and OQ_FAIL with "error" as the error text. The reply is
+ * read with the strict scanner (json.c). A child that exits, closes a
+ * pipe, writes a line that is no such reply, writes before it is asked
+ * (caught by one poll before each request), or misses the lease deadline
+ * is stopped (stdin closed, SIGTERM to its group, SIGKILL after the
+ * grace, reaped) and the event retried; the next event starts a new child.
+ * Its stderr is passed on to ours as "[coproc N] line" (N: the thread's
+ * number, in the order threads first called), one write per line; it is
+ * read while a call waits for the reply, and when the child stops.
+ * It is started with fork, not posix_spawn, to set PR_SET_PDEATHSIG
+ * (SIGKILL) in the child: if onceq dies (kill -9), so do the co-processes.
+ *   Threads and locks. Per-thread state (cworker: the child, its buffers)
+ * hangs off a pthread key of the handler instance, so a call touches only
+ * its own thread's cworker and takes no lock on the event path. The
+ * handler's ca->mu, a leaf, guards only the list of every cworker (for
+ * cancel and free), the numbering, and each cworker's `live` pid, which
+ * the owner sets after fork and clears before it reaps, so that
+ * oq__handler_cancel may SIGTERM idle children from another thread
+ * without ever signalling a reaped (reusable) pid. Running calls wake on
+ * the cancel eventfd, as exec's do. When a thread that called the handler
+ * ends, the key's destructor stops its child (stdin closed: a co-process
+ * ends at EOF; SIGTERM after the grace) before the thread is gone, so the
+ * death signal, tied to the thread that forked, does not fire then.
+ * oq__handler_free stops the children of threads still alive (every call
+ * must have returned, and every calling thread that is to end must have
+ * ended or be joined, before it).
  *
  * plugin: dlopen(RTLD_NOW | RTLD_LOCAL) of the file (a bare name means
  * ./NAME), then OQ_PLUGIN_SYMBOL, and the optional oq_plugin_init,
@@ -2009,8 +2046,10 @@ int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
 /*
  * Makes running and future calls of h return OQ_RETRY soon, for a graceful
  * stop (SIGINT/SIGTERM): exec commands get SIGTERM on their process group,
- * then SIGKILL after the grace period, and no new one starts. Their events
- * stay unprocessed and are redelivered by a later run. Any thread may call
+ * then SIGKILL after the grace period, and no new one starts; coproc
+ * children, running or idle, get SIGTERM, and their threads stop them
+ * (SIGKILL after the grace) at their next call, at their end, or in
+ * oq__handler_free. Their events stay unprocessed and are redelivered by a later run. Any thread may call
  * it, at any time before oq__handler_free; the other handlers run to their
  * end, which is short.
  */
