@@ -1583,7 +1583,8 @@ static int coproc_ask(cworker *w, const oq_event *ev, size_t *line_len,
                 return ASK_GONE; /* it stopped reading */
             }
         }
-        if ((nl = memchr(w->rbuf + scanned, '\n', w->rlen - scanned))) {
+        if (w->rlen > scanned &&
+            (nl = memchr(w->rbuf + scanned, '\n', w->rlen - scanned))) {
             *line_len = (size_t)(nl - w->rbuf);
             return left_out == 0 ? ASK_REPLY : ASK_EARLY;
         }

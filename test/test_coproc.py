@@ -306,7 +306,8 @@ def coproc_hang_past_the_lease():
     check_exactly_once(recs, f)
     att = {r["id"]: r["attempt"] for r in recs}
     for i in (3, 50, 120):
-        assert att[f"h{i}"] == 2, (i, att[f"h{i}"])
+        # 2, or more when a redelivery waited behind a hanging batch-mate.
+        assert att[f"h{i}"] >= 2, (i, att[f"h{i}"])
     assert took < 30, took
 
 
