@@ -5,9 +5,10 @@
  * DESIGN
  * ------
  * A handler is called by several worker threads at once, with no lock held.
- * Every handler here keeps its state in an argument that is immutable once
- * oq__handler_from_spec returned, so none takes a lock; all per-event state
- * lives on the caller's stack or in the caller's txn.
+ * Every handler here but coproc: keeps its state in an argument that is
+ * immutable once oq__handler_from_spec returned, so none takes a lock; all
+ * per-event state lives on the caller's stack or in the caller's txn.
+ * coproc: keeps one child per calling thread (below).
  *
  *   wordcount      counts the event's "word" (one word, verbatim) or the
  *                  words of its "text" (split on ASCII whitespace).
@@ -19,6 +20,8 @@
  *                  permanent failure: the event is dead-lettered.
  *   noop           does nothing; with emit, records the event's raw line.
  *   exec:COMMAND   runs /bin/sh -c COMMAND per event (below).
+ *   coproc:COMMAND keeps COMMAND running, one per worker thread, and
+ *                  talks to it in JSON lines (below).
  *   plugin:PATH    calls a function loaded from a shared object.
  *
  * JSON handlers read the document the pool's decode hook scanned
@@ -50,6 +53,40 @@
  * plus ONCEQ_EVENT_ID, ONCEQ_ATTEMPT and ONCEQ_RECEIPT. Its stdout is kept
  * up to 64 MiB (more fails the event); of stderr, the last 512 bytes.
  *
+ * coproc: COMMAND starts (as exec: runs it: without the shell when it is
+ * plain words, in its own process group, empty signal mask, SIGPIPE
+ * default, our environment) on a thread's first call, and stays. Each
+ * event is one line on its stdin, {"id":ID,"attempt":N,"event":EVENT}
+ * (ID through oq__json_quote: NUL escaped, invalid UTF-8 as U+FFFD), and
+ * one line on its stdout answers it: {"status":"ok","output":V} stages V's
+ * compact JSON as the record (absent or null: none), "retry" and "fail"
+ * give OQ_RETRY and OQ_FAIL with "error" as the error text. The reply is
+ * read with the strict scanner (json.c). A child that exits, closes a
+ * pipe, writes a line that is no such reply, writes before it is asked
+ * (caught by one poll before each request), or misses the lease deadline
+ * is stopped (stdin closed, SIGTERM to its group, SIGKILL after the
+ * grace, reaped) and the event retried; the next event starts a new child.
+ * Its stderr is passed on to ours as "[coproc N] line" (N: the thread's
+ * number, in the order threads first called), one write per line; it is
+ * read while a call waits for the reply, and when the child stops.
+ * It is started with fork, not posix_spawn, to set PR_SET_PDEATHSIG
+ * (SIGKILL) in the child: if onceq dies (kill -9), so do the co-processes.
+ *   Threads and locks. Per-thread state (cworker: the child, its buffers)
+ * hangs off a pthread key of the handler instance, so a call touches only
+ * its own thread's cworker and takes no lock on the event path. The
+ * handler's ca->mu, a leaf, guards only the list of every cworker (for
+ * cancel and free), the numbering, and each cworker's `live` pid, which
+ * the owner sets after fork and clears before it reaps, so that
+ * oq__handler_cancel may SIGTERM idle children from another thread
+ * without ever signalling a reaped (reusable) pid. Running calls wake on
+ * the cancel eventfd, as exec's do. When a thread that called the handler
+ * ends, the key's destructor stops its child (stdin closed: a co-process
+ * ends at EOF; SIGTERM after the grace) before the thread is gone, so the
+ * death signal, tied to the thread that forked, does not fire then.
+ * oq__handler_free stops the children of threads still alive (every call
+ * must have returned, and every calling thread that is to end must have
+ * ended or be joined, before it).
+ *
  * plugin: dlopen(RTLD_NOW | RTLD_LOCAL) of the file (a bare name means
  * ./NAME), then OQ_PLUGIN_SYMBOL, and the optional oq_plugin_init,
  * oq_plugin_fini, oq_plugin_output and oq_plugin_count_key (documented in
@@ -71,6 +108,7 @@
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -361,12 +399,9 @@ typedef struct tailbuf {
     size_t len;
 } tailbuf;
 
-static void exec_cleanup(void *arg)
+/* Frees what exec_init built in x (not x itself). */
+static void exec_destroy(exec_arg *x)
 {
-    exec_arg *x = arg;
-
-    if (x == NULL)
-        return;
     posix_spawnattr_destroy(&x->attr);
     if (x->cancel_fd >= 0)
         close(x->cancel_fd);
@@ -377,6 +412,15 @@ static void exec_cleanup(void *arg)
     oq__free(x->direct_argv);
     oq__free(x->direct_buf);
     oq__free(x->direct_path);
+}
+
+static void exec_cleanup(void *arg)
+{
+    exec_arg *x = arg;
+
+    if (x == NULL)
+        return;
+    exec_destroy(x);
     oq__free(x);
 }
 
@@ -1069,21 +1113,24 @@ static void keep_exit_statuses(void)
     }
 }
 
-static int make_exec(const char *cmd, const oq__handler_opts *o,
-                     oq__handler *out, char *err, size_t errlen)
+/* Builds x (zeroed by the caller) for cmd: the spawn attributes, the
+ * cancel eventfd, the environment and the shell-less plan. On failure x
+ * is destroyed, err is filled and a negative code returned. */
+static int exec_init(exec_arg *x, const char *cmd, const oq__handler_opts *o,
+                     char *err, size_t errlen)
 {
-    exec_arg *x = oq__calloc(1, sizeof(*x));
     size_t n = 0;
 
-    if (x == NULL || init_attr(&x->attr) != 0) {
-        oq__free(x);
-        goto out_nomem;
+    x->cancel_fd = -1;
+    if (init_attr(&x->attr) != 0) {
+        oq__set_err(err, errlen, "out of memory");
+        return OQ_ENOMEM;
     }
     atomic_init(&x->cancelled, false);
     keep_exit_statuses();
     if ((x->cancel_fd = eventfd(0, EFD_CLOEXEC)) < 0) {
         int e = errno;
-        exec_cleanup(x);
+        exec_destroy(x);
         oq__set_err(err, errlen, "eventfd: %s", strerror(e));
         return -e;
     }
@@ -1105,17 +1152,713 @@ static int make_exec(const char *cmd, const oq__handler_opts *o,
         x->nenv++;
     }
     plan_direct(x, cmd);
+    return 0;
+
+out_free:
+    exec_destroy(x);
+    oq__set_err(err, errlen, "out of memory");
+    return OQ_ENOMEM;
+}
+
+static int make_exec(const char *cmd, const oq__handler_opts *o,
+                     oq__handler *out, char *err, size_t errlen)
+{
+    exec_arg *x = oq__calloc(1, sizeof(*x));
+    int rc;
+
+    if (x == NULL) {
+        oq__set_err(err, errlen, "out of memory");
+        return OQ_ENOMEM;
+    }
+    if ((rc = exec_init(x, cmd, o, err, errlen)) != 0) {
+        oq__free(x);
+        return rc;
+    }
     out->fn = exec_fn;
     out->arg = x;
     out->cleanup = exec_cleanup;
     out->output = OQ__OUT_RECORDS;
     return 0;
+}
 
-out_free:
-    exec_cleanup(x);
-out_nomem:
-    oq__set_err(err, errlen, "out of memory");
-    return OQ_ENOMEM;
+/* ---------------------------------------------------------------- coproc */
+
+#define COPROC_MAX_REPLY (64u << 20) /* a longer reply line is invalid */
+#define COPROC_ERR_LINE 4000         /* stderr lines are passed on in pieces
+                                        of at most this many bytes */
+
+typedef struct coproc_arg coproc_arg;
+
+/* One worker thread's co-process. Every field but next, pprev and live is
+ * used by its thread only (or by coproc_cleanup once no thread calls). */
+typedef struct cworker {
+    coproc_arg *ca;
+    struct cworker *next, **pprev; /* in ca->all; under ca->mu */
+    pid_t live;           /* the child's pid while it may be signalled (not
+                             reaped yet), else 0; under ca->mu */
+    unsigned no;          /* 1, 2, ...: in the order threads first called */
+    bool running;         /* c holds a started child */
+    bool restart;         /* the child spoke out of turn: restart it first */
+    child c;
+    char *rbuf;           /* stdout bytes read and not consumed */
+    size_t rlen, rcap;
+    char ebuf[COPROC_ERR_LINE]; /* a partial stderr line */
+    size_t elen;
+    oq__buf req;          /* the request line */
+    oq__buf out;          /* the reply's output as compact JSON */
+    oq__jtape tape;       /* the reply, scanned */
+} cworker;
+
+struct coproc_arg {
+    exec_arg x;           /* the command, environment, grace, cancel_fd */
+    pthread_key_t key;    /* the calling thread's cworker */
+    pthread_mutex_t mu;   /* guards all, next_no and every cworker's live */
+    cworker *all;         /* every thread's cworker */
+    unsigned next_no;
+};
+
+/* Passes complete lines of w->ebuf to our stderr, "[coproc N] line\n",
+ * each with one write so that lines of several workers do not mix; with
+ * all, the last partial line too. */
+static void err_flush(cworker *w, bool all)
+{
+    size_t start = 0;
+
+    for (;;) {
+        char *nl = memchr(w->ebuf + start, '\n', w->elen - start);
+        size_t end = nl ? (size_t)(nl - w->ebuf) : w->elen;
+        char line[COPROC_ERR_LINE + 32];
+        int pre;
+
+        if (nl == NULL && !(all && end > start) &&
+            !(start == 0 && w->elen == sizeof(w->ebuf)))
+            break;
+        pre = snprintf(line, 32, "[coproc %u] ", w->no);
+        memcpy(line + pre, w->ebuf + start, end - start);
+        line[(size_t)pre + end - start] = '\n';
+        if (write(STDERR_FILENO, line, (size_t)pre + end - start + 1) < 0) {
+            /* Nowhere to report it: the co-process's words are lost. */
+        }
+        start = nl ? end + 1 : end;
+    }
+    memmove(w->ebuf, w->ebuf + start, w->elen - start);
+    w->elen -= start;
+}
+
+/* Reads what the child's stderr has (non-blocking) and passes on its
+ * lines. False at EOF or on an error (then the pipe is closed). */
+static bool err_pump(cworker *w)
+{
+    while (w->c.err >= 0) {
+        ssize_t r = read(w->c.err, w->ebuf + w->elen,
+                         sizeof(w->ebuf) - w->elen);
+        if (r > 0) {
+            w->elen += (size_t)r;
+            err_flush(w, false);
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && errno == EAGAIN)
+            return true;
+        err_flush(w, true);
+        close_fd(&w->c.err);
+    }
+    return false;
+}
+
+static void set_live(cworker *w, pid_t pid)
+{
+    pthread_mutex_lock(&w->ca->mu);
+    w->live = pid;
+    pthread_mutex_unlock(&w->ca->mu);
+}
+
+/* Waits up to ms (real time) for the child's exit, passing its stderr on
+ * meanwhile; does not reap. True once it exited. */
+static bool coproc_wait_exit(cworker *w, int64_t ms)
+{
+    int64_t until = oq_clock_now(NULL) + ms;
+
+    for (;;) {
+        struct pollfd pf[2];
+        nfds_t n = 0;
+        int64_t left;
+
+        if (wait_exit(&w->c, 0))
+            return true;
+        if ((left = until - oq_clock_now(NULL)) <= 0)
+            return false;
+        if (w->c.pidfd >= 0)
+            pf[n++] = (struct pollfd){ w->c.pidfd, POLLIN, 0 };
+        if (w->c.err >= 0)
+            pf[n++] = (struct pollfd){ w->c.err, POLLIN, 0 };
+        if (poll(pf, n, (int)OQ__MIN(left, w->c.pidfd >= 0 ? POLL_SLICE_MS
+                                                          : 5)) > 0)
+            err_pump(w);
+    }
+}
+
+/*
+ * Ends w's child: closes its stdin (a co-process ends at EOF), waits up to
+ * wait_ms for it to exit, then SIGTERM to its process group, SIGKILL after
+ * the grace period, and reaps it. Its stderr is passed on to the end (what
+ * is there: a grandchild that keeps the pipe is not waited for). Writes
+ * how it ended into why (may be NULL).
+ */
+static void coproc_stop(cworker *w, int64_t wait_ms, char *why, size_t len)
+{
+    child *c = &w->c;
+    int st;
+
+    if (!w->running)
+        return;
+    close_fd(&c->in);
+    close_fd(&c->out);
+    if (!coproc_wait_exit(w, wait_ms)) {
+        kill(-c->pid, SIGTERM);
+        if (!coproc_wait_exit(w, w->ca->x.kill_grace_ms))
+            kill(-c->pid, SIGKILL);
+    }
+    set_live(w, 0); /* no longer signalled by oq__handler_cancel */
+    reap(c, 0);
+    err_pump(w);
+    if (w->elen > 0)
+        err_flush(w, true);
+    close_fd(&c->err);
+    close_fd(&c->pidfd);
+    st = c->status;
+    if (why == NULL)
+        ;
+    else if (st == -1)
+        snprintf(why, len, "no exit status");
+    else if (WIFEXITED(st))
+        snprintf(why, len, "exit %d", WEXITSTATUS(st));
+    else {
+        const char *abbrev = sigabbrev_np(WTERMSIG(st));
+        snprintf(why, len, "killed by signal %d (SIG%s)", WTERMSIG(st),
+                 abbrev ? abbrev : "?");
+    }
+    w->running = false;
+    w->restart = false;
+    w->rlen = 0;
+}
+
+/* In the child, between fork and exec: only async-signal-safe calls. */
+static void coproc_exec(const exec_arg *x, const int pin[2],
+                        const int pout[2], const int perr[2], pid_t parent)
+{
+    struct sigaction sa;
+    sigset_t none;
+
+    setpgid(0, 0);
+    /* Dies with the thread that started it, which outlives it unless
+     * onceq itself dies (kill -9): then no co-process outlives onceq. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent)
+        _exit(127);
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = SIG_DFL;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGPIPE, &sa, NULL);
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    if (dup2(pin[0], 0) < 0 || dup2(pout[1], 1) < 0 || dup2(perr[1], 2) < 0)
+        _exit(127);
+    if (x->direct_argv != NULL)
+        execve(x->direct_path, x->direct_argv, x->env);
+    execve(x->argv[0], x->argv, x->env);
+    _exit(127);
+}
+
+/*
+ * Starts w's child: pipes whose parent ends are close-on-exec from birth
+ * (as for exec:), a process group of its own, and a parent-death signal.
+ * fork, not posix_spawn: the death signal must be set in the child. It
+ * happens once per worker, and again only after a failure.
+ */
+static int coproc_start(cworker *w)
+{
+    const exec_arg *x = &w->ca->x;
+    child *c = &w->c;
+    int pin[2], pout[2], perr[2], rc;
+    pid_t parent = getpid(), pid;
+
+    if ((rc = make_pipe(pin)) != 0)
+        return rc;
+    if ((rc = make_pipe(pout)) != 0)
+        goto out_in;
+    if ((rc = make_pipe(perr)) != 0)
+        goto out_out;
+    if ((pid = fork()) < 0) {
+        rc = -errno;
+        goto out_err;
+    }
+    if (pid == 0)
+        coproc_exec(x, pin, pout, perr, parent);
+    setpgid(pid, pid); /* also here: kill(-pid) must find the group */
+    close(pin[0]);
+    close(pout[1]);
+    close(perr[1]);
+    *c = (child){ .pid = pid, .pidfd = pidfd_of(pid), .in = pin[1],
+                  .out = pout[0], .err = perr[0], .status = -1 };
+    fcntl(c->in, F_SETFL, O_NONBLOCK);
+    fcntl(c->out, F_SETFL, O_NONBLOCK);
+    fcntl(c->err, F_SETFL, O_NONBLOCK);
+    w->running = true;
+    w->restart = false;
+    w->rlen = 0;
+    set_live(w, pid);
+    return 0;
+
+out_err:
+    close(perr[0]);
+    close(perr[1]);
+out_out:
+    close(pout[0]);
+    close(pout[1]);
+out_in:
+    close(pin[0]);
+    close(pin[1]);
+    return rc;
+}
+
+static void cworker_free(cworker *w)
+{
+    coproc_stop(w, w->ca->x.kill_grace_ms, NULL, 0);
+    oq__free(w->rbuf);
+    oq__buf_free(&w->req);
+    oq__buf_free(&w->out);
+    oq__jtape_free(&w->tape);
+    oq__free(w);
+}
+
+static void cworker_unlink(cworker *w)
+{
+    pthread_mutex_lock(&w->ca->mu);
+    if (w->pprev != NULL) {
+        *w->pprev = w->next;
+        if (w->next != NULL)
+            w->next->pprev = w->pprev;
+        w->pprev = NULL;
+    }
+    pthread_mutex_unlock(&w->ca->mu);
+}
+
+/* The key's destructor: a worker thread ends, and so does its child. */
+static void cworker_thread_end(void *arg)
+{
+    cworker *w = arg;
+
+    cworker_unlink(w);
+    cworker_free(w);
+}
+
+/* The calling thread's cworker, made on its first call; NULL: no memory. */
+static cworker *cworker_get(coproc_arg *ca)
+{
+    cworker *w = pthread_getspecific(ca->key);
+
+    if (w != NULL)
+        return w;
+    if ((w = oq__calloc(1, sizeof(*w))) == NULL)
+        return NULL;
+    w->ca = ca;
+    w->c = (child){ .pid = -1, .pidfd = -1, .in = -1, .out = -1, .err = -1 };
+    if (pthread_setspecific(ca->key, w) != 0) {
+        oq__free(w);
+        return NULL;
+    }
+    pthread_mutex_lock(&ca->mu);
+    w->no = ++ca->next_no;
+    w->next = ca->all;
+    if (w->next != NULL)
+        w->next->pprev = &w->next;
+    w->pprev = &ca->all;
+    ca->all = w;
+    pthread_mutex_unlock(&ca->mu);
+    return w;
+}
+
+/* The request line: {"id":ID,"attempt":N,"event":EVENT}\n. The event is
+ * strict JSON (the decode hook checked it); a CR or LF in it can only be
+ * whitespace between tokens, and becomes a space so the line stays one. */
+static int build_request(cworker *w, const oq_event *ev)
+{
+    oq__buf *b = &w->req;
+    char num[40];
+    size_t at;
+    int n;
+
+    b->len = 0;
+    if (oq__buf_add(b, "{\"id\":", 6) != 0 ||
+        oq__json_quote(b, ev->id ? ev->id : "", ev->id_len) != 0)
+        return OQ_ENOMEM;
+    n = snprintf(num, sizeof(num), ",\"attempt\":%" PRIu32 ",\"event\":",
+                 ev->attempt);
+    if (oq__buf_add(b, num, (size_t)n) != 0)
+        return OQ_ENOMEM;
+    at = b->len;
+    if (oq__buf_add(b, ev->payload, ev->payload_len) != 0 ||
+        oq__buf_add(b, "}\n", 2) != 0)
+        return OQ_ENOMEM;
+    for (size_t i = at; i < at + ev->payload_len; i++)
+        if (b->data[i] == '\n' || b->data[i] == '\r')
+            b->data[i] = ' ';
+    return 0;
+}
+
+/* Reads what stdout has into w->rbuf. 1: read something; 0: nothing now;
+ * -1: EOF or error; -2: the reply is over COPROC_MAX_REPLY. */
+static int read_reply(cworker *w)
+{
+    for (;;) {
+        ssize_t r;
+        if (w->rcap - w->rlen < 4096) {
+            size_t ncap = w->rcap ? w->rcap * 2 : 16384;
+            char *np;
+            if (w->rcap >= COPROC_MAX_REPLY + 4096)
+                return -2;
+            if ((np = oq__realloc(w->rbuf, ncap)) == NULL)
+                return -1;
+            w->rbuf = np;
+            w->rcap = ncap;
+        }
+        r = read(w->c.out, w->rbuf + w->rlen, w->rcap - w->rlen);
+        if (r > 0) {
+            w->rlen += (size_t)r;
+            return 1;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        return r < 0 && errno == EAGAIN ? 0 : -1;
+    }
+}
+
+/* Something of the child's before we ask: stderr is passed on; anything on
+ * stdout (or its end) means the child must be restarted before this
+ * event is sent. One poll, without waiting. */
+static void coproc_precheck(cworker *w)
+{
+    struct pollfd pf[2] = { { w->c.out, POLLIN, 0 },
+                            { w->c.err, POLLIN, 0 } };
+
+    if (w->rlen > 0)
+        w->restart = true;
+    if (poll(pf, w->c.err >= 0 ? 2 : 1, 0) <= 0)
+        return;
+    if (pf[1].revents && w->c.err >= 0)
+        err_pump(w);
+    if (pf[0].revents)
+        w->restart = true;
+}
+
+enum { ASK_REPLY, ASK_TIMED_OUT, ASK_CANCELLED, ASK_GONE, ASK_TOO_LONG,
+       ASK_EARLY };
+
+/* Writes the request and waits for one reply line in w->rbuf; *line_len is
+ * its length (without the newline). ASK_GONE: the child closed its stdout
+ * or stdin (exited). Negative: poll failed. */
+static int coproc_ask(cworker *w, const oq_event *ev, size_t *line_len,
+                      bool *epipe)
+{
+    const char *p = w->req.data;
+    size_t left_out = w->req.len, scanned = 0;
+    int cancel_fd = w->ca->x.cancel_fd;
+
+    for (;;) {
+        struct pollfd pf[4];
+        int ip = -1, op, ep = -1, cp, r;
+        nfds_t n = 0;
+        int64_t left;
+        char *nl;
+
+        if (left_out > 0) {
+            ssize_t wr = write(w->c.in, p, left_out);
+            if (wr > 0) {
+                p += wr;
+                left_out -= (size_t)wr;
+            } else if (wr < 0 && errno != EAGAIN && errno != EINTR) {
+                *epipe = errno == EPIPE;
+                return ASK_GONE; /* it stopped reading */
+            }
+        }
+        if (w->rlen > scanned &&
+            (nl = memchr(w->rbuf + scanned, '\n', w->rlen - scanned))) {
+            *line_len = (size_t)(nl - w->rbuf);
+            return left_out == 0 ? ASK_REPLY : ASK_EARLY;
+        }
+        scanned = w->rlen;
+        left = ev->deadline_ms - oq_clock_now(ev->clock);
+        if (left <= 0)
+            return ASK_TIMED_OUT;
+        if (left_out > 0)
+            pf[ip = (int)n++] = (struct pollfd){ w->c.in, POLLOUT, 0 };
+        pf[op = (int)n++] = (struct pollfd){ w->c.out, POLLIN, 0 };
+        if (w->c.err >= 0)
+            pf[ep = (int)n++] = (struct pollfd){ w->c.err, POLLIN, 0 };
+        pf[cp = (int)n++] = (struct pollfd){ cancel_fd, POLLIN, 0 };
+        r = poll(pf, n, (int)OQ__MIN(left, POLL_SLICE_MS));
+        if (r < 0 && errno != EINTR && errno != EAGAIN)
+            return -errno;
+        if (r <= 0)
+            continue;
+        if (pf[cp].revents)
+            return ASK_CANCELLED;
+        if (ep >= 0 && pf[ep].revents)
+            err_pump(w);
+        if (ip >= 0 && (pf[ip].revents & (POLLERR | POLLHUP)))
+            return ASK_GONE;
+        if (pf[op].revents) {
+            int got = read_reply(w);
+            if (got == -2)
+                return ASK_TOO_LONG;
+            if (got < 0)
+                return ASK_GONE;
+        }
+    }
+}
+
+/*
+ * The reply {"status":"ok","output":V} / {"status":"retry","error":E} /
+ * {"status":"fail","error":E} (other members ignored) in line[0..len),
+ * with the strict scanner. ok stages V's compact JSON text as the record
+ * (absent or null: nothing); E (a string, else its JSON text) becomes the
+ * error. Returns OQ_OK, OQ_RETRY or OQ_FAIL, or -1 for a line that is not
+ * such a reply (why is set), or OQ_ENOMEM.
+ */
+static int parse_reply(cworker *w, const char *line, size_t len,
+                       oq_txn *txn, const char **why)
+{
+    oq__jdoc d;
+    size_t at;
+    uint32_t st, v;
+    int verdict;
+
+    if (!oq__utf8_valid(line, len)) {
+        *why = "not UTF-8 text without NUL";
+        return -1;
+    }
+    if ((verdict = oq__json_scan(line, len, &w->tape, &at, why)) != 0)
+        return verdict == -1 ? -1 : OQ_ENOMEM;
+    d = (oq__jdoc){ line, len, w->tape.tok, w->tape.n };
+    if (d.tok[0].type != OQ__J_OBJ) {
+        *why = "not an object";
+        return -1;
+    }
+    st = oq__jget(&d, 0, "status", 6);
+    if (st == 0 || d.tok[st].type != OQ__J_STR) {
+        *why = "no \"status\" string";
+        return -1;
+    }
+    if (oq__jstr_eq(&d, st, "ok", 2))
+        verdict = OQ_OK;
+    else if (oq__jstr_eq(&d, st, "retry", 5))
+        verdict = OQ_RETRY;
+    else if (oq__jstr_eq(&d, st, "fail", 4))
+        verdict = OQ_FAIL;
+    else {
+        *why = "\"status\" is not \"ok\", \"retry\" or \"fail\"";
+        return -1;
+    }
+    v = oq__jget(&d, 0, verdict == OQ_OK ? "output" : "error",
+                 verdict == OQ_OK ? 6 : 5);
+    if (verdict == OQ_OK) {
+        if (v == 0 || d.tok[v].type == OQ__J_NULL)
+            return OQ_OK;
+        w->out.len = 0;
+        if (oq__jcompact(&d, v, &w->out) != 0 ||
+            oq_txn_record(txn, w->out.data, w->out.len) != 0)
+            return OQ_ENOMEM;
+        return OQ_OK;
+    }
+    if (v == 0) {
+        oq_txn_error(txn, "co-process answered %s",
+                     verdict == OQ_RETRY ? "retry" : "fail");
+    } else if (d.tok[v].type == OQ__J_STR) {
+        char small[ERROR_ROOM + 1], *big = NULL;
+        size_t n;
+        const char *s = string_of(&d, v, small, sizeof(small), &big, &n);
+        if (s == NULL)
+            return OQ_ENOMEM;
+        oq_txn_error(txn, "%.*s", (int)OQ__MIN(n, (size_t)ERROR_ROOM), s);
+        oq__free(big);
+    } else {
+        w->out.len = 0;
+        if (oq__jcompact(&d, v, &w->out) != 0)
+            return OQ_ENOMEM;
+        oq_txn_error(txn, "%.*s", (int)OQ__MIN(w->out.len, (size_t)ERROR_ROOM),
+                     w->out.data);
+    }
+    return verdict;
+}
+
+/* The child failed this event: it is stopped (restarted for the next
+ * one) and the event retried. */
+static int coproc_lost(cworker *w, oq_txn *txn, const char *what,
+                       int64_t wait_ms)
+{
+    char why[64];
+
+    coproc_stop(w, wait_ms, why, sizeof(why));
+    oq_txn_error(txn, "co-process %s (%s); restarted for the next event",
+                 what, why);
+    return OQ_RETRY;
+}
+
+static int coproc_fn(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    coproc_arg *ca = arg;
+    cworker *w;
+    sigset_t pipe_set, old_mask;
+    const char *why = NULL;
+    size_t line_len = 0;
+    bool epipe = false;
+    int rc;
+
+    if (oq_clock_now(ev->clock) >= ev->deadline_ms) {
+        oq_txn_error(txn, "timed out after visibility timeout");
+        return OQ_RETRY;
+    }
+    if ((w = cworker_get(ca)) == NULL)
+        return out_of_memory(txn);
+    if (atomic_load(&ca->x.cancelled)) {
+        coproc_stop(w, 0, NULL, 0);
+        oq_txn_error(txn, "cancelled: onceq is stopping");
+        return OQ_RETRY;
+    }
+    if (ev->parsed == NULL && !oq__json_valid(ev->payload, ev->payload_len)) {
+        oq_txn_error(txn, "event is not strict JSON");
+        return OQ_FAIL;
+    }
+    if (build_request(w, ev) != 0)
+        return out_of_memory(txn);
+    if (w->running) {
+        coproc_precheck(w);
+        if (w->restart)
+            coproc_stop(w, 0, NULL, 0);
+    }
+    if (!w->running && (rc = coproc_start(w)) != 0) {
+        oq_txn_error(txn, "cannot start co-process: %s", strerror(-rc));
+        return OQ_RETRY;
+    }
+    /* A write to a child that has exited must give EPIPE, not kill us. */
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, &old_mask);
+    rc = coproc_ask(w, ev, &line_len, &epipe);
+    if (epipe) {
+        /* Take the SIGPIPE the failed write left pending on this thread. */
+        struct timespec zero = { 0, 0 };
+        sigtimedwait(&pipe_set, NULL, &zero);
+    }
+    pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
+    switch (rc) {
+    case ASK_REPLY:
+        break;
+    case ASK_TIMED_OUT:
+        coproc_stop(w, 0, NULL, 0);
+        oq_txn_error(txn, "timed out after visibility timeout; co-process "
+                     "restarted for the next event");
+        return OQ_RETRY;
+    case ASK_CANCELLED:
+        coproc_stop(w, 0, NULL, 0);
+        oq_txn_error(txn, "cancelled: onceq is stopping");
+        return OQ_RETRY;
+    case ASK_GONE:
+        return coproc_lost(w, txn, "exited or closed its stdout",
+                           ca->x.kill_grace_ms);
+    case ASK_TOO_LONG:
+        return coproc_lost(w, txn, "gave a reply over 64 MiB", 0);
+    case ASK_EARLY:
+        return coproc_lost(w, txn, "replied before reading the whole event",
+                           0);
+    default:
+        coproc_stop(w, 0, NULL, 0);
+        oq_txn_error(txn, "poll: %s", strerror(-rc));
+        return OQ_RETRY;
+    }
+    rc = parse_reply(w, w->rbuf, line_len, txn, &why);
+    /* Bytes after the reply line were not asked for: the next event
+     * restarts the child (coproc_precheck) rather than take them. */
+    memmove(w->rbuf, w->rbuf + line_len + 1, w->rlen - line_len - 1);
+    w->rlen -= line_len + 1;
+    if (rc == OQ_ENOMEM) {
+        oq__txn_reset(txn);
+        return out_of_memory(txn);
+    }
+    if (rc == -1) {
+        char what[160];
+        oq__txn_reset(txn);
+        snprintf(what, sizeof(what), "gave an invalid reply: %s", why);
+        return coproc_lost(w, txn, what, 0);
+    }
+    return rc;
+}
+
+static void coproc_cleanup(void *arg)
+{
+    coproc_arg *ca = arg;
+    cworker *w;
+
+    if (ca == NULL)
+        return;
+    /* No thread calls the handler any more: end the children of threads
+     * that are still alive (their key destructors will not run). */
+    pthread_mutex_lock(&ca->mu);
+    w = ca->all;
+    ca->all = NULL;
+    for (cworker *v = w; v != NULL; v = v->next)
+        v->pprev = NULL;
+    pthread_mutex_unlock(&ca->mu);
+    while (w != NULL) {
+        cworker *next = w->next;
+        cworker_free(w);
+        w = next;
+    }
+    pthread_key_delete(ca->key);
+    pthread_mutex_destroy(&ca->mu);
+    exec_destroy(&ca->x);
+    oq__free(ca);
+}
+
+/* oq__handler_cancel: running calls wake on cancel_fd; idle children get
+ * SIGTERM now (their threads finish them off: SIGKILL after the grace). */
+static void coproc_cancel(coproc_arg *ca)
+{
+    pthread_mutex_lock(&ca->mu);
+    for (cworker *w = ca->all; w != NULL; w = w->next)
+        if (w->live > 0)
+            kill(-w->live, SIGTERM);
+    pthread_mutex_unlock(&ca->mu);
+}
+
+static int make_coproc(const char *cmd, const oq__handler_opts *o,
+                       oq__handler *out, char *err, size_t errlen)
+{
+    coproc_arg *ca = oq__calloc(1, sizeof(*ca));
+    int rc;
+
+    if (ca == NULL) {
+        oq__set_err(err, errlen, "out of memory");
+        return OQ_ENOMEM;
+    }
+    if ((rc = exec_init(&ca->x, cmd, o, err, errlen)) != 0) {
+        oq__free(ca);
+        return rc;
+    }
+    if ((rc = pthread_key_create(&ca->key, cworker_thread_end)) != 0) {
+        exec_destroy(&ca->x);
+        oq__free(ca);
+        oq__set_err(err, errlen, "pthread_key_create: %s", strerror(rc));
+        return -rc;
+    }
+    pthread_mutex_init(&ca->mu, NULL);
+    out->fn = coproc_fn;
+    out->arg = ca;
+    out->cleanup = coproc_cleanup;
+    out->output = OQ__OUT_RECORDS;
+    return 0;
 }
 
 /* ---------------------------------------------------------------- plugin */
@@ -1247,10 +1990,12 @@ static const struct kind {
     { "count", "FIELD", make_count },
     { "noop", NULL, make_noop },
     { "exec", "COMMAND", make_exec },
+    { "coproc", "COMMAND", make_coproc },
     { "plugin", "PATH.so", make_plugin },
 };
 
-#define KNOWN "wordcount, count:FIELD, noop, exec:COMMAND or plugin:PATH.so"
+#define KNOWN \
+    "wordcount, count:FIELD, noop, exec:COMMAND, coproc:COMMAND or plugin:PATH.so"
 
 int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
                           oq__handler *out, char *err, size_t errlen)
@@ -1302,16 +2047,21 @@ int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
 /*
  * Makes running and future calls of h return OQ_RETRY soon, for a graceful
  * stop (SIGINT/SIGTERM): exec commands get SIGTERM on their process group,
- * then SIGKILL after the grace period, and no new one starts. Their events
- * stay unprocessed and are redelivered by a later run. Any thread may call
+ * then SIGKILL after the grace period, and no new one starts; coproc
+ * children, running or idle, get SIGTERM, and their threads stop them
+ * (SIGKILL after the grace) at their next call, at their end, or in
+ * oq__handler_free. Their events stay unprocessed and are redelivered by a later run. Any thread may call
  * it, at any time before oq__handler_free; the other handlers run to their
  * end, which is short.
  */
 void oq__handler_cancel(oq__handler *h)
 {
-    if (h != NULL && h->cleanup == exec_cleanup) {
-        exec_arg *x = h->arg;
+    if (h != NULL &&
+        (h->cleanup == exec_cleanup || h->cleanup == coproc_cleanup)) {
+        exec_arg *x = h->arg; /* a coproc_arg starts with its exec_arg */
         uint64_t one = 1;
+        if (h->cleanup == coproc_cleanup)
+            coproc_cancel(h->arg);
         atomic_store(&x->cancelled, true);
         if (write(x->cancel_fd, &one, sizeof(one)) < 0) {
             /* The counter cannot overflow from our writes of 1: ignore. */

@@ -1,4 +1,4 @@
-/* Description: the handlers of `onceq run` (src/handlers.c). wordcount and count:FIELD stage the right counter deltas (top-level names, JSON pointers, non-string values) and dead-letter events without the field; noop stages nothing, or the raw line with emit; bad specs give one-line errors; exec runs /bin/sh -c per event with the line on stdin and ONCEQ_* in its environment, stages stdout on exit 0, retries on exit 75, fails with the status and stderr tail otherwise, moves 1 MB each way without deadlock, kills a command at its deadline (SIGTERM, then SIGKILL for one that ignores it, grandchildren too), stages nothing then and leaves no zombie, and keeps concurrent spawns from 4 threads apart (each gets its own output, no fd leaks); plugin loads examples/plugin_upper.c and a plugin with init/fini/counts, and refuses a missing file or symbol. */
+/* Description: the handlers of `onceq run` (src/handlers.c). wordcount and count:FIELD stage the right counter deltas (top-level names, JSON pointers, non-string values) and dead-letter events without the field; noop stages nothing, or the raw line with emit; bad specs give one-line errors; exec runs /bin/sh -c per event with the line on stdin and ONCEQ_* in its environment, stages stdout on exit 0, retries on exit 75, fails with the status and stderr tail otherwise, moves 1 MB each way without deadlock, kills a command at its deadline (SIGTERM, then SIGKILL for one that ignores it, grandchildren too), stages nothing then and leaves no zombie, and keeps concurrent spawns from 4 threads apart (each gets its own output, no fd leaks); coproc keeps one child per thread across calls, stages ok outputs as compact JSON, retries and fails with the reply's error, restarts a child that writes an invalid reply, exits, or misses its deadline (SIGTERM, SIGKILL after the grace) and retries its event, stops running calls on cancel, ends children with their threads or with free (no zombie, no fd), sends ids with NUL or invalid UTF-8 as valid JSON, and passes stderr on as [coproc N] lines; plugin loads examples/plugin_upper.c and a plugin with init/fini/counts, and refuses a missing file or symbol. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -410,11 +410,12 @@ static void test_spec_errors(void **state)
         const char *spec, *msg;
     } cases[] = {
         { "foo", "unknown handler 'foo' (expected wordcount, count:FIELD, "
-                 "noop, exec:COMMAND or plugin:PATH.so)" },
+                 "noop, exec:COMMAND, coproc:COMMAND or plugin:PATH.so)" },
         { "", "unknown handler '' (expected wordcount, count:FIELD, noop, "
-              "exec:COMMAND or plugin:PATH.so)" },
+              "exec:COMMAND, coproc:COMMAND or plugin:PATH.so)" },
         { "Exec:ls", "unknown handler 'Exec' (expected wordcount, "
-                     "count:FIELD, noop, exec:COMMAND or plugin:PATH.so)" },
+                     "count:FIELD, noop, exec:COMMAND, coproc:COMMAND or "
+                     "plugin:PATH.so)" },
         { "count", "handler 'count' needs a FIELD: count:FIELD" },
         { "count:", "handler 'count' needs a FIELD: count:FIELD" },
         { "exec:", "handler 'exec' needs a COMMAND: exec:COMMAND" },
@@ -1067,6 +1068,383 @@ static void test_exec_concurrent_spawns(void **state)
     oq__handler_free(&h);
 }
 
+/* --------------------------------------------------------------- coproc */
+
+/* A co-process that prints each event's "r" member as its reply line,
+ * with PID replaced by its process id. */
+#define CO_REPLY "coproc:python3 -c 'import sys, json, os\n" \
+    "for l in sys.stdin:\n" \
+    "    r = json.loads(l)[\"event\"][\"r\"]\n" \
+    "    print(r.replace(\"PID\", str(os.getpid())), flush=True)'"
+
+/* Calls h once on {"id":ID,"r":REPLY} (REPLY as a JSON string). */
+static int co_call(oq__handler *h, const char *reply, staged *s, char *err,
+                   size_t errlen, int64_t deadline_ms)
+{
+    oq_txn *t = oq__txn_new();
+    oq__buf b = { 0 };
+    event e;
+    int rc;
+
+    assert_int_equal(oq__buf_add(&b, "{\"id\":\"e\",\"r\":", 14), 0);
+    assert_int_equal(oq__json_quote(&b, reply, strlen(reply)), 0);
+    assert_int_equal(oq__buf_add(&b, "}", 2), 0); /* with the NUL */
+    event_init(&e, b.data);
+    if (deadline_ms > 0)
+        e.ev.deadline_ms = oq_clock_now(e.ev.clock) + deadline_ms;
+    rc = h->fn(&e.ev, t, h->arg);
+    staged_of(t, s);
+    snprintf(err, errlen, "%s", oq_txn_error_text(t));
+    event_destroy(&e);
+    oq__txn_free(t);
+    oq__buf_free(&b);
+    return rc;
+}
+
+static void test_coproc_replies(void **state)
+{
+    static const struct {
+        const char *reply;
+        int rc;
+        const char *record; /* NULL: none */
+        const char *error;  /* a prefix; NULL: not checked */
+    } cases[] = {
+        { "{\"status\":\"ok\",\"output\":{\"b\": [1, 2.50]}}", OQ_OK,
+          "{\"b\":[1,2.50]}", NULL },
+        { "{\"status\":\"ok\",\"output\":\"caf\\u00e9\"}", OQ_OK,
+          "\"caf\xc3\xa9\"", NULL },
+        { "{\"status\":\"ok\"}", OQ_OK, NULL, NULL },
+        { "{\"status\":\"ok\",\"output\":null,\"x\":1}", OQ_OK, NULL, NULL },
+        { "{\"status\":\"retry\",\"error\":\"busy\"}", OQ_RETRY, NULL,
+          "busy" },
+        { "{\"status\":\"fail\",\"error\":{\"code\": 3}}", OQ_FAIL, NULL,
+          "{\"code\":3}" },
+        { "{\"status\":\"fail\"}", OQ_FAIL, NULL, "co-process answered fail" },
+        { "  {\"status\":\"ok\",\"output\":7}  \r", OQ_OK, "7", NULL },
+    };
+    oq__handler h;
+    staged s;
+    char err[512];
+
+    assert_int_equal(oq__handler_from_spec(CO_REPLY, NULL, &h, err,
+                                           sizeof(err)), 0);
+    assert_string_equal(h.name, "coproc");
+    assert_int_equal(h.output, OQ__OUT_RECORDS);
+    assert_false(h.never_blocks);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int rc = co_call(&h, cases[i].reply, &s, err, sizeof(err), 0);
+        if (rc != cases[i].rc)
+            fail_msg("reply %s: rc %d, want %d (%s)", cases[i].reply, rc,
+                     cases[i].rc, err);
+        assert_int_equal(s.nrec, cases[i].record ? 1 : 0);
+        if (cases[i].record)
+            assert_string_equal(s.rec[0], cases[i].record);
+        if (cases[i].error &&
+            strncmp(err, cases[i].error, strlen(cases[i].error)) != 0)
+            fail_msg("reply %s: error '%s', want '%s'", cases[i].reply, err,
+                     cases[i].error);
+        staged_free(&s);
+    }
+    oq__handler_free(&h);
+    assert_no_children();
+}
+
+/* A reply that is not one restarts the child: a retry, nothing staged, and
+ * the next event meets a new process. */
+static void test_coproc_invalid_reply_restarts(void **state)
+{
+    static const char *const bad[] = {
+        "not json", "{\"status\":\"maybe\"}", "[1]", "{\"status\":1}",
+        "{\"status\":\"ok\",\"status\":\"ok\"}", "{\"status\":\"ok\",\"output\":01}",
+        "{\"output\":1}", "",
+    };
+    oq__handler h;
+    staged s;
+    char err[512], pid[32];
+
+    assert_int_equal(oq__handler_from_spec(CO_REPLY, NULL, &h, err,
+                                           sizeof(err)), 0);
+    assert_int_equal(co_call(&h, "{\"status\":\"ok\",\"output\":PID}", &s,
+                             err, sizeof(err), 0), OQ_OK);
+    snprintf(pid, sizeof(pid), "%s", s.rec[0]);
+    staged_free(&s);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        assert_int_equal(co_call(&h, bad[i], &s, err, sizeof(err), 0),
+                         OQ_RETRY);
+        assert_int_equal(s.nrec, 0);
+        if (strstr(err, "invalid reply") == NULL)
+            fail_msg("reply '%s': error '%s'", bad[i], err);
+        assert_int_equal(co_call(&h, "{\"status\":\"ok\",\"output\":PID}", &s,
+                                 err, sizeof(err), 0), OQ_OK);
+        if (strcmp(pid, s.rec[0]) == 0)
+            fail_msg("reply '%s': same child %s after it", bad[i], pid);
+        snprintf(pid, sizeof(pid), "%s", s.rec[0]);
+        staged_free(&s);
+    }
+    oq__handler_free(&h);
+    assert_no_children();
+}
+
+/* The child is kept between events; one that exits after each answer, or
+ * without answering, is restarted; the event it held is retried. */
+static void test_coproc_child_kept_and_restarted(void **state)
+{
+    oq__handler h;
+    staged s;
+    char err[512], first[32];
+
+    assert_int_equal(oq__handler_from_spec(CO_REPLY, NULL, &h, NULL, 0), 0);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(co_call(&h, "{\"status\":\"ok\",\"output\":PID}",
+                                 &s, err, sizeof(err), 0), OQ_OK);
+        if (i == 0)
+            snprintf(first, sizeof(first), "%s", s.rec[0]);
+        assert_string_equal(s.rec[0], first);
+        staged_free(&s);
+    }
+    oq__handler_free(&h);
+
+    /* Answers once, then exits: a fresh child for the next call (which
+     * may meet the old one still exiting: then it is retried). */
+    assert_int_equal(oq__handler_from_spec(
+        "coproc:read l; echo '{\"status\":\"ok\",\"output\":1}'", NULL, &h,
+        NULL, 0), 0);
+    for (int i = 0, ok = 0; ok < 3; i++) {
+        int rc = co_call(&h, "", &s, err, sizeof(err), 0);
+        assert_true(i < 10);
+        if (rc == OQ_OK) {
+            assert_int_equal(s.nrec, 1);
+            ok++;
+        } else {
+            assert_int_equal(rc, OQ_RETRY);
+            assert_int_equal(s.nrec, 0);
+            assert_non_null(strstr(err, "restarted for the next event"));
+        }
+        staged_free(&s);
+    }
+    oq__handler_free(&h);
+
+    /* Exits without answering. */
+    assert_int_equal(oq__handler_from_spec("coproc:read l; exit 3", NULL, &h,
+                                           NULL, 0), 0);
+    assert_int_equal(co_call(&h, "", &s, err, sizeof(err), 0), OQ_RETRY);
+    assert_int_equal(s.nrec, 0);
+    assert_string_equal(err, "co-process exited or closed its stdout "
+                             "(exit 3); restarted for the next event");
+    oq__handler_free(&h);
+    assert_no_children();
+}
+
+/* A child that does not answer by the deadline is stopped (SIGTERM, or
+ * SIGKILL after the grace when it ignores SIGTERM) and the event retried. */
+static void coproc_timeout_case(const char *spec, int64_t grace_ms,
+                                int64_t min_ms, int64_t max_ms)
+{
+    oq__handler_opts o = { .kill_grace_ms = grace_ms };
+    oq__handler h;
+    staged s;
+    char err[512];
+    int64_t t0, took;
+
+    assert_int_equal(oq__handler_from_spec(spec, &o, &h, NULL, 0), 0);
+    t0 = oq_clock_now(NULL);
+    assert_int_equal(co_call(&h, "", &s, err, sizeof(err), 150), OQ_RETRY);
+    took = oq_clock_now(NULL) - t0;
+    assert_int_equal(s.nrec, 0);
+    assert_string_equal(err, "timed out after visibility timeout; co-process "
+                             "restarted for the next event");
+    if (took < min_ms || took > max_ms * time_mult())
+        fail_msg("took %" PRId64 " ms, want %" PRId64 "..%" PRId64, took,
+                 min_ms, max_ms);
+    assert_no_children();
+    oq__handler_free(&h);
+}
+
+static void test_coproc_timeout_sigterm(void **state)
+{
+    coproc_timeout_case("coproc:while read l; do sleep 10; done", 5000, 140,
+                        1500);
+}
+
+static void test_coproc_timeout_sigkill_after_grace(void **state)
+{
+    coproc_timeout_case("coproc:trap '' TERM; while read l; do sleep 10; "
+                        "done", 200, 340, 2000);
+}
+
+typedef struct co_thread {
+    oq__handler *h;
+    int calls;
+    int rc;
+    char first[32];
+    bool same;
+} co_thread;
+
+static void *co_thread_main(void *arg)
+{
+    co_thread *c = arg;
+    staged s;
+    char err[512];
+
+    c->same = true;
+    for (int i = 0; i < c->calls; i++) {
+        c->rc = co_call(c->h, "{\"status\":\"ok\",\"output\":PID}", &s, err,
+                        sizeof(err), 0);
+        if (c->rc != OQ_OK || s.nrec != 1) {
+            c->rc = -1;
+            staged_free(&s);
+            break;
+        }
+        if (i == 0)
+            snprintf(c->first, sizeof(c->first), "%s", s.rec[0]);
+        c->same &= strcmp(c->first, s.rec[0]) == 0;
+        staged_free(&s);
+    }
+    return NULL;
+}
+
+/* Each thread has its own child, kept across its calls; a thread's end
+ * ends its child (no zombie, no descriptor left). */
+static void test_coproc_one_child_per_thread(void **state)
+{
+    oq__handler h;
+    co_thread c[4];
+    pthread_t th[4];
+    int fds = count_fds();
+
+    assert_int_equal(oq__handler_from_spec(CO_REPLY, NULL, &h, NULL, 0), 0);
+    for (int i = 0; i < 4; i++) {
+        c[i] = (co_thread){ .h = &h, .calls = 20 };
+        assert_int_equal(pthread_create(&th[i], NULL, co_thread_main, &c[i]),
+                         0);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(c[i].rc, OQ_OK);
+        assert_true(c[i].same);
+        for (int j = 0; j < i; j++)
+            assert_string_not_equal(c[i].first, c[j].first);
+    }
+    assert_no_children();
+    assert_int_equal(count_fds(), fds + 1); /* the cancel eventfd */
+    oq__handler_free(&h);
+    assert_int_equal(count_fds(), fds);
+}
+
+static void *co_hang(void *arg)
+{
+    co_thread *c = arg;
+    staged s;
+    char err[512];
+
+    c->rc = co_call(c->h, "", &s, err, sizeof(err), 0);
+    staged_free(&s);
+    return NULL;
+}
+
+/* Cancel stops running calls at once; free ends the idle children. */
+static void test_coproc_cancel_and_free(void **state)
+{
+    oq__handler h;
+    co_thread c[2];
+    pthread_t th[2];
+    staged s;
+    char err[512];
+    int64_t t0;
+
+    assert_int_equal(oq__handler_from_spec(
+        "coproc:while read l; do sleep 10; done", NULL, &h, NULL, 0), 0);
+    for (int i = 0; i < 2; i++) {
+        c[i] = (co_thread){ .h = &h, .rc = -1 };
+        assert_int_equal(pthread_create(&th[i], NULL, co_hang, &c[i]), 0);
+    }
+    usleep(300 * 1000);
+    t0 = oq_clock_now(NULL);
+    oq__handler_cancel(&h);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(c[i].rc, OQ_RETRY);
+    }
+    assert_true(oq_clock_now(NULL) - t0 < 1000 * time_mult());
+    assert_no_children();
+    assert_int_equal(co_call(&h, "", &s, err, sizeof(err), 0), OQ_RETRY);
+    assert_string_equal(err, "cancelled: onceq is stopping");
+    oq__handler_free(&h);
+
+    /* An idle child of a thread that is still alive ends with free. */
+    assert_int_equal(oq__handler_from_spec(CO_REPLY, NULL, &h, NULL, 0), 0);
+    assert_int_equal(co_call(&h, "{\"status\":\"ok\"}", &s, err, sizeof(err),
+                             0), OQ_OK);
+    oq__handler_free(&h);
+    assert_no_children();
+}
+
+/* The request: {"id":ID,"attempt":N,"event":EVENT}, the id as a JSON
+ * string whatever its bytes (NUL escaped, invalid UTF-8 as U+FFFD). */
+static void test_coproc_request_line(void **state)
+{
+    oq__handler h;
+    oq_txn *t = oq__txn_new();
+    staged s;
+    event e;
+
+    assert_int_equal(oq__handler_from_spec(
+        "coproc:while IFS= read -r l; do "
+        "printf '{\"status\":\"ok\",\"output\":%s}\\n' \"$l\"; done",
+        NULL, &h, NULL, 0), 0);
+    event_init(&e, "{\"id\":\"x\\u0000y\", \"n\":1.50}");
+    e.ev.attempt = 3;
+    assert_int_equal(h.fn(&e.ev, t, h.arg), OQ_OK);
+    staged_of(t, &s);
+    assert_int_equal(s.nrec, 1);
+    assert_string_equal(s.rec[0], "{\"id\":\"x\\u0000y\",\"attempt\":3,"
+                                  "\"event\":{\"id\":\"x\\u0000y\",\"n\":1.50}}");
+    staged_free(&s);
+    /* An id of raw bytes (the library takes any). */
+    oq__txn_reset(t);
+    e.ev.id = "a\xff" "b";
+    e.ev.id_len = 3;
+    assert_int_equal(h.fn(&e.ev, t, h.arg), OQ_OK);
+    staged_of(t, &s);
+    assert_int_equal(s.nrec, 1);
+    assert_string_equal(s.rec[0], "{\"id\":\"a\xef\xbf\xbd" "b\",\"attempt\":3,"
+                                  "\"event\":{\"id\":\"x\\u0000y\",\"n\":1.50}}");
+    staged_free(&s);
+    event_destroy(&e);
+    oq__txn_free(t);
+    oq__handler_free(&h);
+}
+
+/* stderr goes to ours, line by line, "[coproc N] " before each line. */
+static void test_coproc_stderr_prefixed(void **state)
+{
+    char path[] = "/tmp/oq_test_stderr_XXXXXX", got[256];
+    int fd = mkstemp(path), saved = dup(2);
+    oq__handler h;
+    staged s;
+    char err[512];
+    ssize_t n;
+
+    assert_true(fd >= 0 && saved >= 0);
+    assert_int_equal(oq__handler_from_spec(
+        "coproc:while read l; do printf 'one\\ntw' >&2; printf 'o\\n' >&2; "
+        "echo '{\"status\":\"ok\"}'; done; printf 'bye' >&2", NULL, &h, NULL,
+        0), 0);
+    fflush(stderr);
+    dup2(fd, 2);
+    assert_int_equal(co_call(&h, "", &s, err, sizeof(err), 0), OQ_OK);
+    oq__handler_free(&h);
+    dup2(saved, 2);
+    close(saved);
+    n = pread(fd, got, sizeof(got) - 1, 0);
+    assert_true(n >= 0);
+    got[n] = '\0';
+    assert_string_equal(got, "[coproc 1] one\n[coproc 1] two\n"
+                             "[coproc 1] bye\n");
+    close(fd);
+    unlink(path);
+}
+
 /* --------------------------------------------------------------- plugin */
 
 static const char *cc(void)
@@ -1264,6 +1642,15 @@ int main(void)
         cmocka_unit_test(test_exec_deadline_read_from_event_clock),
         cmocka_unit_test(test_exec_cancel_stops_running_commands),
         cmocka_unit_test(test_exec_concurrent_spawns),
+        cmocka_unit_test(test_coproc_replies),
+        cmocka_unit_test(test_coproc_invalid_reply_restarts),
+        cmocka_unit_test(test_coproc_child_kept_and_restarted),
+        cmocka_unit_test(test_coproc_timeout_sigterm),
+        cmocka_unit_test(test_coproc_timeout_sigkill_after_grace),
+        cmocka_unit_test(test_coproc_one_child_per_thread),
+        cmocka_unit_test(test_coproc_cancel_and_free),
+        cmocka_unit_test(test_coproc_request_line),
+        cmocka_unit_test(test_coproc_stderr_prefixed),
         cmocka_unit_test(test_plugin_upper),
         cmocka_unit_test(test_plugin_upper_escapes_and_nesting),
         cmocka_unit_test(test_plugin_upper_without_field_fails),
