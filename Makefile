@@ -154,6 +154,7 @@ bench: benches
 	$(Q)ONCEQ=$(BUILD)/onceq BENCH_RUN=$(BUILD)/bench/bench_run sh bench/bench_scale.sh 1000000 3 1,2
 	$(Q)sh bench/bench_node.sh
 	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_durable.sh
+	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_exec.sh
 	$(Q)sh bench/bench_peers.sh
 	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_redis.sh
 

@@ -279,7 +279,8 @@ typedef struct oq__handler {
     oq_handler_fn fn;
     void *arg;
     void (*cleanup)(void *arg);
-    const char *name;        /* "wordcount", "count", "noop", "exec", "plugin" */
+    const char *name;        /* "wordcount", "count", "noop", "exec", "coproc",
+                                "plugin" */
     int output;              /* OQ__OUT_COUNTS or OQ__OUT_RECORDS */
     const char *count_key;   /* OQ__OUT_COUNTS: "word" or the FIELD name */
     bool never_blocks;       /* computes only: see oq_pool_opts */
@@ -293,14 +294,16 @@ typedef struct oq__handler_opts {
 } oq__handler_opts;
 
 /* Builds the handler for spec ("wordcount", "count:FIELD", "noop",
- * "exec:COMMAND", "plugin:PATH.so"). 0, or a negative code with a one-line
+ * "exec:COMMAND", "coproc:COMMAND", "plugin:PATH.so"). 0, or a negative
+ * code with a one-line
  * message in err. */
 int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
                           oq__handler *out, char *err, size_t errlen);
 void oq__handler_free(oq__handler *h);
-/* Stops every running exec command (SIGTERM, then SIGKILL after the grace)
- * and makes later calls return OQ_RETRY without starting one: used when
- * onceq is stopping, so no command outlives it. Thread-safe. */
+/* Stops every running exec command and coproc child (SIGTERM, then
+ * SIGKILL after the grace) and makes later calls return OQ_RETRY without
+ * starting one: used when onceq is stopping, so no command outlives it.
+ * Thread-safe. */
 void oq__handler_cancel(oq__handler *h);
 
 /* ------------------------------------------------------------ runner.c */
