@@ -295,8 +295,7 @@ typedef struct oq__handler_opts {
 
 /* Builds the handler for spec ("wordcount", "count:FIELD", "noop",
  * "exec:COMMAND", "coproc:COMMAND", "plugin:PATH.so"). 0, or a negative
- * code with a one-line
- * message in err. */
+ * code with a one-line message in err. */
 int oq__handler_from_spec(const char *spec, const oq__handler_opts *o,
                           oq__handler *out, char *err, size_t errlen);
 void oq__handler_free(oq__handler *h);
