@@ -34,10 +34,13 @@ CFLAGS  += -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omi
 LDFLAGS += -fsanitize=address,undefined
 endif
 
+# libonceq (installed): the core, which needs only libxxhash and pthreads.
 LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset.c \
             src/json.c \
-            src/txn.c src/memsink.c src/pool.c src/source.c src/handlers.c \
-            src/runner.c src/store.c
+            src/txn.c src/memsink.c src/pool.c
+# The engine of `onceq run` (reader, handlers, runner, SQLite store): the
+# binary's, and the tests' through build/libonceq-cli.a (not installed).
+ENGINE_SRCS := src/source.c src/handlers.c src/runner.c src/store.c
 CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c src/state_cli.c \
             src/redis.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_json test_txn test_pool \
@@ -49,12 +52,14 @@ SCRIPT_TESTS := test/test_node.py test/test_run.py test/test_durable.py \
                 test/test_options.py test/test_outputs.py test/test_coproc.py \
                 test/test_redis.py
 # The install test builds examples/ against an installed copy: normal build
-# only (a sanitizer build's library needs the sanitizer's runtime).
+# only (a sanitizer build's library needs the sanitizer's runtime). So do the
+# checks of the shared library's symbols, ABI and man pages.
 ifeq ($(SAN),)
-SCRIPT_TESTS += test/test_install.sh
+SCRIPT_TESTS += test/test_install.sh test/test_symbols.sh
 endif
 
 LIB_OBJS  := $(LIB_SRCS:src/%.c=$(BUILD)/obj/%.o)
+ENGINE_OBJS := $(ENGINE_SRCS:src/%.c=$(BUILD)/obj/%.o)
 CLI_OBJS  := $(CLI_SRCS:src/%.c=$(BUILD)/obj/%.o)
 TEST_BINS := $(TEST_NAMES:%=$(BUILD)/test/%)
 BENCH_BINS := $(BENCH_NAMES:%=$(BUILD)/bench/%)
@@ -65,7 +70,15 @@ VMINOR  := $(shell sed -n 's/^\#define OQ_VERSION_MINOR \([0-9]*\)/\1/p' include
 VPATCH  := $(shell sed -n 's/^\#define OQ_VERSION_PATCH \([0-9]*\)/\1/p' include/onceq.h)
 VERSION := $(VMAJOR).$(VMINOR).$(VPATCH)
 SONAME  := libonceq.so.$(VMAJOR)
-LIB_LIBS := -lxxhash -lcjson -lsqlite3 -lm -ldl
+# What libonceq itself links (onceq.pc's Libs.private says the same).
+LIB_LIBS := -lxxhash -pthread
+# The exported symbols and their versions (docs/ABI.md).
+LIB_MAP  := src/libonceq.map
+# A sanitizer's runtime is resolved at load time, so --no-undefined (every
+# symbol the library uses comes from LIB_LIBS) holds for the normal build.
+ifeq ($(SAN),)
+LIB_LDFLAGS := -Wl,--no-undefined
+endif
 
 .PHONY: all lib tests benches check test tsan asan stress bench demo deps clean \
         run-tests install uninstall
@@ -86,12 +99,18 @@ $(BUILD)/libonceq.a: $(LIB_OBJS)
 	@$(if $(Q),echo "  AR      $@")
 	$(Q)rm -f $@ && ar rcs $@ $^
 
-# Only what onceq.h marks OQ_API is exported (-fvisibility=hidden).
-$(BUILD)/libonceq.so: $(LIB_OBJS)
-	@$(if $(Q),echo "  LD      $@")
-	$(Q)$(CC) -shared -Wl,-soname,$(SONAME) $(LDFLAGS) -o $@ $^ $(LIB_LIBS)
+$(BUILD)/libonceq-cli.a: $(ENGINE_OBJS)
+	@$(if $(Q),echo "  AR      $@")
+	$(Q)rm -f $@ && ar rcs $@ $^
 
-$(BUILD)/onceq: $(CLI_OBJS) $(BUILD)/libonceq.a
+# Only what onceq.h marks OQ_API is exported (-fvisibility=hidden), each
+# symbol with its version from the map.
+$(BUILD)/libonceq.so: $(LIB_OBJS) $(LIB_MAP)
+	@$(if $(Q),echo "  LD      $@")
+	$(Q)$(CC) -shared -Wl,-soname,$(SONAME) -Wl,--version-script=$(LIB_MAP) \
+		$(LIB_LDFLAGS) $(LDFLAGS) -o $@ $(LIB_OBJS) $(LIB_LIBS)
+
+$(BUILD)/onceq: $(CLI_OBJS) $(BUILD)/libonceq-cli.a $(BUILD)/libonceq.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 
@@ -100,7 +119,7 @@ $(BUILD)/test/%.o: test/%.c
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) -Wno-missing-prototypes -c -o $@ $<
 
-$(BUILD)/test/%: $(BUILD)/test/%.o $(BUILD)/libonceq.a
+$(BUILD)/test/%: $(BUILD)/test/%.o $(BUILD)/libonceq-cli.a $(BUILD)/libonceq.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) -lcmocka
 
@@ -109,7 +128,7 @@ $(BUILD)/bench/%.o: bench/%.c
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) -Wno-missing-prototypes -c -o $@ $<
 
-$(BUILD)/bench/%: $(BUILD)/bench/%.o $(BUILD)/libonceq.a
+$(BUILD)/bench/%: $(BUILD)/bench/%.o $(BUILD)/libonceq-cli.a $(BUILD)/libonceq.a
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 
@@ -121,7 +140,7 @@ benches: $(BENCH_BINS)
 
 # Runs every test binary of $(BUILD) and prints "N passed, N failed".
 # OQ_TIME_MULT stretches real-time waits under sanitizers.
-run-tests: tests $(BUILD)/onceq
+run-tests: tests $(BUILD)/onceq $(BUILD)/libonceq.so
 	$(Q)BUILD=$(BUILD) ONCEQ=$(BUILD)/onceq sh test/run.sh $(TEST_BINS) \
 		$(SCRIPT_TESTS)
 

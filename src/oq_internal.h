@@ -246,6 +246,9 @@ const oq__jdoc *oq__event_doc(const oq_event *ev, void **own,
 void oq__json_hooks_install(void);
 /* 1 if s[0..len) is valid UTF-8 with no NUL byte. */
 int oq__utf8_valid(const char *s, size_t len);
+/* Strict UTF-8 with no NUL: the offset of the first bad byte, or len;
+ * *nul tells whether that byte is a NUL (json.c). */
+size_t oq__utf8_check(const unsigned char *s, size_t len, bool *nul);
 
 /* ---------------------------------------------------------- handlers.c */
 
