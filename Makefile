@@ -37,14 +37,14 @@ endif
 # libonceq (installed): the core, which needs only libxxhash and pthreads.
 LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset.c \
             src/json.c \
-            src/txn.c src/memsink.c src/pool.c
+            src/txn.c src/memsink.c src/pool.c src/opts.c
 # The engine of `onceq run` (reader, handlers, runner, SQLite store): the
 # binary's, and the tests' through build/libonceq-cli.a (not installed).
 ENGINE_SRCS := src/source.c src/handlers.c src/runner.c src/store.c
 CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c src/state_cli.c \
             src/redis.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_json test_txn test_pool \
-              test_source test_handlers test_store \
+              test_source test_handlers test_store test_opts \
               stress_pool
 BENCH_NAMES := bench_pool bench_idset_mem bench_run bench_json
 # Tests that drive the real binary (each prints "N passed, N failed").
