@@ -55,7 +55,7 @@ SCRIPT_TESTS := test/test_node.py test/test_run.py test/test_durable.py \
 # only (a sanitizer build's library needs the sanitizer's runtime). So do the
 # checks of the shared library's symbols, ABI and man pages.
 ifeq ($(SAN),)
-SCRIPT_TESTS += test/test_install.sh test/test_symbols.sh
+SCRIPT_TESTS += test/test_install.sh test/test_symbols.sh test/test_abi.sh
 endif
 
 LIB_OBJS  := $(LIB_SRCS:src/%.c=$(BUILD)/obj/%.o)
@@ -81,7 +81,7 @@ LIB_LDFLAGS := -Wl,--no-undefined
 endif
 
 .PHONY: all lib tests benches check test tsan asan stress bench demo deps clean \
-        run-tests install uninstall
+        run-tests install uninstall abi-check abi-update
 all: $(BUILD)/libonceq.a $(BUILD)/libonceq.so $(BUILD)/onceq onceq
 
 lib: $(BUILD)/libonceq.a
@@ -177,6 +177,7 @@ bench: benches
 
 check: deps
 	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(MAKE) --no-print-directory abi-check
 	$(Q)$(MAKE) --no-print-directory test
 	$(Q)$(MAKE) --no-print-directory tsan
 	$(Q)$(MAKE) --no-print-directory asan
@@ -184,7 +185,8 @@ check: deps
 DEB_PACKAGES := build-essential clang pkg-config python3 uthash-dev \
                 libcmocka-dev libcjson-dev libxxhash-dev libjansson-dev \
                 libsqlite3-dev sqlite3 libhiredis-dev redis-server \
-                gnuplot-nox parallel beanstalkd time
+                gnuplot-nox parallel beanstalkd time abigail-tools groff-base \
+                man-db
 
 deps:
 	$(Q)missing=""; for p in $(DEB_PACKAGES); do \
@@ -205,6 +207,34 @@ demo: deps
 	@echo
 	@echo '$$ ./onceq run --handler count:source examples/events.jsonl'
 	$(Q)./onceq run --handler count:source examples/events.jsonl
+
+# The public ABI (types reachable from include/onceq.h and the exported
+# symbols with their versions), as libabigail's abidw writes it. abi-check
+# compares the library with it and fails on any change but added symbols
+# (abidiff reports a removed or changed struct field as a change, exit 4,
+# not only as an "incompatible" one, exit 8, so any non-zero status fails).
+# After a deliberate change: make abi-update, commit abi/, and say it in the
+# changelog (docs/ABI.md).
+ABI_BASELINE := abi/libonceq.abi
+ABIDW_FLAGS  := --headers-dir include --drop-private-types --no-corpus-path \
+                --no-comp-dir-path --short-locs --type-id-style hash
+ABIDIFF_FLAGS := --headers-dir2 include --drop-private-types
+
+abi-check: $(BUILD)/libonceq.so
+	$(Q)abidiff --no-added-syms $(ABIDIFF_FLAGS) $(ABI_BASELINE) $< \
+	    >$(BUILD)/abi-diff.txt \
+	  || { rc=$$?; cat $(BUILD)/abi-diff.txt; \
+	       echo "abi-check: $< differs from $(ABI_BASELINE) (abidiff exit $$rc)." \
+	       "If that is deliberate: make abi-update (docs/ABI.md)." >&2; exit 1; }
+	$(Q)abidiff $(ABIDIFF_FLAGS) $(ABI_BASELINE) $< >$(BUILD)/abi-added.txt \
+	  && echo "abi-check: $< matches $(ABI_BASELINE)" \
+	  || { cat $(BUILD)/abi-added.txt; \
+	       echo "abi-check: compatible (symbols added); record them with make abi-update"; }
+
+abi-update: $(BUILD)/libonceq.so
+	$(Q)mkdir -p $(dir $(ABI_BASELINE))
+	$(Q)abidw $(ABIDW_FLAGS) --out-file $(ABI_BASELINE) $<
+	$(Q)echo "abi-update: wrote $(ABI_BASELINE) from $<"
 
 # make install PREFIX=/usr/local [DESTDIR=...]
 install: $(BUILD)/libonceq.a $(BUILD)/libonceq.so $(BUILD)/onceq

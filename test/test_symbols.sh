@@ -22,7 +22,7 @@ sed -n 's/^OQ_API[^(]*[ *]\([a-z_0-9]*\)(.*/\1/p' "$top/include/onceq.h" |
 sed 's|/\*.*\*/||; /\/\*/,/\*\//d' "$top/src/libonceq.map" | awk '
   /^[A-Z][A-Z0-9_.]* *\{/ { node = $1; global = 0; next }
   /global:/ { global = 1; next }
-  /local:/ { global = 0; next }
+  /local:/ || /^ *}/ { global = 0; next }
   global && /;/ { gsub(/[ \t;]/, ""); if ($0 != "") print $0, node }
 ' | sort > "$tmp/map"
 # "name version" per line: what the library exports (defined, dynamic).
