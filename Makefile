@@ -55,7 +55,8 @@ SCRIPT_TESTS := test/test_node.py test/test_run.py test/test_durable.py \
 # only (a sanitizer build's library needs the sanitizer's runtime). So do the
 # checks of the shared library's symbols, ABI and man pages.
 ifeq ($(SAN),)
-SCRIPT_TESTS += test/test_install.sh test/test_symbols.sh test/test_abi.sh
+SCRIPT_TESTS += test/test_install.sh test/test_symbols.sh test/test_abi.sh \
+                test/test_man.sh
 endif
 
 LIB_OBJS  := $(LIB_SRCS:src/%.c=$(BUILD)/obj/%.o)
@@ -236,10 +237,24 @@ abi-update: $(BUILD)/libonceq.so
 	$(Q)abidw $(ABIDW_FLAGS) --out-file $(ABI_BASELINE) $<
 	$(Q)echo "abi-update: wrote $(ABI_BASELINE) from $<"
 
+# Section-3 pages: one per function or group; every other name in a page's
+# NAME section gets a one-line ".so man3/PAGE.3" page, so `man NAME` works.
+MAN3_PAGES := $(wildcard docs/man3/*.3)
+MAN3DIR    := $(DESTDIR)$(PREFIX)/share/man/man3
+
 # make install PREFIX=/usr/local [DESTDIR=...]
 install: $(BUILD)/libonceq.a $(BUILD)/libonceq.so $(BUILD)/onceq
 	$(Q)install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/pkgconfig \
-		$(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/share/man/man1
+		$(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/share/man/man1 \
+		$(MAN3DIR)
+	$(Q)for page in $(MAN3_PAGES); do \
+	  base=$$(basename $$page); install -m 644 $$page $(MAN3DIR)/$$base; \
+	  for name in $$(sed -n '/^\.SH NAME/,/^\.SH/p' $$page | sed '1d;$$d' \
+	                 | tr '\n' ' ' | sed 's/\\-.*//' | tr ',' ' '); do \
+	    [ "$$name.3" = "$$base" ] || \
+	      echo ".so man3/$$base" > $(MAN3DIR)/$$name.3; \
+	  done; \
+	done
 	$(Q)install -m 755 $(BUILD)/onceq $(DESTDIR)$(PREFIX)/bin/onceq
 	$(Q)install -m 644 $(BUILD)/libonceq.a $(DESTDIR)$(PREFIX)/lib/libonceq.a
 	$(Q)install -m 755 $(BUILD)/libonceq.so \
@@ -256,6 +271,12 @@ uninstall:
 		$(DESTDIR)$(PREFIX)/lib/libonceq.so* $(DESTDIR)$(PREFIX)/include/onceq.h \
 		$(DESTDIR)$(PREFIX)/share/man/man1/onceq.1 \
 		$(DESTDIR)$(PREFIX)/lib/pkgconfig/onceq.pc
+	$(Q)for page in $(MAN3_PAGES); do \
+	  for name in $$(sed -n '/^\.SH NAME/,/^\.SH/p' $$page | sed '1d;$$d' \
+	                 | tr '\n' ' ' | sed 's/\\-.*//' | tr ',' ' '); do \
+	    rm -f $(MAN3DIR)/$$name.3; \
+	  done; \
+	done
 
 clean:
 	$(Q)rm -rf build build-tsan build-asan build-clang onceq
