@@ -7,8 +7,16 @@
  *   - every time value is in milliseconds and is named *_ms; times are read
  *     from an oq_clock, which tests replace to make time-based behaviour
  *     deterministic;
- *   - option structs are zero-initialised by their *_defaults() function;
- *     more fields may be added at the end in later versions.
+ *   - option structs can grow: each starts with size_t size, and is set up
+ *     by its *_defaults(&opts) macro, which passes the caller's sizeof to
+ *     *_opts_init(): the library zeroes that many bytes, fills in the
+ *     defaults and sets size. Later versions add fields only at the end, and
+ *     a new field's zero value keeps the old behaviour. The library reads
+ *     the fields the caller's size covers; the others keep their defaults.
+ *     size 0 (a struct not set up by *_defaults) is OQ_EINVAL; a size
+ *     larger than the library knows (a newer header) is accepted only when
+ *     the fields it does not know are zero, OQ_EINVAL otherwise. See
+ *     docs/ABI.md.
  */
 #ifndef ONCEQ_H
 #define ONCEQ_H
@@ -104,6 +112,8 @@ typedef enum oq_dlq_reason {
 OQ_API const char *oq_dlq_reason_name(oq_dlq_reason r);
 
 typedef struct oq_queue_opts {
+    size_t size;                   /* sizeof(oq_queue_opts) as the caller
+                                      was compiled; set by *_defaults */
     int64_t visibility_timeout_ms; /* default 30000 */
     uint32_t max_receives;         /* 0 = unlimited; default 0 */
     int64_t ttl_ms;                /* 0 = no TTL; age counted from send */
@@ -118,7 +128,10 @@ typedef struct oq_queue_opts {
                                       pool) to settle it: one outcome per id */
 } oq_queue_opts;
 
-OQ_API void oq_queue_opts_defaults(oq_queue_opts *o);
+/* Fills the size bytes at o with the defaults and sets o->size = size.
+ * Call it as oq_queue_opts_defaults(&o), which passes sizeof(o). */
+OQ_API void oq_queue_opts_init(oq_queue_opts *o, size_t size);
+#define oq_queue_opts_defaults(o) oq_queue_opts_init((o), sizeof(*(o)))
 
 /* One message for oq_queue_send_batch. */
 typedef struct oq_message {
@@ -277,6 +290,8 @@ OQ_API size_t oq_queue_dead_letters(oq_queue *q, int take, oq_dead_fn fn,
 typedef struct oq_idset oq_idset;
 
 typedef struct oq_idset_opts {
+    size_t size;              /* sizeof(oq_idset_opts) as the caller was
+                                 compiled; set by *_defaults */
     unsigned shard_bits;      /* 2^shard_bits shards; default 6 */
     int64_t retention_ms;     /* 0: remember DONE ids forever. Otherwise an id
                                  is remembered at least this long and
@@ -285,7 +300,9 @@ typedef struct oq_idset_opts {
     const oq_clock *clock;    /* NULL = monotonic */
 } oq_idset_opts;
 
-OQ_API void oq_idset_opts_defaults(oq_idset_opts *o);
+/* As oq_queue_opts_init; call it as oq_idset_opts_defaults(&o). */
+OQ_API void oq_idset_opts_init(oq_idset_opts *o, size_t size);
+#define oq_idset_opts_defaults(o) oq_idset_opts_init((o), sizeof(*(o)))
 
 typedef enum oq_claim_status {
     OQ_CLAIMED = 0, /* the caller holds the lease */
@@ -498,6 +515,8 @@ typedef struct oq_committer {
 typedef struct oq_pool oq_pool;
 
 typedef struct oq_pool_opts {
+    size_t size;               /* sizeof(oq_pool_opts) as the caller was
+                                  compiled; set by *_defaults */
     unsigned workers;          /* default 2 */
     unsigned batch;            /* messages per receive; default 16 */
     int64_t backoff_base_ms;   /* default 100 */
@@ -520,7 +539,9 @@ typedef struct oq_pool_opts {
                                   Default 0: they are. */
 } oq_pool_opts;
 
-OQ_API void oq_pool_opts_defaults(oq_pool_opts *o);
+/* As oq_queue_opts_init; call it as oq_pool_opts_defaults(&o). */
+OQ_API void oq_pool_opts_init(oq_pool_opts *o, size_t size);
+#define oq_pool_opts_defaults(o) oq_pool_opts_init((o), sizeof(*(o)))
 
 typedef struct oq_pool_stats {
     uint64_t processed;    /* committed and acked: one effect each */

@@ -368,10 +368,12 @@ static bool id_ok(const char *id, size_t len)
 
 /* ------------------------------------------------------------ lifecycle */
 
-void oq_idset_opts_defaults(oq_idset_opts *o)
+void oq_idset_opts_init(oq_idset_opts *o, size_t size)
 {
-    memset(o, 0, sizeof(*o));
-    o->shard_bits = 6;
+    oq_idset_opts d = { .size = sizeof(d) };
+
+    d.shard_bits = 6;
+    oq__opts_init(o, size, &d, sizeof(d));
 }
 
 int oq_idset_new(oq_idset **out, const oq_idset_opts *opts)
@@ -380,10 +382,10 @@ int oq_idset_new(oq_idset **out, const oq_idset_opts *opts)
     if (out == NULL)
         return OQ_EINVAL;
     *out = NULL;
-    if (opts == NULL) {
-        oq_idset_opts_defaults(&def);
-        opts = &def;
-    }
+    oq_idset_opts_defaults(&def);
+    if (opts && oq__opts_copy(&def, sizeof(def), opts) != 0)
+        return OQ_EINVAL;
+    opts = &def;
     if (opts->shard_bits > MAX_SHARD_BITS || opts->retention_ms < 0)
         return OQ_EINVAL;
 

@@ -37,6 +37,21 @@ void oq__set_err(char *err, size_t errlen, const char *fmt, ...)
 #endif
     ;
 
+/* ------------------------------------------------------------------ opts */
+
+/*
+ * Options that grow (opts.c). o/dst/src point to an oq_*_opts struct, whose
+ * first field is size_t size; known is the library's sizeof of it.
+ * oq__opts_init: zeroes the caller's size bytes, copies the defaults the
+ * caller's struct has room for, and sets o->size = size.
+ * oq__opts_copy: copies the fields the caller's src->size covers over dst
+ * (which holds the defaults), and sets dst->size = known. OQ_EINVAL when
+ * src->size is 0, or covers non-zero bytes past known (an option from a
+ * newer header that this library does not have).
+ */
+void oq__opts_init(void *o, size_t size, const void *defaults, size_t known);
+int oq__opts_copy(void *dst, size_t known, const void *src);
+
 /* ------------------------------------------------------------------ clock */
 
 /* Absolute CLOCK_MONOTONIC timespec for "now + ms" (for timed waits). */
@@ -271,6 +286,9 @@ const oq__jdoc *oq__event_doc(const oq_event *ev, void **own,
 void oq__json_hooks_install(void);
 /* 1 if s[0..len) is valid UTF-8 with no NUL byte. */
 int oq__utf8_valid(const char *s, size_t len);
+/* Strict UTF-8 with no NUL: the offset of the first bad byte, or len;
+ * *nul tells whether that byte is a NUL (json.c). */
+size_t oq__utf8_check(const unsigned char *s, size_t len, bool *nul);
 
 /* ---------------------------------------------------------- handlers.c */
 

@@ -115,15 +115,17 @@ struct oq_pool {
     unsigned running;   /* guarded by mu */
 };
 
-void oq_pool_opts_defaults(oq_pool_opts *o)
+void oq_pool_opts_init(oq_pool_opts *o, size_t size)
 {
-    memset(o, 0, sizeof(*o));
-    o->workers = 2;
-    o->batch = 16;
-    o->backoff_base_ms = 100;
-    o->backoff_cap_ms = 30000;
-    o->busy_retry_ms = 10;
-    o->poll_ms = 100;
+    oq_pool_opts d = { .size = sizeof(d) };
+
+    d.workers = 2;
+    d.batch = 16;
+    d.backoff_base_ms = 100;
+    d.backoff_cap_ms = 30000;
+    d.busy_retry_ms = 10;
+    d.poll_ms = 100;
+    oq__opts_init(o, size, &d, sizeof(d));
 }
 
 int64_t oq_backoff_ms(int64_t base_ms, int64_t cap_ms, uint32_t attempt,
@@ -769,18 +771,21 @@ static int alloc_workers(oq_pool *p)
 int oq_pool_start(oq_pool **out, oq_queue *q, oq_idset *s,
                   const oq_pool_opts *opts)
 {
+    oq_pool_opts o;
     oq_pool *p;
     int rc;
 
+    oq_pool_opts_defaults(&o);
     if (out == NULL || q == NULL || s == NULL || opts == NULL ||
-        opts->workers == 0 || opts->batch == 0 || opts->batch > 4096)
+        oq__opts_copy(&o, sizeof(o), opts) != 0 ||
+        o.workers == 0 || o.batch == 0 || o.batch > 4096)
         return OQ_EINVAL;
     p = oq__calloc(1, sizeof(*p));
     if (p == NULL)
         return OQ_ENOMEM;
     p->q = q;
     p->s = s;
-    p->opts = *opts;
+    p->opts = o;
     if (p->opts.poll_ms <= 0)
         p->opts.poll_ms = 100;
     pthread_mutex_init(&p->mu, NULL);

@@ -151,11 +151,13 @@ struct oq_queue {
     oq_queue_stats st;        /* counters; gauges are filled in on read */
 };
 
-void oq_queue_opts_defaults(oq_queue_opts *o)
+void oq_queue_opts_init(oq_queue_opts *o, size_t size)
 {
-    memset(o, 0, sizeof(*o));
-    o->visibility_timeout_ms = 30000;
-    o->dedup_count = 10000;
+    oq_queue_opts d = { .size = sizeof(d) };
+
+    d.visibility_timeout_ms = 30000;
+    d.dedup_count = 10000;
+    oq__opts_init(o, size, &d, sizeof(d));
 }
 
 static int64_t now_ms(const oq_queue *q)
@@ -173,11 +175,9 @@ int oq_queue_new(oq_queue **out, const oq_queue_opts *opts)
     q = oq__calloc(1, sizeof(*q));
     if (q == NULL)
         return OQ_ENOMEM;
-    if (opts)
-        q->opts = *opts;
-    else
-        oq_queue_opts_defaults(&q->opts);
-    if (q->opts.visibility_timeout_ms <= 0 || q->opts.ttl_ms < 0 ||
+    oq_queue_opts_defaults(&q->opts);
+    if ((opts && oq__opts_copy(&q->opts, sizeof(q->opts), opts) != 0) ||
+        q->opts.visibility_timeout_ms <= 0 || q->opts.ttl_ms < 0 ||
         q->opts.dedup_age_ms < 0) {
         oq__free(q);
         return OQ_EINVAL;

@@ -518,78 +518,6 @@ int oq__reader_next(oq__reader *r, oq__line *line, char *err, size_t errlen)
     return rc;
 }
 
-/* ================================================================== UTF-8 */
-
-#define HIGH_BITS 0x8080808080808080ULL
-#define LOW_BITS 0x0101010101010101ULL
-
-/*
- * Strict UTF-8 (Unicode 3-7: no overlong forms, no surrogates, nothing
- * above U+10FFFF) and no NUL byte. Returns the offset of the first bad byte,
- * or len if all is well; *nul tells whether the bad byte is a NUL.
- */
-static size_t utf8_check(const unsigned char *s, size_t len, bool *nul)
-{
-    size_t i = 0;
-
-    *nul = false;
-    while (i < len) {
-        /* ASCII fast path: 8 bytes with no high bit and no zero byte. */
-        while (i + 8 <= len) {
-            uint64_t v;
-            memcpy(&v, s + i, 8);
-            if (((v | ((v - LOW_BITS) & ~v)) & HIGH_BITS) != 0)
-                break;
-            i += 8;
-        }
-        if (i >= len)
-            break;
-        unsigned char c = s[i];
-        if (c == 0) {
-            *nul = true;
-            return i;
-        }
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t need;
-        unsigned char lo = 0x80, hi = 0xBF; /* range of the 2nd byte */
-        if (c >= 0xC2 && c <= 0xDF) {
-            need = 1;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            need = 2;
-            if (c == 0xE0)
-                lo = 0xA0; /* overlong */
-            else if (c == 0xED)
-                hi = 0x9F; /* surrogates */
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            need = 3;
-            if (c == 0xF0)
-                lo = 0x90; /* overlong */
-            else if (c == 0xF4)
-                hi = 0x8F; /* above U+10FFFF */
-        } else {
-            return i; /* continuation byte, C0/C1, F5..FF */
-        }
-        if (need >= len - i)
-            return i; /* truncated */
-        if (s[i + 1] < lo || s[i + 1] > hi)
-            return i;
-        for (size_t k = 2; k <= need; k++)
-            if ((s[i + k] & 0xC0) != 0x80)
-                return i;
-        i += need + 1;
-    }
-    return len;
-}
-
-int oq__utf8_valid(const char *s, size_t len)
-{
-    bool nul;
-    return utf8_check((const unsigned char *)s, len, &nul) == len;
-}
-
 /* =========================================================== JSON decode */
 
 /*
@@ -723,7 +651,7 @@ static int scan_event(const char *s, size_t len, oq_decoded *out)
     bool nul;
     int rc;
 
-    bad = utf8_check((const unsigned char *)s, len, &nul);
+    bad = oq__utf8_check((const unsigned char *)s, len, &nul);
     if (bad < len)
         return reject(out, OQ_DLQ_PARSE_ERROR, "%s at byte %zu",
                       nul ? "NUL byte" : "invalid UTF-8", bad);

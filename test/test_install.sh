@@ -3,8 +3,11 @@
 # then builds examples/ against it the way an outside user would, through
 # pkg-config only (no -I or -L into the source tree), and runs them: the
 # library example against the shared library and against the static one, and
-# the plugin example loaded by the installed binary. Also checks the soname,
-# that only the public API is exported, and the man page.
+# the plugin example loaded by the installed binary. Also checks the soname
+# and the versioned file names, that only the public API is exported, each
+# symbol with its ONCEQ_ version, that the library needs no CLI library
+# (SQLite, hiredis, cJSON), that pkg-config --static lists exactly what a
+# static link needs, and the man pages (man1, man3 and the .so links).
 # Prints "N passed, N failed".
 set -u
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,6 +34,25 @@ check "only oq_ symbols are exported" sh -c \
 check "no internal oq__ symbol is exported" sh -c \
   "! nm -D --defined-only '$prefix/lib/libonceq.so' | grep -q ' oq__'"
 check "man page installed" test -s "$prefix/share/man/man1/onceq.1"
+version=$(pkg-config --modversion onceq)
+check "versioned library installed (libonceq.so.$version, .so.MAJOR, .so links)" sh -c \
+  "test -f '$prefix/lib/libonceq.so.$version' && test ! -L '$prefix/lib/libonceq.so.$version' &&
+   test \"\$(readlink '$prefix/lib/libonceq.so.${version%%.*}')\" = libonceq.so.$version &&
+   test \"\$(readlink '$prefix/lib/libonceq.so')\" = libonceq.so.${version%%.*}"
+check "every exported symbol carries its ONCEQ_ version" sh -c \
+  "readelf --dyn-syms --wide '$prefix/lib/libonceq.so' | awk '\$7 != \"UND\" && \$8 ~ /^oq_/' > '$tmp/syms' &&
+   test -s '$tmp/syms' && ! grep -v '@@ONCEQ_[0-9]' '$tmp/syms'"
+check "libonceq.so needs no SQLite, hiredis or cJSON" sh -c \
+  "ldd '$prefix/lib/libonceq.so' > '$tmp/ldd.out' && ! grep -E 'sqlite|hiredis|cjson' '$tmp/ldd.out'"
+check "pkg-config --static lists what libonceq.a needs: -lonceq -pthread -lxxhash" sh -c \
+  "test \"\$(pkg-config --libs --static onceq | tr ' ' '\\n' | grep . | sort | tr '\\n' ' ')\" = \
+        \"-L$prefix/lib -lonceq -lxxhash -pthread \""
+check "section-3 pages installed (onceq.3, one per group, .so links)" sh -c \
+  "test -s '$prefix/share/man/man3/onceq.3' && test -s '$prefix/share/man/man3/oq_pool_start.3' &&
+   grep -qx '.so man3/oq_queue_settle.3' '$prefix/share/man/man3/oq_queue_ack.3'"
+check "man finds oq_queue_ack and onceq(3) in the installed tree" sh -c \
+  "MANPATH='$prefix/share/man' MANWIDTH=80 man 3 oq_queue_ack 2>&1 | grep -q '^OQ_QUEUE_SETTLE(3)' &&
+   MANPATH='$prefix/share/man' MANWIDTH=80 man 3 onceq 2>&1 | grep -q '^ONCEQ(3)'"
 
 cd "$tmp" || exit 1
 # shellcheck disable=SC2046
@@ -41,7 +63,10 @@ check "example runs against the shared library" sh -c \
 check "example builds with pkg-config (static)" sh -c \
   "$cc -o ex_static '$top/examples/library_example.c' \$(pkg-config --cflags --static --libs onceq | sed 's/-lonceq/-l:libonceq.a/')"
 check "example runs statically linked" sh -c \
-  "./ex_static > static.out && cmp shared.out static.out"
+  "./ex_static > static.out && cmp shared.out static.out && ! ldd ./ex_static 2>&1 | grep -q libonceq"
+check "example links statically with exactly pkg-config --static --libs" sh -c \
+  "$cc -static -o ex_allstatic '$top/examples/library_example.c' \$(pkg-config --cflags --static --libs onceq) &&
+   ./ex_allstatic > allstatic.out && cmp shared.out allstatic.out"
 check "plugin builds with pkg-config --cflags" sh -c \
   "$cc -shared -fPIC -o plugin_upper.so '$top/examples/plugin_upper.c' \$(pkg-config --cflags onceq)"
 printf '{"id":"p1","word":"hello"}\n{"id":"p1","word":"hello"}\n' > ev.jsonl
