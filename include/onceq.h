@@ -273,8 +273,10 @@ OQ_API void oq_queue_wake(oq_queue *q);
 
 OQ_API void oq_queue_stats_get(oq_queue *q, oq_queue_stats *out);
 
-/* Calls fn for each dead letter, oldest first, without the queue lock held.
- * With take != 0 the list is emptied. Returns the number visited. */
+/* Calls fn for each dead letter, oldest first. With take != 0 the list is
+ * emptied first and fn runs without the queue lock held; with take == 0 fn
+ * runs with the lock held and must not call into the queue. Returns the
+ * number visited. */
 typedef void (*oq_dead_fn)(const oq_dead_letter *dl, void *arg);
 OQ_API size_t oq_queue_dead_letters(oq_queue *q, int take, oq_dead_fn fn,
                                     void *arg);
