@@ -522,13 +522,16 @@ static const char *str_at(node *n, uint32_t i, size_t *len)
  * "1.0" or "1e3" through their double value. */
 static bool num_int64(const node *n, uint32_t i, int64_t *out)
 {
-    const oq__jtok *t = &n->d.tok[i];
-    const char *s = n->d.text + t->start;
-    bool neg = *s == '-';
+    const oq__jtok *t;
+    const char *s;
+    bool neg;
     uint64_t u = 0;
 
     if (!is_a(n, i, OQ__J_NUM))
         return false;
+    t = &n->d.tok[i];
+    s = n->d.text + t->start;
+    neg = *s == '-';
     if (!oq__jnum_is_integer(&n->d, i)) {
         /* No byte after a number can continue it: strtod stops there. */
         double d = strtod(s, NULL);
