@@ -1344,28 +1344,49 @@ static bool tame(char *s, size_t len)
     return changed;
 }
 
-/* oq__json_scan stopped at text[at], the opening quote of the second of two
- * equal keys of an object. The request is still answered (error 12) as far
- * as it was read: the containers still open end at the last token, so that
- * src, dest and body.msg_id are found; what follows is not checked. */
-static void repeated_key(node *n, size_t at, nerr *refused)
+/* Repeated keys dropped from one line to check the rest of it; past this
+ * the rest is not checked (each drop costs a scan of the line). */
+#define MAX_DROPS 16
+
+/* The token of the string whose opening quote is text[at], or 0. */
+static uint32_t string_at(const node *n, size_t at)
+{
+    for (uint32_t i = n->tape.n; i-- > 0;)
+        if (n->tape.tok[i].type == OQ__J_STR && n->tape.tok[i].start == at + 1)
+            return i;
+    return 0;
+}
+
+/* Blanks member key (a repeated one, never an object's first) and the comma
+ * before it, so that the line can be scanned again. false if it cannot. */
+static bool drop_member(node *n, char *text, uint32_t key)
+{
+    const oq__jtok *v;
+    size_t from, to;
+
+    if (key == 0 || key + 1 >= n->tape.n)
+        return false;
+    v = &n->tape.tok[key + 1];
+    from = n->tape.tok[key].start - 1;       /* the key's opening quote */
+    to = v->start + v->len + (v->type == OQ__J_STR);  /* past the value */
+    while (from > 0 && memchr(" \t\r\n", text[from - 1], 4) != NULL)
+        from--;
+    if (from == 0 || text[from - 1] != ',')
+        return false;
+    memset(text + from - 1, ' ', to - from + 1);
+    return true;
+}
+
+/* Too many repeated keys: the request is answered as far as it was read.
+ * The containers still open end at the last token, so that src, dest and
+ * body.msg_id are found; what follows is not checked. */
+static void close_open(node *n)
 {
     oq__jtok *t = n->tape.tok;
-    uint32_t key = 0;
-    const char *s = NULL;
-    size_t len = 0;
 
-    for (uint32_t i = 0; i < n->tape.n; i++) {
-        if ((t[i].type == OQ__J_OBJ || t[i].type == OQ__J_ARR) &&
-            t[i].len == 0)
-            t[i].end = n->tape.n;     /* still open */
-        else if (t[i].type == OQ__J_STR && t[i].start == at + 1)
-            key = i;
-    }
-    if (key != 0)
-        s = str_at(n, key, &len);
-    fail(refused, E_MALFORMED, "repeated key '%.*s' in an object",
-         clip(len, 80), s ? s : "");
+    for (uint32_t i = 0; i < n->tape.n; i++)
+        if ((t[i].type == OQ__J_OBJ || t[i].type == OQ__J_ARR) && t[i].len == 0)
+            t[i].end = n->tape.n;
 }
 
 /* Scans text[0..len) (n->d), reading around what strict JSON allows but
@@ -1383,11 +1404,26 @@ static int scan_line(node *n, char *text, size_t len, nerr *refused)
              OQ__JSON_MAX_DEPTH);
         rc = oq__json_scan(text, len, &n->tape, &at, &why);
     }
-    n->d = (oq__jdoc){ text, len, n->tape.tok, n->tape.n };
-    if (rc == -1 && strcmp(why, "duplicate key in an object") == 0) {
-        repeated_key(n, at, refused);
-        return 0;
+    for (int drops = 0;
+         rc == -1 && strcmp(why, "duplicate key in an object") == 0; drops++) {
+        uint32_t key = string_at(n, at);
+        const char *name = NULL;
+        size_t name_len = 0;
+
+        n->d = (oq__jdoc){ text, len, n->tape.tok, n->tape.n };
+        if (drops == 0) {
+            if (key != 0)
+                name = str_at(n, key, &name_len);
+            fail(refused, E_MALFORMED, "repeated key '%.*s' in an object",
+                 clip(name_len, 80), name ? name : "");
+        }
+        if (drops == MAX_DROPS || !drop_member(n, text, key)) {
+            close_open(n);
+            return 0;
+        }
+        rc = oq__json_scan(text, len, &n->tape, &at, &why);
     }
+    n->d = (oq__jdoc){ text, len, n->tape.tok, n->tape.n };
     if (rc == -1)
         log_skip(n, "not JSON (%s at byte %zu)", why, at);
     else if (rc != 0)
