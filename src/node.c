@@ -4,16 +4,18 @@
  *
  * DESIGN
  * ------
- * One thread. The loop reads a line with getline(), parses it with cJSON,
- * looks the body's type up in a table of {type, reply type, handler} and
- * calls the handler, which validates its fields, changes the state and
- * appends its reply fields to one reusable output buffer. The dispatcher
- * wrote the envelope and the reply's type and in_reply_to before the call
- * and closes it after; on an error it throws the partial reply away and
- * writes an error reply instead. Every reply is written with write(2) as
- * one whole line before the next line is read, so a client that waits for
- * each reply never waits forever. Nothing on stdout but replies; logs go to
- * stderr.
+ * One thread. The loop reads a line with getline(), scans it with the
+ * strict JSON scanner (json.c) onto one reused tape, looks the body's type
+ * up in a table of {type, reply type, handler} and calls the handler, which
+ * reads its fields from the tape (strings as their exact bytes, numbers as
+ * their text), changes the state and appends its reply fields to one
+ * reusable output buffer. The dispatcher writes the envelope and the
+ * reply's type and in_reply_to after the call and closes it; on an error it
+ * throws the partial reply away and writes an error reply instead. Every
+ * reply is written with write(2) as one whole line before the next line is
+ * read, so a client that waits for each reply never waits forever. Nothing
+ * on stdout but replies; logs go to stderr. Every JSON string written goes
+ * through oq__json_quote, the project's one string writer.
  *
  * State (all owned by struct node, touched by this thread only):
  *   - the word-count processor: counts (word -> count), the processed event
@@ -30,8 +32,8 @@
  *     (their JSON text) with offsets from 0, the committed offset, and a
  *     table message_id -> offset for duplicate sends on that key.
  *
- * Hash tables are uthash. Allocation goes through oq__malloc (uthash and
- * cJSON included), so running out of memory gives an error reply (code 13)
+ * Hash tables are uthash. Allocation goes through oq__malloc (uthash
+ * included), so running out of memory gives an error reply (code 13)
  * rather than a crash.
  */
 #include "oq_internal.h"
@@ -39,15 +41,12 @@
 #include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
-#include <math.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-#include <cjson/cJSON.h>
 
 #include "oq_uthash.h"
 
@@ -69,45 +68,20 @@ enum {
  * and a huge delay still means "not in this lifetime". */
 #define MS_MAX ((int64_t)1 << 62)
 
+
 /* ------------------------------------------------------------ out buffer */
 
-/* A growable byte buffer for replies. On out of memory it sets oom and
- * ignores further appends; the dispatcher turns that into an error reply. */
+/* A reply being built. On out of memory it sets oom and ignores further
+ * appends; the dispatcher turns that into an error reply. */
 typedef struct sbuf {
-    char *p;
-    size_t len, cap;
+    oq__buf b;
     bool oom;
 } sbuf;
 
-static bool sb_reserve(sbuf *b, size_t extra)
-{
-    size_t need, cap;
-    char *p;
-
-    if (b->oom)
-        return false;
-    need = b->len + extra;
-    if (need <= b->cap)
-        return true;
-    cap = b->cap ? b->cap : 4096;
-    while (cap < need)
-        cap *= 2;
-    p = oq__realloc(b->p, cap);
-    if (p == NULL) {
-        b->oom = true;
-        return false;
-    }
-    b->p = p;
-    b->cap = cap;
-    return true;
-}
-
 static void sb_put(sbuf *b, const char *s, size_t n)
 {
-    if (!sb_reserve(b, n))
-        return;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
+    if (!b->oom && oq__buf_add(&b->b, s, n) != 0)
+        b->oom = true;
 }
 
 static void sb_puts(sbuf *b, const char *s)
@@ -130,92 +104,12 @@ static void sb_int(sbuf *b, int64_t v)
     sb_put(b, p, (size_t)(e - p));
 }
 
-/* Length of the well-formed UTF-8 sequence at s (RFC 3629), or 0. */
-static size_t utf8_len(const unsigned char *s, size_t n)
-{
-    unsigned char c = s[0];
-    unsigned char lo = 0x80, hi = 0xBF;
-    size_t k;
-
-    if (c >= 0xC2 && c <= 0xDF)
-        k = 2;
-    else if (c >= 0xE0 && c <= 0xEF)
-        k = 3;
-    else if (c >= 0xF0 && c <= 0xF4)
-        k = 4;
-    else
-        return 0;
-    if (c == 0xE0)
-        lo = 0xA0;
-    else if (c == 0xED)
-        hi = 0x9F;
-    else if (c == 0xF0)
-        lo = 0x90;
-    else if (c == 0xF4)
-        hi = 0x8F;
-    if (n < k || s[1] < lo || s[1] > hi)
-        return 0;
-    for (size_t i = 2; i < k; i++)
-        if (s[i] < 0x80 || s[i] > 0xBF)
-            return 0;
-    return k;
-}
-
-/* Appends s as a JSON string. Bytes that are not UTF-8 become U+FFFD, so
- * the output is always valid JSON text. */
+/* Appends s as a JSON string (oq__json_quote: bytes that are not UTF-8
+ * become U+FFFD, so the output is always valid JSON text). */
 static void sb_str(sbuf *b, const char *s, size_t n)
 {
-    static const char hex[] = "0123456789abcdef";
-    const unsigned char *u = (const unsigned char *)s;
-    char *o;
-    size_t i = 0;
-
-    if (!sb_reserve(b, n * 6 + 2))
-        return;
-    o = b->p + b->len;
-    *o++ = '"';
-    while (i < n) {
-        unsigned char c = u[i];
-        size_t k;
-
-        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
-            *o++ = (char)c;
-            i++;
-            continue;
-        }
-        if (c >= 0x80) {
-            k = utf8_len(u + i, n - i);
-            if (k == 0) {
-                memcpy(o, "\\ufffd", 6);
-                o += 6;
-                i++;
-            } else {
-                memcpy(o, s + i, k);
-                o += k;
-                i += k;
-            }
-            continue;
-        }
-        *o++ = '\\';
-        switch (c) {
-        case '"': *o++ = '"'; break;
-        case '\\': *o++ = '\\'; break;
-        case '\n': *o++ = 'n'; break;
-        case '\r': *o++ = 'r'; break;
-        case '\t': *o++ = 't'; break;
-        case '\b': *o++ = 'b'; break;
-        case '\f': *o++ = 'f'; break;
-        default:
-            memcpy(o, "u00", 3);
-            o[3] = hex[c >> 4];
-            o[4] = hex[c & 15];
-            o += 5;
-            break;
-        }
-        i++;
-    }
-    *o++ = '"';
-    b->len = (size_t)(o - b->p);
+    if (!b->oom && oq__json_quote(&b->b, s, n) != 0)
+        b->oom = true;
 }
 
 static void sb_cstr(sbuf *b, const char *s)
@@ -229,6 +123,13 @@ static void sb_key(sbuf *b, const char *key)
     sb_put(b, ",\"", 2);
     sb_puts(b, key);
     sb_put(b, "\":", 2);
+}
+
+/* Empties b for a new reply; it keeps its capacity. */
+static void sb_reset(sbuf *b)
+{
+    b->b.len = 0;
+    b->oom = false;
 }
 
 /* -------------------------------------------------- word-count processor */
@@ -458,9 +359,8 @@ typedef struct kmid {
     char s[];
 } kmid;
 
-static klog *klog_get(klog **logs, const char *key, bool create)
+static klog *klog_get(klog **logs, const char *key, size_t len, bool create)
 {
-    size_t len = strlen(key);
     klog *l;
 
     HASH_FIND(hh, *logs, key, len, l);
@@ -513,6 +413,7 @@ static void kafka_free(klog **logs)
 
 typedef struct node {
     char *node_id;           /* NULL until init */
+    size_t node_id_len;
     int64_t next_msg_id;     /* the node's own message counter */
     wc_state wc;
     checkpoint *checkpoints; /* uthash by name */
@@ -520,9 +421,16 @@ typedef struct node {
     int64_t default_vt_ms;   /* the queue's visibility timeout */
     oq_delivery *dbuf;       /* receive buffer, RECEIVE_MAX_CAP entries */
     klog *logs;              /* uthash by key */
+    /* The request being answered. */
+    oq__jtape tape;          /* its tokens (the tape is reused) */
+    oq__jdoc d;              /* the line as scanned; d.text is the line */
+    oq__buf fixed;           /* the line with U+FFFD for bytes not UTF-8 */
+    oq__buf strs;            /* its strings that had escapes, decoded */
+    const char *src, *dest;  /* its src and dest ("" when it has none) */
+    size_t src_len, dest_len;
     sbuf body;               /* a handler's reply fields */
-    sbuf tmp;                /* scratch: JSON text of a payload or msg */
     sbuf out;                /* the reply line being written */
+    oq__buf tmp;             /* scratch: JSON text of a payload or msg */
     unsigned long lineno;
     bool quiet;
 } node;
@@ -558,654 +466,177 @@ static int no_memory(nerr *e)
     return fail(e, E_CRASH, "out of memory");
 }
 
-/* The integer that the double d is exactly, if it is one in int64 range. */
-static bool double_int64(double d, int64_t *out)
+/* A length for "%.*s" in an error text: at most max bytes of a name. */
+static int clip(size_t len, int max)
 {
-    /* 2^63 is exact in a double; -2^63 itself is rejected, harmlessly. */
-    if (!(d > -9223372036854775808.0 && d < 9223372036854775808.0))
-        return false;
-    if ((double)(int64_t)d != d)
-        return false;
-    *out = (int64_t)d;
-    return true;
+    return len < (size_t)max ? (int)len : max;
 }
 
-/* The integer a JSON number's text names, if it is one in int64 range:
- * "-12" exactly (a double would round above 2^53); "1.0" or "1e3"
- * through their double value. */
-static bool text_int64(const char *s, int64_t *out)
+/* ------------------------------------------------------- request fields */
+
+/* The members of object o: k is each key's token, k + 1 its value. */
+#define FOR_MEMBERS(n, o, k)                                                 \
+    for (uint32_t k = (o) + 1; k < (n)->d.tok[o].end; k = (n)->d.tok[k + 1].end)
+/* The elements of array a. */
+#define FOR_ELEMENTS(n, a, k)                                                \
+    for (uint32_t k = (a) + 1; k < (n)->d.tok[a].end; k = (n)->d.tok[k].end)
+
+/* The value of member name of object obj in the request, or 0 (absent). */
+static uint32_t member(const node *n, uint32_t obj, const char *name)
 {
-    bool neg = *s == '-';
-    const char *p = s + neg;
+    return oq__jget(&n->d, obj, name, strlen(name));
+}
+
+/* Whether token i (0: absent) is a value of type (OQ__J_*). */
+static bool is_a(const node *n, uint32_t i, int type)
+{
+    return i != 0 && n->d.tok[i].type == type;
+}
+
+/* String token i's bytes: a pointer into the line, or, when it has escapes,
+ * decoded into n->strs. NULL if n->strs is full: handle_line makes it as
+ * large as the line, decoding never lengthens a string and no string token
+ * is read twice per request, so it never is. */
+static const char *str_at(node *n, uint32_t i, size_t *len)
+{
+    const oq__jtok *t = &n->d.tok[i];
+    const char *s;
+
+    if (t->esc && t->len > n->strs.cap - n->strs.len)
+        return NULL;
+    s = oq__jstr(&n->d, i, n->strs.data + n->strs.len, len);
+    if (t->esc)
+        n->strs.len += *len;
+    return s;
+}
+
+/* The integer that number token i (0: absent) names, if it is one in int64
+ * range: "-12" exactly, from its digits (a double would round above 2^53);
+ * "1.0" or "1e3" through their double value. */
+static bool num_int64(const node *n, uint32_t i, int64_t *out)
+{
+    const oq__jtok *t;
+    const char *s;
+    bool neg;
     uint64_t u = 0;
 
-    while (*p >= '0' && *p <= '9') {
-        unsigned d = (unsigned)(*p++ - '0');
-        if (u > (UINT64_MAX - d) / 10)
+    if (!is_a(n, i, OQ__J_NUM))
+        return false;
+    t = &n->d.tok[i];
+    s = n->d.text + t->start;
+    neg = *s == '-';
+    if (!oq__jnum_is_integer(&n->d, i)) {
+        /* No byte after a number can continue it: strtod stops there. */
+        double d = strtod(s, NULL);
+        /* 2^63 is exact in a double; -2^63 itself is refused, harmlessly. */
+        if (!(d > -9223372036854775808.0 && d < 9223372036854775808.0) ||
+            (double)(int64_t)d != d)
             return false;
-        u = u * 10 + d;
+        *out = (int64_t)d;
+        return true;
     }
-    if (*p != '\0')
-        return double_int64(strtod(s, NULL), out);
+    for (uint32_t k = neg; k < t->len; k++) {
+        unsigned dg = (unsigned)(s[k] - '0');
+        if (u > (UINT64_MAX - dg) / 10)
+            return false;
+        u = u * 10 + dg;
+    }
     if (u > (uint64_t)INT64_MAX + neg)
         return false;
     *out = !neg ? (int64_t)u : u == 0 ? 0 : -(int64_t)(u - 1) - 1;
     return true;
 }
 
-/* A number node's value as an integer. Every number of a request carries
- * its JSON text in valuestring (see walk()). */
-static bool is_int64(const cJSON *v, int64_t *out)
+static int get_string(node *n, uint32_t obj, const char *field,
+                      const char **out, size_t *len, nerr *e)
 {
-    if (!cJSON_IsNumber(v))
-        return false;
-    if (v->valuestring != NULL)
-        return text_int64(v->valuestring, out);
-    return double_int64(v->valuedouble, out);
-}
+    uint32_t v = member(n, obj, field);
 
-static int get_string(const cJSON *body, const char *field, const char **out,
-                      nerr *e)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(body, field);
-
-    if (!cJSON_IsString(v) || v->valuestring == NULL)
+    if (!is_a(n, v, OQ__J_STR))
         return bad_field(e, field, "a string");
-    *out = v->valuestring;
+    if ((*out = str_at(n, v, len)) == NULL)
+        return no_memory(e);
     return 0;
 }
 
 /* An integer >= 0; when absent, *out = dflt if dflt >= 0, else an error. */
-static int get_count(const cJSON *body, const char *field, int64_t dflt,
-                     int64_t *out, nerr *e)
+static int get_count(const node *n, uint32_t obj, const char *field,
+                     int64_t dflt, int64_t *out, nerr *e)
 {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(body, field);
+    uint32_t v = member(n, obj, field);
 
-    if (v == NULL && dflt >= 0) {
+    if (v == 0 && dflt >= 0) {
         *out = dflt;
         return 0;
     }
-    if (!is_int64(v, out) || *out < 0)
+    if (!num_int64(n, v, out) || *out < 0)
         return bad_field(e, field, "an integer >= 0");
     return 0;
 }
 
 /* A delay or timeout in ms (get_count), cut to MS_MAX. */
-static int get_ms(const cJSON *body, const char *field, int64_t dflt,
-                  int64_t *out, nerr *e)
+static int get_ms(const node *n, uint32_t obj, const char *field,
+                  int64_t dflt, int64_t *out, nerr *e)
 {
-    if (get_count(body, field, dflt, out, e))
+    if (get_count(n, obj, field, dflt, out, e))
         return e->code;
     *out = OQ__MIN(*out, MS_MAX);
     return 0;
 }
 
-static int get_object(const cJSON *body, const char *field,
-                      const cJSON **out, nerr *e)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(body, field);
-
-    if (!cJSON_IsObject(v))
-        return bad_field(e, field, "an object");
-    *out = v;
-    return 0;
-}
-
 /* An object whose every value is an integer >= 0 (kafka offsets). */
-static int get_offsets(const cJSON *body, const cJSON **out, nerr *e)
+static int get_offsets(const node *n, uint32_t body, uint32_t *out, nerr *e)
 {
-    const cJSON *o, *kv;
+    uint32_t o = member(n, body, "offsets");
     int64_t off;
 
-    if (get_object(body, "offsets", &o, e))
-        return e->code;
-    cJSON_ArrayForEach(kv, o) {
-        if (!is_int64(kv, &off) || off < 0)
+    if (!is_a(n, o, OQ__J_OBJ))
+        return bad_field(e, "offsets", "an object");
+    FOR_MEMBERS(n, o, k) {
+        if (!num_int64(n, k + 1, &off) || off < 0)
             return bad_field(e, "offsets", "an object of integers >= 0");
     }
     *out = o;
     return 0;
 }
 
-/* ------------------------------------------------------------ JSON text */
-
-/* cJSON keeps a number as a double only, and it accepts some text that is
- * not JSON ("01", "1.", "-.5", control bytes in strings, any byte <= 32 as
- * a blank). So after cJSON has parsed a line, walk() goes over the line's
- * text beside the tree: it refuses what is not strict JSON (RFC 8259),
- * gives each number node its exact text (in valuestring: cJSON_Delete
- * frees it), and replaces bytes that are not well-formed UTF-8 in strings
- * and keys by U+FFFD, so that the node only ever holds valid UTF-8 and two
- * strings that print the same are the same string. The node answers
- * numbers with their text (put_value), never with a re-printed double.
- *
- * A line that is JSON but that cJSON refuses (a lone surrogate escape,
- * nesting deeper than CJSON_NESTING_LIMIT) is read by salvage_scan(), a
- * strict scanner without a tree, for the few fields an error reply needs. */
-
-enum { WALK_OK, WALK_NOT_JSON, WALK_NOMEM };
-
-/* Strict JSON number grammar: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? */
-static bool number_ok(const char *s, size_t n)
+/* Value i of the request as compact JSON text in n->tmp (numbers as
+ * written). 0 or OQ_ENOMEM. */
+static int json_text(node *n, uint32_t i)
 {
-    size_t i = 0;
-
-#define DIGIT(i) ((i) < n && s[i] >= '0' && s[i] <= '9')
-    if (i < n && s[i] == '-')
-        i++;
-    if (i < n && s[i] == '0')
-        i++;
-    else if (DIGIT(i))
-        while (DIGIT(i))
-            i++;
-    else
-        return false;
-    if (i < n && s[i] == '.') {
-        if (!DIGIT(i + 1))
-            return false;
-        for (i++; DIGIT(i); i++)
-            ;
-    }
-    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
-        i++;
-        if (i < n && (s[i] == '+' || s[i] == '-'))
-            i++;
-        if (!DIGIT(i))
-            return false;
-        while (DIGIT(i))
-            i++;
-    }
-#undef DIGIT
-    return i == n;
-}
-
-/* Length of the run of bytes that cJSON reads as a number. In a line that
- * cJSON accepted, that run is exactly the number. */
-static size_t number_run(const char *p, const char *end)
-{
-    const char *q = p;
-
-    while (q < end && *q != '\0' && strchr("0123456789+-.eE", *q) != NULL)
-        q++;
-    return (size_t)(q - p);
-}
-
-/* *s with every byte that is not well-formed UTF-8 replaced by U+FFFD.
- * The string is replaced only when it has such bytes. */
-static int fix_utf8(char **s)
-{
-    const unsigned char *u = (const unsigned char *)*s;
-    size_t n = strlen(*s), bad = 0, i, k;
-    char *r, *o;
-
-    for (i = 0; i < n; i += k) {
-        k = u[i] < 0x80 ? 1 : utf8_len(u + i, n - i);
-        if (k == 0) {
-            bad++;
-            k = 1;
-        }
-    }
-    if (bad == 0)
-        return WALK_OK;
-    r = cJSON_malloc(n + 2 * bad + 1);
-    if (r == NULL)
-        return WALK_NOMEM;
-    for (i = 0, o = r; i < n; i += k) {
-        k = u[i] < 0x80 ? 1 : utf8_len(u + i, n - i);
-        if (k == 0) {
-            memcpy(o, "\xEF\xBF\xBD", 3);
-            o += 3;
-            k = 1;
-        } else {
-            memcpy(o, u + i, k);
-            o += k;
-        }
-    }
-    *o = '\0';
-    cJSON_free(*s);
-    *s = r;
-    return WALK_OK;
-}
-
-typedef struct walker {
-    const char *p, *end;     /* the line, from where the walk is */
-    nerr refused;            /* code 0, or why the request is refused */
-} walker;
-
-static int walk_ws(walker *w)
-{
-    while (w->p < w->end && (unsigned char)*w->p <= 32) {
-        if (*w->p != ' ' && *w->p != '\t' && *w->p != '\r' && *w->p != '\n')
-            return WALK_NOT_JSON;
-        w->p++;
-    }
-    return WALK_OK;
-}
-
-/* Steps over the string at w->p (cJSON has checked its escapes). */
-static int walk_string(walker *w)
-{
-    const char *p = w->p + 1;
-
-    while (p < w->end && *p != '"') {
-        if ((unsigned char)*p < 0x20)
-            return WALK_NOT_JSON;
-        p += *p == '\\' ? 2 : 1;
-    }
-    w->p = p + 1;
-    return WALK_OK;
-}
-
-static int cmp_cstr(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-/* An object with a repeated key (after the U+FFFD replacement; cJSON
- * reads only the first) is refused: the node would answer it with a
- * repeated key, or act on one value and ignore the other. */
-static int check_keys(const cJSON *obj, walker *w)
-{
-    const cJSON *c, *d;
-    const char *dup = NULL;
-    const char **v;
-    size_t n = 0, i;
-
-    if (w->refused.code != 0)
-        return WALK_OK;
-    for (c = obj->child; c; c = c->next)
-        n++;
-    if (n <= 16) {
-        for (c = obj->child; c && !dup; c = c->next)
-            for (d = c->next; d && !dup; d = d->next)
-                if (strcmp(c->string, d->string) == 0)
-                    dup = c->string;
-    } else {
-        v = oq__malloc(n * sizeof(*v));
-        if (v == NULL)
-            return WALK_NOMEM;
-        for (c = obj->child, i = 0; c; c = c->next)
-            v[i++] = c->string;
-        qsort(v, n, sizeof(*v), cmp_cstr);
-        for (i = 1; i < n && !dup; i++)
-            if (strcmp(v[i - 1], v[i]) == 0)
-                dup = v[i];
-        oq__free(v);
-    }
-    if (dup)
-        fail(&w->refused, E_MALFORMED, "repeated key '%.80s' in an object",
-             dup);
-    return WALK_OK;
-}
-
-/* Walks the text of v, which cJSON parsed from w->p. */
-static int walk(walker *w, cJSON *v)
-{
-    bool obj = cJSON_IsObject(v);
-    cJSON *c;
-    size_t len;
-    int rc;
-
-    if ((rc = walk_ws(w)) != WALK_OK)
-        return rc;
-    switch (v->type & 0xFF) {
-    case cJSON_Object:
-    case cJSON_Array:
-        w->p++;              /* '{' or '[' */
-        for (c = v->child; c; c = c->next) {
-            if (obj) {
-                if ((rc = walk_ws(w)) || (rc = walk_string(w)) ||
-                    (rc = walk_ws(w)) || (rc = fix_utf8(&c->string)))
-                    return rc;
-                w->p++;      /* ':' */
-            }
-            if ((rc = walk(w, c)) || (rc = walk_ws(w)))
-                return rc;
-            w->p++;          /* ',' or the closing bracket */
-        }
-        if (v->child == NULL) {
-            if ((rc = walk_ws(w)))
-                return rc;
-            w->p++;
-        }
-        return obj ? check_keys(v, w) : WALK_OK;
-    case cJSON_String:
-        if ((rc = walk_string(w)))
-            return rc;
-        return fix_utf8(&v->valuestring);
-    case cJSON_Number:
-        len = number_run(w->p, w->end);
-        if (!number_ok(w->p, len))
-            return WALK_NOT_JSON;
-        v->valuestring = cJSON_malloc(len + 1);
-        if (v->valuestring == NULL)
-            return WALK_NOMEM;
-        memcpy(v->valuestring, w->p, len);
-        v->valuestring[len] = '\0';
-        w->p += len;
-        return WALK_OK;
-    case cJSON_False:
-        w->p += 5;
-        return WALK_OK;
-    case cJSON_True:
-    case cJSON_NULL:
-        w->p += 4;
-        return WALK_OK;
-    }
-    return WALK_NOT_JSON;
-}
-
-/* Appends v as compact JSON: strings through sb_str, numbers as the text
- * they had in the request. */
-static void put_value(sbuf *b, const cJSON *v)
-{
-    bool obj = cJSON_IsObject(v);
-    const cJSON *c;
-
-    switch (v->type & 0xFF) {
-    case cJSON_Object:
-    case cJSON_Array:
-        sb_put(b, obj ? "{" : "[", 1);
-        for (c = v->child; c; c = c->next) {
-            if (c != v->child)
-                sb_put(b, ",", 1);
-            if (obj) {
-                sb_cstr(b, c->string);
-                sb_put(b, ":", 1);
-            }
-            put_value(b, c);
-        }
-        sb_put(b, obj ? "}" : "]", 1);
-        return;
-    case cJSON_String:
-        sb_cstr(b, v->valuestring);
-        return;
-    case cJSON_Number:
-        if (v->valuestring != NULL) {
-            sb_puts(b, v->valuestring);
-        } else {
-            char t[32];
-            snprintf(t, sizeof(t), "%.17g", v->valuedouble);
-            sb_puts(b, isfinite(v->valuedouble) ? t : "null");
-        }
-        return;
-    case cJSON_True:
-        sb_puts(b, "true");
-        return;
-    case cJSON_False:
-        sb_puts(b, "false");
-        return;
-    default:
-        sb_puts(b, "null");
-        return;
-    }
-}
-
-/* What salvage_scan() found: spans of the line, NULL when absent. */
-typedef struct salvage {
-    const char *src, *dest;  /* string contents, without the quotes */
-    size_t src_len, dest_len;
-    const char *mid;         /* the body's msg_id, when a number */
-    size_t mid_len;
-    bool body;               /* the first "body" is an object */
-} salvage;
-
-static const char *scan_ws(const char *p, const char *end)
-{
-    while (p < end && (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n'))
-        p++;
-    return p;
-}
-
-/* The end of the JSON string at p (after its closing quote), or NULL. */
-static const char *scan_string(const char *p, const char *end)
-{
-    for (p++; p < end && *p != '"'; p++) {
-        if ((unsigned char)*p < 0x20)
-            return NULL;
-        if (*p != '\\')
-            continue;
-        if (++p == end || strchr("\"\\/bfnrtu", *p) == NULL || *p == '\0')
-            return NULL;
-        if (*p == 'u') {
-            for (int i = 0; i < 4; i++)
-                if (++p == end || !isxdigit((unsigned char)*p))
-                    return NULL;
-        }
-    }
-    return p < end ? p + 1 : NULL;
-}
-
-static unsigned hex4(const char *p)
-{
-    unsigned v = 0;
-
-    for (int i = 0; i < 4; i++)
-        v = v * 16 + (unsigned)(isdigit((unsigned char)p[i])
-                                    ? p[i] - '0'
-                                    : (tolower((unsigned char)p[i]) - 'a' + 10));
-    return v;
-}
-
-/* The contents of a JSON string already checked by scan_string, decoded
- * (oq__free it; a lone surrogate becomes U+FFFD, \u0000 ends it), or NULL
- * when out of memory. Decoding never makes the text longer. */
-static char *decode_string(const char *s, size_t n)
-{
-    char *r = oq__malloc(n + 1), *o = r;
-    const char *end = s + n;
-
-    if (r == NULL)
-        return NULL;
-    while (s < end) {
-        unsigned c;
-
-        if (*s != '\\') {
-            *o++ = *s++;
-            continue;
-        }
-        s++;
-        switch (*s++) {
-        case 'b': *o++ = '\b'; continue;
-        case 'f': *o++ = '\f'; continue;
-        case 'n': *o++ = '\n'; continue;
-        case 'r': *o++ = '\r'; continue;
-        case 't': *o++ = '\t'; continue;
-        case 'u': break;
-        default: *o++ = s[-1]; continue;
-        }
-        c = hex4(s);
-        s += 4;
-        if (c >= 0xD800 && c <= 0xDBFF && end - s >= 6 && s[0] == '\\' &&
-            s[1] == 'u' && hex4(s + 2) >= 0xDC00 && hex4(s + 2) <= 0xDFFF) {
-            c = 0x10000 + ((c - 0xD800) << 10) + (hex4(s + 2) - 0xDC00);
-            s += 6;
-        } else if (c >= 0xD800 && c <= 0xDFFF) {
-            c = 0xFFFD;
-        }
-        if (c == 0)
-            break;
-        if (c < 0x80) {
-            *o++ = (char)c;
-        } else if (c < 0x800) {
-            *o++ = (char)(0xC0 | c >> 6);
-            *o++ = (char)(0x80 | (c & 0x3F));
-        } else if (c < 0x10000) {
-            *o++ = (char)(0xE0 | c >> 12);
-            *o++ = (char)(0x80 | ((c >> 6) & 0x3F));
-            *o++ = (char)(0x80 | (c & 0x3F));
-        } else {
-            *o++ = (char)(0xF0 | c >> 18);
-            *o++ = (char)(0x80 | ((c >> 12) & 0x3F));
-            *o++ = (char)(0x80 | ((c >> 6) & 0x3F));
-            *o++ = (char)(0x80 | (c & 0x3F));
-        }
-    }
-    *o = '\0';
-    return r;
-}
-
-enum { F_NONE, F_SRC, F_DEST, F_BODY, F_MSG_ID };
-
-/* Which field the key at s names, at depth (1: the message, 2: the body). */
-static int key_field(const char *s, size_t n, size_t depth, unsigned *seen)
-{
-    static const char *const names[] = { "", "src", "dest", "body", "msg_id" };
-    char *k = decode_string(s, n);
-    int f = F_NONE;
-
-    if (k == NULL)
-        return F_NONE;
-    for (int i = depth == 1 ? F_SRC : F_MSG_ID;
-         i <= (depth == 1 ? F_BODY : F_MSG_ID); i++) {
-        /* Only the first occurrence counts, as with cJSON's lookups. */
-        if (strcmp(k, names[i]) == 0 && !(*seen & (1u << i))) {
-            *seen |= 1u << i;
-            f = i;
-        }
-    }
-    oq__free(k);
-    return f;
-}
-
-/* Scans s..end as strict JSON without building a tree (no depth limit),
- * keeping the spans of src, dest and body.msg_id. true if it is JSON. */
-static bool salvage_scan(const char *p, const char *end, salvage *sv)
-{
-    char *stack = NULL;      /* '{' or '[' per open container */
-    size_t depth = 0, cap = 0, body_depth = 0;
-    unsigned seen = 0;
-    int field = F_NONE;
-    const char *q;
-    bool ok = false;
-
-    memset(sv, 0, sizeof(*sv));
-    if (end - p >= 3 && memcmp(p, "\xEF\xBB\xBF", 3) == 0)
-        p += 3;
-value:
-    p = scan_ws(p, end);
-    if (p == end)
-        goto out;
-    if (*p == '{' || *p == '[') {
-        if (depth == cap) {
-            char *s = oq__realloc(stack, cap ? cap * 2 : 64);
-            if (s == NULL)
-                goto out;
-            stack = s;
-            cap = cap ? cap * 2 : 64;
-        }
-        if (field == F_BODY && *p == '{') {
-            sv->body = true;
-            body_depth = depth + 1;
-        }
-        field = F_NONE;
-        stack[depth++] = *p++;
-        p = scan_ws(p, end);
-        if (p < end && *p == (stack[depth - 1] == '{' ? '}' : ']')) {
-            p++;
-            depth--;
-            goto after;
-        }
-        if (stack[depth - 1] == '{')
-            goto key;
-        goto value;
-    }
-    q = p;
-    if (*p == '"') {
-        if ((p = scan_string(p, end)) == NULL)
-            goto out;
-        if (field == F_SRC) {
-            sv->src = q + 1;
-            sv->src_len = (size_t)(p - q - 2);
-        } else if (field == F_DEST) {
-            sv->dest = q + 1;
-            sv->dest_len = (size_t)(p - q - 2);
-        }
-    } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
-        p += number_run(p, end);
-        if (!number_ok(q, (size_t)(p - q)))
-            goto out;
-        if (field == F_MSG_ID) {
-            sv->mid = q;
-            sv->mid_len = (size_t)(p - q);
-        }
-    } else if (end - p >= 4 && (memcmp(p, "true", 4) == 0 ||
-                                memcmp(p, "null", 4) == 0)) {
-        p += 4;
-    } else if (end - p >= 5 && memcmp(p, "false", 5) == 0) {
-        p += 5;
-    } else {
-        goto out;
-    }
-    field = F_NONE;
-after:
-    if (body_depth > depth)
-        body_depth = 0;
-    p = scan_ws(p, end);
-    if (depth == 0) {
-        ok = p == end;
-        goto out;
-    }
-    if (p < end && *p == ',') {
-        p++;
-        if (stack[depth - 1] == '{')
-            goto key;
-        goto value;
-    }
-    if (p < end && *p == (stack[depth - 1] == '{' ? '}' : ']')) {
-        p++;
-        depth--;
-        goto after;
-    }
-    goto out;
-key:
-    p = scan_ws(p, end);
-    if (p == end || *p != '"')
-        goto out;
-    q = p;
-    if ((p = scan_string(p, end)) == NULL)
-        goto out;
-    if ((depth == 1 && stack[0] == '{') ||
-        (body_depth != 0 && depth == body_depth))
-        field = key_field(q + 1, (size_t)(p - q - 2), depth == 1 ? 1 : 2,
-                          &seen);
-    p = scan_ws(p, end);
-    if (p == end || *p != ':')
-        goto out;
-    p++;
-    goto value;
-out:
-    oq__free(stack);
-    return ok;
+    n->tmp.len = 0;
+    return oq__jcompact(&n->d, i, &n->tmp);
 }
 
 /* ------------------------------------------------------------- handlers */
 
 /* A handler validates body, updates state and appends its reply fields to
- * n->out (the envelope, type and in_reply_to are already there). Returns 0,
- * or an error code with e filled in; then its output is discarded. */
-typedef int (*handler_fn)(node *n, const cJSON *body, nerr *e);
+ * n->body (the dispatcher adds the envelope, type and in_reply_to).
+ * Returns 0, or an error code with e filled in; then its output is
+ * discarded. */
+typedef int (*handler_fn)(node *n, uint32_t body, nerr *e);
 
-static int h_init(node *n, const cJSON *body, nerr *e)
+static int h_init(node *n, uint32_t body, nerr *e)
 {
-    const cJSON *ids = cJSON_GetObjectItemCaseSensitive(body, "node_ids");
-    const cJSON *it;
+    uint32_t ids = member(n, body, "node_ids");
     const char *id = NULL;
+    size_t len;
     char *copy;
 
-    if (get_string(body, "node_id", &id, e))
+    if (get_string(n, body, "node_id", &id, &len, e))
         return e->code;
-    if (!cJSON_IsArray(ids))
+    if (!is_a(n, ids, OQ__J_ARR))
         return bad_field(e, "node_ids", "an array of strings");
-    cJSON_ArrayForEach(it, ids) {
-        if (!cJSON_IsString(it))
+    FOR_ELEMENTS(n, ids, k) {
+        if (!is_a(n, k, OQ__J_STR))
             return bad_field(e, "node_ids", "an array of strings");
     }
-    copy = entry_new(0, id, strlen(id));
+    copy = entry_new(0, id, len);
     if (copy == NULL)
         return no_memory(e);
     oq__free(n->node_id);
     n->node_id = copy;
+    n->node_id_len = len;
     sb_key(&n->body, "msg_id");
     sb_int(&n->body, n->next_msg_id++);
     return 0;
@@ -1222,7 +653,7 @@ static void put_processed(node *n, const char *word, size_t len,
     sb_puts(&n->body, dup ? "true" : "false");
 }
 
-static int h_process(node *n, const cJSON *body, nerr *e)
+static int h_process(node *n, uint32_t body, nerr *e)
 {
     wc_state *st = &n->wc;
     const char *eid = NULL, *word = NULL;
@@ -1230,11 +661,9 @@ static int h_process(node *n, const cJSON *body, nerr *e)
     wc_id *id;
     wc_word *w;
 
-    if (get_string(body, "event_id", &eid, e) ||
-        get_string(body, "word", &word, e))
+    if (get_string(n, body, "event_id", &eid, &eid_len, e) ||
+        get_string(n, body, "word", &word, &word_len, e))
         return e->code;
-    eid_len = strlen(eid);
-    word_len = strlen(word);
     HASH_FIND(hh, st->ids, eid, eid_len, id);
     if (id) {
         HASH_FIND(hh, st->words, word, word_len, w);
@@ -1248,16 +677,15 @@ static int h_process(node *n, const cJSON *body, nerr *e)
     return 0;
 }
 
-static int h_checkpoint(node *n, const cJSON *body, nerr *e)
+static int h_checkpoint(node *n, uint32_t body, nerr *e)
 {
     const char *name = NULL;
     size_t len;
     checkpoint *cp;
     cp_out *outs;
 
-    if (get_string(body, "checkpoint_id", &name, e))
+    if (get_string(n, body, "checkpoint_id", &name, &len, e))
         return e->code;
-    len = strlen(name);
     if (cp_outs_copy(&n->wc, &outs) != 0)
         return no_memory(e);
     HASH_FIND(hh, n->checkpoints, name, len, cp);
@@ -1290,19 +718,21 @@ out_nomem:
  * whose event ids are not committed since: an output counts once, however
  * often it is restored and committed. Out of memory half way leaves the
  * last commit plus the outputs restored so far (a consistent state). */
-static int h_restore(node *n, const cJSON *body, nerr *e)
+static int h_restore(node *n, uint32_t body, nerr *e)
 {
     const char *name = NULL;
+    size_t len;
     checkpoint *cp;
     const wc_word *w, *wt;
     const wc_id *id;
     bool first = true;
 
-    if (get_string(body, "checkpoint_id", &name, e))
+    if (get_string(n, body, "checkpoint_id", &name, &len, e))
         return e->code;
-    HASH_FIND(hh, n->checkpoints, name, strlen(name), cp);
+    HASH_FIND(hh, n->checkpoints, name, len, cp);
     if (cp == NULL)
-        return fail(e, E_NO_SUCH_KEY, "no checkpoint named '%s'", name);
+        return fail(e, E_NO_SUCH_KEY, "no checkpoint named '%.*s'",
+                    clip(len, 120), name);
     wc_rollback(&n->wc);
     for (size_t i = 0; i < cp->nouts; i++) {
         const cp_out *o = &cp->outs[i];
@@ -1326,7 +756,7 @@ static int h_restore(node *n, const cJSON *body, nerr *e)
     return 0;
 }
 
-static int h_commit(node *n, const cJSON *body, nerr *e)
+static int h_commit(node *n, uint32_t body, nerr *e)
 {
     size_t moved = n->wc.npending;
 
@@ -1339,7 +769,7 @@ static int h_commit(node *n, const cJSON *body, nerr *e)
     return 0;
 }
 
-static int h_rollback(node *n, const cJSON *body, nerr *e)
+static int h_rollback(node *n, uint32_t body, nerr *e)
 {
     OQ__UNUSED(body);
     OQ__UNUSED(e);
@@ -1350,27 +780,25 @@ static int h_rollback(node *n, const cJSON *body, nerr *e)
 
 /* ---------------------------------------------------- queue operations */
 
-static int h_enqueue(node *n, const cJSON *body, nerr *e)
+static int h_enqueue(node *n, uint32_t body, nerr *e)
 {
-    const cJSON *payload = cJSON_GetObjectItemCaseSensitive(body, "payload");
+    uint32_t payload = member(n, body, "payload");
     const char *id = NULL;
+    size_t id_len;
     int64_t delay;
     int rc;
 
-    if (get_string(body, "id", &id, e))
+    if (get_string(n, body, "id", &id, &id_len, e))
         return e->code;
-    if (*id == '\0')
+    if (id_len == 0)
         return bad_field(e, "id", "a non-empty string");
-    if (payload == NULL)
+    if (payload == 0)
         return bad_field(e, "payload", "a JSON value");
-    if (get_ms(body, "delay_ms", 0, &delay, e))
+    if (get_ms(n, body, "delay_ms", 0, &delay, e))
         return e->code;
-    n->tmp.len = 0;
-    n->tmp.oom = false;
-    put_value(&n->tmp, payload);
-    if (n->tmp.oom)
+    if (json_text(n, payload) != 0)
         return no_memory(e);
-    rc = oq_queue_send(n->q, id, strlen(id), n->tmp.p, n->tmp.len, delay);
+    rc = oq_queue_send(n->q, id, id_len, n->tmp.data, n->tmp.len, delay);
     if (rc != 0 && rc != OQ_EEXIST)
         return fail(e, E_CRASH, "enqueue: %s", oq_strerror(rc));
     sb_key(&n->body, "duplicate");
@@ -1391,13 +819,13 @@ static void put_delivery(sbuf *b, const oq_delivery *d)
     sb_put(b, "}", 1);
 }
 
-static int h_receive(node *n, const cJSON *body, nerr *e)
+static int h_receive(node *n, uint32_t body, nerr *e)
 {
     int64_t max, vt;
     int got;
 
-    if (get_count(body, "max", RECEIVE_MAX_DEFAULT, &max, e) ||
-        get_ms(body, "visibility_timeout_ms", n->default_vt_ms, &vt, e))
+    if (get_count(n, body, "max", RECEIVE_MAX_DEFAULT, &max, e) ||
+        get_ms(n, body, "visibility_timeout_ms", n->default_vt_ms, &vt, e))
         return e->code;
     max = OQ__MIN(max, RECEIVE_MAX_CAP);
     got = oq_queue_receive(n->q, n->dbuf, (size_t)max, 0);
@@ -1428,22 +856,22 @@ static int settle_result(int rc, const char *what, int64_t receipt, nerr *e)
     return 0;
 }
 
-static int h_ack(node *n, const cJSON *body, nerr *e)
+static int h_ack(node *n, uint32_t body, nerr *e)
 {
     int64_t receipt;
 
-    if (get_count(body, "receipt", -1, &receipt, e))
+    if (get_count(n, body, "receipt", -1, &receipt, e))
         return e->code;
     return settle_result(oq_queue_ack(n->q, (uint64_t)receipt), "ack",
                          receipt, e);
 }
 
-static int h_nack(node *n, const cJSON *body, nerr *e)
+static int h_nack(node *n, uint32_t body, nerr *e)
 {
     int64_t receipt, delay;
 
-    if (get_count(body, "receipt", -1, &receipt, e) ||
-        get_ms(body, "delay_ms", 0, &delay, e))
+    if (get_count(n, body, "receipt", -1, &receipt, e) ||
+        get_ms(n, body, "delay_ms", 0, &delay, e))
         return e->code;
     return settle_result(oq_queue_nack(n->q, (uint64_t)receipt, delay),
                          "nack", receipt, e);
@@ -1470,7 +898,7 @@ static void put_dead(const oq_dead_letter *dl, void *arg)
     sb_put(c->b, "}", 1);
 }
 
-static int h_dead_letters(node *n, const cJSON *body, nerr *e)
+static int h_dead_letters(node *n, uint32_t body, nerr *e)
 {
     dl_ctx c = { &n->body, 0 };
 
@@ -1485,21 +913,18 @@ static int h_dead_letters(node *n, const cJSON *body, nerr *e)
 
 /* --------------------------------------------------------- kafka workload */
 
-/* Appends one message to l under the message_id text mtext (or none). */
-static int send_append(node *n, klog *l, const cJSON *msg, const char *mtext,
+/* Appends message msg to l under the message_id text mtext (or none). */
+static int send_append(node *n, klog *l, uint32_t msg, const char *mtext,
                        size_t mlen, nerr *e)
 {
     kmid *m = NULL;
     char *text;
 
-    n->tmp.len = 0;
-    n->tmp.oom = false;
-    put_value(&n->tmp, msg);
-    if (n->tmp.oom)
+    if (json_text(n, msg) != 0)
         return no_memory(e);
     if (mtext && (m = entry_new(sizeof(kmid), mtext, mlen)) == NULL)
         return no_memory(e);
-    text = entry_new(0, n->tmp.p, n->tmp.len);
+    text = entry_new(0, n->tmp.data, n->tmp.len);
     if (text == NULL || (l->len == l->cap && !grow_log(l)))
         goto out_nomem;
     if (m) {
@@ -1523,31 +948,30 @@ out_nomem:
 
 /* A message_id makes a send idempotent on its key: the same message_id on
  * another key is another message. */
-static int h_send(node *n, const cJSON *body, nerr *e)
+static int h_send(node *n, uint32_t body, nerr *e)
 {
-    const cJSON *msg = cJSON_GetObjectItemCaseSensitive(body, "msg");
-    const cJSON *mid = cJSON_GetObjectItemCaseSensitive(body, "message_id");
+    uint32_t msg = member(n, body, "msg");
+    uint32_t mid = member(n, body, "message_id");
     const char *key = NULL;
+    size_t key_len;
     char *mtext = NULL;
     size_t mlen = 0;
     kmid *dup = NULL;
     klog *l;
     int rc;
 
-    if (get_string(body, "key", &key, e))
+    if (get_string(n, body, "key", &key, &key_len, e))
         return e->code;
-    if (msg == NULL)
+    if (msg == 0)
         return bad_field(e, "msg", "a JSON value");
-    if (mid && !cJSON_IsString(mid) && !cJSON_IsNumber(mid))
+    if (mid && !is_a(n, mid, OQ__J_STR) && !is_a(n, mid, OQ__J_NUM))
         return bad_field(e, "message_id", "a string or a number");
-    l = klog_get(&n->logs, key, true);
+    l = klog_get(&n->logs, key, key_len, true);
     if (l == NULL)
         return no_memory(e);
     if (mid) {
-        n->tmp.len = 0;
-        n->tmp.oom = false;
-        put_value(&n->tmp, mid);
-        if (n->tmp.oom || (mtext = entry_new(0, n->tmp.p, n->tmp.len)) == NULL)
+        if (json_text(n, mid) != 0 ||
+            (mtext = entry_new(0, n->tmp.data, n->tmp.len)) == NULL)
             return no_memory(e);
         mlen = n->tmp.len;
         HASH_FIND(hh, l->mids, mtext, mlen, dup);
@@ -1565,26 +989,31 @@ static int h_send(node *n, const cJSON *body, nerr *e)
     return rc;
 }
 
-static int h_poll(node *n, const cJSON *body, nerr *e)
+static int h_poll(node *n, uint32_t body, nerr *e)
 {
-    const cJSON *offsets, *kv;
+    uint32_t offsets;
     bool first = true;
 
-    if (get_offsets(body, &offsets, e))
+    if (get_offsets(n, body, &offsets, e))
         return e->code;
     sb_key(&n->body, "msgs");
     sb_put(&n->body, "{", 1);
-    cJSON_ArrayForEach(kv, offsets) {
-        const klog *l = klog_get(&n->logs, kv->string, false);
+    FOR_MEMBERS(n, offsets, k) {
+        size_t key_len;
+        const char *key = str_at(n, k, &key_len);
+        const klog *l;
         int64_t off = 0;
         size_t from, end;
 
+        if (key == NULL)
+            return no_memory(e);
+        l = klog_get(&n->logs, key, key_len, false);
         if (!first)
             sb_put(&n->body, ",", 1);
         first = false;
-        is_int64(kv, &off);      /* checked by get_offsets */
+        num_int64(n, k + 1, &off);   /* checked by get_offsets */
         from = (size_t)off;
-        sb_cstr(&n->body, kv->string);
+        sb_str(&n->body, key, key_len);
         sb_put(&n->body, ":[", 2);
         end = l ? l->len : 0;
         if (from < end && end - from > POLL_CAP)
@@ -1604,17 +1033,19 @@ static int h_poll(node *n, const cJSON *body, nerr *e)
     return 0;
 }
 
-static int h_commit_offsets(node *n, const cJSON *body, nerr *e)
+static int h_commit_offsets(node *n, uint32_t body, nerr *e)
 {
-    const cJSON *offsets, *kv;
+    uint32_t offsets;
 
-    if (get_offsets(body, &offsets, e))
+    if (get_offsets(n, body, &offsets, e))
         return e->code;
-    cJSON_ArrayForEach(kv, offsets) {
-        klog *l = klog_get(&n->logs, kv->string, true);
+    FOR_MEMBERS(n, offsets, k) {
+        size_t key_len;
+        const char *key = str_at(n, k, &key_len);
+        klog *l = key ? klog_get(&n->logs, key, key_len, true) : NULL;
         int64_t off = 0;
 
-        is_int64(kv, &off);      /* checked by get_offsets */
+        num_int64(n, k + 1, &off);   /* checked by get_offsets */
         if (l == NULL)
             return no_memory(e);
         /* Committed offsets only move forward. */
@@ -1625,23 +1056,27 @@ static int h_commit_offsets(node *n, const cJSON *body, nerr *e)
     return 0;
 }
 
-static int h_list_committed(node *n, const cJSON *body, nerr *e)
+static int h_list_committed(node *n, uint32_t body, nerr *e)
 {
-    const cJSON *keys = cJSON_GetObjectItemCaseSensitive(body, "keys");
-    const cJSON *k;
+    uint32_t keys = member(n, body, "keys");
     bool first = true;
 
-    if (!cJSON_IsArray(keys))
+    if (!is_a(n, keys, OQ__J_ARR))
         return bad_field(e, "keys", "an array of strings");
-    cJSON_ArrayForEach(k, keys) {
-        if (!cJSON_IsString(k))
+    FOR_ELEMENTS(n, keys, k) {
+        if (!is_a(n, k, OQ__J_STR))
             return bad_field(e, "keys", "an array of strings");
     }
     sb_key(&n->body, "offsets");
     sb_put(&n->body, "{", 1);
-    cJSON_ArrayForEach(k, keys) {
-        klog *l = klog_get(&n->logs, k->valuestring, false);
+    FOR_ELEMENTS(n, keys, k) {
+        size_t key_len;
+        const char *key = str_at(n, k, &key_len);
+        klog *l;
 
+        if (key == NULL)
+            return no_memory(e);
+        l = klog_get(&n->logs, key, key_len, false);
         /* A key named twice is answered once. */
         if (l == NULL || !l->has_committed || l->listed == n->lineno)
             continue;
@@ -1649,7 +1084,7 @@ static int h_list_committed(node *n, const cJSON *body, nerr *e)
         if (!first)
             sb_put(&n->body, ",", 1);
         first = false;
-        sb_cstr(&n->body, k->valuestring);
+        sb_str(&n->body, key, key_len);
         sb_put(&n->body, ":", 1);
         sb_int(&n->body, l->committed);
     }
@@ -1687,25 +1122,28 @@ static const route routes[] = {
 
 #define NROUTES (sizeof(routes) / sizeof(routes[0]))
 
-static const route *find_route(const char *type)
+static const route *find_route(const char *type, size_t len)
 {
     for (size_t i = 0; i < NROUTES; i++)
-        if (strcmp(type, routes[i].type) == 0)
+        if (strlen(routes[i].type) == len &&
+            memcmp(type, routes[i].type, len) == 0)
             return &routes[i];
     return NULL;
 }
 
 /* {"src":..,"dest":..,"body":{"type":T,"in_reply_to":N  (left open).
  * Written after the handler ran, so that init_ok comes from the new id. */
-static void put_head(node *n, const char *src, const char *dest,
-                     const char *type, bool has_id, int64_t id)
+static void put_head(node *n, const char *type, bool has_id, int64_t id)
 {
     sbuf *b = &n->out;
 
     sb_put(b, "{\"src\":", 7);
-    sb_cstr(b, n->node_id ? n->node_id : dest);
+    if (n->node_id)
+        sb_str(b, n->node_id, n->node_id_len);
+    else
+        sb_str(b, n->dest, n->dest_len);
     sb_put(b, ",\"dest\":", 8);
-    sb_cstr(b, src);
+    sb_str(b, n->src, n->src_len);
     sb_put(b, ",\"body\":{\"type\":", 16);
     sb_cstr(b, type);
     sb_key(b, "in_reply_to");
@@ -1715,10 +1153,9 @@ static void put_head(node *n, const char *src, const char *dest,
         sb_puts(b, "null");
 }
 
-static void put_error(node *n, const char *src, const char *dest,
-                      bool has_id, int64_t id, const nerr *e)
+static void put_error(node *n, bool has_id, int64_t id, const nerr *e)
 {
-    put_head(n, src, dest, "error", has_id, id);
+    put_head(n, "error", has_id, id);
     sb_key(&n->out, "code");
     sb_int(&n->out, e->code);
     sb_key(&n->out, "text");
@@ -1731,8 +1168,9 @@ static bool flush_out(node *n)
 {
     size_t off = 0;
 
-    while (off < n->out.len) {
-        ssize_t w = write(STDOUT_FILENO, n->out.p + off, n->out.len - off);
+    while (off < n->out.b.len) {
+        ssize_t w = write(STDOUT_FILENO, n->out.b.data + off,
+                          n->out.b.len - off);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -1741,45 +1179,56 @@ static bool flush_out(node *n)
         }
         off += (size_t)w;
     }
-    n->out.len = 0;
+    n->out.b.len = 0;
     return true;
 }
 
-static void log_skip(const node *n, const char *why)
+#if defined(__GNUC__)
+__attribute__((format(printf, 2, 3)))
+#endif
+static void log_skip(const node *n, const char *fmt, ...)
 {
-    if (!n->quiet)
-        fprintf(stderr, "onceq node: line %lu: %s; skipped\n", n->lineno,
-                why);
+    va_list ap;
+
+    if (n->quiet)
+        return;
+    fprintf(stderr, "onceq node: line %lu: ", n->lineno);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputs("; skipped\n", stderr);
 }
 
-/* Answers one parsed message (already known to have src and body);
- * refused: why the request is refused before any handler runs, or NULL. */
-static void answer(node *n, const char *src, const char *dest,
-                   const cJSON *body, const nerr *refused)
+/* Answers the request whose body is token body (n->src and n->dest are
+ * set); refused: why it is refused before any handler runs (code 0: it is
+ * not). */
+static void answer(node *n, uint32_t body, const nerr *refused)
 {
-    const cJSON *mid = cJSON_GetObjectItemCaseSensitive(body, "msg_id");
-    const cJSON *type = cJSON_GetObjectItemCaseSensitive(body, "type");
+    uint32_t type = member(n, body, "type");
     const route *r = NULL;
+    const char *ts;
+    size_t tlen;
     int64_t id = 0;
-    bool has_id = is_int64(mid, &id);
+    bool has_id = num_int64(n, member(n, body, "msg_id"), &id);
     nerr e = { 0, "" };
 
-    if (refused != NULL && refused->code != 0) {
+    if (refused->code != 0) {
         e = *refused;
     } else if (!has_id) {
         bad_field(&e, "msg_id", "an integer");
-    } else if (!cJSON_IsString(type)) {
+    } else if (!is_a(n, type, OQ__J_STR)) {
         bad_field(&e, "type", "a string");
-    } else if ((r = find_route(type->valuestring)) == NULL) {
-        fail(&e, E_NOT_SUPPORTED, "unsupported message type '%.120s'",
-             type->valuestring);
+    } else if ((ts = str_at(n, type, &tlen)) == NULL) {
+        no_memory(&e);
+    } else if ((r = find_route(ts, tlen)) == NULL) {
+        fail(&e, E_NOT_SUPPORTED, "unsupported message type '%.*s'",
+             clip(tlen, 120), ts);
     }
     if (r) {
-        n->body.len = 0;
-        n->body.oom = false;
+        sb_reset(&n->body);
         if (r->fn(n, body, &e) == 0 && !n->body.oom) {
-            put_head(n, src, dest, r->reply, true, id);
-            sb_put(&n->out, n->body.p, n->body.len);
+            put_head(n, r->reply, true, id);
+            sb_put(&n->out, n->body.b.data, n->body.b.len);
             sb_put(&n->out, "}}\n", 3);
             if (!n->out.oom)
                 return;
@@ -1788,95 +1237,233 @@ static void answer(node *n, const char *src, const char *dest,
             no_memory(&e);
         /* Discard the partial reply; the buffer keeps its capacity, so
          * the short error reply fits. */
-        n->out.len = 0;
-        n->out.oom = false;
+        sb_reset(&n->out);
     }
-    put_error(n, src, dest, has_id, id, &e);
+    put_error(n, has_id, id, &e);
 }
 
-/* A line that is JSON but that cJSON could not take: answered with error
- * 12 when it has a src and a body, like any other request. */
-static void answer_salvaged(node *n, const char *line, size_t len)
-{
-    salvage sv;
-    char *src = NULL, *dest = NULL, *mtext = NULL;
-    int64_t id = 0;
-    bool has_id = false;
-    nerr e;
+/* -------------------------------------------------------------- reading */
 
-    if (!salvage_scan(line, line + len, &sv)) {
-        log_skip(n, "not JSON");
-        return;
+/* The line s[0..*len) with each byte that is not part of well-formed UTF-8
+ * replaced by U+FFFD, in n->fixed (NUL-terminated; a NUL byte stays, for
+ * the scanner to refuse), or NULL when out of memory. For a line that
+ * oq__utf8_valid refused. */
+static char *utf8_fix(node *n, const char *s, size_t *len)
+{
+    oq__buf *f = &n->fixed;
+
+    f->len = 0;
+    if (*len > (SIZE_MAX - 1) / 3 || oq__buf_reserve(f, *len * 3 + 1) != 0)
+        return NULL;
+    for (size_t i = 0; i < *len;) {
+        unsigned char c = (unsigned char)s[i];
+        size_t k = c < 0x80 ? 1 : c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
+
+        if (c < 0x80 || (k <= *len - i && oq__utf8_valid(s + i, k))) {
+            memcpy(f->data + f->len, s + i, k);
+            f->len += k;
+            i += k;
+        } else {
+            memcpy(f->data + f->len, "\xEF\xBF\xBD", 3);
+            f->len += 3;
+            i++;
+        }
     }
-    if (sv.src == NULL || !sv.body) {
-        log_skip(n, "no \"src\" string or no \"body\" object");
-        return;
+    f->data[f->len] = '\0';
+    *len = f->len;
+    return f->data;
+}
+
+/* 'h' if s[p..] is a \u escape of a high surrogate, 'l' of a low one, else
+ * 0. */
+static int surrogate_at(const char *s, size_t len, size_t p)
+{
+    char c;
+
+    if (len < 6 || p > len - 6 || s[p] != '\\' || s[p + 1] != 'u' ||
+        (s[p + 2] != 'd' && s[p + 2] != 'D') ||
+        !isxdigit((unsigned char)s[p + 4]) ||
+        !isxdigit((unsigned char)s[p + 5]))
+        return 0;
+    c = (char)tolower((unsigned char)s[p + 3]);
+    if ((c >= '8' && c <= '9') || c == 'a' || c == 'b')
+        return 'h';
+    return c >= 'c' && c <= 'f' ? 'l' : 0;
+}
+
+/*
+ * Rewrites in place, keeping the length, what strict JSON allows but
+ * oq__json_scan refuses: a \u escape of a lone surrogate becomes \ufffd,
+ * and a value nested deeper than OQ__JSON_MAX_DEPTH becomes 0 and blanks
+ * (its inside is not checked). Tracks strings and brackets only, so a text
+ * that is not JSON stays not JSON. true if it changed anything.
+ */
+static bool tame(char *s, size_t len)
+{
+    size_t depth = 0, deep_at = 0;
+    bool in_str = false, changed = false;
+
+    for (size_t p = 0; p < len; p++) {
+        char c = s[p];
+        int k;
+
+        if (in_str) {
+            if (c == '"') {
+                in_str = false;
+            } else if (c == '\\') {
+                k = surrogate_at(s, len, p);
+                if (k == 'h' && surrogate_at(s, len, p + 6) == 'l') {
+                    p += 11;
+                } else if (k != 0) {
+                    memcpy(s + p + 2, "fffd", 4);
+                    changed = true;
+                    p += 5;
+                } else {
+                    p++;
+                }
+            }
+        } else if (c == '"') {
+            in_str = true;
+        } else if (c == '{' || c == '[') {
+            if (++depth == OQ__JSON_MAX_DEPTH + 1)
+                deep_at = p;
+        } else if ((c == '}' || c == ']') && depth > 0 &&
+                   depth-- == OQ__JSON_MAX_DEPTH + 1) {
+            s[deep_at] = '0';
+            memset(s + deep_at + 1, ' ', p - deep_at);
+            changed = true;
+        }
     }
-    src = decode_string(sv.src, sv.src_len);
-    dest = sv.dest ? decode_string(sv.dest, sv.dest_len) : NULL;
-    mtext = sv.mid ? entry_new(0, sv.mid, sv.mid_len) : NULL;
-    if (src == NULL || (sv.dest && dest == NULL) || (sv.mid && mtext == NULL)) {
+    return changed;
+}
+
+/* Repeated keys dropped from one line to check the rest of it; past this
+ * the rest is not checked (each drop costs a scan of the line). */
+#define MAX_DROPS 16
+
+/* The token of the string whose opening quote is text[at], or 0. */
+static uint32_t string_at(const node *n, size_t at)
+{
+    for (uint32_t i = n->tape.n; i-- > 0;)
+        if (n->tape.tok[i].type == OQ__J_STR && n->tape.tok[i].start == at + 1)
+            return i;
+    return 0;
+}
+
+/* Blanks member key (a repeated one, never an object's first) and the comma
+ * before it, so that the line can be scanned again. false if it cannot. */
+static bool drop_member(node *n, char *text, uint32_t key)
+{
+    const oq__jtok *v;
+    size_t from, to;
+
+    if (key == 0 || key + 1 >= n->tape.n)
+        return false;
+    v = &n->tape.tok[key + 1];
+    from = n->tape.tok[key].start - 1;       /* the key's opening quote */
+    to = v->start + v->len + (v->type == OQ__J_STR);  /* past the value */
+    while (from > 0 && memchr(" \t\r\n", text[from - 1], 4) != NULL)
+        from--;
+    if (from == 0 || text[from - 1] != ',')
+        return false;
+    memset(text + from - 1, ' ', to - from + 1);
+    return true;
+}
+
+/* Too many repeated keys: the request is answered as far as it was read.
+ * The containers still open end at the last token, so that src, dest and
+ * body.msg_id are found; what follows is not checked. */
+static void close_open(node *n)
+{
+    oq__jtok *t = n->tape.tok;
+
+    for (uint32_t i = 0; i < n->tape.n; i++)
+        if ((t[i].type == OQ__J_OBJ || t[i].type == OQ__J_ARR) && t[i].len == 0)
+            t[i].end = n->tape.n;
+}
+
+/* Scans text[0..len) (n->d), reading around what strict JSON allows but
+ * the scanner refuses (refused is then set). 0, or -1 when the line gets no
+ * reply (logged). */
+static int scan_line(node *n, char *text, size_t len, nerr *refused)
+{
+    size_t at = 0;
+    const char *why = NULL;
+    int rc = oq__json_scan(text, len, &n->tape, &at, &why);
+
+    if (rc == -1 && tame(text, len)) {
+        fail(refused, E_MALFORMED, "unsupported JSON in the request: a \\u "
+             "escape of a lone surrogate, or nesting deeper than %d levels",
+             OQ__JSON_MAX_DEPTH);
+        rc = oq__json_scan(text, len, &n->tape, &at, &why);
+    }
+    for (int drops = 0;
+         rc == -1 && strcmp(why, "duplicate key in an object") == 0; drops++) {
+        uint32_t key = string_at(n, at);
+        const char *name = NULL;
+        size_t name_len = 0;
+
+        n->d = (oq__jdoc){ text, len, n->tape.tok, n->tape.n };
+        if (drops == 0) {
+            if (key != 0)
+                name = str_at(n, key, &name_len);
+            fail(refused, E_MALFORMED, "repeated key '%.*s' in an object",
+                 clip(name_len, 80), name ? name : "");
+        }
+        if (drops == MAX_DROPS || !drop_member(n, text, key)) {
+            close_open(n);
+            return 0;
+        }
+        rc = oq__json_scan(text, len, &n->tape, &at, &why);
+    }
+    n->d = (oq__jdoc){ text, len, n->tape.tok, n->tape.n };
+    if (rc == -1)
+        log_skip(n, "not JSON (%s at byte %zu)", why, at);
+    else if (rc != 0)
         log_skip(n, "out of memory");
-        goto out;
-    }
-    has_id = mtext && text_int64(mtext, &id);
-    fail(&e, E_MALFORMED, "unsupported JSON in the request: a \\u escape of "
-         "a lone surrogate, or nesting deeper than %d levels",
-         CJSON_NESTING_LIMIT);
-    put_error(n, src, dest ? dest : "", has_id, id, &e);
-out:
-    oq__free(src);
-    oq__free(dest);
-    oq__free(mtext);
+    return rc == 0 ? 0 : -1;
 }
 
 static void handle_line(node *n, char *line, size_t len)
 {
-    const char *end = NULL;
-    cJSON *msg;
-    const cJSON *src, *dest, *body;
-    walker w;
-    int rc;
+    nerr refused = { 0, "" };
+    uint32_t src, dest, body;
+    char *text = line;
 
-    /* cJSON stops right after the value: trailing blanks go first. */
-    while (len > 0 && strchr(" \t\r\n", line[len - 1]) != NULL)
+    while (len > 0 && (line[len - 1] == ' ' || line[len - 1] == '\t' ||
+                       line[len - 1] == '\r' || line[len - 1] == '\n'))
         line[--len] = '\0';
     if (len == 0)
         return;
-    msg = cJSON_ParseWithLengthOpts(line, len, &end, 0);
-    if (msg == NULL) {
-        answer_salvaged(n, line, len);
+    if (len >= 3 && memcmp(text, "\xEF\xBB\xBF", 3) == 0) {
+        text += 3;           /* a byte order mark */
+        len -= 3;
+    }
+    n->strs.len = 0;
+    if ((!oq__utf8_valid(text, len) && (text = utf8_fix(n, text, &len)) == NULL) ||
+        oq__buf_reserve(&n->strs, len + 1) != 0) {
+        log_skip(n, "out of memory");
         return;
     }
-    if (end != line + len) {
-        log_skip(n, "trailing bytes after the JSON value");
-        goto out;
-    }
-    memset(&w, 0, sizeof(w));
-    w.p = line;
-    w.end = line + len;
-    if (len >= 3 && memcmp(line, "\xEF\xBB\xBF", 3) == 0)
-        w.p += 3;        /* cJSON skips a byte order mark */
-    rc = walk(&w, msg);
-    if (rc == WALK_OK && (rc = walk_ws(&w)) == WALK_OK && w.p != w.end)
-        rc = WALK_NOT_JSON;
-    if (rc == WALK_NOT_JSON) {
-        log_skip(n, "not JSON");
-        goto out;
-    }
-    if (rc == WALK_NOMEM)
-        no_memory(&w.refused);
-    src = cJSON_GetObjectItemCaseSensitive(msg, "src");
-    dest = cJSON_GetObjectItemCaseSensitive(msg, "dest");
-    body = cJSON_GetObjectItemCaseSensitive(msg, "body");
-    if (!cJSON_IsString(src) || !cJSON_IsObject(body))
+    if (scan_line(n, text, len, &refused) != 0)
+        return;
+    src = member(n, 0, "src");
+    dest = member(n, 0, "dest");
+    body = member(n, 0, "body");
+    if (!is_a(n, src, OQ__J_STR) || !is_a(n, body, OQ__J_OBJ)) {
         log_skip(n, "no \"src\" string or no \"body\" object");
-    else
-        answer(n, src->valuestring,
-               cJSON_IsString(dest) ? dest->valuestring : "", body,
-               &w.refused);
-out:
-    cJSON_Delete(msg);
+        return;
+    }
+    n->src = str_at(n, src, &n->src_len);
+    n->dest = "";
+    n->dest_len = 0;
+    if (is_a(n, dest, OQ__J_STR))
+        n->dest = str_at(n, dest, &n->dest_len);
+    if (n->src == NULL || n->dest == NULL) {
+        log_skip(n, "out of memory");
+        return;
+    }
+    answer(n, body, &refused);
 }
 
 /* ------------------------------------------------------------ lifecycle */
@@ -1981,9 +1568,12 @@ static void node_free(node *n)
     kafka_free(&n->logs);
     oq_queue_free(n->q);
     oq__free(n->dbuf);
-    oq__free(n->out.p);
-    oq__free(n->body.p);
-    oq__free(n->tmp.p);
+    oq__jtape_free(&n->tape);
+    oq__buf_free(&n->fixed);
+    oq__buf_free(&n->strs);
+    oq__buf_free(&n->body.b);
+    oq__buf_free(&n->out.b);
+    oq__buf_free(&n->tmp);
     oq__free(n->node_id);
 }
 
@@ -2004,7 +1594,6 @@ int oq__cmd_node(int argc, char **argv)
     memset(&n, 0, sizeof(n));
     n.quiet = o.quiet;
     n.default_vt_ms = o.q.visibility_timeout_ms;
-    oq__json_hooks_install();
     rc = oq_queue_new(&n.q, &o.q);
     n.dbuf = oq__calloc(RECEIVE_MAX_CAP, sizeof(*n.dbuf));
     if (rc != 0 || n.dbuf == NULL) {
@@ -2018,7 +1607,7 @@ int oq__cmd_node(int argc, char **argv)
     while ((len = getline(&line, &cap, stdin)) >= 0) {
         n.lineno++;
         handle_line(&n, line, (size_t)len);
-        if (n.out.len > 0 && !flush_out(&n)) {
+        if (n.out.b.len > 0 && !flush_out(&n)) {
             status = 1;
             break;
         }

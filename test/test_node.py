@@ -453,6 +453,41 @@ def t_unparsable_json():
     check(err.count(b"not JSON") == 5, "stderr: %r" % err)
 
 
+def t_scanner_read_arounds():
+    """What the strict scanner refuses but the node answers, read as
+    docs/NODE.md says: strings keep an escaped NUL; escapes in names and
+    keys are decoded; 1.0e1 is an integer; a BOM is skipped; a lone surrogate
+    in a key, a repeated key deep in a msg (the rest of the line is still
+    checked, up to 16 repeated keys), and a malformed part inside a value
+    nested deeper than 1000 levels (not checked) are answered with error 12;
+    a malformed part elsewhere is not JSON."""
+    deep = b"[" * 1200 + b"1,,2" + b"]" * 1200
+    data = (raw(b'{"type":"process","msg_id":1,"event_id":"a\\u0000b","word":"x\\u0000y"}')
+            + raw(b'{"type":"process","msg_id":2,"event_id":"a","word":"x"}')
+            + raw(b'{"type":"com\\u006dit","msg_id":1.0e1}')
+            + b'\xef\xbb\xbf' + raw(b'{"type":"commit","msg_id":4}')
+            + raw(b'{"type":"poll","msg_id":5,"offsets":{"\\udbff":0}}')
+            + raw(b'{"type":"send","msg_id":6,"key":"k","msg":[{"b":1,"b":2}]}')
+            + raw(b'{"type":"send","msg_id":7,"key":"k","msg":' + deep + b'}')
+            + raw(b'{"type":"send","msg_id":8,"key":"k","msg":' + deep + b',01}')
+            + raw(b'{"type":"send","msg_id":11,"key":"k","msg":[{"b":1,"b":2}],"x":01}')
+            + raw(b'{"type":"send","msg_id":12,"key":"k","msg":{' + b'"b":1,' * 40 + b'"c":2}}')
+            + raw(b'{"type":"commit","msg_id":9}'))
+    rc, out, err = run_node(data)
+    got = [r["body"] for r in reply_lines(out)]
+    check(rc == 0 and [g["in_reply_to"] for g in got] == [1, 2, 10, 4, 5, 6, 7, 12, 9],
+          "replies %r; stderr %r" % (got, err))
+    check(got[0]["word"] == "x\u0000y" and got[1]["was_duplicate"] is False,
+          "NUL in strings: %r %r" % (got[0], got[1]))
+    check(got[2]["type"] == "committed" and got[2]["output_count"] == 2, "%r" % got[2])
+    check(got[3]["type"] == "committed", "BOM: %r" % got[3])
+    for g in got[4:8]:
+        check(g["type"] == "error" and g["code"] == 12, "%r" % g)
+    check("repeated key 'b'" in got[5]["text"], "%r" % got[5])
+    check(err.count(b"not JSON") == 2 and b"line 8" in err and b"line 9" in err,
+          "stderr: %r" % err)
+
+
 def t_restore_keeps_commits():
     """checkpoint, commit, restore, commit commits nothing twice."""
     lines = [msg({"type": "process", "msg_id": 1, "event_id": "e1", "word": "w"}),
@@ -889,7 +924,8 @@ def main():
                      ("init_ok from the new id", t_init_ok_from_new_id),
                      ("exact numbers", t_exact_numbers),
                      ("unparsable json", t_unparsable_json),
-                     ("restore keeps commits", t_restore_keeps_commits)]:
+                     ("restore keeps commits", t_restore_keeps_commits),
+                     ("scanner read-arounds", t_scanner_read_arounds)]:
         run_test(name, fn)
     run_test("session of %d (seed %d)" % (args.session, seed), t_session(seed, args.session))
 
