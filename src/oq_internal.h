@@ -281,9 +281,6 @@ void oq__json_free(void *parsed, void *arg);
  * object. */
 const oq__jdoc *oq__event_doc(const oq_event *ev, void **own,
                               char *err, size_t errlen);
-/* Installs onceq's cJSON allocation hooks (per-thread arenas for parsed
- * events; see source.c). Every cJSON user calls it before using cJSON. */
-void oq__json_hooks_install(void);
 /* 1 if s[0..len) is valid UTF-8 with no NUL byte. */
 int oq__utf8_valid(const char *s, size_t len);
 /* Strict UTF-8 with no NUL: the offset of the first bad byte, or len;

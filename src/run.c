@@ -22,7 +22,6 @@
  */
 #include "oq_internal.h"
 
-#include <cjson/cJSON.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>

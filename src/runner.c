@@ -31,7 +31,6 @@
  */
 #include "oq_internal.h"
 
-#include <cjson/cJSON.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>

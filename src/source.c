@@ -25,14 +25,10 @@
  * open).
  *
  * The decode hook (oq__json_decode) runs in the workers, concurrently, with
- * no shared state of its own. It uses cJSON, which allocates one node per
- * JSON value and, in 1.7.15, also writes a global error position on every
- * parse (harmless for us: we take the position from return_parse_end, and
- * libcjson is not instrumented, so TSAN does not see it).
+ * no shared state of its own: the strict scanner (json.c) and per-thread
+ * buffers.
  */
 #include "oq_internal.h"
-
-#include <cjson/cJSON.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -545,8 +541,7 @@ static const oq__idspec default_spec = { "id", true };
  * freed: the pool frees them in the thread that decoded them, after each
  * batch), and from oq__malloc outside that window or when it does not fit.
  * The scanner's tape is a per-thread scratch buffer, copied out at the
- * exact size. cJSON (used by the node protocol) gets the same arena through
- * its process-wide hooks: every cJSON user calls oq__json_hooks_install().
+ * exact size; both are freed when their thread exits (pthread keys).
  */
 #define ARENA_BYTES (512 * 1024)
 
@@ -558,7 +553,7 @@ typedef struct arena {
 
 static _Thread_local arena tl_arena;
 static _Thread_local oq__jtape tl_tape;
-static pthread_once_t hooks_once = PTHREAD_ONCE_INIT;
+static pthread_once_t keys_once = PTHREAD_ONCE_INIT;
 static pthread_key_t arena_key, tape_key;
 
 static bool in_arena(const void *p)
@@ -568,7 +563,7 @@ static bool in_arena(const void *p)
            c < tl_arena.base + ARENA_BYTES;
 }
 
-static void *hook_malloc(size_t n)
+static void *arena_alloc(size_t n)
 {
     arena *a = &tl_arena;
     if (a->live > 0 && a->base) {
@@ -582,7 +577,7 @@ static void *hook_malloc(size_t n)
     return oq__malloc(n);
 }
 
-static void hook_free(void *p)
+static void arena_free(void *p)
 {
     if (!in_arena(p))
         oq__free(p);
@@ -593,17 +588,10 @@ static void arena_destroy(void *base)
     oq__free(base);
 }
 
-static void install_hooks(void)
+static void make_keys(void)
 {
-    cJSON_Hooks hooks = { hook_malloc, hook_free };
     pthread_key_create(&arena_key, arena_destroy);
     pthread_key_create(&tape_key, arena_destroy);
-    cJSON_InitHooks(&hooks);
-}
-
-void oq__json_hooks_install(void)
-{
-    pthread_once(&hooks_once, install_hooks);
 }
 
 /* Opens this thread's arena window for one more parsed event. */
@@ -655,7 +643,7 @@ static int scan_event(const char *s, size_t len, oq_decoded *out)
     if (bad < len)
         return reject(out, OQ_DLQ_PARSE_ERROR, "%s at byte %zu",
                       nul ? "NUL byte" : "invalid UTF-8", bad);
-    oq__json_hooks_install();
+    pthread_once(&keys_once, make_keys);
     rc = oq__json_scan(s, len, &tl_tape, &at, &why);
     if (tl_tape.tok != before)
         pthread_setspecific(tape_key, tl_tape.tok);
@@ -676,7 +664,7 @@ static parsed *keep_tape(const char *s, size_t len, size_t extra)
     parsed *pd;
 
     arena_enter();
-    pd = hook_malloc(sizeof(*pd) + toks + extra);
+    pd = arena_alloc(sizeof(*pd) + toks + extra);
     if (pd == NULL) {
         arena_leave();
         return NULL;
@@ -760,7 +748,7 @@ void oq__json_free(void *p, void *arg)
     OQ__UNUSED(arg);
     if (p == NULL)
         return;
-    hook_free(p);
+    arena_free(p);
     arena_leave();
 }
 
