@@ -539,6 +539,18 @@ typedef struct oq_pool_opts {
                                   finished messages of a batch need not be
                                   pinned before each next handler call.
                                   Default 0: they are. */
+    int64_t lease_ms;          /* > 0: heartbeats. While a handler runs, its
+                                  message's visibility and claim are
+                                  extended by lease_ms every third of it
+                                  (the queue's visibility timeout is the
+                                  natural value), and the handler's
+                                  deadline is the attempt's end (below),
+                                  not the delivery's. 0 (default): no
+                                  heartbeats; the deadline is the lease's. */
+    int64_t timeout_ms;        /* with lease_ms: the longest one attempt
+                                  may run; heartbeats stop then, and the
+                                  message is delivered again one lease
+                                  later. 0 (default): no limit. */
 } oq_pool_opts;
 
 /* As oq_queue_opts_init; call it as oq_pool_opts_defaults(&o). */

@@ -589,6 +589,27 @@ int oq__idset_prepare_d(oq_idset *s, const char *id, size_t len, oq__digest d,
     return rc;
 }
 
+int oq__idset_extend_d(oq_idset *s, const char *id, size_t len, oq__digest d,
+                       uint64_t token, int64_t lease_deadline_ms)
+{
+    if (s == NULL || !id_ok(id, len))
+        return OQ_EINVAL;
+    struct shard *sh = shard_of(s, d);
+    int rc = OQ_ESTALE;
+
+    pthread_mutex_lock(&sh->lock);
+    claim *c = shard_find_claim(sh, id, len, d);
+    /* The holder's token is still current (nobody took the claim over);
+     * a lease is only ever moved later. */
+    if (c != NULL && c->token == token) {
+        if (lease_deadline_ms > c->lease_deadline_ms)
+            c->lease_deadline_ms = lease_deadline_ms;
+        rc = 0;
+    }
+    pthread_mutex_unlock(&sh->lock);
+    return rc;
+}
+
 int oq_idset_release(oq_idset *s, const char *id, size_t len, uint64_t token)
 {
     if (s == NULL || !id_ok(id, len))

@@ -178,6 +178,16 @@ int oq__idset_prepare_d(oq_idset *s, const char *id, size_t len,
                         oq__digest d, uint64_t token);
 int oq__idset_release_d(oq_idset *s, const char *id, size_t len,
                         oq__digest d, uint64_t token);
+/* A heartbeat: moves the claim's lease to lease_deadline_ms (never
+ * earlier) while token is current. 0 or OQ_ESTALE. */
+int oq__idset_extend_d(oq_idset *s, const char *id, size_t len, oq__digest d,
+                       uint64_t token, int64_t lease_deadline_ms);
+
+/* ----------------------------------------------------------------- pool.c */
+
+/* Heartbeats that extended a lease so far (not in oq_pool_stats: a stats
+ * struct the library fills cannot grow without breaking older callers). */
+uint64_t oq__pool_lease_extensions(oq_pool *p);
 
 /* -------------------------------------------------------------- memsink.c */
 

@@ -83,6 +83,24 @@ typedef struct slot {
     enum outcome outcome;
 } slot;
 
+/*
+ * What a worker's running handler holds, for the heartbeat thread: written
+ * by the worker before and after each handler call that may block, read by
+ * the heartbeat thread, both under mu (a leaf: the heartbeat thread copies
+ * what it needs and lets go before it calls into the queue or the set).
+ */
+typedef struct heartbeat {
+    pthread_mutex_t mu;
+    bool active;          /* a handler is running on delivery receipt */
+    uint64_t receipt;
+    char id[OQ__MAX_ID_LEN];
+    size_t id_len;
+    oq__digest dg;
+    uint64_t token;
+    int64_t extended_ms;  /* when its lease was last set (pool clock) */
+    int64_t attempt_end_ms; /* opts.timeout_ms after the start, or max */
+} heartbeat;
+
 /* Per-worker counters: written by one worker, read by stats_get. */
 typedef struct counters {
     _Atomic uint64_t processed, duplicates, dead, rejected, retried, busy,
@@ -99,6 +117,7 @@ typedef struct worker {
     oq_settle *ops; /* opts.batch of them: phase A and D */
     oq_settle *pins; /* opts.batch of them: phase B */
     double avg_ms;  /* moving average of a message's phase A time, ms */
+    heartbeat hb;   /* opts.lease_ms > 0 */
     counters c;
 } worker;
 
@@ -113,6 +132,12 @@ struct oq_pool {
     pthread_mutex_t mu;
     pthread_cond_t cv;  /* a worker exited */
     unsigned running;   /* guarded by mu */
+
+    /* Heartbeats (opts.lease_ms > 0): one thread extends the lease of
+     * every running handler's message a third of a lease at a time. */
+    pthread_t hb_thread;
+    bool hb_started, hb_joined;
+    _Atomic uint64_t lease_extensions;
 };
 
 void oq_pool_opts_init(oq_pool_opts *o, size_t size)
@@ -224,6 +249,91 @@ static bool decode(worker *w, slot *s, oq_settle *op)
     return true;
 }
 
+/* The handler of s starts: the heartbeat thread keeps its lease until it
+ * returns (or its attempt's timeout passes). Returns the handler's
+ * deadline: the end of the attempt. */
+static int64_t beat_start(worker *w, const slot *s, int64_t now)
+{
+    oq_pool *p = w->p;
+    heartbeat *hb = &w->hb;
+    int64_t end = p->opts.timeout_ms > 0 ? oq__add_ms(now, p->opts.timeout_ms)
+                                         : INT64_MAX;
+
+    pthread_mutex_lock(&hb->mu);
+    /* An id longer than the set's limit (a library caller's own id) gets
+     * no heartbeats: its lease runs out as without them. */
+    hb->active = s->id_len <= sizeof(hb->id);
+    hb->receipt = s->d.receipt;
+    if (hb->active)
+        memcpy(hb->id, s->id, s->id_len);
+    hb->id_len = s->id_len;
+    hb->dg = s->dg;
+    hb->token = s->claim.token;
+    hb->extended_ms = now;
+    hb->attempt_end_ms = end;
+    pthread_mutex_unlock(&hb->mu);
+    return end;
+}
+
+static void beat_stop(worker *w)
+{
+    pthread_mutex_lock(&w->hb.mu);
+    w->hb.active = false;
+    pthread_mutex_unlock(&w->hb.mu);
+}
+
+/* One heartbeat for worker w: extends its running message's visibility
+ * and claim by a lease once a third of the lease has passed since the
+ * last time, until the attempt's end. */
+static void beat(oq_pool *p, worker *w, int64_t now)
+{
+    heartbeat *hb = &w->hb;
+    int64_t lease = p->opts.lease_ms;
+    char id[OQ__MAX_ID_LEN];
+    size_t len;
+    oq__digest dg;
+    uint64_t receipt, token;
+
+    pthread_mutex_lock(&hb->mu);
+    if (!hb->active || now - hb->extended_ms < lease / 3 ||
+        now >= hb->attempt_end_ms) {
+        pthread_mutex_unlock(&hb->mu);
+        return;
+    }
+    hb->extended_ms = now;
+    receipt = hb->receipt;
+    token = hb->token;
+    dg = hb->dg;
+    len = hb->id_len;
+    memcpy(id, hb->id, len);
+    pthread_mutex_unlock(&hb->mu);
+    /* The queue first: a message delivered again since cannot be
+     * extended, and then its claim is not either. */
+    if (oq_queue_extend(p->q, receipt, lease) == 0 &&
+        oq__idset_extend_d(p->s, id, len, dg, token,
+                           oq__add_ms(now, lease)) == 0)
+        atomic_fetch_add_explicit(&p->lease_extensions, 1,
+                                  memory_order_relaxed);
+}
+
+/* How often the heartbeat thread looks, in real ms (it reads the pool
+ * clock each time, so a test clock works too). */
+#define BEAT_SLICE_MS 5
+
+static void *heartbeat_main(void *arg)
+{
+    oq_pool *p = arg;
+    struct timespec ts = { 0, BEAT_SLICE_MS * 1000000L };
+
+    while (!atomic_load(&p->stopping)) {
+        int64_t now = oq_clock_now(p->opts.clock);
+        for (unsigned i = 0; i < p->opts.workers; i++)
+            beat(p, &p->w[i], now);
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
 /* Phase A for one message: decode, claim and run the handler. now is the
  * pool clock's time. */
 static void run_one(worker *w, slot *s, size_t i, oq_settle *op, int64_t now)
@@ -308,9 +418,13 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op, int64_t now)
         oq_event ev;
         event_of(p, s, &ev);
         INC(w, handler_calls);
+        if (p->opts.lease_ms > 0)
+            ev.deadline_ms = beat_start(w, s, now);
         rc = p->opts.handler ? p->opts.handler(&ev, s->txn,
                                                p->opts.handler_arg)
                              : OQ_OK;
+        if (p->opts.lease_ms > 0)
+            beat_stop(w);
     }
     switch (rc) {
     case OQ_OK:
@@ -737,6 +851,7 @@ static void free_workers(oq_pool *p)
         oq__free(w->ops);
         oq__free(w->pins);
         oq__free(w->d);
+        pthread_mutex_destroy(&w->hb.mu);
     }
     oq__free(p->w);
 }
@@ -752,6 +867,7 @@ static int alloc_workers(oq_pool *p)
     for (unsigned i = 0; i < p->opts.workers; i++) {
         worker *w = &p->w[i];
         w->p = p;
+        pthread_mutex_init(&w->hb.mu, NULL);
         w->rng = seed + i * 0x9e3779b97f4a7c15ULL;
         w->avg_ms = 10 * SLOW_HANDLER_MS; /* one by one until measured */
         w->slots = oq__calloc(p->opts.batch, sizeof(*w->slots));
@@ -807,6 +923,17 @@ int oq_pool_start(oq_pool **out, oq_queue *q, oq_idset *s,
         p->running++;
         pthread_mutex_unlock(&p->mu);
     }
+    if (p->opts.lease_ms > 0) {
+        rc = -pthread_create(&p->hb_thread, NULL, heartbeat_main, p);
+        if (rc != 0) {
+            atomic_store(&p->stopping, 1);
+            oq_queue_wake(q);
+            for (unsigned j = 0; j < p->opts.workers; j++)
+                pthread_join(p->w[j].thread, NULL);
+            goto out_free;
+        }
+        p->hb_started = true;
+    }
     *out = p;
     return 0;
 
@@ -818,12 +945,23 @@ out_free:
     return rc;
 }
 
+/* Stops and joins the heartbeat thread (it never blocks for long). */
+static void join_heartbeat(oq_pool *p)
+{
+    if (!p->hb_started || p->hb_joined)
+        return;
+    atomic_store(&p->stopping, 1);
+    pthread_join(p->hb_thread, NULL);
+    p->hb_joined = true;
+}
+
 static void join_all(oq_pool *p)
 {
     if (p->joined)
         return;
     for (unsigned i = 0; i < p->opts.workers; i++)
         pthread_join(p->w[i].thread, NULL);
+    join_heartbeat(p);
     p->joined = true;
 }
 
@@ -850,6 +988,9 @@ int oq_pool_stop(oq_pool *p, int64_t grace_ms)
         }
     }
     pthread_mutex_unlock(&p->mu);
+    /* No more heartbeats: a handler still running loses its lease, and
+     * its late commit is fenced. */
+    join_heartbeat(p);
     if (busy)
         return OQ_EBUSY;
     join_all(p);
@@ -871,6 +1012,11 @@ void oq_pool_stats_get(oq_pool *p, oq_pool_stats *out)
         out->handler_calls += atomic_load(&c->handler_calls);
         out->batches += atomic_load(&c->batches);
     }
+}
+
+uint64_t oq__pool_lease_extensions(oq_pool *p)
+{
+    return atomic_load(&p->lease_extensions);
 }
 
 void oq_pool_free(oq_pool *p)

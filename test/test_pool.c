@@ -469,6 +469,100 @@ static void test_dying_copies_have_one_outcome(void **state)
     assert_int_equal(ps.dead, 1);
 }
 
+static void gate_reset(void)
+{
+    pthread_mutex_lock(&st_gate.mu);
+    st_gate.started = st_gate.release = 0;
+    pthread_mutex_unlock(&st_gate.mu);
+}
+
+static void gate_wait_started(void)
+{
+    pthread_mutex_lock(&st_gate.mu);
+    while (!st_gate.started)
+        pthread_cond_wait(&st_gate.cv, &st_gate.mu);
+    pthread_mutex_unlock(&st_gate.mu);
+}
+
+static void gate_release(void)
+{
+    pthread_mutex_lock(&st_gate.mu);
+    st_gate.release = 1;
+    pthread_cond_broadcast(&st_gate.cv);
+    pthread_mutex_unlock(&st_gate.mu);
+}
+
+/* Moves the test clock by total ms in steps of a quarter lease, giving
+ * the heartbeat thread (it looks every 5 ms) time to see each step. */
+static void advance_slowly(fx *f, int64_t total)
+{
+    for (int64_t t = 0; t < total; t += VT / 4) {
+        struct timespec ts = { 0, 30 * 1000 * 1000 };
+        oq_testclock_advance(f->tc, VT / 4);
+        oq_queue_wake(f->q);
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Heartbeats: a handler that runs for several leases keeps its message
+ * and its claim; it is neither delivered again nor fenced. */
+static void test_heartbeat_keeps_a_long_handler(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+    oq_queue_stats qs;
+
+    gate_reset();
+    f->po.handler = stalling_handler;
+    f->po.workers = 2;
+    f->po.batch = 1;
+    f->po.lease_ms = VT;
+    start(f);
+    send_id(f, "long");
+    gate_wait_started();
+    advance_slowly(f, 4 * VT);
+    gate_release();
+    drain(f);
+    assert_int_equal(effect(f, "long"), 1);
+    oq_pool_stats_get(f->p, &ps);
+    oq_queue_stats_get(f->q, &qs);
+    assert_int_equal(ps.processed, 1);
+    assert_int_equal(ps.handler_calls, 1);
+    assert_int_equal(ps.fenced, 0);
+    assert_int_equal(qs.redelivered, 0);
+    assert_true(oq__pool_lease_extensions(f->p) >= 5);
+}
+
+/* With a timeout, heartbeats stop at the attempt's end: the message is
+ * delivered again one lease later and done by the other worker, and the
+ * first attempt's late commit is fenced. */
+static void test_heartbeat_stops_at_the_timeout(void **state)
+{
+    fx *f = *state;
+    oq_pool_stats ps;
+
+    gate_reset();
+    f->po.handler = stalling_handler;
+    f->po.workers = 2;
+    f->po.batch = 1;
+    f->po.lease_ms = VT;
+    f->po.timeout_ms = 3 * VT / 2;
+    start(f);
+    send_id(f, "capped");
+    gate_wait_started();
+    advance_slowly(f, 3 * VT);
+    for (int i = 0; i < 100000 && effect(f, "capped") == 0; i++)
+        nap();
+    assert_int_equal(effect(f, "capped"), 1);
+    gate_release();
+    drain(f);
+    assert_int_equal(effect(f, "capped"), 1);
+    oq_pool_stats_get(f->p, &ps);
+    assert_int_equal(ps.processed, 1);
+    assert_int_equal(ps.handler_calls, 2);
+    assert_int_equal(ps.fenced, 1);
+}
+
 static void test_graceful_stop_loses_nothing(void **state)
 {
     fx *f = *state;
@@ -685,6 +779,8 @@ int main(void)
         T(test_overrun_lease_outputs_discarded),
         T(test_hanging_batch_mate),
         T(test_dying_copies_have_one_outcome),
+        T(test_heartbeat_keeps_a_long_handler),
+        T(test_heartbeat_stops_at_the_timeout),
         T(test_graceful_stop_loses_nothing),
         T(test_stats_balance),
         T(test_bad_options),
