@@ -23,7 +23,7 @@ CPPFLAGS += -Iinclude -Isrc -D_GNU_SOURCE -DOQ_BUILDING -MMD -MP
 CFLAGS   += -std=c11 -g $(OPT) -pthread -fPIC -fvisibility=hidden $(WARN)
 # -rdynamic: plugins (plugin:PATH.so) link against the binary's oq_* API.
 LDFLAGS  += -pthread -rdynamic
-LIBS     := -lxxhash -lsqlite3 -lhiredis -lm -ldl
+LIBS     := -lxxhash -lsqlite3 -lhiredis -lmicrohttpd -lm -ldl
 
 ifeq ($(SAN),thread)
 CFLAGS  += -fsanitize=thread -fno-omit-frame-pointer
@@ -40,7 +40,8 @@ LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset
             src/txn.c src/memsink.c src/pool.c src/opts.c
 # The engine of `onceq run` (reader, handlers, runner, SQLite store): the
 # binary's, and the tests' through build/libonceq-cli.a (not installed).
-ENGINE_SRCS := src/source.c src/handlers.c src/runner.c src/store.c
+ENGINE_SRCS := src/source.c src/handlers.c src/runner.c src/store.c \
+               src/metrics.c
 CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c src/state_cli.c \
             src/redis.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_json test_txn test_pool \
@@ -192,7 +193,8 @@ DEB_PACKAGES := build-essential clang pkg-config python3 uthash-dev \
                 libcmocka-dev libcjson-dev libxxhash-dev libjansson-dev \
                 libsqlite3-dev sqlite3 libhiredis-dev redis-server \
                 gnuplot-nox parallel beanstalkd time libjsmn-dev \
-                abigail-tools groff-base man-db
+                abigail-tools groff-base man-db libmicrohttpd-dev \
+                python3-prometheus-client
 
 deps:
 	$(Q)missing=""; for p in $(DEB_PACKAGES); do \

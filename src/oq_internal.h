@@ -188,6 +188,50 @@ int oq__idset_extend_d(oq_idset *s, const char *id, size_t len, oq__digest d,
 /* Heartbeats that extended a lease so far (not in oq_pool_stats: a stats
  * struct the library fills cannot grow without breaking older callers). */
 uint64_t oq__pool_lease_extensions(oq_pool *p);
+/* The time per message in the workers (decode, claim, handler), as the
+ * metrics' histogram: calls per bucket of oq__metrics_buckets (the last
+ * bucket, above them all, is only in count), their count and sum. */
+void oq__pool_histogram(oq_pool *p, uint64_t *buckets, uint64_t *count,
+                        double *sum_s);
+
+/* -------------------------------------------------------------- metrics.c */
+
+/* Handler durations: upper bounds of the histogram's buckets, seconds. */
+#define OQ__HIST_BUCKETS 11
+extern const double oq__metrics_buckets[OQ__HIST_BUCKETS];
+
+/* What a run counts, as the metrics show it (docs/METRICS.md). */
+typedef struct oq__metrics_snap {
+    uint64_t processed, duplicates, dead, retried;
+    uint64_t dead_by[OQ_DLQ__COUNT];
+    uint64_t ready, in_flight;
+    double oldest_ready_age_s;
+    uint64_t lease_extensions, fenced;
+    uint64_t hist[OQ__HIST_BUCKETS]; /* calls per bucket (not cumulative) */
+    uint64_t hist_count;             /* all calls, +Inf included */
+    double hist_sum_s;
+} oq__metrics_snap;
+
+/* Fills a snapshot; called from the metrics threads (thread-safe). */
+typedef void (*oq__metrics_fn)(oq__metrics_snap *out, void *arg);
+
+typedef struct oq__metrics_opts {
+    const char *path;       /* NULL: no file */
+    int64_t interval_ms;    /* file rewrites; default 10000 */
+    const char *listen;     /* HOST:PORT for GET /metrics, or NULL */
+    oq__metrics_fn fn;
+    void *arg;
+} oq__metrics_opts;
+
+typedef struct oq__metrics oq__metrics;
+/* The Prometheus text exposition of s into b (b->len reset). */
+int oq__metrics_text(oq__buf *b, const oq__metrics_snap *s);
+/* Writes the file once (refusing an unwritable path), then every interval
+ * from a thread; serves HTTP. 0, or an error with err filled. */
+int oq__metrics_start(oq__metrics **out, const oq__metrics_opts *o,
+                      char *err, size_t errlen);
+/* Stops the threads and writes the file a last time: 0 or an errno. */
+int oq__metrics_stop(oq__metrics *m);
 
 /* -------------------------------------------------------------- memsink.c */
 
@@ -360,6 +404,10 @@ typedef struct oq__run_config {
     size_t commit_batch;        /* events per transaction; default 256 */
     int64_t commit_interval_ms; /* longest wait for a batch; default 5 */
     bool force;                 /* read a changed input from its start */
+    int64_t timeout_ms;         /* --timeout: one attempt's limit; 0: none */
+    const char *metrics_path;   /* --metrics FILE, or NULL */
+    int64_t metrics_interval_ms; /* --metrics-interval; default 10 s */
+    const char *metrics_listen; /* --metrics-listen HOST:PORT, or NULL */
 } oq__run_config;
 
 void oq__run_config_defaults(oq__run_config *c);

@@ -119,6 +119,10 @@ typedef struct worker {
     double avg_ms;  /* moving average of a message's phase A time, ms */
     heartbeat hb;   /* opts.lease_ms > 0 */
     counters c;
+    /* Time per message in phase A (decode, claim, handler), by bucket of
+     * oq__metrics_buckets (the last: above them all), and its sum. */
+    _Atomic uint64_t hist[OQ__HIST_BUCKETS + 1];
+    _Atomic uint64_t hist_ns;
 } worker;
 
 struct oq_pool {
@@ -737,6 +741,33 @@ static void settle_range(worker *w, size_t lo, size_t hi)
  * slow one, or it may outlive its lease. Faster ones go per batch. */
 #define SLOW_HANDLER_MS 1.0
 
+/* The histogram's bucket bounds, seconds (the library keeps the counts,
+ * the CLI's metrics module prints them). */
+const double oq__metrics_buckets[OQ__HIST_BUCKETS] = {
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60,
+};
+
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* n handler calls of ns each (on average) into the worker's histogram of
+ * durations (oq__metrics_buckets). */
+static void observe(worker *w, int64_t ns, uint64_t n)
+{
+    double s = (double)ns / 1e9;
+    int b = 0;
+
+    while (b < OQ__HIST_BUCKETS && s > oq__metrics_buckets[b])
+        b++;
+    atomic_fetch_add_explicit(&w->hist[b], n, memory_order_relaxed);
+    atomic_fetch_add_explicit(&w->hist_ns, (uint64_t)ns * n,
+                              memory_order_relaxed);
+}
+
 static void note_duration(worker *w, int64_t ms)
 {
     w->avg_ms = 0.8 * w->avg_ms + 0.2 * (double)ms;
@@ -749,7 +780,7 @@ static size_t run_batch(worker *w, size_t n)
     oq_pool *p = w->p;
     size_t redo = 0, lo = 0;
     bool fast = w->avg_ms < SLOW_HANDLER_MS;
-    int64_t t0 = fast ? oq_clock_now(NULL) : 0;
+    int64_t t0 = fast ? mono_ns() : 0;
     int64_t start = oq_clock_now(p->opts.clock);
 
     for (size_t i = 0; i < n; i++) {
@@ -776,9 +807,11 @@ static size_t run_batch(worker *w, size_t n)
             }
             if (w->avg_ms >= SLOW_HANDLER_MS) {
                 /* Slow mode: time each message to notice when it is over. */
-                int64_t t1 = oq_clock_now(NULL);
+                int64_t t1 = mono_ns(), dt;
                 run_one(w, s, i, op, now);
-                note_duration(w, oq_clock_now(NULL) - t1);
+                dt = mono_ns() - t1;
+                note_duration(w, dt / 1000000);
+                observe(w, dt, 1);
             } else {
                 run_one(w, s, i, op, now);
             }
@@ -791,8 +824,9 @@ static size_t run_batch(worker *w, size_t n)
     if (fast) {
         /* Fast mode: one time reading per batch, spread over its messages
          * (a slow message here switches to slow mode for the next one). */
-        int64_t per = (oq_clock_now(NULL) - t0) / (int64_t)n;
-        note_duration(w, per);
+        int64_t per = (mono_ns() - t0) / (int64_t)n;
+        note_duration(w, per / 1000000);
+        observe(w, per, n);
     }
     for (size_t i = 0; i < n; i++) {
         slot *s = &w->slots[i];
@@ -1012,6 +1046,27 @@ void oq_pool_stats_get(oq_pool *p, oq_pool_stats *out)
         out->handler_calls += atomic_load(&c->handler_calls);
         out->batches += atomic_load(&c->batches);
     }
+}
+
+void oq__pool_histogram(oq_pool *p, uint64_t *buckets, uint64_t *count,
+                        double *sum_s)
+{
+    uint64_t ns = 0;
+
+    memset(buckets, 0, OQ__HIST_BUCKETS * sizeof(*buckets));
+    *count = 0;
+    for (unsigned i = 0; i < p->opts.workers; i++) {
+        worker *w = &p->w[i];
+        for (int b = 0; b <= OQ__HIST_BUCKETS; b++) {
+            uint64_t v = atomic_load_explicit(&w->hist[b],
+                                              memory_order_relaxed);
+            if (b < OQ__HIST_BUCKETS)
+                buckets[b] += v;
+            *count += v;
+        }
+        ns += atomic_load_explicit(&w->hist_ns, memory_order_relaxed);
+    }
+    *sum_s = (double)ns / 1e9;
 }
 
 uint64_t oq__pool_lease_extensions(oq_pool *p)

@@ -479,6 +479,8 @@ typedef struct run {
 
     int64_t t0_ms;
     int64_t wall0_ms;           /* wall clock at t0, for dead-letter times */
+    oq__metrics *metrics;       /* --metrics / --metrics-listen, or NULL */
+    _Atomic int pool_up;        /* r->p is set (for the metrics threads) */
 
     /* Durable mode (--state); see the DURABLE section below. The store is
      * the committer thread's while it runs, the main thread's otherwise. */
@@ -645,7 +647,7 @@ static void *reader_main(void *arg)
 typedef struct totals {
     uint64_t lines, blank, processed, duplicates, dead, unfinished;
     uint64_t dead_by[OQ_DLQ__COUNT];
-    uint64_t retried, redelivered, fenced, bytes;
+    uint64_t retried, redelivered, fenced, bytes, lease_extensions;
     double elapsed_s;
     /* Durable mode. */
     uint64_t redriven, skipped, commits, commit_events, commit_max;
@@ -686,8 +688,34 @@ static void get_totals(run *r, totals *t)
     t->retried = ps.retried;
     t->redelivered = qs.redelivered;
     t->fenced = ps.fenced;
+    t->lease_extensions = oq__pool_lease_extensions(r->p);
     oq__reader_progress(r->reader, &t->bytes, &total);
     t->elapsed_s = (oq_clock_now(NULL) - r->t0_ms) / 1000.0;
+}
+
+/* The metrics' snapshot (oq__metrics_fn): called from the metrics
+ * threads; everything it reads is atomic or behind a leaf lock. */
+static void metrics_snap(oq__metrics_snap *m, void *arg)
+{
+    run *r = arg;
+    oq_queue_stats qs;
+    totals t;
+
+    if (atomic_load(&r->pool_up) == 0)
+        return; /* the first write, before the run starts: all zero */
+    get_totals(r, &t);
+    oq_queue_stats_get(r->q, &qs);
+    m->processed = t.processed;
+    m->duplicates = t.duplicates;
+    m->dead = t.dead;
+    m->retried = t.retried;
+    memcpy(m->dead_by, t.dead_by, sizeof(m->dead_by));
+    m->ready = qs.ready;
+    m->in_flight = qs.in_flight;
+    m->oldest_ready_age_s = (double)qs.oldest_ready_age_ms / 1000.0;
+    m->lease_extensions = t.lease_extensions;
+    m->fenced = t.fenced;
+    oq__pool_histogram(r->p, m->hist, &m->hist_count, &m->hist_sum_s);
 }
 
 static void progress_line(run *r)
@@ -1644,6 +1672,10 @@ static int start_pool(run *r)
     po.handler = r->h.fn;
     po.handler_arg = r->h.arg;
     po.handler_never_blocks = r->h.never_blocks;
+    /* Heartbeats: a running handler keeps its lease (a third at a time)
+     * until --timeout, which is its deadline. */
+    po.lease_ms = r->c->vt_ms;
+    po.timeout_ms = r->c->timeout_ms;
     po.sink = (oq_sink){ run_apply, &r->rs, run_duplicate };
     if (r->cm) {
         po.committer = (oq_committer){ oq__committer_submit, r->cm };
@@ -1652,11 +1684,17 @@ static int start_pool(run *r)
     po.decode = oq__json_decode;
     po.free_parsed = oq__json_free;
     po.decode_arg = &r->idspec;
-    return oq_pool_start(&r->p, r->q, r->s, &po);
+    if (oq_pool_start(&r->p, r->q, r->s, &po) != 0)
+        return OQ_ENOMEM;
+    atomic_store(&r->pool_up, 1);
+    return 0;
 }
 
 static void close_all(run *r)
 {
+    /* First: its threads read the queue and the pool. */
+    oq__metrics_stop(r->metrics);
+    r->metrics = NULL;
     /* Outputs not finished (a run that did not start): left as they were. */
     out_discard(&r->out, false);
     out_discard(&r->dlq, false);
@@ -1773,9 +1811,10 @@ static int check_outputs(const oq__run_config *c, char *err, size_t errlen)
                                         "the state's lock file" };
     const struct { const char *opt, *path; } out[] = {
         { "-o", c->out_path }, { "--dlq", c->dlq_path },
-        { "--stats", c->stats_path },
+        { "--stats", c->stats_path }, { "--metrics", c->metrics_path },
     };
-    place *o = oq__calloc(3, sizeof(*o)), *x = oq__malloc(sizeof(*x));
+    enum { NOUT = sizeof(out) / sizeof(out[0]) };
+    place *o = oq__calloc(NOUT, sizeof(*o)), *x = oq__malloc(sizeof(*x));
     char name[PATH_MAX + 16];
     int rc = 0;
 
@@ -1784,7 +1823,7 @@ static int check_outputs(const oq__run_config *c, char *err, size_t errlen)
         rc = OQ_ENOMEM;
         goto out;
     }
-    for (int i = 0; i < 3 && rc == 0; i++) {
+    for (int i = 0; i < NOUT && rc == 0; i++) {
         const char *is = NULL, *which = "";
         if (out[i].path == NULL || strcmp(out[i].path, "-") == 0)
             continue;
@@ -1890,6 +1929,16 @@ int oq__run(const oq__run_config *c)
         oq__free(r);
         return 2;
     }
+    if (c->metrics_path || c->metrics_listen) {
+        oq__metrics_opts mo = { c->metrics_path, c->metrics_interval_ms,
+                                c->metrics_listen, metrics_snap, r };
+        if (oq__metrics_start(&r->metrics, &mo, err, sizeof(err)) != 0) {
+            fprintf(stderr, "onceq run: %s\n", err);
+            close_all(r);
+            oq__free(r);
+            return 2;
+        }
+    }
     /* Signals go to the main thread only; exec children may close pipes. */
     signal(SIGPIPE, SIG_IGN);
     sigemptyset(&sigs);
@@ -1920,6 +1969,13 @@ int oq__run(const oq__run_config *c)
         oq_pool_wait(r->p);
     }
     pthread_join(reader, NULL);
+    /* The last metrics, with every worker stopped. */
+    if (r->metrics && oq__metrics_stop(r->metrics) != 0 && status == 0) {
+        fprintf(stderr, "onceq run: write error on metrics '%s'\n",
+                c->metrics_path);
+        status = 3;
+    }
+    r->metrics = NULL;
     merge_parts(&r->rs); /* every worker has stopped */
     if (r->cm && oq__committer_stop(r->cm, serr, sizeof(serr)) != 0) {
         fprintf(stderr, "onceq run: state '%s': %s\nonceq run: stopped; "
