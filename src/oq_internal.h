@@ -345,8 +345,8 @@ typedef struct oq__run_config {
     bool drain;                 /* exit once the group has nothing left */
 } oq__run_config;
 
-/* The defaults of every mode; batch is 0 until the mode is known (run.c's
- * parser sets the mode's default). */
+/* The defaults of every mode (batch: the in-memory one; run.c's parser
+ * sets Redis's when --redis is given without --batch). */
 void oq__run_config_defaults(oq__run_config *c);
 /* Runs the whole job in memory or with --state; returns the process exit
  * status. */

@@ -386,7 +386,7 @@ void oq__run_config_defaults(oq__run_config *c)
     c->dlq_path = "onceq-dlq.jsonl";
     c->progress = isatty(STDERR_FILENO) ? 1 : 0;
     c->max_line = 1024 * 1024;
-    c->batch = 0; /* the mode's: BATCH_LOCAL or BATCH_REDIS */
+    c->batch = BATCH_LOCAL; /* parse_args: BATCH_REDIS with --redis */
     c->kill_grace_ms = 2000;
     c->sync = OQ__SYNC_FULL;
     c->commit_batch = 256;
@@ -625,8 +625,8 @@ static int parse_args(oq__run_config *c, int argc, char **argv)
     }
     c->inputs = (const char *const *)(argv + optind);
     c->ninputs = (unsigned)(argc - optind);
-    if (c->batch == 0)
-        c->batch = c->redis_url ? BATCH_REDIS : BATCH_LOCAL;
+    if (c->redis_url && !(seen >> (O_BATCH - 256) & 1))
+        c->batch = BATCH_REDIS;
     rc = check_mode(c, seen);
     return rc ? rc : -1;
 }
