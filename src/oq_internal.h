@@ -376,7 +376,10 @@ void oq__handler_cancel(oq__handler *h);
 
 /* ------------------------------------------------------------ runner.c */
 
-/* Everything `onceq run` was asked to do (run.c fills it from argv). */
+/* Everything `onceq run` was asked to do, in every mode (in memory,
+ * --state, --redis): run.c fills it from argv with one option table, the
+ * same limits and the same defaults, and refuses options that make no
+ * sense in the chosen mode, so neither engine parses anything. */
 typedef struct oq__run_config {
     const char *const *inputs;  /* ninputs paths; none: stdin */
     unsigned ninputs;
@@ -394,7 +397,7 @@ typedef struct oq__run_config {
     const char *stats_path;     /* NULL: none; "-": stdout */
     int progress;               /* 1: draw the progress line */
     size_t max_line;
-    unsigned batch;
+    unsigned batch;             /* 16 in memory, 128 with --redis */
     int64_t kill_grace_ms;
     uint64_t seed;              /* jitter; 0: from the clock */
     bool quiet, verbose;
@@ -404,15 +407,46 @@ typedef struct oq__run_config {
     size_t commit_batch;        /* events per transaction; default 256 */
     int64_t commit_interval_ms; /* longest wait for a batch; default 5 */
     bool force;                 /* read a changed input from its start */
+    /* Redis mode (--redis): see docs/REDIS.md. */
+    const char *redis_url;      /* NULL: not Redis */
+    const char *stream, *group; /* both required with --redis */
+    const char *consumer;       /* NULL: host:pid */
+    bool drain;                 /* exit once the group has nothing left */
     int64_t timeout_ms;         /* --timeout: one attempt's limit; 0: none */
     const char *metrics_path;   /* --metrics FILE, or NULL */
     int64_t metrics_interval_ms; /* --metrics-interval; default 10 s */
     const char *metrics_listen; /* --metrics-listen HOST:PORT, or NULL */
 } oq__run_config;
 
+/* The defaults of every mode (batch: the in-memory one; run.c's parser
+ * sets Redis's when --redis is given without --batch). */
 void oq__run_config_defaults(oq__run_config *c);
-/* Runs the whole job; returns the process exit status. */
+/* Runs the whole job in memory or with --state; returns the process exit
+ * status. */
 int oq__run(const oq__run_config *c);
+
+/* What every mode's --stats and summary report, with the same names and
+ * the same meaning: lines = processed + duplicates + dead + blank (+
+ * unfinished after a signal). run.c writes them; each engine adds its own
+ * fields after them. */
+typedef struct oq__run_counts {
+    uint64_t lines, processed, duplicates, dead, blank, unfinished;
+    uint64_t dead_by[OQ_DLQ__COUNT];
+    uint64_t retried, redelivered, fenced;
+    unsigned workers;
+    const char *handler;        /* the handler's name */
+    double elapsed_s;
+} oq__run_counts;
+/* Writes --stats's shared fields: "{" up to events_per_s, not closed. */
+void oq__write_stats_head(FILE *f, const oq__run_counts *n);
+/* The summary on stderr (nothing when quiet): who (NULL, or e.g.
+ * "consumer NAME") before the counts, the dead letters by reason and where
+ * they are (dlq_where), and with verbose the retry counters. */
+void oq__write_summary(const oq__run_counts *n, const char *who,
+                       const char *dlq_where, bool quiet, bool verbose);
+/* Draws the progress line on stderr (\r, cleared to the end); tail is
+ * the engine's own part (may be ""). */
+void oq__draw_progress(const oq__run_counts *n, const char *tail);
 /*
  * The number parsers of every option (run, run --redis, send, gen, the
  * state tools). Strict: decimal digits only -- no sign, no whitespace, no
@@ -472,10 +506,10 @@ int oq__cmd_export(int argc, char **argv);
 int oq__cmd_stats(int argc, char **argv);
 int oq__cmd_checkpoint(int argc, char **argv);
 int oq__cmd_restore(int argc, char **argv);
-/* redis.c: Redis Streams. `onceq run` hands over to oq__redis_run when its
- * arguments hold --redis (argv as given to oq__cmd_run). */
+/* redis.c: Redis Streams. `onceq run` hands its parsed options over to
+ * oq__redis_run when they hold --redis (c->redis_url). */
 int oq__cmd_send(int argc, char **argv);
-int oq__redis_run(int argc, char **argv);
+int oq__redis_run(const oq__run_config *c);
 int oq__redis_dlq(int argc, char **argv);
 int oq__redis_export(int argc, char **argv);
 /* 1 if argv[1..argc) holds the option name (exactly, or as "name=..."). */

@@ -123,8 +123,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define DEFAULT_BATCH 128
-#define MAX_BATCH 1024
 #define SEND_BATCH 256
 #define SEND_WINDOW 8          /* send batches in flight */
 #define BLOCK_MS 100           /* XREADGROUP BLOCK: how soon a stop is seen */
@@ -1258,16 +1256,6 @@ int oq__cmd_send(int argc, char **argv)
 
 /* =========================================================== consumer */
 
-typedef struct rcfg {
-    const char *url, *stream, *group, *consumer, *handler_spec, *id_field;
-    const char *out_path, *stats_path;
-    bool drain, quiet, verbose;
-    unsigned workers, batch;
-    int64_t vt_ms, backoff_base_ms, backoff_cap_ms, kill_grace_ms;
-    uint32_t max_attempts;
-    uint64_t seed;
-} rcfg;
-
 /* One stream entry, owned by the worker that holds it. */
 typedef struct rentry {
     char *eid;            /* stream entry id, "ms-seq" */
@@ -1292,7 +1280,8 @@ typedef struct rstats {
 } rstats;
 
 typedef struct rrun {
-    rcfg c;                     /* immutable after setup, like u, k, h */
+    oq__run_config c;           /* run.c's options (a copy); immutable
+                                   after setup, like u, k, h */
     rurl u;
     rkeys k;
     oq__handler h;
@@ -2494,202 +2483,40 @@ static int export_path(rconn *rc, const rkeys *k, const char *path,
 
 /* ============================================================ the run */
 
-static void run_usage(FILE *f)
+/* This consumer's counts, in the terms of every mode's stats: a line is a
+ * stream entry this consumer settled (`onceq send` skips blank lines, and
+ * what is not settled stays pending in Redis, so blank and unfinished are
+ * 0). */
+static void counts_of(rrun *r, double el, oq__run_counts *n)
 {
-    fprintf(f,
-"usage: onceq run --redis URL --stream NAME --group G [OPTIONS]\n"
-"\n"
-"Joins consumer group G of the Redis stream NAME (creating both if needed)\n"
-"and processes its events exactly once, with any number of other onceq\n"
-"processes on any machines: claims, the processed set, outputs and dead\n"
-"letters live in Redis. Load events with `onceq send`.\n"
-"\n"
-"  --redis URL                 redis://[user:password@]host[:port][/db]\n"
-"  --stream NAME               the stream (keys NAME and NAME:*)\n"
-"  --group G                   the consumer group\n"
-"  --consumer NAME             this consumer's name (default host:pid)\n"
-"  --drain                     exit once the group has nothing new, nothing\n"
-"                              pending with any consumer (a dead consumer's\n"
-"                              messages are taken over first) and nothing\n"
-"                              delayed; without it, run until SIGINT/SIGTERM\n"
-"  -w, --workers N             worker threads, one connection each\n"
-"                              (default: number of CPUs)\n"
-"  --handler SPEC              wordcount (default), count:FIELD, noop,\n"
-"                              exec:COMMAND, plugin:PATH.so\n"
-"  --id-field NAME             (default id, or event_id)\n"
-"  --visibility-timeout D      lease per delivery (default 30s)\n"
-"  --max-attempts N            (default 5)\n"
-"  --backoff BASE[,CAP]        (default 100ms,30s)\n"
-"  --batch N                   entries per read, claim and commit (default\n"
-"                              128; fewer for slow handlers)\n"
-"  --kill-grace D              exec: SIGTERM to SIGKILL (default 2s; 0:\n"
-"                              SIGKILL at once)\n"
-"  -o, --out PATH|-            at the end, write the stream's results (all\n"
-"                              consumers'), like `onceq export --redis`\n"
-"  --stats PATH|-              this consumer's stats as JSON\n"
-"  -q, --quiet, -v, --verbose\n"
-"\n"
-"Outputs go to Redis: NAME:counts (hash), NAME:results (stream),\n"
-"NAME:dlq (dead letters, see `onceq dlq --redis`). See docs/REDIS.md.\n"
-"\n"
-"Exit status: 0 done; 1 this consumer dead-lettered events; 2 bad usage,\n"
-"bad URL, Redis unreachable or refusing us; 3 Redis lost for good (after\n"
-"60 s of reconnecting) or failing; 130/143 stopped by SIGINT/SIGTERM.\n");
-}
+    rstats *s = &r->st;
 
-static int run_parse(rcfg *c, int argc, char **argv)
-{
-    enum { O_REDIS = 256, O_STREAM, O_GROUP, O_CONSUMER, O_DRAIN, O_HANDLER,
-           O_ID, O_VT, O_MAXATT, O_BACKOFF, O_BATCH, O_GRACE, O_STATS,
-           O_SEED, O_PROGRESS, O_NO_PROGRESS };
-    static const struct option lo[] = {
-        { "redis", required_argument, NULL, O_REDIS },
-        { "stream", required_argument, NULL, O_STREAM },
-        { "group", required_argument, NULL, O_GROUP },
-        { "consumer", required_argument, NULL, O_CONSUMER },
-        { "drain", no_argument, NULL, O_DRAIN },
-        { "workers", required_argument, NULL, 'w' },
-        { "handler", required_argument, NULL, O_HANDLER },
-        { "id-field", required_argument, NULL, O_ID },
-        { "visibility-timeout", required_argument, NULL, O_VT },
-        { "max-attempts", required_argument, NULL, O_MAXATT },
-        { "backoff", required_argument, NULL, O_BACKOFF },
-        { "batch", required_argument, NULL, O_BATCH },
-        { "kill-grace", required_argument, NULL, O_GRACE },
-        { "out", required_argument, NULL, 'o' },
-        { "stats", required_argument, NULL, O_STATS },
-        { "seed", required_argument, NULL, O_SEED },
-        { "progress", no_argument, NULL, O_PROGRESS },
-        { "no-progress", no_argument, NULL, O_NO_PROGRESS },
-        { "quiet", no_argument, NULL, 'q' },
-        { "verbose", no_argument, NULL, 'v' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
-    oq__run_config d; /* the same defaults as an in-process run */
-    int opt;
-    uint64_t u;
-    int64_t ms;
-
-    oq__run_config_defaults(&d);
-    memset(c, 0, sizeof(*c));
-    c->workers = d.workers;
-    c->batch = DEFAULT_BATCH;
-    c->handler_spec = d.handler_spec;
-    c->id_field = d.id_field;
-    c->vt_ms = d.vt_ms;
-    c->max_attempts = d.max_attempts;
-    c->backoff_base_ms = d.backoff_base_ms;
-    c->backoff_cap_ms = d.backoff_cap_ms;
-    c->kill_grace_ms = d.kill_grace_ms;
-    optind = 1;
-    opterr = 0;
-    while ((opt = getopt_long(argc, argv, ":w:o:qvh", lo, NULL)) != -1) {
-        switch (opt) {
-        case 'h':
-            run_usage(stdout);
-            return 0;
-        case O_REDIS: c->url = optarg; break;
-        case O_STREAM: c->stream = optarg; break;
-        case O_GROUP: c->group = optarg; break;
-        case O_CONSUMER: c->consumer = optarg; break;
-        case O_DRAIN: c->drain = true; break;
-        case O_HANDLER: c->handler_spec = optarg; break;
-        case O_ID: c->id_field = optarg; break;
-        case 'o': c->out_path = optarg; break;
-        case O_STATS: c->stats_path = optarg; break;
-        case O_PROGRESS:
-            /* Accepting it and drawing nothing would mislead. */
-            return usage_error("run", "--progress is not supported with "
-                               "--redis (see the stats with --stats)");
-        case O_NO_PROGRESS: break;
-        case 'q': c->quiet = true; break;
-        case 'v': c->verbose = true; break;
-        case 'w':
-            if (oq__parse_count(optarg, 1, 1024, &u) != 0)
-                return usage_error("run", "invalid --workers '%s' (an "
-                                   "integer from 1 to 1024)", optarg);
-            c->workers = (unsigned)u;
-            break;
-        case O_BATCH:
-            if (oq__parse_count(optarg, 1, MAX_BATCH, &u) != 0)
-                return usage_error("run", "invalid --batch '%s' (an integer "
-                                   "from 1 to %d)", optarg, MAX_BATCH);
-            c->batch = (unsigned)u;
-            break;
-        case O_VT:
-            if (oq__parse_duration(optarg, &ms) != 0 || ms < 10)
-                return usage_error("run", "invalid --visibility-timeout '%s' "
-                                   "(a duration like 30s or 500ms, from 10ms "
-                                   "to 876000h)", optarg);
-            c->vt_ms = ms;
-            break;
-        case O_MAXATT:
-            if (oq__parse_count(optarg, 1, 1000000, &u) != 0)
-                return usage_error("run", "invalid --max-attempts '%s' (an "
-                                   "integer from 1 to 1000000)", optarg);
-            c->max_attempts = (uint32_t)u;
-            break;
-        case O_BACKOFF:
-            if (oq__parse_backoff(optarg, &c->backoff_base_ms,
-                                  &c->backoff_cap_ms) != 0)
-                return usage_error("run", "invalid --backoff '%s' (BASE[,CAP]"
-                                   " durations like 100ms,30s, CAP >= BASE, "
-                                   "at most 876000h)", optarg);
-            break;
-        case O_GRACE:
-            /* 0 is passed on as it is: SIGKILL at once. */
-            if (oq__parse_duration(optarg, &c->kill_grace_ms) != 0)
-                return usage_error("run", "invalid --kill-grace '%s' (a "
-                                   "duration like 2s or 500ms, at most "
-                                   "876000h; 0: SIGKILL at once)", optarg);
-            break;
-        case O_SEED:
-            if (oq__parse_count(optarg, 0, UINT64_MAX, &u) != 0)
-                return usage_error("run", "invalid --seed '%s' (an integer "
-                                   "from 0 to 18446744073709551615)", optarg);
-            c->seed = u;
-            break;
-        default:
-            return getopt_error("run", opt, argv);
-        }
-    }
-    if (optind < argc)
-        return usage_error("run", "with --redis, events come from the stream,"
-                           " not from files ('%s'); load them with `onceq "
-                           "send`", argv[optind]);
-    if (c->url == NULL || c->stream == NULL || c->group == NULL)
-        return usage_error("run", "--redis URL, --stream NAME and --group G "
-                           "are all required (try 'onceq run --help')");
-    if (*c->group == '\0')
-        return usage_error("run", "--group must not be empty");
-    return -1;
+    memset(n, 0, sizeof(*n));
+    n->processed = atomic_load(&s->processed);
+    n->duplicates = atomic_load(&s->duplicates);
+    n->dead = atomic_load(&s->dead);
+    n->lines = n->processed + n->duplicates + n->dead;
+    for (int i = 0; i < OQ_DLQ__COUNT; i++)
+        n->dead_by[i] = atomic_load(&s->dead_by[i]);
+    n->retried = atomic_load(&s->retried);
+    n->redelivered = atomic_load(&s->redelivered);
+    n->fenced = atomic_load(&s->fenced);
+    n->workers = r->c.workers;
+    n->handler = r->h.name;
+    n->elapsed_s = el;
 }
 
 static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
 {
     rstats *s = &r->st;
-    uint64_t p = atomic_load(&s->processed), d = atomic_load(&s->duplicates),
-             dead = atomic_load(&s->dead);
+    oq__run_counts n;
     redisReply *rep;
 
-    fprintf(f, "{\"lines\":%" PRIu64 ",\"processed\":%" PRIu64
-            ",\"duplicates\":%" PRIu64 ",\"dead\":%" PRIu64
-            ",\"blank\":0,\"unfinished\":0,\"dead_by_reason\":{",
-            p + d + dead, p, d, dead);
-    for (int i = 0; i < OQ_DLQ__COUNT; i++)
-        fprintf(f, "%s\"%s\":%" PRIu64, i ? "," : "",
-                oq_dlq_reason_name((oq_dlq_reason)i),
-                atomic_load(&s->dead_by[i]));
-    fprintf(f, "},\"retried\":%" PRIu64 ",\"redelivered\":%" PRIu64
-            ",\"fenced\":%" PRIu64 ",\"busy\":%" PRIu64
-            ",\"settled_elsewhere\":%" PRIu64 ",\"reconnects\":%d"
-            ",\"workers\":%u,\"handler\":\"%s\",\"elapsed_s\":%.3f"
-            ",\"events_per_s\":%.0f,\"consumer\":",
-            atomic_load(&s->retried), atomic_load(&s->redelivered),
-            atomic_load(&s->fenced), atomic_load(&s->busy),
-            atomic_load(&s->settled_elsewhere), atomic_load(&r->reconnects),
-            r->c.workers, r->h.name, el, el > 0 ? (p + d + dead) / el : 0);
+    counts_of(r, el, &n);
+    oq__write_stats_head(f, &n);
+    fprintf(f, ",\"busy\":%" PRIu64 ",\"settled_elsewhere\":%" PRIu64
+            ",\"reconnects\":%d,\"consumer\":", atomic_load(&s->busy),
+            atomic_load(&s->settled_elsewhere), atomic_load(&r->reconnects));
     oq__json_write_string(f, r->consumer, strlen(r->consumer));
     /* The stream's totals, all consumers together. */
     fputs(",\"stream\":{", f);
@@ -2720,24 +2547,61 @@ static int write_stats(rrun *r, double el, rconn *rc)
 static void summary(rrun *r, double el, int sig)
 {
     rstats *s = &r->st;
-    uint64_t p = atomic_load(&s->processed), d = atomic_load(&s->duplicates),
-             dead = atomic_load(&s->dead);
+    oq__run_counts n;
+    char who[300];
+
     if (r->c.quiet)
         return;
-    fprintf(stderr, "onceq: consumer %s: %" PRIu64 " processed, %" PRIu64
-            " duplicates, %" PRIu64 " dead-lettered, %" PRIu64 " retried in "
-            "%.2fs (%.0f events/s)\n", r->consumer, p, d, dead,
-            atomic_load(&s->retried), el, el > 0 ? (p + d + dead) / el : 0);
+    counts_of(r, el, &n);
+    snprintf(who, sizeof(who), "consumer %s", r->consumer);
+    oq__write_summary(&n, who, r->k.dlq, false, r->c.verbose);
     if (r->c.verbose)
-        fprintf(stderr, "onceq: redelivered %" PRIu64 ", fenced %" PRIu64
-                ", busy %" PRIu64 ", reconnects %d, %u workers, handler %s\n",
-                atomic_load(&s->redelivered), atomic_load(&s->fenced),
-                atomic_load(&s->busy), atomic_load(&r->reconnects),
-                r->c.workers, r->h.name);
+        fprintf(stderr, "onceq: busy %" PRIu64 ", settled elsewhere %" PRIu64
+                ", reconnects %d\n", atomic_load(&s->busy),
+                atomic_load(&s->settled_elsewhere),
+                atomic_load(&r->reconnects));
     if (sig)
         fprintf(stderr, "onceq: stopped by %s; messages not finished stay "
                 "pending and are taken over after the visibility timeout\n",
                 sig == SIGINT ? "SIGINT" : "SIGTERM");
+}
+
+static void progress_line(rrun *r)
+{
+    oq__run_counts n;
+    char tail[64];
+
+    counts_of(r, (mono_ms() - r->t0_ms) / 1000.0, &n);
+    snprintf(tail, sizeof(tail), "  retried %" PRIu64, n.retried);
+    oq__draw_progress(&n, tail);
+}
+
+/* Refuses an output path that cannot be written, before anything runs
+ * (exit 2, as in memory). The file itself is written at the end, so a run
+ * that fails leaves an existing one as it was. */
+static int check_writable(const char *path, const char *what)
+{
+    char dir[4200];
+    const char *slash;
+
+    if (path == NULL || strcmp(path, "-") == 0)
+        return 0;
+    if (access(path, F_OK) == 0) {
+        if (access(path, W_OK) == 0)
+            return 0;
+    } else {
+        slash = strrchr(path, '/');
+        if (slash == NULL)
+            snprintf(dir, sizeof(dir), ".");
+        else
+            snprintf(dir, sizeof(dir), "%.*s", (int)(slash - path + 1),
+                     path);
+        if (access(dir, W_OK | X_OK) == 0)
+            return 0;
+    }
+    fprintf(stderr, "onceq run: cannot write %s to '%s': %s\n", what, path,
+            strerror(errno));
+    return 2;
 }
 
 static uint64_t make_nonce(void)
@@ -2767,7 +2631,7 @@ static int run_setup(rrun *r, rconn *main_rc)
 
     if (make_keys(&r->k, r->c.stream, "run") != 0)
         return 2;
-    if (parse_url(r->c.url, &r->u, err, sizeof(err)) != 0)
+    if (parse_url(r->c.redis_url, &r->u, err, sizeof(err)) != 0)
         return usage_error("run", "%s", err);
     if (oq__handler_from_spec(r->c.handler_spec, &ho, &r->h, err,
                               sizeof(err)) != 0)
@@ -2888,19 +2752,22 @@ static void free_workers(rrun *r, house *hk, rworker *ws)
     oq__free(r->reclaimed);
 }
 
-/* Waits for the end (drained or fatal) or a signal; returns the signal. */
+/* Waits for the end (drained or fatal) or a signal, drawing the progress
+ * line every 200 ms when asked; returns the signal. */
 static int wait_end(rrun *r, const sigset_t *sigs)
 {
     struct timespec tick = { 0, 20 * 1000 * 1000 };
-    while (!atomic_load(&r->stop)) {
+    for (unsigned n = 1; !atomic_load(&r->stop); n++) {
         int sig = sigtimedwait(sigs, NULL, &tick);
         if (sig == SIGINT || sig == SIGTERM)
             return sig;
+        if (r->c.progress && n % 10 == 0)
+            progress_line(r);
     }
     return 0;
 }
 
-int oq__redis_run(int argc, char **argv)
+int oq__redis_run(const oq__run_config *c)
 {
     rrun *r = oq__calloc(1, sizeof(*r));
     rconn main_rc = { 0 };
@@ -2913,8 +2780,9 @@ int oq__redis_run(int argc, char **argv)
     if (r == NULL)
         return 3;
     oq__mutex_init(&r->mu);
-    status = run_parse(&r->c, argc, argv);
-    if (status >= 0)
+    r->c = *c;
+    if ((status = check_writable(c->out_path, "results")) != 0 ||
+        (status = check_writable(c->stats_path, "stats")) != 0)
         goto out_free;
     status = run_setup(r, &main_rc);
     if (status != 0)
@@ -2937,6 +2805,10 @@ int oq__redis_run(int argc, char **argv)
     for (unsigned i = 0; i < r->c.workers; i++)
         pthread_join(ws[i].th, NULL);
     pthread_join(hk.th, NULL);
+    if (r->c.progress) {
+        progress_line(r); /* the final state stays on the screen */
+        fputc('\n', stderr);
+    }
     el = (mono_ms() - r->t0_ms) / 1000.0;
     status = 0;
     if (r->fatal) {

@@ -36,12 +36,35 @@
 
 /* ------------------------------------------------------------- options */
 
+/*
+ * One option table for every mode of `onceq run`: in memory, durable
+ * (--state) and Redis (--redis). Each option says in which modes it means
+ * something; one given in a mode where it would be ignored is refused
+ * (exit 2), never silently dropped.
+ */
 enum {
     O_ID_FIELD = 256, O_VT, O_MAX_ATTEMPTS, O_BACKOFF, O_TTL, O_DEDUP,
     O_HANDLER, O_DLQ, O_STATS, O_PROGRESS, O_NO_PROGRESS, O_MAX_LINE,
     O_BATCH, O_EMIT, O_KILL_GRACE, O_SEED, O_STATE, O_SYNC, O_COMMIT_BATCH,
-    O_COMMIT_INTERVAL, O_FORCE
+    O_COMMIT_INTERVAL, O_FORCE, O_REDIS, O_STREAM, O_GROUP, O_CONSUMER,
+    O_DRAIN, O__END
 };
+
+/* The modes an option works in. */
+enum { M_LOCAL = 1, M_REDIS = 2, M_ALL = M_LOCAL | M_REDIS };
+
+/* Limits and defaults shared by every mode. */
+#define WORKERS_MAX 4096
+/* Redis's Lua scripts unpack a batch's ids and acks into one call's
+ * arguments, and Lua 5.1 unpacks at most ~8000 values. */
+#define BATCH_MAX 1024
+#define VT_MIN_MS 10
+/* The one default that differs by mode: a Redis batch costs round trips
+ * (read, claim, commit), an in-process one only a lock. */
+#define BATCH_LOCAL 16
+#define BATCH_REDIS 128
+#define STR(x) #x
+#define XSTR(x) STR(x)
 
 static const struct option long_opts[] = {
     { "workers", required_argument, NULL, 'w' },
@@ -67,64 +90,121 @@ static const struct option long_opts[] = {
     { "commit-batch", required_argument, NULL, O_COMMIT_BATCH },
     { "commit-interval", required_argument, NULL, O_COMMIT_INTERVAL },
     { "force", no_argument, NULL, O_FORCE },
+    { "redis", required_argument, NULL, O_REDIS },
+    { "stream", required_argument, NULL, O_STREAM },
+    { "group", required_argument, NULL, O_GROUP },
+    { "consumer", required_argument, NULL, O_CONSUMER },
+    { "drain", no_argument, NULL, O_DRAIN },
     { "quiet", no_argument, NULL, 'q' },
     { "verbose", no_argument, NULL, 'v' },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
 };
 
+/* The options that do not work in every mode, and why not with --redis.
+ * Every other option works in every mode. */
+static const struct {
+    int id;
+    unsigned modes;
+    const char *why;
+} mode_opts[] = {
+    { O_TTL, M_LOCAL, "the Redis engine has no TTL" },
+    { O_DEDUP, M_LOCAL, "`onceq send --dedup-window` applies it" },
+    { O_MAX_LINE, M_LOCAL, "`onceq send --max-line` applies it" },
+    { O_EMIT, M_LOCAL, "records go to NAME:results" },
+    { O_DLQ, M_LOCAL, "dead letters go to NAME:dlq (see `onceq dlq "
+                      "--redis`)" },
+    { O_STATE, M_LOCAL, "Redis holds the state" },
+    { O_SYNC, M_LOCAL, "Redis holds the state" },
+    { O_COMMIT_BATCH, M_LOCAL, "Redis holds the state" },
+    { O_COMMIT_INTERVAL, M_LOCAL, "Redis holds the state" },
+    { O_FORCE, M_LOCAL, "Redis holds the state" },
+    { O_STREAM, M_REDIS, NULL },
+    { O_GROUP, M_REDIS, NULL },
+    { O_CONSUMER, M_REDIS, NULL },
+    { O_DRAIN, M_REDIS, NULL },
+};
+
 static void run_usage(FILE *f)
 {
     fprintf(f,
 "usage: onceq run [OPTIONS] [FILE...]\n"
+"       onceq run --redis URL --stream NAME --group G [OPTIONS]\n"
 "\n"
 "Reads newline-delimited JSON events from FILEs (or stdin when there is no\n"
-"FILE or FILE is -), and applies each event's effect exactly once with a\n"
+"FILE or FILE is -), or with --redis from a Redis stream shared with other\n"
+"onceq processes, and applies each event's effect exactly once with a\n"
 "pool of worker threads: duplicates (same id) are skipped, transient\n"
-"failures retried with backoff, and events that cannot be processed go to\n"
-"the dead-letter file with their reason.\n"
+"failures retried with backoff, and events that cannot be processed are\n"
+"dead-lettered with their reason. Options marked [local] work only\n"
+"without --redis, [redis] only with it; the others work in every mode,\n"
+"with the same limits.\n"
 "\n"
 "Workers and ids:\n"
-"  -w, --workers N             worker threads (default: number of CPUs)\n"
+"  -w, --workers N             worker threads, 1 to 4096 (default: number\n"
+"                              of CPUs); with --redis one connection each\n"
 "      --id-field NAME         the id field (default: id, or event_id when id\n"
 "                              is absent); /a/b is a JSON pointer\n"
 "Delivery and retries:\n"
-"      --visibility-timeout D  lease per delivery (default 30s)\n"
+"      --visibility-timeout D  lease per delivery, at least 10ms (default 30s)\n"
 "      --max-attempts N        deliveries before dead-lettering (default 5)\n"
 "      --backoff BASE[,CAP]    retry delay, exponential, full jitter\n"
 "                              (default 100ms,30s)\n"
-"      --ttl D                 dead-letter events older than D (default: none)\n"
-"      --dedup-window N        producer-side window of recent ids (default\n"
-"                              10000; 0 = off). Duplicates beyond it are still\n"
-"                              caught by the processed set.\n"
-"      --max-line BYTES        longer lines are dead-lettered (default 1MiB)\n"
-"      --batch N               messages per worker receive (default 16)\n"
+"      --batch N               messages per worker receive, 1 to 1024\n"
+"                              (default 16; 128 with --redis, where a batch\n"
+"                              costs round trips; fewer for slow handlers)\n"
+"      --seed N                retry jitter seed (default: random)\n"
+"      --ttl D                 [local] dead-letter events older than D\n"
+"                              (default: none)\n"
+"      --dedup-window N        [local] producer-side window of recent ids\n"
+"                              (default 10000; 0 = off). Duplicates beyond\n"
+"                              it are still caught by the processed set.\n"
+"      --max-line BYTES        [local] longer lines are dead-lettered\n"
+"                              (default 1MiB)\n"
 "Handler:\n"
 "      --handler SPEC          wordcount (default), count:FIELD, noop,\n"
 "                              exec:COMMAND (a process per event),\n"
 "                              coproc:COMMAND (one long-running process per\n"
 "                              worker, JSON lines in and out), plugin:PATH.so\n"
-"      --emit                  with noop: write each unique event once, in\n"
-"                              input order\n"
+"      --emit                  [local] with noop: write each unique event\n"
+"                              once, in input order\n"
 "      --kill-grace D          exec:, coproc: SIGTERM to SIGKILL grace\n"
 "                              (default 2s; 0: SIGKILL at once)\n"
 "Durable state (exactly once across crashes and reruns; docs/STATE.md):\n"
-"      --state PATH            keep processed ids, results, dead letters and\n"
-"                              input progress in an SQLite file; a rerun\n"
-"                              resumes where the last one stopped\n"
-"      --sync full|normal|off  SQLite synchronous mode (default full: a\n"
-"                              committed batch survives power loss)\n"
-"      --commit-batch N        pending events that start a transaction\n"
-"                              (default 256; it takes all that is pending,\n"
-"                              up to 16 N)\n"
-"      --commit-interval D     or the oldest pending event waited D (5ms)\n"
-"      --force                 resume even if an input file changed (it is\n"
-"                              read again from its start)\n"
+"      --state PATH            [local] keep processed ids, results, dead\n"
+"                              letters and input progress in an SQLite file;\n"
+"                              a rerun resumes where the last one stopped\n"
+"      --sync full|normal|off  [local] SQLite synchronous mode (default full:\n"
+"                              a committed batch survives power loss)\n"
+"      --commit-batch N        [local] pending events that start a\n"
+"                              transaction (default 256; it takes all that\n"
+"                              is pending, up to 16 N)\n"
+"      --commit-interval D     [local] or the oldest pending event waited D\n"
+"                              (5ms)\n"
+"      --force                 [local] resume even if an input file changed\n"
+"                              (it is read again from its start)\n"
+"Redis (many processes on many machines, one stream; docs/REDIS.md):\n"
+"      --redis URL             redis://[user:password@]host[:port][/db]: take\n"
+"                              events from the stream, not from FILEs (load\n"
+"                              them with `onceq send`); claims, the processed\n"
+"                              set, outputs (NAME:counts, NAME:results) and\n"
+"                              dead letters (NAME:dlq) live in Redis\n"
+"      --stream NAME           [redis] the stream (keys NAME and NAME:*);\n"
+"                              required\n"
+"      --group G               [redis] the consumer group (created at the\n"
+"                              start of the stream if needed); required\n"
+"      --consumer NAME         [redis] this consumer's name (default host:pid)\n"
+"      --drain                 [redis] exit once the group has nothing new,\n"
+"                              nothing pending with any consumer and nothing\n"
+"                              delayed; without it, run until SIGINT/SIGTERM\n"
 "Outputs:\n"
-"  -o, --out PATH              results (default: stdout)\n"
-"      --dlq PATH              dead letters as JSONL (default onceq-dlq.jsonl;\n"
-"                              written only when there are any)\n"
-"      --stats PATH|-          final stats as JSON\n"
+"  -o, --out PATH              results (default: stdout); with --redis, the\n"
+"                              stream's results (all consumers') at the end\n"
+"      --dlq PATH              [local] dead letters as JSONL (default\n"
+"                              onceq-dlq.jsonl; written only when there are\n"
+"                              any)\n"
+"      --stats PATH|-          final stats as JSON (with --redis: this\n"
+"                              consumer's, and the stream's totals)\n"
 "      --progress, --no-progress\n"
 "                              progress line on stderr (default: on if a TTY)\n"
 "  -q, --quiet                 no summary\n"
@@ -136,8 +216,11 @@ static void run_usage(FILE *f)
 "sizes take K, M or G (binary: 64K, 1M).\n"
 "\n"
 "Exit status: 0 every event processed or a duplicate; 1 some events were\n"
-"dead-lettered; 2 bad usage or unreadable input (nothing processed); 3 a\n"
-"write error on an output; 130/143 stopped by SIGINT/SIGTERM.\n"
+"dead-lettered (with --redis: by this consumer); 2 bad usage, unreadable\n"
+"input, an output that cannot be written, a bad Redis URL, Redis\n"
+"unreachable or refusing us (nothing processed); 3 an I/O error once the\n"
+"run started (a write error on an output; Redis lost for good after 60 s\n"
+"of reconnecting); 130/143 stopped by SIGINT/SIGTERM.\n"
 "\n"
 "Examples:\n"
 "  onceq run events.jsonl                       word counts to stdout\n"
@@ -146,7 +229,8 @@ static void run_usage(FILE *f)
 "  onceq run --handler 'exec:./deliver.sh' --visibility-timeout 10s \\\n"
 "            --max-attempts 3 --dlq failed.jsonl events.jsonl\n"
 "  onceq gen --events 100000 --duplicates 0.1 | onceq run --stats -\n"
-"  onceq run --state run.db -o counts.jsonl events.jsonl  (kill it, rerun it)\n");
+"  onceq run --state run.db -o counts.jsonl events.jsonl  (kill it, rerun it)\n"
+"  onceq run --redis redis://:pass@10.0.0.5 --stream orders --group g -w 8\n");
 }
 
 /* ------------------------------------------------------------- numbers */
@@ -301,7 +385,7 @@ void oq__run_config_defaults(oq__run_config *c)
     c->dlq_path = "onceq-dlq.jsonl";
     c->progress = isatty(STDERR_FILENO) ? 1 : 0;
     c->max_line = 1024 * 1024;
-    c->batch = 16;
+    c->batch = BATCH_LOCAL; /* parse_args: BATCH_REDIS with --redis */
     c->kill_grace_ms = 2000;
     c->sync = OQ__SYNC_FULL;
     c->commit_batch = 256;
@@ -316,8 +400,9 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
 
     switch (opt) {
     case 'w':
-        if (oq__parse_count(arg, 1, 4096, &u) != 0)
-            return bad_option("--workers", arg, "an integer from 1 to 4096");
+        if (oq__parse_count(arg, 1, WORKERS_MAX, &u) != 0)
+            return bad_option("--workers", arg, "an integer from 1 to "
+                              XSTR(WORKERS_MAX));
         c->workers = (unsigned)u;
         return 0;
     case O_ID_FIELD:
@@ -326,8 +411,9 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
         c->id_field = arg;
         return 0;
     case O_VT:
-        if (oq__parse_duration(arg, &ms) != 0 || ms <= 0)
-            return bad_option("--visibility-timeout", arg, DURATION_WANTED);
+        if (oq__parse_duration(arg, &ms) != 0 || ms < VT_MIN_MS)
+            return bad_option("--visibility-timeout", arg, "a duration like "
+                              "30s or 500ms, from 10ms to 876000h");
         c->vt_ms = ms;
         return 0;
     case O_MAX_ATTEMPTS:
@@ -383,8 +469,9 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
         c->max_line = (size_t)u;
         return 0;
     case O_BATCH:
-        if (oq__parse_count(arg, 1, 4096, &u) != 0)
-            return bad_option("--batch", arg, "an integer from 1 to 4096");
+        if (oq__parse_count(arg, 1, BATCH_MAX, &u) != 0)
+            return bad_option("--batch", arg, "an integer from 1 to "
+                              XSTR(BATCH_MAX));
         c->batch = (unsigned)u;
         return 0;
     case O_KILL_GRACE:
@@ -430,6 +517,27 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
     case O_FORCE:
         c->force = true;
         return 0;
+    case O_REDIS:
+        c->redis_url = arg;
+        return 0;
+    case O_STREAM:
+        if (*arg == '\0')
+            return bad_option("--stream", arg, "a stream name");
+        c->stream = arg;
+        return 0;
+    case O_GROUP:
+        if (*arg == '\0')
+            return bad_option("--group", arg, "a group name");
+        c->group = arg;
+        return 0;
+    case O_CONSUMER:
+        if (*arg == '\0')
+            return bad_option("--consumer", arg, "a consumer name");
+        c->consumer = arg;
+        return 0;
+    case O_DRAIN:
+        c->drain = true;
+        return 0;
     case 'q':
         c->quiet = true;
         return 0;
@@ -440,15 +548,56 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
     return 2;
 }
 
-/* Fills c from argv; returns -1 to go on, or an exit status. */
+/* Refuses an option given in a mode where it means nothing; seen holds
+ * the options given (bit id - 256). 0 or 2. */
+static int check_mode(const oq__run_config *c, uint64_t seen)
+{
+    unsigned mode = c->redis_url ? M_REDIS : M_LOCAL;
+
+    for (size_t i = 0; i < sizeof(mode_opts) / sizeof(mode_opts[0]); i++) {
+        const char *name = NULL;
+        if (!(seen >> (mode_opts[i].id - 256) & 1) ||
+            (mode_opts[i].modes & mode))
+            continue;
+        for (const struct option *o = long_opts; o->name; o++)
+            if (o->val == mode_opts[i].id)
+                name = o->name;
+        if (mode == M_REDIS)
+            fprintf(stderr, "onceq run: --%s cannot be used with --redis: "
+                    "%s\n", name, mode_opts[i].why);
+        else
+            fprintf(stderr, "onceq run: --%s needs --redis URL (it is an "
+                    "option of Redis runs)\n", name);
+        return 2;
+    }
+    if (mode == M_REDIS) {
+        if (c->ninputs > 0) {
+            fprintf(stderr, "onceq run: with --redis, events come from the "
+                    "stream, not from files ('%s'); load them with `onceq "
+                    "send`\n", c->inputs[0]);
+            return 2;
+        }
+        if (c->stream == NULL || c->group == NULL) {
+            fprintf(stderr, "onceq run: --redis URL, --stream NAME and "
+                    "--group G are all required (try 'onceq run --help')\n");
+            return 2;
+        }
+    }
+    return 0;
+}
+
+/* Fills c from argv: every value is checked as it comes (a bad one is
+ * reported first, whatever else is wrong), then the options against the
+ * mode. Returns -1 to go on, or an exit status. */
 static int parse_args(oq__run_config *c, int argc, char **argv)
 {
-    int opt;
+    _Static_assert(O__END - 256 <= 64, "seen is a 64-bit mask");
+    uint64_t seen = 0;
+    int opt, rc;
 
     optind = 1;
     opterr = 0;
     while ((opt = getopt_long(argc, argv, ":w:o:qvh", long_opts, NULL)) != -1) {
-        int rc;
         if (opt == 'h') {
             run_usage(stdout);
             return 0;
@@ -470,10 +619,78 @@ static int parse_args(oq__run_config *c, int argc, char **argv)
         rc = set_option(c, opt, optarg);
         if (rc != 0)
             return rc;
+        if (opt >= 256)
+            seen |= (uint64_t)1 << (opt - 256);
     }
     c->inputs = (const char *const *)(argv + optind);
     c->ninputs = (unsigned)(argc - optind);
-    return -1;
+    if (c->redis_url && !(seen >> (O_BATCH - 256) & 1))
+        c->batch = BATCH_REDIS;
+    rc = check_mode(c, seen);
+    return rc ? rc : -1;
+}
+
+/* ------------------------------------------- stats, summary, progress */
+
+static double per_s(const oq__run_counts *n)
+{
+    return n->elapsed_s > 0 ? (n->lines - n->blank) / n->elapsed_s : 0;
+}
+
+void oq__write_stats_head(FILE *f, const oq__run_counts *n)
+{
+    fprintf(f, "{\"lines\":%" PRIu64 ",\"processed\":%" PRIu64
+            ",\"duplicates\":%" PRIu64 ",\"dead\":%" PRIu64
+            ",\"blank\":%" PRIu64 ",\"unfinished\":%" PRIu64
+            ",\"dead_by_reason\":{",
+            n->lines, n->processed, n->duplicates, n->dead, n->blank,
+            n->unfinished);
+    for (int i = 0; i < OQ_DLQ__COUNT; i++)
+        fprintf(f, "%s\"%s\":%" PRIu64, i ? "," : "",
+                oq_dlq_reason_name((oq_dlq_reason)i), n->dead_by[i]);
+    fprintf(f, "},\"retried\":%" PRIu64 ",\"redelivered\":%" PRIu64
+            ",\"fenced\":%" PRIu64 ",\"workers\":%u,\"handler\":",
+            n->retried, n->redelivered, n->fenced, n->workers);
+    oq__json_write_string(f, n->handler, strlen(n->handler));
+    fprintf(f, ",\"elapsed_s\":%.3f,\"events_per_s\":%.0f", n->elapsed_s,
+            per_s(n));
+}
+
+void oq__write_summary(const oq__run_counts *n, const char *who,
+                       const char *dlq_where, bool quiet, bool verbose)
+{
+    if (quiet)
+        return;
+    fprintf(stderr, "onceq: %s%s%" PRIu64 " lines: %" PRIu64 " processed, %"
+            PRIu64 " duplicates, %" PRIu64 " dead-lettered, %" PRIu64
+            " blank", who ? who : "", who ? ": " : "", n->lines,
+            n->processed, n->duplicates, n->dead, n->blank);
+    if (n->unfinished)
+        fprintf(stderr, ", %" PRIu64 " unfinished", n->unfinished);
+    fprintf(stderr, " in %.2fs (%.0f events/s)\n", n->elapsed_s, per_s(n));
+    if (n->dead > 0) {
+        fprintf(stderr, "onceq: dead letters in %s:", dlq_where);
+        for (int i = 0; i < OQ_DLQ__COUNT; i++)
+            if (n->dead_by[i])
+                fprintf(stderr, " %s %" PRIu64,
+                        oq_dlq_reason_name((oq_dlq_reason)i), n->dead_by[i]);
+        fputc('\n', stderr);
+    }
+    if (verbose)
+        fprintf(stderr, "onceq: retried %" PRIu64 ", redelivered %" PRIu64
+                ", fenced %" PRIu64 ", %u workers, handler %s\n",
+                n->retried, n->redelivered, n->fenced, n->workers,
+                n->handler);
+}
+
+void oq__draw_progress(const oq__run_counts *n, const char *tail)
+{
+    /* The rate of settled events: lines read are not done yet. */
+    uint64_t done = n->processed + n->duplicates + n->dead;
+    fprintf(stderr, "\r\033[K%.0f ev/s  done %" PRIu64 "  dup %" PRIu64
+            "  dead %" PRIu64 "%s", n->elapsed_s > 0 ? done / n->elapsed_s
+            : 0, n->processed, n->duplicates, n->dead, tail);
+    fflush(stderr);
 }
 
 int oq__has_option(int argc, char **argv, const char *name)
@@ -494,12 +711,9 @@ int oq__cmd_run(int argc, char **argv)
     oq__run_config c;
     int rc;
 
-    if (oq__has_option(argc, argv, "--redis"))
-        return oq__redis_run(argc, argv);
-
     oq__run_config_defaults(&c);
     rc = parse_args(&c, argc, argv);
     if (rc >= 0)
         return rc;
-    return oq__run(&c);
+    return c.redis_url ? oq__redis_run(&c) : oq__run(&c);
 }

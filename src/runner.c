@@ -718,29 +718,47 @@ static void metrics_snap(oq__metrics_snap *m, void *arg)
     oq__pool_histogram(r->p, m->hist, &m->hist_count, &m->hist_sum_s);
 }
 
+/* The counts every mode reports (run.c writes them). */
+static void counts_of(const run *r, const totals *t, oq__run_counts *n)
+{
+    memset(n, 0, sizeof(*n));
+    n->lines = t->lines;
+    n->processed = t->processed;
+    n->duplicates = t->duplicates;
+    n->dead = t->dead;
+    n->blank = t->blank;
+    n->unfinished = t->unfinished;
+    memcpy(n->dead_by, t->dead_by, sizeof(n->dead_by));
+    n->retried = t->retried;
+    n->redelivered = t->redelivered;
+    n->fenced = t->fenced;
+    n->workers = r->c->workers;
+    n->handler = r->h.name;
+    n->elapsed_s = t->elapsed_s;
+}
+
 static void progress_line(run *r)
 {
     totals t;
+    oq__run_counts n;
     oq_queue_stats qs;
     uint64_t done, total;
-    double rate;
-    char pct[64] = "";
+    char tail[128];
+    int k;
 
     get_totals(r, &t);
+    counts_of(r, &t, &n);
     oq_queue_stats_get(r->q, &qs);
     oq__reader_progress(r->reader, &done, &total);
-    rate = t.elapsed_s > 0 ? (t.processed + t.duplicates + t.dead) /
-                                 t.elapsed_s : 0;
+    k = snprintf(tail, sizeof(tail), "  in-flight %" PRIu64, qs.in_flight);
     if (total > 0) {
         double frac = (double)done / total;
         double eta = frac > 0 ? t.elapsed_s * (1 - frac) / frac : 0;
-        snprintf(pct, sizeof(pct), "  read %5.1f%%  ETA %dm%02ds",
-                 100 * frac, (int)eta / 60, (int)eta % 60);
+        snprintf(tail + k, sizeof(tail) - (size_t)k,
+                 "  read %5.1f%%  ETA %dm%02ds", 100 * frac, (int)eta / 60,
+                 (int)eta % 60);
     }
-    fprintf(stderr, "\r\033[K%.0f ev/s  done %" PRIu64 "  dup %" PRIu64
-            "  dead %" PRIu64 "  in-flight %" PRIu64 "%s",
-            rate, t.processed, t.duplicates, t.dead, qs.in_flight, pct);
-    fflush(stderr);
+    oq__draw_progress(&n, tail);
 }
 
 typedef struct dl_item {
@@ -1550,22 +1568,11 @@ static void save_last_run(run *r, const totals *t)
 
 static void write_stats_json(FILE *f, const run *r, const totals *t)
 {
-    fprintf(f, "{\"lines\":%" PRIu64 ",\"processed\":%" PRIu64
-            ",\"duplicates\":%" PRIu64 ",\"dead\":%" PRIu64
-            ",\"blank\":%" PRIu64 ",\"unfinished\":%" PRIu64
-            ",\"dead_by_reason\":{",
-            t->lines, t->processed, t->duplicates, t->dead, t->blank,
-            t->unfinished);
-    for (int i = 0; i < OQ_DLQ__COUNT; i++)
-        fprintf(f, "%s\"%s\":%" PRIu64, i ? "," : "",
-                oq_dlq_reason_name((oq_dlq_reason)i), t->dead_by[i]);
-    fprintf(f, "},\"retried\":%" PRIu64 ",\"redelivered\":%" PRIu64
-            ",\"fenced\":%" PRIu64 ",\"bytes\":%" PRIu64
-            ",\"workers\":%u,\"handler\":",
-            t->retried, t->redelivered, t->fenced, t->bytes, r->c->workers);
-    oq__json_write_string(f, r->h.name, strlen(r->h.name));
-    fprintf(f, ",\"elapsed_s\":%.3f,\"events_per_s\":%.0f", t->elapsed_s,
-            t->elapsed_s > 0 ? (t->lines - t->blank) / t->elapsed_s : 0);
+    oq__run_counts n;
+
+    counts_of(r, t, &n);
+    oq__write_stats_head(f, &n);
+    fprintf(f, ",\"bytes\":%" PRIu64, t->bytes);
     if (r->store)
         write_state_stats(f, r, t);
     fputs("}\n", f);
@@ -1581,29 +1588,11 @@ static int write_stats(run *r, const totals *t)
 
 static void summary(const run *r, const totals *t, int sig)
 {
-    if (r->c->quiet)
-        return;
-    fprintf(stderr, "onceq: %" PRIu64 " lines: %" PRIu64 " processed, %" PRIu64
-            " duplicates, %" PRIu64 " dead-lettered, %" PRIu64 " blank",
-            t->lines, t->processed, t->duplicates, t->dead, t->blank);
-    if (t->unfinished)
-        fprintf(stderr, ", %" PRIu64 " unfinished", t->unfinished);
-    fprintf(stderr, " in %.2fs (%.0f events/s)\n", t->elapsed_s,
-            t->elapsed_s > 0 ? (t->lines - t->blank) / t->elapsed_s : 0);
-    if (t->dead > 0) {
-        fprintf(stderr, "onceq: dead letters in %s:", r->c->dlq_path);
-        for (int i = 0; i < OQ_DLQ__COUNT; i++)
-            if (t->dead_by[i])
-                fprintf(stderr, " %s %" PRIu64,
-                        oq_dlq_reason_name((oq_dlq_reason)i), t->dead_by[i]);
-        fputc('\n', stderr);
-    }
-    if (r->c->verbose)
-        fprintf(stderr, "onceq: retried %" PRIu64 ", redelivered %" PRIu64
-                ", fenced %" PRIu64 ", %u workers, handler %s\n",
-                t->retried, t->redelivered, t->fenced, r->c->workers,
-                r->h.name);
-    if (sig)
+    oq__run_counts n;
+
+    counts_of(r, t, &n);
+    oq__write_summary(&n, NULL, r->c->dlq_path, r->c->quiet, r->c->verbose);
+    if (sig && !r->c->quiet)
         fprintf(stderr, "onceq: stopped by %s; %" PRIu64 " lines were not "
                 "finished\n", sig == SIGINT ? "SIGINT" : "SIGTERM",
                 t->unfinished);

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Description: option parsing of the real binary: every duration, count and
-size option of `onceq run`, `onceq run --redis`, `onceq send` and `onceq gen`
+size option of `onceq run` (one option table for every mode: the same value
+gets the same refusal with and without --redis, and an option of one mode
+is refused in the other), `onceq send` and `onceq gen`
 takes only the strict forms (decimal digits, an optional .fraction for
 durations and gen's fractions, the documented units) and refuses anything
 else -- nan, inf, hex, exponents, signs, whitespace, unit garbage, overflow --
@@ -113,7 +115,7 @@ def many(fn, cases):
 RUN = ["run", "-q", "--handler", "noop"]
 RUN_DURATIONS = ["--visibility-timeout", "--ttl", "--kill-grace"]
 # option, smallest, largest
-RUN_COUNTS = [("--workers", 1, 4096), ("--batch", 1, 4096),
+RUN_COUNTS = [("--workers", 1, 4096), ("--batch", 1, 1024),
               ("--max-attempts", 1, 1000000), ("--dedup-window", 0, 1 << 32),
               ("--seed", 0, (1 << 64) - 1), ("--commit-batch", 1, 1000000)]
 
@@ -271,7 +273,8 @@ def run_kill_grace_is_honoured():
 # -------------------------------------------------------- onceq run --redis
 
 RRUN = ["run", "--redis", BOGUS_URL, "--stream", "s", "--group", "g", "-q"]
-RRUN_COUNTS = [("--workers", 1, 1024), ("--batch", 1, 1024),
+# The same limits as without --redis (one option table).
+RRUN_COUNTS = [("--workers", 1, 4096), ("--batch", 1, 1024),
                ("--max-attempts", 1, 1000000), ("--seed", 0, (1 << 64) - 1)]
 
 
@@ -316,6 +319,103 @@ def redis_run_visibility_timeout_minimum():
     expect_refused(RRUN + ["--visibility-timeout", "9ms"],
                    "--visibility-timeout", "9ms")
     expect_connect_error(RRUN + ["--visibility-timeout", "10ms"])
+
+
+# ------------------------------------------- one option table, every mode
+
+def refusal(args):
+    """args are refused: (status 2, one line); returns the line."""
+    rc, out, err, _ = run(args)
+    assert rc == 2, f"{args!r}: status {rc}, want 2; stderr {err!r}"
+    assert err.count("\n") == 1 and err.endswith("\n"), \
+        f"{args!r}: want one line, got {err!r}"
+    assert "connect" not in err, f"{args!r}: connected first: {err!r}"
+    assert out == "", f"{args!r}: wrote {out!r}"
+    return err
+
+
+@test
+def same_bad_value_same_message_in_every_mode():
+    # The same refusal, word for word, with and without --redis.
+    cases = [["--workers", "0"], ["--workers", "5000"], ["-w", "nan"],
+             ["--batch", "0"], ["--batch", "1025"], ["--batch", "0x10"],
+             ["--visibility-timeout", "9ms"], ["--visibility-timeout", "nan"],
+             ["--max-attempts", "0"], ["--backoff", "5s,1s"],
+             ["--kill-grace", "1e3"], ["--seed", "-1"], ["--id-field", ""]]
+
+    def one(c):
+        a = refusal(RUN + c)
+        b = refusal(RRUN + c)
+        assert a == b, f"{c!r}: without --redis {a!r}, with {b!r}"
+    many(one, cases)
+
+
+@test
+def workers_2000_same_in_every_mode():
+    # Accepted in both (it was refused with --redis: 1 to 1024).
+    expect_accepted(RUN + ["--workers", "2000"], stdin=b'{"id":"a"}\n')
+    expect_connect_error(RRUN + ["--workers", "2000"])
+    expect_connect_error(RRUN + ["--batch", "1024", "-w", "4096"])
+
+
+@test
+def local_options_are_refused_with_redis():
+    for opt in (["--state", "x.db"], ["--sync", "off"],
+                ["--commit-batch", "5"], ["--commit-interval", "5ms"],
+                ["--force"], ["--ttl", "5s"], ["--dedup-window", "5"],
+                ["--max-line", "1M"], ["--emit"], ["--dlq", "d.jsonl"]):
+        err = refusal(RRUN + opt)
+        assert opt[0] in err and "--redis" in err, (opt, err)
+    err = refusal(["run", "--state", "x.db", "--redis", BOGUS_URL,
+                   "--stream", "s", "--group", "g"])
+    assert "--state cannot be used with --redis" in err, err
+    assert not os.path.exists(path("x.db"))
+
+
+@test
+def redis_options_are_refused_without_redis():
+    for opt in (["--stream", "s"], ["--group", "g"], ["--consumer", "c"],
+                ["--drain"]):
+        err = refusal(RUN + opt)
+        assert opt[0] in err and "needs --redis" in err, (opt, err)
+    # Before reading any input.
+    err = refusal(["run", "--stream", "s", path("missing.jsonl")])
+    assert "--stream needs --redis" in err, err
+
+
+@test
+def redis_needs_stream_and_group_and_no_files():
+    for args in (["run", "--redis", BOGUS_URL],
+                 ["run", "--redis", BOGUS_URL, "--stream", "s"],
+                 ["run", "--redis", BOGUS_URL, "--group", "g"]):
+        assert "are all required" in refusal(args), args
+    assert "not from files" in refusal(RRUN + ["events.jsonl"])
+    assert "--group" in refusal(RRUN + ["--group", ""])
+
+
+@test
+def redis_unwritable_output_refused_before_connecting():
+    for opt in (["-o", path("no/such/dir/out.jsonl")],
+                ["--stats", path("no/such/dir/stats.json")]):
+        err = refusal(RRUN + opt)
+        assert "cannot write" in err, (opt, err)
+
+
+@test
+def help_documents_every_mode_once():
+    rc, out, err, _ = run(["run", "--help"])
+    assert rc == 0 and err == "", (rc, err)
+    lines = out.splitlines()
+    for opt in ("--redis URL", "--stream NAME", "--group G",
+                "--consumer NAME", "--drain", "--state PATH", "--batch N",
+                "--workers N", "--progress, --no-progress"):
+        rows = [ln for ln in lines if ln.lstrip().startswith(opt) or
+                ln.lstrip().startswith("-w, " + opt)]
+        assert len(rows) == 1, f"{opt}: {len(rows)} option rows"
+    assert sum(1 for ln in lines if ln.startswith("Redis")) == 1, out
+    assert "128 with --redis" in out, out
+    # --redis --help is the same page.
+    assert run(["run", "--redis", BOGUS_URL, "--help"])[1] == out
 
 
 # --------------------------------------------------------------- onceq send

@@ -589,10 +589,44 @@ def bad_url_is_refused():
 def unsupported_and_bad_options_are_refused():
     base = ["run", "--redis", f"redis://127.0.0.1:{PORT}", "--stream", "s",
             "--group", "g"]
-    err = one_line_exit_2(base + ["--progress"])
-    assert "--progress is not supported" in err, err
+    # --progress works with --redis now (progress_line_with_redis); an
+    # option of the in-memory engine is refused instead.
+    err = one_line_exit_2(base + ["--state", path("x.db")])
+    assert "--state cannot be used with --redis" in err, err
     err = one_line_exit_2(base + ["--backoff", "5s,1s"])
     assert "--backoff" in err, err
+
+
+@test
+def progress_line_with_redis():
+    with open(path("pg.jsonl"), "w") as g:
+        g.write("".join(f'{{"id":"{i}","word":"w{i % 7}"}}\n'
+                        for i in range(3000)))
+        g.write('{"id":"5","word":"w5"}\nnot json\n')
+    send("pg", path("pg.jsonl"), "--dedup-window", "0")
+    rc, out, err = run(["run", "--redis", URL, "--stream", "pg", "--group",
+                        "g", "--consumer", "c0", "--drain", "--progress",
+                        "-w", "2", "--stats", path("pg.stats")])
+    assert rc == 1, (rc, err)  # one dead letter: the bad line
+    assert "ev/s" in err and "done " in err, err
+    # The summary in the in-memory run's words, for this consumer.
+    assert "onceq: consumer c0: 3002 lines: 3000 processed, 1 duplicates, " \
+        "1 dead-lettered, 0 blank in " in err, err
+    assert "onceq: dead letters in pg:dlq: parse_error 1" in err, err
+    st = json.load(open(path("pg.stats")))
+    # The in-memory stats' fields (but bytes: input read), plus Redis's.
+    f = gen("pg-local.jsonl", "--events", "10")
+    rc2, _, err2 = run(["run", "-q", "--stats", path("pg-local.stats"), f])
+    assert rc2 == 0, err2
+    local = json.load(open(path("pg-local.stats")))
+    missing = set(local) - set(st) - {"bytes"}
+    assert not missing, missing
+    assert st["lines"] == 3002 and st["processed"] == 3000, st
+    assert st["dead_by_reason"]["parse_error"] == 1, st
+    for k in ("busy", "settled_elsewhere", "reconnects", "consumer",
+              "stream"):
+        assert k in st, k
+    check_balanced("pg")
 
 
 @test
