@@ -433,6 +433,7 @@ typedef struct oq__run_counts {
     uint64_t lines, processed, duplicates, dead, blank, unfinished;
     uint64_t dead_by[OQ_DLQ__COUNT];
     uint64_t retried, redelivered, fenced;
+    uint64_t lease_extensions;  /* heartbeats that extended a lease */
     unsigned workers;
     const char *handler;        /* the handler's name */
     double elapsed_s;

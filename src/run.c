@@ -47,7 +47,8 @@ enum {
     O_HANDLER, O_DLQ, O_STATS, O_PROGRESS, O_NO_PROGRESS, O_MAX_LINE,
     O_BATCH, O_EMIT, O_KILL_GRACE, O_SEED, O_STATE, O_SYNC, O_COMMIT_BATCH,
     O_COMMIT_INTERVAL, O_FORCE, O_REDIS, O_STREAM, O_GROUP, O_CONSUMER,
-    O_DRAIN, O__END
+    O_DRAIN, O_TIMEOUT, O_METRICS, O_METRICS_INTERVAL, O_METRICS_LISTEN,
+    O__END
 };
 
 /* The modes an option works in. */
@@ -95,6 +96,10 @@ static const struct option long_opts[] = {
     { "group", required_argument, NULL, O_GROUP },
     { "consumer", required_argument, NULL, O_CONSUMER },
     { "drain", no_argument, NULL, O_DRAIN },
+    { "timeout", required_argument, NULL, O_TIMEOUT },
+    { "metrics", required_argument, NULL, O_METRICS },
+    { "metrics-interval", required_argument, NULL, O_METRICS_INTERVAL },
+    { "metrics-listen", required_argument, NULL, O_METRICS_LISTEN },
     { "quiet", no_argument, NULL, 'q' },
     { "verbose", no_argument, NULL, 'v' },
     { "help", no_argument, NULL, 'h' },
@@ -119,6 +124,11 @@ static const struct {
     { O_COMMIT_BATCH, M_LOCAL, "Redis holds the state" },
     { O_COMMIT_INTERVAL, M_LOCAL, "Redis holds the state" },
     { O_FORCE, M_LOCAL, "Redis holds the state" },
+    { O_TIMEOUT, M_LOCAL, "the Redis engine has no heartbeats yet: its "
+                          "lease is --visibility-timeout" },
+    { O_METRICS, M_LOCAL, "the Redis engine has no metrics yet" },
+    { O_METRICS_INTERVAL, M_LOCAL, "the Redis engine has no metrics yet" },
+    { O_METRICS_LISTEN, M_LOCAL, "the Redis engine has no metrics yet" },
     { O_STREAM, M_REDIS, NULL },
     { O_GROUP, M_REDIS, NULL },
     { O_CONSUMER, M_REDIS, NULL },
@@ -146,7 +156,13 @@ static void run_usage(FILE *f)
 "      --id-field NAME         the id field (default: id, or event_id when id\n"
 "                              is absent); /a/b is a JSON pointer\n"
 "Delivery and retries:\n"
-"      --visibility-timeout D  lease per delivery, at least 10ms (default 30s)\n"
+"      --visibility-timeout D  lease per delivery, at least 10ms (default 30s);\n"
+"                              in memory and with --state a running handler's\n"
+"                              lease is extended every third of it\n"
+"                              (heartbeats), so a handler may run longer\n"
+"      --timeout D             [local] the longest one attempt may run\n"
+"                              (default: no limit): exec:, coproc: SIGTERM,\n"
+"                              SIGKILL after --kill-grace; then retried\n"
 "      --max-attempts N        deliveries before dead-lettering (default 5)\n"
 "      --backoff BASE[,CAP]    retry delay, exponential, full jitter\n"
 "                              (default 100ms,30s)\n"
@@ -205,6 +221,12 @@ static void run_usage(FILE *f)
 "                              any)\n"
 "      --stats PATH|-          final stats as JSON (with --redis: this\n"
 "                              consumer's, and the stream's totals)\n"
+"      --metrics PATH          [local] Prometheus text metrics, rewritten\n"
+"                              (temp file + rename) every --metrics-interval\n"
+"                              (default 10s) and at the end (docs/METRICS.md)\n"
+"      --metrics-interval D    [local] see --metrics\n"
+"      --metrics-listen HOST:PORT\n"
+"                              [local] serve GET /metrics over HTTP\n"
 "      --progress, --no-progress\n"
 "                              progress line on stderr (default: on if a TTY)\n"
 "  -q, --quiet                 no summary\n"
@@ -387,6 +409,7 @@ void oq__run_config_defaults(oq__run_config *c)
     c->max_line = 1024 * 1024;
     c->batch = BATCH_LOCAL; /* parse_args: BATCH_REDIS with --redis */
     c->kill_grace_ms = 2000;
+    c->metrics_interval_ms = 10000;
     c->sync = OQ__SYNC_FULL;
     c->commit_batch = 256;
     c->commit_interval_ms = 5;
@@ -480,6 +503,24 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
             return bad_option("--kill-grace", arg, "a duration like 2s or "
                               "500ms, at most 876000h; 0: SIGKILL at once");
         c->kill_grace_ms = ms;
+        return 0;
+    case O_TIMEOUT:
+        if (oq__parse_duration(arg, &ms) != 0 || ms <= 0)
+            return bad_option("--timeout", arg, "a duration like 30s or 5m, "
+                              "above 0, at most 876000h");
+        c->timeout_ms = ms;
+        return 0;
+    case O_METRICS:
+        c->metrics_path = arg;
+        return 0;
+    case O_METRICS_INTERVAL:
+        if (oq__parse_duration(arg, &ms) != 0 || ms < 100)
+            return bad_option("--metrics-interval", arg, "a duration of at "
+                              "least 100ms, at most 876000h");
+        c->metrics_interval_ms = ms;
+        return 0;
+    case O_METRICS_LISTEN:
+        c->metrics_listen = arg;
         return 0;
     case O_SEED:
         if (oq__parse_count(arg, 0, UINT64_MAX, &u) != 0)
@@ -649,8 +690,10 @@ void oq__write_stats_head(FILE *f, const oq__run_counts *n)
         fprintf(f, "%s\"%s\":%" PRIu64, i ? "," : "",
                 oq_dlq_reason_name((oq_dlq_reason)i), n->dead_by[i]);
     fprintf(f, "},\"retried\":%" PRIu64 ",\"redelivered\":%" PRIu64
-            ",\"fenced\":%" PRIu64 ",\"workers\":%u,\"handler\":",
-            n->retried, n->redelivered, n->fenced, n->workers);
+            ",\"fenced\":%" PRIu64 ",\"lease_extensions\":%" PRIu64
+            ",\"workers\":%u,\"handler\":",
+            n->retried, n->redelivered, n->fenced, n->lease_extensions,
+            n->workers);
     oq__json_write_string(f, n->handler, strlen(n->handler));
     fprintf(f, ",\"elapsed_s\":%.3f,\"events_per_s\":%.0f", n->elapsed_s,
             per_s(n));

@@ -392,7 +392,10 @@ static int out_begin(outfile *o, const char *path, const char *what,
         o->f = stdout;
         return 0;
     }
-    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+    /* Anything but a plain regular file is written in place: a device,
+     * a pipe, and a symlink too (renaming over /dev/stdout -> fd 1, or a
+     * user's link, would replace the link itself, not what it names). */
+    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
         o->f = fopen(path, "we");
     } else {
         clean_stale_tmp(path);
@@ -732,6 +735,7 @@ static void counts_of(const run *r, const totals *t, oq__run_counts *n)
     n->retried = t->retried;
     n->redelivered = t->redelivered;
     n->fenced = t->fenced;
+    n->lease_extensions = t->lease_extensions;
     n->workers = r->c->workers;
     n->handler = r->h.name;
     n->elapsed_s = t->elapsed_s;

@@ -299,8 +299,8 @@ def coproc_hang_past_the_lease():
         events[i]["hang"] = True
     t0 = time.time()
     rc, recs, err, f, dlq, st = behave_run(
-        "hang", events, ["--visibility-timeout", "700ms", "--kill-grace",
-                         "100ms"])
+        "hang", events, ["--visibility-timeout", "700ms", "--timeout",
+                         "700ms", "--kill-grace", "100ms"])
     took = time.time() - t0
     assert rc == 0, (rc, err[-2000:])
     check_exactly_once(recs, f)

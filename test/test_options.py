@@ -219,11 +219,13 @@ def run_bad_value_comes_before_reading_input():
 
 
 @test
-def run_visibility_timeout_is_used():
-    # 250ms: the command is still running at the timeout and is killed; with
-    # one attempt it is dead-lettered long before the sleep would end.
+def run_timeout_is_used():
+    # --timeout 250ms: the command is still running at the timeout and is
+    # killed; with one attempt it is dead-lettered long before the sleep
+    # would end (heartbeats keep the 250ms lease alive until then).
     rc, out, err, el = run(["run", "-q", "--handler", "exec:sleep 5",
-                            "--visibility-timeout", "250ms",
+                            "--visibility-timeout", "250ms", "--timeout",
+                            "250ms",
                             "--max-attempts", "1", "--kill-grace", "0.1s",
                             "--dlq", path("vt-dlq.jsonl")],
                            stdin=b'{"id":"a"}\n')
@@ -251,7 +253,8 @@ def run_kill_grace_zero_kills_at_once():
     # that comes at the visibility timeout (0.3 s); the old default of 2 s
     # would make the run last at least 2.3 s.
     rc, out, err, el = run(["run", "-q", "--handler", TRAP,
-                            "--visibility-timeout", "300ms",
+                            "--visibility-timeout", "300ms", "--timeout",
+                            "300ms",
                             "--max-attempts", "1", "--kill-grace", "0",
                             "--dlq", path("kg0-dlq.jsonl")],
                            stdin=b'{"id":"a"}\n')
@@ -262,7 +265,8 @@ def run_kill_grace_zero_kills_at_once():
 @test
 def run_kill_grace_is_honoured():
     rc, out, err, el = run(["run", "-q", "--handler", TRAP,
-                            "--visibility-timeout", "300ms",
+                            "--visibility-timeout", "300ms", "--timeout",
+                            "300ms",
                             "--max-attempts", "1", "--kill-grace", "1.5s",
                             "--dlq", path("kg-dlq.jsonl")],
                            stdin=b'{"id":"a"}\n')

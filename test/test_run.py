@@ -232,7 +232,8 @@ def exec_transient_permanent_and_slow_handlers():
     open(f, "w").write("\n".join(lines) + "\n")
     dlq = path("exec-dlq.jsonl")
     rc, out, err = run(["run", "-w", "2", "--handler", "exec:" + script,
-                        "--visibility-timeout", "1s", "--kill-grace", "200ms",
+                        "--visibility-timeout", "1s", "--timeout", "1s",
+                        "--kill-grace", "200ms",
                         "--backoff", "10ms,50ms", "--dlq", dlq,
                         "--stats", path("exec.stats"), f])
     assert rc == 1, (rc, err)  # poison events were dead-lettered
