@@ -508,6 +508,32 @@ def state_totals_balance_after_an_interrupted_run():
     assert balanced(s) and s["processed"] > 0, s
 
 
+@test
+def an_output_through_a_symlink_keeps_the_link():
+    """-o LINK writes what the link names, in place: renaming a temp file
+    over the path would replace the link itself (with -o /dev/stdout, the
+    system's /dev/stdout)."""
+    f = gen("link-in.jsonl", "--events", "20")
+    target, link = path("link-target.out"), path("link.out")
+    open(target, "w").write("old\n")
+    os.symlink(target, link)
+    rc, out, err = run(["run", "-q", "-o", link, f])
+    assert rc == 0, err
+    assert os.path.islink(link), "the link was replaced"
+    assert "old" not in open(target).read() and open(target).read(), \
+        open(target).read()
+    # A link to this process's fd 1 (what /dev/stdout is), stdout a file.
+    fd1 = path("fd1.link")
+    os.symlink("/proc/self/fd/1", fd1)
+    sink = path("fd1.out")
+    with open(sink, "w") as so:
+        p = subprocess.run([ONCEQ, "run", "-q", "-o", fd1, f], stdout=so,
+                           stderr=subprocess.PIPE, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert os.path.islink(fd1)
+    assert open(sink).read().count("count") > 0
+
+
 def main():
     passed = failed = 0
     only = sys.argv[1:]
