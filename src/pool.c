@@ -422,12 +422,15 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op, int64_t now)
         oq_event ev;
         event_of(p, s, &ev);
         INC(w, handler_calls);
-        if (p->opts.lease_ms > 0)
+        /* A handler that only computes cannot outlast its lease: no
+         * heartbeats (two locks an event) for it. */
+        bool beats = p->opts.lease_ms > 0 && !p->opts.handler_never_blocks;
+        if (beats)
             ev.deadline_ms = beat_start(w, s, now);
         rc = p->opts.handler ? p->opts.handler(&ev, s->txn,
                                                p->opts.handler_arg)
                              : OQ_OK;
-        if (p->opts.lease_ms > 0)
+        if (beats)
             beat_stop(w);
     }
     switch (rc) {
