@@ -1627,8 +1627,47 @@ static int coproc_ask(cworker *w, const oq_event *ev, size_t *line_len,
  * error. Returns OQ_OK, OQ_RETRY or OQ_FAIL, or -1 for a line that is not
  * such a reply (why is set), or OQ_ENOMEM.
  */
+/* Is the reply's "id" (token v of d) the request's: the id bytes as the
+ * request carried them (invalid UTF-8 as U+FFFD)? */
+static bool same_id(const oq__jdoc *d, uint32_t v, const oq_event *ev)
+{
+    oq__buf q = { 0 };
+    oq__jtape t = { 0 };
+    oq__jdoc qd;
+    size_t at, n, m;
+    const char *why;
+    char *a = NULL, *b = NULL;
+    const char *x, *y;
+    bool same = false;
+
+    if (d->tok[v].type != OQ__J_STR)
+        return false;
+    if (!d->tok[v].esc && oq__utf8_valid(ev->id, ev->id_len))
+        return d->tok[v].len == ev->id_len &&
+               memcmp(d->text + d->tok[v].start, ev->id, ev->id_len) == 0;
+    /* The slow way: both sides decoded as the child saw them. */
+    if (oq__json_quote(&q, ev->id,
+                                                      ev->id_len) != 0 ||
+        oq__json_scan(q.data, q.len, &t, &at, &why) != 0)
+        goto out;
+    qd = (oq__jdoc){ q.data, q.len, t.tok, t.n };
+    a = oq__malloc(d->tok[v].len + 1);
+    b = oq__malloc(q.len + 1);
+    if (a && b) {
+        x = oq__jstr(d, v, a, &n);
+        y = oq__jstr(&qd, 0, b, &m);
+        same = n == m && memcmp(x, y, n) == 0;
+    }
+out:
+    oq__free(a);
+    oq__free(b);
+    oq__jtape_free(&t);
+    oq__buf_free(&q);
+    return same;
+}
+
 static int parse_reply(cworker *w, const char *line, size_t len,
-                       oq_txn *txn, const char **why)
+                       const oq_event *ev, oq_txn *txn, const char **why)
 {
     oq__jdoc d;
     size_t at;
@@ -1644,6 +1683,12 @@ static int parse_reply(cworker *w, const char *line, size_t len,
     d = (oq__jdoc){ line, len, w->tape.tok, w->tape.n };
     if (d.tok[0].type != OQ__J_OBJ) {
         *why = "not an object";
+        return -1;
+    }
+    /* An "id", when the child sends one, must be this event's: a late or
+     * extra line is then never taken for the next event's reply. */
+    if ((v = oq__jget(&d, 0, "id", 2)) != 0 && !same_id(&d, v, ev)) {
+        *why = "its \"id\" is not the event's";
         return -1;
     }
     st = oq__jget(&d, 0, "status", 6);
@@ -1778,7 +1823,7 @@ static int coproc_fn(const oq_event *ev, oq_txn *txn, void *arg)
         oq_txn_error(txn, "poll: %s", strerror(-rc));
         return OQ_RETRY;
     }
-    rc = parse_reply(w, w->rbuf, line_len, txn, &why);
+    rc = parse_reply(w, w->rbuf, line_len, ev, txn, &why);
     /* Bytes after the reply line were not asked for: the next event
      * restarts the child (coproc_precheck) rather than take them. */
     memmove(w->rbuf, w->rbuf + line_len + 1, w->rlen - line_len - 1);

@@ -431,6 +431,11 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
     case O_ID_FIELD:
         if (*arg == '\0')
             return bad_option("--id-field", arg, "a field name or /pointer");
+        /* In a JSON pointer (RFC 6901) '~' is only ever ~0 or ~1. */
+        for (const char *t = arg; *arg == '/' && *t; t++)
+            if (*t == '~' && t[1] != '0' && t[1] != '1')
+                return bad_option("--id-field", arg, "a JSON pointer whose "
+                                  "'~' are ~0 (~) or ~1 (/)");
         c->id_field = arg;
         return 0;
     case O_VT:
@@ -469,6 +474,8 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
         c->emit = true;
         return 0;
     case 'o':
+        if (*arg == '\0')
+            return bad_option("-o", arg, "a path, or - for stdout");
         c->out_path = arg;
         return 0;
     case O_DLQ:
@@ -477,6 +484,8 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
         c->dlq_path = arg;
         return 0;
     case O_STATS:
+        if (*arg == '\0')
+            return bad_option("--stats", arg, "a path, or - for stdout");
         c->stats_path = arg;
         return 0;
     case O_PROGRESS:
@@ -511,6 +520,8 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
         c->timeout_ms = ms;
         return 0;
     case O_METRICS:
+        if (*arg == '\0')
+            return bad_option("--metrics", arg, "a path");
         c->metrics_path = arg;
         return 0;
     case O_METRICS_INTERVAL:

@@ -259,7 +259,8 @@ static int dlq_list(oq__store *st, const opts *o)
                                                : oq_strerror(c.rc));
         return 3;
     }
-    return 0;
+    /* A write error (a full disk) is an error, not a shorter list. */
+    return oq__out_close(stdout, NULL, "onceq dlq");
 }
 
 /* dlq show ID: by seq (a number from `dlq list`) or by event id. */
@@ -292,7 +293,7 @@ static int dlq_show(oq__store *st, const opts *o)
                 o->args[0], o->state);
         return 1;
     }
-    return 0;
+    return oq__out_close(stdout, NULL, "onceq dlq");
 }
 
 /* Runs sql (with ?1 = seq, ?2 = reset) for each chosen dead letter, in one

@@ -312,6 +312,30 @@ def coproc_hang_past_the_lease():
 
 
 @test
+def coproc_a_late_extra_line_is_not_the_next_reply():
+    """A child that writes an extra reply for e3 after a pause: with the
+    request id echoed, that line arrives as e4's reply, is refused, and e4
+    is retried; nothing but each event's own output is committed."""
+    script = path("late.py")
+    open(script, "w").write(
+        "import sys, json, time\n"
+        "for line in sys.stdin:\n"
+        "    r = json.loads(line)\n"
+        "    print(json.dumps({'id': r['id'], 'status': 'ok',\n"
+        "                      'output': {'id': r['id']}}), flush=True)\n"
+        "    if r['id'] == 'e3' and r['attempt'] == 1:\n"
+        "        time.sleep(0.3)\n"
+        "        print(json.dumps({'id': 'e3', 'status': 'ok',\n"
+        "                          'output': {'id': 'e3-extra'}}), flush=True)\n")
+    f = write_events("late.jsonl", [{"id": f"e{i}"} for i in range(1, 7)], 10**9)
+    rc, out, err = run(["run", "-q", "-w", "1", "--handler",
+                        "coproc:python3 " + script, f])
+    assert rc == 0, (rc, err)
+    assert [json.loads(x)["id"] for x in out.splitlines()] == \
+        [f"e{i}" for i in range(1, 7)], out
+
+
+@test
 def coproc_garbage_replies():
     events = [{"id": f"g{i}", "n": i} for i in range(300)]
     for i in range(0, 300, 13):

@@ -583,6 +583,19 @@ def since_duration_is_strict():
           "99999999999999999999"])
 
 
+@test
+def empty_outputs_and_bad_pointers_are_refused():
+    """-o '', --stats '' and a JSON pointer with a bad ~ escape: exit 2
+    before anything runs (they used to run everything, then fail)."""
+    missing = os.path.join(TMP, "missing.jsonl")
+    expect_refused(["run", missing, "-o", ""], "-o", "")
+    expect_refused(["run", missing, "--stats", ""], "--stats", "")
+    expect_refused(["run", missing, "--metrics", ""], "--metrics", "")
+    expect_refused(["run", missing, "--id-field", "/a~2b"], "--id-field",
+                   "/a~2b")
+    expect_refused(["run", missing, "--id-field", "/a~"], "--id-field", "/a~")
+
+
 def main():
     passed = failed = 0
     for t in tests:

@@ -534,6 +534,25 @@ def an_output_through_a_symlink_keeps_the_link():
     assert open(sink).read().count("count") > 0
 
 
+@test
+def dlq_list_and_show_report_a_write_error():
+    """`onceq dlq list/show` on a full disk: exit 3 and a message, not 0."""
+    if not os.path.exists("/dev/full"):
+        return
+    f = write("wb.jsonl", '{"id":"1"}\n{bad\n')
+    db = path("wb.db")
+    rc, out, err = run(["run", "-q", "--state", db, "-o", "/dev/null",
+                        "--dlq", "/dev/null", f])
+    assert rc == 1, err
+    for args in (["dlq", "list", "--state", db],
+                 ["dlq", "show", "1", "--state", db]):
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([ONCEQ] + args, stdout=full,
+                               stderr=subprocess.PIPE, timeout=60)
+        assert p.returncode == 3, (args, p.returncode)
+        assert b"write error" in p.stderr, p.stderr
+
+
 def main():
     passed = failed = 0
     only = sys.argv[1:]
