@@ -268,7 +268,9 @@ OQ_API void oq_queue_release(oq_queue *q, oq_delivery *d, size_t n);
 
 /* No more sends will come; receivers return OQ_EOF once all is settled. */
 OQ_API void oq_queue_close(oq_queue *q);
-/* Wakes every blocked receiver now (for example after a test clock moved). */
+/* Wakes every blocked receiver now: each returns what it has (maybe 0)
+ * instead of waiting on, for example after a test clock moved, or when a
+ * consumer is stopping. */
 OQ_API void oq_queue_wake(oq_queue *q);
 
 OQ_API void oq_queue_stats_get(oq_queue *q, oq_queue_stats *out);

@@ -147,6 +147,8 @@ struct oq_queue {
     dedup *dedup_hash, *dedup_head, *dedup_tail;
     size_t dedup_len;
     unsigned waiters;
+    uint64_t wakes;           /* oq_queue_wake calls: a receiver blocked
+                                 across one returns (with what it has) */
     bool closed;
     oq_queue_stats st;        /* counters; gauges are filled in on read */
 };
@@ -751,11 +753,13 @@ int oq_queue_receive(oq_queue *q, oq_delivery *out, size_t max,
 {
     int64_t now = now_ms(q);
     int64_t until = wait_ms < 0 ? INT64_MAX : oq__add_ms(now, wait_ms);
+    uint64_t wakes;
     int rc = 0;
 
     if (out == NULL && max > 0)
         return OQ_EINVAL;
     pthread_mutex_lock(&q->mu);
+    wakes = q->wakes;
     for (;;) {
         size_t n;
 
@@ -769,7 +773,10 @@ int oq_queue_receive(oq_queue *q, oq_delivery *out, size_t max,
             rc = OQ_EOF;
             break;
         }
-        if (now >= until || max == 0)
+        /* Woken on purpose (a pool stopping, a test clock moved): return,
+         * so the caller looks at its own state; with a clock that does not
+         * move, the wait would otherwise never end. */
+        if (now >= until || max == 0 || q->wakes != wakes)
             break;
         {
             int64_t sleep = OQ__MIN(until - now, next_event_in(q, now));
@@ -984,6 +991,7 @@ void oq_queue_close(oq_queue *q)
 void oq_queue_wake(oq_queue *q)
 {
     pthread_mutex_lock(&q->mu);
+    q->wakes++;
     pthread_cond_broadcast(&q->cv);
     pthread_mutex_unlock(&q->mu);
 }

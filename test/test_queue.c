@@ -779,6 +779,31 @@ static void test_long_poll_woken_by_send(void **state)
     oq_queue_free(q);
 }
 
+/* A receiver blocked on a test clock that does not move returns when the
+ * queue is woken (a pool that stops relies on it), not never. */
+static void *late_waker(void *arg)
+{
+    struct timespec ts = { 0, 50 * 1000 * 1000 };
+    nanosleep(&ts, NULL);
+    oq_queue_wake(arg);
+    return NULL;
+}
+
+static void test_wake_returns_a_blocked_receiver(void **state)
+{
+    fx *f = *state;
+    oq_queue *q = make_queue(f, NULL);
+    oq_delivery d;
+    pthread_t t;
+    int64_t t0 = oq_clock_now(NULL);
+
+    pthread_create(&t, NULL, late_waker, q);
+    /* 100 ms of a clock that never moves: only the wake can end it. */
+    assert_int_equal(oq_queue_receive(q, &d, 1, 100), 0);
+    assert_true(oq_clock_now(NULL) - t0 < 5000);
+    pthread_join(t, NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -811,6 +836,8 @@ int main(void)
         T(test_send_out_of_memory),
         T(test_bad_options),
         cmocka_unit_test(test_long_poll_woken_by_send),
+        cmocka_unit_test_setup_teardown(test_wake_returns_a_blocked_receiver,
+                                        setup, teardown),
 #undef T
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
