@@ -273,7 +273,9 @@ static int64_t beat_start(worker *w, const slot *s, int64_t now)
     hb->id_len = s->id_len;
     hb->dg = s->dg;
     hb->token = s->claim.token;
-    hb->extended_ms = now;
+    /* When its lease was last set: the delivery (a message that waited in
+     * its batch is due for a heartbeat sooner, maybe at once). */
+    hb->extended_ms = s->d.deadline_ms - p->opts.lease_ms;
     hb->attempt_end_ms = end;
     pthread_mutex_unlock(&hb->mu);
     return end;
