@@ -58,6 +58,18 @@
  *     (r->mu, a leaf lock); with --drain, runs the DRAIN script, which says atomically
  *     whether anything is pending with any consumer, delayed, or not yet
  *     delivered to the group; when nothing is, the run stops.
+ *   - one heartbeat thread (only for handlers that may block): every
+ *     min(vt/12, 100 ms) looks at each worker's rbeat (its running
+ *     handler's claim key, token and entry, under the worker's hb.mu, a
+ *     leaf lock: copied, unlocked, then sent) and, once a third of the
+ *     lease has passed since the delivery or the last renewal and until
+ *     the attempt's end (--timeout), runs the BEAT script. A dead or
+ *     stopped process stops heartbeating: its entries are taken over one
+ *     lease later.
+ *   - the metrics threads (metrics.c, with --metrics/--metrics-listen)
+ *     read only atomics: the counters, each worker's in-flight count and
+ *     histogram, and the group's backlog the housekeeper reads about once
+ *     a second (XINFO GROUPS lag, the first undelivered entry's time).
  *   - the main thread waits for SIGINT/SIGTERM (blocked in every other
  *     thread) and for the end.
  *
@@ -76,6 +88,8 @@
  *            are summed per batch and applied with one HINCRBY per key,
  *            commits acked with one XACK. All of it is one script, so it
  *            happens entirely or not at all.
+ *   BEAT     a heartbeat: if the claim key holds our token, PEXPIRE it to
+ *            vt and XCLAIM the entry JUSTID (idle 0, count unchanged).
  *   PROMOTE, DRAIN, SEND (producer dedup), REDRIVE.
  *
  * Fencing: a claim is the key S:id:<id> holding a token unique to this
