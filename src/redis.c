@@ -58,6 +58,18 @@
  *     (r->mu, a leaf lock); with --drain, runs the DRAIN script, which says atomically
  *     whether anything is pending with any consumer, delayed, or not yet
  *     delivered to the group; when nothing is, the run stops.
+ *   - one heartbeat thread (only for handlers that may block): every
+ *     min(vt/12, 100 ms) looks at each worker's rbeat (its running
+ *     handler's claim key, token and entry, under the worker's hb.mu, a
+ *     leaf lock: copied, unlocked, then sent) and, once a third of the
+ *     lease has passed since the delivery or the last renewal and until
+ *     the attempt's end (--timeout), runs the BEAT script. A dead or
+ *     stopped process stops heartbeating: its entries are taken over one
+ *     lease later.
+ *   - the metrics threads (metrics.c, with --metrics/--metrics-listen)
+ *     read only atomics: the counters, each worker's in-flight count and
+ *     histogram, and the group's backlog the housekeeper reads about once
+ *     a second (XINFO GROUPS lag, the first undelivered entry's time).
  *   - the main thread waits for SIGINT/SIGTERM (blocked in every other
  *     thread) and for the end.
  *
@@ -76,6 +88,8 @@
  *            are summed per batch and applied with one HINCRBY per key,
  *            commits acked with one XACK. All of it is one script, so it
  *            happens entirely or not at all.
+ *   BEAT     a heartbeat: if the claim key holds our token, PEXPIRE it to
+ *            vt and XCLAIM the entry JUSTID (idle 0, count unchanged).
  *   PROMOTE, DRAIN, SEND (producer dedup), REDRIVE.
  *
  * Fencing: a claim is the key S:id:<id> holding a token unique to this
@@ -134,7 +148,7 @@
 /* ============================================================= scripts */
 
 enum { SC_CLAIM, SC_COMMIT, SC_PROMOTE, SC_DRAIN, SC_SEND, SC_REDRIVE,
-       SC__COUNT };
+       SC_BEAT, SC__COUNT };
 
 static const char *const script_text[SC__COUNT] = {
 /* CLAIM. KEYS: [1] stream, then the id keys. ARGV: [1] the batch's token
@@ -334,6 +348,18 @@ static const char *const script_text[SC__COUNT] = {
 "redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 's', ARGV[3])\n"
 "redis.call('HINCRBY', KEYS[3], 'sent', 1)\n"
 "redis.call('HINCRBY', KEYS[3], 'redriven', 1)\n"
+"return 1\n",
+
+/* BEAT (a heartbeat). KEYS: [1] stream [2] the id key. ARGV: [1] group
+ * [2] consumer [3] our token [4] the stream entry [5] the lease (ms).
+ * Only while the key still holds our token: its PX becomes a whole lease,
+ * and the entry's idle time goes back to 0 (XCLAIM JUSTID: the delivery
+ * count is not raised), so neither the claim expires nor XAUTOCLAIM hands
+ * the entry over for another lease. 1 extended, 0 not ours any more (it
+ * was settled, released, or taken over: nothing is touched). */
+"if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end\n"
+"redis.call('PEXPIRE', KEYS[2], ARGV[5])\n"
+"redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'JUSTID')\n"
 "return 1\n",
 };
 
@@ -1275,9 +1301,12 @@ typedef struct rentry {
 
 typedef struct rstats {
     _Atomic uint64_t processed, duplicates, dead, retried, fenced,
-        redelivered, busy, settled_elsewhere, handler_calls, batches;
+        redelivered, busy, settled_elsewhere, handler_calls, batches,
+        lease_extensions;
     _Atomic uint64_t dead_by[OQ_DLQ__COUNT];
 } rstats;
+
+struct rworker;
 
 typedef struct rrun {
     oq__run_config c;           /* run.c's options (a copy); immutable
@@ -1299,6 +1328,11 @@ typedef struct rrun {
     int fatal;
     rstats st;
     int64_t t0_ms;
+    struct rworker *ws;         /* c.workers of them (metrics, heartbeats) */
+    /* The group's backlog, for the metrics: refreshed by the housekeeper
+     * (XINFO GROUPS: lag; the first undelivered entry's age). */
+    _Atomic uint64_t ready;
+    _Atomic int64_t oldest_ready_ms;  /* unix ms of its entry id; 0: none */
 } rrun;
 
 static void run_fatal(rrun *r, const char *msg)
@@ -1417,6 +1451,24 @@ typedef struct scount {
     int64_t delta;
 } scount;
 
+/*
+ * What a worker's running handler holds, for the heartbeat thread: written
+ * by the worker before and after each handler call that may block, read by
+ * the heartbeat thread, all under mu (a leaf: the heartbeat thread copies
+ * what it needs and lets go before it talks to Redis).
+ */
+typedef struct rbeat {
+    pthread_mutex_t mu;
+    bool active;          /* a handler that may block is running */
+    char key[540 + OQ__MAX_ID_LEN];  /* its claim, S:id:<id> */
+    size_t keylen;
+    char token[128];      /* the claim's token: the batch prefix + entry */
+    char eid[64];         /* its stream entry */
+    int64_t extended_ms;  /* its lease was last renewed at (monotonic ms;
+                             first: its delivery's start) */
+    int64_t attempt_end_ms; /* --timeout: no heartbeat after it */
+} rbeat;
+
 typedef struct rworker {
     rrun *r;
     unsigned idx;
@@ -1435,6 +1487,12 @@ typedef struct rworker {
     uint64_t rng, seq;
     char prefix[48];      /* the batch's token prefix */
     double us_per_event;  /* handler time, moving average; < 0: unknown */
+    rbeat hb;
+    /* For the metrics (written by this worker, read by their threads):
+     * entries in its hands (the batch and the held ones), and handler
+     * durations per bucket of oq__metrics_buckets. */
+    _Atomic uint64_t inflight;
+    _Atomic uint64_t hist[OQ__HIST_BUCKETS], hist_count, hist_sum_us;
 } rworker;
 
 /* Handlers slower than this (µs per event, moving average) that may
@@ -1590,6 +1648,60 @@ static void stage_record(const void *data, size_t len, void *arg)
     ab_add(&w->stage, data, len);
 }
 
+/* The handler of s, which may block, starts: the heartbeat thread keeps its
+ * claim and its delivery until it returns or its attempt ends. Returns the
+ * handler's deadline: the attempt's end (--timeout), or none. */
+static int64_t beat_start(rworker *w, const slot *s)
+{
+    rrun *r = w->r;
+    rbeat *hb = &w->hb;
+    int64_t now = mono_ms();
+    int64_t end = r->c.timeout_ms > 0 ? oq__add_ms(now, r->c.timeout_ms)
+                                      : INT64_MAX;
+    size_t eidlen = strlen(s->e->eid);
+
+    pthread_mutex_lock(&hb->mu);
+    /* An id or entry too long for the buffers (never from onceq send) gets
+     * no heartbeats: its lease runs out as without them. */
+    hb->active = r->k.idpfx_len + s->dec.id_len <= sizeof(hb->key) &&
+                 strlen(w->prefix) + eidlen < sizeof(hb->token) &&
+                 eidlen < sizeof(hb->eid);
+    if (hb->active) {
+        memcpy(hb->key, r->k.idpfx, r->k.idpfx_len);
+        memcpy(hb->key + r->k.idpfx_len, s->dec.id, s->dec.id_len);
+        hb->keylen = r->k.idpfx_len + s->dec.id_len;
+        snprintf(hb->token, sizeof(hb->token), "%s%s", w->prefix, s->e->eid);
+        memcpy(hb->eid, s->e->eid, eidlen + 1);
+    }
+    /* The lease began with the delivery: a handler that starts late in it
+     * gets its first heartbeat at once. */
+    hb->extended_ms = s->e->deadline_ms - r->c.vt_ms;
+    hb->attempt_end_ms = end;
+    pthread_mutex_unlock(&hb->mu);
+    return end;
+}
+
+static void beat_stop(rworker *w)
+{
+    pthread_mutex_lock(&w->hb.mu);
+    w->hb.active = false;
+    pthread_mutex_unlock(&w->hb.mu);
+}
+
+/* Counts one handler call of us microseconds in the histogram. */
+static void observe(rworker *w, int64_t us)
+{
+    double sec = (double)us / 1e6;
+    for (int i = 0; i < OQ__HIST_BUCKETS; i++)
+        if (sec <= oq__metrics_buckets[i]) {
+            atomic_fetch_add_explicit(&w->hist[i], 1, memory_order_relaxed);
+            break;
+        }
+    atomic_fetch_add_explicit(&w->hist_count, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&w->hist_sum_us, (uint64_t)(us > 0 ? us : 0),
+                              memory_order_relaxed);
+}
+
 /* A claimed slot: runs the handler and decides its op. A message out of
  * attempts is dead-lettered with op F, which settles its id (we hold the
  * claim, so the id is not processed): one outcome per id, and every
@@ -1619,9 +1731,16 @@ static void handle(rworker *w, slot *s)
     ev.parsed = s->dec.parsed;
     oq__txn_reset(w->txn);
     oq_txn_error(w->txn, "%s", "");
+    /* A handler that only computes cannot outlast its delivery: no
+     * heartbeats (two locks an event) for it. */
+    if (!r->h.never_blocks)
+        ev.deadline_ms = beat_start(w, s);
     t0 = mono_us();
     rc = r->h.fn(&ev, w->txn, r->h.arg);
     t0 = mono_us() - t0;
+    if (!r->h.never_blocks)
+        beat_stop(w);
+    observe(w, t0);
     w->us_per_event = w->us_per_event < 0 ? (double)t0
                       : 0.8 * w->us_per_event + 0.2 * (double)t0;
     ADD(handler_calls, 1);
@@ -2135,9 +2254,12 @@ static void *worker_main(void *arg)
         } else if (n == 0) {
             nap_ms(OQ__MAX(1, OQ__MIN(BUSY_RETRY_MS, next - now)));
         }
+        atomic_store(&w->inflight, n + w->nheld);
         if (n > 0)
             process(w, n);
+        atomic_store(&w->inflight, w->nheld);
     }
+    atomic_store(&w->inflight, 0);
     /* What we hold stays pending in Redis: another consumer (or we, next
      * time) takes it over after the visibility timeout. */
     for (size_t i = 0; i < w->nheld; i++)
@@ -2292,6 +2414,53 @@ typedef struct house {
     pthread_t th;
 } house;
 
+/* For the metrics: the group's backlog, what no consumer of the group has
+ * been delivered yet (XINFO GROUPS's lag, Redis 7; 0 when Redis cannot
+ * tell), and the unix ms of the first such entry (its id's time). Retries
+ * waiting for their backoff in S:delayed are not counted. Errors are
+ * ignored: the next call tries again. */
+static void backlog(rrun *r, rconn *rc)
+{
+    redisReply *rep = rc_cmdf(rc, "XINFO GROUPS %s", r->k.stream);
+    const redisReply *lag, *last;
+    char from[80];
+    uint64_t ready = 0;
+    int64_t oldest = 0;
+
+    if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
+        freeReplyObject(rep);
+        return;
+    }
+    for (size_t i = 0; i < rep->elements; i++) {
+        const redisReply *g = rep->element[i], *name = field(g, "name");
+        if (name == NULL || name->type != REDIS_REPLY_STRING ||
+            strcmp(name->str, r->c.group) != 0)
+            continue;
+        lag = field(g, "lag");
+        last = field(g, "last-delivered-id");
+        if (lag && lag->type == REDIS_REPLY_INTEGER && lag->integer > 0)
+            ready = (uint64_t)lag->integer;
+        if (ready > 0 && last && last->type == REDIS_REPLY_STRING)
+            snprintf(from, sizeof(from), "(%s", last->str);
+        else
+            ready = 0;
+        break;
+    }
+    freeReplyObject(rep);
+    if (ready > 0) {
+        rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 1", r->k.stream, from);
+        if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 &&
+            rep->element[0]->type == REDIS_REPLY_ARRAY &&
+            rep->element[0]->elements >= 1 &&
+            rep->element[0]->element[0]->type == REDIS_REPLY_STRING)
+            oldest = (int64_t)strtoull(rep->element[0]->element[0]->str,
+                                       NULL, 10);
+        freeReplyObject(rep);
+    }
+    atomic_store(&r->ready, ready);
+    atomic_store(&r->oldest_ready_ms, oldest);
+}
+
 static void *house_main(void *arg)
 {
     house *hk = arg;
@@ -2299,8 +2468,9 @@ static void *house_main(void *arg)
     abuf keys = { 0 }, args = { 0 };
     char cursor[64] = "0-0";
     int64_t ac_every = OQ__MAX(HOUSE_TICK_MS, OQ__MIN(r->c.vt_ms / 4, 1000));
-    int64_t last_ac = mono_ms();
+    int64_t last_ac = mono_ms(), last_bl = 0;
     int ac_more = 0;
+    bool metrics = r->c.metrics_path || r->c.metrics_listen;
 
     ab_adds(&keys, r->k.stream);
     ab_adds(&keys, r->k.delayed);
@@ -2323,6 +2493,10 @@ static void *house_main(void *arg)
             ac_more = autoclaim(r, &hk->rc, cursor, sizeof(cursor));
             last_ac = now;
         }
+        if (metrics && now - last_bl >= 1000) {
+            backlog(r, &hk->rc);
+            last_bl = now;
+        }
         if (r->c.drain && drained(r, &hk->rc)) {
             atomic_store(&r->drained, 1);
             atomic_store(&r->stop, 1);
@@ -2332,6 +2506,74 @@ static void *house_main(void *arg)
     }
     ab_free(&keys);
     ab_free(&args);
+    return NULL;
+}
+
+/* ---------------------------------------------------------- heartbeats */
+
+typedef struct hbeat {
+    rrun *r;
+    rconn rc;
+    pthread_t th;
+    bool started;
+    abuf keys, args;      /* the next BEAT call */
+} hbeat;
+
+/* One heartbeat for worker w: once a third of the lease has passed since
+ * the last renewal, and until its attempt's end, renews its running
+ * message's claim and delivery for a whole lease (BEAT script). */
+static void beat(hbeat *hbt, rworker *w, int64_t now)
+{
+    rrun *r = hbt->r;
+    rbeat *hb = &w->hb;
+    abuf *keys = &hbt->keys, *args = &hbt->args;
+    redisReply *rep;
+
+    pthread_mutex_lock(&hb->mu);
+    if (!hb->active || now - hb->extended_ms < r->c.vt_ms / 3 ||
+        now >= hb->attempt_end_ms) {
+        pthread_mutex_unlock(&hb->mu);
+        return;
+    }
+    hb->extended_ms = now;
+    ab_reset(keys);
+    ab_reset(args);
+    ab_adds(keys, r->k.stream);
+    ab_add(keys, hb->key, hb->keylen);
+    ab_adds(args, r->c.group);
+    ab_adds(args, r->consumer);
+    ab_adds(args, hb->token);
+    ab_adds(args, hb->eid);
+    ab_addi(args, r->c.vt_ms);
+    pthread_mutex_unlock(&hb->mu);
+    if (keys->oom || args->oom) {
+        run_fatal(r, "out of memory in a heartbeat");
+    } else {
+        rep = rc_script(&hbt->rc, SC_BEAT, keys, args);
+        if (rep && rep->type == REDIS_REPLY_INTEGER) {
+            if (rep->integer == 1)
+                ADD(lease_extensions, 1);
+        } else {
+            run_fatal_reply(r, &hbt->rc, rep, "heartbeat script");
+        }
+        freeReplyObject(rep);
+    }
+}
+
+/* The heartbeat thread: looks at every worker a dozen times a lease (at
+ * most every 100 ms), with its own connection. */
+static void *beat_main(void *arg)
+{
+    hbeat *hbt = arg;
+    rrun *r = hbt->r;
+    int64_t tick = OQ__MAX(2, OQ__MIN(r->c.vt_ms / 12, 100));
+
+    while (!atomic_load(&r->stop)) {
+        int64_t now = mono_ms();
+        for (unsigned i = 0; i < r->c.workers && !atomic_load(&r->stop); i++)
+            beat(hbt, &r->ws[i], now);
+        nap_ms(tick);
+    }
     return NULL;
 }
 
@@ -2501,9 +2743,46 @@ static void counts_of(rrun *r, double el, oq__run_counts *n)
     n->retried = atomic_load(&s->retried);
     n->redelivered = atomic_load(&s->redelivered);
     n->fenced = atomic_load(&s->fenced);
+    n->lease_extensions = atomic_load(&s->lease_extensions);
     n->workers = r->c.workers;
     n->handler = r->h.name;
     n->elapsed_s = el;
+}
+
+/* The metrics' snapshot (oq__metrics_fn), from the metrics threads:
+ * everything it reads is atomic. This consumer's counters (the same as its
+ * --stats); in_flight: the entries in our workers' hands; ready and the
+ * oldest's age: the group's backlog as the housekeeper last saw it. */
+static void metrics_snap(oq__metrics_snap *m, void *arg)
+{
+    rrun *r = arg;
+    oq__run_counts n;
+    int64_t oldest = atomic_load(&r->oldest_ready_ms);
+
+    counts_of(r, 0, &n);
+    m->processed = n.processed;
+    m->duplicates = n.duplicates;
+    m->dead = n.dead;
+    m->retried = n.retried;
+    memcpy(m->dead_by, n.dead_by, sizeof(m->dead_by));
+    m->fenced = n.fenced;
+    m->lease_extensions = n.lease_extensions;
+    m->ready = atomic_load(&r->ready);
+    m->oldest_ready_age_s = oldest > 0 && m->ready > 0
+                                ? OQ__MAX(0, wall_ms() - oldest) / 1000.0
+                                : 0;
+    m->in_flight = 0;
+    for (unsigned i = 0; i < r->c.workers; i++) {
+        rworker *w = &r->ws[i];
+        m->in_flight += atomic_load(&w->inflight);
+        for (int b = 0; b < OQ__HIST_BUCKETS; b++)
+            m->hist[b] += atomic_load_explicit(&w->hist[b],
+                                               memory_order_relaxed);
+        m->hist_count += atomic_load_explicit(&w->hist_count,
+                                              memory_order_relaxed);
+        m->hist_sum_s += atomic_load_explicit(&w->hist_sum_us,
+                                              memory_order_relaxed) / 1e6;
+    }
 }
 
 static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
@@ -2684,14 +2963,23 @@ static void conn_init(rrun *r, rconn *rc, const char *role)
             *p = '_';
 }
 
-/* Starts the housekeeper and the workers. 0, or an exit status. */
-static int start_threads(rrun *r, house *hk, rworker *ws)
+/* Starts the housekeeper, the heartbeat thread (for handlers that may
+ * block) and the workers. 0, or an exit status. */
+static int start_threads(rrun *r, house *hk, hbeat *hbt, rworker *ws)
 {
     conn_init(r, &hk->rc, "house");
     hk->r = r;
     if (rc_open(&hk->rc) != RC_OK) {
         fprintf(stderr, "onceq run: %s\n", hk->rc.err);
         return 2;
+    }
+    hbt->r = r;
+    if (!r->h.never_blocks) {
+        conn_init(r, &hbt->rc, "beat");
+        if (rc_open(&hbt->rc) != RC_OK) {
+            fprintf(stderr, "onceq run: %s\n", hbt->rc.err);
+            return 2;
+        }
     }
     for (unsigned i = 0; i < r->c.workers; i++) {
         rworker *w = &ws[i];
@@ -2718,21 +3006,33 @@ static int start_threads(rrun *r, house *hk, rworker *ws)
     }
     if (pthread_create(&hk->th, NULL, house_main, hk) != 0)
         return 3;
+    if (!r->h.never_blocks) {
+        if (pthread_create(&hbt->th, NULL, beat_main, hbt) != 0) {
+            atomic_store(&r->stop, 1);
+            pthread_join(hk->th, NULL);
+            return 3;
+        }
+        hbt->started = true;
+    }
     for (unsigned i = 0; i < r->c.workers; i++)
         if (pthread_create(&ws[i].th, NULL, worker_main, &ws[i]) != 0) {
             atomic_store(&r->stop, 1);
             for (unsigned j = 0; j < i; j++)
                 pthread_join(ws[j].th, NULL);
             pthread_join(hk->th, NULL);
+            if (hbt->started)
+                pthread_join(hbt->th, NULL);
+            hbt->started = false;
             return 3;
         }
     return 0;
 }
 
-static void free_workers(rrun *r, house *hk, rworker *ws)
+static void free_workers(rrun *r, house *hk, hbeat *hbt, rworker *ws)
 {
     if (ws)
         for (unsigned i = 0; i < r->c.workers; i++) {
+            pthread_mutex_destroy(&ws[i].hb.mu);
             rc_close(&ws[i].rc);
             oq__free(ws[i].batch);
             oq__free(ws[i].slots);
@@ -2747,6 +3047,9 @@ static void free_workers(rrun *r, house *hk, rworker *ws)
                 oq__txn_free(ws[i].txn);
         }
     rc_close(&hk->rc);
+    rc_close(&hbt->rc);
+    ab_free(&hbt->keys);
+    ab_free(&hbt->args);
     for (size_t i = 0; i < r->nreclaimed; i++)
         oq__free(r->reclaimed[i]);
     oq__free(r->reclaimed);
@@ -2772,9 +3075,12 @@ int oq__redis_run(const oq__run_config *c)
     rrun *r = oq__calloc(1, sizeof(*r));
     rconn main_rc = { 0 };
     house hk = { 0 };
+    hbeat hbt = { 0 };
     rworker *ws = NULL;
+    oq__metrics *metrics = NULL;
+    char err[1024];
     sigset_t sigs, old;
-    int status, sig = 0, st2;
+    int status, sig = 0, st2, merr;
     double el;
 
     if (r == NULL)
@@ -2782,7 +3088,8 @@ int oq__redis_run(const oq__run_config *c)
     oq__mutex_init(&r->mu);
     r->c = *c;
     if ((status = check_writable(c->out_path, "results")) != 0 ||
-        (status = check_writable(c->stats_path, "stats")) != 0)
+        (status = check_writable(c->stats_path, "stats")) != 0 ||
+        (status = check_writable(c->metrics_path, "metrics")) != 0)
         goto out_free;
     status = run_setup(r, &main_rc);
     if (status != 0)
@@ -2793,11 +3100,25 @@ int oq__redis_run(const oq__run_config *c)
     sigaddset(&sigs, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &sigs, &old);
     ws = oq__calloc(r->c.workers, sizeof(*ws));
-    r->t0_ms = mono_ms();
-    if (ws == NULL || (status = start_threads(r, &hk, ws)) != 0) {
-        status = status ? status : 3;
+    if (ws == NULL) {
+        status = 3;
         goto out_mask;
     }
+    for (unsigned i = 0; i < r->c.workers; i++)
+        oq__mutex_init(&ws[i].hb.mu);
+    r->ws = ws;
+    if (c->metrics_path || c->metrics_listen) {
+        oq__metrics_opts mo = { c->metrics_path, c->metrics_interval_ms,
+                                c->metrics_listen, metrics_snap, r };
+        if (oq__metrics_start(&metrics, &mo, err, sizeof(err)) != 0) {
+            fprintf(stderr, "onceq run: %s\n", err);
+            status = 2;
+            goto out_mask;
+        }
+    }
+    r->t0_ms = mono_ms();
+    if ((status = start_threads(r, &hk, &hbt, ws)) != 0)
+        goto out_mask;
     sig = wait_end(r, &sigs);
     atomic_store(&r->stop, 1);
     if (sig)
@@ -2805,6 +3126,11 @@ int oq__redis_run(const oq__run_config *c)
     for (unsigned i = 0; i < r->c.workers; i++)
         pthread_join(ws[i].th, NULL);
     pthread_join(hk.th, NULL);
+    if (hbt.started)
+        pthread_join(hbt.th, NULL);
+    /* The last metrics, with every worker stopped: they equal --stats. */
+    merr = metrics && oq__metrics_stop(metrics) != 0;
+    metrics = NULL;
     if (r->c.progress) {
         progress_line(r); /* the final state stays on the screen */
         fputc('\n', stderr);
@@ -2822,15 +3148,22 @@ int oq__redis_run(const oq__run_config *c)
     }
     st2 = write_stats(r, el, &main_rc);
     status = status ? status : st2;
+    if (merr) {
+        fprintf(stderr, "onceq run: write error on metrics '%s'\n",
+                c->metrics_path);
+        status = status ? status : 3;
+    }
     summary(r, el, sig);
     if (sig)
         status = sig == SIGINT ? 130 : 143;
     else if (status == 0 && atomic_load(&r->st.dead) > 0)
         status = 1;
 out_mask:
+    if (metrics)
+        oq__metrics_stop(metrics);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 out_free:
-    free_workers(r, &hk, ws);
+    free_workers(r, &hk, &hbt, ws);
     oq__free(ws);
     rc_close(&main_rc);
     if (r->h.fn)

@@ -124,11 +124,6 @@ static const struct {
     { O_COMMIT_BATCH, M_LOCAL, "Redis holds the state" },
     { O_COMMIT_INTERVAL, M_LOCAL, "Redis holds the state" },
     { O_FORCE, M_LOCAL, "Redis holds the state" },
-    { O_TIMEOUT, M_LOCAL, "the Redis engine has no heartbeats yet: its "
-                          "lease is --visibility-timeout" },
-    { O_METRICS, M_LOCAL, "the Redis engine has no metrics yet" },
-    { O_METRICS_INTERVAL, M_LOCAL, "the Redis engine has no metrics yet" },
-    { O_METRICS_LISTEN, M_LOCAL, "the Redis engine has no metrics yet" },
     { O_STREAM, M_REDIS, NULL },
     { O_GROUP, M_REDIS, NULL },
     { O_CONSUMER, M_REDIS, NULL },
@@ -157,10 +152,10 @@ static void run_usage(FILE *f)
 "                              is absent); /a/b is a JSON pointer\n"
 "Delivery and retries:\n"
 "      --visibility-timeout D  lease per delivery, at least 10ms (default 30s);\n"
-"                              in memory and with --state a running handler's\n"
-"                              lease is extended every third of it\n"
-"                              (heartbeats), so a handler may run longer\n"
-"      --timeout D             [local] the longest one attempt may run\n"
+"                              a running handler's lease is extended every\n"
+"                              third of it (heartbeats), so a handler may\n"
+"                              run longer\n"
+"      --timeout D             the longest one attempt may run\n"
 "                              (default: no limit): exec:, coproc: SIGTERM,\n"
 "                              SIGKILL after --kill-grace; then retried\n"
 "      --max-attempts N        deliveries before dead-lettering (default 5)\n"
@@ -221,12 +216,12 @@ static void run_usage(FILE *f)
 "                              any)\n"
 "      --stats PATH|-          final stats as JSON (with --redis: this\n"
 "                              consumer's, and the stream's totals)\n"
-"      --metrics PATH          [local] Prometheus text metrics, rewritten\n"
+"      --metrics PATH          Prometheus text metrics, rewritten\n"
 "                              (temp file + rename) every --metrics-interval\n"
 "                              (default 10s) and at the end (docs/METRICS.md)\n"
-"      --metrics-interval D    [local] see --metrics\n"
+"      --metrics-interval D    see --metrics\n"
 "      --metrics-listen HOST:PORT\n"
-"                              [local] serve GET /metrics over HTTP\n"
+"                              serve GET /metrics over HTTP\n"
 "      --progress, --no-progress\n"
 "                              progress line on stderr (default: on if a TTY)\n"
 "  -q, --quiet                 no summary\n"

@@ -377,6 +377,20 @@ def local_options_are_refused_with_redis():
 
 
 @test
+def timeout_and_metrics_options_work_with_redis():
+    # They were refused with --redis (no heartbeats or metrics there yet):
+    # now accepted, with the same limits as without --redis.
+    for opt in (["--timeout", "5s"], ["--metrics", "m.prom"],
+                ["--metrics-interval", "1s"],
+                ["--metrics-listen", "127.0.0.1:0"]):
+        expect_connect_error(RRUN + opt)
+    for opt in (["--timeout", "nan"], ["--metrics", ""],
+                ["--metrics-interval", "5x"]):
+        expect_refused(RRUN + opt, opt[0], opt[1])
+    assert not os.path.exists(path("m.prom"))
+
+
+@test
 def redis_options_are_refused_without_redis():
     for opt in (["--stream", "s"], ["--group", "g"], ["--consumer", "c"],
                 ["--drain"]):

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.error
+import urllib.request
 from collections import Counter
 
 ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
@@ -513,7 +515,7 @@ def crashed_backlog_taken_over_by_a_slow_survivor_commits_each_id_once():
 
 @test
 def hanging_events_do_not_dead_letter_their_batch_mates():
-    # 10 events that hang (killed at the visibility timeout, each time)
+    # 10 events that hang (killed at --timeout, each time)
     # among 60 healthy ones, two consumers, default --max-attempts: the
     # hanging ones end as max_attempts dead letters, once each; every
     # healthy one runs once and is committed once.
@@ -530,7 +532,8 @@ def hanging_events_do_not_dead_letter_their_batch_mates():
                     'cat\n')
     send("hb", path("hb.jsonl"))
     ps = [consumer("hb", f"c{i}", "-w", "3", "--handler", f"exec:{h}",
-                   "--visibility-timeout", "500ms", "--kill-grace", "0")
+                   "--visibility-timeout", "500ms", "--timeout", "500ms",
+                   "--kill-grace", "0")
           for i in range(2)]
     for p in ps:
         rc, _, err = finish(p)
@@ -574,6 +577,174 @@ def drain_on_an_empty_stream_exits_at_once():
     assert rc == 0, err
     assert time.time() - t0 < 10
     assert cli("EXISTS", "empty") == 1  # created with MKSTREAM
+
+
+# ------------------------------------------------- heartbeats and metrics
+
+try:
+    from prometheus_client.parser import text_string_to_metric_families
+except ImportError:  # Debian's package, for a python3 that is not Debian's
+    sys.path.append("/usr/lib/python3/dist-packages")
+    from prometheus_client.parser import text_string_to_metric_families
+
+
+def metrics(text):
+    """{(name, labels as a sorted tuple): value} of an exposition text;
+    the parser raises on anything that is not valid exposition format."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def attempts_log(stream, body):
+    """A command that logs "id attempt" when it starts and when it ends."""
+    log = path(f"{stream}.log")
+    h = script_file(f"{stream}.sh",
+                    f'echo "start $ONCEQ_EVENT_ID $ONCEQ_ATTEMPT" >> {log}\n'
+                    + body +
+                    f'echo "end $ONCEQ_EVENT_ID $ONCEQ_ATTEMPT" >> {log}\n'
+                    'cat\n')
+    return h, log
+
+
+@test
+def a_long_command_keeps_its_lease_with_a_consumer_beside_it():
+    # 1.5 s of work with a 300 ms lease (five leases), and a second
+    # consumer that would take the entry over if its lease ran out: the
+    # heartbeats keep it, so it runs once, with attempt 1, and ends.
+    with open(path("lk.jsonl"), "w") as g:
+        g.write('{"id":"a","word":"x"}\n')
+    h, log = attempts_log("lk", "sleep 1.5\n")
+    send("lk", path("lk.jsonl"))
+    p0 = consumer("lk", "c0", "--handler", f"exec:{h}",
+                  "--visibility-timeout", "300ms")
+    wait_for(lambda: lines_of(log), 30, "the command to start")
+    p1 = consumer("lk", "c1", "--handler", f"exec:{h}",
+                  "--visibility-timeout", "300ms")
+    for p in (p0, p1):
+        rc, _, err = finish(p)
+        assert rc == 0, err
+    assert lines_of(log) == ["start a 1", "end a 1"], lines_of(log)
+    st0, st1 = stats_of("lk", "c0"), stats_of("lk", "c1")
+    assert st0["processed"] == 1 and st1["processed"] == 0, (st0, st1)
+    assert st0["lease_extensions"] > 0, st0
+    assert st0["fenced"] == 0 and st1["redelivered"] == 0, (st0, st1)
+    st = check_balanced("lk")
+    assert st["processed"] == 1, st
+
+
+@test
+def a_command_past_its_timeout_is_killed_and_retried():
+    # --timeout 400ms below the command's first run (1.5 s): killed, and
+    # retried (attempt 2), which ends in time.
+    with open(path("to.jsonl"), "w") as g:
+        g.write('{"id":"a","word":"x"}\n')
+    h, log = attempts_log("to", 'if [ "$ONCEQ_ATTEMPT" = 1 ]; then '
+                          'sleep 1.5; fi\n')
+    send("to", path("to.jsonl"))
+    p = consumer("to", "c0", "--handler", f"exec:{h}",
+                 "--visibility-timeout", "300ms", "--timeout", "400ms",
+                 "--kill-grace", "0", "--backoff", "5ms,10ms")
+    rc, _, err = finish(p)
+    assert rc == 0, err
+    assert lines_of(log) == ["start a 1", "start a 2", "end a 2"], \
+        lines_of(log)
+    s = stats_of("to", "c0")
+    assert s["processed"] == 1 and s["retried"] == 1, s
+    assert s["lease_extensions"] > 0, s
+    st = check_balanced("to")
+    assert st["processed"] == 1, st
+
+
+@test
+def a_killed_consumer_is_retried_one_lease_later():
+    # kill -9 mid-handler (the command would run 30 s): another consumer
+    # runs the entry again about one lease (300 ms) later, not one
+    # timeout (60 s) later, and it is committed once.
+    with open(path("kh.jsonl"), "w") as g:
+        g.write('{"id":"a","word":"x"}\n')
+    pidf = path("kh.pid")
+    h, log = attempts_log("kh", 'if [ "$ONCEQ_ATTEMPT" = 1 ]; then '
+                          f'echo $$ > {pidf}; exec sleep 30; fi\n')
+    send("kh", path("kh.jsonl"))
+    vt = ["--visibility-timeout", "300ms", "--timeout", "60s"]
+    victim = consumer("kh", "victim", "--handler", f"exec:{h}", *vt,
+                      stats=False)
+    wait_for(lambda: lines_of(log), 30, "the command to start")
+    time.sleep(0.5)  # past one lease: heartbeats keep it meanwhile
+    victim.kill()
+    victim.wait()
+    t0 = time.time()
+    surv = consumer("kh", "survivor", "--handler", f"exec:{h}", *vt)
+    wait_for(lambda: "end a 2" in lines_of(log), 20, "the retry")
+    took = time.time() - t0
+    rc, _, err = finish(surv)
+    assert rc == 0, err
+    assert took < (8 if SLOW else 3), took
+    assert lines_of(log) == ["start a 1", "start a 2", "end a 2"], \
+        lines_of(log)
+    assert result_ids("kh") == ["a"]
+    st = check_balanced("kh")
+    assert st["processed"] == 1, st
+    try:  # the orphaned command of the killed consumer
+        os.kill(int(open(pidf).read()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+@test
+def metrics_listen_serves_and_the_file_equals_stats():
+    f = path("mx.jsonl")
+    with open(f, "w") as g:
+        for i in range(200):
+            g.write(f'{{"id":"e{i}","word":"w{i % 7}"}}\n')
+        g.write('{"id":"e3","word":"w3"}\nnot json\n{"word":"no id"}\n')
+    send("mx", f, "--dedup-window", "0")
+    port = free_port()
+    mfile = path("mx.prom")
+    go = path("mx.go")
+    # Held back until the first GET has answered: the consumer is running.
+    h = script_file("mx.sh", f"while [ ! -e {go} ]; do sleep 0.01; done\n"
+                    "cat\n")
+    p = consumer("mx", "c0", "-w", "2", "--handler", f"exec:{h}",
+                 "--metrics", mfile, "--metrics-interval", "100ms",
+                 "--metrics-listen", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}/metrics"
+    body = None
+    for _ in range(400):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                body = r.read().decode()
+            m = metrics(body)
+            if m[("onceq_queue_in_flight", ())] > 0:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.05)
+    assert body is not None, "no answer on /metrics"
+    m = metrics(body)
+    assert m[("onceq_queue_in_flight", ())] > 0, body
+    assert ("onceq_queue_ready", ()) in m, body
+    open(go, "w").close()
+    rc, _, err = finish(p)
+    assert rc == 1, err  # the two bad lines
+    m = metrics(open(mfile).read())
+    s = stats_of("mx", "c0")
+    ev = {o: m[("onceq_events_total", (("outcome", o),))]
+          for o in ("processed", "duplicate", "dead", "retried")}
+    assert ev == {"processed": s["processed"], "duplicate": s["duplicates"],
+                  "dead": s["dead"], "retried": s["retried"]}, (ev, s)
+    assert s["processed"] == 200 and s["duplicates"] == 1, s
+    assert s["dead"] == 2, s
+    for reason, n in s["dead_by_reason"].items():
+        assert m[("onceq_dead_letters_total", (("reason", reason),))] == n
+    assert m[("onceq_lease_extensions_total", ())] == s["lease_extensions"]
+    assert m[("onceq_fenced_total", ())] == s["fenced"]
+    assert m[("onceq_queue_in_flight", ())] == 0
+    assert m[("onceq_handler_duration_seconds_count", ())] >= s["processed"]
+    check_balanced("mx")
 
 
 def one_line_exit_2(args):
