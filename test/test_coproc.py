@@ -17,13 +17,14 @@ time), BUILD (a sanitizer build gets smaller inputs)."""
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Suite  # noqa: E402
 
 ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
 BUILD = os.environ.get("BUILD", "build")
@@ -35,12 +36,9 @@ N = 600 if SLOW else 3000
 print(f"test_coproc: seed {SEED} (OQ_RUN_SEED), binary {ONCEQ}")
 rng = random.Random(SEED)
 
-tests = []
-
-
-def test(fn):
-    tests.append(fn)
-    return fn
+suite = Suite()
+test = suite.test
+tests = suite.tests
 
 
 def path(name):
@@ -471,21 +469,7 @@ def coproc_sigterm_stops_children():
 
 
 def main():
-    passed = failed = 0
-    for fn in tests:
-        t0 = time.time()
-        try:
-            fn()
-            passed += 1
-            print(f"ok   {fn.__name__} ({time.time() - t0:.1f}s)")
-        except Exception:
-            failed += 1
-            print(f"FAIL {fn.__name__} (seed {SEED})")
-            traceback.print_exc()
-    print(f"{passed} passed, {failed} failed")
-    if failed == 0:
-        shutil.rmtree(TMP, ignore_errors=True)
-    return 1 if failed else 0
+    return suite.run(TMP, seed=SEED)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ fails transiently on the first attempt of "transient" events and for good on
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Suite  # noqa: E402
 
 ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
 BUILD = os.environ.get("BUILD", "build")
@@ -34,12 +35,9 @@ TMP = tempfile.mkdtemp(prefix="onceq-durable-test-")
 print(f"test_durable: seed {SEED} (OQ_DURABLE_SEED), {ITERS} crash "
       f"iterations (OQ_CRASH_ITERS), binary {ONCEQ}")
 
-tests = []
-
-
-def test(fn):
-    tests.append(fn)
-    return fn
+suite = Suite()
+test = suite.test
+tests = suite.tests
 
 
 def path(name):
@@ -659,21 +657,8 @@ def full_disk_during_commit_loses_nothing_acknowledged():
 
 
 def main():
-    passed = failed = 0
     build_plugin()
-    for t in tests:
-        t0 = time.time()
-        try:
-            t()
-            passed += 1
-            print(f"[ OK ] {t.__name__} ({time.time() - t0:.2f}s)")
-        except Exception:
-            failed += 1
-            print(f"[FAIL] {t.__name__} (seed {SEED})")
-            traceback.print_exc()
-    shutil.rmtree(TMP, ignore_errors=True)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return suite.run(TMP, seed=SEED)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,15 @@ Environment: ONCEQ (the binary; default ./onceq), BUILD (a sanitizer
 build gets more time)."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Suite  # noqa: E402
 import urllib.error
 import urllib.request
 
@@ -35,12 +36,9 @@ SLOW = "tsan" in BUILD or "asan" in BUILD
 TMP = tempfile.mkdtemp(prefix="onceq-metrics-test-")
 print(f"test_metrics: binary {ONCEQ}")
 
-tests = []
-
-
-def test(fn):
-    tests.append(fn)
-    return fn
+suite = Suite()
+test = suite.test
+tests = suite.tests
 
 
 def path(name):
@@ -220,20 +218,7 @@ def bad_metrics_options_are_refused_before_running():
 
 
 def main():
-    passed = failed = 0
-    for t in tests:
-        t0 = time.time()
-        try:
-            t()
-            passed += 1
-            print(f"[ OK ] {t.__name__} ({time.time() - t0:.2f}s)")
-        except Exception:
-            failed += 1
-            print(f"[FAIL] {t.__name__}")
-            traceback.print_exc()
-    shutil.rmtree(TMP, ignore_errors=True)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return suite.run(TMP)
 
 
 if __name__ == "__main__":

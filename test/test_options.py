@@ -20,7 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Suite  # noqa: E402
 
 ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
 BUILD = os.environ.get("BUILD", "build")
@@ -50,12 +52,9 @@ BAD_COUNT = BAD_COMMON + ["1.5", "5k", "1M", "5s", "18446744073709551616",
 GOOD_DURATION = ["250ms", "2s", "1.5s", "3m", "1h", "5", "0.25s", "1.5m",
                  "007s", f"{MAX_H}h", f"{MAX_MS}ms"]
 
-tests = []
-
-
-def test(fn):
-    tests.append(fn)
-    return fn
+suite = Suite()
+test = suite.test
+tests = suite.tests
 
 
 def path(name):
@@ -611,20 +610,7 @@ def empty_outputs_and_bad_pointers_are_refused():
 
 
 def main():
-    passed = failed = 0
-    for t in tests:
-        t0 = time.time()
-        try:
-            t()
-            passed += 1
-            print(f"[ OK ] {t.__name__} ({time.time() - t0:.2f}s)")
-        except Exception:
-            failed += 1
-            print(f"[FAIL] {t.__name__}")
-            traceback.print_exc()
-    shutil.rmtree(TMP, ignore_errors=True)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return suite.run(TMP)
 
 
 if __name__ == "__main__":

@@ -11,26 +11,24 @@ runs fewer kill -9 rounds)."""
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Suite  # noqa: E402
 
 ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
 BUILD = os.environ.get("BUILD", "build")
 SLOW = "tsan" in BUILD or "asan" in BUILD
 TMP = tempfile.mkdtemp(prefix="onceq-outputs-test-")
 
-tests = []
-
-
-def test(fn):
-    tests.append(fn)
-    return fn
+suite = Suite()
+test = suite.test
+tests = suite.tests
 
 
 def path(name):
@@ -554,23 +552,7 @@ def dlq_list_and_show_report_a_write_error():
 
 
 def main():
-    passed = failed = 0
-    only = sys.argv[1:]
-    for t in tests:
-        if only and not any(o in t.__name__ for o in only):
-            continue
-        t0 = time.time()
-        try:
-            t()
-            passed += 1
-            print(f"[ OK ] {t.__name__} ({time.time() - t0:.2f}s)")
-        except Exception:
-            failed += 1
-            print(f"[FAIL] {t.__name__}")
-            traceback.print_exc()
-    shutil.rmtree(TMP, ignore_errors=True)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return suite.run(TMP)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import urllib.error
 import urllib.request
 from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Suite  # noqa: E402
 
 ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
 BUILD = os.environ.get("BUILD", "build")
@@ -36,15 +38,14 @@ SEED = int(os.environ.get("OQ_RUN_SEED", str(int(time.time()) % 100000)))
 TMP = tempfile.mkdtemp(prefix="onceq-redis-test-")
 print(f"test_redis: seed {SEED} (OQ_RUN_SEED), binary {ONCEQ}")
 
-tests = []
+suite = Suite()
+tests = suite.tests
 PORT = None
 URL = None
 SERVER = None
 
 
-def test(fn):
-    tests.append(fn)
-    return fn
+test = suite.test
 
 
 def path(name):
@@ -869,7 +870,6 @@ def export_writes_the_counts():
 
 
 def main():
-    passed = failed = 0
     try:
         start_server()
     except Exception as e:  # a missing server is a failure, not a skip
@@ -877,26 +877,9 @@ def main():
         print(f"0 passed, {len(tests)} failed")
         return 1
     try:
-        only = [x for x in os.environ.get("OQ_REDIS_TESTS", "").split(",")
-                if x]
-        for t in tests:
-            if only and not any(x in t.__name__ for x in only):
-                continue
-            t0 = time.time()
-            try:
-                t()
-                passed += 1
-                print(f"PASS {t.__name__} ({time.time() - t0:.1f}s)")
-            except Exception:
-                failed += 1
-                print(f"FAIL {t.__name__}")
-                traceback.print_exc(file=sys.stdout)
+        return suite.run(TMP, seed=SEED, only_env="OQ_REDIS_TESTS")
     finally:
         stop_server()
-        if failed == 0:
-            shutil.rmtree(TMP, ignore_errors=True)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ Environment: ONCEQ (the binary; default ./onceq), OQ_RUN_SEED (default:
 time), BUILD (a sanitizer build gets smaller inputs)."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Suite  # noqa: E402
 from collections import Counter
 
 ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
@@ -25,12 +26,9 @@ SEED = int(os.environ.get("OQ_RUN_SEED", str(int(time.time()) % 100000)))
 TMP = tempfile.mkdtemp(prefix="onceq-run-test-")
 print(f"test_run: seed {SEED} (OQ_RUN_SEED), binary {ONCEQ}")
 
-tests = []
-
-
-def test(fn):
-    tests.append(fn)
-    return fn
+suite = Suite()
+test = suite.test
+tests = suite.tests
 
 
 def path(name):
@@ -615,20 +613,7 @@ def expired_copy_of_a_processed_event_is_a_duplicate():
 
 
 def main():
-    passed = failed = 0
-    for t in tests:
-        t0 = time.time()
-        try:
-            t()
-            passed += 1
-            print(f"[ OK ] {t.__name__} ({time.time() - t0:.2f}s)")
-        except Exception:
-            failed += 1
-            print(f"[FAIL] {t.__name__} (seed {SEED})")
-            traceback.print_exc()
-    shutil.rmtree(TMP, ignore_errors=True)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return suite.run(TMP, seed=SEED)
 
 
 if __name__ == "__main__":
