@@ -381,6 +381,17 @@ OQ_API void oq_txn_error(oq_txn *t, const char *fmt, ...)
 #endif
     ;
 
+/*
+ * A handler that runs longer than the pool's attempt timeout on purpose
+ * (oq_pool_opts.timeout_ms) calls this now and then: the attempt's end
+ * moves to now + the timeout, and the heartbeats that keep the lease go on
+ * until then. Returns the new end (ms on the event's clock; INT64_MAX when
+ * there is no timeout), OQ_ENOENT when the call runs without heartbeats
+ * (oq_pool_opts.lease_ms is 0, or another engine), OQ_EINVAL for NULL.
+ * Only from the handler, during its call.
+ */
+OQ_API int64_t oq_txn_heartbeat(oq_txn *t);
+
 /* For sinks and tests: what a txn holds. */
 typedef void (*oq_txn_record_fn)(const void *data, size_t len, void *arg);
 typedef void (*oq_txn_count_fn)(const char *key, size_t key_len,

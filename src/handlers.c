@@ -122,6 +122,10 @@ extern char **environ;
 #define STDERR_TAIL 512            /* bytes of stderr kept for the error */
 #define EXEC_MAX_OUTPUT (64u << 20) /* stdout above this fails the event */
 #define POLL_SLICE_MS 100          /* re-read the clock at least this often */
+/* The descriptor an exec command writes heartbeat lines to (its number is
+ * in ONCEQ_HEARTBEAT_FD): each line moves its attempt's end a --timeout
+ * on (oq_txn_heartbeat). */
+#define HEARTBEAT_FD 3
 #define EX_TEMPFAIL_STATUS 75      /* sysexits.h EX_TEMPFAIL */
 
 
@@ -374,6 +378,7 @@ typedef struct child {
     pid_t pid;
     int pidfd;          /* readable once the child exits; -1 if unavailable */
     int in, out, err;   /* the parent's pipe ends; -1 once closed */
+    int hb;             /* heartbeats: read end of ONCEQ_HEARTBEAT_FD */
     bool exited;        /* reaped; status is valid */
     int status;         /* waitpid status; -1 when it could not be had */
     bool epipe;         /* a write to stdin raised SIGPIPE (blocked) */
@@ -470,7 +475,7 @@ static int pidfd_of(pid_t pid)
 static int spawn_child(const exec_arg *x, char *const envp[], child *c,
                        size_t in_len)
 {
-    int pin[2], pout[2], perr[2];
+    int pin[2], pout[2], perr[2], phb[2];
     posix_spawn_file_actions_t fa;
     int rc;
 
@@ -480,15 +485,20 @@ static int spawn_child(const exec_arg *x, char *const envp[], child *c,
         goto out_in;
     if ((rc = make_pipe(perr)) != 0)
         goto out_out;
+    if ((rc = make_pipe(phb)) != 0)
+        goto out_err;
     if ((rc = posix_spawn_file_actions_init(&fa)) != 0) {
         rc = -rc;
-        goto out_err;
+        goto out_hb;
     }
     rc = posix_spawn_file_actions_adddup2(&fa, pin[0], 0);
     if (rc == 0)
         rc = posix_spawn_file_actions_adddup2(&fa, pout[1], 1);
     if (rc == 0)
         rc = posix_spawn_file_actions_adddup2(&fa, perr[1], 2);
+    /* The heartbeat pipe's write end, named in ONCEQ_HEARTBEAT_FD. */
+    if (rc == 0)
+        rc = posix_spawn_file_actions_adddup2(&fa, phb[1], HEARTBEAT_FD);
     /* Without a shell when the command needs none; if that fails (say, a
      * script without a #! line: ENOEXEC), the shell runs it. */
     if (rc == 0) {
@@ -503,14 +513,17 @@ static int spawn_child(const exec_arg *x, char *const envp[], child *c,
     posix_spawn_file_actions_destroy(&fa);
     if (rc != 0) {
         rc = -rc;
-        goto out_err;
+        goto out_hb;
     }
     close(pin[0]);
     close(pout[1]);
     close(perr[1]);
+    close(phb[1]);
     c->in = pin[1];
     c->out = pout[0];
     c->err = perr[0];
+    c->hb = phb[0];
+    fcntl(c->hb, F_SETFL, O_NONBLOCK);
     c->pidfd = pidfd_of(c->pid);
     c->exited = false;
     c->status = -1;
@@ -521,6 +534,9 @@ static int spawn_child(const exec_arg *x, char *const envp[], child *c,
         fcntl(c->in, F_SETFL, O_NONBLOCK);
     return 0;
 
+out_hb:
+    close(phb[0]);
+    close(phb[1]);
 out_err:
     close(perr[0]);
     close(perr[1]);
@@ -719,12 +735,33 @@ enum { PUMP_EXITED, PUMP_TIMED_OUT, PUMP_CANCELLED };
  * (PUMP_CANCELLED); in those two the child still runs. Negative: poll
  * failed.
  */
-static int pump(child *c, const oq_event *ev, int cancel_fd, feed *f,
-                outbuf *o, tailbuf *t)
+/* Reads the heartbeat pipe: each line written to it moves *deadline to
+ * the attempt's new end. At EOF (the child closed it) it is closed. */
+static void read_heartbeats(child *c, oq_txn *txn, int64_t *deadline)
 {
+    char buf[256];
+    ssize_t r;
+    bool beat = false;
+
+    while ((r = read(c->hb, buf, sizeof(buf))) > 0)
+        beat = beat || memchr(buf, '\n', (size_t)r) != NULL;
+    if (r == 0)
+        close_fd(&c->hb);
+    if (beat) {
+        int64_t end = oq_txn_heartbeat(txn);
+        if (end > 0)
+            *deadline = end;
+    }
+}
+
+static int pump(child *c, const oq_event *ev, oq_txn *txn, int cancel_fd,
+                feed *f, outbuf *o, tailbuf *t)
+{
+    int64_t deadline = ev->deadline_ms;
+
     for (;;) {
-        struct pollfd pf[5];
-        int ip = -1, op = -1, ep = -1, pp = -1, cp = -1;
+        struct pollfd pf[6];
+        int ip = -1, op = -1, ep = -1, pp = -1, cp = -1, hp = -1;
         nfds_t n = 0;
         int timeout = 0, r;
 
@@ -733,13 +770,15 @@ static int pump(child *c, const oq_event *ev, int cancel_fd, feed *f,
             if (c->out < 0 && c->err < 0)
                 return PUMP_EXITED;
         } else {
-            int64_t left = ev->deadline_ms - oq_clock_now(ev->clock);
+            int64_t left = deadline - oq_clock_now(ev->clock);
             if (left <= 0)
                 return PUMP_TIMED_OUT;
             timeout = (int)OQ__MIN(left, POLL_SLICE_MS);
             if (c->pidfd < 0 && c->out < 0 && c->err < 0)
                 timeout = OQ__MIN(timeout, 5); /* exit is polled */
         }
+        if (!c->exited && c->hb >= 0)
+            pf[hp = (int)n++] = (struct pollfd){ c->hb, POLLIN, 0 };
         if (c->in >= 0)
             pf[ip = (int)n++] = (struct pollfd){ c->in, POLLOUT, 0 };
         if (c->out >= 0)
@@ -757,6 +796,8 @@ static int pump(child *c, const oq_event *ev, int cancel_fd, feed *f,
             return PUMP_EXITED; /* drained; background jobs not waited for */
         if (cp >= 0 && pf[cp].revents)
             return PUMP_CANCELLED;
+        if (hp >= 0 && pf[hp].revents)
+            read_heartbeats(c, txn, &deadline);
         if (r <= 0 && !c->exited && c->pidfd < 0)
             reap(c, WNOHANG);
         if (r <= 0)
@@ -851,14 +892,16 @@ typedef struct envbuf {
     char receipt_var[48];
 } envbuf;
 
+static char heartbeat_var[] = "ONCEQ_HEARTBEAT_FD=" OQ__STR(HEARTBEAT_FD);
+
 static int env_build(envbuf *e, const exec_arg *x, const oq_event *ev)
 {
     size_t need = sizeof("ONCEQ_EVENT_ID=") + ev->id_len;
 
     e->envp = e->stack_envp;
     e->id_var = e->id_small;
-    if (x->nenv + 4 > sizeof(e->stack_envp) / sizeof(e->stack_envp[0]) &&
-        (e->envp = oq__malloc((x->nenv + 4) * sizeof(char *))) == NULL)
+    if (x->nenv + 5 > sizeof(e->stack_envp) / sizeof(e->stack_envp[0]) &&
+        (e->envp = oq__malloc((x->nenv + 5) * sizeof(char *))) == NULL)
         return OQ_ENOMEM;
     if (need > sizeof(e->id_small) && (e->id_var = oq__malloc(need)) == NULL)
         return OQ_ENOMEM;
@@ -872,7 +915,8 @@ static int env_build(envbuf *e, const exec_arg *x, const oq_event *ev)
     e->envp[x->nenv] = e->id_var;
     e->envp[x->nenv + 1] = e->attempt_var;
     e->envp[x->nenv + 2] = e->receipt_var;
-    e->envp[x->nenv + 3] = NULL;
+    e->envp[x->nenv + 3] = heartbeat_var;
+    e->envp[x->nenv + 4] = NULL;
     return 0;
 }
 
@@ -898,7 +942,7 @@ static int exec_run(const exec_arg *x, const oq_event *ev, oq_txn *txn,
 
     outbuf_init(o);
     feed_write(c, &f); /* usually all of it: the pipe is empty */
-    rc = pump(c, ev, x->cancel_fd, &f, o, &t);
+    rc = pump(c, ev, txn, x->cancel_fd, &f, o, &t);
     if (rc == PUMP_EXITED) {
         rc = verdict(c, o, &t, txn);
     } else {
@@ -906,7 +950,7 @@ static int exec_run(const exec_arg *x, const oq_event *ev, oq_txn *txn,
          * discarded, and the event is retried (redelivered). */
         terminate(c, rc > 0 ? x->kill_grace_ms : 0);
         if (rc == PUMP_TIMED_OUT)
-            oq_txn_error(txn, "timed out after visibility timeout");
+            oq_txn_error(txn, "timed out at the attempt's deadline");
         else if (rc == PUMP_CANCELLED)
             oq_txn_error(txn, "cancelled: onceq is stopping");
         else
@@ -920,13 +964,14 @@ static int exec_run(const exec_arg *x, const oq_event *ev, oq_txn *txn,
 static int exec_fn(const oq_event *ev, oq_txn *txn, void *arg)
 {
     const exec_arg *x = arg;
-    child c = { .pid = -1, .pidfd = -1, .in = -1, .out = -1, .err = -1 };
+    child c = { .pid = -1, .pidfd = -1, .in = -1, .out = -1, .err = -1,
+                .hb = -1 };
     sigset_t pipe_set, old_mask;
     envbuf env;
     int rc;
 
     if (oq_clock_now(ev->clock) >= ev->deadline_ms) {
-        oq_txn_error(txn, "timed out after visibility timeout");
+        oq_txn_error(txn, "timed out at the attempt's deadline");
         return OQ_RETRY;
     }
     if (atomic_load(&((exec_arg *)arg)->cancelled)) {
@@ -953,6 +998,7 @@ static int exec_fn(const oq_event *ev, oq_txn *txn, void *arg)
         close_fd(&c.in);
         close_fd(&c.out);
         close_fd(&c.err);
+        close_fd(&c.hb);
         close_fd(&c.pidfd);
     }
     if (c.epipe) {
@@ -968,7 +1014,8 @@ static bool is_onceq_var(const char *e)
 {
     return strncmp(e, "ONCEQ_EVENT_ID=", 15) == 0 ||
            strncmp(e, "ONCEQ_ATTEMPT=", 14) == 0 ||
-           strncmp(e, "ONCEQ_RECEIPT=", 14) == 0;
+           strncmp(e, "ONCEQ_RECEIPT=", 14) == 0 ||
+           strncmp(e, "ONCEQ_HEARTBEAT_FD=", 19) == 0;
 }
 
 static int init_attr(posix_spawnattr_t *a)
@@ -1401,7 +1448,7 @@ static int coproc_start(cworker *w)
     close(pout[1]);
     close(perr[1]);
     *c = (child){ .pid = pid, .pidfd = pidfd_of(pid), .in = pin[1],
-                  .out = pout[0], .err = perr[0], .status = -1 };
+                  .out = pout[0], .err = perr[0], .hb = -1, .status = -1 };
     fcntl(c->in, F_SETFL, O_NONBLOCK);
     fcntl(c->out, F_SETFL, O_NONBLOCK);
     fcntl(c->err, F_SETFL, O_NONBLOCK);
@@ -1464,7 +1511,8 @@ static cworker *cworker_get(coproc_arg *ca)
     if ((w = oq__calloc(1, sizeof(*w))) == NULL)
         return NULL;
     w->ca = ca;
-    w->c = (child){ .pid = -1, .pidfd = -1, .in = -1, .out = -1, .err = -1 };
+    w->c = (child){ .pid = -1, .pidfd = -1, .in = -1, .out = -1, .err = -1,
+                    .hb = -1 };
     if (pthread_setspecific(ca->key, w) != 0) {
         oq__free(w);
         return NULL;
@@ -1762,7 +1810,7 @@ static int coproc_fn(const oq_event *ev, oq_txn *txn, void *arg)
     int rc;
 
     if (oq_clock_now(ev->clock) >= ev->deadline_ms) {
-        oq_txn_error(txn, "timed out after visibility timeout");
+        oq_txn_error(txn, "timed out at the attempt's deadline");
         return OQ_RETRY;
     }
     if ((w = cworker_get(ca)) == NULL)
@@ -1803,7 +1851,7 @@ static int coproc_fn(const oq_event *ev, oq_txn *txn, void *arg)
         break;
     case ASK_TIMED_OUT:
         coproc_stop(w, 0, NULL, 0);
-        oq_txn_error(txn, "timed out after visibility timeout; co-process "
+        oq_txn_error(txn, "timed out at the attempt's deadline; co-process "
                      "restarted for the next event");
         return OQ_RETRY;
     case ASK_CANCELLED:

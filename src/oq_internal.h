@@ -245,6 +245,9 @@ int oq__memsink_merge(oq_memsink *into, oq_memsink *from);
 oq_txn *oq__txn_new(void);
 void oq__txn_reset(oq_txn *t); /* keeps its buffers */
 void oq__txn_free(oq_txn *t);
+/* What oq_txn_heartbeat calls (the pool, around a handler with
+ * heartbeats); fn NULL: none. */
+void oq__txn_set_heartbeat(oq_txn *t, int64_t (*fn)(void *arg), void *arg);
 
 /* ------------------------------------------------------------ source.c */
 

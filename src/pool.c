@@ -281,6 +281,22 @@ static int64_t beat_start(worker *w, const slot *s, int64_t now)
     return end;
 }
 
+/* oq_txn_heartbeat of the running handler: the attempt ends a timeout
+ * from now. Returns the new end. */
+static int64_t beat_more(void *arg)
+{
+    worker *w = arg;
+    oq_pool *p = w->p;
+    int64_t now = oq_clock_now(p->opts.clock), end;
+
+    end = p->opts.timeout_ms > 0 ? oq__add_ms(now, p->opts.timeout_ms)
+                                 : INT64_MAX;
+    pthread_mutex_lock(&w->hb.mu);
+    w->hb.attempt_end_ms = end;
+    pthread_mutex_unlock(&w->hb.mu);
+    return end;
+}
+
 static void beat_stop(worker *w)
 {
     pthread_mutex_lock(&w->hb.mu);
@@ -427,13 +443,17 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op, int64_t now)
         /* A handler that only computes cannot outlast its lease: no
          * heartbeats (two locks an event) for it. */
         bool beats = p->opts.lease_ms > 0 && !p->opts.handler_never_blocks;
-        if (beats)
+        if (beats) {
             ev.deadline_ms = beat_start(w, s, now);
+            oq__txn_set_heartbeat(s->txn, beat_more, w);
+        }
         rc = p->opts.handler ? p->opts.handler(&ev, s->txn,
                                                p->opts.handler_arg)
                              : OQ_OK;
-        if (beats)
+        if (beats) {
+            oq__txn_set_heartbeat(s->txn, NULL, NULL);
             beat_stop(w);
+        }
     }
     switch (rc) {
     case OQ_OK:

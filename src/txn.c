@@ -27,6 +27,10 @@ struct oq_txn {
     size_t nitems, icap;
     size_t nrecords, ncounts;
     char error[ERR_MAX]; /* "" when none */
+    /* Set by the pool around a handler call that has heartbeats: pushes
+     * the attempt's end on (oq_txn_heartbeat). NULL: none. */
+    int64_t (*beat)(void *arg);
+    void *beat_arg;
 };
 
 oq_txn *oq__txn_new(void)
@@ -39,6 +43,21 @@ void oq__txn_reset(oq_txn *t)
     t->len = 0;
     t->nitems = t->nrecords = t->ncounts = 0;
     t->error[0] = '\0';
+}
+
+void oq__txn_set_heartbeat(oq_txn *t, int64_t (*fn)(void *arg), void *arg)
+{
+    t->beat = fn;
+    t->beat_arg = arg;
+}
+
+int64_t oq_txn_heartbeat(oq_txn *t)
+{
+    if (t == NULL)
+        return OQ_EINVAL;
+    if (t->beat == NULL)
+        return OQ_ENOENT;
+    return t->beat(t->beat_arg);
 }
 
 void oq__txn_free(oq_txn *t)

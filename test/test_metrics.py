@@ -104,6 +104,29 @@ def the_timeout_kills_and_retries():
 
 
 @test
+def a_command_that_beats_runs_past_its_timeout():
+    """ONCEQ_HEARTBEAT_FD: a command that writes a line there every 200ms
+    runs 1.4s under --timeout 500ms, once; one that stops writing is killed
+    a timeout after its last line and retried."""
+    f = path("beat.jsonl")
+    open(f, "w").write('{"id":"a"}\n')
+    beat = ("exec:for i in 1 2 3 4 5 6 7; do sleep 0.2; "
+            "echo >&$ONCEQ_HEARTBEAT_FD; done; echo $ONCEQ_ATTEMPT")
+    rc, out, err = run(["run", "--handler", beat, "--visibility-timeout",
+                        "300ms", "--timeout", "500ms", "--max-attempts", "1",
+                        f])
+    assert rc == 0 and out == "1\n", (rc, out, err)
+    quiet = ("exec:[ $ONCEQ_ATTEMPT = 1 ] && { echo >&$ONCEQ_HEARTBEAT_FD; "
+             "sleep 30; }; echo $ONCEQ_ATTEMPT")
+    t0 = time.time()
+    rc, out, err = run(["run", "--handler", quiet, "--visibility-timeout",
+                        "300ms", "--timeout", "500ms", "--kill-grace",
+                        "100ms", "--backoff", "10ms", f])
+    assert rc == 0 and out == "2\n", (rc, out, err)
+    assert time.time() - t0 < 20
+
+
+@test
 def kill_9_mid_handler_is_redone_once():
     f, db = path("k9.jsonl"), path("k9.db")
     log = path("k9.log")

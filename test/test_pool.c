@@ -469,6 +469,48 @@ static void test_dying_copies_have_one_outcome(void **state)
     assert_int_equal(ps.dead, 1);
 }
 
+/* oq_txn_heartbeat from a handler: the attempt ends a timeout from now
+ * with heartbeats, OQ_ENOENT without. */
+static int64_t beat_seen;
+
+static int beating_handler(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    (void)ev;
+    (void)arg;
+    beat_seen = oq_txn_heartbeat(txn);
+    return OQ_OK;
+}
+
+static void test_txn_heartbeat(void **state)
+{
+    fx *f = *state;
+
+    f->po.handler = beating_handler;
+    f->po.workers = 1;
+    f->po.lease_ms = VT;
+    f->po.timeout_ms = 5 * VT;
+    start(f);
+    send_id(f, "b");
+    drain(f);
+    /* The test clock moves only while drain waits: the end is a timeout
+     * after some time at or after the start. */
+    assert_true(beat_seen >= 1000000 + 5 * VT);
+    assert_true(beat_seen <= oq_clock_now(oq_testclock_clock(f->tc)) + 5 * VT);
+    assert_int_equal(oq_txn_heartbeat(NULL), OQ_EINVAL);
+}
+
+static void test_txn_heartbeat_without_heartbeats(void **state)
+{
+    fx *f = *state;
+
+    f->po.handler = beating_handler;
+    f->po.workers = 1;
+    start(f);
+    send_id(f, "b");
+    drain(f);
+    assert_int_equal(beat_seen, OQ_ENOENT);
+}
+
 static void gate_reset(void)
 {
     pthread_mutex_lock(&st_gate.mu);
@@ -781,6 +823,8 @@ int main(void)
         T(test_dying_copies_have_one_outcome),
         T(test_heartbeat_keeps_a_long_handler),
         T(test_heartbeat_stops_at_the_timeout),
+        T(test_txn_heartbeat),
+        T(test_txn_heartbeat_without_heartbeats),
         T(test_graceful_stop_loses_nothing),
         T(test_stats_balance),
         T(test_bad_options),
