@@ -1681,6 +1681,21 @@ static int64_t beat_start(rworker *w, const slot *s)
     return end;
 }
 
+/* oq_txn_heartbeat of the running handler (an exec command's
+ * ONCEQ_HEARTBEAT_FD line): its attempt ends a --timeout from now. */
+static int64_t beat_more(void *arg)
+{
+    rworker *w = arg;
+    int64_t end = w->r->c.timeout_ms > 0
+                      ? oq__add_ms(mono_ms(), w->r->c.timeout_ms)
+                      : INT64_MAX;
+
+    pthread_mutex_lock(&w->hb.mu);
+    w->hb.attempt_end_ms = end;
+    pthread_mutex_unlock(&w->hb.mu);
+    return end;
+}
+
 static void beat_stop(rworker *w)
 {
     pthread_mutex_lock(&w->hb.mu);
@@ -1733,13 +1748,17 @@ static void handle(rworker *w, slot *s)
     oq_txn_error(w->txn, "%s", "");
     /* A handler that only computes cannot outlast its delivery: no
      * heartbeats (two locks an event) for it. */
-    if (!r->h.never_blocks)
+    if (!r->h.never_blocks) {
         ev.deadline_ms = beat_start(w, s);
+        oq__txn_set_heartbeat(w->txn, beat_more, w);
+    }
     t0 = mono_us();
     rc = r->h.fn(&ev, w->txn, r->h.arg);
     t0 = mono_us() - t0;
-    if (!r->h.never_blocks)
+    if (!r->h.never_blocks) {
+        oq__txn_set_heartbeat(w->txn, NULL, NULL);
         beat_stop(w);
+    }
     observe(w, t0);
     w->us_per_event = w->us_per_event < 0 ? (double)t0
                       : 0.8 * w->us_per_event + 0.2 * (double)t0;

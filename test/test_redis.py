@@ -660,6 +660,25 @@ def a_command_past_its_timeout_is_killed_and_retried():
 
 
 @test
+def a_command_that_beats_runs_past_its_timeout():
+    # ONCEQ_HEARTBEAT_FD: a line every 200 ms keeps a 1.4 s command alive
+    # under --timeout 500ms, on its first attempt.
+    with open(path("hbfd.jsonl"), "w") as g:
+        g.write('{"id":"a","word":"x"}\n')
+    h, log = attempts_log("hbfd", 'for i in 1 2 3 4 5 6 7; do sleep 0.2; '
+                          'echo >&$ONCEQ_HEARTBEAT_FD; done\n')
+    send("hbfd", path("hbfd.jsonl"))
+    p = consumer("hbfd", "c0", "--handler", f"exec:{h}",
+                 "--visibility-timeout", "300ms", "--timeout", "500ms",
+                 "--max-attempts", "1")
+    rc, _, err = finish(p)
+    assert rc == 0, err
+    assert lines_of(log) == ["start a 1", "end a 1"], lines_of(log)
+    st = check_balanced("hbfd")
+    assert st["processed"] == 1, st
+
+
+@test
 def a_killed_consumer_is_retried_one_lease_later():
     # kill -9 mid-handler (the command would run 30 s): another consumer
     # runs the entry again about one lease (300 ms) later, not one
