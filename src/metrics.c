@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 struct oq__metrics {
@@ -248,6 +249,17 @@ int oq__metrics_start(oq__metrics **out, const oq__metrics_opts *o,
     oq__cond_init_monotonic(&m->cv);
     if (o->path) {
         size_t n = strlen(o->path) + 32;
+        struct stat st;
+        /* The file is replaced by a rename at every write: only ever a
+         * regular file of its own (not a device, a FIFO or a symlink, which
+         * the rename would replace, not write through). */
+        if (lstat(o->path, &st) == 0 && !S_ISREG(st.st_mode)) {
+            oq__set_err(err, errlen, "--metrics '%s' is not a regular file "
+                        "(it is replaced by a rename at every write)",
+                        o->path);
+            rc = OQ_EINVAL;
+            goto out_free;
+        }
         m->path = oq__malloc(strlen(o->path) + 1);
         m->tmp = oq__malloc(n);
         if (m->path == NULL || m->tmp == NULL) {

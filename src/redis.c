@@ -2292,18 +2292,26 @@ static void *worker_main(void *arg)
 /*
  * Takes over messages idle longer than the visibility timeout. Their new
  * delivery ends a visibility timeout after the call, so it takes no more
- * than the workers can start in time: what they finish in a quarter of
- * the visibility timeout (fit_size each). A bigger backlog would
- * wait in our memory past its deliveries, be taken over again, and reach
- * --max-attempts without ever running. Returns 1 when there may be more to
- * take now (call again soon), else 0.
+ * than the workers can start in time: what the idle ones finish in a
+ * quarter of the visibility timeout (fit_size each), and nothing while
+ * every worker is busy (a long handler). A bigger backlog would wait in
+ * our memory past its deliveries, be taken over again (each takeover a
+ * delivery), and reach --max-attempts without ever running. Returns 1 when
+ * there may be more to take now (call again soon), else 0.
  */
 static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
 {
     char vt[24], count[24];
     size_t fit = atomic_load_explicit(&r->fit, memory_order_relaxed);
-    size_t limit = (size_t)r->c.workers * OQ__MAX(fit, 1);
+    size_t idle = 0, limit;
     int more = 0;
+
+    for (unsigned i = 0; i < r->c.workers; i++)
+        idle += atomic_load_explicit(&r->ws[i].inflight,
+                                     memory_order_relaxed) == 0;
+    if (idle == 0)
+        return 0;
+    limit = idle * OQ__MAX(fit, 1);
 
     limit = OQ__MIN(limit, (size_t)r->c.workers * r->c.batch);
     snprintf(vt, sizeof(vt), "%" PRId64, r->c.vt_ms);

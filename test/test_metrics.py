@@ -231,6 +231,16 @@ def bad_metrics_options_are_refused_before_running():
     open(f, "w").write('{"id":"a"}\n')
     rc, out, err = run(["run", "--metrics", path("no/such/dir/m.prom"), f])
     assert rc == 2 and "cannot write metrics" in err, (rc, err)
+    # Renamed over at every write: never a device, a FIFO or a link.
+    link = path("m.link")
+    os.symlink(path("m.target"), link)
+    fifo = path("m.fifo")
+    os.mkfifo(fifo)
+    # (No device here: a regression would replace it for the whole machine.)
+    for target in (fifo, link):
+        rc, out, err = run(["run", "--metrics", target, f])
+        assert rc == 2 and "not a regular file" in err, (target, rc, err)
+    assert os.path.islink(link)
     for bad in ("nonsense", "127.0.0.1:0", "127.0.0.1:99999", "1.2.3:80"):
         rc, out, err = run(["run", "--metrics-listen", bad, f])
         assert rc == 2 and "--metrics-listen" in err, (bad, rc, err)

@@ -679,6 +679,33 @@ def a_command_that_beats_runs_past_its_timeout():
 
 
 @test
+def a_stopped_consumers_backlog_waits_for_busy_workers():
+    # A is stopped past several leases while B's workers all run long
+    # handlers: B must not take A's entries over again and again (each
+    # takeover a delivery) until they reach --max-attempts unrun.
+    events = "".join(f'{{"id":"s{i}","word":"w"}}\n' for i in range(8))
+    with open(path("stop.jsonl"), "w") as g:
+        g.write(events)
+    h, log = attempts_log("stop", "sleep 1\n")
+    send("stop", path("stop.jsonl"))
+    args = ["-w", "2", "--handler", f"exec:{h}", "--visibility-timeout",
+            "300ms", "--max-attempts", "3"]
+    a = consumer("stop", "a", *args)
+    b = consumer("stop", "b", *args)
+    wait_for(lambda: os.path.exists(log) and
+             len(lines_of(log)) >= 2, 30, "a start")
+    a.send_signal(signal.SIGSTOP)
+    time.sleep(2.5)
+    a.send_signal(signal.SIGCONT)
+    rca, _, erra = finish(a)
+    rcb, _, errb = finish(b)
+    assert rca == 0 and rcb == 0, (rca, erra, rcb, errb)
+    assert entries("stop:dlq") == [], entries("stop:dlq")
+    st = check_balanced("stop")
+    assert st["processed"] == 8 and st.get("dead", 0) == 0, st
+
+
+@test
 def a_killed_consumer_is_retried_one_lease_later():
     # kill -9 mid-handler (the command would run 30 s): another consumer
     # runs the entry again about one lease (300 ms) later, not one
