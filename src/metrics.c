@@ -293,8 +293,10 @@ int oq__metrics_start(oq__metrics **out, const oq__metrics_opts *o,
             rc = OQ_EINVAL;
             goto out_free;
         }
-        m->http = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD |
-                                   MHD_USE_ERROR_LOG, 0, NULL, NULL, serve, m,
+        /* No MHD_USE_ERROR_LOG: its lines ("Failed to bind to port 0")
+         * would stand beside our own, clearer one. */
+        m->http = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD, 0, NULL,
+                                   NULL, serve, m,
                                    MHD_OPTION_SOCK_ADDR, &sa,
                                    MHD_OPTION_CONNECTION_LIMIT, 16u,
                                    MHD_OPTION_CONNECTION_TIMEOUT, 10u,

@@ -427,7 +427,8 @@ static void run_one(worker *w, slot *s, size_t i, oq_settle *op, int64_t now)
         oq_txn_error(s->txn, "%s%s%s",
                      s->d.dying_reason == OQ_DLQ_EXPIRED
                          ? "message older than its TTL"
-                         : "receive count reached max_receives",
+                         : "no attempts left (the maximum number of "
+                           "deliveries was reached)",
                      s->d.last_error ? "; last error: " : "",
                      s->d.last_error ? s->d.last_error : "");
         s->dead_reason = s->d.dying_reason;
