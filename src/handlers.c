@@ -460,6 +460,49 @@ static int make_pipe(int p[2])
     return 0;
 }
 
+/* A child's pipes: stdin, stdout, stderr, and (exec:) the heartbeat pipe,
+ * the child's end of each [0] for stdin and [1] for the others. */
+typedef struct cpipes {
+    int p[4][2];
+    int n;          /* 3, or 4 with the heartbeat pipe */
+} cpipes;
+
+static void pipes_close(cpipes *cp)
+{
+    for (int i = 0; i < cp->n; i++) {
+        close(cp->p[i][0]);
+        close(cp->p[i][1]);
+    }
+    cp->n = 0;
+}
+
+/* Makes n pipes (close-on-exec, none on fd 0-2). 0 or -errno. */
+static int pipes_open(cpipes *cp, int n)
+{
+    int rc;
+
+    for (cp->n = 0; cp->n < n; cp->n++)
+        if ((rc = make_pipe(cp->p[cp->n])) != 0) {
+            pipes_close(cp);
+            return rc;
+        }
+    return 0;
+}
+
+/* The child started: the parent keeps its ends (in c) and closes the
+ * child's. */
+static void pipes_keep(cpipes *cp, child *c)
+{
+    close(cp->p[0][0]);
+    c->in = cp->p[0][1];
+    for (int i = 1; i < cp->n; i++)
+        close(cp->p[i][1]);
+    c->out = cp->p[1][0];
+    c->err = cp->p[2][0];
+    c->hb = cp->n > 3 ? cp->p[3][0] : -1;
+    cp->n = 0;
+}
+
 static int pidfd_of(pid_t pid)
 {
 #ifdef SYS_pidfd_open
@@ -475,30 +518,24 @@ static int pidfd_of(pid_t pid)
 static int spawn_child(const exec_arg *x, char *const envp[], child *c,
                        size_t in_len)
 {
-    int pin[2], pout[2], perr[2], phb[2];
     posix_spawn_file_actions_t fa;
+    cpipes cp;
     int rc;
 
-    if ((rc = make_pipe(pin)) != 0)
+    if ((rc = pipes_open(&cp, 4)) != 0)
         return rc;
-    if ((rc = make_pipe(pout)) != 0)
-        goto out_in;
-    if ((rc = make_pipe(perr)) != 0)
-        goto out_out;
-    if ((rc = make_pipe(phb)) != 0)
-        goto out_err;
     if ((rc = posix_spawn_file_actions_init(&fa)) != 0) {
-        rc = -rc;
-        goto out_hb;
+        pipes_close(&cp);
+        return -rc;
     }
-    rc = posix_spawn_file_actions_adddup2(&fa, pin[0], 0);
+    rc = posix_spawn_file_actions_adddup2(&fa, cp.p[0][0], 0);
     if (rc == 0)
-        rc = posix_spawn_file_actions_adddup2(&fa, pout[1], 1);
+        rc = posix_spawn_file_actions_adddup2(&fa, cp.p[1][1], 1);
     if (rc == 0)
-        rc = posix_spawn_file_actions_adddup2(&fa, perr[1], 2);
+        rc = posix_spawn_file_actions_adddup2(&fa, cp.p[2][1], 2);
     /* The heartbeat pipe's write end, named in ONCEQ_HEARTBEAT_FD. */
     if (rc == 0)
-        rc = posix_spawn_file_actions_adddup2(&fa, phb[1], HEARTBEAT_FD);
+        rc = posix_spawn_file_actions_adddup2(&fa, cp.p[3][1], HEARTBEAT_FD);
     /* Without a shell when the command needs none; if that fails (say, a
      * script without a #! line: ENOEXEC), the shell runs it. */
     if (rc == 0) {
@@ -512,17 +549,10 @@ static int spawn_child(const exec_arg *x, char *const envp[], child *c,
     }
     posix_spawn_file_actions_destroy(&fa);
     if (rc != 0) {
-        rc = -rc;
-        goto out_hb;
+        pipes_close(&cp);
+        return -rc;
     }
-    close(pin[0]);
-    close(pout[1]);
-    close(perr[1]);
-    close(phb[1]);
-    c->in = pin[1];
-    c->out = pout[0];
-    c->err = perr[0];
-    c->hb = phb[0];
+    pipes_keep(&cp, c);
     fcntl(c->hb, F_SETFL, O_NONBLOCK);
     c->pidfd = pidfd_of(c->pid);
     c->exited = false;
@@ -533,20 +563,6 @@ static int spawn_child(const exec_arg *x, char *const envp[], child *c,
     if (in_len > PIPE_BUF)
         fcntl(c->in, F_SETFL, O_NONBLOCK);
     return 0;
-
-out_hb:
-    close(phb[0]);
-    close(phb[1]);
-out_err:
-    close(perr[0]);
-    close(perr[1]);
-out_out:
-    close(pout[0]);
-    close(pout[1]);
-out_in:
-    close(pin[0]);
-    close(pin[1]);
-    return rc;
 }
 
 /* Reaps the child: blocking (WNOHANG not in flags) or not. True once it is
@@ -1428,27 +1444,22 @@ static int coproc_start(cworker *w)
 {
     const exec_arg *x = &w->ca->x;
     child *c = &w->c;
-    int pin[2], pout[2], perr[2], rc;
     pid_t parent = getpid(), pid;
+    cpipes cp;
+    int rc;
 
-    if ((rc = make_pipe(pin)) != 0)
+    if ((rc = pipes_open(&cp, 3)) != 0)
         return rc;
-    if ((rc = make_pipe(pout)) != 0)
-        goto out_in;
-    if ((rc = make_pipe(perr)) != 0)
-        goto out_out;
     if ((pid = fork()) < 0) {
         rc = -errno;
-        goto out_err;
+        pipes_close(&cp);
+        return rc;
     }
     if (pid == 0)
-        coproc_exec(x, pin, pout, perr, parent);
+        coproc_exec(x, cp.p[0], cp.p[1], cp.p[2], parent);
     setpgid(pid, pid); /* also here: kill(-pid) must find the group */
-    close(pin[0]);
-    close(pout[1]);
-    close(perr[1]);
-    *c = (child){ .pid = pid, .pidfd = pidfd_of(pid), .in = pin[1],
-                  .out = pout[0], .err = perr[0], .hb = -1, .status = -1 };
+    *c = (child){ .pid = pid, .pidfd = pidfd_of(pid), .status = -1 };
+    pipes_keep(&cp, c);
     fcntl(c->in, F_SETFL, O_NONBLOCK);
     fcntl(c->out, F_SETFL, O_NONBLOCK);
     fcntl(c->err, F_SETFL, O_NONBLOCK);
@@ -1457,17 +1468,6 @@ static int coproc_start(cworker *w)
     w->rlen = 0;
     set_live(w, pid);
     return 0;
-
-out_err:
-    close(perr[0]);
-    close(perr[1]);
-out_out:
-    close(pout[0]);
-    close(pout[1]);
-out_in:
-    close(pin[0]);
-    close(pin[1]);
-    return rc;
 }
 
 static void cworker_free(cworker *w)
