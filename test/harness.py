@@ -46,3 +46,19 @@ class Suite:
                 shutil.rmtree(tmp, ignore_errors=True)
         print(f"{passed} passed, {failed} failed")
         return 1 if failed else 0
+
+
+def parse_metrics(text):
+    """{(name, labels as a sorted tuple): value} of a Prometheus text
+    exposition; the parser (python3-prometheus-client) raises on anything
+    that is not valid exposition format."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:  # Debian's package, for a python3 that is not Debian's
+        sys.path.append("/usr/lib/python3/dist-packages")
+        from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out

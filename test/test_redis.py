@@ -29,7 +29,7 @@ import urllib.request
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Suite  # noqa: E402
+from harness import Suite, parse_metrics  # noqa: E402
 
 ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
 BUILD = os.environ.get("BUILD", "build")
@@ -582,21 +582,7 @@ def drain_on_an_empty_stream_exits_at_once():
 
 # ------------------------------------------------- heartbeats and metrics
 
-try:
-    from prometheus_client.parser import text_string_to_metric_families
-except ImportError:  # Debian's package, for a python3 that is not Debian's
-    sys.path.append("/usr/lib/python3/dist-packages")
-    from prometheus_client.parser import text_string_to_metric_families
-
-
-def metrics(text):
-    """{(name, labels as a sorted tuple): value} of an exposition text;
-    the parser raises on anything that is not valid exposition format."""
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+metrics = parse_metrics
 
 
 def attempts_log(stream, body):
