@@ -37,7 +37,7 @@ endif
 # libonceq (installed): the core, which needs only libxxhash and pthreads.
 LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset.c \
             src/json.c \
-            src/txn.c src/memsink.c src/pool.c src/opts.c
+            src/txn.c src/memsink.c src/engine.c src/membackend.c src/opts.c
 # The engine of `onceq run` (reader, handlers, runner, SQLite store): the
 # binary's, and the tests' through build/libonceq-cli.a (not installed).
 ENGINE_SRCS := src/source.c src/handlers.c src/runner.c src/store.c \

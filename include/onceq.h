@@ -487,44 +487,6 @@ OQ_API void oq_memsink_foreach_count(oq_memsink *m, oq_txn_count_fn fn,
 OQ_API void oq_memsink_foreach_record(oq_memsink *m, oq_txn_record_fn fn,
                                       void *arg);
 
-/* --------------------------------------------------------------- committer */
-
-/*
- * An optional commit stage that takes over an event once its claim is
- * prepared: a durable store that writes many events in one database
- * transaction (group commit). With a committer, the pool pins the message,
- * prepares the claim (so it can never be taken over), and calls submit; it
- * does not apply the txn to the sink, commit the claim, or settle the
- * message. The committer must, for each event it accepted:
- *   - write its outputs, then oq_idset_commit(token) (or oq_idset_release
- *     if the write failed);
- *   - settle the delivery with oq_queue_settle (ACK, or DEAD with
- *     OQ_DLQ_FAILED when failed is set; NACK/RETURN after a failed write)
- *     and release it.
- * submit runs on a worker thread, concurrently with other workers; it must
- * copy what it keeps (ev and txn are the worker's and are reused at once),
- * except the delivery, whose reference it takes over. A non-zero return
- * refuses the event: the pool releases the claim and returns the message
- * (not counted as an attempt) after a backoff.
- */
-typedef struct oq_handoff {
-    const oq_event *ev;    /* decoded id, payload, tag, attempt */
-    const oq_txn *txn;     /* staged outputs; valid during submit only */
-    const oq_delivery *d;  /* pinned; copy it: the reference is yours */
-    uint64_t token;        /* the prepared claim's fencing token */
-    int failed;            /* the id settles as dead: dead-letter it with
-                              reason and oq_txn_error_text(txn) as the
-                              error */
-    oq_dlq_reason reason;  /* failed: OQ_DLQ_FAILED (handler FAIL), or the
-                              queue's OQ_DLQ_MAX_ATTEMPTS / OQ_DLQ_EXPIRED
-                              for a dying delivery */
-} oq_handoff;
-
-typedef struct oq_committer {
-    int (*submit)(const oq_handoff *h, void *arg); /* NULL: no committer */
-    void *arg;
-} oq_committer;
-
 /* -------------------------------------------------------------------- pool */
 
 typedef struct oq_pool oq_pool;
@@ -546,7 +508,8 @@ typedef struct oq_pool_opts {
     oq_decode_fn decode;       /* NULL: the message id is the event id */
     void (*free_parsed)(void *parsed, void *arg);
     void *decode_arg;
-    oq_committer committer;    /* optional: takes over settlement (durable) */
+    void *reserved_[2];        /* zero (0.1's committer hook: durable
+                                  stores are engine ledgers now) */
     int handler_never_blocks;  /* the handler only computes (no I/O, no
                                   waits), so it cannot outlast a lease: the
                                   finished messages of a batch need not be

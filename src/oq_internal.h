@@ -183,6 +183,138 @@ int oq__idset_release_d(oq_idset *s, const char *id, size_t len,
 int oq__idset_extend_d(oq_idset *s, const char *id, size_t len, oq__digest d,
                        uint64_t token, int64_t lease_deadline_ms);
 
+/* --------------------------------------------------------------- engine.c */
+
+/*
+ * The engine (src/engine.c) is the only worker loop. It talks to a queue
+ * backend and a ledger through the two method tables below, in the style of
+ * SQLite's sqlite3_io_methods: a version first, methods after ("the methods
+ * below are valid for version 1"); a later version may only add methods at
+ * the end. Each thread of the engine (every worker, the heartbeat thread,
+ * and the thread that completes asynchronous commits) attaches its own
+ * context to each, because a backend's connection may not be thread-safe
+ * (a hiredis context is not).
+ *
+ * Implementations: the in-memory visibility-timeout queue and the memory
+ * ledger (the processed set plus an oq_sink) in src/membackend.c; the SQLite
+ * ledger (group commit) in src/store.c; the Redis stream queue and the
+ * Redis ledger in src/redis.c.
+ */
+
+/*
+ * A queue backend. Deliveries and settle ops are oq_delivery and oq_settle,
+ * with the meaning oq_queue_receive and oq_queue_settle give them; a
+ * backend keeps what it needs behind oq_delivery.msg_.
+ */
+typedef struct oq__queue_methods {
+    int version;                           /* 1 */
+    const char *name;
+    int (*attach)(void *backend, void **ctx);
+    void (*detach)(void *ctx);
+    /* Up to max deliveries, waiting up to wait_ms for the first one: the
+     * number received, 0, or OQ_EOF once no more will come. */
+    int (*receive)(void *ctx, oq_delivery *out, size_t max, int64_t wait_ms);
+    /* Carries out ops[0..n) (PIN, ACK, NACK, RETURN, DEAD, EXTEND, NONE)
+     * and sets each result. */
+    void (*settle)(void *ctx, oq_settle *ops, size_t n);
+    /* Makes every blocked receive return now. Any thread. */
+    void (*wake)(void *backend);
+} oq__queue_methods;
+
+/* One id to claim, and the answer. */
+typedef struct oq__lclaim {
+    const char *id;               /* in: the event id (bytes) */
+    size_t id_len;
+    oq__digest dg;                /* in: oq__idset_digest(id) */
+    const oq_delivery *d;         /* in: its delivery; the lease ends at
+                                     d->deadline_ms (engine clock) */
+    int status;                   /* out: OQ_CLAIMED, OQ_DONE, OQ_BUSY, or
+                                     a negative error (OQ_EINVAL: an id
+                                     the ledger cannot take; else
+                                     transient) */
+    uint64_t token;               /* out: CLAIMED: the fencing token */
+    int64_t holder_deadline_ms;   /* out: BUSY: when the holder's lease
+                                     ends, engine clock (a guess is fine) */
+} oq__lclaim;
+
+/* What a commit entry asks of the ledger. */
+typedef enum oq__lcommit_kind {
+    OQ__LC_COMMIT,  /* fenced: the id becomes processed with txn's outputs */
+    OQ__LC_DEAD,    /* fenced: the id settles as dead (no outputs) */
+    /* Only for a ledger with OQ__LEDGER_SETTLES, which is given every op
+     * of the batch but RETURN and NONE: */
+    OQ__LC_ACK,     /* a duplicate: only the queue op (ACK) */
+    OQ__LC_RETRY,   /* release the claim, then the queue op (NACK) */
+    OQ__LC_REJECT   /* no id to settle: only the queue op (DEAD) */
+} oq__lcommit_kind;
+
+typedef struct oq__lcommit {
+    oq__lcommit_kind kind;
+    oq__lclaim *claim;            /* COMMIT, DEAD, RETRY: the claim */
+    const oq_event *ev;           /* the decoded event */
+    const oq_txn *txn;            /* COMMIT: outputs; DEAD, REJECT,
+                                     RETRY: oq_txn_error_text() */
+    oq_settle *op;                /* the queue op that follows a done
+                                     entry: ACK, DEAD (reason, error) or
+                                     NACK (delay); a SETTLES ledger
+                                     carries it out and sets its result */
+    int result;                   /* out: 0 done; OQ_ESTALE fenced (the
+                                     lease was lost: nothing written);
+                                     OQ__PENDING: the ledger took the
+                                     delivery and calls done() later;
+                                     other negative: failed, nothing
+                                     written, the claim given back */
+} oq__lcommit;
+
+#define OQ__PENDING 1
+
+/* The ledger's commit also carries out the queue ops (one round trip per
+ * batch: the Redis commit script XACKs). */
+#define OQ__LEDGER_SETTLES 1u
+
+/* How an asynchronous ledger hands deliveries back: ops[0..n) are the queue
+ * ops to carry out (each op's d a copy the ledger kept), all with one
+ * result: 0 (committed) or a failure (nothing written, claims given back).
+ * Called on the ledger's own thread, one call at a time. */
+typedef void (*oq__ledger_done_fn)(void *engine, oq_settle *ops, size_t n,
+                                   int result);
+
+typedef struct oq__ledger_methods {
+    int version;                           /* 1 */
+    const char *name;
+    unsigned flags;                        /* OQ__LEDGER_* */
+    int (*attach)(void *ledger, void **ctx);
+    void (*detach)(void *ctx);
+    /* Claims c[0..n) (each with its delivery's deadline as its lease).
+     * 0, or a negative error for the whole call (then no claim is held). */
+    int (*claim)(void *ctx, oq__lclaim *c, size_t n);
+    /* Gives up claims that will not be committed (stop, RETRY). */
+    void (*release)(void *ctx, oq__lclaim *c, size_t n);
+    /* A heartbeat: the claim's lease (and, for a SETTLES ledger, its
+     * delivery) now ends at deadline_ms. 0 or OQ_ESTALE. */
+    int (*extend)(void *ctx, const oq__lclaim *c, int64_t deadline_ms);
+    /* Commits c[0..n) and sets each result. */
+    void (*commit)(void *ctx, oq__lcommit *c, size_t n);
+    /* Optional (NULL: commits are never pending): where to hand back
+     * deliveries whose commit was OQ__PENDING. */
+    void (*set_done)(void *ledger, oq__ledger_done_fn fn, void *engine);
+} oq__ledger_methods;
+
+/* Starts the engine on a queue backend and a ledger (both outlive it).
+ * opts as oq_pool_start's; opts->sink is the memory ledger's business. */
+int oq__engine_start(oq_pool **out, const oq__queue_methods *qm, void *qb,
+                     const oq__ledger_methods *lm, void *lb,
+                     const oq_pool_opts *opts);
+
+/* The memory backends (membackend.c): the queue backend is an oq_queue
+ * itself; the memory ledger is an oq_idset and an oq_sink. */
+extern const oq__queue_methods oq__mem_queue_methods;
+extern const oq__ledger_methods oq__mem_ledger_methods;
+typedef struct oq__mem_ledger {
+    oq_idset *s;
+    oq_sink sink;
+} oq__mem_ledger;
+
 /* ----------------------------------------------------------------- pool.c */
 
 /* Heartbeats that extended a lease so far (not in oq_pool_stats: a stats
@@ -704,7 +836,6 @@ typedef struct oq__committer_opts {
 } oq__committer_opts;
 
 typedef struct oq__committer_stats {
-    uint64_t processed;      /* committed and acked */
     uint64_t commits;        /* transactions */
     uint64_t events_total;   /* items over all transactions */
     uint64_t events_max;     /* items in the largest transaction */
@@ -713,8 +844,8 @@ typedef struct oq__committer_stats {
 } oq__committer_stats;
 
 int oq__committer_start(oq__committer **out, const oq__committer_opts *o);
-/* The pool's committer hook (arg: the committer). */
-int oq__committer_submit(const oq_handoff *h, void *arg);
+/* The committer as the engine's ledger (the ledger is the committer). */
+extern const oq__ledger_methods oq__sqlite_ledger_methods;
 /* A duplicate acked by a worker: its line is settled with the next batch. */
 void oq__committer_duplicate(oq__committer *c, const oq_event *ev);
 /* Writes what is pending and joins the thread; OQ_EIO (err filled) if a

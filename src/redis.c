@@ -1299,14 +1299,12 @@ typedef struct rentry {
                              so the claim's lease ends then too */
 } rentry;
 
+/* What this consumer's COMMIT calls did (the engine counts the rest). */
 typedef struct rstats {
-    _Atomic uint64_t processed, duplicates, dead, retried, fenced,
-        redelivered, busy, settled_elsewhere, handler_calls, batches,
-        lease_extensions;
+    _Atomic uint64_t processed, duplicates, dead, retried, redelivered,
+        settled_elsewhere;
     _Atomic uint64_t dead_by[OQ_DLQ__COUNT];
 } rstats;
-
-struct rworker;
 
 typedef struct rrun {
     oq__run_config c;           /* run.c's options (a copy); immutable
@@ -1328,7 +1326,13 @@ typedef struct rrun {
     int fatal;
     rstats st;
     int64_t t0_ms;
-    struct rworker *ws;         /* c.workers of them (metrics, heartbeats) */
+    oq_pool *p;                 /* the engine, once started */
+    _Atomic unsigned nqueues, nledgers;  /* contexts attached so far */
+    /* Entries in each worker's hands (its batch and the held ones), for
+     * the metrics and the housekeeper; the engine's other contexts hold
+     * none. */
+    _Atomic uint64_t *inflight;
+    _Atomic uint64_t inflight_other;
     /* The group's backlog, for the metrics: refreshed by the housekeeper
      * (XINFO GROUPS: lag; the first undelivered entry's age). */
     _Atomic uint64_t ready;
@@ -1423,113 +1427,129 @@ static int ensure_group(rrun *r, rconn *rc)
     return ok ? 0 : -1;
 }
 
-/* ------------------------------------------------------------- worker */
+static void conn_init(rrun *r, rconn *rc, const char *role)
+{
+    rc->u = &r->u;
+    rc->stop = &r->stop;
+    rc->reconnects = &r->reconnects;
+    snprintf(rc->name, sizeof(rc->name), "onceq:%s:%s", r->consumer, role);
+    for (char *p = rc->name; *p; p++)
+        if (*p == ' ')
+            *p = '_';
+}
 
-/* K_SKIP: not claimed and no op, the entry is dropped (a second copy of
- * an entry in the batch, or a copy whose delivery is over: it is pending,
- * and is taken over again). K_REDO: its id is claimed by a batch-mate;
- * it is kept and done again after the batch. */
-enum { K_REJECT, K_CLAIM, K_SKIP, K_REDO };
-
-typedef struct slot {
-    rentry *e;            /* NULL once handed to the held list */
-    oq_decoded dec;       /* dec.error: also the F/X op's error text */
-    int kind;             /* K_REJECT, K_CLAIM, K_SKIP or K_REDO */
-    uint32_t attempts;
-    int64_t claim;        /* CLAIM's answer: 0 claimed, -1 done, >0 busy */
-    char op;              /* the COMMIT op: C D R F X, or 0 (held) */
-    bool fenced;          /* C: the claim was lost before the commit */
-    oq_dlq_reason dead_reason;  /* F, X */
-    int64_t delay_ms;     /* R */
-    size_t c0, c1;        /* C: its counts, w->cnt[c0..c1) */
-    size_t r0, r1;        /* C: its records, args r0..r1 of w->stage */
-} slot;
-
-/* A staged counter delta: key = argument ki of w->stage. */
-typedef struct scount {
-    size_t ki;
-    int64_t delta;
-} scount;
+/* ------------------------------------------------- the engine's backends */
 
 /*
- * What a worker's running handler holds, for the heartbeat thread: written
- * by the worker before and after each handler call that may block, read by
- * the heartbeat thread, all under mu (a leaf: the heartbeat thread copies
- * what it needs and lets go before it talks to Redis).
+ * `onceq run --redis` runs the engine (src/engine.c) on two backends:
+ *
+ *  - the queue backend reads the stream: a worker's receive takes its held
+ *    entries that are due (BUSY ones, kept for a few ms), then the
+ *    process's reclaimed list (XAUTOCLAIM, in the housekeeper), then new
+ *    entries with XREADGROUP ... BLOCK. Reading in each worker needs no
+ *    local queue: an entry never waits in our memory while its visibility
+ *    clock runs, and back-pressure comes for free. Every entry carries its
+ *    delivery deadline (the delivering call's start + vt); a copy past it
+ *    is dropped (it is pending, idle, and XAUTOCLAIM delivers it again). A
+ *    second copy of one entry in a batch (taken over while a copy waited)
+ *    is dropped too. RETURN and NACK keep the entry for later; ACK and
+ *    DEAD are the ledger's business.
+ *  - the ledger holds the claims and commits: CLAIM and COMMIT scripts,
+ *    BEAT for heartbeats. Its commit carries out the queue ops too
+ *    (OQ__LEDGER_SETTLES): one COMMIT call per settled range, which marks
+ *    ids done, writes outputs, XACKs, dead-letters and schedules retries.
+ *    A RETRY of an entry at --max-attempts is dead-lettered there (reason
+ *    max_attempts, with the handler's error) and settles the id: one
+ *    outcome per id. An entry delivered more than --max-attempts times is
+ *    a dying delivery: the engine claims its id and has it dead-lettered.
+ *
+ * Each context has its own connection, opened on first use (the engine's
+ * done context, and the heartbeat thread's queue context, never talk to
+ * Redis). A fencing token is the worker (ledger context) and the claim
+ * call: the script's token string is "nonce.worker.call:" .. entry.
  */
-typedef struct rbeat {
-    pthread_mutex_t mu;
-    bool active;          /* a handler that may block is running */
-    char key[540 + OQ__MAX_ID_LEN];  /* its claim, S:id:<id> */
-    size_t keylen;
-    char token[128];      /* the claim's token: the batch prefix + entry */
-    char eid[64];         /* its stream entry */
-    int64_t extended_ms;  /* its lease was last renewed at (monotonic ms;
-                             first: its delivery's start) */
-    int64_t attempt_end_ms; /* --timeout: no heartbeat after it */
-} rbeat;
 
-typedef struct rworker {
+typedef struct rqueue {
     rrun *r;
-    unsigned idx;
-    pthread_t th;
     rconn rc;
-    rentry **batch;       /* the entries of the current batch */
-    slot *slots;
-    size_t *order;        /* the batch's claimable slots sorted by id */
-    rentry **held;        /* BUSY: claim again at due_ms */
+    bool open;
+    unsigned idx;
+    _Atomic uint64_t *inflight; /* the metrics' and autoclaim's view */
+    rentry **batch;             /* the current receive's entries */
+    size_t cap;
+    rentry **held;              /* RETURN/NACK: receive again at due_ms */
     size_t nheld, heldcap;
-    abuf keys, args;      /* the next script call */
-    abuf stage;           /* the handlers' count keys and records */
-    scount *cnt, *sorted;
-    size_t ncnt, cntcap;
-    oq_txn *txn;
-    uint64_t rng, seq;
-    char prefix[48];      /* the batch's token prefix */
-    double us_per_event;  /* handler time, moving average; < 0: unknown */
-    rbeat hb;
-    /* For the metrics (written by this worker, read by their threads):
-     * entries in its hands (the batch and the held ones), and handler
-     * durations per bucket of oq__metrics_buckets. */
-    _Atomic uint64_t inflight;
-    _Atomic uint64_t hist[OQ__HIST_BUCKETS], hist_count, hist_sum_us;
-} rworker;
+    uint64_t receipts;
+} rqueue;
 
-/* Handlers slower than this (µs per event, moving average) that may
- * block take one entry at a time, as in the in-process pool: a batch would
- * hold entries that other workers (or consumers) could start, and one
- * hanging call would make its batch-mates outlive their deliveries. */
-#define SLOW_HANDLER_US 1000.0
-
-/* How many entries the handler can finish in a quarter of the visibility
- * timeout (at most --batch); one until its speed is known. */
-static size_t fit_size(const rworker *w)
+/* A context's connection, opened on first use; false (the run's fatal
+ * error set) if it cannot be. */
+static bool ctx_conn(rrun *r, rconn *rc, bool *open, const char *role,
+                     unsigned idx)
 {
-    const rrun *r = w->r;
-    double fit;
-    if (w->us_per_event < 0)
-        return 1;
-    fit = w->us_per_event > 1 ? (r->c.vt_ms * 250.0) / w->us_per_event
-                              : r->c.batch;
-    if (fit < 1)
-        return 1;
-    return fit > r->c.batch ? r->c.batch : (size_t)fit;
+    char name[32];
+
+    if (*open)
+        return true;
+    snprintf(name, sizeof(name), "%s%u", role, idx);
+    conn_init(r, rc, name);
+    if (rc_open(rc) != RC_OK) {
+        run_fatal(r, rc->err);
+        return false;
+    }
+    *open = true;
+    return true;
 }
 
-/* How many entries to take: what fits (so a batch never outlives its
- * leases), and one for slow handlers that may block. */
-static size_t read_size(const rworker *w)
+static int rq_attach(void *backend, void **ctx)
 {
-    if (!w->r->h.never_blocks && w->us_per_event >= SLOW_HANDLER_US)
-        return 1;
-    return fit_size(w);
+    rrun *r = backend;
+    rqueue *q = oq__calloc(1, sizeof(*q));
+    unsigned idx;
+
+    if (q == NULL)
+        return OQ_ENOMEM;
+    q->r = r;
+    idx = atomic_fetch_add(&r->nqueues, 1);
+    q->idx = idx;
+    q->inflight = idx < r->c.workers ? &r->inflight[idx] : &r->inflight_other;
+    q->cap = r->c.batch;
+    q->batch = oq__calloc(q->cap, sizeof(*q->batch));
+    if (q->batch == NULL) {
+        oq__free(q);
+        return OQ_ENOMEM;
+    }
+    *ctx = q;
+    return 0;
 }
 
-static int64_t mono_us(void)
+static void rq_detach(void *ctx)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+    rqueue *q = ctx;
+
+    /* What we hold stays pending in Redis: another consumer (or we, next
+     * time) takes it over after the visibility timeout. */
+    for (size_t i = 0; i < q->nheld; i++)
+        oq__free(q->held[i]);
+    atomic_store(q->inflight, 0);
+    rc_close(&q->rc);
+    oq__free(q->held);
+    oq__free(q->batch);
+    oq__free(q);
+}
+
+static int hold(rqueue *q, rentry *e)
+{
+    if (q->nheld == q->heldcap) {
+        size_t ncap = q->heldcap ? q->heldcap * 2 : 64;
+        rentry **nh = oq__realloc(q->held, ncap * sizeof(*nh));
+        if (nh == NULL)
+            return -1;
+        q->held = nh;
+        q->heldcap = ncap;
+    }
+    q->held[q->nheld++] = e;
+    return 0;
 }
 
 /* Moves held entries that are due into the batch. A held entry whose
@@ -1537,46 +1557,48 @@ static int64_t mono_us(void)
  * visibility timeout, and XAUTOCLAIM delivers it again (to us or to
  * another consumer); keeping the old copy too would put one entry twice
  * in our hands. */
-static size_t take_held(rworker *w, size_t n, size_t want, int64_t now)
+static size_t take_held(rqueue *q, size_t n, size_t want, int64_t now)
 {
     size_t keep = 0;
-    for (size_t i = 0; i < w->nheld; i++) {
-        if (w->held[i]->deadline_ms <= now)
-            oq__free(w->held[i]);
-        else if (n < want && w->held[i]->due_ms <= now)
-            w->batch[n++] = w->held[i];
+    for (size_t i = 0; i < q->nheld; i++) {
+        if (q->held[i]->deadline_ms <= now)
+            oq__free(q->held[i]);
+        else if (n < want && q->held[i]->due_ms <= now)
+            q->batch[n++] = q->held[i];
         else
-            w->held[keep++] = w->held[i];
+            q->held[keep++] = q->held[i];
     }
-    w->nheld = keep;
+    q->nheld = keep;
     return n;
 }
 
-static size_t take_reclaimed(rworker *w, size_t n, size_t want, int64_t now)
+static size_t take_reclaimed(rqueue *q, size_t n, size_t want, int64_t now)
 {
-    rrun *r = w->r;
+    rrun *r = q->r;
     pthread_mutex_lock(&r->mu);
     while (n < want && r->nreclaimed > 0) {
         rentry *e = r->reclaimed[--r->nreclaimed];
         if (e->deadline_ms <= now)
             oq__free(e); /* delivered again later, as above */
         else
-            w->batch[n++] = e;
+            q->batch[n++] = e;
     }
     pthread_mutex_unlock(&r->mu);
     return n;
 }
 
 /* XREADGROUP: appends new entries to the batch. */
-static size_t read_new(rworker *w, size_t n, size_t want, int64_t block_ms)
+static size_t read_new(rqueue *q, size_t n, size_t want, int64_t block_ms)
 {
-    rrun *r = w->r;
+    rrun *r = q->r;
     char count[24], block[24];
     const char *av[12];
     int ac = 0;
     int64_t deadline;
     redisReply *rep;
 
+    if (!ctx_conn(r, &q->rc, &q->open, "q", q->idx))
+        return n;
     snprintf(count, sizeof(count), "%zu", want - n);
     snprintf(block, sizeof(block), "%" PRId64, block_ms);
     av[ac++] = "XREADGROUP";
@@ -1593,12 +1615,12 @@ static size_t read_new(rworker *w, size_t n, size_t want, int64_t block_ms)
     av[ac++] = r->k.stream;
     av[ac++] = ">";
     deadline = mono_ms() + r->c.vt_ms;
-    rep = rc_cmd(&w->rc, ac, av, NULL);
+    rep = rc_cmd(&q->rc, ac, av, NULL);
     if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
         if (is_err(rep, "NOGROUP"))
-            ensure_group(r, &w->rc); /* the stream was deleted: start over */
+            ensure_group(r, &q->rc); /* the stream was deleted: start over */
         else
-            run_fatal_reply(r, &w->rc, rep, "XREADGROUP");
+            run_fatal_reply(r, &q->rc, rep, "XREADGROUP");
         freeReplyObject(rep);
         return n;
     }
@@ -1612,295 +1634,345 @@ static size_t read_new(rworker *w, size_t n, size_t want, int64_t block_ms)
                 run_fatal(r, "out of memory reading entries");
                 break;
             }
-            w->batch[n++] = x;
+            q->batch[n++] = x;
         }
     }
     freeReplyObject(rep);
     return n;
 }
 
+/* One copy per entry in a batch: the copy with the latest delivery (a
+ * second copy was taken over by XAUTOCLAIM while the first waited). */
+static size_t one_copy_per_entry(rqueue *q, size_t n)
+{
+    size_t m = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        rentry *e = q->batch[i];
+        size_t j = 0;
+        while (j < m && strcmp(q->batch[j]->eid, e->eid) != 0)
+            j++;
+        if (j == m) {
+            q->batch[m++] = e;
+            continue;
+        }
+        if (e->deadline_ms > q->batch[j]->deadline_ms)
+            q->batch[j]->deadline_ms = e->deadline_ms;
+        q->batch[j]->deliveries = OQ__MAX(q->batch[j]->deliveries,
+                                          e->deliveries);
+        oq__free(e);
+    }
+    return m;
+}
+
+static int rq_receive(void *ctx, oq_delivery *out, size_t want,
+                      int64_t wait_ms)
+{
+    rqueue *q = ctx;
+    rrun *r = q->r;
+    int64_t now = mono_ms(), next = INT64_MAX;
+    size_t n;
+
+    if (atomic_load(&r->stop))
+        return OQ_EOF;
+    want = OQ__MIN(want, q->cap);
+    /* What the engine asks for is what a worker finishes in a quarter of
+     * the lease: the housekeeper takes over no more than that per idle
+     * worker. */
+    atomic_store_explicit(&r->fit, want, memory_order_relaxed);
+    atomic_store(q->inflight, q->nheld);
+    n = take_held(q, 0, want, now);
+    n = take_reclaimed(q, n, want, now);
+    for (size_t i = 0; i < q->nheld; i++)
+        next = OQ__MIN(next, q->held[i]->due_ms);
+    /* Read new entries only while few are held: a hung consumer's ids
+     * must not make us hold everything. */
+    if (n < want && q->nheld < r->c.batch) {
+        int64_t block = OQ__MIN(BLOCK_MS, OQ__MAX(wait_ms, 1));
+        if (n > 0)
+            block = 0;
+        else if (q->nheld > 0)
+            block = OQ__MAX(1, OQ__MIN(block, next - now));
+        n = read_new(q, n, want, block);
+    } else if (n == 0) {
+        nap_ms(OQ__MAX(1, OQ__MIN(BUSY_RETRY_MS, next - now)));
+    }
+    n = one_copy_per_entry(q, n);
+    for (size_t i = 0; i < n; i++) {
+        rentry *e = q->batch[i];
+        uint32_t attempts = e->prior + e->deliveries;
+        out[i] = (oq_delivery){
+            .payload = e->line,
+            .payload_len = e->len,
+            .tag = (uint64_t)(uintptr_t)e,
+            .receipt = ++q->receipts,
+            .receive_count = attempts,
+            .sent_ms = e->first_ms,
+            .deadline_ms = e->deadline_ms,
+            .dying = attempts > r->c.max_attempts,
+            .dying_reason = OQ_DLQ_MAX_ATTEMPTS,
+            .msg_ = e,
+        };
+    }
+    atomic_store(q->inflight, n + q->nheld);
+    return (int)n;
+}
+
+static void rq_settle(void *ctx, oq_settle *ops, size_t n)
+{
+    rqueue *q = ctx;
+    int64_t now = mono_ms();
+
+    for (size_t i = 0; i < n; i++) {
+        oq_settle *op = &ops[i];
+        rentry *e = op->d->msg_;
+        op->result = 0;
+        switch (op->op) {
+        case OQ_SETTLE_EXTEND:
+            /* A heartbeat: the ledger's BEAT renewed the delivery. */
+            if (e)
+                e->deadline_ms = oq__add_ms(now, op->delay_ms);
+            break;
+        case OQ_SETTLE_RETURN:
+        case OQ_SETTLE_NACK:
+            /* BUSY, a failed commit, or a stop: claim it again later (if
+             * memory is short it is dropped: pending, taken over). */
+            if (e && op->release) {
+                e->due_ms = oq__add_ms(now, op->delay_ms);
+                if (hold(q, e) == 0)
+                    op->d->msg_ = e = NULL;
+            }
+            break;
+        case OQ_SETTLE_ACK:
+        case OQ_SETTLE_DEAD:
+            op->result = OQ_EINVAL; /* the ledger's commit does these */
+            break;
+        default:
+            break;
+        }
+        if (op->release && e) {
+            oq__free(e);
+            op->d->msg_ = NULL;
+        }
+    }
+}
+
+static void rq_wake(void *backend)
+{
+    (void)backend; /* a blocked XREADGROUP returns within BLOCK_MS */
+}
+
+static const oq__queue_methods redis_queue_methods = {
+    .version = 1,
+    .name = "redis",
+    .attach = rq_attach,
+    .detach = rq_detach,
+    .receive = rq_receive,
+    .settle = rq_settle,
+    .wake = rq_wake,
+};
+
+/* ----------------------------------------------------------- the ledger */
+
+/* A staged counter delta: key = argument ki of the stage. */
+typedef struct scount {
+    size_t ki;
+    int64_t delta;
+} scount;
+
+/* What the COMMIT call does with one entry. */
+typedef struct rop {
+    char op;              /* C D R F X */
+    bool fenced;          /* C: the claim was lost before the commit */
+    oq_dlq_reason reason; /* F, X */
+    const char *error;    /* F, X */
+    size_t c0, c1;        /* C: its counts, cnt[c0..c1) */
+    size_t r0, r1;        /* C: its records, args r0..r1 of the stage */
+} rop;
+
+typedef struct rledger {
+    rrun *r;
+    rconn rc;
+    bool open;
+    unsigned idx;         /* in tokens */
+    uint64_t calls;       /* claim calls: in tokens */
+    char prefix[64];      /* the token prefix of the entries in hand */
+    abuf keys, args;      /* the next script call */
+    abuf stage;           /* the handlers' count keys and records */
+    scount *cnt, *sorted;
+    size_t ncnt, cntcap;
+    rop *ops;
+    size_t opcap;
+} rledger;
+
+static int rl_attach(void *ledger, void **ctx)
+{
+    rrun *r = ledger;
+    rledger *l = oq__calloc(1, sizeof(*l));
+
+    if (l == NULL)
+        return OQ_ENOMEM;
+    l->r = r;
+    l->idx = atomic_fetch_add(&r->nledgers, 1);
+    *ctx = l;
+    return 0;
+}
+
+static void rl_detach(void *ctx)
+{
+    rledger *l = ctx;
+
+    rc_close(&l->rc);
+    ab_free(&l->keys);
+    ab_free(&l->args);
+    ab_free(&l->stage);
+    oq__free(l->cnt);
+    oq__free(l->sorted);
+    oq__free(l->ops);
+    oq__free(l);
+}
+
+/* The token prefix of a claim: its claimer and call (both in the token). */
+static void token_prefix(const rrun *r, uint64_t token, char *out,
+                         size_t len)
+{
+    snprintf(out, len, "%016" PRIx64 ".%u.%" PRIx64 ":", r->nonce,
+             (unsigned)(token >> 40), (uint64_t)(token & ((1ULL << 40) - 1)));
+}
+
+static rentry *entry_of(const oq__lclaim *c)
+{
+    return c->d->msg_;
+}
+
+/* Claims the ids with one CLAIM call, each with the rest of its entry's
+ * delivery as its lease. */
+static int rl_claim(void *ctx, oq__lclaim *c, size_t n)
+{
+    rledger *l = ctx;
+    rrun *r = l->r;
+    redisReply *rep;
+    uint64_t token = ((uint64_t)l->idx << 40) | (++l->calls &
+                                                 ((1ULL << 40) - 1));
+    int64_t now = mono_ms();
+
+    if (!ctx_conn(r, &l->rc, &l->open, "w", l->idx))
+        return OQ_EIO;
+    token_prefix(r, token, l->prefix, sizeof(l->prefix));
+    ab_reset(&l->keys);
+    ab_reset(&l->args);
+    ab_adds(&l->keys, r->k.stream);
+    ab_adds(&l->args, l->prefix);
+    ab_adds(&l->args, r->c.group);
+    ab_adds(&l->args, r->consumer);
+    for (size_t i = 0; i < n; i++) {
+        ab_add2(&l->keys, r->k.idpfx, r->k.idpfx_len, c[i].id, c[i].id_len);
+        ab_adds(&l->args, entry_of(&c[i])->eid);
+        ab_addi(&l->args, OQ__MAX(c[i].d->deadline_ms - now, 1));
+    }
+    if (l->keys.oom || l->args.oom) {
+        run_fatal(r, "out of memory building a claim");
+        return OQ_ENOMEM;
+    }
+    rep = rc_script(&l->rc, SC_CLAIM, &l->keys, &l->args);
+    if (rep == NULL || rep->type != REDIS_REPLY_ARRAY || rep->elements != n) {
+        run_fatal_reply(r, &l->rc, rep, "claim script");
+        freeReplyObject(rep);
+        return OQ_EIO;
+    }
+    for (size_t i = 0; i < n; i++) {
+        long long v = rep->element[i]->integer;
+        c[i].token = token;
+        if (v == 0) {
+            c[i].status = OQ_CLAIMED;
+        } else if (v == -1) {
+            c[i].status = OQ_DONE;
+        } else if (v > 0) {
+            /* BUSY: the script renewed its delivery. */
+            c[i].status = OQ_BUSY;
+            c[i].holder_deadline_ms = now + v;
+            entry_of(&c[i])->deadline_ms = now + r->c.vt_ms;
+        } else {
+            c[i].status = OQ_BUSY; /* not sent twice: the engine dedups */
+            c[i].holder_deadline_ms = now;
+        }
+    }
+    freeReplyObject(rep);
+    return 0;
+}
+
+static void rl_release(void *ctx, oq__lclaim *c, size_t n)
+{
+    /* The claim's lease is the delivery's rest: it ends when the entry
+     * can be taken over, so there is nothing to give back early. */
+    (void)ctx;
+    (void)c;
+    (void)n;
+}
+
+static int rl_extend(void *ctx, const oq__lclaim *c, int64_t deadline_ms)
+{
+    rledger *l = ctx;
+    rrun *r = l->r;
+    char token[192];
+    redisReply *rep;
+    int rc = OQ_ESTALE;
+
+    (void)deadline_ms; /* a whole lease from now, on Redis's clock */
+    if (!ctx_conn(r, &l->rc, &l->open, "beat", l->idx))
+        return OQ_EIO;
+    token_prefix(r, c->token, token, sizeof(token));
+    snprintf(token + strlen(token), sizeof(token) - strlen(token), "%s",
+             entry_of(c)->eid);
+    ab_reset(&l->keys);
+    ab_reset(&l->args);
+    ab_adds(&l->keys, r->k.stream);
+    ab_add2(&l->keys, r->k.idpfx, r->k.idpfx_len, c->id, c->id_len);
+    ab_adds(&l->args, r->c.group);
+    ab_adds(&l->args, r->consumer);
+    ab_adds(&l->args, token);
+    ab_adds(&l->args, entry_of(c)->eid);
+    ab_addi(&l->args, r->c.vt_ms);
+    if (l->keys.oom || l->args.oom) {
+        run_fatal(r, "out of memory in a heartbeat");
+        return OQ_ENOMEM;
+    }
+    rep = rc_script(&l->rc, SC_BEAT, &l->keys, &l->args);
+    if (rep && rep->type == REDIS_REPLY_INTEGER)
+        rc = rep->integer == 1 ? 0 : OQ_ESTALE;
+    else
+        run_fatal_reply(r, &l->rc, rep, "heartbeat script");
+    freeReplyObject(rep);
+    return rc;
+}
+
 static void stage_count(const char *key, size_t len, int64_t delta, void *arg)
 {
-    rworker *w = arg;
-    if (w->ncnt == w->cntcap) {
-        size_t ncap = w->cntcap ? w->cntcap * 2 : 256;
-        scount *nc = oq__realloc(w->cnt, ncap * sizeof(*nc));
+    rledger *l = arg;
+    if (l->ncnt == l->cntcap) {
+        size_t ncap = l->cntcap ? l->cntcap * 2 : 256;
+        scount *nc = oq__realloc(l->cnt, ncap * sizeof(*nc));
         scount *ns;
         if (nc == NULL) {
-            w->stage.oom = 1;
+            l->stage.oom = 1;
             return;
         }
-        w->cnt = nc;
-        if ((ns = oq__realloc(w->sorted, ncap * sizeof(*ns))) == NULL) {
-            w->stage.oom = 1;
+        l->cnt = nc;
+        if ((ns = oq__realloc(l->sorted, ncap * sizeof(*ns))) == NULL) {
+            l->stage.oom = 1;
             return;
         }
-        w->sorted = ns;
-        w->cntcap = ncap;
+        l->sorted = ns;
+        l->cntcap = ncap;
     }
-    ab_add(&w->stage, key, len);
-    w->cnt[w->ncnt++] = (scount){ w->stage.n - 1, delta };
+    ab_add(&l->stage, key, len);
+    l->cnt[l->ncnt++] = (scount){ l->stage.n - 1, delta };
 }
 
 static void stage_record(const void *data, size_t len, void *arg)
 {
-    rworker *w = arg;
-    ab_add(&w->stage, data, len);
-}
-
-/* The handler of s, which may block, starts: the heartbeat thread keeps its
- * claim and its delivery until it returns or its attempt ends. Returns the
- * handler's deadline: the attempt's end (--timeout), or none. */
-static int64_t beat_start(rworker *w, const slot *s)
-{
-    rrun *r = w->r;
-    rbeat *hb = &w->hb;
-    int64_t now = mono_ms();
-    int64_t end = r->c.timeout_ms > 0 ? oq__add_ms(now, r->c.timeout_ms)
-                                      : INT64_MAX;
-    size_t eidlen = strlen(s->e->eid);
-
-    pthread_mutex_lock(&hb->mu);
-    /* An id or entry too long for the buffers (never from onceq send) gets
-     * no heartbeats: its lease runs out as without them. */
-    hb->active = r->k.idpfx_len + s->dec.id_len <= sizeof(hb->key) &&
-                 strlen(w->prefix) + eidlen < sizeof(hb->token) &&
-                 eidlen < sizeof(hb->eid);
-    if (hb->active) {
-        memcpy(hb->key, r->k.idpfx, r->k.idpfx_len);
-        memcpy(hb->key + r->k.idpfx_len, s->dec.id, s->dec.id_len);
-        hb->keylen = r->k.idpfx_len + s->dec.id_len;
-        snprintf(hb->token, sizeof(hb->token), "%s%s", w->prefix, s->e->eid);
-        memcpy(hb->eid, s->e->eid, eidlen + 1);
-    }
-    /* The lease began with the delivery: a handler that starts late in it
-     * gets its first heartbeat at once. */
-    hb->extended_ms = s->e->deadline_ms - r->c.vt_ms;
-    hb->attempt_end_ms = end;
-    pthread_mutex_unlock(&hb->mu);
-    return end;
-}
-
-/* oq_txn_heartbeat of the running handler (an exec command's
- * ONCEQ_HEARTBEAT_FD line): its attempt ends a --timeout from now. */
-static int64_t beat_more(void *arg)
-{
-    rworker *w = arg;
-    int64_t end = w->r->c.timeout_ms > 0
-                      ? oq__add_ms(mono_ms(), w->r->c.timeout_ms)
-                      : INT64_MAX;
-
-    pthread_mutex_lock(&w->hb.mu);
-    w->hb.attempt_end_ms = end;
-    pthread_mutex_unlock(&w->hb.mu);
-    return end;
-}
-
-static void beat_stop(rworker *w)
-{
-    pthread_mutex_lock(&w->hb.mu);
-    w->hb.active = false;
-    pthread_mutex_unlock(&w->hb.mu);
-}
-
-/* Counts one handler call of us microseconds in the histogram. */
-static void observe(rworker *w, int64_t us)
-{
-    double sec = (double)us / 1e6;
-    for (int i = 0; i < OQ__HIST_BUCKETS; i++)
-        if (sec <= oq__metrics_buckets[i]) {
-            atomic_fetch_add_explicit(&w->hist[i], 1, memory_order_relaxed);
-            break;
-        }
-    atomic_fetch_add_explicit(&w->hist_count, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&w->hist_sum_us, (uint64_t)(us > 0 ? us : 0),
-                              memory_order_relaxed);
-}
-
-/* A claimed slot: runs the handler and decides its op. A message out of
- * attempts is dead-lettered with op F, which settles its id (we hold the
- * claim, so the id is not processed): one outcome per id, and every
- * other copy of the event is a duplicate of it. */
-static void handle(rworker *w, slot *s)
-{
-    rrun *r = w->r;
-    oq_event ev;
-    const char *e;
-    int rc;
-    int64_t t0;
-
-    if (s->attempts > r->c.max_attempts) {
-        s->op = 'F';
-        s->dead_reason = OQ_DLQ_MAX_ATTEMPTS;
-        snprintf(s->dec.error, sizeof(s->dec.error), "not finished within "
-                 "the visibility timeout in %u deliveries", s->attempts - 1);
-        return;
-    }
-    memset(&ev, 0, sizeof(ev));
-    ev.id = s->dec.id;
-    ev.id_len = s->dec.id_len;
-    ev.payload = s->e->line;
-    ev.payload_len = s->e->len;
-    ev.attempt = s->attempts;
-    ev.deadline_ms = s->e->deadline_ms;
-    ev.parsed = s->dec.parsed;
-    oq__txn_reset(w->txn);
-    oq_txn_error(w->txn, "%s", "");
-    /* A handler that only computes cannot outlast its delivery: no
-     * heartbeats (two locks an event) for it. */
-    if (!r->h.never_blocks) {
-        ev.deadline_ms = beat_start(w, s);
-        oq__txn_set_heartbeat(w->txn, beat_more, w);
-    }
-    t0 = mono_us();
-    rc = r->h.fn(&ev, w->txn, r->h.arg);
-    t0 = mono_us() - t0;
-    if (!r->h.never_blocks) {
-        oq__txn_set_heartbeat(w->txn, NULL, NULL);
-        beat_stop(w);
-    }
-    observe(w, t0);
-    w->us_per_event = w->us_per_event < 0 ? (double)t0
-                      : 0.8 * w->us_per_event + 0.2 * (double)t0;
-    ADD(handler_calls, 1);
-    if (rc == OQ_OK) {
-        s->op = 'C';
-        s->c0 = w->ncnt;
-        oq_txn_foreach(w->txn, NULL, stage_count, w);
-        s->c1 = w->ncnt;
-        s->r0 = w->stage.n;
-        oq_txn_foreach(w->txn, stage_record, NULL, w);
-        s->r1 = w->stage.n;
-        return;
-    }
-    e = oq_txn_error_text(w->txn);
-    if (rc == OQ_RETRY && s->attempts < r->c.max_attempts) {
-        s->op = 'R';
-        s->delay_ms = oq_backoff_ms(r->c.backoff_base_ms, r->c.backoff_cap_ms,
-                                    s->attempts, &w->rng);
-        return;
-    }
-    s->op = 'F';
-    s->dead_reason = rc == OQ_RETRY ? OQ_DLQ_MAX_ATTEMPTS : OQ_DLQ_FAILED;
-    snprintf(s->dec.error, sizeof(s->dec.error), "%s", *e ? e :
-             rc == OQ_RETRY ? "retried too often" : "the handler failed");
-}
-
-static int hold(rworker *w, rentry *e)
-{
-    if (w->nheld == w->heldcap) {
-        size_t ncap = w->heldcap ? w->heldcap * 2 : 64;
-        rentry **nh = oq__realloc(w->held, ncap * sizeof(*nh));
-        if (nh == NULL)
-            return -1;
-        w->held = nh;
-        w->heldcap = ncap;
-    }
-    w->held[w->nheld++] = e;
-    return 0;
-}
-
-/* qsort has no context argument: the slots being sorted, per thread. */
-static _Thread_local const slot *tl_slots;
-
-static int by_id(const void *a, const void *b)
-{
-    size_t i = *(const size_t *)a, j = *(const size_t *)b;
-    const slot *x = &tl_slots[i], *y = &tl_slots[j];
-    int c = memcmp(x->dec.id, y->dec.id, OQ__MIN(x->dec.id_len,
-                                                 y->dec.id_len));
-    if (c == 0)
-        c = (x->dec.id_len > y->dec.id_len) - (x->dec.id_len < y->dec.id_len);
-    return c ? c : (i > j) - (i < j);
-}
-
-/* One claim per id per batch. Among the slots of one id, the first claims
- * it; another copy of the same entry (taken over by XAUTOCLAIM while a copy
- * waited in our memory) is dropped, its later delivery kept; another entry
- * with the id is done again after the batch settles (it then finds the id
- * settled, or claims it if the first was retried). */
-static void one_claim_per_id(rworker *w, size_t n)
-{
-    size_t m = 0;
-
-    for (size_t i = 0; i < n; i++)
-        if (w->slots[i].kind == K_CLAIM)
-            w->order[m++] = i;
-    if (m < 2)
-        return;
-    tl_slots = w->slots;
-    qsort(w->order, m, sizeof(*w->order), by_id);
-    for (size_t a = 0; a < m;) {
-        slot *first = &w->slots[w->order[a]];
-        size_t b = a + 1;
-        for (; b < m; b++) {
-            slot *s = &w->slots[w->order[b]];
-            rentry *e = s->e, *f = first->e;
-            if (s->dec.id_len != first->dec.id_len ||
-                memcmp(s->dec.id, first->dec.id, s->dec.id_len) != 0)
-                break;
-            if (strcmp(e->eid, f->eid) != 0) {
-                s->kind = K_REDO;
-                continue;
-            }
-            if (e->deadline_ms > f->deadline_ms) {
-                f->deadline_ms = e->deadline_ms;
-                f->deliveries = OQ__MAX(f->deliveries, e->deliveries);
-                first->attempts = f->prior + f->deliveries;
-            }
-            s->kind = K_SKIP;
-        }
-        a = b;
-    }
-}
-
-/* Claims the ids of the K_CLAIM slots with one CLAIM call, each with the
- * rest of its entry's delivery as its lease. 0, or -1 (the run's fatal
- * error is set). */
-static int claim_batch(rworker *w, size_t n)
-{
-    rrun *r = w->r;
-    redisReply *rep;
-    size_t j = 0, nclaim = 0;
-    int64_t now = mono_ms();
-
-    snprintf(w->prefix, sizeof(w->prefix), "%016" PRIx64 ".%u.%" PRIx64 ":",
-             r->nonce, w->idx, ++w->seq);
-    ab_reset(&w->keys);
-    ab_reset(&w->args);
-    ab_adds(&w->keys, r->k.stream);
-    ab_adds(&w->args, w->prefix);
-    ab_adds(&w->args, r->c.group);
-    ab_adds(&w->args, r->consumer);
-    for (size_t i = 0; i < n; i++) {
-        slot *s = &w->slots[i];
-        if (s->kind != K_CLAIM)
-            continue;
-        ab_add2(&w->keys, r->k.idpfx, r->k.idpfx_len, s->dec.id,
-                s->dec.id_len);
-        ab_adds(&w->args, s->e->eid);
-        ab_addi(&w->args, OQ__MAX(s->e->deadline_ms - now, 1));
-        nclaim++;
-    }
-    if (nclaim == 0)
-        return 0;
-    rep = rc_script(&w->rc, SC_CLAIM, &w->keys, &w->args);
-    if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
-        rep->elements != nclaim) {
-        run_fatal_reply(r, &w->rc, rep, "claim script");
-        freeReplyObject(rep);
-        return -1;
-    }
-    for (size_t i = 0; i < n; i++) {
-        slot *s = &w->slots[i];
-        if (s->kind != K_CLAIM)
-            continue;
-        s->claim = rep->element[j++]->integer;
-        if (s->claim > 0) /* BUSY: the script renewed its delivery */
-            s->e->deadline_ms = now + r->c.vt_ms;
-    }
-    freeReplyObject(rep);
-    return 0;
+    rledger *l = arg;
+    ab_add(&l->stage, data, len);
 }
 
 /* qsort has no context argument: the stage being sorted, per thread. */
@@ -1916,79 +1988,127 @@ static int by_key(const void *a, const void *b)
     return c ? c : (lx > ly) - (lx < ly);
 }
 
-/* The tail of an F or X op. */
-static void op_dead(rworker *w, const slot *s)
+/* Decides the COMMIT op of each entry and stages the commits' outputs. */
+static void plan_ops(rledger *l, const oq__lcommit *e, size_t n)
 {
-    abuf *a = &w->args;
-    ab_adds(a, oq_dlq_reason_name(s->dead_reason));
-    ab_adds(a, s->dec.error);
-    ab_addu(a, s->attempts);
-    ab_add(a, s->e->line, s->e->len);
-    ab_adds(a, s->e->src);
-    ab_addi(a, s->e->first_ms);
-}
+    rrun *r = l->r;
 
-/* The retry's delayed member: entry, attempts, first seen, source, event. */
-static void op_member(rworker *w, const slot *s)
-{
-    char head[128];
-    size_t sl = strlen(s->e->src);
-    int hl = snprintf(head, sizeof(head), "%s\n%u\n%" PRId64 "\n", s->e->eid,
-                      s->attempts, s->e->first_ms);
-    size_t total = (size_t)hl + sl + 1 + s->e->len;
-    char *m = oq__malloc(total);
-
-    if (m == NULL) {
-        w->args.oom = 1;
-        return;
+    ab_reset(&l->stage);
+    l->ncnt = 0;
+    for (size_t i = 0; i < n; i++) {
+        rop *o = &l->ops[i];
+        const oq_settle *op = e[i].op;
+        memset(o, 0, sizeof(*o));
+        o->reason = op->reason;
+        o->error = op->error ? op->error : "";
+        switch (e[i].kind) {
+        case OQ__LC_COMMIT:
+            o->op = 'C';
+            o->c0 = l->ncnt;
+            oq_txn_foreach(e[i].txn, NULL, stage_count, l);
+            o->c1 = l->ncnt;
+            o->r0 = l->stage.n;
+            oq_txn_foreach(e[i].txn, stage_record, NULL, l);
+            o->r1 = l->stage.n;
+            break;
+        case OQ__LC_DEAD:
+            o->op = 'F';
+            break;
+        case OQ__LC_ACK:
+            o->op = 'D';
+            break;
+        case OQ__LC_RETRY:
+            o->op = 'R';
+            if (op->d->receive_count >= r->c.max_attempts) {
+                /* Out of attempts: dead now, with the handler's error,
+                 * and the id settled (we hold its claim). */
+                o->op = 'F';
+                o->reason = OQ_DLQ_MAX_ATTEMPTS;
+                if (*o->error == '\0')
+                    o->error = "retried too often";
+            }
+            break;
+        case OQ__LC_REJECT:
+            o->op = 'X';
+            break;
+        }
     }
-    memcpy(m, head, (size_t)hl);
-    memcpy(m + hl, s->e->src, sl);
-    m[(size_t)hl + sl] = '\n';
-    if (s->e->len)
-        memcpy(m + hl + sl + 1, s->e->line, s->e->len);
-    ab_add(&w->args, m, total);
-    oq__free(m);
 }
 
-/* Sums the counter deltas of slots [lo, hi) per key (sort by key, merge
- * runs) into w->sorted[0..return). */
-static size_t sum_counts(rworker *w, size_t lo, size_t hi)
+/* Sums the counter deltas of the commits per key (sort by key, merge runs)
+ * into sorted[0..return). */
+static size_t sum_counts(rledger *l, size_t n)
 {
     size_t ns = 0, out = 0;
-    for (size_t i = lo; i < hi; i++) {
-        const slot *s = &w->slots[i];
-        if (s->op == 'C' && !s->fenced)
-            for (size_t j = s->c0; j < s->c1; j++)
-                w->sorted[ns++] = w->cnt[j];
+    for (size_t i = 0; i < n; i++) {
+        const rop *o = &l->ops[i];
+        if (o->op == 'C' && !o->fenced)
+            for (size_t j = o->c0; j < o->c1; j++)
+                l->sorted[ns++] = l->cnt[j];
     }
-    tl_stage = &w->stage;
+    tl_stage = &l->stage;
     if (ns > 1)
-        qsort(w->sorted, ns, sizeof(*w->sorted), by_key);
+        qsort(l->sorted, ns, sizeof(*l->sorted), by_key);
     for (size_t i = 0; i < ns;) {
         size_t j = i + 1;
-        scount sum = w->sorted[i];
-        while (j < ns && by_key(&w->sorted[i], &w->sorted[j]) == 0)
-            sum.delta += w->sorted[j++].delta;
-        w->sorted[out++] = sum;
+        scount sum = l->sorted[i];
+        while (j < ns && by_key(&l->sorted[i], &l->sorted[j]) == 0)
+            sum.delta += l->sorted[j++].delta;
+        l->sorted[out++] = sum;
         i = j;
     }
     return out;
 }
 
-/* Builds the COMMIT call for the ops of slots [lo, hi) (fenced commits
- * left out). */
-static void build_commit(rworker *w, size_t lo, size_t hi)
+/* The tail of an F or X op. */
+static void op_dead(rledger *l, const rop *o, const oq__lcommit *e)
 {
-    rrun *r = w->r;
-    abuf *k = &w->keys, *a = &w->args, *st = &w->stage;
-    size_t nc = 0, nrec = 0, nagg = sum_counts(w, lo, hi);
+    const rentry *x = e->op->d->msg_;
+    abuf *a = &l->args;
+    ab_adds(a, oq_dlq_reason_name(o->reason));
+    ab_adds(a, o->error);
+    ab_addu(a, e->op->d->receive_count);
+    ab_add(a, x->line, x->len);
+    ab_adds(a, x->src);
+    ab_addi(a, x->first_ms);
+}
 
-    for (size_t i = lo; i < hi; i++) {
-        const slot *s = &w->slots[i];
-        if (s->op == 'C' && !s->fenced) {
+/* The retry's delayed member: entry, attempts, first seen, source, event. */
+static void op_member(rledger *l, const oq__lcommit *e)
+{
+    const rentry *x = e->op->d->msg_;
+    char head[128];
+    size_t sl = strlen(x->src);
+    int hl = snprintf(head, sizeof(head), "%s\n%u\n%" PRId64 "\n", x->eid,
+                      e->op->d->receive_count, x->first_ms);
+    size_t total = (size_t)hl + sl + 1 + x->len;
+    char *m = oq__malloc(total);
+
+    if (m == NULL) {
+        l->args.oom = 1;
+        return;
+    }
+    memcpy(m, head, (size_t)hl);
+    memcpy(m + hl, x->src, sl);
+    m[(size_t)hl + sl] = '\n';
+    if (x->len)
+        memcpy(m + hl + sl + 1, x->line, x->len);
+    ab_add(&l->args, m, total);
+    oq__free(m);
+}
+
+/* Builds the COMMIT call (fenced commits left out). */
+static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
+{
+    rrun *r = l->r;
+    abuf *k = &l->keys, *a = &l->args, *st = &l->stage;
+    size_t nc = 0, nrec = 0, nagg = sum_counts(l, n);
+
+    for (size_t i = 0; i < n; i++) {
+        const rop *o = &l->ops[i];
+        if (o->op == 'C' && !o->fenced) {
             nc++;
-            nrec += s->r1 - s->r0;
+            nrec += o->r1 - o->r0;
         }
     }
     ab_reset(k);
@@ -2000,117 +2120,132 @@ static void build_commit(rworker *w, size_t lo, size_t hi)
     ab_adds(k, r->k.delayed);
     ab_adds(k, r->k.stats);
     ab_adds(a, r->c.group);
-    ab_adds(a, w->prefix);
+    ab_adds(a, l->prefix);
     ab_addu(a, nc);
     ab_addu(a, nagg);
     ab_addu(a, nrec);
-    for (size_t i = lo; i < hi; i++) {
-        const slot *s = &w->slots[i];
-        if (s->op != 'C' || s->fenced)
+    for (size_t i = 0; i < n; i++) {
+        const rop *o = &l->ops[i];
+        if (o->op != 'C' || o->fenced)
             continue;
-        ab_add2(k, r->k.idpfx, r->k.idpfx_len, s->dec.id, s->dec.id_len);
-        ab_adds(a, s->e->eid);
+        ab_add2(k, r->k.idpfx, r->k.idpfx_len, e[i].ev->id, e[i].ev->id_len);
+        ab_adds(a, ((const rentry *)e[i].op->d->msg_)->eid);
     }
     for (size_t i = 0; i < nagg; i++) {
-        ab_add(a, st->buf + st->off[w->sorted[i].ki],
-               st->alen[w->sorted[i].ki]);
-        ab_addi(a, w->sorted[i].delta);
+        ab_add(a, st->buf + st->off[l->sorted[i].ki],
+               st->alen[l->sorted[i].ki]);
+        ab_addi(a, l->sorted[i].delta);
     }
-    for (size_t i = lo; i < hi; i++) {
-        const slot *s = &w->slots[i];
-        if (s->op != 'C' || s->fenced)
+    for (size_t i = 0; i < n; i++) {
+        const rop *o = &l->ops[i];
+        if (o->op != 'C' || o->fenced)
             continue;
-        for (size_t j = s->r0; j < s->r1; j++) {
-            ab_add(a, s->dec.id, s->dec.id_len);
+        for (size_t j = o->r0; j < o->r1; j++) {
+            ab_add(a, e[i].ev->id, e[i].ev->id_len);
             ab_add(a, st->buf + st->off[j], st->alen[j]);
         }
     }
-    for (size_t i = lo; i < hi; i++) {
-        const slot *s = &w->slots[i];
-        int keyed = s->kind == K_CLAIM && s->op != 'D';
-        if (s->op == 0 || s->op == 'C')
+    for (size_t i = 0; i < n; i++) {
+        const rop *o = &l->ops[i];
+        bool keyed = e[i].claim != NULL && o->op != 'D';
+        if (o->op == 'C')
             continue;
-        ab_add(a, &s->op, 1);
-        ab_adds(a, s->e->eid);
+        ab_add(a, &o->op, 1);
+        ab_adds(a, ((const rentry *)e[i].op->d->msg_)->eid);
         if (keyed) {
-            ab_add2(k, r->k.idpfx, r->k.idpfx_len, s->dec.id, s->dec.id_len);
+            ab_add2(k, r->k.idpfx, r->k.idpfx_len, e[i].ev->id,
+                    e[i].ev->id_len);
             ab_addu(a, k->n);
         } else {
             ab_add(a, "0", 1);
         }
-        ab_add(a, s->kind == K_CLAIM ? s->dec.id : "",
-               s->kind == K_CLAIM ? s->dec.id_len : 0);
-        if (s->op == 'R') {
-            ab_addi(a, s->delay_ms);
-            op_member(w, s);
-        } else if (s->op == 'F' || s->op == 'X') {
-            op_dead(w, s);
+        ab_add(a, e[i].claim ? e[i].ev->id : "",
+               e[i].claim ? e[i].ev->id_len : 0);
+        if (o->op == 'R') {
+            ab_addi(a, e[i].op->delay_ms);
+            op_member(l, &e[i]);
+        } else if (o->op == 'F' || o->op == 'X') {
+            op_dead(l, o, &e[i]);
         }
     }
 }
 
-/* Counts what the COMMIT script did with each non-commit op of slots
- * [lo, hi) (1 done, 0 settled by another consumer, -1 fenced) and the
- * commits. */
-static void count_ops(rworker *w, size_t lo, size_t hi,
-                      const redisReply *res)
+/* The result of each entry from what the COMMIT script did (for the other
+ * ops: 1 done, 0 settled by another consumer, -1 fenced), counted in the
+ * consumer's stats. */
+static void results(rledger *l, oq__lcommit *e, size_t n,
+                    const redisReply *res)
 {
-    rrun *r = w->r;
+    rrun *r = l->r;
     size_t j = 0;
-    for (size_t i = lo; i < hi; i++) {
-        slot *s = &w->slots[i];
+
+    for (size_t i = 0; i < n; i++) {
+        const rop *o = &l->ops[i];
         long long v;
-        if (s->op == 0)
-            continue;
-        if (s->op == 'C') {
-            if (s->fenced)
-                ADD(fenced, 1);
-            else
+        if (o->op == 'C') {
+            e[i].result = o->fenced ? OQ_ESTALE : 0;
+            if (!o->fenced)
                 ADD(processed, 1);
             continue;
         }
         v = j < res->elements ? res->element[j]->integer : 0;
         j++;
-        if (v < 0)
-            ADD(fenced, 1);
-        else if (v == 0)
+        e[i].result = v < 0 ? OQ_ESTALE : 0;
+        if (v == 0)
             ADD(settled_elsewhere, 1);
-        else if (s->op == 'D')
+        else if (v < 0)
+            ;
+        else if (o->op == 'D')
             ADD(duplicates, 1);
-        else if (s->op == 'R')
+        else if (o->op == 'R')
             ADD(retried, 1);
         else {
             ADD(dead, 1);
-            ADD(dead_by[s->dead_reason], 1);
+            ADD(dead_by[o->reason], 1);
         }
     }
 }
 
-/* Commits the ops of slots [lo, hi): one COMMIT call, again without the
- * commits whose claim was lost if there were any. */
-static void commit_range(rworker *w, size_t lo, size_t hi)
+/* Commits the entries: one COMMIT call, again without the commits whose
+ * claim was lost if there were any. */
+static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
 {
-    rrun *r = w->r;
-    size_t nops = 0;
+    rledger *l = ctx;
+    rrun *r = l->r;
 
-    for (size_t i = lo; i < hi; i++)
-        if (w->slots[i].op != 0)
-            nops++;
-    if (nops == 0)
-        return;
-    for (;;) {
-        redisReply *rep, *res;
-        build_commit(w, lo, hi);
-        if (w->args.oom || w->keys.oom || w->stage.oom) {
+    for (size_t i = 0; i < n; i++)
+        e[i].result = OQ_EIO;
+    if (n > l->opcap) {
+        rop *no = oq__realloc(l->ops, n * sizeof(*no));
+        if (no == NULL) {
             run_fatal(r, "out of memory building a commit");
             return;
         }
-        rep = rc_script(&w->rc, SC_COMMIT, &w->keys, &w->args);
+        l->ops = no;
+        l->opcap = n;
+    }
+    if (!ctx_conn(r, &l->rc, &l->open, "w", l->idx))
+        return;
+    /* Every claim of one settled range comes from one claim call. */
+    for (size_t i = 0; i < n; i++)
+        if (e[i].claim) {
+            token_prefix(r, e[i].claim->token, l->prefix, sizeof(l->prefix));
+            break;
+        }
+    plan_ops(l, e, n);
+    for (;;) {
+        redisReply *rep, *res;
+        build_commit(l, e, n);
+        if (l->args.oom || l->keys.oom || l->stage.oom) {
+            run_fatal(r, "out of memory building a commit");
+            return;
+        }
+        rep = rc_script(&l->rc, SC_COMMIT, &l->keys, &l->args);
         if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
             rep->elements != 2 ||
             rep->element[0]->type != REDIS_REPLY_INTEGER ||
             rep->element[1]->type != REDIS_REPLY_ARRAY) {
-            run_fatal_reply(r, &w->rc, rep, "commit script");
+            run_fatal_reply(r, &l->rc, rep, "commit script");
             freeReplyObject(rep);
             return;
         }
@@ -2118,173 +2253,57 @@ static void commit_range(rworker *w, size_t lo, size_t hi)
         if (rep->element[0]->integer < 0) {
             /* Indexes (1-based) among the commits sent. */
             size_t c = 0, f = 0;
-            for (size_t i = lo; i < hi && f < res->elements; i++) {
-                slot *s = &w->slots[i];
-                if (s->op != 'C' || s->fenced)
+            for (size_t i = 0; i < n && f < res->elements; i++) {
+                rop *o = &l->ops[i];
+                if (o->op != 'C' || o->fenced)
                     continue;
                 if ((long long)++c == res->element[f]->integer) {
-                    s->fenced = true;
+                    o->fenced = true;
                     f++;
                 }
             }
             freeReplyObject(rep);
             continue;
         }
-        count_ops(w, lo, hi, res);
+        results(l, e, n, res);
         freeReplyObject(rep);
         return;
     }
 }
 
-/* Decodes the batch's entries into their slots: K_CLAIM, K_REJECT (a dead
- * letter), or K_SKIP for a copy whose delivery is over. */
-static void decode_batch(rworker *w, size_t n)
-{
-    rrun *r = w->r;
-    int64_t now = mono_ms();
+static const oq__ledger_methods redis_ledger_methods = {
+    .version = 1,
+    .name = "redis",
+    .flags = OQ__LEDGER_SETTLES,
+    .attach = rl_attach,
+    .detach = rl_detach,
+    .claim = rl_claim,
+    .release = rl_release,
+    .extend = rl_extend,
+    .commit = rl_commit,
+    .set_done = NULL,
+};
 
-    for (size_t i = 0; i < n; i++) {
-        slot *s = &w->slots[i];
-        rentry *e = w->batch[i];
-        oq_event ev;
-        memset(s, 0, sizeof(*s));
-        s->e = e;
-        s->attempts = e->prior + e->deliveries;
-        if (e->deadline_ms <= now) {
-            s->kind = K_SKIP;
-            continue;
-        }
-        if (e->big) {
-            s->kind = K_REJECT;
-            s->op = 'X';
-            s->dead_reason = OQ_DLQ_TOO_LARGE;
-            snprintf(s->dec.error, sizeof(s->dec.error), "line of %" PRIu64
-                     " bytes exceeds --max-line (first %zu bytes kept)",
-                     e->big, e->len);
-            continue;
-        }
-        memset(&ev, 0, sizeof(ev));
-        ev.payload = e->line;
-        ev.payload_len = e->len;
-        if (oq__json_decode(&ev, &s->dec, &r->idspec) != 0) {
-            s->kind = K_REJECT;
-            s->op = 'X';
-            s->dead_reason = s->dec.reason;
-            s->dec.parsed = NULL;
-        } else {
-            s->kind = K_CLAIM;
-        }
+/* The decode hook: an entry cut for being too large is dead-lettered. */
+static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
+{
+    rrun *r = arg;
+    const rentry *e = (const rentry *)(uintptr_t)ev->tag;
+
+    if (e && e->big) {
+        dec->reason = OQ_DLQ_TOO_LARGE;
+        snprintf(dec->error, sizeof(dec->error), "line of %" PRIu64
+                 " bytes exceeds --max-line (first %zu bytes kept)", e->big,
+                 e->len);
+        return -1;
     }
+    return oq__json_decode(ev, dec, &r->idspec);
 }
 
-/* Keeps the entry of s for a later batch, due at due_ms. */
-static void keep(rworker *w, slot *s, int64_t due_ms)
+static void rfree(void *parsed, void *arg)
 {
-    s->e->due_ms = due_ms;
-    if (hold(w, s->e) == 0)
-        s->e = NULL; /* else dropped: pending, taken over later */
-}
-
-/*
- * One batch: decode, claim, handle, commit. A finished message must never
- * wait for its commit behind a batch-mate that is still running: that one
- * may run until the lease ends (a hanging command), and the finished one
- * would then lose its lease, be taken over, and run again (and again, until
- * its attempts are spent). So, unless the handler only computes
- * (never_blocks: the whole batch is committed with one call), what is
- * decided is committed before each next handler call; and a message whose
- * delivery ended before its turn is not started (it is delivered again).
- */
-static void process(rworker *w, size_t n)
-{
-    rrun *r = w->r;
-    size_t lo = 0;
-
-    ADD(batches, 1);
-    ab_reset(&w->stage);
-    w->ncnt = 0;
-    decode_batch(w, n);
-    one_claim_per_id(w, n);
-    if (claim_batch(w, n) != 0)
-        goto out;
-    for (size_t i = 0; i < n; i++) {
-        slot *s = &w->slots[i];
-        if (s->kind != K_CLAIM)
-            continue;
-        if (s->claim == -1) {
-            s->op = 'D';
-        } else if (s->claim < 0) {
-            s->kind = K_REDO;
-        } else if (s->claim > 0) {
-            /* BUSY: not an attempt; keep it and claim again soon. */
-            keep(w, s, mono_ms() + OQ__MIN(s->claim, BUSY_RETRY_MS));
-            ADD(busy, 1);
-        } else {
-            if (!r->h.never_blocks) {
-                commit_range(w, lo, i);
-                lo = i;
-            }
-            if (mono_ms() >= s->e->deadline_ms) {
-                /* Its delivery is over: not started; it stays pending and
-                 * is delivered again. */
-                ADD(fenced, 1);
-                continue;
-            }
-            handle(w, s);
-        }
-    }
-    commit_range(w, lo, n);
-    /* Same-batch duplicates: done again now that the batch is settled. */
-    for (size_t i = 0; i < n; i++)
-        if (w->slots[i].kind == K_REDO && w->slots[i].e != NULL)
-            keep(w, &w->slots[i], 0);
-out:
-    for (size_t i = 0; i < n; i++) {
-        slot *s = &w->slots[i];
-        if (s->dec.parsed)
-            oq__json_free(s->dec.parsed, &r->idspec);
-        oq__free(s->e);
-    }
-}
-
-static void *worker_main(void *arg)
-{
-    rworker *w = arg;
-    rrun *r = w->r;
-
-    while (!atomic_load(&r->stop)) {
-        size_t want = read_size(w), n;
-        int64_t now = mono_ms(), next = INT64_MAX;
-
-        atomic_store_explicit(&r->fit, fit_size(w), memory_order_relaxed);
-        n = take_held(w, 0, want, now);
-        n = take_reclaimed(w, n, want, now);
-        for (size_t i = 0; i < w->nheld; i++)
-            next = OQ__MIN(next, w->held[i]->due_ms);
-        /* Read new entries only while few are held: a hung consumer's ids
-         * must not make us hold everything. */
-        if (n < want && w->nheld < r->c.batch) {
-            int64_t block = BLOCK_MS;
-            if (n > 0)
-                block = 0;
-            else if (w->nheld > 0)
-                block = OQ__MIN(BLOCK_MS, next - now);
-            n = read_new(w, n, want, block);
-        } else if (n == 0) {
-            nap_ms(OQ__MAX(1, OQ__MIN(BUSY_RETRY_MS, next - now)));
-        }
-        atomic_store(&w->inflight, n + w->nheld);
-        if (n > 0)
-            process(w, n);
-        atomic_store(&w->inflight, w->nheld);
-    }
-    atomic_store(&w->inflight, 0);
-    /* What we hold stays pending in Redis: another consumer (or we, next
-     * time) takes it over after the visibility timeout. */
-    for (size_t i = 0; i < w->nheld; i++)
-        oq__free(w->held[i]);
-    w->nheld = 0;
-    return NULL;
+    rrun *r = arg;
+    oq__json_free(parsed, &r->idspec);
 }
 
 /* -------------------------------------------------------- housekeeper */
@@ -2307,7 +2326,7 @@ static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
     int more = 0;
 
     for (unsigned i = 0; i < r->c.workers; i++)
-        idle += atomic_load_explicit(&r->ws[i].inflight,
+        idle += atomic_load_explicit(&r->inflight[i],
                                      memory_order_relaxed) == 0;
     if (idle == 0)
         return 0;
@@ -2536,74 +2555,6 @@ static void *house_main(void *arg)
     return NULL;
 }
 
-/* ---------------------------------------------------------- heartbeats */
-
-typedef struct hbeat {
-    rrun *r;
-    rconn rc;
-    pthread_t th;
-    bool started;
-    abuf keys, args;      /* the next BEAT call */
-} hbeat;
-
-/* One heartbeat for worker w: once a third of the lease has passed since
- * the last renewal, and until its attempt's end, renews its running
- * message's claim and delivery for a whole lease (BEAT script). */
-static void beat(hbeat *hbt, rworker *w, int64_t now)
-{
-    rrun *r = hbt->r;
-    rbeat *hb = &w->hb;
-    abuf *keys = &hbt->keys, *args = &hbt->args;
-    redisReply *rep;
-
-    pthread_mutex_lock(&hb->mu);
-    if (!hb->active || now - hb->extended_ms < r->c.vt_ms / 3 ||
-        now >= hb->attempt_end_ms) {
-        pthread_mutex_unlock(&hb->mu);
-        return;
-    }
-    hb->extended_ms = now;
-    ab_reset(keys);
-    ab_reset(args);
-    ab_adds(keys, r->k.stream);
-    ab_add(keys, hb->key, hb->keylen);
-    ab_adds(args, r->c.group);
-    ab_adds(args, r->consumer);
-    ab_adds(args, hb->token);
-    ab_adds(args, hb->eid);
-    ab_addi(args, r->c.vt_ms);
-    pthread_mutex_unlock(&hb->mu);
-    if (keys->oom || args->oom) {
-        run_fatal(r, "out of memory in a heartbeat");
-    } else {
-        rep = rc_script(&hbt->rc, SC_BEAT, keys, args);
-        if (rep && rep->type == REDIS_REPLY_INTEGER) {
-            if (rep->integer == 1)
-                ADD(lease_extensions, 1);
-        } else {
-            run_fatal_reply(r, &hbt->rc, rep, "heartbeat script");
-        }
-        freeReplyObject(rep);
-    }
-}
-
-/* The heartbeat thread: looks at every worker a dozen times a lease (at
- * most every 100 ms), with its own connection. */
-static void *beat_main(void *arg)
-{
-    hbeat *hbt = arg;
-    rrun *r = hbt->r;
-    int64_t tick = OQ__MAX(2, OQ__MIN(r->c.vt_ms / 12, 100));
-
-    while (!atomic_load(&r->stop)) {
-        int64_t now = mono_ms();
-        for (unsigned i = 0; i < r->c.workers && !atomic_load(&r->stop); i++)
-            beat(hbt, &r->ws[i], now);
-        nap_ms(tick);
-    }
-    return NULL;
-}
-
 /* ============================================================= export */
 
 typedef struct hkv {
@@ -2759,7 +2710,10 @@ static int export_path(rconn *rc, const rkeys *k, const char *path,
 static void counts_of(rrun *r, double el, oq__run_counts *n)
 {
     rstats *s = &r->st;
+    oq_pool_stats ps = { 0 };
 
+    if (r->p)
+        oq_pool_stats_get(r->p, &ps);
     memset(n, 0, sizeof(*n));
     n->processed = atomic_load(&s->processed);
     n->duplicates = atomic_load(&s->duplicates);
@@ -2769,8 +2723,8 @@ static void counts_of(rrun *r, double el, oq__run_counts *n)
         n->dead_by[i] = atomic_load(&s->dead_by[i]);
     n->retried = atomic_load(&s->retried);
     n->redelivered = atomic_load(&s->redelivered);
-    n->fenced = atomic_load(&s->fenced);
-    n->lease_extensions = atomic_load(&s->lease_extensions);
+    n->fenced = ps.fenced;
+    n->lease_extensions = r->p ? oq__pool_lease_extensions(r->p) : 0;
     n->workers = r->c.workers;
     n->handler = r->h.name;
     n->elapsed_s = el;
@@ -2799,17 +2753,18 @@ static void metrics_snap(oq__metrics_snap *m, void *arg)
                                 ? OQ__MAX(0, wall_ms() - oldest) / 1000.0
                                 : 0;
     m->in_flight = 0;
-    for (unsigned i = 0; i < r->c.workers; i++) {
-        rworker *w = &r->ws[i];
-        m->in_flight += atomic_load(&w->inflight);
-        for (int b = 0; b < OQ__HIST_BUCKETS; b++)
-            m->hist[b] += atomic_load_explicit(&w->hist[b],
-                                               memory_order_relaxed);
-        m->hist_count += atomic_load_explicit(&w->hist_count,
-                                              memory_order_relaxed);
-        m->hist_sum_s += atomic_load_explicit(&w->hist_sum_us,
-                                              memory_order_relaxed) / 1e6;
-    }
+    for (unsigned i = 0; i < r->c.workers; i++)
+        m->in_flight += atomic_load(&r->inflight[i]);
+    if (r->p)
+        oq__pool_histogram(r->p, m->hist, &m->hist_count, &m->hist_sum_s);
+}
+
+static uint64_t busy_of(rrun *r)
+{
+    oq_pool_stats ps = { 0 };
+    if (r->p)
+        oq_pool_stats_get(r->p, &ps);
+    return ps.busy;
 }
 
 static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
@@ -2821,7 +2776,7 @@ static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
     counts_of(r, el, &n);
     oq__write_stats_head(f, &n);
     fprintf(f, ",\"busy\":%" PRIu64 ",\"settled_elsewhere\":%" PRIu64
-            ",\"reconnects\":%d,\"consumer\":", atomic_load(&s->busy),
+            ",\"reconnects\":%d,\"consumer\":", busy_of(r),
             atomic_load(&s->settled_elsewhere), atomic_load(&r->reconnects));
     oq__json_write_string(f, r->consumer, strlen(r->consumer));
     /* The stream's totals, all consumers together. */
@@ -2863,7 +2818,7 @@ static void summary(rrun *r, double el, int sig)
     oq__write_summary(&n, who, r->k.dlq, false, r->c.verbose);
     if (r->c.verbose)
         fprintf(stderr, "onceq: busy %" PRIu64 ", settled elsewhere %" PRIu64
-                ", reconnects %d\n", atomic_load(&s->busy),
+                ", reconnects %d\n", busy_of(r),
                 atomic_load(&s->settled_elsewhere),
                 atomic_load(&r->reconnects));
     if (sig)
@@ -2979,107 +2934,58 @@ static int run_setup(rrun *r, rconn *main_rc)
     return 0;
 }
 
-static void conn_init(rrun *r, rconn *rc, const char *role)
+/* Starts the housekeeper and the engine on the Redis backends. 0, or an
+ * exit status. */
+static int start_threads(rrun *r, house *hk)
 {
-    rc->u = &r->u;
-    rc->stop = &r->stop;
-    rc->reconnects = &r->reconnects;
-    snprintf(rc->name, sizeof(rc->name), "onceq:%s:%s", r->consumer, role);
-    for (char *p = rc->name; *p; p++)
-        if (*p == ' ')
-            *p = '_';
-}
+    oq_pool_opts po;
+    int rc;
 
-/* Starts the housekeeper, the heartbeat thread (for handlers that may
- * block) and the workers. 0, or an exit status. */
-static int start_threads(rrun *r, house *hk, hbeat *hbt, rworker *ws)
-{
     conn_init(r, &hk->rc, "house");
     hk->r = r;
     if (rc_open(&hk->rc) != RC_OK) {
         fprintf(stderr, "onceq run: %s\n", hk->rc.err);
         return 2;
     }
-    hbt->r = r;
-    if (!r->h.never_blocks) {
-        conn_init(r, &hbt->rc, "beat");
-        if (rc_open(&hbt->rc) != RC_OK) {
-            fprintf(stderr, "onceq run: %s\n", hbt->rc.err);
-            return 2;
-        }
-    }
-    for (unsigned i = 0; i < r->c.workers; i++) {
-        rworker *w = &ws[i];
-        char role[32];
-        w->r = r;
-        w->idx = i;
-        w->us_per_event = -1;
-        w->rng = (r->c.seed ? r->c.seed : r->nonce) + i * 0x9e3779b97f4a7c15ULL;
-        snprintf(role, sizeof(role), "w%u", i);
-        conn_init(r, &w->rc, role);
-        w->batch = oq__calloc(r->c.batch, sizeof(*w->batch));
-        w->slots = oq__calloc(r->c.batch, sizeof(*w->slots));
-        w->order = oq__calloc(r->c.batch, sizeof(*w->order));
-        w->txn = oq__txn_new();
-        if (w->batch == NULL || w->slots == NULL || w->order == NULL ||
-            w->txn == NULL) {
-            fprintf(stderr, "onceq run: out of memory\n");
-            return 3;
-        }
-        if (rc_open(&w->rc) != RC_OK) {
-            fprintf(stderr, "onceq run: %s\n", w->rc.err);
-            return 2;
-        }
-    }
     if (pthread_create(&hk->th, NULL, house_main, hk) != 0)
         return 3;
-    if (!r->h.never_blocks) {
-        if (pthread_create(&hbt->th, NULL, beat_main, hbt) != 0) {
-            atomic_store(&r->stop, 1);
-            pthread_join(hk->th, NULL);
-            return 3;
-        }
-        hbt->started = true;
+    oq_pool_opts_defaults(&po);
+    po.workers = r->c.workers;
+    po.batch = r->c.batch;
+    po.backoff_base_ms = r->c.backoff_base_ms;
+    po.backoff_cap_ms = r->c.backoff_cap_ms;
+    po.busy_retry_ms = BUSY_RETRY_MS;
+    po.poll_ms = BLOCK_MS;
+    po.seed = r->c.seed ? r->c.seed : r->nonce;
+    po.handler = r->h.fn;
+    po.handler_arg = r->h.arg;
+    po.handler_never_blocks = r->h.never_blocks;
+    po.lease_ms = r->c.vt_ms;
+    po.timeout_ms = r->c.timeout_ms;
+    po.decode = rdecode;
+    po.free_parsed = rfree;
+    po.decode_arg = r;
+    rc = oq__engine_start(&r->p, &redis_queue_methods, r,
+                          &redis_ledger_methods, r, &po);
+    if (rc != 0) {
+        fprintf(stderr, "onceq run: cannot start the workers: %s\n",
+                oq_strerror(rc));
+        atomic_store(&r->stop, 1);
+        pthread_join(hk->th, NULL);
+        return 3;
     }
-    for (unsigned i = 0; i < r->c.workers; i++)
-        if (pthread_create(&ws[i].th, NULL, worker_main, &ws[i]) != 0) {
-            atomic_store(&r->stop, 1);
-            for (unsigned j = 0; j < i; j++)
-                pthread_join(ws[j].th, NULL);
-            pthread_join(hk->th, NULL);
-            if (hbt->started)
-                pthread_join(hbt->th, NULL);
-            hbt->started = false;
-            return 3;
-        }
     return 0;
 }
 
-static void free_workers(rrun *r, house *hk, hbeat *hbt, rworker *ws)
+static void free_workers(rrun *r, house *hk)
 {
-    if (ws)
-        for (unsigned i = 0; i < r->c.workers; i++) {
-            pthread_mutex_destroy(&ws[i].hb.mu);
-            rc_close(&ws[i].rc);
-            oq__free(ws[i].batch);
-            oq__free(ws[i].slots);
-            oq__free(ws[i].order);
-            oq__free(ws[i].held);
-            ab_free(&ws[i].keys);
-            ab_free(&ws[i].args);
-            ab_free(&ws[i].stage);
-            oq__free(ws[i].cnt);
-            oq__free(ws[i].sorted);
-            if (ws[i].txn)
-                oq__txn_free(ws[i].txn);
-        }
+    oq_pool_free(r->p);
+    r->p = NULL;
     rc_close(&hk->rc);
-    rc_close(&hbt->rc);
-    ab_free(&hbt->keys);
-    ab_free(&hbt->args);
     for (size_t i = 0; i < r->nreclaimed; i++)
         oq__free(r->reclaimed[i]);
     oq__free(r->reclaimed);
+    oq__free(r->inflight);
 }
 
 /* Waits for the end (drained or fatal) or a signal, drawing the progress
@@ -3102,8 +3008,6 @@ int oq__redis_run(const oq__run_config *c)
     rrun *r = oq__calloc(1, sizeof(*r));
     rconn main_rc = { 0 };
     house hk = { 0 };
-    hbeat hbt = { 0 };
-    rworker *ws = NULL;
     oq__metrics *metrics = NULL;
     char err[1024];
     sigset_t sigs, old;
@@ -3126,14 +3030,11 @@ int oq__redis_run(const oq__run_config *c)
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &sigs, &old);
-    ws = oq__calloc(r->c.workers, sizeof(*ws));
-    if (ws == NULL) {
+    r->inflight = oq__calloc(r->c.workers, sizeof(*r->inflight));
+    if (r->inflight == NULL) {
         status = 3;
         goto out_mask;
     }
-    for (unsigned i = 0; i < r->c.workers; i++)
-        oq__mutex_init(&ws[i].hb.mu);
-    r->ws = ws;
     if (c->metrics_path || c->metrics_listen) {
         oq__metrics_opts mo = { c->metrics_path, c->metrics_interval_ms,
                                 c->metrics_listen, metrics_snap, r };
@@ -3144,17 +3045,14 @@ int oq__redis_run(const oq__run_config *c)
         }
     }
     r->t0_ms = mono_ms();
-    if ((status = start_threads(r, &hk, &hbt, ws)) != 0)
+    if ((status = start_threads(r, &hk)) != 0)
         goto out_mask;
     sig = wait_end(r, &sigs);
     atomic_store(&r->stop, 1);
     if (sig)
         oq__handler_cancel(&r->h);
-    for (unsigned i = 0; i < r->c.workers; i++)
-        pthread_join(ws[i].th, NULL);
+    oq_pool_stop(r->p, -1);
     pthread_join(hk.th, NULL);
-    if (hbt.started)
-        pthread_join(hbt.th, NULL);
     /* The last metrics, with every worker stopped: they equal --stats. */
     merr = metrics && oq__metrics_stop(metrics) != 0;
     metrics = NULL;
@@ -3190,8 +3088,7 @@ out_mask:
         oq__metrics_stop(metrics);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 out_free:
-    free_workers(r, &hk, &hbt, ws);
-    oq__free(ws);
+    free_workers(r, &hk);
     rc_close(&main_rc);
     if (r->h.fn)
         oq__handler_free(&r->h);

@@ -673,7 +673,6 @@ static void get_totals(run *r, totals *t)
     if (r->cm) {
         oq__committer_stats cs;
         oq__committer_stats_get(r->cm, &cs);
-        t->processed += cs.processed;
         t->commits = cs.commits;
         t->commit_events = cs.events_total;
         t->commit_max = cs.events_max;
@@ -1670,14 +1669,14 @@ static int start_pool(run *r)
     po.lease_ms = r->c->vt_ms;
     po.timeout_ms = r->c->timeout_ms;
     po.sink = (oq_sink){ run_apply, &r->rs, run_duplicate };
-    if (r->cm) {
-        po.committer = (oq_committer){ oq__committer_submit, r->cm };
+    if (r->cm)
         po.sink = (oq_sink){ NULL, r->cm, durable_dup };
-    }
     po.decode = oq__json_decode;
     po.free_parsed = oq__json_free;
     po.decode_arg = &r->idspec;
-    if (oq_pool_start(&r->p, r->q, r->s, &po) != 0)
+    if ((r->cm ? oq__engine_start(&r->p, &oq__mem_queue_methods, r->q,
+                                  &oq__sqlite_ledger_methods, r->cm, &po)
+               : oq_pool_start(&r->p, r->q, r->s, &po)) != 0)
         return OQ_ENOMEM;
     atomic_store(&r->pool_up, 1);
     return 0;

@@ -1165,6 +1165,12 @@ struct oq__committer {
     bool failed;            /* guarded by mu */
     char err[512];          /* guarded by mu */
 
+    /* Where committed (or failed) deliveries go back: the engine. Set
+     * before the engine's workers start; read by the thread. */
+    oq__ledger_done_fn done;
+    void *done_arg;
+    oq__mem_ledger claims;  /* claims: the processed set, no sink */
+
     /* The thread's own. */
     oq_settle *ops;
     uint64_t *tags;
@@ -1174,8 +1180,7 @@ struct oq__committer {
     size_t ops_cap, tags_cap, sum_cap, prows_cap;
     citem *dead, *dead_tail; /* dead letters taken from the queue */
 
-    _Atomic uint64_t processed, dead_written, commits, events_max,
-        events_total;
+    _Atomic uint64_t dead_written, commits, events_max, events_total;
     _Atomic int64_t write_ms;   /* in write_batch, ms */
     _Atomic int64_t finish_ms;  /* marking DONE and settling, ms */
 };
@@ -1279,31 +1284,33 @@ static int enqueue(oq__committer *c, citem *it, bool wait)
     return rc;
 }
 
-int oq__committer_submit(const oq_handoff *h, void *arg)
+/* Queues a commit entry (its claim prepared) for the next transaction. */
+static int submit(oq__committer *c, const oq__lcommit *e)
 {
-    oq__committer *c = arg;
+    bool failed = e->kind == OQ__LC_DEAD;
+    const oq_delivery *d = e->op->d;
     ser b = { NULL, 0 };
-    const char *err = h->failed ? oq_txn_error_text(h->txn) : NULL;
+    const char *err = failed ? oq_txn_error_text(e->txn) : NULL;
     citem *it;
     int rc;
 
-    if (!h->failed)
-        oq_txn_foreach(h->txn, ser_record, ser_count, &b);
-    it = item_new(h->failed ? C_FAILED : C_EVENT, h->ev->id, h->ev->id_len,
-                  NULL, b.len, h->failed ? h->d->payload : NULL,
-                  h->failed ? h->d->payload_len : 0, err);
+    if (!failed)
+        oq_txn_foreach(e->txn, ser_record, ser_count, &b);
+    it = item_new(failed ? C_FAILED : C_EVENT, e->ev->id, e->ev->id_len,
+                  NULL, b.len, failed ? d->payload : NULL,
+                  failed ? d->payload_len : 0, err);
     if (it == NULL)
         return OQ_ENOMEM;
     if (b.len > 0) {
         b = (ser){ it->data + it->id_len, 0 };
-        oq_txn_foreach(h->txn, ser_record, ser_count, &b);
+        oq_txn_foreach(e->txn, ser_record, ser_count, &b);
     }
-    it->d = *h->d;
-    it->reason = h->failed ? h->reason : OQ_DLQ_FAILED;
-    it->token = h->token;
-    it->tag = h->ev->tag;
-    it->attempts = h->d->receive_count;
-    it->sent_ms = h->d->sent_ms;
+    it->d = *d;
+    it->reason = failed ? e->op->reason : OQ_DLQ_FAILED;
+    it->token = e->claim->token;
+    it->tag = e->ev->tag;
+    it->attempts = d->receive_count;
+    it->sent_ms = d->sent_ms;
     rc = enqueue(c, it, true);
     if (rc != 0)
         oq__free(it);
@@ -1575,42 +1582,29 @@ static void nap_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
-/* After COMMIT: the ids become DONE, then the messages are settled. */
+/* After COMMIT: the ids become DONE, then the engine settles the
+ * messages. */
 static void finish_ok(oq__committer *c, citem *items, size_t n)
 {
-    size_t k = 0, processed = 0;
+    size_t k = 0;
 
     for (citem *it = items; it; it = it->next) {
         if (it->kind != C_EVENT && it->kind != C_FAILED)
             continue;
         /* A prepared claim cannot go stale; only memory can be short.
          * The event is on disk, so wait for memory rather than give up. */
-        int rc;
-        while ((rc = oq_idset_commit(c->o.s, it->data, it->id_len,
-                                     it->token)) == OQ_ENOMEM)
+        while (oq_idset_commit(c->o.s, it->data, it->id_len, it->token) ==
+               OQ_ENOMEM)
             nap_ms(1);
         c->ops[k++] = (oq_settle){
             .d = &it->d,
             .op = it->kind == C_EVENT ? OQ_SETTLE_ACK : OQ_SETTLE_DEAD,
-            .release = 1,
             .reason = it->reason,
             .error = item_error(it),
         };
     }
     if (k > 0)
-        oq_queue_settle(c->o.q, c->ops, k);
-    for (size_t i = 0; i < k; i++) {
-        while (c->ops[i].op == OQ_SETTLE_DEAD &&
-               c->ops[i].result == OQ_ENOMEM) {
-            oq_settle again = c->ops[i];
-            nap_ms(1);
-            oq_queue_settle(c->o.q, &again, 1);
-            c->ops[i].result = again.result;
-        }
-        if (c->ops[i].op == OQ_SETTLE_ACK && c->ops[i].result == 0)
-            processed++;
-    }
-    atomic_fetch_add(&c->processed, processed);
+        c->done(c->done_arg, c->ops, k, 0);
     atomic_fetch_add(&c->commits, 1);
     atomic_fetch_add(&c->events_total, n);
     if (n > atomic_load(&c->events_max))
@@ -1629,15 +1623,14 @@ static void finish_failed(oq__committer *c, citem *items, const char *err)
         if (it->kind != C_EVENT && it->kind != C_FAILED)
             continue;
         oq_idset_release(c->o.s, it->data, it->id_len, it->token);
-        ops[k++] = (oq_settle){ .d = &it->d, .op = OQ_SETTLE_RETURN,
-                                .release = 1 };
+        ops[k++] = (oq_settle){ .d = &it->d };
         if (k == sizeof(ops) / sizeof(ops[0])) {
-            oq_queue_settle(c->o.q, ops, k);
+            c->done(c->done_arg, ops, k, OQ_EIO);
             k = 0;
         }
     }
     if (k > 0)
-        oq_queue_settle(c->o.q, ops, k);
+        c->done(c->done_arg, ops, k, OQ_EIO);
     pthread_mutex_lock(&c->mu);
     if (!c->failed)
         snprintf(c->err, sizeof(c->err), "%s", err);
@@ -1771,6 +1764,7 @@ int oq__committer_start(oq__committer **out, const oq__committer_opts *o)
     if (c == NULL)
         return OQ_ENOMEM;
     c->o = *o;
+    c->claims = (oq__mem_ledger){ o->s, { NULL, NULL, NULL } };
     if (c->o.batch == 0)
         c->o.batch = 256;
     if (c->o.interval_ms <= 0)
@@ -1831,7 +1825,6 @@ bool oq__committer_failed(oq__committer *c, char *err, size_t errlen)
 
 void oq__committer_stats_get(oq__committer *c, oq__committer_stats *out)
 {
-    out->processed = atomic_load(&c->processed);
     out->commits = atomic_load(&c->commits);
     out->events_total = atomic_load(&c->events_total);
     out->events_max = atomic_load(&c->events_max);
@@ -1856,3 +1849,78 @@ void oq__committer_free(oq__committer *c)
     pthread_mutex_destroy(&c->mu);
     oq__free(c);
 }
+
+/* ------------------------------------------------------ the SQLite ledger */
+
+/*
+ * The engine's ledger for --state: claims in the processed set (loaded from
+ * the state at the start), commits through the committer thread. A commit
+ * entry's claim is prepared (fenced: a lost lease is OQ_ESTALE, nothing
+ * queued) and the entry queued; the committer writes it in the next
+ * transaction, marks the id DONE, and hands the pinned delivery back to
+ * the engine (done), which acks or dead-letters it. A failed transaction
+ * gives the claims back and hands the deliveries back as failed.
+ */
+static int sl_attach(void *ledger, void **ctx)
+{
+    *ctx = ledger;
+    return 0;
+}
+
+static void sl_detach(void *ctx)
+{
+    (void)ctx;
+}
+
+static int sl_claim(void *ctx, oq__lclaim *cl, size_t n)
+{
+    oq__committer *c = ctx;
+    return oq__mem_ledger_methods.claim(&c->claims, cl, n);
+}
+
+static void sl_release(void *ctx, oq__lclaim *cl, size_t n)
+{
+    oq__committer *c = ctx;
+    oq__mem_ledger_methods.release(&c->claims, cl, n);
+}
+
+static int sl_extend(void *ctx, const oq__lclaim *cl, int64_t deadline_ms)
+{
+    oq__committer *c = ctx;
+    return oq__mem_ledger_methods.extend(&c->claims, cl, deadline_ms);
+}
+
+static void sl_commit(void *ctx, oq__lcommit *e, size_t n)
+{
+    oq__committer *c = ctx;
+
+    for (size_t i = 0; i < n; i++) {
+        const oq__lclaim *cl = e[i].claim;
+        int rc = oq__idset_prepare_d(c->o.s, cl->id, cl->id_len, cl->dg,
+                                     cl->token);
+        if (rc == 0 && (rc = submit(c, &e[i])) != 0)
+            oq__idset_release_d(c->o.s, cl->id, cl->id_len, cl->dg,
+                                cl->token);
+        e[i].result = rc == 0 ? OQ__PENDING : rc;
+    }
+}
+
+static void sl_set_done(void *ledger, oq__ledger_done_fn fn, void *engine)
+{
+    oq__committer *c = ledger;
+    c->done = fn;
+    c->done_arg = engine;
+}
+
+const oq__ledger_methods oq__sqlite_ledger_methods = {
+    .version = 1,
+    .name = "sqlite",
+    .flags = 0,
+    .attach = sl_attach,
+    .detach = sl_detach,
+    .claim = sl_claim,
+    .release = sl_release,
+    .extend = sl_extend,
+    .commit = sl_commit,
+    .set_done = sl_set_done,
+};
