@@ -161,6 +161,7 @@ struct oq_pool {
     bool hb_started, hb_joined;
     void *hb_qctx, *hb_lctx;
     _Atomic uint64_t lease_extensions;
+    _Atomic size_t fit;  /* a worker's last fit(): for oq__engine_fit */
 
     /* Asynchronous commits handed back (engine_done), on the ledger's
      * thread with these contexts. */
@@ -829,19 +830,27 @@ static size_t run_batch(worker *w, size_t n)
     return redo;
 }
 
-/* How many messages to take: what the handler finishes in a quarter of a
- * lease (at most opts.batch), and one at a time for slow handlers. */
-static size_t want(const worker *w)
+/* What the handler finishes in a quarter of a lease (at most opts.batch):
+ * a batch never outlives its leases. */
+static size_t fit(const worker *w)
 {
     const oq_pool_opts *o = &w->p->opts;
-    double fit;
+    double f;
 
-    if (w->avg_ms >= SLOW_HANDLER_MS)
-        return 1;
     if (o->lease_ms <= 0 || w->avg_ms <= 0)
         return o->batch;
-    fit = (double)o->lease_ms / 4 / w->avg_ms;
-    return fit < 1 ? 1 : fit > o->batch ? o->batch : (size_t)fit;
+    f = (double)o->lease_ms / 4 / w->avg_ms;
+    return f < 1 ? 1 : f > o->batch ? o->batch : (size_t)f;
+}
+
+/* How many messages to take: what fits, and one at a time for slow
+ * handlers (a batch would hold messages other workers could start). */
+static size_t want(worker *w)
+{
+    size_t f = fit(w);
+
+    atomic_store_explicit(&w->p->fit, f, memory_order_relaxed);
+    return w->avg_ms >= SLOW_HANDLER_MS ? 1 : f;
 }
 
 static void *worker_main(void *arg)
@@ -1155,6 +1164,11 @@ void oq__pool_histogram(oq_pool *p, uint64_t *buckets, uint64_t *count,
         ns += atomic_load_explicit(&w->hist_ns, memory_order_relaxed);
     }
     *sum_s = (double)ns / 1e9;
+}
+
+size_t oq__engine_fit(oq_pool *p)
+{
+    return atomic_load_explicit(&p->fit, memory_order_relaxed);
 }
 
 uint64_t oq__pool_lease_extensions(oq_pool *p)

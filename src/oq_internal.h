@@ -306,6 +306,10 @@ int oq__engine_start(oq_pool **out, const oq__queue_methods *qm, void *qb,
                      const oq__ledger_methods *lm, void *lb,
                      const oq_pool_opts *opts);
 
+/* What a worker finishes in a quarter of a lease, as last measured (how
+ * much a backend may take over for one idle worker). */
+size_t oq__engine_fit(oq_pool *p);
+
 /* The memory backends (membackend.c): the queue backend is an oq_queue
  * itself; the memory ledger is an oq_idset and an oq_sink. */
 extern const oq__queue_methods oq__mem_queue_methods;

@@ -1321,12 +1321,11 @@ typedef struct rrun {
     pthread_mutex_t mu;         /* guards reclaimed*, fatal*; a leaf lock */
     rentry **reclaimed;         /* taken over by XAUTOCLAIM, not started */
     size_t nreclaimed, reclaimed_cap;
-    _Atomic size_t fit;         /* what a worker finishes in vt/4 */
     char fatal_msg[1024];
     int fatal;
     rstats st;
     int64_t t0_ms;
-    oq_pool *p;                 /* the engine, once started */
+    _Atomic(oq_pool *) p;       /* the engine, once started */
     _Atomic unsigned nqueues, nledgers;  /* contexts attached so far */
     /* Entries in each worker's hands (its batch and the held ones), for
      * the metrics and the housekeeper; the engine's other contexts hold
@@ -1676,10 +1675,6 @@ static int rq_receive(void *ctx, oq_delivery *out, size_t want,
     if (atomic_load(&r->stop))
         return OQ_EOF;
     want = OQ__MIN(want, q->cap);
-    /* What the engine asks for is what a worker finishes in a quarter of
-     * the lease: the housekeeper takes over no more than that per idle
-     * worker. */
-    atomic_store_explicit(&r->fit, want, memory_order_relaxed);
     atomic_store(q->inflight, q->nheld);
     n = take_held(q, 0, want, now);
     n = take_reclaimed(q, n, want, now);
@@ -2321,7 +2316,8 @@ static void rfree(void *parsed, void *arg)
 static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
 {
     char vt[24], count[24];
-    size_t fit = atomic_load_explicit(&r->fit, memory_order_relaxed);
+    oq_pool *eng = atomic_load(&r->p);
+    size_t fit = eng ? oq__engine_fit(eng) : 1;
     size_t idle = 0, limit;
     int more = 0;
 
@@ -2710,10 +2706,11 @@ static int export_path(rconn *rc, const rkeys *k, const char *path,
 static void counts_of(rrun *r, double el, oq__run_counts *n)
 {
     rstats *s = &r->st;
+    oq_pool *p = atomic_load(&r->p);
     oq_pool_stats ps = { 0 };
 
-    if (r->p)
-        oq_pool_stats_get(r->p, &ps);
+    if (p)
+        oq_pool_stats_get(p, &ps);
     memset(n, 0, sizeof(*n));
     n->processed = atomic_load(&s->processed);
     n->duplicates = atomic_load(&s->duplicates);
@@ -2724,7 +2721,7 @@ static void counts_of(rrun *r, double el, oq__run_counts *n)
     n->retried = atomic_load(&s->retried);
     n->redelivered = atomic_load(&s->redelivered);
     n->fenced = ps.fenced;
-    n->lease_extensions = r->p ? oq__pool_lease_extensions(r->p) : 0;
+    n->lease_extensions = p ? oq__pool_lease_extensions(p) : 0;
     n->workers = r->c.workers;
     n->handler = r->h.name;
     n->elapsed_s = el;
@@ -2755,15 +2752,17 @@ static void metrics_snap(oq__metrics_snap *m, void *arg)
     m->in_flight = 0;
     for (unsigned i = 0; i < r->c.workers; i++)
         m->in_flight += atomic_load(&r->inflight[i]);
-    if (r->p)
-        oq__pool_histogram(r->p, m->hist, &m->hist_count, &m->hist_sum_s);
+    oq_pool *p = atomic_load(&r->p);
+    if (p)
+        oq__pool_histogram(p, m->hist, &m->hist_count, &m->hist_sum_s);
 }
 
 static uint64_t busy_of(rrun *r)
 {
+    oq_pool *p = atomic_load(&r->p);
     oq_pool_stats ps = { 0 };
-    if (r->p)
-        oq_pool_stats_get(r->p, &ps);
+    if (p)
+        oq_pool_stats_get(p, &ps);
     return ps.busy;
 }
 
@@ -2939,6 +2938,7 @@ static int run_setup(rrun *r, rconn *main_rc)
 static int start_threads(rrun *r, house *hk)
 {
     oq_pool_opts po;
+    oq_pool *p;
     int rc;
 
     conn_init(r, &hk->rc, "house");
@@ -2965,7 +2965,7 @@ static int start_threads(rrun *r, house *hk)
     po.decode = rdecode;
     po.free_parsed = rfree;
     po.decode_arg = r;
-    rc = oq__engine_start(&r->p, &redis_queue_methods, r,
+    rc = oq__engine_start(&p, &redis_queue_methods, r,
                           &redis_ledger_methods, r, &po);
     if (rc != 0) {
         fprintf(stderr, "onceq run: cannot start the workers: %s\n",
@@ -2974,13 +2974,13 @@ static int start_threads(rrun *r, house *hk)
         pthread_join(hk->th, NULL);
         return 3;
     }
+    atomic_store(&r->p, p);
     return 0;
 }
 
 static void free_workers(rrun *r, house *hk)
 {
-    oq_pool_free(r->p);
-    r->p = NULL;
+    oq_pool_free(atomic_exchange(&r->p, NULL));
     rc_close(&hk->rc);
     for (size_t i = 0; i < r->nreclaimed; i++)
         oq__free(r->reclaimed[i]);
@@ -3051,7 +3051,7 @@ int oq__redis_run(const oq__run_config *c)
     atomic_store(&r->stop, 1);
     if (sig)
         oq__handler_cancel(&r->h);
-    oq_pool_stop(r->p, -1);
+    oq_pool_stop(atomic_load(&r->p), -1);
     pthread_join(hk.th, NULL);
     /* The last metrics, with every worker stopped: they equal --stats. */
     merr = metrics && oq__metrics_stop(metrics) != 0;
