@@ -1,5 +1,6 @@
 /* Description: M producer threads and N workers push many messages through
- * the queue, processed set and pool, with 10% duplicate ids, 5% transient
+ * the queue, processed set and engine (with the memory ledger, then with
+ * the SQLite ledger and its group-commit thread), with 10% duplicate ids, 5% transient
  * failures, 1% of handlers stalling past the visibility timeout and 0.5%
  * poison events. It proves, and fails if any is broken:
  *   - every unique non-poison id's effect is applied exactly once;
@@ -10,6 +11,11 @@
  * Time is a virtual clock that a ticker thread moves faster than real time,
  * so lease overruns happen in milliseconds of real time. Run it under
  * ThreadSanitizer (make tsan) and in a loop with different seeds.
+ *
+ * With the SQLite ledger, effects are the per-id counters the handler
+ * stages, read back from the state file (one row per id, its value the
+ * number of times it was committed), and dead letters the state's rows;
+ * it runs a quarter of the messages (SQLite under TSAN is slow).
  *
  * usage: stress_pool [--seed S] [--messages N] [--producers M]
  *                    [--workers N] [--batch B] [--vt MS] [--speedup X]
@@ -27,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "oq_internal.h"
 
@@ -175,7 +182,26 @@ static void make_workload(void)
     }
 }
 
-static void stress(void **state)
+/* The state's counters (id -> times committed) and dead letters. */
+static void effect_row(const char *key, size_t len, int64_t v, void *arg)
+{
+    char buf[16];
+    (void)arg;
+    snprintf(buf, sizeof(buf), "%.*s", (int)len, key);
+    atomic_fetch_add(&W.effects[strtoul(buf + 2, NULL, 10)], (uint32_t)v);
+}
+
+static void dead_row(const oq__dead_row *d, void *arg)
+{
+    char buf[16];
+    (void)arg;
+    assert_non_null(d->id);
+    snprintf(buf, sizeof(buf), "%.*s", (int)d->id_len, d->id);
+    atomic_fetch_add(&W.deadcnt[strtoul(buf + 2, NULL, 10)], 1);
+    assert_string_equal(d->reason, "failed");
+}
+
+static void run_stress(bool sqlite)
 {
     oq_queue_opts qo;
     oq_idset_opts so;
@@ -186,8 +212,19 @@ static void stress(void **state)
     oq_queue_stats qs;
     pthread_t tick, prod[64];
     uint64_t dead = 0, poison = 0;
-    (void)state;
+    oq__store *st = NULL;
+    oq__committer *cm = NULL;
+    char path[] = "/tmp/oq_stress_XXXXXX", err[600] = "";
+    size_t messages = cfg.messages;
 
+    if (sqlite) {
+        int fd = mkstemp(path);
+        assert_true(fd >= 0);
+        close(fd);
+        unlink(path);
+        cfg.messages = OQ__MAX(cfg.messages / 4, (size_t)100);
+    }
+    memset(&W, 0, sizeof(W));
     make_workload();
     W.tc = oq_testclock_new(1000000);
     oq_queue_opts_defaults(&qo);
@@ -210,7 +247,21 @@ static void stress(void **state)
     po.seed = cfg.seed;
 
     pthread_create(&tick, NULL, ticker, NULL);
-    assert_int_equal(oq_pool_start(&p, W.q, s, &po), 0);
+    if (sqlite) {
+        oq__committer_opts co = { .store = NULL };
+        assert_int_equal(oq__store_open(&st, path, OQ__STORE_CREATE,
+                                        OQ__SYNC_OFF, err, sizeof(err)), 0);
+        co.store = st;
+        co.q = W.q;
+        co.s = s;
+        assert_int_equal(oq__committer_start(&cm, &co), 0);
+        po.sink = (oq_sink){ NULL, NULL, NULL };
+        assert_int_equal(oq__engine_start(&p, &oq__mem_queue_methods, W.q,
+                                          &oq__sqlite_ledger_methods, cm,
+                                          &po), 0);
+    } else {
+        assert_int_equal(oq_pool_start(&p, W.q, s, &po), 0);
+    }
     for (unsigned i = 0; i < cfg.producers; i++)
         pthread_create(&prod[i], NULL, producer, (void *)(uintptr_t)i);
     for (unsigned i = 0; i < cfg.producers; i++)
@@ -220,7 +271,13 @@ static void stress(void **state)
     atomic_store(&W.done, 1);
     pthread_join(tick, NULL);
 
-    oq_queue_dead_letters(W.q, 0, count_dead, NULL);
+    if (sqlite) {
+        assert_int_equal(oq__committer_stop(cm, err, sizeof(err)), 0);
+        assert_int_equal(oq__store_foreach_count(st, effect_row, NULL), 0);
+        assert_int_equal(oq__store_foreach_dead(st, dead_row, NULL), 0);
+    } else {
+        oq_queue_dead_letters(W.q, 0, count_dead, NULL);
+    }
     for (size_t i = 0; i < W.nids; i++) {
         if (W.kind[i] == K_POISON) {
             poison++;
@@ -241,9 +298,10 @@ static void stress(void **state)
     oq_queue_stats_get(W.q, &qs);
     for (int r = 0; r < OQ_DLQ__COUNT; r++)
         dead += qs.dead_lettered[r];
-    printf("stress: seed %llu: %zu messages, %zu ids (%llu poison); sent %llu, "
+    printf("stress (%s ledger): seed %llu: %zu messages, %zu ids (%llu poison); sent %llu, "
            "rejected at send %llu; processed %llu, duplicates %llu, dead %llu; "
            "retried %llu, busy %llu, fenced %llu, redelivered %llu\n",
+           sqlite ? "sqlite" : "memory",
            (unsigned long long)cfg.seed, cfg.messages, W.nids,
            (unsigned long long)poison, (unsigned long long)qs.sent,
            (unsigned long long)qs.duplicates_rejected,
@@ -259,6 +317,19 @@ static void stress(void **state)
     assert_true(ps.fenced > 0 || cfg.messages < 10000);
 
     oq_pool_free(p);
+    oq__committer_free(cm);
+    oq__store_close(st);
+    if (sqlite) {
+        char wal[64];
+        unlink(path);
+        snprintf(wal, sizeof(wal), "%s-wal", path);
+        unlink(wal);
+        snprintf(wal, sizeof(wal), "%s-shm", path);
+        unlink(wal);
+        snprintf(wal, sizeof(wal), "%s.lock", path);
+        unlink(wal);
+    }
+    cfg.messages = messages;
     oq_idset_free(s);
     oq_queue_free(W.q);
     oq_testclock_free(W.tc);
@@ -266,6 +337,18 @@ static void stress(void **state)
     free(W.msg_id);
     free(W.effects);
     free(W.deadcnt);
+}
+
+static void stress(void **state)
+{
+    (void)state;
+    run_stress(false);
+}
+
+static void stress_sqlite(void **state)
+{
+    (void)state;
+    run_stress(true);
 }
 
 static void usage(void)
@@ -278,7 +361,8 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
-    const struct CMUnitTest tests[] = { cmocka_unit_test(stress) };
+    const struct CMUnitTest tests[] = { cmocka_unit_test(stress),
+                                        cmocka_unit_test(stress_sqlite) };
 
     cfg.seed = (uint64_t)time(NULL);
     for (int i = 1; i < argc; i++) {
