@@ -305,6 +305,27 @@ static void test_pool_size_zero_and_newer(void **state)
 }
 
 /* A size too small to hold the size field itself: nothing is written. */
+/* 0.1's committer hook is gone; its place must stay zero, so a caller
+ * built for it is refused rather than silently run without its stage. */
+static void test_pool_reserved_must_be_zero(void **state)
+{
+    oq_queue *q;
+    oq_idset *s;
+    oq_pool *p = NULL;
+    oq_pool_opts o;
+    int dummy;
+    (void)state;
+
+    assert_int_equal(oq_queue_new(&q, NULL), 0);
+    assert_int_equal(oq_idset_new(&s, NULL), 0);
+    oq_pool_opts_defaults(&o);
+    o.reserved_[1] = &dummy;
+    assert_int_equal(oq_pool_start(&p, q, s, &o), OQ_EINVAL);
+    assert_null(p);
+    oq_idset_free(s);
+    oq_queue_free(q);
+}
+
 static void test_init_tiny_size_writes_nothing(void **state)
 {
     unsigned char buf[sizeof(oq_pool_opts)];
@@ -327,6 +348,7 @@ int main(void)
         cmocka_unit_test(test_idset_size_zero_and_newer),
         cmocka_unit_test(test_pool_old_caller),
         cmocka_unit_test(test_pool_size_zero_and_newer),
+        cmocka_unit_test(test_pool_reserved_must_be_zero),
         cmocka_unit_test(test_init_tiny_size_writes_nothing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
