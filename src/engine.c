@@ -406,11 +406,16 @@ static void claim_batch(worker *w, size_t n)
     oq_pool *p = w->p;
     int64_t now = oq_clock_now(p->opts.clock);
     size_t k = 0;
+    /* A filter of the digests claimed so far in this batch: only an id
+     * whose bit is set can be a same-batch duplicate (no pairwise scan
+     * for the others). */
+    uint64_t seen[4] = { 0, 0, 0, 0 };
     int rc;
 
     for (size_t i = 0; i < n; i++) {
         slot *s = &w->slots[i];
         oq_settle *op = &w->ops[i];
+        unsigned bit;
         memset(op, 0, sizeof(*op));
         op->d = &s->d;
         op->release = 1;
@@ -428,12 +433,14 @@ static void claim_batch(worker *w, size_t n)
                                  .dg = oq__idset_digest(s->ev.id,
                                                         s->ev.id_len),
                                  .d = &s->d };
-        if (earlier_in_batch(w, i)) {
+        bit = (unsigned)(s->claim.dg.lo & 255);
+        if ((seen[bit / 64] >> (bit % 64) & 1) && earlier_in_batch(w, i)) {
             s->outcome = O_REDO;
             op->op = OQ_SETTLE_NONE;
             op->release = 0;
             continue;
         }
+        seen[bit / 64] |= 1ULL << (bit % 64);
         s->outcome = O_RUN;
         w->claims[k] = s->claim;
         w->order[k++] = i;
@@ -668,6 +675,23 @@ static void committed(worker *w, slot *s, oq_settle *op, int result)
     }
 }
 
+/* Counts a settled slot (each once: only what the backend accepted) and
+ * frees what decode parsed. */
+static void count_settled(worker *w, slot *s, const oq_settle *op)
+{
+    oq_pool *p = w->p;
+
+    if (op->op != OQ_SETTLE_NONE && op->result != 0)
+        INC(&w->c, fenced); /* the receipt went stale under us */
+    else if (s->outcome == O_DUPLICATE && p->opts.sink.duplicate)
+        p->opts.sink.duplicate(&s->ev, p->opts.sink.arg);
+    if (op->op == OQ_SETTLE_NONE || op->result == 0)
+        count(&w->c, s->outcome);
+    if (s->ev.parsed && p->opts.free_parsed)
+        p->opts.free_parsed(s->ev.parsed, p->opts.decode_arg);
+    s->ev.parsed = NULL;
+}
+
 /* Phase C for slots [lo, hi): pin, commit, settle, count. */
 static void settle_range(worker *w, size_t lo, size_t hi)
 {
@@ -686,7 +710,17 @@ static void settle_range(worker *w, size_t lo, size_t hi)
         }
     }
     /* The queue ops the ledger did not carry out, and the release of
-     * every delivery. */
+     * every delivery: in place when the range has no redo and the ledger
+     * carried out none, else through a copy. */
+    for (k = lo; k < hi; k++)
+        if (w->slots[k].outcome == O_REDO || w->slots[k].by_ledger)
+            break;
+    if (k == hi) {
+        p->qm->settle(w->qctx, w->ops + lo, hi - lo);
+        for (size_t i = lo; i < hi; i++)
+            count_settled(w, &w->slots[i], &w->ops[i]);
+        return;
+    }
     k = 0;
     for (size_t i = lo; i < hi; i++) {
         slot *s = &w->slots[i];
@@ -702,21 +736,12 @@ static void settle_range(worker *w, size_t lo, size_t hi)
     k = 0;
     for (size_t i = lo; i < hi; i++) {
         slot *s = &w->slots[i];
-        oq_settle *op = &w->ops[i];
         if (s->outcome == O_REDO)
             continue;
         if (!s->by_ledger)
-            op->result = w->pins[k].result;
+            w->ops[i].result = w->pins[k].result;
         k++;
-        if (op->op != OQ_SETTLE_NONE && op->result != 0)
-            INC(&w->c, fenced); /* the receipt went stale under us */
-        else if (s->outcome == O_DUPLICATE && p->opts.sink.duplicate)
-            p->opts.sink.duplicate(&s->ev, p->opts.sink.arg);
-        if (op->op == OQ_SETTLE_NONE || op->result == 0)
-            count(&w->c, s->outcome);
-        if (s->ev.parsed && p->opts.free_parsed)
-            p->opts.free_parsed(s->ev.parsed, p->opts.decode_arg);
-        s->ev.parsed = NULL;
+        count_settled(w, s, &w->ops[i]);
     }
 }
 
