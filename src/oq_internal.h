@@ -704,6 +704,8 @@ typedef struct oq__dead_row {
     const void *event;        /* the line's bytes */
     size_t event_len;
     const char *history;      /* JSON array of earlier deaths; NULL: "[]" */
+    const char *dlq_id;       /* Redis: the dead letter's stream entry, or
+                                 NULL */
 } oq__dead_row;
 
 typedef struct oq__source_row {

@@ -983,16 +983,6 @@ static uint64_t field_u64(const redisReply *kv, const char *name)
     return v && v->type == REDIS_REPLY_STRING ? strtoull(v->str, NULL, 10) : 0;
 }
 
-static void write_iso(FILE *f, int64_t ms)
-{
-    time_t secs = (time_t)(ms / 1000);
-    struct tm tm;
-    char buf[32];
-    gmtime_r(&secs, &tm);
-    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
-    fprintf(f, "\"%s.%03dZ\"", buf, (int)(ms % 1000));
-}
-
 /* =============================================================== send */
 
 typedef struct send_batch {
@@ -3202,43 +3192,28 @@ static void dlq_usage(FILE *f)
 "unreachable, 3 Redis failed.\n");
 }
 
-/* One dead letter as the runner writes it (plus dlq_id). */
+/* One dead letter, by the one writer of dead letters (plus its dlq_id). */
 static void write_dead(FILE *f, const redisReply *e)
 {
     const redisReply *kv = e->element[1];
     const redisReply *id = field(kv, "id"), *reason = field(kv, "reason"),
                      *error = field(kv, "error"), *src = field(kv, "source"),
                      *ev = field(kv, "event");
-    const char *rs = reason && reason->str ? reason->str : "";
+    oq__dead_row d = {
+        .source = src && src->str ? src->str : "",
+        .id = id && id->len > 0 ? id->str : NULL,
+        .id_len = id ? id->len : 0,
+        .reason = reason && reason->str ? reason->str : "",
+        .error = error && error->str ? error->str : "",
+        .attempts = (uint32_t)field_u64(kv, "attempts"),
+        .first_seen_ms = (int64_t)field_u64(kv, "first_seen"),
+        .dead_ms = (int64_t)field_u64(kv, "last_seen"),
+        .event = ev && ev->str ? ev->str : "",
+        .event_len = ev ? ev->len : 0,
+        .dlq_id = e->element[0]->str,
+    };
 
-    fputs("{", f);
-    if (id && id->len > 0) {
-        fputs("\"id\":", f);
-        oq__json_write_string(f, id->str, id->len);
-        fputs(",", f);
-    }
-    fputs("\"source\":", f);
-    oq__json_write_string(f, src ? src->str : "", src ? src->len : 0);
-    fputs(",\"reason\":", f);
-    oq__json_write_string(f, rs, strlen(rs));
-    fputs(",\"error\":", f);
-    oq__json_write_string(f, error ? error->str : "", error ? error->len : 0);
-    fprintf(f, ",\"attempts\":%" PRIu64 ",\"first_seen\":",
-            field_u64(kv, "attempts"));
-    write_iso(f, (int64_t)field_u64(kv, "first_seen"));
-    fputs(",\"last_seen\":", f);
-    write_iso(f, (int64_t)field_u64(kv, "last_seen"));
-    fputs(",\"event\":", f);
-    /* The event as JSON when it parsed; the raw line as a string when it
-     * did not (or was cut). */
-    if (ev && ev->len > 0 && strcmp(rs, "parse_error") != 0 &&
-        strcmp(rs, "too_large") != 0 && oq__utf8_valid(ev->str, ev->len))
-        fwrite(ev->str, 1, ev->len, f);
-    else
-        oq__json_write_string(f, ev ? ev->str : "", ev ? ev->len : 0);
-    fputs(",\"dlq_id\":", f);
-    oq__json_write_string(f, e->element[0]->str, e->element[0]->len);
-    fputs("}\n", f);
+    oq__write_dead_row(f, &d, false);
 }
 
 static int dlq_match(const tool_cfg *c, const char *show, const redisReply *e)

@@ -1020,6 +1020,10 @@ void oq__write_dead_row(FILE *f, const oq__dead_row *d, bool with_seq)
         write_json_or_string(f, d->event, d->event_len);
     else
         oq__json_write_string(f, d->event, d->event_len);
+    if (d->dlq_id) {
+        fputs(",\"dlq_id\":", f);
+        oq__json_write_string(f, d->dlq_id, strlen(d->dlq_id));
+    }
     fputs("}\n", f);
 }
 
