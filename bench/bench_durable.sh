@@ -6,10 +6,18 @@
 # batch sizes the committer reached, and database bytes per processed id.
 # With strace installed, one more --sync full run counts the real fsyncs.
 #
+# Then SQLite's single-writer limit for the same rows: bench_sqlite writes
+# the processed ids and the summed counts of the same file in transactions
+# of the size the --sync full run reached (its events_per_commit_avg), one
+# thread and nothing else, REPS times; onceq's durable rate is reported as
+# a ratio to its best.
+#
 # usage: sh bench/bench_durable.sh [EVENTS] [REPS]
-# env:   ONCEQ (default build/onceq), CSV (default bench/results/durable.csv)
+# env:   ONCEQ (default build/onceq), BARE (default build/bench/bench_sqlite),
+#        CSV (default bench/results/durable.csv)
 set -eu
 ONCEQ=${ONCEQ:-build/onceq}
+BARE=${BARE:-build/bench/bench_sqlite}
 N=${1:-1000000}
 REPS=${2:-3}
 CSV=${CSV:-bench/results/durable.csv}
@@ -61,6 +69,17 @@ if command -v strace > /dev/null 2>&1; then
   fsyncs=$(awk '$NF == "fsync" || $NF == "fdatasync" {n += $4} END {print n + 0}' "$DIR/strace")
 fi
 
+# SQLite's single-writer limit, in transactions of the size onceq reached.
+B=$(python3 -c "import json,sys; print(max(1, round(json.load(open(sys.argv[1]))['state']['events_per_commit_avg'])))" "$DIR/best.full")
+echo "\$ $BARE --file events.jsonl --db bare.db --batch $B --sync full   (best of $REPS)"
+i=0
+: > "$DIR/bare"
+while [ "$i" -lt "$REPS" ]; do
+  "$BARE" --file "$F" --db "$DIR/bare.db" --batch "$B" --sync full >> "$DIR/bare"
+  i=$((i + 1))
+done
+rm -f "$DIR"/bare.db*
+
 # The resume path: a finished run, run again (loads every id, skips every line).
 echo "\$ $ONCEQ run -q -w 2 -o /dev/null --stats - --state s.db events.jsonl   (again: nothing left to do)"
 rm -f "$DIR"/s.db "$DIR"/s.db-wal "$DIR"/s.db-shm
@@ -102,6 +121,12 @@ if fsyncs:
     print(f"strace: {fsyncs} fsync/fdatasync calls in one --sync full run "
           f"({full['state']['commits']} commits in the best run)")
 s = json.load(open(f"{d}/best.full"))
+bare = max(float(l.split()[-2]) for l in open(f"{d}/bare") if "events/s" in l)
+print(f"SQLite single-writer limit (bench_sqlite, same rows, transactions of "
+      f"{s['state']['events_per_commit_avg']:.0f}): {bare:.0f} events/s; "
+      f"onceq --sync full: {rate(s) / bare:.2f}x of it")
+rows.append(("sqlite single writer (same rows)", bare, bare / rate(mem),
+             "", "", "", ""))
 print(f"\ngoal: --sync full >= 0.50x in-memory: "
       f"{'met' if rate(s) / rate(mem) >= 0.5 else 'NOT met'} "
       f"({rate(s) / rate(mem):.2f}x)")
