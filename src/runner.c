@@ -477,8 +477,17 @@ typedef struct run {
     _Atomic uint64_t lines, blank;
     _Atomic int reader_done;
     _Atomic int stop;
-    int reader_rc;              /* read by main only after the join */
+    int reader_rc;              /* set once reader_done; read by main */
     char reader_err[512];
+    /* The reader role: one thread at a time reads input lines and sends
+     * them (a worker whose queue ran dry, or the reader thread). reader_mu
+     * guards pb and the reader (oq__reader_next); taken with trylock by
+     * workers, never held across anything but reading and sending. */
+    pthread_mutex_t reader_mu;
+    struct pending *pb;
+    oq__mem_ledger mem;         /* the ledger when the workers read */
+    bool reader_thread;         /* a thread reads (fewer workers than
+                                   cores), else the workers do */
 
     int64_t t0_ms;
     int64_t wall0_ms;           /* wall clock at t0, for dead-letter times */
@@ -571,6 +580,8 @@ typedef struct pending {
 } pending;
 
 #define ARENA_BYTES (SEND_BATCH * 512)
+/* Lines a worker in the reader role reads at a time. */
+#define READ_STEP (4 * SEND_BATCH)
 
 static void flush(void *arg)
 {
@@ -599,51 +610,155 @@ static void add_line(pending *pb, const oq__line *l)
     pb->used += l->len;
 }
 
-static void *reader_main(void *arg)
+/*
+ * Who reads: a reader thread when there are fewer workers than CPUs (it
+ * runs beside them), else the workers themselves, one at a time, when
+ * their queue runs dry (a reader thread would take a core's time from
+ * them). ONCEQ_READER=thread or =workers chooses, for benchmarks.
+ */
+static int start_reading(run *r)
 {
-    run *r = arg;
-    pending *pb = oq__calloc(1, sizeof(*pb));
-    oq__line l;
-    int rc = 0;
+    const char *force = getenv("ONCEQ_READER");
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 
-    if (pb && (pb->arena = oq__malloc(ARENA_BYTES)) != NULL) {
-        pb->r = r;
-        pb->cap = ARENA_BYTES;
-        /* Lines from a pipe must not wait for a full batch. */
-        oq__reader_set_idle(r->reader, flush, pb);
-        while (!atomic_load(&r->stop) && pb->rc == 0 &&
-               (rc = oq__reader_next(r->reader, &l, r->reader_err,
-                                     sizeof(r->reader_err))) > 0) {
-            atomic_fetch_add(&r->lines, 1);
-            if (r->tracker &&
-                oq__tracker_add(r->tracker, l.file, l.lineno, l.end,
-                                l.kind == OQ__LINE_BLANK) != 0) {
-                pb->rc = OQ_ENOMEM;
-                break;
-            }
-            if (l.kind == OQ__LINE_BLANK)
-                atomic_fetch_add(&r->blank, 1);
-            else if (l.kind == OQ__LINE_TOO_LARGE)
-                pb->rc = reject_too_large(r, &l);
-            else
-                add_line(pb, &l);
-        }
-        flush(pb);
-        oq__reader_set_idle(r->reader, NULL, NULL);
-    }
-    if (pb == NULL || pb->arena == NULL || pb->rc != 0) {
+    r->pb = oq__calloc(1, sizeof(*r->pb));
+    if (r->pb == NULL)
+        return OQ_ENOMEM;
+    pthread_mutex_init(&r->reader_mu, NULL);
+    if ((r->pb->arena = oq__malloc(ARENA_BYTES)) == NULL)
+        return OQ_ENOMEM;
+    r->pb->r = r;
+    r->pb->cap = ARENA_BYTES;
+    r->reader_thread = ncpu <= 0 || (long)r->c->workers < ncpu;
+    if (force && strcmp(force, "thread") == 0)
+        r->reader_thread = true;
+    else if (force && strcmp(force, "workers") == 0)
+        r->reader_thread = false;
+    return 0;
+}
+
+/* The input is done (its end, a stop, or an error): no more sends. */
+static void end_reading(run *r, int rc)
+{
+    pending *pb = r->pb;
+
+    if (pb->rc != 0) {
         rc = OQ_ENOMEM;
         snprintf(r->reader_err, sizeof(r->reader_err),
                  "out of memory: input lines could not be queued");
     }
-    if (pb)
-        oq__free(pb->arena);
-    oq__free(pb);
+    oq__reader_set_idle(r->reader, NULL, NULL);
     r->reader_rc = rc < 0 ? rc : 0;
     oq_queue_close(r->q);
     atomic_store(&r->reader_done, 1);
+}
+
+/* The reader role (r->reader_mu held): reads up to max lines and sends
+ * them. Returns false once the input is done. */
+static bool read_some(run *r, size_t max)
+{
+    pending *pb = r->pb;
+    oq__line l;
+    int rc = 1;
+
+    if (atomic_load(&r->reader_done))
+        return false;
+    /* Lines from a pipe must not wait for a full batch. */
+    oq__reader_set_idle(r->reader, flush, pb);
+    for (size_t k = 0; k < max; k++) {
+        if (atomic_load(&r->stop) || pb->rc != 0 ||
+            (rc = oq__reader_next(r->reader, &l, r->reader_err,
+                                  sizeof(r->reader_err))) <= 0)
+            break;
+        atomic_fetch_add(&r->lines, 1);
+        if (r->tracker &&
+            oq__tracker_add(r->tracker, l.file, l.lineno, l.end,
+                            l.kind == OQ__LINE_BLANK) != 0) {
+            pb->rc = OQ_ENOMEM;
+            break;
+        }
+        if (l.kind == OQ__LINE_BLANK)
+            atomic_fetch_add(&r->blank, 1);
+        else if (l.kind == OQ__LINE_TOO_LARGE)
+            pb->rc = reject_too_large(r, &l);
+        else
+            add_line(pb, &l);
+    }
+    flush(pb);
+    if (rc > 0 && pb->rc == 0 && !atomic_load(&r->stop))
+        return true;
+    end_reading(r, rc);
+    return false;
+}
+
+static void *reader_main(void *arg)
+{
+    run *r = arg;
+
+    pthread_mutex_lock(&r->reader_mu);
+    while (read_some(r, SIZE_MAX))
+        ;
+    pthread_mutex_unlock(&r->reader_mu);
     return NULL;
 }
+
+/*
+ * The workers' queue backend when they take the reader role themselves
+ * (no reader thread: with as many workers as cores, a reader thread only
+ * competes with them): the memory queue, and when it has nothing ready, a
+ * worker that gets the role reads a batch of lines and sends them, then
+ * receives. The others wait on the queue as usual.
+ */
+static int feed_receive(void *ctx, oq_delivery *out, size_t max,
+                        int64_t wait_ms)
+{
+    run *r = ctx;
+    int n = oq_queue_receive(r->q, out, max, 0);
+
+    /* Fewer than asked: the queue is running dry. Refill it before it
+     * is empty, so that the other workers do not wait while we read. */
+    if (n >= 0 && (size_t)n < max && !atomic_load(&r->reader_done) &&
+        pthread_mutex_trylock(&r->reader_mu) == 0) {
+        read_some(r, READ_STEP);
+        pthread_mutex_unlock(&r->reader_mu);
+        if (n == 0)
+            n = oq_queue_receive(r->q, out, max, 0);
+    }
+    return n != 0 ? n : oq_queue_receive(r->q, out, max, wait_ms);
+}
+
+static int feed_attach(void *backend, void **ctx)
+{
+    *ctx = backend;
+    return 0;
+}
+
+static void feed_detach(void *ctx)
+{
+    (void)ctx;
+}
+
+static void feed_settle(void *ctx, oq_settle *ops, size_t n)
+{
+    run *r = ctx;
+    oq__mem_queue_methods.settle(r->q, ops, n);
+}
+
+static void feed_wake(void *backend)
+{
+    run *r = backend;
+    oq_queue_wake(r->q);
+}
+
+static const oq__queue_methods feed_methods = {
+    .version = 1,
+    .name = "memory+reader",
+    .attach = feed_attach,
+    .detach = feed_detach,
+    .receive = feed_receive,
+    .settle = feed_settle,
+    .wake = feed_wake,
+};
 
 /* ------------------------------------------------------------ results */
 
@@ -1658,6 +1773,7 @@ nomem:
 static int start_pool(run *r)
 {
     oq_pool_opts po;
+    int rc;
 
     oq_pool_opts_defaults(&po);
     po.workers = r->c->workers;
@@ -1675,13 +1791,26 @@ static int start_pool(run *r)
     po.sink = (oq_sink){ run_apply, &r->rs, run_duplicate };
     if (r->cm)
         po.sink = (oq_sink){ NULL, r->cm, durable_dup };
+    r->mem = (oq__mem_ledger){ r->s, po.sink };
     po.decode = oq__json_decode;
     po.free_parsed = oq__json_free;
     po.decode_arg = &r->idspec;
-    if ((r->cm ? oq__engine_start(&r->p, &oq__mem_queue_methods, r->q,
-                                  &oq__sqlite_ledger_methods, r->cm, &po)
-               : oq_pool_start(&r->p, r->q, r->s, &po)) != 0)
-        return OQ_ENOMEM;
+    {
+        const oq__queue_methods *qm = r->reader_thread
+                                          ? &oq__mem_queue_methods
+                                          : &feed_methods;
+        void *qb = r->reader_thread ? (void *)r->q : (void *)r;
+        if (r->cm)
+            rc = oq__engine_start(&r->p, qm, qb, &oq__sqlite_ledger_methods,
+                                  r->cm, &po);
+        else if (r->reader_thread)
+            rc = oq_pool_start(&r->p, r->q, r->s, &po);
+        else
+            rc = oq__engine_start(&r->p, qm, qb, &oq__mem_ledger_methods,
+                                  &r->mem, &po);
+        if (rc != 0)
+            return OQ_ENOMEM;
+    }
     atomic_store(&r->pool_up, 1);
     return 0;
 }
@@ -1712,6 +1841,11 @@ static void close_all(run *r)
         pthread_mutex_destroy(&r->rs.mu);
     if (r->reader)
         oq__reader_close(r->reader);
+    if (r->pb) {
+        oq__free(r->pb->arena);
+        oq__free(r->pb);
+        pthread_mutex_destroy(&r->reader_mu);
+    }
     if (r->h.fn)
         oq__handler_free(&r->h);
 }
@@ -1941,8 +2075,9 @@ int oq__run(const oq__run_config *c)
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &sigs, &old);
-    if (start_pool(r) != 0 ||
-        pthread_create(&reader, NULL, reader_main, r) != 0) {
+    if (start_reading(r) != 0 || start_pool(r) != 0 ||
+        (r->reader_thread &&
+         pthread_create(&reader, NULL, reader_main, r) != 0)) {
         fprintf(stderr, "onceq run: cannot start threads\n");
         oq_queue_close(r->q);
         close_all(r);
@@ -1964,7 +2099,8 @@ int oq__run(const oq__run_config *c)
     } else {
         oq_pool_wait(r->p);
     }
-    pthread_join(reader, NULL);
+    if (r->reader_thread)
+        pthread_join(reader, NULL);
     /* The last metrics, with every worker stopped. */
     if (r->metrics && oq__metrics_stop(r->metrics) != 0 && status == 0) {
         fprintf(stderr, "onceq run: write error on metrics '%s'\n",

@@ -385,6 +385,41 @@ def write_error_exits_3():
 
 
 @test
+def reader_thread_and_reading_workers_agree():
+    """Who reads the input (a reader thread, or the workers themselves when
+    their queue runs dry: ONCEQ_READER) changes nothing in the results, on
+    a file and on an open pipe that is then stopped."""
+    f = gen("readers.jsonl", "--events", "20000", "--duplicates", "0.2",
+            "--seed", str(SEED + 7))
+    want = dict(expected_words(f))
+    uniq = len({e["id"] for e in read_jsonl(f)})
+    for who in ("thread", "workers"):
+        env = dict(os.environ, ONCEQ_READER=who)
+        for w in ("1", "3"):
+            p = subprocess.run([ONCEQ, "run", "-w", w, "--stats",
+                                path("rd.stats"), f], capture_output=True,
+                               env=env, cwd=TMP, timeout=300)
+            assert p.returncode == 0, (who, w, p.stderr)
+            assert parse_counts(p.stdout.decode()) == want, (who, w)
+            st = json.load(open(path("rd.stats")))
+            balanced(st)
+            assert st["processed"] == uniq, (who, w, st)
+        # A worker blocked reading an open pipe holds the reader role: the
+        # lines read so far are still processed, and SIGINT still stops it.
+        p = subprocess.Popen([ONCEQ, "run", "-w", "2", "--stats", "-"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=TMP, env=env)
+        p.stdin.write(b'{"id":"a","word":"x"}\n{"id":"b","word":"x"}\n')
+        p.stdin.flush()
+        time.sleep(1.0 if SLOW else 0.4)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 130, (who, p.returncode, err)
+        lines = out.decode().splitlines()
+        assert lines[0] == '{"word":"x","count":2}', (who, lines)
+
+
+@test
 def sigint_and_sigterm_stop_gracefully():
     f = path("slow.jsonl")
     open(f, "w").write("".join(f'{{"id":"s{i}"}}\n' for i in range(200)))
