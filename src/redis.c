@@ -26,7 +26,9 @@
  *   S:stats         hash: sent, rejected, processed, duplicates, dead,
  *                   dead:<reason>, retried, fenced, redriven; written only
  *                   inside the scripts, so it is exact whatever fails
- *   S:meta          hash: output (counts|records), count_key, handler
+ *   S:meta          hash: output (counts|records), count_key, handler,
+ *                   epoch (random, written once at the stream's first
+ *                   use: its absence means the data was lost)
  *
  * Threads of `onceq run --redis` (each with its own hiredis context: a
  * context is not thread-safe, and a worker blocked in XREADGROUP must not
@@ -73,8 +75,22 @@
  *   - the main thread waits for SIGINT/SIGTERM (blocked in every other
  *     thread) and for the end.
  *
+ * Safety checks at start (run and send; exit 2): the server's
+ * maxmemory-policy must be noeviction (an evicted claim or "D" runs an
+ * event twice), and the stream's keys, where they exist, must have their
+ * types (a stream named S:counts is S's counts hash). Every connection
+ * checks S:meta's epoch when it (re)connects; the DRAIN and SEND scripts
+ * and ensure_group (a missing group) check it too: data lost under a
+ * running consumer stops it with exit 3, never starts the stream over.
+ * Transient error replies (LOADING, BUSY, TRYAGAIN, READONLY: the command
+ * was refused before it ran) are retried like a lost connection, with the
+ * same backoff and limit, in rc_cmd/rc_script/rc_open.
+ *
  * Scripts (Lua, below as C strings; SCRIPT LOAD at connect, EVALSHA, and
- * EVAL when the server answers NOSCRIPT, e.g. after a SCRIPT FLUSH):
+ * EVAL when the server answers NOSCRIPT, e.g. after a SCRIPT FLUSH). The
+ * ones that write outputs (COMMIT, SEND) check the types of the keys they
+ * write before their first write: Redis does not roll back a script that
+ * fails halfway.
  *   CLAIM    per id: SET key token NX PX (the delivery's rest); else GET:
  *            "D" -> DONE, our own token -> CLAIMED (a retried call is
  *            idempotent), another token -> BUSY with its PTTL (and the
@@ -198,7 +214,11 @@ static const char *const script_text[SC__COUNT] = {
  * (k: index of the op's id key in KEYS, 0 = none). If any commit's claim
  * is no longer ours, nothing is written and {-1, {its indexes}} comes back
  * (the client drops them and calls again); otherwise {1, {per other op: 1
- * done, 0 settled by another consumer, -1 fenced}}. Claims are read with
+ * done, 0 settled by another consumer, -1 fenced}}. Before the first
+ * write, the keys it will write must be of their types (or absent), else
+ * a WRONGTYPE error comes back and nothing is written: Redis does not roll
+ * a script back, so a WRONGTYPE halfway (another stream named S:counts)
+ * would leave the ids marked and acked without their counts. Claims are read with
  * one MGET and commits marked with one MSET: a redis.call costs about a
  * microsecond and each argument a fifth of one, so a commit with counts
  * costs one argument per event (its entry) and no call of its own. */
@@ -212,6 +232,18 @@ static const char *const script_text[SC__COUNT] = {
 "  if cur[j] ~= pre .. ARGV[5 + j] then fenced[#fenced + 1] = j end\n"
 "end\n"
 "if #fenced > 0 then return {-1, fenced} end\n"
+"local function clash(k, t)\n"
+"  local h = redis.call('TYPE', k)['ok']\n"
+"  if h == 'none' or h == t then return nil end\n"
+"  return redis.error_reply('WRONGTYPE ' .. k .. ' is a ' .. h ..\n"
+"    ', not the ' .. t .. ' of stream ' .. S .. ' (another stream\\'s ' ..\n"
+"    'name clashes with it); nothing was committed')\n"
+"end\n"
+"local bad = clash(KEYS[6], 'hash') or (ncnt > 0 and clash(KEYS[2], 'hash'))\n"
+"  or (nrec > 0 and clash(KEYS[3], 'stream'))\n"
+"  or (6 + nc + 2 * (ncnt + nrec) <= #ARGV and\n"
+"      (clash(KEYS[4], 'stream') or clash(KEYS[5], 'zset')))\n"
+"if bad then return bad end\n"
 "local st, out, dels, done = {}, {}, {}, {}\n"
 "local function bump(k, n) st[k] = (st[k] or 0) + n end\n"
 "if nc > 0 then\n"
@@ -297,8 +329,16 @@ static const char *const script_text[SC__COUNT] = {
 "end\n"
 "return #due\n",
 
-/* DRAIN. KEYS: [1] stream [2] delayed. ARGV[1]: group. Returns {pending
- * with any consumer, delayed, 1 if entries not delivered to the group}. */
+/* DRAIN. KEYS: [1] stream [2] delayed [3] meta. ARGV[1]: group [2] the
+ * stream's epoch. Returns {pending with any consumer, delayed, 1 if
+ * entries not delivered to the group}, or the error ONCEQLOST when the
+ * epoch is gone: an empty stream is then not drained but lost (a restart
+ * without persistence, FLUSHALL), and the run must not end as if it had
+ * done everything. */
+"if redis.call('HGET', KEYS[3], 'epoch') ~= ARGV[2] then\n"
+"  return redis.error_reply('ONCEQLOST the epoch of ' .. KEYS[1] ..\n"
+"    ' is gone')\n"
+"end\n"
 "local p = redis.call('XPENDING', KEYS[1], ARGV[1])[1]\n"
 "local d = redis.call('ZCARD', KEYS[2])\n"
 "local last = '0-0'\n"
@@ -313,13 +353,28 @@ static const char *const script_text[SC__COUNT] = {
 "local more = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)\n"
 "return {p, d, #more}\n",
 
-/* SEND. KEYS: [1] stream [2] stats [3..] dedup keys. ARGV[1]: window ms
- * (0: off), then per event: k line source big (k: dedup key index, 0 =
- * none; big: "" or the full length of a cut line). Returns {sent,
- * rejected}. */
+/* SEND. KEYS: [1] stream [2] stats [3] meta [4..] dedup keys. ARGV[1]:
+ * window ms (0: off) [2] the stream's epoch, then per event: k line source
+ * big (k: dedup key index, 0 = none; big: "" or the full length of a cut
+ * line). Returns {sent, rejected}. Before any write: the epoch must still
+ * be there (else the stream's data was lost since we started: error
+ * ONCEQLOST, nothing sent), and the keys it writes must have their types
+ * (else WRONGTYPE, nothing sent: a script stopped by an error halfway
+ * keeps its first writes). */
+"local t1, t2 = redis.call('TYPE', KEYS[1])['ok'],\n"
+"  redis.call('TYPE', KEYS[2])['ok']\n"
+"if redis.call('HGET', KEYS[3], 'epoch') ~= ARGV[2] then\n"
+"  return redis.error_reply('ONCEQLOST the epoch of ' .. KEYS[1] ..\n"
+"    ' is gone')\n"
+"end\n"
+"if (t1 ~= 'none' and t1 ~= 'stream') or (t2 ~= 'none' and t2 ~= 'hash') then\n"
+"  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' is a ' .. t1 ..\n"
+"    ' and ' .. KEYS[2] .. ' a ' .. t2 .. ' (a stream and a hash needed: ' ..\n"
+"    'another stream\\'s name clashes with them); nothing was sent')\n"
+"end\n"
 "local w = tonumber(ARGV[1])\n"
 "local sent, rej = 0, 0\n"
-"local i = 2\n"
+"local i = 3\n"
 "while i <= #ARGV do\n"
 "  local k, line, src, big = tonumber(ARGV[i]), ARGV[i+1], ARGV[i+2],\n"
 "                            ARGV[i+3]\n"
@@ -522,7 +577,9 @@ static int pct_decode(const char *s, size_t n, char *out, size_t outlen)
     return 0;
 }
 
-/* redis://[[user]:pass@]host[:port][/db]. 0, or -1 with a message. */
+/* redis://[[user]:pass@]host[:port][/db]; the password, when the URL has
+ * none, from $REDISCLI_AUTH. 0, or -1 with a message (which never shows
+ * the environment's password). */
 static int parse_url(const char *url, rurl *u, char *err, size_t errlen)
 {
     const char *p, *at, *hostend, *slash;
@@ -593,6 +650,20 @@ static int parse_url(const char *url, rurl *u, char *err, size_t errlen)
     if (*p != '\0')
         goto bad;
     snprintf(u->text, sizeof(u->text), "%s:%d", u->host, u->port);
+    /* A password in the URL is on the command line, which every user of
+     * the machine can read (ps); redis-cli's REDISCLI_AUTH keeps it out of
+     * sight. The URL's own password wins, as with redis-cli -a. */
+    if (u->pass[0] == '\0') {
+        const char *env = getenv("REDISCLI_AUTH");
+        if (env && *env) {
+            if (strlen(env) >= sizeof(u->pass)) {
+                snprintf(err, errlen, "the password in REDISCLI_AUTH is too "
+                         "long (at most %zu bytes)", sizeof(u->pass) - 1);
+                return -1;
+            }
+            snprintf(u->pass, sizeof(u->pass), "%s", env);
+        }
+    }
     return 0;
 bad:
     snprintf(err, errlen, "bad Redis URL '%s' (expected "
@@ -602,7 +673,9 @@ bad:
 
 /* ======================================================== connections */
 
-enum { RC_OK = 0, RC_IO = -1, RC_FATAL = -2 };
+/* RC_WAIT: the server answered "not now" (see is_transient): try again
+ * later, as after a lost connection. */
+enum { RC_OK = 0, RC_IO = -1, RC_FATAL = -2, RC_WAIT = -3 };
 
 /* One connection; used by one thread. */
 typedef struct rconn {
@@ -616,6 +689,10 @@ typedef struct rconn {
     size_t avcap;
     const atomic_int *stop;      /* stop reconnecting when set; may be NULL */
     atomic_int *reconnects;      /* counted here; may be NULL */
+    const char *meta;            /* S:meta, and the stream's epoch there as */
+    const char *epoch;           /* first seen: checked at every (re)connect;
+                                    NULL or "": not (yet) known */
+    const char *stream;          /* S, for the message when it is lost */
     char err[1024];              /* the last fatal error */
 } rconn;
 
@@ -642,6 +719,42 @@ static int is_err(const redisReply *r, const char *prefix)
 {
     return r && r->type == REDIS_REPLY_ERROR &&
            strncmp(r->str, prefix, strlen(prefix)) == 0;
+}
+
+/*
+ * Error replies that mean "not now" rather than "no": the server refused
+ * the command before running it, so it had no effect, and the same call
+ * succeeds later. LOADING: a restarted server is reading its AOF or RDB.
+ * BUSY: a script (anyone's) runs past busy-reply-threshold. TRYAGAIN: keys
+ * being moved between nodes. READONLY: after a failover we talk to the old
+ * master, now a replica; a new connection (the name resolved again) may
+ * reach the new one, and a write never runs on a replica (in a script the
+ * first write fails, so the script has written nothing). The callers back
+ * off and reconnect, as after a lost connection, within the same limit.
+ */
+static int is_transient(const redisReply *r)
+{
+    return is_err(r, "LOADING") || is_err(r, "BUSY ") ||
+           is_err(r, "TRYAGAIN") || is_err(r, "READONLY");
+}
+
+/* The message for a stream whose data was lost: the run stops rather than
+ * start the stream over (which would end a --drain with events lost). */
+static void lost_message(char *out, size_t len, const char *where,
+                         const char *stream)
+{
+    snprintf(out, len, "the Redis data of stream '%s' at %s was lost "
+             "(restart without persistence, or FLUSHALL?); stopping, not "
+             "starting it over", stream, where);
+}
+
+/* Notes a transient error reply in rc->err (rc_reconnect may give up with
+ * it) and frees it. */
+static void note_transient(rconn *rc, redisReply *r)
+{
+    snprintf(rc->err, sizeof(rc->err), "Redis at %s: %s", rc->u->text,
+             r->str);
+    freeReplyObject(r);
 }
 
 /* Connects, authenticates, selects the db, checks the server and loads
@@ -676,6 +789,8 @@ static int rc_open(rconn *rc)
             r = redisCommand(rc->c, "AUTH %s", rc->u->pass);
         if (r == NULL)
             goto io;
+        if (is_transient(r))
+            goto wait;
         if (r->type == REDIS_REPLY_ERROR) {
             snprintf(rc->err, sizeof(rc->err),
                      "Redis at %s refused AUTH: %s", rc->u->text, r->str);
@@ -686,10 +801,13 @@ static int rc_open(rconn *rc)
     r = redisCommand(rc->c, "INFO server");
     if (r == NULL)
         goto io;
+    if (is_transient(r))
+        goto wait;
     if (r->type == REDIS_REPLY_ERROR) {
         snprintf(rc->err, sizeof(rc->err), "Redis at %s: %s%s", rc->u->text,
                  r->str, is_err(r, "NOAUTH") ?
-                 " (give a password: redis://:PASSWORD@host:port)" : "");
+                 " (give a password: set REDISCLI_AUTH, or "
+                 "redis://:PASSWORD@host:port)" : "");
         goto fatal;
     }
     v = r->type == REDIS_REPLY_STRING ? strstr(r->str, "redis_version:")
@@ -707,6 +825,8 @@ static int rc_open(rconn *rc)
         r = redisCommand(rc->c, "SELECT %d", rc->u->db);
         if (r == NULL)
             goto io;
+        if (is_transient(r))
+            goto wait;
         if (r->type == REDIS_REPLY_ERROR) {
             snprintf(rc->err, sizeof(rc->err), "Redis at %s: SELECT %d: %s",
                      rc->u->text, rc->u->db, r->str);
@@ -718,12 +838,38 @@ static int rc_open(rconn *rc)
         r = redisCommand(rc->c, "CLIENT SETNAME %s", rc->name);
         if (r == NULL)
             goto io;
+        if (is_transient(r))
+            goto wait;
+        freeReplyObject(r);
+    }
+    /* The stream's epoch (S:meta's epoch field, written at its first use)
+     * is checked at every reconnect: a server restarted without
+     * persistence, or flushed, has lost the claims, the processed set and
+     * the group; starting over would run events again, or end a --drain
+     * with events lost. */
+    if (rc->epoch && rc->epoch[0]) {
+        r = redisCommand(rc->c, "HGET %s epoch", rc->meta);
+        if (r == NULL)
+            goto io;
+        if (is_transient(r))
+            goto wait;
+        if (r->type != REDIS_REPLY_STRING || strcmp(r->str, rc->epoch) != 0) {
+            if (r->type == REDIS_REPLY_ERROR)
+                snprintf(rc->err, sizeof(rc->err), "Redis at %s: HGET %s: %s",
+                         rc->u->text, rc->meta, r->str);
+            else
+                lost_message(rc->err, sizeof(rc->err), rc->u->text,
+                             rc->stream);
+            goto fatal;
+        }
         freeReplyObject(r);
     }
     for (int i = 0; i < SC__COUNT; i++) {
         r = redisCommand(rc->c, "SCRIPT LOAD %s", script_text[i]);
         if (r == NULL)
             goto io;
+        if (is_transient(r))
+            goto wait;
         if (r->type != REDIS_REPLY_STRING || r->len != 40) {
             snprintf(rc->err, sizeof(rc->err), "Redis at %s: SCRIPT LOAD: %s",
                      rc->u->text, r->type == REDIS_REPLY_ERROR ? r->str
@@ -738,6 +884,9 @@ io:
     snprintf(rc->err, sizeof(rc->err), "lost the connection to Redis at %s: "
              "%s", rc->u->text, rc->c->errstr[0] ? rc->c->errstr : "closed");
     return RC_IO;
+wait:
+    note_transient(rc, r);
+    return RC_WAIT;
 fatal:
     freeReplyObject(r);
     return RC_FATAL;
@@ -755,7 +904,8 @@ static void rc_close(rconn *rc)
     rc->avcap = 0;
 }
 
-/* After an I/O error: reconnects with backoff until it works, the run is
+/* After an I/O error or a transient error reply: reconnects with backoff
+ * until it works (and the server no longer answers "not now"), the run is
  * stopped, or RECONNECT_GIVE_UP_MS passed. RC_OK, RC_IO or RC_FATAL. */
 static int rc_reconnect(rconn *rc)
 {
@@ -772,10 +922,14 @@ static int rc_reconnect(rconn *rc)
         }
         nap_ms(10 + oq_backoff_ms(50, 2000, attempt, &rng));
         st = rc_open(rc);
-        if (st != RC_IO)
+        if (st != RC_IO && st != RC_WAIT)
             return st;
-        if (mono_ms() - t0 > RECONNECT_GIVE_UP_MS)
+        if (mono_ms() - t0 > RECONNECT_GIVE_UP_MS) {
+            size_t n = strlen(rc->err);
+            snprintf(rc->err + n, sizeof(rc->err) - n, " (gave up after "
+                     "%d s of retrying)", RECONNECT_GIVE_UP_MS / 1000);
             return RC_IO;
+        }
     }
 }
 
@@ -834,9 +988,10 @@ static int rc_append_script(rconn *rc, int script, int eval, const abuf *keys,
 }
 
 /* Runs a script; on NOSCRIPT runs it with EVAL (which caches it again).
- * After an I/O error it reconnects and calls again: the scripts are safe
- * to run twice (see DESIGN). Returns the reply (possibly an error reply),
- * or NULL: rc->err says why, and the run should stop. */
+ * After an I/O error, or a transient error reply (is_transient: the script
+ * did not run, or wrote nothing), it reconnects and calls again: the
+ * scripts are safe to run twice (see DESIGN). Returns the reply (possibly
+ * an error reply), or NULL: rc->err says why, and the run should stop. */
 static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
                              const abuf *args)
 {
@@ -856,6 +1011,10 @@ static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
                 eval = 1;
                 continue;
             }
+            if (is_transient(reply)) {
+                note_transient(rc, reply);
+                break;
+            }
             return reply;
         }
         if (rc_reconnect(rc) != RC_OK)
@@ -863,14 +1022,22 @@ static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
     }
 }
 
-/* A plain command (argv form), with the same reconnect rule. */
+/* A plain command (argv form), with the same reconnect rule. Retrying
+ * after a transient error reply is safe for any command: it was refused
+ * before it ran. (After a lost connection the command may have run; each
+ * caller's command is one whose repetition is harmless: XGROUP CREATE
+ * answers BUSYGROUP, HSET and XDEL are idempotent, an XREADGROUP or
+ * XAUTOCLAIM whose reply was lost leaves its entries pending, to be taken
+ * over; the rest only read.) */
 static redisReply *rc_cmd(rconn *rc, int argc, const char **argv,
                           const size_t *lens)
 {
     for (;;) {
         redisReply *r = redisCommandArgv(rc->c, argc, argv, lens);
-        if (r != NULL)
+        if (r != NULL && !is_transient(r))
             return r;
+        if (r != NULL)
+            note_transient(rc, r);
         if (rc_reconnect(rc) != RC_OK)
             return NULL;
     }
@@ -885,20 +1052,26 @@ static redisReply *rc_cmdf(rconn *rc, const char *fmt, ...)
         va_start(ap, fmt);
         r = redisvCommand(rc->c, fmt, ap);
         va_end(ap);
-        if (r != NULL)
+        if (r != NULL && !is_transient(r))
             return r;
+        if (r != NULL)
+            note_transient(rc, r);
         if (rc_reconnect(rc) != RC_OK)
             return NULL;
     }
 }
 
 /* First connection of a command: a one-line error and exit status 2 on
- * failure. */
+ * failure. A server that answers "not now" (loading its data after a
+ * restart, busy with a script) is waited for as a reconnect would; one
+ * that cannot be reached at all is refused at once. */
 static int rc_first(rconn *rc, const rurl *u, const char *cmd)
 {
     int st;
     rc->u = u;
     st = rc_open(rc);
+    if (st == RC_WAIT)
+        st = rc_reconnect(rc);
     if (st != RC_OK) {
         fprintf(stderr, "onceq %s: %s\n", cmd, rc->err);
         rc_close(rc);
@@ -983,6 +1156,156 @@ static uint64_t field_u64(const redisReply *kv, const char *name)
     return v && v->type == REDIS_REPLY_STRING ? strtoull(v->str, NULL, 10) : 0;
 }
 
+static uint64_t make_nonce(void)
+{
+    uint64_t v = 0;
+    FILE *f = fopen("/dev/urandom", "rbe");
+    if (f) {
+        if (fread(&v, sizeof(v), 1, f) != 1)
+            v = 0;
+        fclose(f);
+    }
+    if (v == 0) {
+        uint64_t s = (uint64_t)wall_ms() ^ ((uint64_t)getpid() << 32);
+        v = oq__splitmix64(&s);
+    }
+    return v;
+}
+
+/*
+ * Refuses (exit 2) a server whose maxmemory-policy may evict keys: an
+ * evicted claim lets a second consumer run an event that is still
+ * running, an evicted "D" mark (allkeys-*) or an evicted dedup key lets a
+ * processed event run again, silently. CONFIG GET first; where CONFIG is
+ * renamed or not allowed (managed services), INFO memory's
+ * maxmemory_policy; where neither says, a warning. 0, or an exit status
+ * with the message written.
+ */
+static int check_policy(rconn *rc, const char *cmd)
+{
+    char policy[64] = "";
+    redisReply *rep = rc_cmdf(rc, "CONFIG GET maxmemory-policy");
+
+    if (rep == NULL) {
+        fprintf(stderr, "onceq %s: %s\n", cmd, rc->err);
+        return 2;
+    }
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
+        rep->element[1]->type == REDIS_REPLY_STRING)
+        snprintf(policy, sizeof(policy), "%s", rep->element[1]->str);
+    freeReplyObject(rep);
+    if (policy[0] == '\0') {
+        const char *v;
+        if ((rep = rc_cmdf(rc, "INFO memory")) == NULL) {
+            fprintf(stderr, "onceq %s: %s\n", cmd, rc->err);
+            return 2;
+        }
+        v = rep->type == REDIS_REPLY_STRING
+                ? strstr(rep->str, "maxmemory_policy:") : NULL;
+        if (v)
+            snprintf(policy, sizeof(policy), "%.*s",
+                     (int)strcspn(v + 17, "\r\n"), v + 17);
+        freeReplyObject(rep);
+    }
+    if (policy[0] == '\0') {
+        fprintf(stderr, "onceq %s: warning: cannot read the maxmemory-policy "
+                "of Redis at %s (CONFIG GET and INFO refused); it must be "
+                "noeviction, or events may run twice\n", cmd, rc->u->text);
+        return 0;
+    }
+    if (strcmp(policy, "noeviction") != 0) {
+        fprintf(stderr, "onceq %s: Redis at %s has maxmemory-policy %s, which "
+                "may evict claims and done-marks and run events again; set "
+                "maxmemory-policy noeviction\n", cmd, rc->u->text, policy);
+        return 2;
+    }
+    return 0;
+}
+
+/*
+ * Refuses (exit 2) a stream whose keys exist with another type: most often
+ * two streams whose names clash, like "orders" and "orders:counts" (the
+ * first one's counts hash is the second one). A script stopped by
+ * WRONGTYPE halfway keeps its first writes (Redis does not roll a script
+ * back); the scripts check the types they write too, for a clash that
+ * appears later. run: 0 for send, which writes only the first three keys
+ * below; 1 for run, which writes them all. 0, or an exit status.
+ */
+static int check_types(rconn *rc, const rkeys *k, const char *cmd, int run)
+{
+    const struct { const char *key, *type, *what; } want[] = {
+        { k->stream, "stream", "the events" },
+        { k->stats, "hash", "the stats" },
+        { k->meta, "hash", "the settings" },
+        { k->counts, "hash", "the counts" },
+        { k->results, "stream", "the records" },
+        { k->dlq, "stream", "the dead letters" },
+        { k->delayed, "zset", "the delayed retries" },
+    };
+    size_t n = run ? sizeof(want) / sizeof(want[0]) : 3;
+
+    for (size_t i = 0; i < n; i++) {
+        redisReply *rep = rc_cmdf(rc, "TYPE %s", want[i].key);
+        int ok;
+        if (rep == NULL) {
+            fprintf(stderr, "onceq %s: %s\n", cmd, rc->err);
+            return 2;
+        }
+        ok = rep->type == REDIS_REPLY_STATUS &&
+             (strcmp(rep->str, "none") == 0 ||
+              strcmp(rep->str, want[i].type) == 0);
+        if (!ok)
+            fprintf(stderr, "onceq %s: Redis key '%s' is a %s, not the %s of "
+                    "%s of stream '%s' (another stream's name clashes with "
+                    "this stream's keys: rename one)\n", cmd, want[i].key,
+                    rep->type == REDIS_REPLY_STATUS ? rep->str : "?",
+                    want[i].type, want[i].what, k->stream);
+        freeReplyObject(rep);
+        if (!ok)
+            return 2;
+    }
+    return 0;
+}
+
+/*
+ * The stream's epoch: a random value written into S:meta at its first use
+ * (HSETNX: whoever comes first) and read back into out. A connection that
+ * knows it checks it at every reconnect (rc_open), and the scripts that
+ * could start over (DRAIN, SEND) check it too: its absence, or another
+ * value, means the data was lost. 0, or an exit status with the message
+ * written.
+ */
+static int stream_epoch(rconn *rc, const rkeys *k, const char *cmd, char *out,
+                        size_t len)
+{
+    char mine[24];
+    redisReply *rep;
+
+    snprintf(mine, sizeof(mine), "%016" PRIx64, make_nonce());
+    rep = rc_cmdf(rc, "HSETNX %s epoch %s", k->meta, mine);
+    if (rep && rep->type == REDIS_REPLY_INTEGER) {
+        freeReplyObject(rep);
+        rep = rc_cmdf(rc, "HGET %s epoch", k->meta);
+    }
+    if (rep == NULL) {
+        fprintf(stderr, "onceq %s: %s\n", cmd, rc->err);
+        return 2;
+    }
+    if (rep->type != REDIS_REPLY_STRING) {
+        fprintf(stderr, "onceq %s: Redis at %s: writing the epoch into %s: "
+                "%s\n", cmd, rc->u->text, k->meta,
+                rep->type == REDIS_REPLY_ERROR ? rep->str : "bad reply");
+        freeReplyObject(rep);
+        return 2;
+    }
+    snprintf(out, len, "%s", rep->str);
+    freeReplyObject(rep);
+    rc->meta = k->meta;
+    rc->stream = k->stream;
+    rc->epoch = out;
+    return 0;
+}
+
 /* =============================================================== send */
 
 typedef struct send_batch {
@@ -1004,7 +1327,8 @@ static void send_usage(FILE *f)
 "Blank lines are skipped; a line over --max-line is sent cut to 4 KiB and\n"
 "dead-lettered by the consumers as too_large.\n"
 "\n"
-"  --redis URL            redis://[user:password@]host[:port][/db]\n"
+"  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
+"                         a password there, $REDISCLI_AUTH's is used\n"
 "  --stream NAME          the stream (keys NAME, NAME:*)\n"
 "  --dedup-window D       producer dedup window (default 5m; a bare number\n"
 "                         is milliseconds; 0 = off)\n"
@@ -1014,7 +1338,9 @@ static void send_usage(FILE *f)
 "  -q, --quiet            no summary\n"
 "\n"
 "Prints: sent N, rejected M duplicates. Exit status: 0 success, 2 bad\n"
-"usage, unreadable input or Redis unreachable, 3 Redis failed mid-way.\n");
+"usage, unreadable input, Redis unreachable or refused (an evicting\n"
+"maxmemory-policy, a key of the stream with another type), 3 Redis\n"
+"failed mid-way or lost the stream's data.\n");
 }
 
 typedef struct send_cfg {
@@ -1091,8 +1417,9 @@ static int send_parse(send_cfg *c, int argc, char **argv)
  * the connection is sent again after a reconnect (the dedup window makes
  * that safe for events with an id: if the first call ran, they are
  * rejected the second time); a batch refused with NOSCRIPT (SCRIPT FLUSH)
- * is sent again after the scripts are loaded again. Adds to *sent and
- * *rej. 0, or an exit status. */
+ * is sent again after the scripts are loaded again; one refused with a
+ * transient error (is_transient: it did not run) is sent again after a
+ * backoff. Adds to *sent and *rej. 0, or an exit status. */
 static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
                       uint64_t *rej)
 {
@@ -1100,7 +1427,7 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
         b[i].done = 0;
     for (;;) {
         size_t left = 0, got = 0, want = 0;
-        int reload = 0;
+        int reload = 0, wait = 0;
         for (size_t i = 0; i < n; i++) {
             if (b[i].done)
                 continue;
@@ -1127,8 +1454,21 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
                 freeReplyObject(r);
                 continue;
             }
+            if (is_transient(r)) {
+                wait = 1;
+                left++;
+                note_transient(rc, r);
+                continue;
+            }
+            if (is_err(r, "ONCEQLOST")) {
+                char msg[1024];
+                lost_message(msg, sizeof(msg), rc->u->text, rc->stream);
+                fprintf(stderr, "onceq send: %s\n", msg);
+                freeReplyObject(r);
+                return 3;
+            }
             if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
-                fprintf(stderr, "onceq send: Redis: %s\n",
+                fprintf(stderr, "onceq send: Redis at %s: %s\n", rc->u->text,
                         r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
                 freeReplyObject(r);
                 return 3;
@@ -1138,9 +1478,9 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
             b[i].done = 1;
             freeReplyObject(r);
         }
-        if (got == want && !reload)
+        if (got == want && !reload && !wait)
             return 0;
-        if ((got == want && rc_open(rc) == RC_OK) ||
+        if ((got == want && !wait && rc_open(rc) == RC_OK) ||
             rc_reconnect(rc) == RC_OK)
             continue;
         fprintf(stderr, "onceq send: %s\n", rc->err);
@@ -1160,7 +1500,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
     rurl u;
     rkeys k;
     oq__line l;
-    char err[512];
+    char err[512], epoch[64];
     int status = 0, got;
 
     if (make_keys(&k, c->stream, "send") != 0)
@@ -1177,6 +1517,14 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
     if (rc_first(&rc, &u, "send") != 0) {
         oq__reader_close(rd);
         return 2;
+    }
+    if ((status = check_policy(&rc, "send")) != 0 ||
+        (status = check_types(&rc, &k, "send", 0)) != 0 ||
+        (status = stream_epoch(&rc, &k, "send", epoch,
+                               sizeof(epoch))) != 0) {
+        rc_close(&rc);
+        oq__reader_close(rd);
+        return status;
     }
     memset(b, 0, sizeof(b));
     for (;;) {
@@ -1200,7 +1548,9 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
                 ab_reset(&cur->args);
                 ab_adds(&cur->keys, k.stream);
                 ab_adds(&cur->keys, k.stats);
+                ab_adds(&cur->keys, k.meta);
                 ab_addi(&cur->args, c->window_ms);
+                ab_adds(&cur->args, epoch);
                 cur->nevents = 0;
             }
             if (l.kind == OQ__LINE_EVENT && c->window_ms > 0) {
@@ -1305,6 +1655,7 @@ typedef struct rrun {
     oq__idspec idspec;
     char consumer[256];
     uint64_t nonce;             /* makes our fencing tokens unique */
+    char epoch[64];             /* the stream's epoch (stream_epoch) */
     _Atomic int stop;           /* signal, drained, or a fatal error */
     _Atomic int drained;
     atomic_int reconnects;
@@ -1402,14 +1753,38 @@ static rentry *entry_from(const redisReply *e, uint32_t deliveries,
 }
 
 /* Creates the group at the start of the stream (and the stream) unless it
- * exists. 0, or -1 with the run's fatal error set. */
+ * exists. Once the run knows the stream's epoch (a missing group found
+ * mid-run), the group is created again only if the epoch is still there:
+ * the stream was deleted by hand, and its processed set is intact. If the
+ * epoch is gone too, the data was lost (restart without persistence,
+ * FLUSHALL): starting over would run events again, or end a --drain with
+ * events lost, so the run stops. 0, or -1 with the run's fatal error set. */
 static int ensure_group(rrun *r, rconn *rc)
 {
     const char *av[] = { "XGROUP", "CREATE", r->k.stream, r->c.group, "0",
                          "MKSTREAM" };
-    redisReply *rep = rc_cmd(rc, 6, av, NULL);
-    int ok = rep && (rep->type == REDIS_REPLY_STATUS ||
-                     is_err(rep, "BUSYGROUP"));
+    redisReply *rep;
+    int ok;
+
+    if (r->epoch[0]) {
+        rep = rc_cmdf(rc, "HGET %s epoch", r->k.meta);
+        if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+            run_fatal_reply(r, rc, rep, "HGET epoch");
+            freeReplyObject(rep);
+            return -1;
+        }
+        ok = rep->type == REDIS_REPLY_STRING && strcmp(rep->str, r->epoch) == 0;
+        freeReplyObject(rep);
+        if (!ok) {
+            char msg[1024];
+            lost_message(msg, sizeof(msg), r->u.text, r->k.stream);
+            run_fatal(r, msg);
+            return -1;
+        }
+    }
+    rep = rc_cmd(rc, 6, av, NULL);
+    ok = rep && (rep->type == REDIS_REPLY_STATUS ||
+                 is_err(rep, "BUSYGROUP"));
     if (!ok)
         run_fatal_reply(r, rc, rep, "XGROUP CREATE");
     freeReplyObject(rep);
@@ -1421,6 +1796,9 @@ static void conn_init(rrun *r, rconn *rc, const char *role)
     rc->u = &r->u;
     rc->stop = &r->stop;
     rc->reconnects = &r->reconnects;
+    rc->meta = r->k.meta;
+    rc->stream = r->k.stream;
+    rc->epoch = r->epoch;
     snprintf(rc->name, sizeof(rc->name), "onceq:%s:%s", r->consumer, role);
     for (char *p = rc->name; *p; p++)
         if (*p == ' ')
@@ -2424,16 +2802,23 @@ static int drained(rrun *r, rconn *rc)
 
     ab_adds(&keys, r->k.stream);
     ab_adds(&keys, r->k.delayed);
+    ab_adds(&keys, r->k.meta);
     ab_adds(&args, r->c.group);
+    ab_adds(&args, r->epoch);
     rep = rc_script(rc, SC_DRAIN, &keys, &args);
-    if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 3)
+    if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 3) {
         done = rep->element[0]->integer == 0 &&
                rep->element[1]->integer == 0 &&
                rep->element[2]->integer == 0;
-    else if (is_err(rep, "NOGROUP") || is_err(rep, "ERR no such key"))
+    } else if (is_err(rep, "ONCEQLOST")) {
+        char msg[1024];
+        lost_message(msg, sizeof(msg), r->u.text, r->k.stream);
+        run_fatal(r, msg);
+    } else if (is_err(rep, "NOGROUP") || is_err(rep, "ERR no such key")) {
         ensure_group(r, rc);
-    else
+    } else {
         run_fatal_reply(r, rc, rep, "drain script");
+    }
     freeReplyObject(rep);
     ab_free(&keys);
     ab_free(&args);
@@ -2854,22 +3239,6 @@ static int check_writable(const char *path, const char *what)
     return 2;
 }
 
-static uint64_t make_nonce(void)
-{
-    uint64_t v = 0;
-    FILE *f = fopen("/dev/urandom", "rbe");
-    if (f) {
-        if (fread(&v, sizeof(v), 1, f) != 1)
-            v = 0;
-        fclose(f);
-    }
-    if (v == 0) {
-        uint64_t s = (uint64_t)wall_ms() ^ ((uint64_t)getpid() << 32);
-        v = oq__splitmix64(&s);
-    }
-    return v;
-}
-
 /* Setup before the threads: handler, URL, first connection, group, meta.
  * 0, or an exit status (message written). */
 static int run_setup(rrun *r, rconn *main_rc)
@@ -2878,6 +3247,7 @@ static int run_setup(rrun *r, rconn *main_rc)
     char err[1024];
     char host[200];
     redisReply *rep;
+    int st;
 
     if (make_keys(&r->k, r->c.stream, "run") != 0)
         return 2;
@@ -2905,10 +3275,16 @@ static int run_setup(rrun *r, rconn *main_rc)
             *p = '_';
     if (rc_first(main_rc, &r->u, "run") != 0)
         return 2;
+    if ((st = check_policy(main_rc, "run")) != 0 ||
+        (st = check_types(main_rc, &r->k, "run", 1)) != 0)
+        return st;
     if (ensure_group(r, main_rc) != 0) {
         fprintf(stderr, "onceq run: %s\n", r->fatal_msg);
         return 2;
     }
+    if ((st = stream_epoch(main_rc, &r->k, "run", r->epoch,
+                           sizeof(r->epoch))) != 0)
+        return st;
     rep = rc_cmdf(main_rc, "HSET %s output %s count_key %s handler %s",
                   r->k.meta, r->h.output == OQ__OUT_RECORDS ? "records"
                                                             : "counts",

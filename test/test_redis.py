@@ -36,6 +36,9 @@ BUILD = os.environ.get("BUILD", "build")
 SLOW = "tsan" in BUILD or "asan" in BUILD
 SEED = int(os.environ.get("OQ_RUN_SEED", str(int(time.time()) % 100000)))
 TMP = tempfile.mkdtemp(prefix="onceq-redis-test-")
+# onceq takes the password from REDISCLI_AUTH when the URL has none: one set
+# in the caller's environment must not reach the test servers.
+os.environ.pop("REDISCLI_AUTH", None)
 print(f"test_redis: seed {SEED} (OQ_RUN_SEED), binary {ONCEQ}")
 
 suite = Suite()
@@ -133,16 +136,16 @@ def pending(stream, group):
 
 # ------------------------------------------------------------- onceq
 
-def run(args, timeout=120):
+def run(args, timeout=120, env=None):
     p = subprocess.run([ONCEQ] + args, capture_output=True, timeout=timeout,
-                       cwd=TMP)
+                       cwd=TMP, env=env)
     return p.returncode, p.stdout.decode("utf-8", "replace"), \
         p.stderr.decode("utf-8", "replace")
 
 
-def start(args):
+def start(args, env=None):
     return subprocess.Popen([ONCEQ] + args, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=TMP)
+                            stderr=subprocess.PIPE, cwd=TMP, env=env)
 
 
 def finish(p, timeout=120):
@@ -899,6 +902,297 @@ def export_writes_the_counts():
     rc, out, err = run(["export", "--redis", URL, "--stream", "ex"])
     assert rc == 0, err
     assert out == '{"word":"a","count":1}\n{"word":"b","count":2}\n', out
+
+
+# ------------------------------------------------- servers of their own
+
+def server_on(port, *extra, wait_ready=True):
+    """A redis-server of a test's own (a config the shared one must not
+    get), on port, its files in its own directory under TMP."""
+    d = path(f"srv{port}")
+    os.makedirs(d, exist_ok=True)
+    p = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", d]
+        + [str(x) for x in extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(500):
+        out = subprocess.run(["redis-cli", "-p", str(port), "PING"],
+                             capture_output=True, text=True).stdout
+        if "PONG" in out or "NOAUTH" in out or "LOADING" in out:
+            return p
+        time.sleep(0.01)
+    p.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def cli_at(port, *args):
+    return subprocess.run(["redis-cli", "-p", str(port)] +
+                          [str(a) for a in args], capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+
+
+def stop(p):
+    p.terminate()
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+@test
+def an_evicting_maxmemory_policy_is_refused():
+    with open(path("ev.jsonl"), "w") as g:
+        g.write('{"id":"1","word":"a"}\n')
+    try:
+        for policy in ("allkeys-lru", "volatile-ttl"):
+            cli("CONFIG", "SET", "maxmemory-policy", policy)
+            for args in (["send", "--redis", URL, "--stream", "ev",
+                          path("ev.jsonl")],
+                         ["run", "--redis", URL, "--stream", "ev", "--group",
+                          "g", "--drain"]):
+                err = one_line_exit_2(args)
+                assert f"maxmemory-policy {policy}" in err and \
+                    "noeviction" in err, err
+        assert cli("EXISTS", "ev", "ev:meta") == 0, "refused, yet it wrote"
+    finally:
+        cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    # With CONFIG renamed away (as managed services do), INFO tells.
+    port = free_port()
+    srv = server_on(port, "--rename-command", "CONFIG", "",
+                    "--maxmemory-policy", "allkeys-lfu")
+    try:
+        err = one_line_exit_2(["send", "--redis", f"redis://127.0.0.1:{port}",
+                               "--stream", "ev", path("ev.jsonl")])
+        assert "maxmemory-policy allkeys-lfu" in err, err
+    finally:
+        stop(srv)
+    # noeviction (the shared server's again): it runs.
+    send("ev", path("ev.jsonl"))
+    assert finish(consumer("ev", "c0"))[0] == 0
+    assert hash_of("ev:counts") == {"a": 1}
+
+
+def busy_script(seconds):
+    """Another client's script that runs for `seconds`: past
+    busy-reply-threshold, every other command is answered -BUSY."""
+    lua = ("local function now() local t = redis.call('TIME') "
+           "return tonumber(t[1]) + tonumber(t[2]) / 1e6 end "
+           "local t0 = now() while now() - t0 < tonumber(ARGV[1]) do end "
+           "return 1")
+    return subprocess.Popen(["redis-cli", "-p", str(PORT), "EVAL", lua, "0",
+                             str(seconds)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+@test
+def busy_server_is_waited_for_not_fatal():
+    with open(path("busy.jsonl"), "w") as g:
+        g.write("".join(f'{{"id":"{i}","word":"w{i % 7}"}}\n'
+                        for i in range(60)))
+    h = script_file("busy.sh", "sleep 0.05\ncat\n")
+    cli("CONFIG", "SET", "busy-reply-threshold", "100")
+    b = None
+    try:
+        # send's first connection meets -BUSY: it waits, then sends.
+        b = busy_script(1.5)
+        time.sleep(0.4)
+        rc, out, err = run(["send", "--redis", URL, "--stream", "busy", path("busy.jsonl")])
+        b.wait()
+        assert rc == 0, (rc, err)
+        # Consumers (their workers, housekeeper and heartbeats) meet -BUSY
+        # mid-run: 60 events of 50 ms take them about 1.5 s.
+        ps = [consumer("busy", f"c{i}", "-w", "2", "--handler", f"exec:{h}")
+              for i in range(2)]
+        wait_for(lambda: cli("XLEN", "busy:results") > 0, 30,
+                 "the first results")
+        b = busy_script(1.5)
+        time.sleep(0.3)
+        assert all(p.poll() is None for p in ps), "done before the script"
+        b.wait()
+        for p in ps:
+            rc, _, err = finish(p)
+            assert rc == 0, (rc, err)
+    finally:
+        if b is not None:
+            b.wait()
+        cli("CONFIG", "SET", "busy-reply-threshold", "5000")
+    assert sorted(result_ids("busy"), key=int) == \
+        [str(i) for i in range(60)], "an event ran twice or never"
+    check_balanced("busy")
+
+
+@test
+def a_restart_with_loading_is_waited_for():
+    # A server restarted from its RDB answers -LOADING until it has read it
+    # (key-load-delay: 20,000 filler keys take about 2 s; without
+    # loading-process-events-interval-bytes a small RDB is loaded before
+    # any client is answered): consumers reconnect and wait, and a send
+    # started meanwhile waits too.
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}"
+    srv = server_on(port)
+    p = None
+    try:
+        cli_at(port, "EVAL", "for i = 1, 20000 do "
+               "redis.call('SET', 'filler' .. i, i) end", "0")
+        with open(path("ld.jsonl"), "w") as g:
+            g.write("".join(f'{{"id":"{i}","word":"w{i % 5}"}}\n'
+                            for i in range(40)))
+        with open(path("ld2.jsonl"), "w") as g:
+            g.write("".join(f'{{"id":"x{i}","word":"w{i % 5}"}}\n'
+                            for i in range(40)))
+        rc, _, err = run(["send", "--redis", url, "--stream", "ld",
+                          path("ld.jsonl")])
+        assert rc == 0, err
+        h = script_file("ld.sh", "sleep 0.05\ncat\n")
+        p = start(["run", "--redis", url, "--stream", "ld", "--group", "g",
+                   "--drain", "-q", "--handler", f"exec:{h}",
+                   "--stats", path("ld.stats")])
+        wait_for(lambda: cli_at(port, "XLEN", "ld:results") not in
+                 ("", "0"), 30, "the first results")
+        cli_at(port, "SHUTDOWN", "SAVE")
+        srv.wait(timeout=30)
+        srv = server_on(port, "--key-load-delay", "100",
+                        "--loading-process-events-interval-bytes", "1024")
+        assert "LOADING" in cli_at(port, "GET", "x"), "not loading"
+        rc2, _, err2 = run(["send", "--redis", url, "--stream", "ld",
+                            path("ld2.jsonl")])
+        assert rc2 == 0, (rc2, err2)
+        rc, _, err = finish(p)
+        assert rc == 0, (rc, err)
+        got = Counter(json.loads(x)["id"] for x in
+                      cli_at(port, "EVAL", "local o = {} for _, e in "
+                             "ipairs(redis.call('XRANGE', KEYS[1], '-', "
+                             "'+')) do o[#o + 1] = e[2][4] end "
+                             "return o", "1", "ld:results").splitlines())
+        ids = [str(i) for i in range(40)]
+        # The second batch was sent after the run's drain could end; what
+        # of it ran, ran once.
+        assert all(got[i] == 1 for i in ids), got
+        assert max(got.values()) == 1, got
+        assert json.load(open(path("ld.stats")))["reconnects"] >= 1
+    finally:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+        stop(srv)
+
+
+@test
+def lost_data_stops_the_run_with_exit_3():
+    # FLUSHALL mid-run (as a restart without persistence would): the
+    # consumer must not re-create the group and drain an empty stream.
+    with open(path("lost.jsonl"), "w") as g:
+        g.write("".join(f'{{"id":"{i}","word":"w"}}\n' for i in range(30)))
+    send("lost", path("lost.jsonl"))
+    h = script_file("lost.sh", "sleep 0.05\ncat\n")
+    p = consumer("lost", "c0", "--handler", f"exec:{h}")
+    wait_for(lambda: cli("XLEN", "lost:results") > 0, 30, "the first results")
+    cli("FLUSHALL")
+    rc, _, err = finish(p)
+    assert rc == 3, (rc, err)
+    assert "the Redis data of stream 'lost'" in err and \
+        "(restart without persistence, or FLUSHALL?)" in err, err
+    assert cli("EXISTS", "lost") == 0, "the stream was started over"
+
+
+@test
+def lost_data_on_reconnect_stops_the_run():
+    # A restart without persistence: the consumer's reconnect finds the
+    # stream's epoch gone.
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}"
+    srv = server_on(port)
+    p = None
+    try:
+        with open(path("lr.jsonl"), "w") as g:
+            g.write("".join(f'{{"id":"{i}","word":"w"}}\n'
+                            for i in range(30)))
+        rc, _, err = run(["send", "--redis", url, "--stream", "lr",
+                          path("lr.jsonl")])
+        assert rc == 0, err
+        h = script_file("lr.sh", "sleep 0.05\ncat\n")
+        p = start(["run", "--redis", url, "--stream", "lr", "--group", "g",
+                   "--drain", "-q", "--handler", f"exec:{h}"])
+        wait_for(lambda: cli_at(port, "XLEN", "lr:results") not in
+                 ("", "0"), 30, "the first results")
+        cli_at(port, "SHUTDOWN", "NOSAVE")
+        srv.wait(timeout=30)
+        srv = server_on(port)
+        rc, _, err = finish(p)
+        assert rc == 3, (rc, err)
+        assert "the Redis data of stream 'lr'" in err, err
+    finally:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+        stop(srv)
+
+
+@test
+def password_from_rediscli_auth():
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}"
+    srv = server_on(port, "--requirepass", "s3cr et")
+    try:
+        with open(path("pw.jsonl"), "w") as g:
+            g.write('{"id":"1","word":"a"}\n')
+        env = dict(os.environ, REDISCLI_AUTH="s3cr et")
+        rc, out, err = run(["send", "--redis", url, "--stream", "pw",
+                            path("pw.jsonl")], env=env)
+        assert rc == 0, err
+        rc, _, err = run(["run", "--redis", url, "--stream", "pw", "--group",
+                          "g", "--drain", "-q"], env=env)
+        assert rc == 0, err
+        assert cli_at(port, "-a", "s3cr et", "--no-auth-warning", "HGET",
+                      "pw:counts", "a") == "1"
+        # No password anywhere: one line that says where to give it.
+        err = one_line_exit_2(["send", "--redis", url, "--stream", "pw",
+                               path("pw.jsonl")])
+        assert "NOAUTH" in err and "REDISCLI_AUTH" in err, err
+        # A wrong one is refused, and not shown.
+        rc, _, err = run(["run", "--redis", url, "--stream", "pw", "--group",
+                          "g"], env=dict(os.environ,
+                                         REDISCLI_AUTH="wrong-secret"))
+        assert rc == 2 and "AUTH" in err and "wrong-secret" not in err, err
+    finally:
+        stop(srv)
+
+
+@test
+def clashing_stream_names_are_refused_and_commit_nothing():
+    # "orders:counts" is also the counts hash of the stream "orders".
+    with open(path("or.jsonl"), "w") as g:
+        g.write("".join(f'{{"id":"{i}","word":"w{i}"}}\n' for i in range(5)))
+    send("orders:counts", path("or.jsonl"))
+    send("orders", path("or.jsonl"))
+    err = one_line_exit_2(["run", "--redis", URL, "--stream", "orders",
+                           "--group", "g", "--drain"])
+    assert "'orders:counts' is a stream" in err, err
+    assert cli("KEYS", "orders:id:*") == [], "refused, yet it claimed"
+    # The clash appears while a consumer of "orders2" runs: its commit
+    # writes nothing (no "D", no ack, no count) and the run stops.
+    p = start(["run", "--redis", URL, "--stream", "orders2", "--group", "g",
+               "-q"])
+    wait_for(lambda: cli("EXISTS", "orders2") == 1, 30, "the group")
+    send("orders2:counts", path("or.jsonl"))
+    send("orders2", path("or.jsonl"))
+    rc, _, err = finish(p, timeout=60)
+    assert rc == 3, (rc, err)
+    assert "WRONGTYPE orders2:counts is a stream" in err and \
+        "nothing was committed" in err, err
+    marks = [cli("GET", k) for k in cli("KEYS", "orders2:id:*")]
+    assert "D" not in marks, marks
+    # The entries it read (one, or more) are not acked.
+    assert pending("orders2", "g") >= 1, "acked without its counts"
+    assert "processed" not in hash_of("orders2:stats")
+    assert cli("XLEN", "orders2:counts") == 5
+    # And send refuses a stream whose name is a hash of another's.
+    err = one_line_exit_2(["send", "--redis", URL, "--stream", "orders2:stats",
+                           path("or.jsonl")])
+    assert "'orders2:stats' is a hash" in err, err
 
 
 def main():
