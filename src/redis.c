@@ -2759,7 +2759,25 @@ static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
                 return 0;
             }
             p = v;
+            /* Redis was loading or busy: asked again below, once the
+             * pipeline is read, so the delivery count (the attempts) is
+             * not taken as 1. */
+            tmp[i]->deliveries = is_transient(p) ? 0 : 1;
             if (p->type == REDIS_REPLY_ARRAY && p->elements == 1 &&
+                p->element[0]->type == REDIS_REPLY_ARRAY &&
+                p->element[0]->elements == 4)
+                tmp[i]->deliveries =
+                    (uint32_t)p->element[0]->element[3]->integer;
+            freeReplyObject(p);
+        }
+        for (size_t i = 0; i < nes; i++) {
+            redisReply *p;
+            if (tmp[i] == NULL || tmp[i]->deliveries != 0)
+                continue;
+            p = rc_cmdf(rc, "XPENDING %s %s %s %s 1", r->k.stream,
+                        r->c.group, tmp[i]->eid, tmp[i]->eid);
+            tmp[i]->deliveries = 1;
+            if (p && p->type == REDIS_REPLY_ARRAY && p->elements == 1 &&
                 p->element[0]->type == REDIS_REPLY_ARRAY &&
                 p->element[0]->elements == 4)
                 tmp[i]->deliveries =
