@@ -41,7 +41,7 @@ LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset
 # The engine of `onceq run` (reader, handlers, runner, SQLite store): the
 # binary's, and the tests' through build/libonceq-cli.a (not installed).
 ENGINE_SRCS := src/source.c src/handlers.c src/runner.c src/store.c \
-               src/metrics.c
+               src/metrics.c src/replies.c
 CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c src/state_cli.c \
             src/redis.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_json test_txn test_pool \

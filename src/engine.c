@@ -146,6 +146,7 @@ struct oq_pool {
     const oq__ledger_methods *lm;
     void *lb;
     oq__mem_ledger mem;  /* oq_pool_start's ledger */
+    oq__engine_hooks hooks; /* immutable after start */
     oq_pool_opts opts;   /* immutable after start */
     worker *w;           /* opts.workers of them */
     _Atomic int stopping;
@@ -493,6 +494,34 @@ static int64_t mono_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* The claim is given up and the message nacked with backoff (an
+ * attempt). */
+static void retry_later(worker *w, slot *s, oq_settle *op, const char *error)
+{
+    oq_pool *p = w->p;
+
+    s->outcome = O_RETRY;
+    op->op = OQ_SETTLE_NACK;
+    op->error = error;
+    op->delay_ms = backoff(w, s);
+    /* A ledger that settles the queue releases it with the nack. */
+    if (!(p->lm->flags & OQ__LEDGER_SETTLES))
+        p->lm->release(w->lctx, &s->claim, 1);
+}
+
+/* The reply hook, if there is one: the event's reply (a request's) goes
+ * into its txn, to be committed with the id. */
+static int stage_reply(worker *w, slot *s, oq__reply_status st)
+{
+    oq_pool *p = w->p;
+    oq_event ev = s->ev;
+
+    if (p->hooks.reply == NULL)
+        return 0;
+    ev.attempt = s->d.receive_count;
+    return p->hooks.reply(&ev, s->txn, st, p->hooks.arg);
+}
+
 /* Runs the handler of a claimed slot and decides its op. now is the
  * engine clock's time. */
 static void run_one(worker *w, slot *s, oq_settle *op, int64_t now)
@@ -516,6 +545,8 @@ static void run_one(worker *w, slot *s, oq_settle *op, int64_t now)
                      s->d.last_error ? s->d.last_error : "");
         s->dead_reason = s->d.dying_reason;
         s->outcome = O_FAILING;
+        if (stage_reply(w, s, OQ__REPLY_DEAD) != 0)
+            retry_later(w, s, op, "cannot stage the reply");
         return;
     }
     INC(&w->c, handler_calls);
@@ -532,24 +563,25 @@ static void run_one(worker *w, slot *s, oq_settle *op, int64_t now)
         oq__txn_set_heartbeat(s->txn, NULL, NULL);
         beat_stop(w);
     }
+    if (rc == OQ_OK || rc != OQ_RETRY) {
+        if (rc != OQ_OK && rc != OQ_FAIL)
+            oq_txn_error(s->txn, "handler returned %d", rc);
+        if (stage_reply(w, s, rc == OQ_OK ? OQ__REPLY_OK
+                                          : OQ__REPLY_FAILED) != 0) {
+            retry_later(w, s, op, "cannot stage the reply");
+            return;
+        }
+    }
     switch (rc) {
     case OQ_OK:
         s->outcome = O_COMMIT;
         return;
     case OQ_RETRY:
-        s->outcome = O_RETRY;
-        op->op = OQ_SETTLE_NACK;
-        op->error = oq_txn_error_text(s->txn);
-        op->delay_ms = backoff(w, s);
-        /* A ledger that settles the queue releases it with the nack. */
-        if (!(p->lm->flags & OQ__LEDGER_SETTLES))
-            p->lm->release(w->lctx, &s->claim, 1);
+        retry_later(w, s, op, oq_txn_error_text(s->txn));
         return;
     default:
         /* A permanent failure settles the id too, fenced like a commit:
          * the event's outcome is "dead-lettered", decided once. */
-        if (rc != OQ_FAIL)
-            oq_txn_error(s->txn, "handler returned %d", rc);
         s->dead_reason = OQ_DLQ_FAILED;
         s->outcome = O_FAILING;
         return;
@@ -1019,7 +1051,7 @@ static void abort_start(oq_pool *p, unsigned started)
 /* Starts the engine; lb NULL: the memory ledger over s and opts->sink. */
 static int start(oq_pool **out, const oq__queue_methods *qm, void *qb,
                  const oq__ledger_methods *lm, void *lb, oq_idset *s,
-                 const oq_pool_opts *opts)
+                 const oq_pool_opts *opts, const oq__engine_hooks *hooks)
 {
     oq_pool_opts o;
     oq_pool *p;
@@ -1040,7 +1072,9 @@ static int start(oq_pool **out, const oq__queue_methods *qm, void *qb,
     p->lm = lm;
     p->lb = lb == NULL ? &p->mem : lb;
     p->opts = o;
-    p->mem = (oq__mem_ledger){ s, o.sink };
+    p->mem = (oq__mem_ledger){ .s = s, .sink = o.sink };
+    if (hooks)
+        p->hooks = *hooks;
     if (p->opts.poll_ms <= 0)
         p->opts.poll_ms = 100;
     pthread_mutex_init(&p->mu, NULL);
@@ -1083,9 +1117,17 @@ int oq__engine_start(oq_pool **out, const oq__queue_methods *qm, void *qb,
                      const oq__ledger_methods *lm, void *lb,
                      const oq_pool_opts *opts)
 {
+    return oq__engine_start_hooks(out, qm, qb, lm, lb, opts, NULL);
+}
+
+int oq__engine_start_hooks(oq_pool **out, const oq__queue_methods *qm,
+                           void *qb, const oq__ledger_methods *lm, void *lb,
+                           const oq_pool_opts *opts,
+                           const oq__engine_hooks *hooks)
+{
     if (lb == NULL)
         return OQ_EINVAL;
-    return start(out, qm, qb, lm, lb, NULL, opts);
+    return start(out, qm, qb, lm, lb, NULL, opts, hooks);
 }
 
 int oq_pool_start(oq_pool **out, oq_queue *q, oq_idset *s,
@@ -1094,7 +1136,7 @@ int oq_pool_start(oq_pool **out, oq_queue *q, oq_idset *s,
     if (q == NULL || s == NULL)
         return OQ_EINVAL;
     return start(out, &oq__mem_queue_methods, q, &oq__mem_ledger_methods,
-                 NULL, s, opts);
+                 NULL, s, opts, NULL);
 }
 
 /* Stops and joins the heartbeat thread (it never blocks for long). */

@@ -113,13 +113,28 @@ static int l_extend(void *ctx, const oq__lclaim *c, int64_t deadline_ms)
                               deadline_ms);
 }
 
-/* Commits one entry; see the DESIGN note. */
+/* Prepared -> DONE once the outputs are applied: only memory to grow the
+ * DONE table can be short. Wait for it rather than let the event be
+ * applied twice. */
+static void commit_prepared(oq__mem_ledger *l, const oq__lclaim *c)
+{
+    while (oq__idset_commit_d(l->s, c->id, c->id_len, c->dg, c->token) != 0)
+        nap_ms(1);
+}
+
+/* Commits one entry; see the DESIGN note. A staged reply is committed
+ * with the id: prepared before anything is applied, published after. */
 static int commit_one(oq__mem_ledger *l, const oq__lcommit *e)
 {
     const oq__lclaim *c = e->claim;
+    const oq__reply_sink *rs = &l->replies;
+    size_t rlen;
+    bool reply = rs->prepare && oq__txn_reply(e->txn, &rlen) != NULL;
+    bool apply = e->kind == OQ__LC_COMMIT && l->sink.apply != NULL;
+    void *prepared = NULL;
     int rc;
 
-    if (e->kind == OQ__LC_DEAD || l->sink.apply == NULL) {
+    if (!apply && !reply) {
         rc = oq__idset_commit_d(l->s, c->id, c->id_len, c->dg, c->token);
         if (rc == OQ_ENOMEM) /* no room in the DONE table: nothing done */
             oq__idset_release_d(l->s, c->id, c->id_len, c->dg, c->token);
@@ -128,16 +143,21 @@ static int commit_one(oq__mem_ledger *l, const oq__lcommit *e)
     rc = oq__idset_prepare_d(l->s, c->id, c->id_len, c->dg, c->token);
     if (rc != 0)
         return rc;
-    if (l->sink.apply(e->ev, e->txn, l->sink.arg) != 0) {
-        oq__idset_release_d(l->s, c->id, c->id_len, c->dg, c->token);
-        return OQ_ENOMEM;
+    if (reply && (prepared = rs->prepare(e->ev, e->txn, rs->arg)) == NULL)
+        goto out_release;
+    if (apply && l->sink.apply(e->ev, e->txn, l->sink.arg) != 0) {
+        if (prepared)
+            rs->abort(prepared, rs->arg);
+        goto out_release;
     }
-    /* The outputs are applied: the id must become DONE, and only memory
-     * to grow the DONE table can be short. Wait for it rather than let
-     * the event be applied twice. */
-    while (oq__idset_commit_d(l->s, c->id, c->id_len, c->dg, c->token) != 0)
-        nap_ms(1);
+    if (prepared)
+        rs->publish(prepared, rs->arg);
+    commit_prepared(l, c);
     return 0;
+
+out_release:
+    oq__idset_release_d(l->s, c->id, c->id_len, c->dg, c->token);
+    return OQ_ENOMEM;
 }
 
 static void l_commit(void *ctx, oq__lcommit *c, size_t n)

@@ -306,6 +306,30 @@ int oq__engine_start(oq_pool **out, const oq__queue_methods *qm, void *qb,
                      const oq__ledger_methods *lm, void *lb,
                      const oq_pool_opts *opts);
 
+/* Request-reply (src/replies.c): the status of a settled request. */
+typedef enum oq__reply_status {
+    OQ__REPLY_OK,      /* processed: the handler's records are the result */
+    OQ__REPLY_FAILED,  /* the handler failed for good */
+    OQ__REPLY_DEAD     /* out of attempts, or older than its TTL */
+} oq__reply_status;
+
+typedef struct oq__engine_hooks {
+    /* Optional: called after a handler call that settles the event (OK,
+     * FAIL) and for a dying delivery, before the commit: stages the
+     * event's reply in txn (oq__txn_set_reply) if it is a request, for
+     * the ledger to commit with the id. 0, or an error: the message is
+     * retried later. */
+    int (*reply)(const oq_event *ev, oq_txn *txn, oq__reply_status st,
+                 void *arg);
+    void *arg;
+} oq__engine_hooks;
+
+/* oq__engine_start with hooks (NULL: none). */
+int oq__engine_start_hooks(oq_pool **out, const oq__queue_methods *qm,
+                           void *qb, const oq__ledger_methods *lm, void *lb,
+                           const oq_pool_opts *opts,
+                           const oq__engine_hooks *hooks);
+
 /* What a worker finishes in a quarter of a lease, as last measured (how
  * much a backend may take over for one idle worker). */
 size_t oq__engine_fit(oq_pool *p);
@@ -314,9 +338,19 @@ size_t oq__engine_fit(oq_pool *p);
  * itself; the memory ledger is an oq_idset and an oq_sink. */
 extern const oq__queue_methods oq__mem_queue_methods;
 extern const oq__ledger_methods oq__mem_ledger_methods;
+/* Where the memory ledger commits a txn's reply (oq__txn_reply), with
+ * the id: prepare (may fail: NULL), then publish or abort. */
+typedef struct oq__reply_sink {
+    void *(*prepare)(const oq_event *ev, const oq_txn *txn, void *arg);
+    void (*publish)(void *prepared, void *arg);
+    void (*abort)(void *prepared, void *arg);
+    void *arg;
+} oq__reply_sink;
+
 typedef struct oq__mem_ledger {
     oq_idset *s;
     oq_sink sink;
+    oq__reply_sink replies;   /* prepare NULL: replies are not kept */
 } oq__mem_ledger;
 
 /* ----------------------------------------------------------------- pool.c */
@@ -384,6 +418,11 @@ void oq__txn_free(oq_txn *t);
 /* What oq_txn_heartbeat calls (the pool, around a handler with
  * heartbeats); fn NULL: none. */
 void oq__txn_set_heartbeat(oq_txn *t, int64_t (*fn)(void *arg), void *arg);
+/* The reply to a request (src/replies.c), staged by the engine's reply hook
+ * and committed with the id by the ledger. reset clears it. */
+int oq__txn_set_reply(oq_txn *t, const char *data, size_t len);
+/* The staged reply, or NULL when there is none. */
+const char *oq__txn_reply(const oq_txn *t, size_t *len);
 
 /* ------------------------------------------------------------ source.c */
 
@@ -512,6 +551,30 @@ void oq__handler_free(oq__handler *h);
  * starting one: used when onceq is stopping, so no command outlives it.
  * Thread-safe. */
 void oq__handler_cancel(oq__handler *h);
+
+/* ----------------------------------------------------------- replies.c */
+
+typedef struct oq__replies oq__replies;
+/* dir must be an existing directory. */
+int oq__replies_open(oq__replies **out, const char *dir, char *err,
+                     size_t errlen);
+/* Flushes and closes the reply files: 0, or OQ_EIO (err filled) when a
+ * reply could not be written. */
+int oq__replies_close(oq__replies *r, char *err, size_t errlen);
+/* 1 if the scanned event is a request, 0 if not, -1 if it is a bad one
+ * (reply_to not a valid name, a field not a string: err filled). */
+int oq__request_check(const oq__jdoc *d, char *err, size_t errlen);
+/* The engine's reply hook (arg: the replies). */
+int oq__replies_stage(const oq_event *ev, oq_txn *txn, oq__reply_status st,
+                      void *arg);
+/* The memory ledger's reply sink (arg: the replies). */
+void *oq__replies_prepare(const oq_event *ev, const oq_txn *txn, void *arg);
+void oq__replies_publish(void *prepared, void *arg);
+void oq__replies_abort(void *prepared, void *arg);
+/* A duplicate of a settled request: its cached reply once more. */
+void oq__replies_duplicate(const oq_event *ev, void *arg);
+void oq__replies_stats(oq__replies *r, uint64_t *requests, uint64_t *replies,
+                       uint64_t *duplicates);
 
 /* ------------------------------------------------------------ runner.c */
 

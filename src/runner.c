@@ -1791,7 +1791,7 @@ static int start_pool(run *r)
     po.sink = (oq_sink){ run_apply, &r->rs, run_duplicate };
     if (r->cm)
         po.sink = (oq_sink){ NULL, r->cm, durable_dup };
-    r->mem = (oq__mem_ledger){ r->s, po.sink };
+    r->mem = (oq__mem_ledger){ .s = r->s, .sink = po.sink };
     po.decode = oq__json_decode;
     po.free_parsed = oq__json_free;
     po.decode_arg = &r->idspec;

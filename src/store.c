@@ -1764,7 +1764,7 @@ int oq__committer_start(oq__committer **out, const oq__committer_opts *o)
     if (c == NULL)
         return OQ_ENOMEM;
     c->o = *o;
-    c->claims = (oq__mem_ledger){ o->s, { NULL, NULL, NULL } };
+    c->claims = (oq__mem_ledger){ .s = o->s };
     if (c->o.batch == 0)
         c->o.batch = 256;
     if (c->o.interval_ms <= 0)

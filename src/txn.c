@@ -31,6 +31,10 @@ struct oq_txn {
      * the attempt's end on (oq_txn_heartbeat). NULL: none. */
     int64_t (*beat)(void *arg);
     void *beat_arg;
+    /* The reply to a request (request-reply), staged by the engine after
+     * the handler: committed with the id, never by the handler. */
+    oq__buf reply;
+    bool has_reply;
 };
 
 oq_txn *oq__txn_new(void)
@@ -43,6 +47,26 @@ void oq__txn_reset(oq_txn *t)
     t->len = 0;
     t->nitems = t->nrecords = t->ncounts = 0;
     t->error[0] = '\0';
+    t->reply.len = 0;
+    t->has_reply = false;
+}
+
+int oq__txn_set_reply(oq_txn *t, const char *data, size_t len)
+{
+    t->reply.len = 0;
+    t->has_reply = false;
+    if (oq__buf_add(&t->reply, data, len) != 0)
+        return OQ_ENOMEM;
+    t->has_reply = true;
+    return 0;
+}
+
+const char *oq__txn_reply(const oq_txn *t, size_t *len)
+{
+    if (!t->has_reply)
+        return NULL;
+    *len = t->reply.len;
+    return t->reply.data;
 }
 
 void oq__txn_set_heartbeat(oq_txn *t, int64_t (*fn)(void *arg), void *arg)
@@ -66,6 +90,7 @@ void oq__txn_free(oq_txn *t)
         return;
     oq__free(t->buf);
     oq__free(t->items);
+    oq__buf_free(&t->reply);
     oq__free(t);
 }
 

@@ -1,0 +1,459 @@
+/*
+ * Request-reply in memory (`onceq run --replies DIR`): an event that carries
+ * a `reply_to` (a stream name) is a request, and when it is settled its
+ * reply is appended to DIR/<reply_to>.jsonl, exactly once per request, in
+ * the same commit as the id (docs/REQUEST-REPLY.md).
+ *
+ * DESIGN
+ * ------
+ * The engine calls the stage hook after the handler (OK: status "ok" with
+ * the handler's records as the result; FAIL: "failed" with its error) and
+ * for a dying delivery ("dead", with the queue's reason): the reply line is
+ * built there and kept in the txn. The memory ledger commits it with the
+ * id: prepare (the line copied into a cache entry; the only step that can
+ * fail), the sink's apply, then publish (appended to its file and cached by
+ * correlation id), all under the prepared claim. So a request whose commit
+ * is fenced or fails has no reply, and one that commits has exactly one. A
+ * duplicate of a settled request does not run again: the duplicate hook
+ * appends the cached reply once more, so a requester that missed it gets
+ * it (the requester keeps the first reply of each correlation id).
+ *
+ * The correlation id is the request's `correlation_id` (any JSON string),
+ * or its event id when it has none.
+ *
+ * Lock: r->mu guards the files, the cache and the counters; a leaf, held
+ * only to link an entry and write a line.
+ */
+#include "oq_internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "oq_uthash.h"
+
+/* One reply_to stream's file. */
+typedef struct rfile {
+    UT_hash_handle hh;
+    FILE *f;
+    char name[];          /* the reply_to name (validated) */
+} rfile;
+
+/* A published reply, by correlation id (for duplicates). */
+typedef struct cached {
+    UT_hash_handle hh;
+    rfile *file;
+    size_t corr_len, line_len;
+    char *corr;           /* into data */
+    char *line;           /* into data: the reply line, with its newline */
+    char data[];
+} cached;
+
+struct oq__replies {
+    char dir[4096];
+    pthread_mutex_t mu;   /* guards files, cache, counters, err; a leaf */
+    rfile *files;
+    cached *cache;
+    uint64_t requests, replies, duplicate_replies;
+    int err;              /* the first write error (errno), 0: none */
+    char err_name[256];
+};
+
+/* The longest reply_to name: a file name with room for ".jsonl". */
+#define NAME_MAX_LEN 200
+
+int oq__replies_open(oq__replies **out, const char *dir, char *err,
+                     size_t errlen)
+{
+    struct stat st;
+    oq__replies *r;
+
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "--replies '%s': not a directory", dir);
+        return OQ_EINVAL;
+    }
+    if (strlen(dir) >= sizeof(r->dir) - NAME_MAX_LEN - 8) {
+        snprintf(err, errlen, "--replies '%s': path too long", dir);
+        return OQ_EINVAL;
+    }
+    r = oq__calloc(1, sizeof(*r));
+    if (r == NULL)
+        return OQ_ENOMEM;
+    snprintf(r->dir, sizeof(r->dir), "%s", dir);
+    oq__mutex_init(&r->mu);
+    *out = r;
+    return 0;
+}
+
+int oq__replies_close(oq__replies *r, char *err, size_t errlen)
+{
+    rfile *f, *ft;
+    cached *c, *ct;
+    int rc = 0;
+
+    if (r == NULL)
+        return 0;
+    HASH_ITER(hh, r->files, f, ft) {
+        if ((fflush(f->f) != 0 || ferror(f->f)) && r->err == 0) {
+            r->err = errno ? errno : EIO;
+            snprintf(r->err_name, sizeof(r->err_name), "%s", f->name);
+        }
+        if (fclose(f->f) != 0 && r->err == 0) {
+            r->err = errno ? errno : EIO;
+            snprintf(r->err_name, sizeof(r->err_name), "%s", f->name);
+        }
+        HASH_DEL(r->files, f);
+        oq__free(f);
+    }
+    HASH_ITER(hh, r->cache, c, ct) {
+        HASH_DEL(r->cache, c);
+        oq__free(c);
+    }
+    if (r->err) {
+        snprintf(err, errlen, "cannot write replies to '%s/%s.jsonl': %s",
+                 r->dir, r->err_name, strerror(r->err));
+        rc = OQ_EIO;
+    }
+    pthread_mutex_destroy(&r->mu);
+    oq__free(r);
+    return rc;
+}
+
+void oq__replies_stats(oq__replies *r, uint64_t *requests, uint64_t *replies,
+                       uint64_t *duplicates)
+{
+    pthread_mutex_lock(&r->mu);
+    *requests = r->requests;
+    *replies = r->replies;
+    *duplicates = r->duplicate_replies;
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* A reply_to name that is safe as a file name: letters, digits, '.', '_',
+ * '-', ':', not starting with '.'. */
+static bool name_ok(const char *s, size_t n)
+{
+    if (n == 0 || n > NAME_MAX_LEN || s[0] == '.')
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-' ||
+              c == ':'))
+            return false;
+    }
+    return true;
+}
+
+/* The request fields of a scanned event: reply_to (token), correlation_id
+ * (token, or 0). 1 request, 0 not a request, -1 a bad one (err set). */
+static int request_fields(const oq__jdoc *d, uint32_t *to, uint32_t *corr,
+                          char *err, size_t errlen)
+{
+    char buf[NAME_MAX_LEN + 1];
+    const char *name;
+    size_t n;
+
+    if (d == NULL || d->tok[0].type != OQ__J_OBJ)
+        return 0;
+    *to = oq__jget(d, 0, "reply_to", 8);
+    *corr = oq__jget(d, 0, "correlation_id", 14);
+    if (*to == 0)
+        return 0;
+    if (d->tok[*to].type != OQ__J_STR) {
+        snprintf(err, errlen, "reply_to is not a string");
+        return -1;
+    }
+    if (*corr != 0 && d->tok[*corr].type != OQ__J_STR) {
+        snprintf(err, errlen, "correlation_id is not a string");
+        return -1;
+    }
+    if (d->tok[*to].len > NAME_MAX_LEN) {
+        snprintf(err, errlen, "reply_to is longer than %d bytes",
+                 NAME_MAX_LEN);
+        return -1;
+    }
+    name = oq__jstr(d, *to, buf, &n);
+    if (!name_ok(name, n)) {
+        snprintf(err, errlen, "reply_to must be 1 to %d letters, digits, "
+                 "'.', '_', '-' or ':', not starting with '.'",
+                 NAME_MAX_LEN);
+        return -1;
+    }
+    return 1;
+}
+
+int oq__request_check(const oq__jdoc *d, char *err, size_t errlen)
+{
+    uint32_t to, corr;
+    return request_fields(d, &to, &corr, err, errlen);
+}
+
+/* Appends string token i of d (decoded) as a JSON string. */
+static int add_jstr(oq__buf *b, const oq__jdoc *d, uint32_t i)
+{
+    char small[256];
+    char *buf = d->tok[i].len <= sizeof(small) ? small
+                                               : oq__malloc(d->tok[i].len);
+    const char *s;
+    size_t n;
+    int rc;
+
+    if (buf == NULL)
+        return OQ_ENOMEM;
+    s = oq__jstr(d, i, buf, &n);
+    rc = oq__json_quote(b, s, n);
+    if (buf != small)
+        oq__free(buf);
+    return rc;
+}
+
+typedef struct result_ctx {
+    oq__buf *b;
+    bool first;
+    int rc;
+} result_ctx;
+
+/* A record of the result: as it is when it is strict JSON, else as a
+ * JSON string. */
+static void add_record(const void *data, size_t len, void *arg)
+{
+    result_ctx *c = arg;
+    if (c->rc != 0)
+        return;
+    if (!c->first)
+        c->rc = oq__buf_add(c->b, ",", 1);
+    c->first = false;
+    if (c->rc == 0)
+        c->rc = oq__json_valid(data, len) ? oq__buf_add(c->b, data, len)
+                                          : oq__json_quote(c->b, data, len);
+}
+
+static const char *const status_name[] = {
+    [OQ__REPLY_OK] = "ok", [OQ__REPLY_FAILED] = "failed",
+    [OQ__REPLY_DEAD] = "dead",
+};
+
+int oq__replies_stage(const oq_event *ev, oq_txn *txn, oq__reply_status st,
+                      void *arg)
+{
+    const oq__jdoc *d;
+    void *own = NULL;
+    uint32_t to, corr;
+    oq__buf b = { 0 };
+    char err[128];
+    char num[32];
+    int rc;
+
+    (void)arg;
+    d = oq__event_doc(ev, &own, err, sizeof(err));
+    rc = request_fields(d, &to, &corr, err, sizeof(err));
+    if (rc <= 0) {
+        /* Not a request (a bad one was refused at decode). */
+        oq__json_free(own, NULL);
+        return 0;
+    }
+    rc = oq__buf_add(&b, "{\"correlation_id\":", 18);
+    if (rc == 0)
+        rc = corr ? add_jstr(&b, d, corr) : oq__json_quote(&b, ev->id,
+                                                           ev->id_len);
+    if (rc == 0)
+        rc = oq__buf_add(&b, ",\"id\":", 6);
+    if (rc == 0)
+        rc = oq__json_quote(&b, ev->id, ev->id_len);
+    if (rc == 0)
+        rc = oq__buf_add(&b, ",\"status\":\"", 11);
+    if (rc == 0)
+        rc = oq__buf_add(&b, status_name[st], strlen(status_name[st]));
+    if (rc == 0 && st == OQ__REPLY_OK) {
+        result_ctx c = { &b, true, 0 };
+        rc = oq__buf_add(&b, "\",\"result\":[", 12);
+        if (rc == 0)
+            oq_txn_foreach(txn, add_record, NULL, &c);
+        rc = rc ? rc : c.rc;
+        if (rc == 0)
+            rc = oq__buf_add(&b, "]", 1);
+    } else if (rc == 0) {
+        const char *e = oq_txn_error_text(txn);
+        rc = oq__buf_add(&b, "\",\"error\":", 10);
+        if (rc == 0)
+            rc = oq__json_quote(&b, e, strlen(e));
+    }
+    snprintf(num, sizeof(num), ",\"attempts\":%u}\n", ev->attempt);
+    if (rc == 0)
+        rc = oq__buf_add(&b, num, strlen(num));
+    if (rc == 0)
+        rc = oq__txn_set_reply(txn, b.data, b.len);
+    oq__buf_free(&b);
+    oq__json_free(own, NULL);
+    return rc;
+}
+
+/* The reply_to name and the correlation id of a request event, copied
+ * out. 0, or -1 when ev is not a (valid) request. */
+static int names_of(const oq_event *ev, char *to, size_t *to_len,
+                    oq__buf *corr)
+{
+    const oq__jdoc *d;
+    void *own = NULL;
+    uint32_t t, c;
+    char err[128];
+    const char *s;
+    int rc = -1;
+
+    d = oq__event_doc(ev, &own, err, sizeof(err));
+    if (request_fields(d, &t, &c, err, sizeof(err)) == 1) {
+        s = oq__jstr(d, t, to, to_len);
+        if (s != to)
+            memcpy(to, s, *to_len);
+        to[*to_len] = '\0';
+        rc = 0;
+        if (c) {
+            char *buf = oq__malloc(d->tok[c].len + 1);
+            size_t n;
+            if (buf == NULL) {
+                rc = OQ_ENOMEM;
+            } else {
+                s = oq__jstr(d, c, buf, &n);
+                rc = oq__buf_add(corr, s, n);
+                oq__free(buf);
+            }
+        } else {
+            rc = oq__buf_add(corr, ev->id, ev->id_len);
+        }
+    }
+    oq__json_free(own, NULL);
+    return rc;
+}
+
+void *oq__replies_prepare(const oq_event *ev, const oq_txn *txn, void *arg)
+{
+    char to[NAME_MAX_LEN + 1];
+    size_t to_len = 0, len;
+    const char *line = oq__txn_reply(txn, &len);
+    oq__buf corr = { 0 };
+    cached *c;
+
+    (void)arg;
+    if (line == NULL || names_of(ev, to, &to_len, &corr) != 0) {
+        oq__buf_free(&corr);
+        return NULL;
+    }
+    c = oq__malloc(sizeof(*c) + corr.len + len + to_len + 1);
+    if (c != NULL) {
+        memset(c, 0, sizeof(*c));
+        c->corr = c->data;
+        c->corr_len = corr.len;
+        memcpy(c->corr, corr.data, corr.len);
+        c->line = c->data + corr.len;
+        c->line_len = len;
+        memcpy(c->line, line, len);
+        /* The file's name rides after the line until publish finds it. */
+        memcpy(c->line + len, to, to_len + 1);
+    }
+    oq__buf_free(&corr);
+    return c;
+}
+
+void oq__replies_abort(void *prepared, void *arg)
+{
+    (void)arg;
+    oq__free(prepared);
+}
+
+/* The file of reply_to name, opened for appending on first use. r->mu
+ * held. NULL (r->err set) if it cannot be. */
+static rfile *file_of(oq__replies *r, const char *name)
+{
+    size_t n = strlen(name);
+    char path[sizeof(r->dir) + NAME_MAX_LEN + 16];
+    rfile *f;
+    int fd;
+
+    HASH_FIND(hh, r->files, name, n, f);
+    if (f)
+        return f;
+    snprintf(path, sizeof(path), "%s/%s.jsonl", r->dir, name);
+    f = oq__malloc(sizeof(*f) + n + 1);
+    fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (f == NULL || fd < 0 || (f->f = fdopen(fd, "a")) == NULL) {
+        if (r->err == 0) {
+            r->err = f == NULL ? ENOMEM : errno;
+            snprintf(r->err_name, sizeof(r->err_name), "%s", name);
+        }
+        if (fd >= 0)
+            close(fd);
+        oq__free(f);
+        return NULL;
+    }
+    memcpy(f->name, name, n + 1);
+    oq__hash_oom = 0;
+    HASH_ADD(hh, r->files, name[0], n, f);
+    if (oq__hash_oom) {
+        fclose(f->f);
+        oq__free(f);
+        if (r->err == 0)
+            r->err = ENOMEM;
+        return NULL;
+    }
+    return f;
+}
+
+/* Writes a reply line; a failed write is remembered and reported when the
+ * replies are closed (the run then exits 3). r->mu held. */
+static void write_line(oq__replies *r, rfile *f, const char *line, size_t n)
+{
+    if (f && fwrite(line, 1, n, f->f) != n && r->err == 0) {
+        r->err = errno ? errno : EIO;
+        snprintf(r->err_name, sizeof(r->err_name), "%s", f->name);
+    }
+    r->replies += f != NULL;
+}
+
+void oq__replies_publish(void *prepared, void *arg)
+{
+    oq__replies *r = arg;
+    cached *c = prepared, *old;
+
+    pthread_mutex_lock(&r->mu);
+    c->file = file_of(r, c->line + c->line_len);
+    write_line(r, c->file, c->line, c->line_len);
+    r->requests++;
+    /* One settled outcome per id, so one per correlation id unless two
+     * requests share one: the last reply is the one a duplicate gets. */
+    HASH_FIND(hh, r->cache, c->corr, c->corr_len, old);
+    if (old) {
+        HASH_DEL(r->cache, old);
+        oq__free(old);
+    }
+    oq__hash_oom = 0;
+    HASH_ADD_KEYPTR(hh, r->cache, c->corr, c->corr_len, c);
+    if (oq__hash_oom)
+        oq__free(c); /* written; only a duplicate's copy is lost */
+    pthread_mutex_unlock(&r->mu);
+}
+
+void oq__replies_duplicate(const oq_event *ev, void *arg)
+{
+    oq__replies *r = arg;
+    char to[NAME_MAX_LEN + 1];
+    size_t to_len = 0;
+    oq__buf corr = { 0 };
+    cached *c;
+
+    if (names_of(ev, to, &to_len, &corr) != 0) {
+        oq__buf_free(&corr);
+        return;
+    }
+    pthread_mutex_lock(&r->mu);
+    HASH_FIND(hh, r->cache, corr.data, corr.len, c);
+    if (c) {
+        write_line(r, c->file, c->line, c->line_len);
+        r->duplicate_replies++;
+    }
+    pthread_mutex_unlock(&r->mu);
+    oq__buf_free(&corr);
+}
