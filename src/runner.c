@@ -13,16 +13,18 @@
  *   - the pool's N workers decode each line (parse JSON, find the id: the
  *     pool's decode hook), claim the id, run the handler, commit, ack;
  *   - the main thread waits for SIGINT/SIGTERM with sigtimedwait (they are
- *     blocked in every thread) and draws the progress line.
+ *     blocked in every thread), draws the progress line, and every 5 ms
+ *     writes the records whose turn has come.
  * Lines are sent without an id (the reader does not parse), so the queue's
  * producer dedup window does not see them; the processed set catches every
  * duplicate, however far apart.
  *
- * Results go to the run sink, one part per worker thread (counters in an
- * oq_memsink, records kept with their input position, the message tag),
- * written by that worker alone and merged once the pool has stopped. They
- * are written once, at the end: counts sorted by key, records in input
- * order, dead letters in input order.
+ * Results go to the run sink. Counters go to one part per worker thread
+ * (an oq_memsink written by that worker alone, merged once the pool has
+ * stopped) and are written at the end, sorted by key. Records go to the
+ * reorder buffer (below) and are written by the main thread as the run
+ * goes, in input order, each event's at the line where its id first
+ * appeared. Dead letters are written at the end, in input order.
  *
  * Accounting: every line ends as exactly one of processed, duplicate, dead
  * or blank, and the run checks lines = processed + duplicates + dead +
@@ -116,9 +118,11 @@ typedef struct reorder {
     _Atomic int rc;     /* a line could not be placed (out of memory): the
                            watermark may stop there; read without mu */
     _Atomic uint64_t wm_seen; /* wm, for the reader's throttle */
+    uint64_t window;    /* the reader waits beyond this many lines past
+                           the watermark; immutable */
 } reorder;
 
-static int reorder_new(reorder **out, unsigned nfiles)
+static int reorder_new(reorder **out, unsigned nfiles, uint64_t window)
 {
     reorder *ro = oq__calloc(1, sizeof(*ro));
 
@@ -135,6 +139,7 @@ static int reorder_new(reorder **out, unsigned nfiles)
         return OQ_ENOMEM;
     }
     ro->wm = 1;
+    ro->window = OQ__MAX(window, 1);
     atomic_init(&ro->wm_seen, 1);
     ro->ready_tail = &ro->ready;
     oq__mutex_init(&ro->mu);
@@ -376,15 +381,20 @@ static pend *reorder_take_rest(reorder *ro)
     return list;
 }
 
-/* Writes the records of list to f and frees it. */
+/* Writes the records of list to f and frees it. They are flushed: a
+ * reader at the other end of a pipe gets them now, not when a buffer
+ * fills. */
 static void write_pends(FILE *f, pend *list)
 {
+    if (list == NULL)
+        return;
     while (list != NULL) {
         pend *next = list->next;
         fwrite(list->buf + list->id_len, 1, list->out_len, f);
         oq__free(list);
         list = next;
     }
+    fflush(f);
 }
 
 /* ------------------------------------------------------------ run sink */
@@ -786,10 +796,13 @@ static void throttle(run *r)
         oq_queue_stats_get(r->q, &st);
         if (atomic_load(&r->stop))
             return;
+        /* The line the reader holds is not settled, so the watermark is
+         * at most its number, r->lines, and the reader waits for lines
+         * already sent. */
         if (st.ready < READY_HIGH_WATER &&
             (ro == NULL || atomic_load(&ro->rc) != 0 ||
-             atomic_load(&r->lines) - atomic_load(&ro->wm_seen) <
-                 REORDER_WINDOW))
+             atomic_load(&ro->wm_seen) + ro->window >
+                 atomic_load(&r->lines)))
             return;
         nanosleep(&nap, NULL);
     }
@@ -1889,9 +1902,14 @@ static int start_pool(run *r)
     po.lease_ms = r->c->vt_ms;
     po.timeout_ms = r->c->timeout_ms;
     po.sink = (oq_sink){ run_apply, &r->rs, run_duplicate };
-    if (!r->cm && r->rs.track_first &&
-        reorder_new(&r->rs.ro, r->c->ninputs) != 0)
-        return OQ_ENOMEM;
+    if (!r->cm && r->rs.track_first) {
+        /* Test seam (test/test_run.py): a small window, so that the
+         * reader waits on the watermark. */
+        const char *w = getenv("ONCEQ_TEST_REORDER_WINDOW");
+        if (reorder_new(&r->rs.ro, r->c->ninputs,
+                        w ? (uint64_t)atol(w) : REORDER_WINDOW) != 0)
+            return OQ_ENOMEM;
+    }
     if (r->cm) {
         po.committer = (oq_committer){ oq__committer_submit, r->cm };
         po.sink = (oq_sink){ NULL, r->cm, durable_dup };
