@@ -13,16 +13,18 @@
  *   - the pool's N workers decode each line (parse JSON, find the id: the
  *     pool's decode hook), claim the id, run the handler, commit, ack;
  *   - the main thread waits for SIGINT/SIGTERM with sigtimedwait (they are
- *     blocked in every thread) and draws the progress line.
+ *     blocked in every thread), draws the progress line, and every 5 ms
+ *     writes the records whose turn has come.
  * Lines are sent without an id (the reader does not parse), so the queue's
  * producer dedup window does not see them; the processed set catches every
  * duplicate, however far apart.
  *
- * Results go to the run sink, one part per worker thread (counters in an
- * oq_memsink, records kept with their input position, the message tag),
- * written by that worker alone and merged once the pool has stopped. They
- * are written once, at the end: counts sorted by key, records in input
- * order, dead letters in input order.
+ * Results go to the run sink. Counters go to one part per worker thread
+ * (an oq_memsink written by that worker alone, merged once the pool has
+ * stopped) and are written at the end, sorted by key. Records go to the
+ * reorder buffer (below) and are written by the main thread as the run
+ * goes, in input order, each event's at the line where its id first
+ * appeared. Dead letters are written at the end, in input order.
  *
  * Accounting: every line ends as exactly one of processed, duplicate, dead
  * or blank, and the run checks lines = processed + duplicates + dead +
@@ -55,101 +57,376 @@
 #define TAG_FILE(tag) ((unsigned)((tag) >> 40))
 #define TAG_LINE(tag) ((tag) & ((1ULL << 40) - 1))
 
-/* ------------------------------------------------------------ run sink */
-
-typedef struct rec {
-    uint64_t tag;   /* input position */
-    size_t len;     /* of the record; the event id follows it in data */
-    size_t id_len;
-    char data[];
-} rec;
-
-/* For record outputs (exec, noop --emit, plugins): the earliest input
- * position of each id, so each event's record is written where the event
- * first appeared, whichever copy committed. */
-typedef struct first_seen {
-    uint64_t tag;
-    UT_hash_handle hh;
-    size_t len;
-    char id[];
-} first_seen;
+/* ------------------------------------------------------- reorder buffer */
 
 /*
- * The run sink has one part per worker thread, written by that thread only
- * (no shared lock on the hot path: one sink mutex taken by every worker
- * for every event was a serial point of the pool), and folded into the
- * run sink's own fields by merge_parts() once the pool has stopped.
+ * Record outputs (exec:, plugin:, noop --emit) are written in input order,
+ * each event's records at the line where its id first appeared, whichever
+ * copy committed, and they are written as the run goes rather than held
+ * to its end (holding every record cost six times the input in memory).
+ *
+ * Every line read has a sequence number, its rank in the inputs counted
+ * from 1 (blank lines included); a tag maps to it through the number of
+ * its input's line 0. A line settles exactly once: processed (the sink's
+ * apply), duplicate (the sink's duplicate hook), dead-lettered (taken from
+ * the queue by the main thread) or blank (the reader). The watermark wm is
+ * the first line not settled. The records of the lines below it are final:
+ * they move to the ready list, which the main thread writes. Until then a
+ * committed event's records wait in the ring at their line, and in ids by
+ * their event id, so that a duplicate that settles at a smaller line moves
+ * them there (the event first appeared there). Such a duplicate cannot
+ * settle after the records were written, because the watermark does not
+ * pass a line before it settles; nor before the apply of the copy that
+ * committed, because a copy is a duplicate only once its id is DONE, which
+ * the pool marks after the apply.
+ *
+ * So the buffer holds the lines between the watermark and the reader: about
+ * what the queue holds (the reader throttles on the queue), plus what a
+ * slow line (a retry's backoff, a long handler) keeps waiting behind it,
+ * which the reader bounds to REORDER_WINDOW lines.
+ *
+ * Lock: mu guards the fields below it; a leaf, taken once per settled line
+ * and once per main-thread tick. The counting handlers have no buffer, so
+ * their hot path takes no shared lock.
+ */
+#define REORDER_WINDOW (1u << 18)
+
+typedef struct pend {
+    UT_hash_handle hh;  /* in reorder.ids, by event id */
+    struct pend *next;  /* reorder.ready */
+    uint64_t seq;       /* the line its records are written at */
+    size_t id_len;
+    size_t out_len;     /* of the records, each followed by a newline */
+    char buf[];         /* the id, then the records */
+} pend;
+
+typedef struct rslot {
+    pend *p;            /* the records written at this line, or NULL */
+    bool settled;
+} rslot;
+
+typedef struct reorder {
+    pthread_mutex_t mu;
+    rslot *ring;        /* line seq is ring[seq & (cap - 1)], for
+                           wm <= seq < wm + cap */
+    size_t cap;         /* a power of 2 */
+    uint64_t wm;        /* the first line not settled */
+    uint64_t *line0;    /* per input: the sequence number of its line 0 */
+    unsigned nfiles;
+    pend *ids;          /* the records in the ring, by event id */
+    pend *ready, **ready_tail; /* below the watermark, not written yet */
+    _Atomic int rc;     /* a line could not be placed (out of memory): the
+                           watermark may stop there; read without mu */
+    _Atomic uint64_t wm_seen; /* wm, for the reader's throttle */
+    uint64_t window;    /* the reader waits beyond this many lines past
+                           the watermark; immutable */
+} reorder;
+
+static int reorder_new(reorder **out, unsigned nfiles, uint64_t window)
+{
+    reorder *ro = oq__calloc(1, sizeof(*ro));
+
+    if (ro == NULL)
+        return OQ_ENOMEM;
+    ro->cap = 4096;
+    ro->nfiles = nfiles ? nfiles : 1;
+    ro->ring = oq__calloc(ro->cap, sizeof(*ro->ring));
+    ro->line0 = oq__calloc(ro->nfiles, sizeof(*ro->line0));
+    if (ro->ring == NULL || ro->line0 == NULL) {
+        oq__free(ro->ring);
+        oq__free(ro->line0);
+        oq__free(ro);
+        return OQ_ENOMEM;
+    }
+    ro->wm = 1;
+    ro->window = OQ__MAX(window, 1);
+    atomic_init(&ro->wm_seen, 1);
+    ro->ready_tail = &ro->ready;
+    oq__mutex_init(&ro->mu);
+    *out = ro;
+    return 0;
+}
+
+static void free_pends(pend *list)
+{
+    while (list != NULL) {
+        pend *next = list->next;
+        oq__free(list);
+        list = next;
+    }
+}
+
+static void reorder_free(reorder *ro)
+{
+    if (ro == NULL)
+        return;
+    HASH_CLEAR(hh, ro->ids);
+    for (size_t i = 0; i < ro->cap; i++)
+        oq__free(ro->ring[i].p);
+    free_pends(ro->ready);
+    oq__free(ro->ring);
+    oq__free(ro->line0);
+    pthread_mutex_destroy(&ro->mu);
+    oq__free(ro);
+}
+
+/* The reader starts input file, whose line 1 is line seq of the run. */
+static void reorder_input(reorder *ro, unsigned file, uint64_t seq,
+                          uint64_t lineno)
+{
+    pthread_mutex_lock(&ro->mu);
+    if (file < ro->nfiles)
+        ro->line0[file] = seq - lineno;
+    pthread_mutex_unlock(&ro->mu);
+}
+
+/* Makes the ring cover line seq (> wm). mu held. */
+static int grow(reorder *ro, uint64_t seq)
+{
+    size_t ncap = ro->cap;
+    rslot *nr;
+
+    while (seq - ro->wm >= ncap)
+        ncap *= 2;
+    if ((nr = oq__calloc(ncap, sizeof(*nr))) == NULL)
+        return OQ_ENOMEM;
+    for (size_t i = 0; i < ro->cap; i++)
+        nr[(ro->wm + i) & (ncap - 1)] = ro->ring[(ro->wm + i) & (ro->cap - 1)];
+    oq__free(ro->ring);
+    ro->ring = nr;
+    ro->cap = ncap;
+    return 0;
+}
+
+/* The line of tag, in the ring and not settled: 0 and *seq, OQ_ENOMEM, or
+ * OQ_EINVAL for a line never read or settled already (a bug). mu held. */
+static int line_of(reorder *ro, uint64_t tag, uint64_t *seq)
+{
+    unsigned file = TAG_FILE(tag);
+    uint64_t s;
+
+    if (file >= ro->nfiles)
+        return OQ_EINVAL;
+    s = ro->line0[file] + TAG_LINE(tag);
+    if (s < ro->wm || (s - ro->wm < ro->cap &&
+                       ro->ring[s & (ro->cap - 1)].settled))
+        return OQ_EINVAL;
+    if (s - ro->wm >= ro->cap && grow(ro, s) != 0)
+        return OQ_ENOMEM;
+    *seq = s;
+    return 0;
+}
+
+/* Settles line seq (placed) and moves the watermark over the settled
+ * prefix, handing the records it passes to the ready list. mu held. */
+static void settle_line(reorder *ro, uint64_t seq)
+{
+    size_t mask = ro->cap - 1;
+    rslot *s;
+
+    ro->ring[seq & mask].settled = true;
+    if (seq != ro->wm)
+        return;
+    while ((s = &ro->ring[ro->wm & mask])->settled) {
+        if (s->p != NULL) {
+            HASH_DEL(ro->ids, s->p);
+            s->p->next = NULL;
+            *ro->ready_tail = s->p;
+            ro->ready_tail = &s->p->next;
+        }
+        *s = (rslot){ NULL, false };
+        ro->wm++;
+    }
+    atomic_store(&ro->wm_seen, ro->wm);
+}
+
+static void note_failed(reorder *ro, int rc)
+{
+    int zero = 0;
+    atomic_compare_exchange_strong(&ro->rc, &zero, rc);
+}
+
+/* A line that settles with no records: blank or dead-lettered. mu held. */
+static void settle_tag_locked(reorder *ro, uint64_t tag)
+{
+    uint64_t seq;
+    int rc = line_of(ro, tag, &seq);
+
+    if (rc == 0)
+        settle_line(ro, seq);
+    else
+        note_failed(ro, rc);
+}
+
+static void reorder_settle(reorder *ro, uint64_t tag)
+{
+    pthread_mutex_lock(&ro->mu);
+    settle_tag_locked(ro, tag);
+    pthread_mutex_unlock(&ro->mu);
+}
+
+/* A duplicate of ev's id settles: the id's records, if they wait at a
+ * later line, move to this one. */
+static void reorder_dup(reorder *ro, const oq_event *ev)
+{
+    uint64_t seq;
+    pend *p;
+    int rc;
+
+    pthread_mutex_lock(&ro->mu);
+    if ((rc = line_of(ro, ev->tag, &seq)) == 0) {
+        HASH_FIND(hh, ro->ids, ev->id, ev->id_len, p);
+        if (p != NULL && p->seq > seq) {
+            ro->ring[p->seq & (ro->cap - 1)].p = NULL;
+            ro->ring[seq & (ro->cap - 1)].p = p;
+            p->seq = seq;
+        }
+        settle_line(ro, seq);
+    } else {
+        note_failed(ro, rc);
+    }
+    pthread_mutex_unlock(&ro->mu);
+}
+
+static void rec_len(const void *data, size_t len, void *arg)
+{
+    (void)data;
+    *(size_t *)arg += len + 1;
+}
+
+static void rec_copy(const void *data, size_t len, void *arg)
+{
+    pend *p = arg;
+    char *o = p->buf + p->id_len + p->out_len;
+
+    if (len)
+        memcpy(o, data, len);
+    o[len] = '\n';
+    p->out_len += len + 1;
+}
+
+/* A processed event settles with txn's records. All or nothing: OQ_ENOMEM
+ * leaves the buffer as it was (the pool retries the event). */
+static int reorder_add(reorder *ro, const oq_event *ev, const oq_txn *txn)
+{
+    size_t out_len = 0;
+    pend *p = NULL;
+    uint64_t seq;
+    int rc;
+
+    if (oq_txn_nrecords(txn) > 0) {
+        oq_txn_foreach(txn, rec_len, NULL, &out_len);
+        if ((p = oq__malloc(sizeof(*p) + ev->id_len + out_len)) == NULL)
+            return OQ_ENOMEM;
+        p->next = NULL;
+        p->id_len = ev->id_len;
+        p->out_len = 0;
+        memcpy(p->buf, ev->id, ev->id_len);
+        oq_txn_foreach(txn, rec_copy, NULL, p);
+    }
+    pthread_mutex_lock(&ro->mu);
+    rc = line_of(ro, ev->tag, &seq);
+    if (rc == 0 && p != NULL) {
+        p->seq = seq;
+        oq__hash_oom = 0;
+        HASH_ADD_KEYPTR(hh, ro->ids, p->buf, p->id_len, p);
+        if (oq__hash_oom)
+            rc = OQ_ENOMEM;
+        else
+            ro->ring[seq & (ro->cap - 1)].p = p;
+    }
+    if (rc == 0)
+        settle_line(ro, seq);
+    pthread_mutex_unlock(&ro->mu);
+    if (rc == 0)
+        return 0;
+    oq__free(p);
+    if (rc == OQ_ENOMEM)
+        return rc;
+    note_failed(ro, rc); /* a line settled twice: reported at the end */
+    return 0;
+}
+
+/* The records the watermark passed, in order; the caller writes them. */
+static pend *reorder_take_ready(reorder *ro)
+{
+    pend *list;
+
+    pthread_mutex_lock(&ro->mu);
+    list = ro->ready;
+    ro->ready = NULL;
+    ro->ready_tail = &ro->ready;
+    pthread_mutex_unlock(&ro->mu);
+    return list;
+}
+
+/* Everything still in the ring, in line order (the run is over: lines not
+ * settled after a signal are left out, as their events never ran). */
+static pend *reorder_take_rest(reorder *ro)
+{
+    pend *list = NULL, **tail = &list;
+
+    pthread_mutex_lock(&ro->mu);
+    HASH_CLEAR(hh, ro->ids);
+    for (size_t i = 0; i < ro->cap; i++) {
+        rslot *s = &ro->ring[(ro->wm + i) & (ro->cap - 1)];
+        if (s->p != NULL) {
+            s->p->next = NULL;
+            *tail = s->p;
+            tail = &s->p->next;
+            s->p = NULL;
+        }
+    }
+    pthread_mutex_unlock(&ro->mu);
+    return list;
+}
+
+/* Writes the records of list to f and frees it. They are flushed: a
+ * reader at the other end of a pipe gets them now, not when a buffer
+ * fills. */
+static void write_pends(FILE *f, pend *list)
+{
+    if (list == NULL)
+        return;
+    while (list != NULL) {
+        pend *next = list->next;
+        fwrite(list->buf + list->id_len, 1, list->out_len, f);
+        oq__free(list);
+        list = next;
+    }
+    fflush(f);
+}
+
+/* ------------------------------------------------------------ run sink */
+
+/*
+ * The run sink has one part per worker thread for counters, written by
+ * that thread only (no shared lock on the hot path: one sink mutex taken
+ * by every worker for every event was a serial point of the pool), and
+ * folded into the run sink's own counters by merge_parts() once the pool
+ * has stopped. Records go to the reorder buffer.
  */
 typedef struct part {
     oq_memsink *counts;  /* its own lock, never contended */
-    rec **recs;
-    size_t nrecs, cap;
-    first_seen *first;
     int rc;              /* an allocation failed */
     struct part *next;   /* run_sink.parts; set once, under run_sink.mu */
 } part;
 
 typedef struct run_sink {
-    bool track_first;    /* immutable after setup */
+    /* Records are written in input order, at each event's first line.
+     * Immutable after setup. */
+    bool track_first;
+    reorder *ro;         /* the records' buffer (memory mode), or NULL */
     pthread_mutex_t mu;  /* guards parts (registration only); a leaf */
     part *parts;
     /* The merged result, written by merge_parts() only. */
     oq_memsink *counts;
-    rec **recs;
-    size_t nrecs, cap;
-    first_seen *first;
     int rc;              /* an allocation failed in a callback or merge */
 } run_sink;
-
-/* Lowers id's first-seen tag in *head to tag. */
-static int note_first(first_seen **head, const char *id, size_t len,
-                      uint64_t tag)
-{
-    first_seen *f;
-
-    HASH_FIND(hh, *head, id, len, f);
-    if (f == NULL) {
-        f = oq__malloc(sizeof(*f) + len);
-        if (f == NULL)
-            return OQ_ENOMEM;
-        f->tag = tag;
-        f->len = len;
-        memcpy(f->id, id, len);
-        oq__hash_oom = 0;
-        HASH_ADD_KEYPTR(hh, *head, f->id, len, f);
-        if (oq__hash_oom) {
-            oq__free(f);
-            return OQ_ENOMEM;
-        }
-        return 0;
-    }
-    if (tag < f->tag)
-        f->tag = tag;
-    return 0;
-}
-
-static void free_first(first_seen **head)
-{
-    first_seen *f, *tmp;
-
-    HASH_ITER(hh, *head, f, tmp) {
-        HASH_DEL(*head, f);
-        oq__free(f);
-    }
-}
-
-static void free_recs(rec **recs, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        oq__free(recs[i]);
-    oq__free(recs);
-}
 
 static void part_free(part *p)
 {
     oq_memsink_free(p->counts);
-    free_recs(p->recs, p->nrecs);
-    free_first(&p->first);
     oq__free(p);
 }
 
@@ -180,89 +457,30 @@ static part *my_part(run_sink *rs)
 static void run_duplicate(const oq_event *ev, void *arg)
 {
     run_sink *rs = arg;
-    part *p;
 
-    if (!rs->track_first)
-        return;
-    if ((p = my_part(rs)) == NULL)
-        rs->rc = OQ_ENOMEM; /* a benign race: any thread may set it */
-    else if (note_first(&p->first, ev->id, ev->id_len, ev->tag) != 0)
-        p->rc = OQ_ENOMEM;
+    if (rs->ro != NULL)
+        reorder_dup(rs->ro, ev);
 }
 
-typedef struct rec_ctx {
-    part *p;
-    uint64_t tag;
-    const char *id; /* kept with the record when tracking first-seen */
-    size_t id_len;
-    size_t n0;      /* p->nrecs before this txn */
-    int rc;
-} rec_ctx;
-
-static void stage_rec(const void *data, size_t len, void *arg)
-{
-    rec_ctx *c = arg;
-    rec *r;
-
-    if (c->rc != 0)
-        return;
-    r = oq__malloc(sizeof(*r) + len + c->id_len);
-    if (r == NULL) {
-        c->rc = OQ_ENOMEM;
-        return;
-    }
-    r->tag = c->tag;
-    r->len = len;
-    r->id_len = c->id_len;
-    if (len)
-        memcpy(r->data, data, len);
-    if (c->id_len)
-        memcpy(r->data + len, c->id, c->id_len);
-    c->p->recs[c->p->nrecs++] = r; /* room was made before */
-}
-
-/* Counters go to the part's memsink, records to its list; a txn has one or
- * the other in practice (a handler's output kind), so the two applies need
- * not be one atomic step. Each is all or nothing. */
+/* Counters go to the part's memsink, records to the reorder buffer; a txn
+ * has one or the other in practice (a handler's output kind), so the two
+ * applies need not be one atomic step. Each is all or nothing. With a
+ * buffer, every processed event settles its line there, records or not. */
 static int run_apply(const oq_event *ev, const oq_txn *txn, void *arg)
 {
     run_sink *rs = arg;
-    part *p = my_part(rs);
-    size_t n = oq_txn_nrecords(txn);
-    rec_ctx c;
     int rc;
 
-    if (p == NULL)
-        return OQ_ENOMEM;
     if (oq_txn_ncounts(txn) > 0) {
-        oq_sink counts = oq_memsink_sink(p->counts);
+        part *p = my_part(rs);
+        oq_sink counts;
+        if (p == NULL)
+            return OQ_ENOMEM;
+        counts = oq_memsink_sink(p->counts);
         if ((rc = counts.apply(ev, txn, counts.arg)) != 0)
             return rc;
     }
-    if (n == 0)
-        return 0;
-    if (p->nrecs + n > p->cap) {
-        size_t ncap = p->cap ? p->cap * 2 : 1024;
-        rec **np;
-        while (ncap < p->nrecs + n)
-            ncap *= 2;
-        if ((np = oq__realloc(p->recs, ncap * sizeof(*np))) == NULL)
-            return OQ_ENOMEM;
-        p->recs = np;
-        p->cap = ncap;
-    }
-    c = (rec_ctx){ p, ev->tag, ev->id, rs->track_first ? ev->id_len : 0,
-                   p->nrecs, 0 };
-    oq_txn_foreach(txn, stage_rec, NULL, &c);
-    if (c.rc == 0 && rs->track_first)
-        c.rc = note_first(&p->first, ev->id, ev->id_len, ev->tag);
-    if (c.rc != 0) {
-        /* Nothing of this txn stays. */
-        for (size_t i = c.n0; i < p->nrecs; i++)
-            oq__free(p->recs[i]);
-        p->nrecs = c.n0;
-    }
-    return c.rc;
+    return rs->ro != NULL ? reorder_add(rs->ro, ev, txn) : 0;
 }
 
 /* Folds every part into rs (after the pool stopped: no worker writes). */
@@ -275,37 +493,9 @@ static void merge_parts(run_sink *rs)
         rs->parts = p->next;
         if (p->rc != 0 || oq__memsink_merge(rs->counts, p->counts) != 0)
             rs->rc = OQ_ENOMEM;
-        if (p->nrecs > 0) {
-            if (rs->nrecs + p->nrecs > rs->cap) {
-                size_t ncap = rs->nrecs + p->nrecs;
-                rec **np = oq__realloc(rs->recs, ncap * sizeof(*np));
-                if (np == NULL) {
-                    rs->rc = OQ_ENOMEM;
-                    part_free(p);
-                    continue;
-                }
-                rs->recs = np;
-                rs->cap = ncap;
-            }
-            memcpy(rs->recs + rs->nrecs, p->recs, p->nrecs * sizeof(rec *));
-            rs->nrecs += p->nrecs;
-            p->nrecs = 0;
-        }
-        {
-            first_seen *f, *tmp;
-            HASH_ITER(hh, p->first, f, tmp)
-                if (note_first(&rs->first, f->id, f->len, f->tag) != 0)
-                    rs->rc = OQ_ENOMEM;
-        }
         part_free(p);
     }
     pthread_mutex_unlock(&rs->mu);
-}
-
-static int by_tag(const void *a, const void *b)
-{
-    const rec *x = *(rec *const *)a, *y = *(rec *const *)b;
-    return (x->tag > y->tag) - (x->tag < y->tag);
 }
 
 /* ---------------------------------------------------------- JSON output */
@@ -460,6 +650,67 @@ static int out_commit(outfile *o, const char *prefix)
     return 3;
 }
 
+/* The queue's dead letters, copied out of it (a run takes them as it
+ * goes when it writes records, and writes them all at the end). */
+typedef struct dl_item {
+    uint64_t tag;
+    oq_dlq_reason reason;
+    uint32_t attempts;
+    int64_t sent_ms, dead_ms;
+    char *error;
+    size_t len;
+    char payload[];
+} dl_item;
+
+typedef struct dl_list {
+    dl_item **v;
+    size_t n, cap;
+    int rc;
+} dl_list;
+
+static void take_dead(const oq_dead_letter *dl, void *arg)
+{
+    dl_list *l = arg;
+    dl_item *it;
+
+    if (l->n == l->cap) {
+        size_t ncap = l->cap ? l->cap * 2 : 64;
+        dl_item **nv = oq__realloc(l->v, ncap * sizeof(*nv));
+        if (nv == NULL) {
+            l->rc = OQ_ENOMEM;
+            return;
+        }
+        l->v = nv;
+        l->cap = ncap;
+    }
+    it = oq__malloc(sizeof(*it) + dl->payload_len + 1);
+    if (it == NULL || (it->error = strdup(dl->error)) == NULL) {
+        oq__free(it);
+        l->rc = OQ_ENOMEM;
+        return;
+    }
+    it->tag = dl->tag;
+    it->reason = dl->reason;
+    it->attempts = dl->attempts;
+    it->sent_ms = dl->sent_ms;
+    it->dead_ms = dl->dead_ms;
+    it->len = dl->payload_len;
+    if (dl->payload_len)
+        memcpy(it->payload, dl->payload, dl->payload_len);
+    it->payload[it->len] = '\0';
+    l->v[l->n++] = it;
+}
+
+static void dl_free(dl_list *l)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        free(l->v[i]->error);
+        oq__free(l->v[i]);
+    }
+    oq__free(l->v);
+    memset(l, 0, sizeof(*l));
+}
+
 /* ------------------------------------------------------------- the run */
 
 typedef struct run {
@@ -472,6 +723,7 @@ typedef struct run {
     oq__idspec idspec;
     run_sink rs;
     outfile out, dlq, stats; /* -o, --dlq, --stats: open from the start */
+    dl_list dead;            /* dead letters taken so far; main thread */
 
     /* Written by the reader thread, read by the main thread. */
     _Atomic uint64_t lines, blank;
@@ -485,6 +737,7 @@ typedef struct run {
      * workers, never held across anything but reading and sending. */
     pthread_mutex_t reader_mu;
     struct pending *pb;
+    unsigned read_file;         /* the input of the last line read */
     oq__mem_ledger mem;         /* the ledger when the workers read */
     bool reader_thread;         /* a thread reads (fewer workers than
                                    cores), else the workers do */
@@ -539,18 +792,35 @@ static int send_all(run *r, oq_message *m, size_t n)
     return 0;
 }
 
-/* Waits while the queue holds too much that is ready. */
+/* Waits while the queue holds too much that is ready, or while the
+ * records' reorder buffer spans too many lines (a line that waits, a
+ * retry's backoff, holds back the writing of every line after it). A
+ * buffer that failed may not move any more: it does not hold the reader. */
+/* Must the reader wait before it reads on: the queue holds a lot, or the
+ * reorder window is full? */
+static bool must_wait(run *r)
+{
+    reorder *ro = r->rs.ro;
+    oq_queue_stats st;
+
+    oq_queue_stats_get(r->q, &st);
+    /* The line the reader holds is not settled, so the watermark is at
+     * most its number, r->lines, and the reader waits for lines already
+     * sent. */
+    return st.ready >= READY_HIGH_WATER ||
+           (ro != NULL && atomic_load(&ro->rc) == 0 &&
+            atomic_load(&ro->wm_seen) + ro->window <=
+                atomic_load(&r->lines));
+}
+
+/* The reader thread waits while it must (a worker reading never does: see
+ * read_some). */
 static void throttle(run *r)
 {
-    oq_queue_stats st;
     struct timespec nap = { 0, 1000 * 1000 };
 
-    for (;;) {
-        oq_queue_stats_get(r->q, &st);
-        if (st.ready < READY_HIGH_WATER || atomic_load(&r->stop))
-            return;
+    while (r->reader_thread && !atomic_load(&r->stop) && must_wait(r))
         nanosleep(&nap, NULL);
-    }
 }
 
 static int reject_too_large(run *r, const oq__line *l)
@@ -612,9 +882,10 @@ static void add_line(pending *pb, const oq__line *l)
 
 /*
  * Who reads: a reader thread when there are fewer workers than CPUs (it
- * runs beside them), else the workers themselves, one at a time, when
- * their queue runs dry (a reader thread would take a core's time from
- * them). ONCEQ_READER=thread or =workers chooses, for benchmarks.
+ * runs beside them) or an input is not a regular file, else the workers
+ * themselves, one at a time, when their queue runs dry (a reader thread
+ * would take a core's time from them). ONCEQ_READER=thread or =workers
+ * chooses between the two for regular files, for benchmarks.
  */
 static int start_reading(run *r)
 {
@@ -629,11 +900,21 @@ static int start_reading(run *r)
         return OQ_ENOMEM;
     r->pb->r = r;
     r->pb->cap = ARENA_BYTES;
+    r->read_file = UINT_MAX;
     r->reader_thread = ncpu <= 0 || (long)r->c->workers < ncpu;
     if (force && strcmp(force, "thread") == 0)
         r->reader_thread = true;
     else if (force && strcmp(force, "workers") == 0)
         r->reader_thread = false;
+    /* A pipe or a terminal can block a read for as long as its writer
+     * likes: a worker blocked there would hold up the lines already
+     * queued (with one worker, forever). Such input has a thread. */
+    for (unsigned i = 0; i < oq__reader_count(r->reader); i++) {
+        struct stat st;
+        int fd = oq__reader_fd(r->reader, i);
+        if (fd >= 0 && (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)))
+            r->reader_thread = true;
+    }
     return 0;
 }
 
@@ -658,6 +939,7 @@ static void end_reading(run *r, int rc)
 static bool read_some(run *r, size_t max)
 {
     pending *pb = r->pb;
+    reorder *ro = r->rs.ro;
     oq__line l;
     int rc = 1;
 
@@ -666,23 +948,37 @@ static bool read_some(run *r, size_t max)
     /* Lines from a pipe must not wait for a full batch. */
     oq__reader_set_idle(r->reader, flush, pb);
     for (size_t k = 0; k < max; k++) {
+        uint64_t seq;
+        /* A worker never waits here for the others (it may be the one
+         * that has to settle the line the window waits for): it stops
+         * reading for now. */
+        if (!r->reader_thread && k > 0 && must_wait(r))
+            break;
         if (atomic_load(&r->stop) || pb->rc != 0 ||
             (rc = oq__reader_next(r->reader, &l, r->reader_err,
                                   sizeof(r->reader_err))) <= 0)
             break;
-        atomic_fetch_add(&r->lines, 1);
+        /* Lines are numbered from 1 in the order read (reorder). */
+        seq = atomic_fetch_add(&r->lines, 1) + 1;
+        if (ro != NULL && l.file != r->read_file) {
+            reorder_input(ro, l.file, seq, l.lineno);
+            r->read_file = l.file;
+        }
         if (r->tracker &&
             oq__tracker_add(r->tracker, l.file, l.lineno, l.end,
                             l.kind == OQ__LINE_BLANK) != 0) {
             pb->rc = OQ_ENOMEM;
             break;
         }
-        if (l.kind == OQ__LINE_BLANK)
+        if (l.kind == OQ__LINE_BLANK) {
             atomic_fetch_add(&r->blank, 1);
-        else if (l.kind == OQ__LINE_TOO_LARGE)
+            if (ro != NULL)
+                reorder_settle(ro, TAG(l.file, l.lineno));
+        } else if (l.kind == OQ__LINE_TOO_LARGE) {
             pb->rc = reject_too_large(r, &l);
-        else
+        } else {
             add_line(pb, &l);
+        }
     }
     flush(pb);
     if (rc > 0 && pb->rc == 0 && !atomic_load(&r->stop))
@@ -879,55 +1175,6 @@ static void progress_line(run *r)
     oq__draw_progress(&n, tail);
 }
 
-typedef struct dl_item {
-    uint64_t tag;
-    oq_dlq_reason reason;
-    uint32_t attempts;
-    int64_t sent_ms, dead_ms;
-    char *error;
-    size_t len;
-    char payload[];
-} dl_item;
-
-typedef struct dl_list {
-    dl_item **v;
-    size_t n, cap;
-    int rc;
-} dl_list;
-
-static void take_dead(const oq_dead_letter *dl, void *arg)
-{
-    dl_list *l = arg;
-    dl_item *it;
-
-    if (l->n == l->cap) {
-        size_t ncap = l->cap ? l->cap * 2 : 64;
-        dl_item **nv = oq__realloc(l->v, ncap * sizeof(*nv));
-        if (nv == NULL) {
-            l->rc = OQ_ENOMEM;
-            return;
-        }
-        l->v = nv;
-        l->cap = ncap;
-    }
-    it = oq__malloc(sizeof(*it) + dl->payload_len + 1);
-    if (it == NULL || (it->error = strdup(dl->error)) == NULL) {
-        oq__free(it);
-        l->rc = OQ_ENOMEM;
-        return;
-    }
-    it->tag = dl->tag;
-    it->reason = dl->reason;
-    it->attempts = dl->attempts;
-    it->sent_ms = dl->sent_ms;
-    it->dead_ms = dl->dead_ms;
-    it->len = dl->payload_len;
-    if (dl->payload_len)
-        memcpy(it->payload, dl->payload, dl->payload_len);
-    it->payload[it->len] = '\0';
-    l->v[l->n++] = it;
-}
-
 static int dl_by_tag(const void *a, const void *b)
 {
     const dl_item *x = *(dl_item *const *)a, *y = *(dl_item *const *)b;
@@ -975,9 +1222,10 @@ static void write_dead(FILE *f, run *r, const dl_item *it)
  * stale one from an earlier run). Returns 0 or an exit status. */
 static int write_dlq(run *r, uint64_t *count)
 {
-    dl_list l = { 0 };
+    dl_list l = r->dead; /* those taken while records were written */
     int status = 0;
 
+    memset(&r->dead, 0, sizeof(r->dead));
     oq_queue_dead_letters(r->q, 1, take_dead, &l);
     *count = l.n;
     if (l.rc != 0) {
@@ -992,24 +1240,35 @@ static int write_dlq(run *r, uint64_t *count)
             write_dead(r->dlq.f, r, l.v[i]);
         status = out_commit(&r->dlq, "onceq run");
     }
-    for (size_t i = 0; i < l.n; i++) {
-        free(l.v[i]->error);
-        oq__free(l.v[i]);
-    }
-    oq__free(l.v);
+    dl_free(&l);
     return status;
 }
 
-/* Gives each record the earliest position its id was seen at. */
-static void move_to_first_seen(run_sink *rs)
+/*
+ * The main thread's share of writing records (every 5 ms while the run
+ * goes, and once at its end): it takes the queue's new dead letters, whose
+ * lines settle (the dead letters are kept for --dlq), then writes the
+ * records the watermark has passed. Writing here, not in the worker that
+ * moved the watermark, keeps output I/O out of the workers and of the
+ * buffer's lock.
+ */
+static void emit_ready(run *r)
 {
-    for (size_t i = 0; i < rs->nrecs; i++) {
-        rec *x = rs->recs[i];
-        first_seen *f;
-        HASH_FIND(hh, rs->first, x->data + x->len, x->id_len, f);
-        if (f && f->tag < x->tag)
-            x->tag = f->tag;
+    reorder *ro = r->rs.ro;
+    size_t n0 = r->dead.n;
+
+    if (ro == NULL)
+        return;
+    oq_queue_dead_letters(r->q, 1, take_dead, &r->dead);
+    if (r->dead.rc != 0)
+        note_failed(ro, r->dead.rc); /* a dead letter's line is lost */
+    if (r->dead.n > n0) {
+        pthread_mutex_lock(&ro->mu);
+        for (size_t i = n0; i < r->dead.n; i++)
+            settle_tag_locked(ro, r->dead.v[i]->tag);
+        pthread_mutex_unlock(&ro->mu);
     }
+    write_pends(r->out.f, reorder_take_ready(ro));
 }
 
 /* One result line of a counting handler: {"FIELD":"key","count":N}, or
@@ -1060,15 +1319,10 @@ static int write_results(run *r)
     if (r->h.output == OQ__OUT_COUNTS) {
         oq__count_out c = { f, r->h.count_key ? r->h.count_key : "key" };
         oq_memsink_foreach_count(r->rs.counts, oq__write_count, &c);
-    } else {
-        if (r->rs.track_first)
-            move_to_first_seen(&r->rs);
-        if (r->rs.nrecs > 0)
-            qsort(r->rs.recs, r->rs.nrecs, sizeof(*r->rs.recs), by_tag);
-        for (size_t i = 0; i < r->rs.nrecs; i++) {
-            fwrite(r->rs.recs[i]->data, 1, r->rs.recs[i]->len, f);
-            putc('\n', f);
-        }
+    } else if (r->rs.ro != NULL) {
+        /* Most records are written already; the pool has stopped. */
+        emit_ready(r);
+        write_pends(f, reorder_take_rest(r->rs.ro));
     }
     return out_commit(&r->out, "onceq run");
 }
@@ -1759,7 +2013,8 @@ static int open_all(run *r, char *err, size_t errlen)
         goto nomem;
     oq__mutex_init(&r->rs.mu);
     /* Records are written in input order, at each event's first line
-     * (noop writes records only with --emit). */
+     * (noop writes records only with --emit); in memory mode through the
+     * reorder buffer (made in start_pool: not with --state). */
     r->rs.track_first = r->h.output == OQ__OUT_RECORDS &&
                         (strcmp(r->h.name, "noop") != 0 || c->emit);
     r->idspec.field = c->id_field;
@@ -1789,6 +2044,14 @@ static int start_pool(run *r)
     po.lease_ms = r->c->vt_ms;
     po.timeout_ms = r->c->timeout_ms;
     po.sink = (oq_sink){ run_apply, &r->rs, run_duplicate };
+    if (!r->cm && r->rs.track_first) {
+        /* Test seam (test/test_run.py): a small window, so that the
+         * reader waits on the watermark. */
+        const char *w = getenv("ONCEQ_TEST_REORDER_WINDOW");
+        if (reorder_new(&r->rs.ro, r->c->ninputs,
+                        w ? (uint64_t)atol(w) : REORDER_WINDOW) != 0)
+            return OQ_ENOMEM;
+    }
     if (r->cm)
         po.sink = (oq_sink){ NULL, r->cm, durable_dup };
     r->mem = (oq__mem_ledger){ .s = r->s, .sink = po.sink };
@@ -1835,8 +2098,8 @@ static void close_all(run *r)
         part_free(p);
     }
     oq_memsink_free(r->rs.counts);
-    free_recs(r->rs.recs, r->rs.nrecs);
-    free_first(&r->rs.first);
+    reorder_free(r->rs.ro);
+    dl_free(&r->dead);
     if (r->rs.counts)
         pthread_mutex_destroy(&r->rs.mu);
     if (r->reader)
@@ -1863,6 +2126,7 @@ static int wait_done(run *r, const sigset_t *sigs)
             return sig;
         if (r->c->progress && n % 40 == 0)
             progress_line(r);
+        emit_ready(r);
         if (r->cm && oq__committer_failed(r->cm, NULL, 0))
             return -1;
         if (atomic_load(&r->reader_done)) {
@@ -2132,6 +2396,12 @@ int oq__run(const oq__run_config *c)
     }
     if (r->rs.rc != 0) {
         fprintf(stderr, "onceq run: out of memory keeping results\n");
+        status = status ? status : 3;
+    } else if (r->rs.ro && atomic_load(&r->rs.ro->rc) != 0) {
+        /* Records were kept, but perhaps not all at their first line. */
+        fprintf(stderr, "onceq run: %s ordering results\n",
+                atomic_load(&r->rs.ro->rc) == OQ_ENOMEM ? "out of memory"
+                : "internal error");
         status = status ? status : 3;
     }
     if (state_failed) {

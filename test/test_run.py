@@ -9,6 +9,7 @@ Environment: ONCEQ (the binary; default ./onceq), OQ_RUN_SEED (default:
 time), BUILD (a sanitizer build gets smaller inputs)."""
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -192,6 +193,139 @@ def emit_writes_unique_events_in_input_order():
 def emit_needs_noop():
     rc, out, err = run(["run", "--emit", os.devnull])
     assert rc == 2 and "noop" in err, (rc, err)
+
+
+def first_of_each_id(lines):
+    """The model of every record output: each id once, in the order of the
+    lines where it first appears (lines that are not JSON objects with an
+    id, blank or poison, are skipped)."""
+    order, seen = [], set()
+    for line in lines:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(ev, dict) or "id" not in ev or ev.get("poison"):
+            continue
+        if ev["id"] not in seen:
+            seen.add(ev["id"])
+            order.append(ev["id"])
+    return order
+
+
+ECHO_SCRIPT = r"""#!/bin/sh
+# Writes the event back; a transient copy fails its first attempt, so a
+# later copy of its id runs first; a poison event always fails.
+line=$(cat)
+case "$line" in
+  *'"transient":true'*) [ "$ONCEQ_ATTEMPT" = 1 ] && exit 75 ;;
+  *'"poison":true'*) exit 3 ;;
+esac
+printf '%s\n' "$line"
+"""
+
+
+def later_copy_first_corpus():
+    """Two inputs. Ids p0..p11 have a first copy that fails once (backoff
+    400 ms) and a second copy 30 to 150 lines later, often in the other
+    input, which commits first: its record must still be written where the
+    id first appeared. Blank lines and poison events settle their lines
+    without a record."""
+    rows = []
+    for i in range(240):
+        rows.append({"id": f"e{i}", "n": i})
+        if i % 20 == 3:
+            rows.append({"id": f"p{i // 20}", "copy": 1, "transient": True})
+        if i % 37 == 5:
+            rows.append({"id": f"x{i}", "poison": True})
+    for k in range(12):
+        at = next(j for j, r in enumerate(rows) if r["id"] == f"p{k}")
+        rows.insert(at + 30 + 10 * k, {"id": f"p{k}", "copy": 2})
+    lines = [json.dumps(r, separators=(",", ":")) for r in rows]
+    for j in range(7, len(lines), 50):
+        lines[j] += "\n"  # a blank line after it
+    return lines
+
+
+@test
+def emit_record_moves_to_the_first_copy_when_a_later_copy_commits_first():
+    script = path("echo.sh")
+    open(script, "w").write(ECHO_SCRIPT)
+    os.chmod(script, 0o755)
+    lines = later_copy_first_corpus()
+    a, b = path("first-a.jsonl"), path("first-b.jsonl")
+    half = len(lines) // 2
+    open(a, "w").write("\n".join(lines[:half]) + "\n")
+    open(b, "w").write("\n".join(lines[half:]) + "\n")
+    want = first_of_each_id("\n".join(lines).split("\n"))
+    for window in (None, "8"):
+        env = dict(os.environ)
+        if window:
+            # The reader waits on the watermark, and so on the transient
+            # copies' backoff: it must not stall for good.
+            env["ONCEQ_TEST_REORDER_WINDOW"] = window
+        p = subprocess.run([ONCEQ, "run", "-w", "2", "--handler",
+                            "exec:" + script, "--backoff", "400ms,400ms",
+                            "--dlq", path("first-dlq.jsonl"), a, b],
+                           capture_output=True, timeout=300, cwd=TMP,
+                           env=env)
+        err = p.stderr.decode()
+        assert p.returncode == 1, (p.returncode, err)  # the poison events
+        recs = [json.loads(x) for x in p.stdout.decode().splitlines()]
+        assert [r["id"] for r in recs] == want, (window, err)
+        later = [r for r in recs if r.get("copy") == 2]
+        # The case under test happened (the second copy ran): with a
+        # 400 ms backoff on each first copy, nearly always all 12.
+        assert later, "no second copy committed first"
+        dead = read_jsonl(path("first-dlq.jsonl"))
+        assert [d["id"] for d in dead] == \
+            [json.loads(x)["id"] for x in lines if '"poison"' in x]
+
+
+@test
+def emit_writes_records_while_the_input_is_still_open():
+    # The records of the lines settled so far come out before the input
+    # ends (a run that held them to its end would time out here), in input
+    # order, and a later copy of an id already written adds nothing.
+    n = 3000
+    rows = [json.dumps({"id": f"i{k % (n // 2)}", "k": k},
+                       separators=(",", ":")) for k in range(n)]
+    first, second = rows[:n // 2 + 500], rows[n // 2 + 500:]
+    proc = subprocess.Popen([ONCEQ, "run", "--handler", "noop", "--emit",
+                             "-w", "2", "-q"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=TMP)
+    try:
+        proc.stdin.write(("\n".join(first) + "\n").encode())
+        proc.stdin.flush()
+        want = first[:n // 2]  # ids i0..i1499, each at its first line
+        got, buf = [], b""
+        deadline = time.time() + (60 if SLOW else 20)
+        while len(got) < len(want) and time.time() < deadline:
+            r, _, _ = select.select([proc.stdout], [], [], 0.2)
+            if r:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                assert chunk, "onceq closed its output early"
+                buf += chunk
+                *done, buf = buf.split(b"\n")
+                got += [x.decode() for x in done]
+        # In input order of first appearance; a record's bytes are the
+        # copy that committed, which may be a later copy of its id.
+        assert len(got) == len(want), (len(got), len(want))
+        for g, w in zip(got, want):
+            gj, wj = json.loads(g), json.loads(w)
+            assert gj["id"] == wj["id"] and g in rows, (g, w)
+        proc.stdin.write(("\n".join(second) + "\n").encode())
+        proc.stdin.close()
+        rest = proc.stdout.read()
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert buf + rest == b"", "later copies were written"
 
 
 # --------------------------------------------------------------- exec
@@ -404,9 +538,11 @@ def reader_thread_and_reading_workers_agree():
             st = json.load(open(path("rd.stats")))
             balanced(st)
             assert st["processed"] == uniq, (who, w, st)
-        # A worker blocked reading an open pipe holds the reader role: the
-        # lines read so far are still processed, and SIGINT still stops it.
-        p = subprocess.Popen([ONCEQ, "run", "-w", "2", "--stats", "-"],
+        # An open pipe always gets a reader thread, whatever ONCEQ_READER
+        # says (a worker blocked on it would hold up the queued lines; with
+        # one worker, forever): lines read so far are processed at once,
+        # and SIGINT stops the run. "-w 1" is the case that would hang.
+        p = subprocess.Popen([ONCEQ, "run", "-w", "1", "--stats", "-"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, cwd=TMP, env=env)
         p.stdin.write(b'{"id":"a","word":"x"}\n{"id":"b","word":"x"}\n')
