@@ -47,7 +47,7 @@ ENGINE_SRCS := src/source.c src/handlers.c src/runner.c src/store.c \
 CLI_SRCS := src/main.c src/node.c src/gen.c src/state_cli.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_json test_txn test_pool \
               test_source test_handlers test_store test_opts \
-              test_ledger stress_pool
+              test_ledger test_engine stress_pool
 BENCH_NAMES := bench_pool bench_idset_mem bench_run bench_json
 # Tests that drive the real binary (each prints "N passed, N failed").
 SCRIPT_TESTS := test/test_node.py test/test_run.py test/test_durable.py \
