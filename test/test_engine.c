@@ -497,7 +497,7 @@ static void wait_applied(fx *f, const char *id)
  * by one until it has measured the handler). */
 static void warm_up(fx *f)
 {
-    char ids[40][8];
+    char ids[40][16];
     const char *p[40];
 
     for (int i = 0; i < 40; i++) {
