@@ -38,15 +38,16 @@ endif
 LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset.c \
             src/json.c \
             src/txn.c src/memsink.c src/engine.c src/membackend.c src/opts.c
-# The engine of `onceq run` (reader, handlers, runner, SQLite store): the
-# binary's, and the tests' through build/libonceq-cli.a (not installed).
+# The engine of `onceq run` (reader, handlers, runner, SQLite store, Redis
+# backends, and run.c's option parsing and reports, which redis.c and
+# runner.c use): the binary's, and the tests' through build/libonceq-cli.a
+# (not installed; libonceq.so links neither hiredis nor SQLite).
 ENGINE_SRCS := src/source.c src/handlers.c src/runner.c src/store.c \
-               src/metrics.c src/replies.c
-CLI_SRCS := src/main.c src/node.c src/run.c src/gen.c src/state_cli.c \
-            src/redis.c
+               src/metrics.c src/replies.c src/redis.c src/run.c
+CLI_SRCS := src/main.c src/node.c src/gen.c src/state_cli.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_json test_txn test_pool \
               test_source test_handlers test_store test_opts \
-              stress_pool
+              test_ledger test_engine stress_pool
 BENCH_NAMES := bench_pool bench_idset_mem bench_run bench_json bench_sqlite
 # Tests that drive the real binary (each prints "N passed, N failed").
 SCRIPT_TESTS := test/test_node.py test/test_run.py test/test_durable.py \

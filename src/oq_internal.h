@@ -353,6 +353,22 @@ typedef struct oq__mem_ledger {
     oq__reply_sink replies;   /* prepare NULL: replies are not kept */
 } oq__mem_ledger;
 
+/* The Redis backends (redis.c): the stream as a queue backend and the
+ * claim keys and COMMIT script as a ledger (OQ__LEDGER_SETTLES), both over
+ * one backends object. */
+extern const oq__queue_methods oq__redis_queue_methods;
+extern const oq__ledger_methods oq__redis_ledger_methods;
+/* Opens the backends outside `onceq run` (for tests): connects to url,
+ * creates group on stream unless it exists, and starts the housekeeper
+ * (retries coming due, XAUTOCLAIM of entries idle longer than vt_ms). The
+ * strings must outlive the backends. 0 or a negative error (a message on
+ * stderr). Close after the engine on them has stopped. */
+int oq__redis_backends_open(void **out, const char *url, const char *stream,
+                            const char *group, int64_t vt_ms,
+                            unsigned max_attempts, unsigned workers,
+                            unsigned batch);
+void oq__redis_backends_close(void *backends);
+
 /* ----------------------------------------------------------------- pool.c */
 
 /* Heartbeats that extended a lease so far (not in oq_pool_stats: a stats

@@ -2125,7 +2125,7 @@ static void rq_wake(void *backend)
     (void)backend; /* a blocked XREADGROUP returns within BLOCK_MS */
 }
 
-static const oq__queue_methods redis_queue_methods = {
+const oq__queue_methods oq__redis_queue_methods = {
     .version = 1,
     .name = "redis",
     .attach = rq_attach,
@@ -2634,7 +2634,7 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
     }
 }
 
-static const oq__ledger_methods redis_ledger_methods = {
+const oq__ledger_methods oq__redis_ledger_methods = {
     .version = 1,
     .name = "redis",
     .flags = OQ__LEDGER_SETTLES,
@@ -3349,8 +3349,8 @@ static int start_threads(rrun *r, house *hk)
     po.decode = rdecode;
     po.free_parsed = rfree;
     po.decode_arg = r;
-    rc = oq__engine_start(&p, &redis_queue_methods, r,
-                          &redis_ledger_methods, r, &po);
+    rc = oq__engine_start(&p, &oq__redis_queue_methods, r,
+                          &oq__redis_ledger_methods, r, &po);
     if (rc != 0) {
         fprintf(stderr, "onceq run: cannot start the workers: %s\n",
                 oq_strerror(rc));
@@ -3479,6 +3479,88 @@ out_free:
     pthread_mutex_destroy(&r->mu);
     oq__free(r);
     return status;
+}
+
+/* ------------------------------------------- the backends, for tests */
+
+/*
+ * The Redis queue backend and ledger without `onceq run` around them, so
+ * that the conformance tests can drive them (and the engine) from C. The
+ * housekeeper runs too: without its XAUTOCLAIM an entry whose delivery
+ * ran out would never be delivered again. No handler, metrics or drain.
+ */
+typedef struct rbackends {
+    rrun r;
+    house hk;
+    bool house_started;
+} rbackends;
+
+int oq__redis_backends_open(void **out, const char *url, const char *stream,
+                            const char *group, int64_t vt_ms,
+                            unsigned max_attempts, unsigned workers,
+                            unsigned batch)
+{
+    rbackends *b = oq__calloc(1, sizeof(*b));
+    rrun *r;
+    rconn rc = { 0 };
+    char err[1024];
+    int st;
+
+    if (b == NULL)
+        return OQ_ENOMEM;
+    r = &b->r;
+    oq__mutex_init(&r->mu);
+    r->c.redis_url = url;
+    r->c.stream = stream;
+    r->c.group = group;
+    r->c.vt_ms = vt_ms;
+    r->c.max_attempts = max_attempts;
+    r->c.workers = workers;
+    r->c.batch = batch;
+    snprintf(r->consumer, sizeof(r->consumer), "test:%ld", (long)getpid());
+    r->nonce = make_nonce();
+    r->inflight = oq__calloc(workers, sizeof(*r->inflight));
+    st = r->inflight == NULL ? OQ_ENOMEM : OQ_EINVAL;
+    if (r->inflight == NULL || make_keys(&r->k, stream, "test") != 0 ||
+        parse_url(url, &r->u, err, sizeof(err)) != 0 ||
+        rc_first(&rc, &r->u, "test") != 0)
+        goto fail;
+    st = ensure_group(r, &rc) == 0 ? 0 : OQ_EIO;
+    rc_close(&rc);
+    if (st != 0)
+        goto fail;
+    conn_init(r, &b->hk.rc, "house");
+    b->hk.r = r;
+    st = OQ_EIO;
+    if (rc_open(&b->hk.rc) != RC_OK ||
+        pthread_create(&b->hk.th, NULL, house_main, &b->hk) != 0)
+        goto fail;
+    b->house_started = true;
+    *out = b;
+    return 0;
+fail:
+    oq__redis_backends_close(b);
+    return st;
+}
+
+void oq__redis_backends_close(void *backends)
+{
+    rbackends *b = backends;
+    rrun *r;
+
+    if (b == NULL)
+        return;
+    r = &b->r;
+    atomic_store(&r->stop, 1);
+    if (b->house_started)
+        pthread_join(b->hk.th, NULL);
+    rc_close(&b->hk.rc);
+    for (size_t i = 0; i < r->nreclaimed; i++)
+        oq__free(r->reclaimed[i]);
+    oq__free(r->reclaimed);
+    oq__free(r->inflight);
+    pthread_mutex_destroy(&r->mu);
+    oq__free(b);
 }
 
 /* ====================================================== export and dlq */
