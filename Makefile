@@ -52,7 +52,7 @@ BENCH_NAMES := bench_pool bench_idset_mem bench_run bench_json bench_sqlite
 # Tests that drive the real binary (each prints "N passed, N failed").
 SCRIPT_TESTS := test/test_node.py test/test_run.py test/test_durable.py \
                 test/test_options.py test/test_outputs.py test/test_coproc.py \
-                test/test_metrics.py \
+                test/test_metrics.py test/test_replies.py \
                 test/test_redis.py
 # The install test builds examples/ against an installed copy: normal build
 # only (a sanitizer build's library needs the sanitizer's runtime). So do the

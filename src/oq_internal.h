@@ -634,6 +634,7 @@ typedef struct oq__run_config {
     const char *metrics_path;   /* --metrics FILE, or NULL */
     int64_t metrics_interval_ms; /* --metrics-interval; default 10 s */
     const char *metrics_listen; /* --metrics-listen HOST:PORT, or NULL */
+    const char *replies_dir;    /* --replies DIR, or NULL */
 } oq__run_config;
 
 /* The defaults of every mode (batch: the in-memory one; run.c's parser

@@ -48,7 +48,7 @@ enum {
     O_BATCH, O_EMIT, O_KILL_GRACE, O_SEED, O_STATE, O_SYNC, O_COMMIT_BATCH,
     O_COMMIT_INTERVAL, O_FORCE, O_REDIS, O_STREAM, O_GROUP, O_CONSUMER,
     O_DRAIN, O_TIMEOUT, O_METRICS, O_METRICS_INTERVAL, O_METRICS_LISTEN,
-    O__END
+    O_REPLIES, O__END
 };
 
 /* The modes an option works in. */
@@ -100,6 +100,7 @@ static const struct option long_opts[] = {
     { "metrics", required_argument, NULL, O_METRICS },
     { "metrics-interval", required_argument, NULL, O_METRICS_INTERVAL },
     { "metrics-listen", required_argument, NULL, O_METRICS_LISTEN },
+    { "replies", required_argument, NULL, O_REPLIES },
     { "quiet", no_argument, NULL, 'q' },
     { "verbose", no_argument, NULL, 'v' },
     { "help", no_argument, NULL, 'h' },
@@ -117,6 +118,8 @@ static const struct {
     { O_DEDUP, M_LOCAL, "`onceq send --dedup-window` applies it" },
     { O_MAX_LINE, M_LOCAL, "`onceq send --max-line` applies it" },
     { O_EMIT, M_LOCAL, "records go to NAME:results" },
+    { O_REPLIES, M_LOCAL, "request-reply over Redis streams is not built "
+                          "yet" },
     { O_DLQ, M_LOCAL, "dead letters go to NAME:dlq (see `onceq dlq "
                       "--redis`)" },
     { O_STATE, M_LOCAL, "Redis holds the state" },
@@ -179,6 +182,11 @@ static void run_usage(FILE *f)
 "                              worker, JSON lines in and out), plugin:PATH.so\n"
 "      --emit                  [local] with noop: write each unique event\n"
 "                              once, in input order\n"
+"      --replies DIR           [local] request-reply: an event with\n"
+"                              \"reply_to\" is a request; its reply (ok,\n"
+"                              failed or dead) is appended to\n"
+"                              DIR/<reply_to>.jsonl once, with its commit\n"
+"                              (docs/REQUEST-REPLY.md; not with --state)\n"
 "      --kill-grace D          exec:, coproc: SIGTERM to SIGKILL grace\n"
 "                              (default 2s; 0: SIGKILL at once)\n"
 "Durable state (exactly once across crashes and reruns; docs/STATE.md):\n"
@@ -527,6 +535,11 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
         return 0;
     case O_METRICS_LISTEN:
         c->metrics_listen = arg;
+        return 0;
+    case O_REPLIES:
+        if (*arg == '\0')
+            return bad_option("--replies", arg, "a directory");
+        c->replies_dir = arg;
         return 0;
     case O_SEED:
         if (oq__parse_count(arg, 0, UINT64_MAX, &u) != 0)

@@ -417,6 +417,7 @@ typedef struct run_sink {
      * Immutable after setup. */
     bool track_first;
     reorder *ro;         /* the records' buffer (memory mode), or NULL */
+    oq__replies *replies; /* --replies: duplicates get their reply again */
     pthread_mutex_t mu;  /* guards parts (registration only); a leaf */
     part *parts;
     /* The merged result, written by merge_parts() only. */
@@ -460,6 +461,8 @@ static void run_duplicate(const oq_event *ev, void *arg)
 
     if (rs->ro != NULL)
         reorder_dup(rs->ro, ev);
+    if (rs->replies != NULL)
+        oq__replies_duplicate(ev, rs->replies);
 }
 
 /* Counters go to the part's memsink, records to the reorder buffer; a txn
@@ -738,7 +741,8 @@ typedef struct run {
     pthread_mutex_t reader_mu;
     struct pending *pb;
     unsigned read_file;         /* the input of the last line read */
-    oq__mem_ledger mem;         /* the ledger when the workers read */
+    oq__mem_ledger mem;         /* the memory ledger */
+    oq__replies *replies;       /* --replies, or NULL */
     bool reader_thread;         /* a thread reads (fewer workers than
                                    cores), else the workers do */
 
@@ -1949,6 +1953,12 @@ static void write_stats_json(FILE *f, const run *r, const totals *t)
     counts_of(r, t, &n);
     oq__write_stats_head(f, &n);
     fprintf(f, ",\"bytes\":%" PRIu64, t->bytes);
+    if (r->replies) {
+        uint64_t req, rep, dup;
+        oq__replies_stats(r->replies, &req, &rep, &dup);
+        fprintf(f, ",\"requests\":%" PRIu64 ",\"replies\":%" PRIu64
+                ",\"duplicate_replies\":%" PRIu64, req, rep, dup);
+    }
     if (r->store)
         write_state_stats(f, r, t);
     fputs("}\n", f);
@@ -1992,6 +2002,16 @@ static int open_all(run *r, char *err, size_t errlen)
         snprintf(err, errlen, "--emit works only with --handler noop");
         return OQ_EINVAL;
     }
+    if (c->replies_dir && c->state_path) {
+        /* A reply must be committed with its id: in the state, that is a
+         * table of its own, not built yet. */
+        snprintf(err, errlen, "--replies works in memory only (not with "
+                 "--state, yet)");
+        return OQ_EINVAL;
+    }
+    if (c->replies_dir &&
+        (rc = oq__replies_open(&r->replies, c->replies_dir, err, errlen)) != 0)
+        return rc;
     rc = oq__reader_open(&r->reader, c->ninputs ? c->inputs : stdin_only,
                          c->ninputs ? c->ninputs : 1, c->max_line, err, errlen);
     if (rc != 0)
@@ -2023,6 +2043,39 @@ static int open_all(run *r, char *err, size_t errlen)
 nomem:
     snprintf(err, errlen, "%s", oq_strerror(rc));
     return rc;
+}
+
+/* The decode hook with --replies: a request whose reply_to or
+ * correlation_id is unusable is dead-lettered (rejected) with the reason,
+ * before its id is claimed. */
+static int run_decode(const oq_event *ev, oq_decoded *out, void *arg)
+{
+    run *r = arg;
+    oq_event scanned = *ev;
+    const oq__jdoc *d;
+    void *own = NULL;
+    char err[sizeof(out->error) - 16];
+
+    if (oq__json_decode(ev, out, &r->idspec) != 0)
+        return -1;
+    scanned.parsed = out->parsed;
+    d = oq__event_doc(&scanned, &own, err, sizeof(err));
+    if (oq__request_check(d, err, sizeof(err)) < 0) {
+        oq__json_free(own, &r->idspec);
+        oq__json_free(out->parsed, &r->idspec);
+        out->parsed = NULL;
+        out->reason = OQ_DLQ_REJECTED;
+        snprintf(out->error, sizeof(out->error), "bad request: %s", err);
+        return -1;
+    }
+    oq__json_free(own, &r->idspec);
+    return 0;
+}
+
+static void run_free(void *parsed, void *arg)
+{
+    run *r = arg;
+    oq__json_free(parsed, &r->idspec);
 }
 
 static int start_pool(run *r)
@@ -2063,14 +2116,26 @@ static int start_pool(run *r)
                                           ? &oq__mem_queue_methods
                                           : &feed_methods;
         void *qb = r->reader_thread ? (void *)r->q : (void *)r;
+        oq__engine_hooks hooks = { NULL, NULL };
+        if (r->replies) {
+            /* Requests: each reply is staged after the handler and
+             * committed with the id by the memory ledger. */
+            hooks = (oq__engine_hooks){ oq__replies_stage, r->replies };
+            r->mem.replies = (oq__reply_sink){
+                oq__replies_prepare, oq__replies_publish, oq__replies_abort,
+                r->replies };
+            r->rs.replies = r->replies;
+            po.decode = run_decode;
+            po.free_parsed = run_free;
+            po.decode_arg = r;
+        }
         if (r->cm)
             rc = oq__engine_start(&r->p, qm, qb, &oq__sqlite_ledger_methods,
                                   r->cm, &po);
-        else if (r->reader_thread)
-            rc = oq_pool_start(&r->p, r->q, r->s, &po);
         else
-            rc = oq__engine_start(&r->p, qm, qb, &oq__mem_ledger_methods,
-                                  &r->mem, &po);
+            rc = oq__engine_start_hooks(&r->p, qm, qb,
+                                        &oq__mem_ledger_methods, &r->mem,
+                                        &po, &hooks);
         if (rc != 0)
             return OQ_ENOMEM;
     }
@@ -2090,6 +2155,11 @@ static void close_all(run *r)
     oq_pool_free(r->p);
     if (r->store)
         close_state(r);
+    if (r->replies) {
+        char err[512];
+        oq__replies_close(r->replies, err, sizeof(err));
+        r->replies = NULL;
+    }
     oq_queue_free(r->q);
     oq_idset_free(r->s);
     while (r->rs.parts) {
@@ -2283,7 +2353,16 @@ static int finish(run *r, const totals *t, int status, uint64_t *ndead)
         status = status ? status : st2;
     }
     st2 = write_stats(r, t);
-    return status ? status : st2;
+    status = status ? status : st2;
+    if (r->replies) {
+        char err[512];
+        if (oq__replies_close(r->replies, err, sizeof(err)) != 0) {
+            fprintf(stderr, "onceq run: %s\n", err);
+            status = status ? status : 3;
+        }
+        r->replies = NULL;
+    }
+    return status;
 }
 
 /* Stops everything early (a signal, or the state could not commit). Returns
