@@ -29,13 +29,13 @@ static void nap_ms(long ms)
 
 /* ------------------------------------------------------------- the queue */
 
-static int q_attach(void *backend, void **ctx)
+int oq__ctx_self(void *backend, void **ctx)
 {
     *ctx = backend;
     return 0;
 }
 
-static void q_detach(void *ctx)
+void oq__ctx_none(void *ctx)
 {
     (void)ctx;
 }
@@ -68,20 +68,14 @@ static void q_wake(void *backend)
 const oq__queue_methods oq__mem_queue_methods = {
     .version = 1,
     .name = "memory",
-    .attach = q_attach,
-    .detach = q_detach,
+    .attach = oq__ctx_self,
+    .detach = oq__ctx_none,
     .receive = q_receive,
     .settle = q_settle,
     .wake = q_wake,
 };
 
 /* ------------------------------------------------------------ the ledger */
-
-static int l_attach(void *ledger, void **ctx)
-{
-    *ctx = ledger;
-    return 0;
-}
 
 static int l_claim(void *ctx, oq__lclaim *c, size_t n)
 {
@@ -170,8 +164,8 @@ const oq__ledger_methods oq__mem_ledger_methods = {
     .version = 1,
     .name = "memory",
     .flags = 0,
-    .attach = l_attach,
-    .detach = q_detach,
+    .attach = oq__ctx_self,
+    .detach = oq__ctx_none,
     .claim = l_claim,
     .release = l_release,
     .extend = l_extend,

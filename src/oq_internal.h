@@ -334,6 +334,11 @@ int oq__engine_start_hooks(oq_pool **out, const oq__queue_methods *qm,
  * much a backend may take over for one idle worker). */
 size_t oq__engine_fit(oq_pool *p);
 
+/* attach and detach for a backend whose context is the backend itself
+ * (a thread-safe one). */
+int oq__ctx_self(void *backend, void **ctx);
+void oq__ctx_none(void *ctx);
+
 /* The memory backends (membackend.c): the queue backend is an oq_queue
  * itself; the memory ledger is an oq_idset and an oq_sink. */
 extern const oq__queue_methods oq__mem_queue_methods;

@@ -1027,17 +1027,6 @@ static int feed_receive(void *ctx, oq_delivery *out, size_t max,
     return n != 0 ? n : oq_queue_receive(r->q, out, max, wait_ms);
 }
 
-static int feed_attach(void *backend, void **ctx)
-{
-    *ctx = backend;
-    return 0;
-}
-
-static void feed_detach(void *ctx)
-{
-    (void)ctx;
-}
-
 static void feed_settle(void *ctx, oq_settle *ops, size_t n)
 {
     run *r = ctx;
@@ -1053,8 +1042,8 @@ static void feed_wake(void *backend)
 static const oq__queue_methods feed_methods = {
     .version = 1,
     .name = "memory+reader",
-    .attach = feed_attach,
-    .detach = feed_detach,
+    .attach = oq__ctx_self,
+    .detach = oq__ctx_none,
     .receive = feed_receive,
     .settle = feed_settle,
     .wake = feed_wake,

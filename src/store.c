@@ -1861,17 +1861,6 @@ void oq__committer_free(oq__committer *c)
  * the engine (done), which acks or dead-letters it. A failed transaction
  * gives the claims back and hands the deliveries back as failed.
  */
-static int sl_attach(void *ledger, void **ctx)
-{
-    *ctx = ledger;
-    return 0;
-}
-
-static void sl_detach(void *ctx)
-{
-    (void)ctx;
-}
-
 static int sl_claim(void *ctx, oq__lclaim *cl, size_t n)
 {
     oq__committer *c = ctx;
@@ -1916,8 +1905,8 @@ const oq__ledger_methods oq__sqlite_ledger_methods = {
     .version = 1,
     .name = "sqlite",
     .flags = 0,
-    .attach = sl_attach,
-    .detach = sl_detach,
+    .attach = oq__ctx_self,
+    .detach = oq__ctx_none,
     .claim = sl_claim,
     .release = sl_release,
     .extend = sl_extend,

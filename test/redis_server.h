@@ -12,6 +12,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -129,6 +130,21 @@ static int test_redis_flush(const test_redis *t)
     freeReplyObject(r);
     redisFree(c);
     return ok ? 0 : -1;
+}
+
+/* A command that must succeed (cmocka's asserts: include cmocka.h before
+ * this header). The reply is the caller's to free. */
+static redisReply *test_redis_cmd(redisContext *c, const char *fmt, ...)
+{
+    va_list ap;
+    redisReply *r;
+
+    va_start(ap, fmt);
+    r = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    assert_non_null(r);
+    assert_int_not_equal(r->type, REDIS_REPLY_ERROR);
+    return r;
 }
 
 #endif /* OQ_TEST_REDIS_SERVER_H */

@@ -282,18 +282,7 @@ static const backend sqlite_backend = {
 
 /* ---------------------------------------------------------- the Redis pair */
 
-static redisReply *cmd(fx *f, const char *fmt, ...)
-{
-    va_list ap;
-    redisReply *r;
-
-    va_start(ap, fmt);
-    r = redisvCommand(f->rc, fmt, ap);
-    va_end(ap);
-    assert_non_null(r);
-    assert_int_not_equal(r->type, REDIS_REPLY_ERROR);
-    return r;
-}
+#define cmd(f, ...) test_redis_cmd((f)->rc, __VA_ARGS__)
 
 static int redis_open(fx *f)
 {
