@@ -741,6 +741,12 @@ static void settle_range(worker *w, size_t lo, size_t hi)
             committed(w, &w->slots[i], &w->ops[i], w->lcs[j].result);
         }
     }
+    /* The duplicate hook reads the event (its id and payload live in the
+     * delivery's message): its deliveries are released after it runs. */
+    if (p->opts.sink.duplicate)
+        for (size_t i = lo; i < hi; i++)
+            if (w->slots[i].outcome == O_DUPLICATE)
+                w->ops[i].release = 0;
     /* The queue ops the ledger did not carry out, and the release of
      * every delivery: in place when the range has no redo and the ledger
      * carried out none, else through a copy. */
@@ -751,30 +757,37 @@ static void settle_range(worker *w, size_t lo, size_t hi)
         p->qm->settle(w->qctx, w->ops + lo, hi - lo);
         for (size_t i = lo; i < hi; i++)
             count_settled(w, &w->slots[i], &w->ops[i]);
-        return;
+    } else {
+        k = 0;
+        for (size_t i = lo; i < hi; i++) {
+            slot *s = &w->slots[i];
+            if (s->outcome == O_REDO)
+                continue;
+            w->pins[k] = w->ops[i];
+            if (s->by_ledger)
+                w->pins[k].op = OQ_SETTLE_NONE;
+            k++;
+        }
+        if (k > 0)
+            p->qm->settle(w->qctx, w->pins, k);
+        k = 0;
+        for (size_t i = lo; i < hi; i++) {
+            slot *s = &w->slots[i];
+            if (s->outcome == O_REDO)
+                continue;
+            if (!s->by_ledger)
+                w->ops[i].result = w->pins[k].result;
+            k++;
+            count_settled(w, s, &w->ops[i]);
+        }
     }
     k = 0;
-    for (size_t i = lo; i < hi; i++) {
-        slot *s = &w->slots[i];
-        if (s->outcome == O_REDO)
-            continue;
-        w->pins[k] = w->ops[i];
-        if (s->by_ledger)
-            w->pins[k].op = OQ_SETTLE_NONE;
-        k++;
-    }
+    for (size_t i = lo; i < hi; i++)
+        if (w->slots[i].outcome == O_DUPLICATE && !w->ops[i].release)
+            w->pins[k++] = (oq_settle){ .d = &w->slots[i].d,
+                                        .op = OQ_SETTLE_NONE, .release = 1 };
     if (k > 0)
         p->qm->settle(w->qctx, w->pins, k);
-    k = 0;
-    for (size_t i = lo; i < hi; i++) {
-        slot *s = &w->slots[i];
-        if (s->outcome == O_REDO)
-            continue;
-        if (!s->by_ledger)
-            w->ops[i].result = w->pins[k].result;
-        k++;
-        count_settled(w, s, &w->ops[i]);
-    }
 }
 
 /* ------------------------------------------------------------ the loop */

@@ -347,7 +347,8 @@ void *oq__replies_prepare(const oq_event *ev, const oq_txn *txn, void *arg)
         memset(c, 0, sizeof(*c));
         c->corr = c->data;
         c->corr_len = corr.len;
-        memcpy(c->corr, corr.data, corr.len);
+        if (corr.len) /* "" is a correlation id too */
+            memcpy(c->corr, corr.data, corr.len);
         c->line = c->data + corr.len;
         c->line_len = len;
         memcpy(c->line, line, len);
@@ -449,7 +450,7 @@ void oq__replies_duplicate(const oq_event *ev, void *arg)
         return;
     }
     pthread_mutex_lock(&r->mu);
-    HASH_FIND(hh, r->cache, corr.data, corr.len, c);
+    HASH_FIND(hh, r->cache, corr.data ? corr.data : "", corr.len, c);
     if (c) {
         write_line(r, c->file, c->line, c->line_len);
         r->duplicate_replies++;
