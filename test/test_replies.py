@@ -111,7 +111,8 @@ def each_request_gets_one_reply_with_its_outcome():
 def a_duplicate_request_gets_the_same_reply_and_no_second_effect():
     evs = [{"id": "a", "word": "x", "reply_to": "q", "correlation_id": "ca"},
            {"id": "b", "word": "y", "reply_to": "q", "correlation_id": "cb"}]
-    evs = evs + [{"id": "c", "word": "z"}] * 3 + evs + evs[:1]
+    empty = {"id": "e", "word": "q", "reply_to": "q", "correlation_id": ""}
+    evs = evs + [{"id": "c", "word": "z"}] * 3 + evs + evs[:1] + [empty] * 2
     f = write_events("dup.jsonl", evs)
     d = fresh_dir("dup")
     rc, out, err = run(["run", "-w", "3", "--replies", d, "--stats",
@@ -119,15 +120,15 @@ def a_duplicate_request_gets_the_same_reply_and_no_second_effect():
     assert rc == 0, err
     counts = {json.loads(x)["word"]: json.loads(x)["count"]
               for x in out.splitlines()}
-    assert counts == {"x": 1, "y": 1, "z": 1}, counts
+    assert counts == {"x": 1, "y": 1, "z": 1, "q": 1}, counts
     got = replies(d, "q")
     n = Counter(r["correlation_id"] for r in got)
-    assert n == {"ca": 3, "cb": 2}, n
+    assert n == {"ca": 3, "cb": 2, "": 2}, n
     # Every copy is the same reply, byte for byte.
     lines = open(os.path.join(d, "q.jsonl"), "rb").read().splitlines()
     assert len({x for x in lines if b'"ca"' in x}) == 1, lines
     st = json.load(open(path("dup.stats")))
-    assert st["requests"] == 2 and st["duplicate_replies"] == 3, st
+    assert st["requests"] == 3 and st["duplicate_replies"] == 4, st
 
 
 @test
