@@ -11,8 +11,8 @@
  * for a dying delivery ("dead", with the queue's reason): the reply line is
  * built there and kept in the txn. The memory ledger commits it with the
  * id: prepare (the line copied into a cache entry; the only step that can
- * fail), the sink's apply, then publish (appended to its file and cached by
- * correlation id), all under the prepared claim. So a request whose commit
+ * fail), the sink's apply, then publish (appended to its file, flushed,
+ * and cached by event id), all under the prepared claim. So a request whose commit
  * is fenced or fails has no reply, and one that commits has exactly one. A
  * duplicate of a settled request does not run again: the duplicate hook
  * appends the cached reply once more, so a requester that missed it gets
@@ -42,12 +42,13 @@ typedef struct rfile {
     char name[];          /* the reply_to name (validated) */
 } rfile;
 
-/* A published reply, by correlation id (for duplicates). */
+/* A published reply, by event id: a duplicate is a copy of the same
+ * event (one outcome per id), whatever its correlation id says. */
 typedef struct cached {
     UT_hash_handle hh;
     rfile *file;
-    size_t corr_len, line_len;
-    char *corr;           /* into data */
+    size_t id_len, line_len;
+    char *id;             /* into data */
     char *line;           /* into data: the reply line, with its newline */
     char data[];
 } cached;
@@ -342,20 +343,20 @@ void *oq__replies_prepare(const oq_event *ev, const oq_txn *txn, void *arg)
         oq__buf_free(&corr);
         return NULL;
     }
-    c = oq__malloc(sizeof(*c) + corr.len + len + to_len + 1);
+    oq__buf_free(&corr);
+    c = oq__malloc(sizeof(*c) + ev->id_len + len + to_len + 1);
     if (c != NULL) {
         memset(c, 0, sizeof(*c));
-        c->corr = c->data;
-        c->corr_len = corr.len;
-        if (corr.len) /* "" is a correlation id too */
-            memcpy(c->corr, corr.data, corr.len);
-        c->line = c->data + corr.len;
+        c->id = c->data;
+        c->id_len = ev->id_len;
+        if (ev->id_len)
+            memcpy(c->id, ev->id, ev->id_len);
+        c->line = c->data + ev->id_len;
         c->line_len = len;
         memcpy(c->line, line, len);
         /* The file's name rides after the line until publish finds it. */
         memcpy(c->line + len, to, to_len + 1);
     }
-    oq__buf_free(&corr);
     return c;
 }
 
@@ -403,11 +404,14 @@ static rfile *file_of(oq__replies *r, const char *name)
     return f;
 }
 
-/* Writes a reply line; a failed write is remembered and reported when the
- * replies are closed (the run then exits 3). r->mu held. */
+/* Writes a reply line and flushes it: a requester reading the file gets
+ * it now, not when the run ends (a responder fed from a pipe may run for
+ * days). A failed write is remembered and reported when the replies are
+ * closed (the run then exits 3). r->mu held. */
 static void write_line(oq__replies *r, rfile *f, const char *line, size_t n)
 {
-    if (f && fwrite(line, 1, n, f->f) != n && r->err == 0) {
+    if (f && (fwrite(line, 1, n, f->f) != n || fflush(f->f) != 0) &&
+        r->err == 0) {
         r->err = errno ? errno : EIO;
         snprintf(r->err_name, sizeof(r->err_name), "%s", f->name);
     }
@@ -423,15 +427,15 @@ void oq__replies_publish(void *prepared, void *arg)
     c->file = file_of(r, c->line + c->line_len);
     write_line(r, c->file, c->line, c->line_len);
     r->requests++;
-    /* One settled outcome per id, so one per correlation id unless two
-     * requests share one: the last reply is the one a duplicate gets. */
-    HASH_FIND(hh, r->cache, c->corr, c->corr_len, old);
+    /* One settled outcome per id, so one reply per id: an entry found
+     * here would be a redriven event's earlier reply; the newer wins. */
+    HASH_FIND(hh, r->cache, c->id, c->id_len, old);
     if (old) {
         HASH_DEL(r->cache, old);
         oq__free(old);
     }
     oq__hash_oom = 0;
-    HASH_ADD_KEYPTR(hh, r->cache, c->corr, c->corr_len, c);
+    HASH_ADD_KEYPTR(hh, r->cache, c->id, c->id_len, c);
     if (oq__hash_oom)
         oq__free(c); /* written; only a duplicate's copy is lost */
     pthread_mutex_unlock(&r->mu);
@@ -440,21 +444,24 @@ void oq__replies_publish(void *prepared, void *arg)
 void oq__replies_duplicate(const oq_event *ev, void *arg)
 {
     oq__replies *r = arg;
-    char to[NAME_MAX_LEN + 1];
-    size_t to_len = 0;
-    oq__buf corr = { 0 };
+    const oq__jdoc *d;
+    void *own = NULL;
+    uint32_t to, corr;
+    char err[128];
+    int is_request;
     cached *c;
 
-    if (names_of(ev, to, &to_len, &corr) != 0) {
-        oq__buf_free(&corr);
+    /* Only a copy that is itself a request gets the reply again. */
+    d = oq__event_doc(ev, &own, err, sizeof(err));
+    is_request = request_fields(d, &to, &corr, err, sizeof(err)) == 1;
+    oq__json_free(own, NULL);
+    if (!is_request)
         return;
-    }
     pthread_mutex_lock(&r->mu);
-    HASH_FIND(hh, r->cache, corr.data ? corr.data : "", corr.len, c);
+    HASH_FIND(hh, r->cache, ev->id_len ? ev->id : "", ev->id_len, c);
     if (c) {
         write_line(r, c->file, c->line, c->line_len);
         r->duplicate_replies++;
     }
     pthread_mutex_unlock(&r->mu);
-    oq__buf_free(&corr);
 }

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +153,56 @@ def a_dying_copy_of_a_processed_request_is_a_duplicate_not_dead():
         per.setdefault(c, set()).add(line)
     assert len(per) == 50 and all(len(v) == 1 for v in per.values()), per
     assert json.loads(out.splitlines()[0]) == {"word": "w", "count": 50}
+
+
+@test
+def a_duplicate_gets_its_own_reply_not_one_with_the_same_correlation_id():
+    # Two requests share a correlation id (and a third's event id is the
+    # first's correlation id): a duplicate of p1 gets p1's reply, in
+    # p1's reply_to, and nothing goes to the others' streams.
+    evs = [{"id": "p1", "word": "a", "reply_to": "alice",
+            "correlation_id": "c1"},
+           {"id": "q1", "word": "b", "reply_to": "bob",
+            "correlation_id": "c1"},
+           {"id": "c1", "word": "c", "reply_to": "carol"},
+           {"id": "p1", "word": "a", "reply_to": "alice",
+            "correlation_id": "c1"},
+           {"id": "q1", "word": "b"}]  # a copy that is not a request
+    f = write_events("corr.jsonl", evs)
+    d = fresh_dir("corr")
+    rc, out, err = run(["run", "-w", "1", "--replies", d, f])
+    assert rc == 0, err
+    alice, bob, carol = (replies(d, x) for x in ("alice", "bob", "carol"))
+    assert [r["id"] for r in alice] == ["p1", "p1"], alice
+    assert [r["id"] for r in bob] == ["q1"], bob
+    assert [(r["id"], r["correlation_id"]) for r in carol] == \
+        [("c1", "c1")], carol
+
+
+@test
+def a_reply_is_written_when_its_request_settles_not_at_the_end():
+    # A responder fed from a pipe that stays open: the reply must be in
+    # the file while the run goes on.
+    d = fresh_dir("live")
+    p = subprocess.Popen([ONCEQ, "run", "--replies", d, "-q"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=TMP)
+    try:
+        p.stdin.write(b'{"id":"r1","word":"x","reply_to":"live"}\n')
+        p.stdin.flush()
+        f = os.path.join(d, "live.jsonl")
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if os.path.exists(f) and os.path.getsize(f) > 0:
+                break
+            time.sleep(0.05)
+        got = replies(d, "live")
+        assert [r["id"] for r in got] == ["r1"], got
+        assert p.poll() is None, "the run ended early"
+    finally:
+        p.stdin.close()
+        p.wait(timeout=60)
+    assert p.returncode == 0, p.stderr.read()
 
 
 @test
