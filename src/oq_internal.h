@@ -555,6 +555,8 @@ typedef struct oq__run_config {
     const char *metrics_path;   /* --metrics FILE, or NULL */
     int64_t metrics_interval_ms; /* --metrics-interval; default 10 s */
     const char *metrics_listen; /* --metrics-listen HOST:PORT, or NULL */
+    int64_t retention_ms;       /* --retention: done-marks kept; 0: not
+                                   given (the stream's, or forever) */
 } oq__run_config;
 
 /* The defaults of every mode (batch: the in-memory one; run.c's parser

@@ -12,9 +12,14 @@
  *                   file:line), and on a re-added retry a (attempts before
  *                   this entry) and f (first seen, unix ms); big (the full
  *                   length) marks a line cut at 4 KiB for being too large
- *   S:id:<id>       the processed set and the claims, one string per event
- *                   id: a claim token (SET PX = the delivery's rest), or "D"
- *                   once the id is settled (no TTL)
+ *   S:id:<id>       the claims, one string per event id: a claim token
+ *                   (SET PX = the delivery's rest), deleted when the id is
+ *                   settled; "D" in a stream written before the buckets (an
+ *                   old done-mark: still honoured, never written now)
+ *   S:d:<g>         done-mark generation g's table (L, nx, n; DM_LUA)
+ *   S:d:<g>:<b>     the processed set: done-marks as fields of small
+ *                   hashes (12 digest bytes -> 1), about 20 bytes an id;
+ *                   with --retention a generation expires after 2 of them
  *   S:dedup:<id>    producer dedup (send): SET NX PX --dedup-window
  *   S:counts        hash: aggregates (HINCRBY), e.g. word -> count
  *   S:results       stream: records (field id, field r)
@@ -28,7 +33,8 @@
  *                   inside the scripts, so it is exact whatever fails
  *   S:meta          hash: output (counts|records), count_key, handler,
  *                   epoch (random, written once at the stream's first
- *                   use: its absence means the data was lost)
+ *                   use: its absence means the data was lost), retention
+ *                   (ms, 0: forever; fixed at the first run)
  *
  * Threads of `onceq run --redis` (each with its own hiredis context: a
  * context is not thread-safe, and a worker blocked in XREADGROUP must not
@@ -57,7 +63,8 @@
  *     dead or hung consumer's; no more than the workers finish in vt/4, and
  *     again at the next tick while there is more), reads their delivery
  *     counts with XPENDING (pipelined) and puts them on the reclaimed list
- *     (r->mu, a leaf lock); with --drain, runs the DRAIN script, which says atomically
+ *     (r->mu, a leaf lock); every 2 s trims the entries every group has
+ *     settled (TRIM script: XTRIM MINID); with --drain, runs the DRAIN script, which says atomically
  *     whether anything is pending with any consumer, delayed, or not yet
  *     delivered to the group; when nothing is, the run stops.
  *   - one heartbeat thread (only for handlers that may block): every
@@ -76,7 +83,7 @@
  *     thread) and for the end.
  *
  * Safety checks at start (run and send; exit 2): the server's
- * maxmemory-policy must be noeviction (an evicted claim or "D" runs an
+ * maxmemory-policy must be noeviction (an evicted claim or done-mark runs an
  * event twice), and the stream's keys, where they exist, must have their
  * types (a stream named S:counts is S's counts hash). Every connection
  * checks S:meta's epoch when it (re)connects; the DRAIN and SEND scripts
@@ -91,14 +98,15 @@
  * ones that write outputs (COMMIT, SEND) check the types of the keys they
  * write before their first write: Redis does not roll back a script that
  * fails halfway.
- *   CLAIM    per id: SET key token NX PX (the delivery's rest); else GET:
- *            "D" -> DONE, our own token -> CLAIMED (a retried call is
+ *   CLAIM    per id: its done-mark (DM_LUA) -> DONE; else SET key token
+ *            NX PX (the delivery's rest); else GET: "D" (an old mark) ->
+ *            DONE, our own token -> CLAIMED (a retried call is
  *            idempotent), another token -> BUSY with its PTTL (and the
  *            entry's delivery renewed, XCLAIM JUSTID); a key seen earlier
  *            in the call -> a same-batch duplicate.
- *   COMMIT   per message, one op: C (commit: token still current -> mark
- *            "D", outputs, ack), F (handler FAIL, max attempts: token
- *            current -> mark "D", dead letter, ack), X (dead letter
+ *   COMMIT   per message, one op: C (commit: token still current -> its
+ *            done-mark, claim deleted, outputs, ack), F (handler FAIL, max
+ *            attempts: token current -> done-mark, dead letter, ack), X (dead letter
  *            without an id to settle: bad input), R (retry: token current ->
  *            release, ZADD S:delayed, ack), D (duplicate: ack). Counters
  *            are summed per batch and applied with one HINCRBY per key,
@@ -106,7 +114,7 @@
  *            happens entirely or not at all.
  *   BEAT     a heartbeat: if the claim key holds our token, PEXPIRE it to
  *            vt and XCLAIM the entry JUSTID (idle 0, count unchanged).
- *   PROMOTE, DRAIN, SEND (producer dedup), REDRIVE.
+ *   PROMOTE, DRAIN, SEND (producer dedup), REDRIVE, TRIM.
  *
  * Fencing: a claim is the key S:id:<id> holding a token unique to this
  * process (a random 64-bit nonce, the worker, a counter), with PX = what
@@ -114,7 +122,7 @@
  * than XAUTOCLAIM may hand the entry over). The COMMIT script applies outputs
  * only if the key still holds the token. A consumer that overran its lease
  * (hung, stopped, slow) finds the key expired, taken by another token, or
- * "D": its late commit changes nothing and its message is not acked by it
+ * deleted (settled by another): its late commit changes nothing and its message is not acked by it
  * (the consumer that took it over acks it). Because the COMMIT script is
  * the only write of effects, a call retried after a reconnect (whose first
  * run may have happened) is fenced the second time: never applied twice.
@@ -137,6 +145,7 @@
 #include "oq_internal.h"
 
 #include <hiredis/hiredis.h>
+#include <xxhash.h>
 
 #include <ctype.h>
 #include <errno.h>
@@ -160,31 +169,137 @@
 #define HOUSE_TICK_MS 20
 #define RECONNECT_GIVE_UP_MS 60000
 #define KEEP_LARGE 4096
+#define TRIM_EVERY_MS 2000     /* XTRIM the settled entries this often */
 
 /* ============================================================= scripts */
 
 enum { SC_CLAIM, SC_COMMIT, SC_PROMOTE, SC_DRAIN, SC_SEND, SC_REDRIVE,
-       SC_BEAT, SC__COUNT };
+       SC_BEAT, SC_TRIM, SC__COUNT };
+
+/*
+ * Done-marks, the Lua shared by CLAIM, COMMIT and REDRIVE (prepended to
+ * each). An id's mark is a field of a hash bucket: the field is the first
+ * 12 bytes of the id's XXH3-128 digest (computed by the client: Lua has no
+ * XXH3), the bucket is chosen by the digest's first 4 bytes h. One string
+ * key per id cost 90 to 126 bytes; a field of a small hash, which Redis
+ * keeps in its listpack encoding (hash-max-listpack-entries, 128 by
+ * default), costs about 16. So that buckets stay small however many ids
+ * come, they are a linear hash table: generation G's state is the hash
+ * DP..G (L, nx: the table has 2^L + nx buckets; n: its marks), bucket a is
+ * DP..G..':'..a, h's bucket is h mod 2^L, or h mod 2^(L+1) when that is
+ * below nx (already split); once n passes LOAD marks per bucket, bucket nx
+ * is split (its fields whose h mod 2^(L+1) is nx + 2^L move). A bucket
+ * keeps a sentinel field '' so that it never becomes empty: an empty hash
+ * is deleted, and one created again would lose its expiry.
+ * Retention (RET ms, 0: forever): generation G holds the marks written
+ * between G*RET and (G+1)*RET on Redis's clock and expires, state and
+ * buckets, at (G+2)*RET; a lookup reads the current generation and the
+ * previous one. So a mark lives at least RET and at most 2*RET, and memory
+ * holds at most two generations. Without retention there is one
+ * generation, 0, forever.
+ */
+#define DM_LUA \
+"local function dm_now()\n" \
+"  local t = redis.call('TIME')\n" \
+"  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n" \
+"end\n" \
+"local function dm_h(f)\n" \
+"  local a, b, c, d = string.byte(f, 1, 4)\n" \
+"  return ((a * 256 + b) * 256 + c) * 256 + d\n" \
+"end\n" \
+"local function dm_gen(RET, now)\n" \
+"  if RET > 0 then return math.floor(now / RET) end\n" \
+"  return 0\n" \
+"end\n" \
+"local function dm_gens(DP, RET, now)\n" \
+"  local g, out = dm_gen(RET, now), {}\n" \
+"  for i = 0, (RET > 0 and 1 or 0) do\n" \
+"    local s = redis.call('HMGET', DP .. (g - i), 'L', 'nx')\n" \
+"    if s[1] then\n" \
+"      out[#out + 1] = {DP .. (g - i) .. ':', tonumber(s[1]), tonumber(s[2])}\n" \
+"    end\n" \
+"  end\n" \
+"  return out\n" \
+"end\n" \
+"local function dm_addr(s, f)\n" \
+"  local h = dm_h(f)\n" \
+"  local a = h % 2 ^ s[2]\n" \
+"  if a < s[3] then a = h % 2 ^ (s[2] + 1) end\n" \
+"  return s[1] .. a\n" \
+"end\n" \
+"local function dm_done(gens, f)\n" \
+"  for _, s in ipairs(gens) do\n" \
+"    if redis.call('HEXISTS', dm_addr(s, f), f) == 1 then return true end\n" \
+"  end\n" \
+"  return false\n" \
+"end\n" \
+"local function dm_cur(DP, RET, now)\n" \
+"  local g = dm_gen(RET, now)\n" \
+"  local gk = DP .. g\n" \
+"  local s = redis.call('HMGET', gk, 'L', 'nx', 'n')\n" \
+"  local st = {gk .. ':', tonumber(s[1] or 0), tonumber(s[2] or 0),\n" \
+"              tonumber(s[3] or 0), gk, (g + 2) * RET}\n" \
+"  if not s[1] then\n" \
+"    redis.call('HSET', gk, 'L', 0, 'nx', 0, 'n', 0)\n" \
+"    redis.call('HSET', st[1] .. 0, '', 0)\n" \
+"    if RET > 0 then\n" \
+"      redis.call('PEXPIREAT', gk, st[6])\n" \
+"      redis.call('PEXPIREAT', st[1] .. 0, st[6])\n" \
+"    end\n" \
+"  end\n" \
+"  return st\n" \
+"end\n" \
+"local function dm_mark(st, f)\n" \
+"  st[4] = st[4] + redis.call('HSET', dm_addr(st, f), f, 1)\n" \
+"end\n" \
+"local function dm_split(st, RET)\n" \
+"  local L, nx = st[2], st[3]\n" \
+"  local src, dst = st[1] .. nx, st[1] .. (nx + 2 ^ L)\n" \
+"  local m = 2 ^ (L + 1)\n" \
+"  local mv, kv = {}, {'', 0}\n" \
+"  for _, f in ipairs(redis.call('HKEYS', src)) do\n" \
+"    if f ~= '' and dm_h(f) % m ~= nx then\n" \
+"      mv[#mv + 1] = f; kv[#kv + 1] = f; kv[#kv + 1] = 1\n" \
+"    end\n" \
+"  end\n" \
+"  redis.call('HSET', dst, unpack(kv))\n" \
+"  if #mv > 0 then redis.call('HDEL', src, unpack(mv)) end\n" \
+"  if RET > 0 then redis.call('PEXPIREAT', dst, st[6]) end\n" \
+"  nx = nx + 1\n" \
+"  if nx == 2 ^ L then L = L + 1; nx = 0 end\n" \
+"  st[2], st[3] = L, nx\n" \
+"end\n" \
+"local function dm_finish(st, RET, LOAD)\n" \
+"  while st[4] > LOAD * (2 ^ st[2] + st[3]) do dm_split(st, RET) end\n" \
+"  redis.call('HSET', st[5], 'L', st[2], 'nx', st[3], 'n', st[4])\n" \
+"end\n"
 
 static const char *const script_text[SC__COUNT] = {
-/* CLAIM. KEYS: [1] stream, then the id keys. ARGV: [1] the batch's token
- * prefix [2] group [3] consumer, then per id key KEYS[1+i]: its stream
- * entry ARGV[2+2i] (its token is prefix .. entry) and its lease ARGV[3+2i]
- * (ms: what is left of the entry's delivery, so that the lease ends when
- * XAUTOCLAIM may hand the entry to another consumer). Per key: 0 claimed,
- * -1 done, -2 a key already claimed earlier in this call (a same-batch
- * duplicate: redone after the batch), or the holder's lease left (ms,
- * BUSY). Our own token answers 0 only when the whole call is run again
- * (a reconnect): tokens are unique per batch and entry, and a key is
- * claimed once per call. A BUSY entry's delivery is renewed (XCLAIM
- * JUSTID: idle time 0, delivery count unchanged): BUSY is not an attempt,
- * and the entry must not be handed over again while we keep it. */
+/* CLAIM. KEYS: [1] stream, then the id keys (the claims). ARGV: [1] the
+ * batch's token prefix [2] group [3] consumer [4] the done-marks' prefix
+ * DP [5] retention (ms, 0: forever), then per id key KEYS[i] (i >= 2): its
+ * stream entry ARGV[3i] (its token is prefix .. entry), its lease
+ * ARGV[3i+1] (ms: what is left of the entry's delivery, so that the lease
+ * ends when XAUTOCLAIM may hand the entry to another consumer) and its
+ * mark's field ARGV[3i+2] (see DM_LUA). Per key: 0 claimed, -1 done (a
+ * mark in the current or the previous generation, or "D" in the claim
+ * key: the done-mark of the layout before the buckets, still honoured),
+ * -2 a key already claimed earlier in this call (a same-batch duplicate:
+ * redone after the batch), or the holder's lease left (ms, BUSY). Our own
+ * token answers 0 only when the whole call is run again (a reconnect):
+ * tokens are unique per batch and entry, and a key is claimed once per
+ * call. A BUSY entry's delivery is renewed (XCLAIM JUSTID: idle time 0,
+ * delivery count unchanged): BUSY is not an attempt, and the entry must
+ * not be handed over again while we keep it. */
+DM_LUA
 "local S, pre, G, C = KEYS[1], ARGV[1], ARGV[2], ARGV[3]\n"
+"local gens = dm_gens(ARGV[4], tonumber(ARGV[5]), dm_now())\n"
 "local out, seen = {}, {}\n"
 "for i = 2, #KEYS do\n"
-"  local k, e, px = KEYS[i], ARGV[2 * i], ARGV[2 * i + 1]\n"
+"  local k, e, px, f = KEYS[i], ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]\n"
 "  local tok = pre .. e\n"
 "  if seen[k] then out[i - 1] = -2\n"
+"  elseif dm_done(gens, f) then out[i - 1] = -1\n"
 "  elseif redis.call('SET', k, tok, 'NX', 'PX', px) then\n"
 "    out[i - 1] = 0\n"
 "  else\n"
@@ -203,35 +318,42 @@ static const char *const script_text[SC__COUNT] = {
 "return out\n",
 
 /* COMMIT. KEYS: [1] stream [2] counts [3] results [4] dlq [5] delayed
- * [6] stats, then the id keys of the nc commits, then those of the other
- * ops that hold a claim. ARGV: [1] group [2] token prefix [3] nc
- * [4] ncounts [5] nrecs, then the nc commits' entries, the batch's counts
- * summed per key (key delta)*ncounts, the records (id rec)*nrecs, then
- * the other ops, each: op entry k id + tail:
+ * [6] stats, then the id keys (claims) of the nc commits, then those of
+ * the other ops that hold a claim. ARGV: [1] group [2] token prefix [3] nc
+ * [4] ncounts [5] nrecs [6] the done-marks' prefix DP [7] retention (ms)
+ * [8] marks per bucket before a split (LOAD), then the nc commits'
+ * entries, their nc mark fields, the batch's counts summed per key (key
+ * delta)*ncounts, the records (id rec)*nrecs, then the other ops, each:
+ * op entry k id field + tail:
  *   D (duplicate): -           R (retry): delay_ms member
  *   F (handler FAIL: settle the id), X (no settling): reason error
  *                                       attempts event source first
- * (k: index of the op's id key in KEYS, 0 = none). If any commit's claim
- * is no longer ours, nothing is written and {-1, {its indexes}} comes back
- * (the client drops them and calls again); otherwise {1, {per other op: 1
- * done, 0 settled by another consumer, -1 fenced}}. Before the first
- * write, the keys it will write must be of their types (or absent), else
- * a WRONGTYPE error comes back and nothing is written: Redis does not roll
- * a script back, so a WRONGTYPE halfway (another stream named S:counts)
- * would leave the ids marked and acked without their counts. Claims are read with
- * one MGET and commits marked with one MSET: a redis.call costs about a
- * microsecond and each argument a fifth of one, so a commit with counts
- * costs one argument per event (its entry) and no call of its own. */
+ * (k: index of the op's id key in KEYS, 0 = none; field: its mark's, for
+ * F). If any commit's claim is no longer ours, nothing is written and
+ * {-1, {its indexes}} comes back (the client drops them and calls again);
+ * otherwise {1, {per other op: 1 done, 0 settled by another consumer, -1
+ * fenced}}. A settled id gets its done-mark (DM_LUA) and its claim key is
+ * deleted. Before the first write, the keys it will write must be of their
+ * types (or absent), else a WRONGTYPE error comes back and nothing is
+ * written: Redis does not roll a script back, so a WRONGTYPE halfway
+ * (another stream named S:counts) would leave the ids marked and acked
+ * without their counts. Claims are read with one MGET and deleted with one
+ * DEL: a redis.call costs about a microsecond and each argument a fifth of
+ * one, so a commit with counts costs its entry, its field and its mark. */
+DM_LUA
 "local S, G, pre = KEYS[1], ARGV[1], ARGV[2]\n"
 "local nc, ncnt, nrec = tonumber(ARGV[3]), tonumber(ARGV[4]),\n"
 "                       tonumber(ARGV[5])\n"
+"local DP, RET, LOAD = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])\n"
+"local H = 8\n"
 "local cur = {}\n"
 "if #KEYS > 6 then cur = redis.call('MGET', unpack(KEYS, 7, #KEYS)) end\n"
 "local fenced = {}\n"
 "for j = 1, nc do\n"
-"  if cur[j] ~= pre .. ARGV[5 + j] then fenced[#fenced + 1] = j end\n"
+"  if cur[j] ~= pre .. ARGV[H + j] then fenced[#fenced + 1] = j end\n"
 "end\n"
 "if #fenced > 0 then return {-1, fenced} end\n"
+"local now = dm_now()\n"
 "local function clash(k, t)\n"
 "  local h = redis.call('TYPE', k)['ok']\n"
 "  if h == 'none' or h == t then return nil end\n"
@@ -239,20 +361,26 @@ static const char *const script_text[SC__COUNT] = {
 "    ', not the ' .. t .. ' of stream ' .. S .. ' (another stream\\'s ' ..\n"
 "    'name clashes with it); nothing was committed')\n"
 "end\n"
+"local others = H + 2 * nc + 2 * (ncnt + nrec) < #ARGV\n"
 "local bad = clash(KEYS[6], 'hash') or (ncnt > 0 and clash(KEYS[2], 'hash'))\n"
 "  or (nrec > 0 and clash(KEYS[3], 'stream'))\n"
-"  or (6 + nc + 2 * (ncnt + nrec) <= #ARGV and\n"
-"      (clash(KEYS[4], 'stream') or clash(KEYS[5], 'zset')))\n"
+"  or (others and (clash(KEYS[4], 'stream') or clash(KEYS[5], 'zset')))\n"
+"  or ((nc > 0 or others) and clash(DP .. dm_gen(RET, now), 'hash'))\n"
 "if bad then return bad end\n"
-"local st, out, dels, done = {}, {}, {}, {}\n"
-"local function bump(k, n) st[k] = (st[k] or 0) + n end\n"
+"local st\n"
+"local function mark(f)\n"
+"  if not st then st = dm_cur(DP, RET, now) end\n"
+"  dm_mark(st, f)\n"
+"end\n"
+"local stc, out, dels = {}, {}, {}\n"
+"local function bump(k, n) stc[k] = (stc[k] or 0) + n end\n"
 "if nc > 0 then\n"
-"  for j = 1, nc do done[2 * j - 1] = KEYS[6 + j]; done[2 * j] = 'D' end\n"
-"  redis.call('MSET', unpack(done))\n"
-"  redis.call('XACK', S, G, unpack(ARGV, 6, 5 + nc))\n"
+"  for j = 1, nc do mark(ARGV[H + nc + j]) end\n"
+"  redis.call('DEL', unpack(KEYS, 7, 6 + nc))\n"
+"  redis.call('XACK', S, G, unpack(ARGV, H + 1, H + nc))\n"
 "  bump('processed', nc)\n"
 "end\n"
-"local i = 6 + nc\n"
+"local i = H + 2 * nc + 1\n"
 "for j = 1, ncnt do\n"
 "  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]); i = i + 2\n"
 "end\n"
@@ -260,19 +388,14 @@ static const char *const script_text[SC__COUNT] = {
 "  redis.call('XADD', KEYS[3], '*', 'id', ARGV[i], 'r', ARGV[i + 1])\n"
 "  i = i + 2\n"
 "end\n"
-"local now\n"
 "local n = 0\n"
 "while i <= #ARGV do\n"
-"  local op, entry, k, id = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]),\n"
-"                          ARGV[i+3]\n"
-"  i = i + 4\n"
+"  local op, entry, k, id, f = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]),\n"
+"                             ARGV[i+3], ARGV[i+4]\n"
+"  i = i + 5\n"
 "  n = n + 1\n"
 "  local r = -1\n"
 "  local ok = k == 0 or cur[k - 6] == pre .. entry\n"
-"  if not now then\n"
-"    local t = redis.call('TIME')\n"
-"    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-"  end\n"
 "  if op == 'D' then\n"
 "    r = redis.call('XACK', S, G, entry)\n"
 "    bump('duplicates', r)\n"
@@ -290,8 +413,8 @@ static const char *const script_text[SC__COUNT] = {
 "    i = i + 6\n"
 "    if ok then\n"
 "      if k > 0 then\n"
-"        if op == 'F' then redis.call('SET', KEYS[k], 'D')\n"
-"        else dels[#dels + 1] = KEYS[k] end\n"
+"        if op == 'F' then mark(f) end\n"
+"        dels[#dels + 1] = KEYS[k]\n"
 "      end\n"
 "      r = redis.call('XACK', S, G, entry)\n"
 "      if r == 1 then\n"
@@ -306,7 +429,8 @@ static const char *const script_text[SC__COUNT] = {
 "  out[n] = r\n"
 "end\n"
 "if #dels > 0 then redis.call('DEL', unpack(dels)) end\n"
-"for key, d in pairs(st) do\n"
+"if st then dm_finish(st, RET, LOAD) end\n"
+"for key, d in pairs(stc) do\n"
 "  if d ~= 0 then redis.call('HINCRBY', KEYS[6], key, d) end\n"
 "end\n"
 "return {1, out}\n",
@@ -392,13 +516,20 @@ static const char *const script_text[SC__COUNT] = {
 "return {sent, rej}\n",
 
 /* REDRIVE. KEYS: [1] stream [2] dlq [3] stats [4] id key. ARGV: dlq entry
- * id, event, source, reason. A handler FAIL or max attempts settled the
- * id (with no effect): unsettle it, or the redriven copy would be a
+ * id, event, source, reason, the id's mark field, the done-marks' prefix
+ * DP, retention (ms). A handler FAIL or max attempts settled the id (with
+ * no effect): unsettle it (its mark in either generation, and a "D" of the
+ * layout before the buckets), or the redriven copy would be a
  * duplicate. */
+DM_LUA
 "if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end\n"
-"if (ARGV[4] == 'failed' or ARGV[4] == 'max_attempts') and\n"
-"   redis.call('GET', KEYS[4]) == 'D' then\n"
-"  redis.call('DEL', KEYS[4])\n"
+"if ARGV[4] == 'failed' or ARGV[4] == 'max_attempts' then\n"
+"  if redis.call('GET', KEYS[4]) == 'D' then redis.call('DEL', KEYS[4]) end\n"
+"  if ARGV[5] ~= '' then\n"
+"    for _, s in ipairs(dm_gens(ARGV[6], tonumber(ARGV[7]), dm_now())) do\n"
+"      redis.call('HDEL', dm_addr(s, ARGV[5]), ARGV[5])\n"
+"    end\n"
+"  end\n"
 "end\n"
 "redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 's', ARGV[3])\n"
 "redis.call('HINCRBY', KEYS[3], 'sent', 1)\n"
@@ -416,6 +547,38 @@ static const char *const script_text[SC__COUNT] = {
 "redis.call('PEXPIRE', KEYS[2], ARGV[5])\n"
 "redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'JUSTID')\n"
 "return 1\n",
+
+/* TRIM. KEYS: [1] stream. Removes the entries that every group of the
+ * stream has settled: those before the oldest entry any group still has
+ * pending (XPENDING's smallest id) or not yet delivered (after its
+ * last-delivered-id). Without a group nothing is trimmed (only `send` has
+ * run: every entry is still to come). MINID ~ removes whole nodes of the
+ * stream (cheap) and never an entry at or after the threshold; LIMIT 0
+ * lets it catch up with a large backlog at once. Returns the entries
+ * removed. */
+"local groups = redis.call('XINFO', 'GROUPS', KEYS[1])\n"
+"if #groups == 0 then return 0 end\n"
+"local function parse(id)\n"
+"  local ms, sq = string.match(id, '^(%d+)-(%d+)$')\n"
+"  return tonumber(ms), tonumber(sq)\n"
+"end\n"
+"local best, bm, bs\n"
+"for _, g in ipairs(groups) do\n"
+"  local name, ld\n"
+"  for j = 1, #g, 2 do\n"
+"    if g[j] == 'name' then name = g[j + 1] end\n"
+"    if g[j] == 'last-delivered-id' then ld = g[j + 1] end\n"
+"  end\n"
+"  local p = redis.call('XPENDING', KEYS[1], name)\n"
+"  local t = ld\n"
+"  if p[1] > 0 then t = p[2] end\n"
+"  local m, q = parse(t)\n"
+"  if not best or m < bm or (m == bm and q < bs) then\n"
+"    best, bm, bs = t, m, q\n"
+"  end\n"
+"end\n"
+"if bm == 0 and bs == 0 then return 0 end\n"
+"return redis.call('XTRIM', KEYS[1], 'MINID', '~', best, 'LIMIT', 0)\n",
 };
 
 /* ======================================================= argument lists */
@@ -1085,7 +1248,7 @@ static int rc_first(rconn *rc, const rurl *u, const char *cmd)
 typedef struct rkeys {
     char stream[512];
     char counts[540], results[540], dlq[540], delayed[540], stats[540],
-        meta[540], idpfx[540], dedup[540];
+        meta[540], idpfx[540], dedup[540], dm[540];
     size_t idpfx_len, dedup_len;
 } rkeys;
 
@@ -1105,12 +1268,26 @@ static int make_keys(rkeys *k, const char *stream, const char *cmd)
     snprintf(k->meta, sizeof(k->meta), "%s:meta", stream);
     snprintf(k->idpfx, sizeof(k->idpfx), "%s:id:", stream);
     snprintf(k->dedup, sizeof(k->dedup), "%s:dedup:", stream);
+    snprintf(k->dm, sizeof(k->dm), "%s:d:", stream);
     k->idpfx_len = strlen(k->idpfx);
     k->dedup_len = strlen(k->dedup);
     return 0;
 }
 
 /* ====================================================== small helpers */
+
+/* The bytes of an id's done-mark field (see DM_LUA): the first 12 of its
+ * XXH3-128 digest, big-endian; the first 4 choose its bucket. 96 bits:
+ * two of a billion remembered ids share a field with odds of about 1 in
+ * 10^11 (a shared field would make the second a duplicate). */
+#define MARK_LEN 12
+
+static void ab_add_mark(abuf *a, const char *id, size_t len)
+{
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits(id, len));
+    ab_add(a, c.digest, MARK_LEN);
+}
 
 static int usage_error(const char *cmd, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
@@ -1175,7 +1352,7 @@ static uint64_t make_nonce(void)
 /*
  * Refuses (exit 2) a server whose maxmemory-policy may evict keys: an
  * evicted claim lets a second consumer run an event that is still
- * running, an evicted "D" mark (allkeys-*) or an evicted dedup key lets a
+ * running, an evicted done-mark (allkeys-*) or an evicted dedup key lets a
  * processed event run again, silently. CONFIG GET first; where CONFIG is
  * renamed or not allowed (managed services), INFO memory's
  * maxmemory_policy; where neither says, a warning. 0, or an exit status
@@ -1304,6 +1481,97 @@ static int stream_epoch(rconn *rc, const rkeys *k, const char *cmd, char *out,
     rc->stream = k->stream;
     rc->epoch = out;
     return 0;
+}
+
+/* A duration as the options take it (1h, 90s, 250ms), for messages. */
+static void fmt_duration(int64_t ms, char *out, size_t len)
+{
+    if (ms > 0 && ms % 3600000 == 0)
+        snprintf(out, len, "%" PRId64 "h", ms / 3600000);
+    else if (ms > 0 && ms % 60000 == 0)
+        snprintf(out, len, "%" PRId64 "m", ms / 60000);
+    else if (ms > 0 && ms % 1000 == 0)
+        snprintf(out, len, "%" PRId64 "s", ms / 1000);
+    else
+        snprintf(out, len, "%" PRId64 "ms", ms);
+}
+
+/*
+ * The stream's retention of done-marks (S:meta's retention, ms; 0:
+ * forever), fixed at its first run: the generations of the marks are
+ * numbered by it (DM_LUA), so consumers with another one would look for
+ * marks where there are none and run processed events again. want: the
+ * --retention asked for (0: not given, take the stream's; written as 0 at
+ * the first run). When read only (write 0: dlq), a stream without one has
+ * 0. 0, or an exit status with the message written.
+ */
+static int stream_retention(rconn *rc, const rkeys *k, const char *cmd,
+                            int64_t want, int write, int64_t *out)
+{
+    redisReply *rep = NULL;
+    char have[24] = "", a[32], b[32];
+
+    if (write)
+        rep = rc_cmdf(rc, "HSETNX %s retention %" PRId64, k->meta, want);
+    if (!write || (rep && rep->type == REDIS_REPLY_INTEGER)) {
+        freeReplyObject(rep);
+        rep = rc_cmdf(rc, "HGET %s retention", k->meta);
+    }
+    if (rep == NULL) {
+        fprintf(stderr, "onceq %s: %s\n", cmd, rc->err);
+        return 2;
+    }
+    if (rep->type == REDIS_REPLY_STRING)
+        snprintf(have, sizeof(have), "%s", rep->str);
+    else if (rep->type != REDIS_REPLY_NIL || write) {
+        fprintf(stderr, "onceq %s: Redis at %s: reading the retention in "
+                "%s: %s\n", cmd, rc->u->text, k->meta,
+                rep->type == REDIS_REPLY_ERROR ? rep->str : "bad reply");
+        freeReplyObject(rep);
+        return 2;
+    }
+    freeReplyObject(rep);
+    *out = have[0] ? (int64_t)strtoll(have, NULL, 10) : 0;
+    if (want > 0 && *out != want) {
+        fmt_duration(*out, a, sizeof(a));
+        fmt_duration(want, b, sizeof(b));
+        if (*out == 0)
+            fprintf(stderr, "onceq %s: stream '%s' keeps its done-marks "
+                    "forever (fixed at its first run, without --retention); "
+                    "--retention %s would lose them: leave it out\n", cmd,
+                    k->stream, b);
+        else
+            fprintf(stderr, "onceq %s: stream '%s' keeps its done-marks for "
+                    "%s (--retention, fixed at its first run), not %s: give "
+                    "--retention %s or leave it out\n", cmd, k->stream, a, b,
+                    a);
+        return 2;
+    }
+    return 0;
+}
+
+/* Marks per done-mark bucket before it is split (DM_LUA): what keeps a
+ * bucket, right before its split and with chance's spread, below the
+ * server's hash-max-listpack-entries (hash-max-ziplist-entries before 7.0),
+ * so that it stays in the compact encoding, and short: a lookup in a
+ * listpack reads it from its start, and with 160 marks a bucket (what 512,
+ * the default, would allow) claims and commits ran a third slower than
+ * with 40, for 3 bytes an id less. So 5/16 of at most 128: 40. Where
+ * CONFIG is refused, the same. */
+static unsigned dm_load(rconn *rc)
+{
+    long long entries = 128;
+    redisReply *rep = rc_cmdf(rc, "CONFIG GET hash-max-listpack-entries");
+
+    if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 0) {
+        freeReplyObject(rep);
+        rep = rc_cmdf(rc, "CONFIG GET hash-max-ziplist-entries");
+    }
+    if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
+        rep->element[1]->type == REDIS_REPLY_STRING)
+        entries = strtoll(rep->element[1]->str, NULL, 10);
+    freeReplyObject(rep);
+    return (unsigned)OQ__MAX(1, OQ__MIN(entries, 128) * 5 / 16);
 }
 
 /* =============================================================== send */
@@ -1656,6 +1924,10 @@ typedef struct rrun {
     char consumer[256];
     uint64_t nonce;             /* makes our fencing tokens unique */
     char epoch[64];             /* the stream's epoch (stream_epoch) */
+    int64_t retention_ms;       /* the stream's (stream_retention); 0:
+                                   done-marks are kept forever */
+    char retention[24];         /* the same, as an argument */
+    unsigned dm_load;           /* marks per bucket before a split */
     _Atomic int stop;           /* signal, drained, or a fatal error */
     _Atomic int drained;
     atomic_int reconnects;
@@ -2228,10 +2500,13 @@ static int rl_claim(void *ctx, oq__lclaim *c, size_t n)
     ab_adds(&l->args, l->prefix);
     ab_adds(&l->args, r->c.group);
     ab_adds(&l->args, r->consumer);
+    ab_adds(&l->args, r->k.dm);
+    ab_adds(&l->args, r->retention);
     for (size_t i = 0; i < n; i++) {
         ab_add2(&l->keys, r->k.idpfx, r->k.idpfx_len, c[i].id, c[i].id_len);
         ab_adds(&l->args, entry_of(&c[i])->eid);
         ab_addi(&l->args, OQ__MAX(c[i].d->deadline_ms - now, 1));
+        ab_add_mark(&l->args, c[i].id, c[i].id_len);
     }
     if (l->keys.oom || l->args.oom) {
         run_fatal(r, "out of memory building a claim");
@@ -2487,6 +2762,9 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
     ab_addu(a, nc);
     ab_addu(a, nagg);
     ab_addu(a, nrec);
+    ab_adds(a, r->k.dm);
+    ab_adds(a, r->retention);
+    ab_addu(a, r->dm_load);
     for (size_t i = 0; i < n; i++) {
         const rop *o = &l->ops[i];
         if (o->op != 'C' || o->fenced)
@@ -2494,6 +2772,9 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
         ab_add2(k, r->k.idpfx, r->k.idpfx_len, e[i].ev->id, e[i].ev->id_len);
         ab_adds(a, ((const rentry *)e[i].op->d->msg_)->eid);
     }
+    for (size_t i = 0; i < n; i++)
+        if (l->ops[i].op == 'C' && !l->ops[i].fenced)
+            ab_add_mark(a, e[i].ev->id, e[i].ev->id_len);
     for (size_t i = 0; i < nagg; i++) {
         ab_add(a, st->buf + st->off[l->sorted[i].ki],
                st->alen[l->sorted[i].ki]);
@@ -2524,6 +2805,10 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
         }
         ab_add(a, e[i].claim ? e[i].ev->id : "",
                e[i].claim ? e[i].ev->id_len : 0);
+        if (keyed && o->op == 'F')
+            ab_add_mark(a, e[i].ev->id, e[i].ev->id_len);
+        else
+            ab_add(a, "", 0);
         if (o->op == 'R') {
             ab_addi(a, e[i].op->delay_ms);
             op_member(l, &e[i]);
@@ -2849,6 +3134,23 @@ typedef struct house {
     pthread_t th;
 } house;
 
+/* Trims the entries every group has settled (the TRIM script), so an
+ * endless stream stays bounded: what is pending or undelivered in any
+ * group stays. A failure is the run's (as every script's). */
+static void trim(rrun *r, rconn *rc)
+{
+    abuf keys = { 0 };
+    redisReply *rep;
+
+    ab_adds(&keys, r->k.stream);
+    rep = rc_script(rc, SC_TRIM, &keys, NULL);
+    if (rep == NULL || (rep->type != REDIS_REPLY_INTEGER &&
+                        !is_err(rep, "ERR no such key")))
+        run_fatal_reply(r, rc, rep, "trim script");
+    freeReplyObject(rep);
+    ab_free(&keys);
+}
+
 /* For the metrics: the group's backlog, what no consumer of the group has
  * been delivered yet (XINFO GROUPS's lag, Redis 7; 0 when Redis cannot
  * tell), and the unix ms of the first such entry (its id's time). Retries
@@ -2903,7 +3205,7 @@ static void *house_main(void *arg)
     abuf keys = { 0 }, args = { 0 };
     char cursor[64] = "0-0";
     int64_t ac_every = OQ__MAX(HOUSE_TICK_MS, OQ__MIN(r->c.vt_ms / 4, 1000));
-    int64_t last_ac = mono_ms(), last_bl = 0;
+    int64_t last_ac = mono_ms(), last_bl = 0, last_trim = 0;
     int ac_more = 0;
     bool metrics = r->c.metrics_path || r->c.metrics_listen;
 
@@ -2932,7 +3234,12 @@ static void *house_main(void *arg)
             backlog(r, &hk->rc);
             last_bl = now;
         }
+        if (now - last_trim >= TRIM_EVERY_MS) {
+            trim(r, &hk->rc);
+            last_trim = now;
+        }
         if (r->c.drain && drained(r, &hk->rc)) {
+            trim(r, &hk->rc);
             atomic_store(&r->drained, 1);
             atomic_store(&r->stop, 1);
             break;
@@ -3301,8 +3608,13 @@ static int run_setup(rrun *r, rconn *main_rc)
         return 2;
     }
     if ((st = stream_epoch(main_rc, &r->k, "run", r->epoch,
-                           sizeof(r->epoch))) != 0)
+                           sizeof(r->epoch))) != 0 ||
+        (st = stream_retention(main_rc, &r->k, "run", r->c.retention_ms, 1,
+                               &r->retention_ms)) != 0)
         return st;
+    snprintf(r->retention, sizeof(r->retention), "%" PRId64,
+             r->retention_ms);
+    r->dm_load = dm_load(main_rc);
     rep = rc_cmdf(main_rc, "HSET %s output %s count_key %s handler %s",
                   r->k.meta, r->h.output == OQ__OUT_RECORDS ? "records"
                                                             : "counts",
@@ -3628,7 +3940,8 @@ static int dlq_match(const tool_cfg *c, const char *show, const redisReply *e)
 enum { DLQ_LIST, DLQ_SHOW, DLQ_REDRIVE, DLQ_PURGE };
 
 /* Applies one action to one matching dead letter. 0 or -1. */
-static int dlq_act(rconn *rc, const rkeys *k, int action, const redisReply *e)
+static int dlq_act(rconn *rc, const rkeys *k, int64_t retention, int action,
+                   const redisReply *e)
 {
     const redisReply *kv = e->element[1];
     const redisReply *id = field(kv, "id"), *reason = field(kv, "reason"),
@@ -3649,6 +3962,12 @@ static int dlq_act(rconn *rc, const rkeys *k, int action, const redisReply *e)
         ab_add(&args, ev ? ev->str : "", ev ? ev->len : 0);
         ab_add(&args, src ? src->str : "", src ? src->len : 0);
         ab_adds(&args, reason && reason->str ? reason->str : "");
+        if (id && id->len > 0)
+            ab_add_mark(&args, id->str, id->len);
+        else
+            ab_add(&args, "", 0);
+        ab_adds(&args, k->dm);
+        ab_addi(&args, retention);
         rep = rc_script(rc, SC_REDRIVE, &keys, &args);
         ab_free(&keys);
         ab_free(&args);
@@ -3671,6 +3990,7 @@ int oq__redis_dlq(int argc, char **argv)
     char err[1024], start[64] = "-";
     const char *show = NULL;
     int action = -1, st;
+    int64_t retention = 0;
     uint64_t matched = 0;
 
     st = tool_parse(&c, argc, argv, "dlq", dlq_usage);
@@ -3694,6 +4014,11 @@ int oq__redis_dlq(int argc, char **argv)
         return usage_error("dlq", "%s", err);
     if (rc_first(&rc, &u, "dlq") != 0)
         return 2;
+    if (action == DLQ_REDRIVE &&
+        (st = stream_retention(&rc, &k, "dlq", 0, 0, &retention)) != 0) {
+        rc_close(&rc);
+        return st;
+    }
     st = 0;
     for (;;) {
         redisReply *rep = rc_cmdf(&rc, "XRANGE %s %s + COUNT 500", k.dlq,
@@ -3717,7 +4042,7 @@ int oq__redis_dlq(int argc, char **argv)
             matched++;
             if (action == DLQ_LIST || action == DLQ_SHOW)
                 write_dead(stdout, e);
-            else if (!c.dry_run && dlq_act(&rc, &k, action, e) != 0)
+            else if (!c.dry_run && dlq_act(&rc, &k, retention, action, e) != 0)
                 st = 3;
         }
         freeReplyObject(rep);

@@ -48,6 +48,7 @@ enum {
     O_BATCH, O_EMIT, O_KILL_GRACE, O_SEED, O_STATE, O_SYNC, O_COMMIT_BATCH,
     O_COMMIT_INTERVAL, O_FORCE, O_REDIS, O_STREAM, O_GROUP, O_CONSUMER,
     O_DRAIN, O_TIMEOUT, O_METRICS, O_METRICS_INTERVAL, O_METRICS_LISTEN,
+    O_RETENTION,
     O__END
 };
 
@@ -100,6 +101,7 @@ static const struct option long_opts[] = {
     { "metrics", required_argument, NULL, O_METRICS },
     { "metrics-interval", required_argument, NULL, O_METRICS_INTERVAL },
     { "metrics-listen", required_argument, NULL, O_METRICS_LISTEN },
+    { "retention", required_argument, NULL, O_RETENTION },
     { "quiet", no_argument, NULL, 'q' },
     { "verbose", no_argument, NULL, 'v' },
     { "help", no_argument, NULL, 'h' },
@@ -128,6 +130,7 @@ static const struct {
     { O_GROUP, M_REDIS, NULL },
     { O_CONSUMER, M_REDIS, NULL },
     { O_DRAIN, M_REDIS, NULL },
+    { O_RETENTION, M_REDIS, NULL },
 };
 
 static void run_usage(FILE *f)
@@ -208,6 +211,10 @@ static void run_usage(FILE *f)
 "      --drain                 [redis] exit once the group has nothing new,\n"
 "                              nothing pending with any consumer and nothing\n"
 "                              delayed; without it, run until SIGINT/SIGTERM\n"
+"      --retention D           [redis] forget done-marks older than D (at\n"
+"                              least 1s; default: never): an id seen again\n"
+"                              after that runs again. Fixed at the stream's\n"
+"                              first run\n"
 "Outputs:\n"
 "  -o, --out PATH              results (default: stdout); with --redis, the\n"
 "                              stream's results (all consumers') at the end\n"
@@ -507,6 +514,12 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
             return bad_option("--kill-grace", arg, "a duration like 2s or "
                               "500ms, at most 876000h; 0: SIGKILL at once");
         c->kill_grace_ms = ms;
+        return 0;
+    case O_RETENTION:
+        if (oq__parse_duration(arg, &ms) != 0 || ms < 1000)
+            return bad_option("--retention", arg, "a duration like 24h or "
+                              "90m, at least 1s, at most 876000h");
+        c->retention_ms = ms;
         return 0;
     case O_TIMEOUT:
         if (oq__parse_duration(arg, &ms) != 0 || ms <= 0)
