@@ -557,6 +557,7 @@ typedef struct oq__run_config {
     const char *metrics_listen; /* --metrics-listen HOST:PORT, or NULL */
     int64_t retention_ms;       /* --retention: done-marks kept; 0: not
                                    given (the stream's, or forever) */
+    const char *redis_password_file; /* NULL: the URL's, or REDISCLI_AUTH */
 } oq__run_config;
 
 /* The defaults of every mode (batch: the in-memory one; run.c's parser

@@ -158,6 +158,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -740,16 +741,78 @@ static int pct_decode(const char *s, size_t n, char *out, size_t outlen)
     return 0;
 }
 
+/*
+ * Reads the password from pwfile (--redis-password-file): its content,
+ * one trailing newline (or CRLF) stripped. A password in a file is out of
+ * sight of ps, like REDISCLI_AUTH, and unlike a variable it is not
+ * inherited by every child (exec: handlers). A file other users may read
+ * gets a warning on stderr (the password is as safe as the file; ssh
+ * refuses such keys, but secrets mounted by an orchestrator are often
+ * 0644, and refusing them would push the password back onto the command
+ * line). 0, or -1 with a message (never the password).
+ */
+static int read_password_file(const char *pwfile, const char *cmd, rurl *u,
+                              char *err, size_t errlen)
+{
+    FILE *f = fopen(pwfile, "rbe");
+    struct stat sb;
+    size_t n;
+    bool loose;
+
+    if (f == NULL) {
+        snprintf(err, errlen, "cannot read --redis-password-file '%s': %s",
+                 pwfile, strerror(errno));
+        return -1;
+    }
+    n = fread(u->pass, 1, sizeof(u->pass), f);
+    loose = fstat(fileno(f), &sb) == 0 && (sb.st_mode & S_IROTH);
+    fclose(f);
+    if (n == sizeof(u->pass)) {
+        snprintf(err, errlen, "the password in --redis-password-file '%s' "
+                 "is too long (at most %zu bytes)", pwfile,
+                 sizeof(u->pass) - 2);
+        memset(u->pass, 0, sizeof(u->pass));
+        return -1;
+    }
+    u->pass[n] = '\0';
+    if (n > 0 && u->pass[n - 1] == '\n')
+        u->pass[--n] = '\0';
+    if (n > 0 && u->pass[n - 1] == '\r')
+        u->pass[--n] = '\0';
+    if (n == 0 || memchr(u->pass, '\0', n) || memchr(u->pass, '\n', n)) {
+        snprintf(err, errlen, "--redis-password-file '%s' %s", pwfile,
+                 n == 0 ? "is empty" : "holds more than one line");
+        memset(u->pass, 0, sizeof(u->pass));
+        return -1;
+    }
+    if (loose)
+        fprintf(stderr, "onceq %s: warning: --redis-password-file '%s' is "
+                "readable by every user of this machine (chmod 600 it)\n",
+                cmd, pwfile);
+    return 0;
+}
+
 /* redis://[[user]:pass@]host[:port][/db]; the password, when the URL has
- * none, from $REDISCLI_AUTH. 0, or -1 with a message (which never shows
- * the environment's password). */
-static int parse_url(const char *url, rurl *u, char *err, size_t errlen)
+ * none, from pwfile (--redis-password-file, may be NULL) or else from
+ * $REDISCLI_AUTH. 0, or -1 with a message (which never shows a
+ * password). */
+static int parse_url(const char *url, const char *pwfile, const char *cmd,
+                     rurl *u, char *err, size_t errlen)
 {
     const char *p, *at, *hostend, *slash;
     size_t hl;
 
     memset(u, 0, sizeof(*u));
     u->port = 6379;
+    if (strncmp(url, "rediss://", 9) == 0) {
+        /* Debian 12's hiredis is built without hiredis_ssl: refused, with
+         * the way that works, rather than a plain connection. */
+        snprintf(err, errlen, "rediss:// (TLS) is not supported: Debian "
+                 "12's hiredis has no TLS; reach Redis through a TLS tunnel "
+                 "(stunnel, in Debian: a local port that forwards to the "
+                 "server's TLS port) and give redis://127.0.0.1:PORT");
+        return -1;
+    }
     if (strncmp(url, "redis://", 8) != 0)
         goto bad;
     p = url + 8;
@@ -813,6 +876,14 @@ static int parse_url(const char *url, rurl *u, char *err, size_t errlen)
     if (*p != '\0')
         goto bad;
     snprintf(u->text, sizeof(u->text), "%s:%d", u->host, u->port);
+    if (pwfile) {
+        if (u->pass[0]) {
+            snprintf(err, errlen, "a password in the URL and "
+                     "--redis-password-file: give it once");
+            return -1;
+        }
+        return read_password_file(pwfile, cmd, u, err, errlen);
+    }
     /* A password in the URL is on the command line, which every user of
      * the machine can read (ps); redis-cli's REDISCLI_AUTH keeps it out of
      * sight. The URL's own password wins, as with redis-cli -a. */
@@ -1597,6 +1668,7 @@ static void send_usage(FILE *f)
 "\n"
 "  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
 "                         a password there, $REDISCLI_AUTH's is used\n"
+"  --redis-password-file PATH  the password from a file (one line)\n"
 "  --stream NAME          the stream (keys NAME, NAME:*)\n"
 "  --dedup-window D       producer dedup window (default 5m; a bare number\n"
 "                         is milliseconds; 0 = off)\n"
@@ -1612,7 +1684,7 @@ static void send_usage(FILE *f)
 }
 
 typedef struct send_cfg {
-    const char *url, *stream, *id_field;
+    const char *url, *pwfile, *stream, *id_field;
     int64_t window_ms;
     unsigned batch;
     size_t max_line;
@@ -1621,9 +1693,11 @@ typedef struct send_cfg {
 
 static int send_parse(send_cfg *c, int argc, char **argv)
 {
-    enum { O_REDIS = 256, O_STREAM, O_WINDOW, O_ID, O_BATCH, O_MAXLINE };
+    enum { O_REDIS = 256, O_STREAM, O_WINDOW, O_ID, O_BATCH, O_MAXLINE,
+           O_PWFILE };
     static const struct option lo[] = {
         { "redis", required_argument, NULL, O_REDIS },
+        { "redis-password-file", required_argument, NULL, O_PWFILE },
         { "stream", required_argument, NULL, O_STREAM },
         { "dedup-window", required_argument, NULL, O_WINDOW },
         { "id-field", required_argument, NULL, O_ID },
@@ -1649,6 +1723,7 @@ static int send_parse(send_cfg *c, int argc, char **argv)
             send_usage(stdout);
             return 0;
         case O_REDIS: c->url = optarg; break;
+        case O_PWFILE: c->pwfile = optarg; break;
         case O_STREAM: c->stream = optarg; break;
         case O_ID: c->id_field = optarg; break;
         case 'q': c->quiet = true; break;
@@ -1773,7 +1848,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
 
     if (make_keys(&k, c->stream, "send") != 0)
         return 2;
-    if (parse_url(c->url, &u, err, sizeof(err)) != 0)
+    if (parse_url(c->url, c->pwfile, "send", &u, err, sizeof(err)) != 0)
         return usage_error("send", "%s", err);
     if (oq__reader_open(&rd, ninputs ? (const char *const *)inputs
                                      : stdin_only,
@@ -3576,7 +3651,8 @@ static int run_setup(rrun *r, rconn *main_rc)
 
     if (make_keys(&r->k, r->c.stream, "run") != 0)
         return 2;
-    if (parse_url(r->c.redis_url, &r->u, err, sizeof(err)) != 0)
+    if (parse_url(r->c.redis_url, r->c.redis_password_file, "run", &r->u,
+                  err, sizeof(err)) != 0)
         return usage_error("run", "%s", err);
     if (oq__handler_from_spec(r->c.handler_spec, &ho, &r->h, err,
                               sizeof(err)) != 0)
@@ -3796,7 +3872,7 @@ out_free:
 /* ====================================================== export and dlq */
 
 typedef struct tool_cfg {
-    const char *url, *stream, *out_path, *reason, *id_glob;
+    const char *url, *pwfile, *stream, *out_path, *reason, *id_glob;
     bool dry_run;
 } tool_cfg;
 
@@ -3804,9 +3880,10 @@ typedef struct tool_cfg {
 static int tool_parse(tool_cfg *c, int argc, char **argv, const char *cmd,
                       void (*usage)(FILE *))
 {
-    enum { O_REDIS = 256, O_STREAM, O_REASON, O_ID, O_DRY };
+    enum { O_REDIS = 256, O_STREAM, O_REASON, O_ID, O_DRY, O_PWFILE };
     static const struct option lo[] = {
         { "redis", required_argument, NULL, O_REDIS },
+        { "redis-password-file", required_argument, NULL, O_PWFILE },
         { "stream", required_argument, NULL, O_STREAM },
         { "reason", required_argument, NULL, O_REASON },
         { "id", required_argument, NULL, O_ID },
@@ -3826,6 +3903,7 @@ static int tool_parse(tool_cfg *c, int argc, char **argv, const char *cmd,
             usage(stdout);
             return 0;
         case O_REDIS: c->url = optarg; break;
+        case O_PWFILE: c->pwfile = optarg; break;
         case O_STREAM: c->stream = optarg; break;
         case O_REASON: c->reason = optarg; break;
         case O_ID: c->id_glob = optarg; break;
@@ -3853,6 +3931,7 @@ static void export_usage(FILE *f)
 {
     fprintf(f,
 "usage: onceq export --redis URL --stream NAME [-o FILE]\n"
+"                    [--redis-password-file PATH]\n"
 "\n"
 "Writes the results of the Redis stream's consumers as JSON lines: counts\n"
 "sorted by key ({\"word\":\"w1\",\"count\":3}), or records in commit order.\n");
@@ -3871,7 +3950,7 @@ int oq__redis_export(int argc, char **argv)
         return st;
     if (make_keys(&k, c.stream, "export") != 0)
         return 2;
-    if (parse_url(c.url, &u, err, sizeof(err)) != 0)
+    if (parse_url(c.url, c.pwfile, "export", &u, err, sizeof(err)) != 0)
         return usage_error("export", "%s", err);
     if (rc_first(&rc, &u, "export") != 0)
         return 2;
@@ -3885,6 +3964,7 @@ static void dlq_usage(FILE *f)
     fprintf(f,
 "usage: onceq dlq list|show ID|redrive|purge --redis URL --stream NAME\n"
 "                 [--reason R] [--id GLOB] [--dry-run]\n"
+"                 [--redis-password-file PATH]\n"
 "\n"
 "  list      every dead letter as a JSON line (id, source, reason, error,\n"
 "            attempts, first_seen, last_seen, event, dlq_id)\n"
@@ -4010,7 +4090,7 @@ int oq__redis_dlq(int argc, char **argv)
     }
     if (make_keys(&k, c.stream, "dlq") != 0)
         return 2;
-    if (parse_url(c.url, &u, err, sizeof(err)) != 0)
+    if (parse_url(c.url, c.pwfile, "dlq", &u, err, sizeof(err)) != 0)
         return usage_error("dlq", "%s", err);
     if (rc_first(&rc, &u, "dlq") != 0)
         return 2;

@@ -48,7 +48,7 @@ enum {
     O_BATCH, O_EMIT, O_KILL_GRACE, O_SEED, O_STATE, O_SYNC, O_COMMIT_BATCH,
     O_COMMIT_INTERVAL, O_FORCE, O_REDIS, O_STREAM, O_GROUP, O_CONSUMER,
     O_DRAIN, O_TIMEOUT, O_METRICS, O_METRICS_INTERVAL, O_METRICS_LISTEN,
-    O_RETENTION,
+    O_RETENTION, O_REDIS_PWFILE,
     O__END
 };
 
@@ -102,6 +102,7 @@ static const struct option long_opts[] = {
     { "metrics-interval", required_argument, NULL, O_METRICS_INTERVAL },
     { "metrics-listen", required_argument, NULL, O_METRICS_LISTEN },
     { "retention", required_argument, NULL, O_RETENTION },
+    { "redis-password-file", required_argument, NULL, O_REDIS_PWFILE },
     { "quiet", no_argument, NULL, 'q' },
     { "verbose", no_argument, NULL, 'v' },
     { "help", no_argument, NULL, 'h' },
@@ -131,6 +132,7 @@ static const struct {
     { O_CONSUMER, M_REDIS, NULL },
     { O_DRAIN, M_REDIS, NULL },
     { O_RETENTION, M_REDIS, NULL },
+    { O_REDIS_PWFILE, M_REDIS, NULL },
 };
 
 static void run_usage(FILE *f)
@@ -203,6 +205,8 @@ static void run_usage(FILE *f)
 "                              them with `onceq send`); claims, the processed\n"
 "                              set, outputs (NAME:counts, NAME:results) and\n"
 "                              dead letters (NAME:dlq) live in Redis\n"
+"      --redis-password-file PATH  [redis] the password from a file (one\n"
+"                              line; not in ps, unlike one in the URL)\n"
 "      --stream NAME           [redis] the stream (keys NAME and NAME:*);\n"
 "                              required\n"
 "      --group G               [redis] the consumer group (created at the\n"
@@ -514,6 +518,11 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
             return bad_option("--kill-grace", arg, "a duration like 2s or "
                               "500ms, at most 876000h; 0: SIGKILL at once");
         c->kill_grace_ms = ms;
+        return 0;
+    case O_REDIS_PWFILE:
+        if (*arg == '\0')
+            return bad_option("--redis-password-file", arg, "a path");
+        c->redis_password_file = arg;
         return 0;
     case O_RETENTION:
         if (oq__parse_duration(arg, &ms) != 0 || ms < 1000)

@@ -1162,6 +1162,72 @@ def password_from_rediscli_auth():
 
 
 @test
+def password_from_a_file():
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}"
+    srv = server_on(port, "--requirepass", "s3cr et")
+    try:
+        with open(path("pwf.jsonl"), "w") as g:
+            g.write('{"id":"1","word":"a"}\n')
+        pw = path("redis.pw")
+        with open(pw, "w") as g:
+            g.write("s3cr et\n")
+        os.chmod(pw, 0o600)
+        # A wrong REDISCLI_AUTH: the file wins.
+        env = dict(os.environ, REDISCLI_AUTH="wrong-secret")
+        rc, out, err = run(["send", "--redis", url, "--stream", "pwf",
+                            "--redis-password-file", pw, path("pwf.jsonl")],
+                           env=env)
+        assert rc == 0 and err == "", (rc, err)
+        p = start(["run", "--redis", url, "--stream", "pwf", "--group", "g",
+                   "--drain", "-q", "--redis-password-file", pw])
+        # Not on the command line (what ps shows).
+        with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+            assert b"s3cr" not in f.read()
+        rc, _, err = finish(p)
+        assert rc == 0, err
+        assert cli_at(port, "-a", "s3cr et", "--no-auth-warning", "HGET",
+                      "pwf:counts", "a") == "1"
+        for cmd in (["export"], ["dlq", "list"]):
+            rc, out, err = run(cmd + ["--redis", url, "--stream", "pwf",
+                                      "--redis-password-file", pw])
+            assert rc == 0, (cmd, rc, err)
+        # Readable by everyone: it works, with a warning.
+        os.chmod(pw, 0o644)
+        rc, out, err = run(["export", "--redis", url, "--stream", "pwf",
+                            "--redis-password-file", pw])
+        assert rc == 0 and "readable by every user" in err and \
+            "s3cr" not in err, (rc, err)
+        # Missing, empty, or a password given twice: refused.
+        err = one_line_exit_2(["send", "--redis", url, "--stream", "pwf",
+                               "--redis-password-file", path("none.pw"),
+                               path("pwf.jsonl")])
+        assert "cannot read --redis-password-file" in err, err
+        open(path("empty.pw"), "w").close()
+        err = one_line_exit_2(["run", "--redis", url, "--stream", "pwf",
+                               "--group", "g", "--redis-password-file",
+                               path("empty.pw")])
+        assert "is empty" in err, err
+        err = one_line_exit_2(["dlq", "list", "--redis",
+                               f"redis://:x@127.0.0.1:{port}", "--stream",
+                               "pwf", "--redis-password-file", pw])
+        assert "give it once" in err, err
+    finally:
+        stop(srv)
+
+
+@test
+def rediss_is_refused_with_the_way_that_works():
+    for args in (["send", "--stream", "s"],
+                 ["run", "--stream", "s", "--group", "g"],
+                 ["export", "--stream", "s"]):
+        err = one_line_exit_2(args[:1] + ["--redis", "rediss://127.0.0.1:1"]
+                              + args[1:])
+        assert "rediss://" in err and "no TLS" in err and "stunnel" in err, \
+            err
+
+
+@test
 def clashing_stream_names_are_refused_and_commit_nothing():
     # "orders:counts" is also the counts hash of the stream "orders".
     with open(path("or.jsonl"), "w") as g:
