@@ -927,6 +927,8 @@ typedef struct rconn {
     const char *epoch;           /* first seen: checked at every (re)connect;
                                     NULL or "": not (yet) known */
     const char *stream;          /* S, for the message when it is lost */
+    unsigned opens;              /* successful rc_opens: tells a caller
+                                    that the connection was replaced */
     char err[1024];              /* the last fatal error */
 } rconn;
 
@@ -1113,6 +1115,7 @@ static int rc_open(rconn *rc)
         memcpy(rc->sha[i], r->str, 41);
         freeReplyObject(r);
     }
+    rc->opens++;
     return RC_OK;
 io:
     snprintf(rc->err, sizeof(rc->err), "lost the connection to Redis at %s: "
@@ -1292,6 +1295,66 @@ static redisReply *rc_cmdf(rconn *rc, const char *fmt, ...)
             note_transient(rc, r);
         if (rc_reconnect(rc) != RC_OK)
             return NULL;
+    }
+}
+
+/*
+ * --replicas N: waits until N replicas have acknowledged every write this
+ * connection made so far (WAIT N timeout_ms), so that what a COMMIT or a
+ * SEND batch wrote survives a failover to one of them. Fewer acks is "not
+ * yet", like a transient error: WAIT again, with the reconnect backoff,
+ * for up to RECONNECT_GIVE_UP_MS, then a failure (rc->err says why). If
+ * the connection was replaced meanwhile, the new one has written nothing,
+ * and its WAIT would answer at once: it first writes one field into meta
+ * (S:meta's "waited"), which the replicas receive after everything the
+ * old connection wrote. Replication stays asynchronous: WAIT says the
+ * replicas have the writes in memory, not on disk (appendfsync), and a
+ * failover may still pick a replica that had not (docs/REDIS.md).
+ * 0 or -1.
+ */
+static int wait_replicas(rconn *rc, const char *meta, int n,
+                         int64_t timeout_ms)
+{
+    int64_t t0 = mono_ms();
+    uint64_t rng = (uint64_t)t0 ^ (uint64_t)(uintptr_t)rc;
+    unsigned opens = rc->opens;
+    long long got = 0;
+
+    if (n <= 0)
+        return 0;
+    for (uint32_t attempt = 1;; attempt++) {
+        redisReply *r;
+        if (rc->opens != opens) {
+            r = rc_cmdf(rc, "HSET %s waited 1", meta);
+            if (r == NULL)
+                return -1;
+            freeReplyObject(r);
+            opens = rc->opens;
+        }
+        r = rc_cmdf(rc, "WAIT %d %" PRId64, n, timeout_ms);
+        if (r == NULL)
+            return -1;
+        if (r->type == REDIS_REPLY_ERROR) {
+            snprintf(rc->err, sizeof(rc->err), "Redis at %s: WAIT: %s",
+                     rc->u->text, r->str);
+            freeReplyObject(r);
+            return -1;
+        }
+        got = r->type == REDIS_REPLY_INTEGER ? r->integer : 0;
+        freeReplyObject(r);
+        if (got >= n)
+            return 0;
+        if ((rc->stop && atomic_load(rc->stop)) ||
+            mono_ms() - t0 > RECONNECT_GIVE_UP_MS) {
+            snprintf(rc->err, sizeof(rc->err), "Redis at %s: %lld of the "
+                     "%d replicas asked for (--replicas) acknowledged the "
+                     "writes%s", rc->u->text, got, n,
+                     rc->stop && atomic_load(rc->stop)
+                         ? " when the run stopped"
+                         : " in 60 s of waiting");
+            return -1;
+        }
+        nap_ms(oq_backoff_ms(50, 2000, attempt, &rng));
     }
 }
 
@@ -1669,6 +1732,8 @@ static void send_usage(FILE *f)
 "  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
 "                         a password there, $REDISCLI_AUTH's is used\n"
 "  --redis-password-file PATH  the password from a file (one line)\n"
+"  --replicas N           report events sent only once N replicas have\n"
+"                         them (WAIT; default 0)\n"
 "  --stream NAME          the stream (keys NAME, NAME:*)\n"
 "  --dedup-window D       producer dedup window (default 5m; a bare number\n"
 "                         is milliseconds; 0 = off)\n"
@@ -1688,16 +1753,18 @@ typedef struct send_cfg {
     int64_t window_ms;
     unsigned batch;
     size_t max_line;
+    int replicas;
     bool quiet;
 } send_cfg;
 
 static int send_parse(send_cfg *c, int argc, char **argv)
 {
     enum { O_REDIS = 256, O_STREAM, O_WINDOW, O_ID, O_BATCH, O_MAXLINE,
-           O_PWFILE };
+           O_PWFILE, O_REPLICAS };
     static const struct option lo[] = {
         { "redis", required_argument, NULL, O_REDIS },
         { "redis-password-file", required_argument, NULL, O_PWFILE },
+        { "replicas", required_argument, NULL, O_REPLICAS },
         { "stream", required_argument, NULL, O_STREAM },
         { "dedup-window", required_argument, NULL, O_WINDOW },
         { "id-field", required_argument, NULL, O_ID },
@@ -1734,6 +1801,12 @@ static int send_parse(send_cfg *c, int argc, char **argv)
                                    "duration like 5m, or milliseconds; at "
                                    "most 876000h; 0 = off)", optarg);
             break;
+        case O_REPLICAS:
+            if (oq__parse_count(optarg, 0, 64, &u) != 0)
+                return usage_error("send", "invalid --replicas '%s' (an "
+                                   "integer from 0 to 64)", optarg);
+            c->replicas = (int)u;
+            break;
         case O_BATCH:
             if (oq__parse_count(optarg, 1, 4096, &u) != 0)
                 return usage_error("send", "invalid --batch '%s' (an integer "
@@ -1763,9 +1836,11 @@ static int send_parse(send_cfg *c, int argc, char **argv)
  * is sent again after the scripts are loaded again; one refused with a
  * transient error (is_transient: it did not run) is sent again after a
  * backoff. Adds to *sent and *rej. 0, or an exit status. */
-static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
-                      uint64_t *rej)
+static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
+                      uint64_t *sent, uint64_t *rej)
 {
+    uint64_t s = 0, j = 0;
+
     for (size_t i = 0; i < n; i++)
         b[i].done = 0;
     for (;;) {
@@ -1781,7 +1856,7 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
             }
         }
         if (want == 0)
-            return 0;
+            break;
         for (size_t i = 0; i < n; i++) {
             void *v;
             redisReply *r;
@@ -1816,19 +1891,28 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
                 freeReplyObject(r);
                 return 3;
             }
-            *sent += (uint64_t)r->element[0]->integer;
-            *rej += (uint64_t)r->element[1]->integer;
+            s += (uint64_t)r->element[0]->integer;
+            j += (uint64_t)r->element[1]->integer;
             b[i].done = 1;
             freeReplyObject(r);
         }
         if (got == want && !reload && !wait)
-            return 0;
+            break;
         if ((got == want && !wait && rc_open(rc) == RC_OK) ||
             rc_reconnect(rc) == RC_OK)
             continue;
         fprintf(stderr, "onceq send: %s\n", rc->err);
         return 3;
     }
+    /* --replicas: the batches count as sent once the replicas have them
+     * (WAIT: 1 s a try, again with backoff for up to 60 s). */
+    if (wait_replicas(rc, rc->meta, replicas, 1000) != 0) {
+        fprintf(stderr, "onceq send: %s\n", rc->err);
+        return 3;
+    }
+    *sent += s;
+    *rej += j;
+    return 0;
 }
 
 static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
@@ -1930,7 +2014,8 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
             nb++;
         }
         if (nb == SEND_WINDOW || (got == 0 && nb > 0)) {
-            if ((status = send_flush(&rc, b, nb, &sent, &rej)) != 0)
+            if ((status = send_flush(&rc, b, nb, c->replicas, &sent,
+                                     &rej)) != 0)
                 break;
             for (size_t i = 0; i < nb; i++)
                 b[i].args.n = 0;
@@ -2987,6 +3072,14 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
             }
             freeReplyObject(rep);
             continue;
+        }
+        /* With --replicas, the batch is done (counted, handed back to the
+         * engine) only once the replicas have it. */
+        if (wait_replicas(&l->rc, r->k.meta, (int)r->c.replicas,
+                          OQ__MIN(r->c.vt_ms, 30000)) != 0) {
+            run_fatal_reply(r, &l->rc, NULL, "WAIT");
+            freeReplyObject(rep);
+            return;
         }
         results(l, e, n, res);
         freeReplyObject(rep);

@@ -1227,6 +1227,79 @@ def rediss_is_refused_with_the_way_that_works():
             err
 
 
+def wait_replica(port, master):
+    wait_for(lambda: "master_link_status:up" in
+             cli_at(port, "INFO", "replication"), 30,
+             f"the replica of {master}")
+
+
+@test
+def replicas_have_everything_that_was_reported_done():
+    # A primary and a replica on loopback. With --replicas 1, what send
+    # reports sent and what a drained consumer committed is on the replica
+    # when they return: read there at once, with no wait.
+    port, rport, r2port = free_port(), free_port(), free_port()
+    url = f"redis://127.0.0.1:{port}"
+    srv = server_on(port)
+    rep = server_on(rport, "--replicaof", "127.0.0.1", port)
+    rep2 = p = q = None
+    try:
+        wait_replica(rport, port)
+        raw = gen("rp.jsonl", "--events", "3000", "--duplicates", "0.1",
+                  "--seed", str(SEED + 11))
+        events = read_events(raw)
+        rc, out, err = run(["send", "--redis", url, "--stream", "rp",
+                            "--replicas", "1", raw])
+        assert rc == 0, err
+        assert int(cli_at(rport, "XLEN", "rp")) == len(events) - \
+            int(out.split("rejected ")[1].split()[0]), out
+        rc, _, err = run(["run", "--redis", url, "--stream", "rp", "--group",
+                          "g", "--drain", "-q", "--replicas", "1", "-w", "2"])
+        assert rc == 0, err
+        got = cli_at(rport, "HGETALL", "rp:counts").split("\n")
+        counts = {got[i]: int(got[i + 1]) for i in range(0, len(got), 2)}
+        assert counts == expected_words(events), "the replica lacks commits"
+        # --replicas 2 with one replica: send waits (it has not reported
+        # the batch) until a second replica has it.
+        with open(path("rp2.jsonl"), "w") as g:
+            g.write('{"id":"late","word":"z"}\n')
+        p = start(["send", "--redis", url, "--stream", "rp", "--replicas",
+                   "2", path("rp2.jsonl")])
+        # And a consumer with --replicas 2 that commits it waits too: its
+        # drain does not end, and it has not counted the event processed.
+        wait_for(lambda: cli_at(port, "XLEN", "rp") != "0", 30, "the send")
+        q = start(["run", "--redis", url, "--stream", "rp", "--group", "g",
+                   "--drain", "-q", "--replicas", "2", "--stats",
+                   path("rp-q.stats")])
+        wait_for(lambda: cli_at(port, "HGET", "rp:counts", "z") == "1", 30,
+                 "the commit on the primary")
+        time.sleep(1.5)
+        assert p.poll() is None, "reported sent with one replica of two"
+        assert q.poll() is None, "drained with one replica of two"
+        rep2 = server_on(r2port, "--replicaof", "127.0.0.1", port)
+        rc, out, err = finish(p, timeout=60)
+        assert rc == 0 and out.startswith("sent 1,"), (rc, out, err)
+        rc, _, err = finish(q, timeout=60)
+        assert rc == 0, (rc, err)
+        assert json.load(open(path("rp-q.stats")))["processed"] == 1
+        assert cli_at(r2port, "HGET", "rp:counts", "z") == "1"
+        # Bad values are refused.
+        err = one_line_exit_2(["run", "--redis", url, "--stream", "rp",
+                               "--group", "g", "--replicas", "x"])
+        assert "--replicas" in err, err
+        err = one_line_exit_2(["send", "--redis", url, "--stream", "rp",
+                               "--replicas", "-1", raw])
+        assert "--replicas" in err, err
+    finally:
+        for x in (p, q):
+            if x is not None and x.poll() is None:
+                x.kill()
+                x.wait()
+        for x in (rep2, rep, srv):
+            if x is not None:
+                stop(x)
+
+
 @test
 def clashing_stream_names_are_refused_and_commit_nothing():
     # "orders:counts" is also the counts hash of the stream "orders".
