@@ -640,6 +640,10 @@ typedef struct oq__run_config {
     int64_t metrics_interval_ms; /* --metrics-interval; default 10 s */
     const char *metrics_listen; /* --metrics-listen HOST:PORT, or NULL */
     const char *replies_dir;    /* --replies DIR, or NULL */
+    int64_t retention_ms;       /* --retention: done-marks kept; 0: not
+                                   given (the stream's, or forever) */
+    const char *redis_password_file; /* NULL: the URL's, or REDISCLI_AUTH */
+    unsigned replicas;          /* --replicas: WAIT for them after commits */
 } oq__run_config;
 
 /* The defaults of every mode (batch: the in-memory one; run.c's parser

@@ -12,9 +12,14 @@
  *                   file:line), and on a re-added retry a (attempts before
  *                   this entry) and f (first seen, unix ms); big (the full
  *                   length) marks a line cut at 4 KiB for being too large
- *   S:id:<id>       the processed set and the claims, one string per event
- *                   id: a claim token (SET PX = the delivery's rest), or "D"
- *                   once the id is settled (no TTL)
+ *   S:id:<id>       the claims, one string per event id: a claim token
+ *                   (SET PX = the delivery's rest), deleted when the id is
+ *                   settled; "D" in a stream written before the buckets (an
+ *                   old done-mark: still honoured, never written now)
+ *   S:d:<g>         done-mark generation g's table (L, nx, n; DM_LUA)
+ *   S:d:<g>:<b>     the processed set: done-marks as fields of small
+ *                   hashes (12 digest bytes -> 1), about 20 bytes an id;
+ *                   with --retention a generation expires after 2 of them
  *   S:dedup:<id>    producer dedup (send): SET NX PX --dedup-window
  *   S:counts        hash: aggregates (HINCRBY), e.g. word -> count
  *   S:results       stream: records (field id, field r)
@@ -28,7 +33,8 @@
  *                   inside the scripts, so it is exact whatever fails
  *   S:meta          hash: output (counts|records), count_key, handler,
  *                   epoch (random, written once at the stream's first
- *                   use: its absence means the data was lost)
+ *                   use: its absence means the data was lost), retention
+ *                   (ms, 0: forever; fixed at the first run)
  *
  * Threads of `onceq run --redis` (each with its own hiredis context: a
  * context is not thread-safe, and a worker blocked in XREADGROUP must not
@@ -57,7 +63,8 @@
  *     dead or hung consumer's; no more than the workers finish in vt/4, and
  *     again at the next tick while there is more), reads their delivery
  *     counts with XPENDING (pipelined) and puts them on the reclaimed list
- *     (r->mu, a leaf lock); with --drain, runs the DRAIN script, which says atomically
+ *     (r->mu, a leaf lock); every 2 s trims the entries every group has
+ *     settled (TRIM script: XTRIM MINID); with --drain, runs the DRAIN script, which says atomically
  *     whether anything is pending with any consumer, delayed, or not yet
  *     delivered to the group; when nothing is, the run stops.
  *   - one heartbeat thread (only for handlers that may block): every
@@ -76,7 +83,7 @@
  *     thread) and for the end.
  *
  * Safety checks at start (run and send; exit 2): the server's
- * maxmemory-policy must be noeviction (an evicted claim or "D" runs an
+ * maxmemory-policy must be noeviction (an evicted claim or done-mark runs an
  * event twice), and the stream's keys, where they exist, must have their
  * types (a stream named S:counts is S's counts hash). Every connection
  * checks S:meta's epoch when it (re)connects; the DRAIN and SEND scripts
@@ -91,14 +98,15 @@
  * ones that write outputs (COMMIT, SEND) check the types of the keys they
  * write before their first write: Redis does not roll back a script that
  * fails halfway.
- *   CLAIM    per id: SET key token NX PX (the delivery's rest); else GET:
- *            "D" -> DONE, our own token -> CLAIMED (a retried call is
+ *   CLAIM    per id: its done-mark (DM_LUA) -> DONE; else SET key token
+ *            NX PX (the delivery's rest); else GET: "D" (an old mark) ->
+ *            DONE, our own token -> CLAIMED (a retried call is
  *            idempotent), another token -> BUSY with its PTTL (and the
  *            entry's delivery renewed, XCLAIM JUSTID); a key seen earlier
  *            in the call -> a same-batch duplicate.
- *   COMMIT   per message, one op: C (commit: token still current -> mark
- *            "D", outputs, ack), F (handler FAIL, max attempts: token
- *            current -> mark "D", dead letter, ack), X (dead letter
+ *   COMMIT   per message, one op: C (commit: token still current -> its
+ *            done-mark, claim deleted, outputs, ack), F (handler FAIL, max
+ *            attempts: token current -> done-mark, dead letter, ack), X (dead letter
  *            without an id to settle: bad input), R (retry: token current ->
  *            release, ZADD S:delayed, ack), D (duplicate: ack). Counters
  *            are summed per batch and applied with one HINCRBY per key,
@@ -106,7 +114,7 @@
  *            happens entirely or not at all.
  *   BEAT     a heartbeat: if the claim key holds our token, PEXPIRE it to
  *            vt and XCLAIM the entry JUSTID (idle 0, count unchanged).
- *   PROMOTE, DRAIN, SEND (producer dedup), REDRIVE.
+ *   PROMOTE, DRAIN, SEND (producer dedup), REDRIVE, TRIM.
  *
  * Fencing: a claim is the key S:id:<id> holding a token unique to this
  * process (a random 64-bit nonce, the worker, a counter), with PX = what
@@ -114,7 +122,7 @@
  * than XAUTOCLAIM may hand the entry over). The COMMIT script applies outputs
  * only if the key still holds the token. A consumer that overran its lease
  * (hung, stopped, slow) finds the key expired, taken by another token, or
- * "D": its late commit changes nothing and its message is not acked by it
+ * deleted (settled by another): its late commit changes nothing and its message is not acked by it
  * (the consumer that took it over acks it). Because the COMMIT script is
  * the only write of effects, a call retried after a reconnect (whose first
  * run may have happened) is fenced the second time: never applied twice.
@@ -137,6 +145,7 @@
 #include "oq_internal.h"
 
 #include <hiredis/hiredis.h>
+#include <xxhash.h>
 
 #include <ctype.h>
 #include <errno.h>
@@ -149,6 +158,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -160,31 +170,137 @@
 #define HOUSE_TICK_MS 20
 #define RECONNECT_GIVE_UP_MS 60000
 #define KEEP_LARGE 4096
+#define TRIM_EVERY_MS 2000     /* XTRIM the settled entries this often */
 
 /* ============================================================= scripts */
 
 enum { SC_CLAIM, SC_COMMIT, SC_PROMOTE, SC_DRAIN, SC_SEND, SC_REDRIVE,
-       SC_BEAT, SC__COUNT };
+       SC_BEAT, SC_TRIM, SC__COUNT };
+
+/*
+ * Done-marks, the Lua shared by CLAIM, COMMIT and REDRIVE (prepended to
+ * each). An id's mark is a field of a hash bucket: the field is the first
+ * 12 bytes of the id's XXH3-128 digest (computed by the client: Lua has no
+ * XXH3), the bucket is chosen by the digest's first 4 bytes h. One string
+ * key per id cost 90 to 126 bytes; a field of a small hash, which Redis
+ * keeps in its listpack encoding (hash-max-listpack-entries, 128 by
+ * default), costs about 16. So that buckets stay small however many ids
+ * come, they are a linear hash table: generation G's state is the hash
+ * DP..G (L, nx: the table has 2^L + nx buckets; n: its marks), bucket a is
+ * DP..G..':'..a, h's bucket is h mod 2^L, or h mod 2^(L+1) when that is
+ * below nx (already split); once n passes LOAD marks per bucket, bucket nx
+ * is split (its fields whose h mod 2^(L+1) is nx + 2^L move). A bucket
+ * keeps a sentinel field '' so that it never becomes empty: an empty hash
+ * is deleted, and one created again would lose its expiry.
+ * Retention (RET ms, 0: forever): generation G holds the marks written
+ * between G*RET and (G+1)*RET on Redis's clock and expires, state and
+ * buckets, at (G+2)*RET; a lookup reads the current generation and the
+ * previous one. So a mark lives at least RET and at most 2*RET, and memory
+ * holds at most two generations. Without retention there is one
+ * generation, 0, forever.
+ */
+#define DM_LUA \
+"local function dm_now()\n" \
+"  local t = redis.call('TIME')\n" \
+"  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n" \
+"end\n" \
+"local function dm_h(f)\n" \
+"  local a, b, c, d = string.byte(f, 1, 4)\n" \
+"  return ((a * 256 + b) * 256 + c) * 256 + d\n" \
+"end\n" \
+"local function dm_gen(RET, now)\n" \
+"  if RET > 0 then return math.floor(now / RET) end\n" \
+"  return 0\n" \
+"end\n" \
+"local function dm_gens(DP, RET, now)\n" \
+"  local g, out = dm_gen(RET, now), {}\n" \
+"  for i = 0, (RET > 0 and 1 or 0) do\n" \
+"    local s = redis.call('HMGET', DP .. (g - i), 'L', 'nx')\n" \
+"    if s[1] then\n" \
+"      out[#out + 1] = {DP .. (g - i) .. ':', tonumber(s[1]), tonumber(s[2])}\n" \
+"    end\n" \
+"  end\n" \
+"  return out\n" \
+"end\n" \
+"local function dm_addr(s, f)\n" \
+"  local h = dm_h(f)\n" \
+"  local a = h % 2 ^ s[2]\n" \
+"  if a < s[3] then a = h % 2 ^ (s[2] + 1) end\n" \
+"  return s[1] .. a\n" \
+"end\n" \
+"local function dm_done(gens, f)\n" \
+"  for _, s in ipairs(gens) do\n" \
+"    if redis.call('HEXISTS', dm_addr(s, f), f) == 1 then return true end\n" \
+"  end\n" \
+"  return false\n" \
+"end\n" \
+"local function dm_cur(DP, RET, now)\n" \
+"  local g = dm_gen(RET, now)\n" \
+"  local gk = DP .. g\n" \
+"  local s = redis.call('HMGET', gk, 'L', 'nx', 'n')\n" \
+"  local st = {gk .. ':', tonumber(s[1] or 0), tonumber(s[2] or 0),\n" \
+"              tonumber(s[3] or 0), gk, (g + 2) * RET}\n" \
+"  if not s[1] then\n" \
+"    redis.call('HSET', gk, 'L', 0, 'nx', 0, 'n', 0)\n" \
+"    redis.call('HSET', st[1] .. 0, '', 0)\n" \
+"    if RET > 0 then\n" \
+"      redis.call('PEXPIREAT', gk, st[6])\n" \
+"      redis.call('PEXPIREAT', st[1] .. 0, st[6])\n" \
+"    end\n" \
+"  end\n" \
+"  return st\n" \
+"end\n" \
+"local function dm_mark(st, f)\n" \
+"  st[4] = st[4] + redis.call('HSET', dm_addr(st, f), f, 1)\n" \
+"end\n" \
+"local function dm_split(st, RET)\n" \
+"  local L, nx = st[2], st[3]\n" \
+"  local src, dst = st[1] .. nx, st[1] .. (nx + 2 ^ L)\n" \
+"  local m = 2 ^ (L + 1)\n" \
+"  local mv, kv = {}, {'', 0}\n" \
+"  for _, f in ipairs(redis.call('HKEYS', src)) do\n" \
+"    if f ~= '' and dm_h(f) % m ~= nx then\n" \
+"      mv[#mv + 1] = f; kv[#kv + 1] = f; kv[#kv + 1] = 1\n" \
+"    end\n" \
+"  end\n" \
+"  redis.call('HSET', dst, unpack(kv))\n" \
+"  if #mv > 0 then redis.call('HDEL', src, unpack(mv)) end\n" \
+"  if RET > 0 then redis.call('PEXPIREAT', dst, st[6]) end\n" \
+"  nx = nx + 1\n" \
+"  if nx == 2 ^ L then L = L + 1; nx = 0 end\n" \
+"  st[2], st[3] = L, nx\n" \
+"end\n" \
+"local function dm_finish(st, RET, LOAD)\n" \
+"  while st[4] > LOAD * (2 ^ st[2] + st[3]) do dm_split(st, RET) end\n" \
+"  redis.call('HSET', st[5], 'L', st[2], 'nx', st[3], 'n', st[4])\n" \
+"end\n"
 
 static const char *const script_text[SC__COUNT] = {
-/* CLAIM. KEYS: [1] stream, then the id keys. ARGV: [1] the batch's token
- * prefix [2] group [3] consumer, then per id key KEYS[1+i]: its stream
- * entry ARGV[2+2i] (its token is prefix .. entry) and its lease ARGV[3+2i]
- * (ms: what is left of the entry's delivery, so that the lease ends when
- * XAUTOCLAIM may hand the entry to another consumer). Per key: 0 claimed,
- * -1 done, -2 a key already claimed earlier in this call (a same-batch
- * duplicate: redone after the batch), or the holder's lease left (ms,
- * BUSY). Our own token answers 0 only when the whole call is run again
- * (a reconnect): tokens are unique per batch and entry, and a key is
- * claimed once per call. A BUSY entry's delivery is renewed (XCLAIM
- * JUSTID: idle time 0, delivery count unchanged): BUSY is not an attempt,
- * and the entry must not be handed over again while we keep it. */
+/* CLAIM. KEYS: [1] stream, then the id keys (the claims). ARGV: [1] the
+ * batch's token prefix [2] group [3] consumer [4] the done-marks' prefix
+ * DP [5] retention (ms, 0: forever), then per id key KEYS[i] (i >= 2): its
+ * stream entry ARGV[3i] (its token is prefix .. entry), its lease
+ * ARGV[3i+1] (ms: what is left of the entry's delivery, so that the lease
+ * ends when XAUTOCLAIM may hand the entry to another consumer) and its
+ * mark's field ARGV[3i+2] (see DM_LUA). Per key: 0 claimed, -1 done (a
+ * mark in the current or the previous generation, or "D" in the claim
+ * key: the done-mark of the layout before the buckets, still honoured),
+ * -2 a key already claimed earlier in this call (a same-batch duplicate:
+ * redone after the batch), or the holder's lease left (ms, BUSY). Our own
+ * token answers 0 only when the whole call is run again (a reconnect):
+ * tokens are unique per batch and entry, and a key is claimed once per
+ * call. A BUSY entry's delivery is renewed (XCLAIM JUSTID: idle time 0,
+ * delivery count unchanged): BUSY is not an attempt, and the entry must
+ * not be handed over again while we keep it. */
+DM_LUA
 "local S, pre, G, C = KEYS[1], ARGV[1], ARGV[2], ARGV[3]\n"
+"local gens = dm_gens(ARGV[4], tonumber(ARGV[5]), dm_now())\n"
 "local out, seen = {}, {}\n"
 "for i = 2, #KEYS do\n"
-"  local k, e, px = KEYS[i], ARGV[2 * i], ARGV[2 * i + 1]\n"
+"  local k, e, px, f = KEYS[i], ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]\n"
 "  local tok = pre .. e\n"
 "  if seen[k] then out[i - 1] = -2\n"
+"  elseif dm_done(gens, f) then out[i - 1] = -1\n"
 "  elseif redis.call('SET', k, tok, 'NX', 'PX', px) then\n"
 "    out[i - 1] = 0\n"
 "  else\n"
@@ -203,35 +319,42 @@ static const char *const script_text[SC__COUNT] = {
 "return out\n",
 
 /* COMMIT. KEYS: [1] stream [2] counts [3] results [4] dlq [5] delayed
- * [6] stats, then the id keys of the nc commits, then those of the other
- * ops that hold a claim. ARGV: [1] group [2] token prefix [3] nc
- * [4] ncounts [5] nrecs, then the nc commits' entries, the batch's counts
- * summed per key (key delta)*ncounts, the records (id rec)*nrecs, then
- * the other ops, each: op entry k id + tail:
+ * [6] stats, then the id keys (claims) of the nc commits, then those of
+ * the other ops that hold a claim. ARGV: [1] group [2] token prefix [3] nc
+ * [4] ncounts [5] nrecs [6] the done-marks' prefix DP [7] retention (ms)
+ * [8] marks per bucket before a split (LOAD), then the nc commits'
+ * entries, their nc mark fields, the batch's counts summed per key (key
+ * delta)*ncounts, the records (id rec)*nrecs, then the other ops, each:
+ * op entry k id field + tail:
  *   D (duplicate): -           R (retry): delay_ms member
  *   F (handler FAIL: settle the id), X (no settling): reason error
  *                                       attempts event source first
- * (k: index of the op's id key in KEYS, 0 = none). If any commit's claim
- * is no longer ours, nothing is written and {-1, {its indexes}} comes back
- * (the client drops them and calls again); otherwise {1, {per other op: 1
- * done, 0 settled by another consumer, -1 fenced}}. Before the first
- * write, the keys it will write must be of their types (or absent), else
- * a WRONGTYPE error comes back and nothing is written: Redis does not roll
- * a script back, so a WRONGTYPE halfway (another stream named S:counts)
- * would leave the ids marked and acked without their counts. Claims are read with
- * one MGET and commits marked with one MSET: a redis.call costs about a
- * microsecond and each argument a fifth of one, so a commit with counts
- * costs one argument per event (its entry) and no call of its own. */
+ * (k: index of the op's id key in KEYS, 0 = none; field: its mark's, for
+ * F). If any commit's claim is no longer ours, nothing is written and
+ * {-1, {its indexes}} comes back (the client drops them and calls again);
+ * otherwise {1, {per other op: 1 done, 0 settled by another consumer, -1
+ * fenced}}. A settled id gets its done-mark (DM_LUA) and its claim key is
+ * deleted. Before the first write, the keys it will write must be of their
+ * types (or absent), else a WRONGTYPE error comes back and nothing is
+ * written: Redis does not roll a script back, so a WRONGTYPE halfway
+ * (another stream named S:counts) would leave the ids marked and acked
+ * without their counts. Claims are read with one MGET and deleted with one
+ * DEL: a redis.call costs about a microsecond and each argument a fifth of
+ * one, so a commit with counts costs its entry, its field and its mark. */
+DM_LUA
 "local S, G, pre = KEYS[1], ARGV[1], ARGV[2]\n"
 "local nc, ncnt, nrec = tonumber(ARGV[3]), tonumber(ARGV[4]),\n"
 "                       tonumber(ARGV[5])\n"
+"local DP, RET, LOAD = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])\n"
+"local H = 8\n"
 "local cur = {}\n"
 "if #KEYS > 6 then cur = redis.call('MGET', unpack(KEYS, 7, #KEYS)) end\n"
 "local fenced = {}\n"
 "for j = 1, nc do\n"
-"  if cur[j] ~= pre .. ARGV[5 + j] then fenced[#fenced + 1] = j end\n"
+"  if cur[j] ~= pre .. ARGV[H + j] then fenced[#fenced + 1] = j end\n"
 "end\n"
 "if #fenced > 0 then return {-1, fenced} end\n"
+"local now = dm_now()\n"
 "local function clash(k, t)\n"
 "  local h = redis.call('TYPE', k)['ok']\n"
 "  if h == 'none' or h == t then return nil end\n"
@@ -239,20 +362,26 @@ static const char *const script_text[SC__COUNT] = {
 "    ', not the ' .. t .. ' of stream ' .. S .. ' (another stream\\'s ' ..\n"
 "    'name clashes with it); nothing was committed')\n"
 "end\n"
+"local others = H + 2 * nc + 2 * (ncnt + nrec) < #ARGV\n"
 "local bad = clash(KEYS[6], 'hash') or (ncnt > 0 and clash(KEYS[2], 'hash'))\n"
 "  or (nrec > 0 and clash(KEYS[3], 'stream'))\n"
-"  or (6 + nc + 2 * (ncnt + nrec) <= #ARGV and\n"
-"      (clash(KEYS[4], 'stream') or clash(KEYS[5], 'zset')))\n"
+"  or (others and (clash(KEYS[4], 'stream') or clash(KEYS[5], 'zset')))\n"
+"  or ((nc > 0 or others) and clash(DP .. dm_gen(RET, now), 'hash'))\n"
 "if bad then return bad end\n"
-"local st, out, dels, done = {}, {}, {}, {}\n"
-"local function bump(k, n) st[k] = (st[k] or 0) + n end\n"
+"local st\n"
+"local function mark(f)\n"
+"  if not st then st = dm_cur(DP, RET, now) end\n"
+"  dm_mark(st, f)\n"
+"end\n"
+"local stc, out, dels = {}, {}, {}\n"
+"local function bump(k, n) stc[k] = (stc[k] or 0) + n end\n"
 "if nc > 0 then\n"
-"  for j = 1, nc do done[2 * j - 1] = KEYS[6 + j]; done[2 * j] = 'D' end\n"
-"  redis.call('MSET', unpack(done))\n"
-"  redis.call('XACK', S, G, unpack(ARGV, 6, 5 + nc))\n"
+"  for j = 1, nc do mark(ARGV[H + nc + j]) end\n"
+"  redis.call('DEL', unpack(KEYS, 7, 6 + nc))\n"
+"  redis.call('XACK', S, G, unpack(ARGV, H + 1, H + nc))\n"
 "  bump('processed', nc)\n"
 "end\n"
-"local i = 6 + nc\n"
+"local i = H + 2 * nc + 1\n"
 "for j = 1, ncnt do\n"
 "  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]); i = i + 2\n"
 "end\n"
@@ -260,19 +389,14 @@ static const char *const script_text[SC__COUNT] = {
 "  redis.call('XADD', KEYS[3], '*', 'id', ARGV[i], 'r', ARGV[i + 1])\n"
 "  i = i + 2\n"
 "end\n"
-"local now\n"
 "local n = 0\n"
 "while i <= #ARGV do\n"
-"  local op, entry, k, id = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]),\n"
-"                          ARGV[i+3]\n"
-"  i = i + 4\n"
+"  local op, entry, k, id, f = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]),\n"
+"                             ARGV[i+3], ARGV[i+4]\n"
+"  i = i + 5\n"
 "  n = n + 1\n"
 "  local r = -1\n"
 "  local ok = k == 0 or cur[k - 6] == pre .. entry\n"
-"  if not now then\n"
-"    local t = redis.call('TIME')\n"
-"    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-"  end\n"
 "  if op == 'D' then\n"
 "    r = redis.call('XACK', S, G, entry)\n"
 "    bump('duplicates', r)\n"
@@ -290,8 +414,8 @@ static const char *const script_text[SC__COUNT] = {
 "    i = i + 6\n"
 "    if ok then\n"
 "      if k > 0 then\n"
-"        if op == 'F' then redis.call('SET', KEYS[k], 'D')\n"
-"        else dels[#dels + 1] = KEYS[k] end\n"
+"        if op == 'F' then mark(f) end\n"
+"        dels[#dels + 1] = KEYS[k]\n"
 "      end\n"
 "      r = redis.call('XACK', S, G, entry)\n"
 "      if r == 1 then\n"
@@ -306,7 +430,8 @@ static const char *const script_text[SC__COUNT] = {
 "  out[n] = r\n"
 "end\n"
 "if #dels > 0 then redis.call('DEL', unpack(dels)) end\n"
-"for key, d in pairs(st) do\n"
+"if st then dm_finish(st, RET, LOAD) end\n"
+"for key, d in pairs(stc) do\n"
 "  if d ~= 0 then redis.call('HINCRBY', KEYS[6], key, d) end\n"
 "end\n"
 "return {1, out}\n",
@@ -392,13 +517,20 @@ static const char *const script_text[SC__COUNT] = {
 "return {sent, rej}\n",
 
 /* REDRIVE. KEYS: [1] stream [2] dlq [3] stats [4] id key. ARGV: dlq entry
- * id, event, source, reason. A handler FAIL or max attempts settled the
- * id (with no effect): unsettle it, or the redriven copy would be a
+ * id, event, source, reason, the id's mark field, the done-marks' prefix
+ * DP, retention (ms). A handler FAIL or max attempts settled the id (with
+ * no effect): unsettle it (its mark in either generation, and a "D" of the
+ * layout before the buckets), or the redriven copy would be a
  * duplicate. */
+DM_LUA
 "if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end\n"
-"if (ARGV[4] == 'failed' or ARGV[4] == 'max_attempts') and\n"
-"   redis.call('GET', KEYS[4]) == 'D' then\n"
-"  redis.call('DEL', KEYS[4])\n"
+"if ARGV[4] == 'failed' or ARGV[4] == 'max_attempts' then\n"
+"  if redis.call('GET', KEYS[4]) == 'D' then redis.call('DEL', KEYS[4]) end\n"
+"  if ARGV[5] ~= '' then\n"
+"    for _, s in ipairs(dm_gens(ARGV[6], tonumber(ARGV[7]), dm_now())) do\n"
+"      redis.call('HDEL', dm_addr(s, ARGV[5]), ARGV[5])\n"
+"    end\n"
+"  end\n"
 "end\n"
 "redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 's', ARGV[3])\n"
 "redis.call('HINCRBY', KEYS[3], 'sent', 1)\n"
@@ -416,6 +548,38 @@ static const char *const script_text[SC__COUNT] = {
 "redis.call('PEXPIRE', KEYS[2], ARGV[5])\n"
 "redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'JUSTID')\n"
 "return 1\n",
+
+/* TRIM. KEYS: [1] stream. Removes the entries that every group of the
+ * stream has settled: those before the oldest entry any group still has
+ * pending (XPENDING's smallest id) or not yet delivered (after its
+ * last-delivered-id). Without a group nothing is trimmed (only `send` has
+ * run: every entry is still to come). MINID ~ removes whole nodes of the
+ * stream (cheap) and never an entry at or after the threshold; LIMIT 0
+ * lets it catch up with a large backlog at once. Returns the entries
+ * removed. */
+"local groups = redis.call('XINFO', 'GROUPS', KEYS[1])\n"
+"if #groups == 0 then return 0 end\n"
+"local function parse(id)\n"
+"  local ms, sq = string.match(id, '^(%d+)-(%d+)$')\n"
+"  return tonumber(ms), tonumber(sq)\n"
+"end\n"
+"local best, bm, bs\n"
+"for _, g in ipairs(groups) do\n"
+"  local name, ld\n"
+"  for j = 1, #g, 2 do\n"
+"    if g[j] == 'name' then name = g[j + 1] end\n"
+"    if g[j] == 'last-delivered-id' then ld = g[j + 1] end\n"
+"  end\n"
+"  local p = redis.call('XPENDING', KEYS[1], name)\n"
+"  local t = ld\n"
+"  if p[1] > 0 then t = p[2] end\n"
+"  local m, q = parse(t)\n"
+"  if not best or m < bm or (m == bm and q < bs) then\n"
+"    best, bm, bs = t, m, q\n"
+"  end\n"
+"end\n"
+"if bm == 0 and bs == 0 then return 0 end\n"
+"return redis.call('XTRIM', KEYS[1], 'MINID', '~', best, 'LIMIT', 0)\n",
 };
 
 /* ======================================================= argument lists */
@@ -577,16 +741,78 @@ static int pct_decode(const char *s, size_t n, char *out, size_t outlen)
     return 0;
 }
 
+/*
+ * Reads the password from pwfile (--redis-password-file): its content,
+ * one trailing newline (or CRLF) stripped. A password in a file is out of
+ * sight of ps, like REDISCLI_AUTH, and unlike a variable it is not
+ * inherited by every child (exec: handlers). A file other users may read
+ * gets a warning on stderr (the password is as safe as the file; ssh
+ * refuses such keys, but secrets mounted by an orchestrator are often
+ * 0644, and refusing them would push the password back onto the command
+ * line). 0, or -1 with a message (never the password).
+ */
+static int read_password_file(const char *pwfile, const char *cmd, rurl *u,
+                              char *err, size_t errlen)
+{
+    FILE *f = fopen(pwfile, "rbe");
+    struct stat sb;
+    size_t n;
+    bool loose;
+
+    if (f == NULL) {
+        snprintf(err, errlen, "cannot read --redis-password-file '%s': %s",
+                 pwfile, strerror(errno));
+        return -1;
+    }
+    n = fread(u->pass, 1, sizeof(u->pass), f);
+    loose = fstat(fileno(f), &sb) == 0 && (sb.st_mode & S_IROTH);
+    fclose(f);
+    if (n == sizeof(u->pass)) {
+        snprintf(err, errlen, "the password in --redis-password-file '%s' "
+                 "is too long (at most %zu bytes)", pwfile,
+                 sizeof(u->pass) - 2);
+        memset(u->pass, 0, sizeof(u->pass));
+        return -1;
+    }
+    u->pass[n] = '\0';
+    if (n > 0 && u->pass[n - 1] == '\n')
+        u->pass[--n] = '\0';
+    if (n > 0 && u->pass[n - 1] == '\r')
+        u->pass[--n] = '\0';
+    if (n == 0 || memchr(u->pass, '\0', n) || memchr(u->pass, '\n', n)) {
+        snprintf(err, errlen, "--redis-password-file '%s' %s", pwfile,
+                 n == 0 ? "is empty" : "holds more than one line");
+        memset(u->pass, 0, sizeof(u->pass));
+        return -1;
+    }
+    if (loose)
+        fprintf(stderr, "onceq %s: warning: --redis-password-file '%s' is "
+                "readable by every user of this machine (chmod 600 it)\n",
+                cmd, pwfile);
+    return 0;
+}
+
 /* redis://[[user]:pass@]host[:port][/db]; the password, when the URL has
- * none, from $REDISCLI_AUTH. 0, or -1 with a message (which never shows
- * the environment's password). */
-static int parse_url(const char *url, rurl *u, char *err, size_t errlen)
+ * none, from pwfile (--redis-password-file, may be NULL) or else from
+ * $REDISCLI_AUTH. 0, or -1 with a message (which never shows a
+ * password). */
+static int parse_url(const char *url, const char *pwfile, const char *cmd,
+                     rurl *u, char *err, size_t errlen)
 {
     const char *p, *at, *hostend, *slash;
     size_t hl;
 
     memset(u, 0, sizeof(*u));
     u->port = 6379;
+    if (strncmp(url, "rediss://", 9) == 0) {
+        /* Debian 12's hiredis is built without hiredis_ssl: refused, with
+         * the way that works, rather than a plain connection. */
+        snprintf(err, errlen, "rediss:// (TLS) is not supported: Debian "
+                 "12's hiredis has no TLS; reach Redis through a TLS tunnel "
+                 "(stunnel, in Debian: a local port that forwards to the "
+                 "server's TLS port) and give redis://127.0.0.1:PORT");
+        return -1;
+    }
     if (strncmp(url, "redis://", 8) != 0)
         goto bad;
     p = url + 8;
@@ -650,6 +876,14 @@ static int parse_url(const char *url, rurl *u, char *err, size_t errlen)
     if (*p != '\0')
         goto bad;
     snprintf(u->text, sizeof(u->text), "%s:%d", u->host, u->port);
+    if (pwfile) {
+        if (u->pass[0]) {
+            snprintf(err, errlen, "a password in the URL and "
+                     "--redis-password-file: give it once");
+            return -1;
+        }
+        return read_password_file(pwfile, cmd, u, err, errlen);
+    }
     /* A password in the URL is on the command line, which every user of
      * the machine can read (ps); redis-cli's REDISCLI_AUTH keeps it out of
      * sight. The URL's own password wins, as with redis-cli -a. */
@@ -693,6 +927,8 @@ typedef struct rconn {
     const char *epoch;           /* first seen: checked at every (re)connect;
                                     NULL or "": not (yet) known */
     const char *stream;          /* S, for the message when it is lost */
+    unsigned opens;              /* successful rc_opens: tells a caller
+                                    that the connection was replaced */
     char err[1024];              /* the last fatal error */
 } rconn;
 
@@ -879,6 +1115,7 @@ static int rc_open(rconn *rc)
         memcpy(rc->sha[i], r->str, 41);
         freeReplyObject(r);
     }
+    rc->opens++;
     return RC_OK;
 io:
     snprintf(rc->err, sizeof(rc->err), "lost the connection to Redis at %s: "
@@ -1061,6 +1298,66 @@ static redisReply *rc_cmdf(rconn *rc, const char *fmt, ...)
     }
 }
 
+/*
+ * --replicas N: waits until N replicas have acknowledged every write this
+ * connection made so far (WAIT N timeout_ms), so that what a COMMIT or a
+ * SEND batch wrote survives a failover to one of them. Fewer acks is "not
+ * yet", like a transient error: WAIT again, with the reconnect backoff,
+ * for up to RECONNECT_GIVE_UP_MS, then a failure (rc->err says why). If
+ * the connection was replaced meanwhile, the new one has written nothing,
+ * and its WAIT would answer at once: it first writes one field into meta
+ * (S:meta's "waited"), which the replicas receive after everything the
+ * old connection wrote. Replication stays asynchronous: WAIT says the
+ * replicas have the writes in memory, not on disk (appendfsync), and a
+ * failover may still pick a replica that had not (docs/REDIS.md).
+ * 0 or -1.
+ */
+static int wait_replicas(rconn *rc, const char *meta, int n,
+                         int64_t timeout_ms)
+{
+    int64_t t0 = mono_ms();
+    uint64_t rng = (uint64_t)t0 ^ (uint64_t)(uintptr_t)rc;
+    unsigned opens = rc->opens;
+    long long got = 0;
+
+    if (n <= 0)
+        return 0;
+    for (uint32_t attempt = 1;; attempt++) {
+        redisReply *r;
+        if (rc->opens != opens) {
+            r = rc_cmdf(rc, "HSET %s waited 1", meta);
+            if (r == NULL)
+                return -1;
+            freeReplyObject(r);
+            opens = rc->opens;
+        }
+        r = rc_cmdf(rc, "WAIT %d %" PRId64, n, timeout_ms);
+        if (r == NULL)
+            return -1;
+        if (r->type == REDIS_REPLY_ERROR) {
+            snprintf(rc->err, sizeof(rc->err), "Redis at %s: WAIT: %s",
+                     rc->u->text, r->str);
+            freeReplyObject(r);
+            return -1;
+        }
+        got = r->type == REDIS_REPLY_INTEGER ? r->integer : 0;
+        freeReplyObject(r);
+        if (got >= n)
+            return 0;
+        if ((rc->stop && atomic_load(rc->stop)) ||
+            mono_ms() - t0 > RECONNECT_GIVE_UP_MS) {
+            snprintf(rc->err, sizeof(rc->err), "Redis at %s: %lld of the "
+                     "%d replicas asked for (--replicas) acknowledged the "
+                     "writes%s", rc->u->text, got, n,
+                     rc->stop && atomic_load(rc->stop)
+                         ? " when the run stopped"
+                         : " in 60 s of waiting");
+            return -1;
+        }
+        nap_ms(oq_backoff_ms(50, 2000, attempt, &rng));
+    }
+}
+
 /* First connection of a command: a one-line error and exit status 2 on
  * failure. A server that answers "not now" (loading its data after a
  * restart, busy with a script) is waited for as a reconnect would; one
@@ -1085,7 +1382,7 @@ static int rc_first(rconn *rc, const rurl *u, const char *cmd)
 typedef struct rkeys {
     char stream[512];
     char counts[540], results[540], dlq[540], delayed[540], stats[540],
-        meta[540], idpfx[540], dedup[540];
+        meta[540], idpfx[540], dedup[540], dm[540];
     size_t idpfx_len, dedup_len;
 } rkeys;
 
@@ -1105,12 +1402,26 @@ static int make_keys(rkeys *k, const char *stream, const char *cmd)
     snprintf(k->meta, sizeof(k->meta), "%s:meta", stream);
     snprintf(k->idpfx, sizeof(k->idpfx), "%s:id:", stream);
     snprintf(k->dedup, sizeof(k->dedup), "%s:dedup:", stream);
+    snprintf(k->dm, sizeof(k->dm), "%s:d:", stream);
     k->idpfx_len = strlen(k->idpfx);
     k->dedup_len = strlen(k->dedup);
     return 0;
 }
 
 /* ====================================================== small helpers */
+
+/* The bytes of an id's done-mark field (see DM_LUA): the first 12 of its
+ * XXH3-128 digest, big-endian; the first 4 choose its bucket. 96 bits:
+ * two of a billion remembered ids share a field with odds of about 1 in
+ * 10^11 (a shared field would make the second a duplicate). */
+#define MARK_LEN 12
+
+static void ab_add_mark(abuf *a, const char *id, size_t len)
+{
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits(id, len));
+    ab_add(a, c.digest, MARK_LEN);
+}
 
 static int usage_error(const char *cmd, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
@@ -1175,7 +1486,7 @@ static uint64_t make_nonce(void)
 /*
  * Refuses (exit 2) a server whose maxmemory-policy may evict keys: an
  * evicted claim lets a second consumer run an event that is still
- * running, an evicted "D" mark (allkeys-*) or an evicted dedup key lets a
+ * running, an evicted done-mark (allkeys-*) or an evicted dedup key lets a
  * processed event run again, silently. CONFIG GET first; where CONFIG is
  * renamed or not allowed (managed services), INFO memory's
  * maxmemory_policy; where neither says, a warning. 0, or an exit status
@@ -1306,6 +1617,97 @@ static int stream_epoch(rconn *rc, const rkeys *k, const char *cmd, char *out,
     return 0;
 }
 
+/* A duration as the options take it (1h, 90s, 250ms), for messages. */
+static void fmt_duration(int64_t ms, char *out, size_t len)
+{
+    if (ms > 0 && ms % 3600000 == 0)
+        snprintf(out, len, "%" PRId64 "h", ms / 3600000);
+    else if (ms > 0 && ms % 60000 == 0)
+        snprintf(out, len, "%" PRId64 "m", ms / 60000);
+    else if (ms > 0 && ms % 1000 == 0)
+        snprintf(out, len, "%" PRId64 "s", ms / 1000);
+    else
+        snprintf(out, len, "%" PRId64 "ms", ms);
+}
+
+/*
+ * The stream's retention of done-marks (S:meta's retention, ms; 0:
+ * forever), fixed at its first run: the generations of the marks are
+ * numbered by it (DM_LUA), so consumers with another one would look for
+ * marks where there are none and run processed events again. want: the
+ * --retention asked for (0: not given, take the stream's; written as 0 at
+ * the first run). When read only (write 0: dlq), a stream without one has
+ * 0. 0, or an exit status with the message written.
+ */
+static int stream_retention(rconn *rc, const rkeys *k, const char *cmd,
+                            int64_t want, int write, int64_t *out)
+{
+    redisReply *rep = NULL;
+    char have[24] = "", a[32], b[32];
+
+    if (write)
+        rep = rc_cmdf(rc, "HSETNX %s retention %" PRId64, k->meta, want);
+    if (!write || (rep && rep->type == REDIS_REPLY_INTEGER)) {
+        freeReplyObject(rep);
+        rep = rc_cmdf(rc, "HGET %s retention", k->meta);
+    }
+    if (rep == NULL) {
+        fprintf(stderr, "onceq %s: %s\n", cmd, rc->err);
+        return 2;
+    }
+    if (rep->type == REDIS_REPLY_STRING)
+        snprintf(have, sizeof(have), "%s", rep->str);
+    else if (rep->type != REDIS_REPLY_NIL || write) {
+        fprintf(stderr, "onceq %s: Redis at %s: reading the retention in "
+                "%s: %s\n", cmd, rc->u->text, k->meta,
+                rep->type == REDIS_REPLY_ERROR ? rep->str : "bad reply");
+        freeReplyObject(rep);
+        return 2;
+    }
+    freeReplyObject(rep);
+    *out = have[0] ? (int64_t)strtoll(have, NULL, 10) : 0;
+    if (want > 0 && *out != want) {
+        fmt_duration(*out, a, sizeof(a));
+        fmt_duration(want, b, sizeof(b));
+        if (*out == 0)
+            fprintf(stderr, "onceq %s: stream '%s' keeps its done-marks "
+                    "forever (fixed at its first run, without --retention); "
+                    "--retention %s would lose them: leave it out\n", cmd,
+                    k->stream, b);
+        else
+            fprintf(stderr, "onceq %s: stream '%s' keeps its done-marks for "
+                    "%s (--retention, fixed at its first run), not %s: give "
+                    "--retention %s or leave it out\n", cmd, k->stream, a, b,
+                    a);
+        return 2;
+    }
+    return 0;
+}
+
+/* Marks per done-mark bucket before it is split (DM_LUA): what keeps a
+ * bucket, right before its split and with chance's spread, below the
+ * server's hash-max-listpack-entries (hash-max-ziplist-entries before 7.0),
+ * so that it stays in the compact encoding, and short: a lookup in a
+ * listpack reads it from its start, and with 160 marks a bucket (what 512,
+ * the default, would allow) claims and commits ran a third slower than
+ * with 40, for 3 bytes an id less. So 5/16 of at most 128: 40. Where
+ * CONFIG is refused, the same. */
+static unsigned dm_load(rconn *rc)
+{
+    long long entries = 128;
+    redisReply *rep = rc_cmdf(rc, "CONFIG GET hash-max-listpack-entries");
+
+    if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 0) {
+        freeReplyObject(rep);
+        rep = rc_cmdf(rc, "CONFIG GET hash-max-ziplist-entries");
+    }
+    if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
+        rep->element[1]->type == REDIS_REPLY_STRING)
+        entries = strtoll(rep->element[1]->str, NULL, 10);
+    freeReplyObject(rep);
+    return (unsigned)OQ__MAX(1, OQ__MIN(entries, 128) * 5 / 16);
+}
+
 /* =============================================================== send */
 
 typedef struct send_batch {
@@ -1329,6 +1731,9 @@ static void send_usage(FILE *f)
 "\n"
 "  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
 "                         a password there, $REDISCLI_AUTH's is used\n"
+"  --redis-password-file PATH  the password from a file (one line)\n"
+"  --replicas N           report events sent only once N replicas have\n"
+"                         them (WAIT; default 0)\n"
 "  --stream NAME          the stream (keys NAME, NAME:*)\n"
 "  --dedup-window D       producer dedup window (default 5m; a bare number\n"
 "                         is milliseconds; 0 = off)\n"
@@ -1344,18 +1749,22 @@ static void send_usage(FILE *f)
 }
 
 typedef struct send_cfg {
-    const char *url, *stream, *id_field;
+    const char *url, *pwfile, *stream, *id_field;
     int64_t window_ms;
     unsigned batch;
     size_t max_line;
+    int replicas;
     bool quiet;
 } send_cfg;
 
 static int send_parse(send_cfg *c, int argc, char **argv)
 {
-    enum { O_REDIS = 256, O_STREAM, O_WINDOW, O_ID, O_BATCH, O_MAXLINE };
+    enum { O_REDIS = 256, O_STREAM, O_WINDOW, O_ID, O_BATCH, O_MAXLINE,
+           O_PWFILE, O_REPLICAS };
     static const struct option lo[] = {
         { "redis", required_argument, NULL, O_REDIS },
+        { "redis-password-file", required_argument, NULL, O_PWFILE },
+        { "replicas", required_argument, NULL, O_REPLICAS },
         { "stream", required_argument, NULL, O_STREAM },
         { "dedup-window", required_argument, NULL, O_WINDOW },
         { "id-field", required_argument, NULL, O_ID },
@@ -1381,6 +1790,7 @@ static int send_parse(send_cfg *c, int argc, char **argv)
             send_usage(stdout);
             return 0;
         case O_REDIS: c->url = optarg; break;
+        case O_PWFILE: c->pwfile = optarg; break;
         case O_STREAM: c->stream = optarg; break;
         case O_ID: c->id_field = optarg; break;
         case 'q': c->quiet = true; break;
@@ -1390,6 +1800,12 @@ static int send_parse(send_cfg *c, int argc, char **argv)
                 return usage_error("send", "invalid --dedup-window '%s' (a "
                                    "duration like 5m, or milliseconds; at "
                                    "most 876000h; 0 = off)", optarg);
+            break;
+        case O_REPLICAS:
+            if (oq__parse_count(optarg, 0, 64, &u) != 0)
+                return usage_error("send", "invalid --replicas '%s' (an "
+                                   "integer from 0 to 64)", optarg);
+            c->replicas = (int)u;
             break;
         case O_BATCH:
             if (oq__parse_count(optarg, 1, 4096, &u) != 0)
@@ -1420,9 +1836,11 @@ static int send_parse(send_cfg *c, int argc, char **argv)
  * is sent again after the scripts are loaded again; one refused with a
  * transient error (is_transient: it did not run) is sent again after a
  * backoff. Adds to *sent and *rej. 0, or an exit status. */
-static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
-                      uint64_t *rej)
+static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
+                      uint64_t *sent, uint64_t *rej)
 {
+    uint64_t s = 0, j = 0;
+
     for (size_t i = 0; i < n; i++)
         b[i].done = 0;
     for (;;) {
@@ -1438,7 +1856,7 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
             }
         }
         if (want == 0)
-            return 0;
+            break;
         for (size_t i = 0; i < n; i++) {
             void *v;
             redisReply *r;
@@ -1473,19 +1891,28 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, uint64_t *sent,
                 freeReplyObject(r);
                 return 3;
             }
-            *sent += (uint64_t)r->element[0]->integer;
-            *rej += (uint64_t)r->element[1]->integer;
+            s += (uint64_t)r->element[0]->integer;
+            j += (uint64_t)r->element[1]->integer;
             b[i].done = 1;
             freeReplyObject(r);
         }
         if (got == want && !reload && !wait)
-            return 0;
+            break;
         if ((got == want && !wait && rc_open(rc) == RC_OK) ||
             rc_reconnect(rc) == RC_OK)
             continue;
         fprintf(stderr, "onceq send: %s\n", rc->err);
         return 3;
     }
+    /* --replicas: the batches count as sent once the replicas have them
+     * (WAIT: 1 s a try, again with backoff for up to 60 s). */
+    if (wait_replicas(rc, rc->meta, replicas, 1000) != 0) {
+        fprintf(stderr, "onceq send: %s\n", rc->err);
+        return 3;
+    }
+    *sent += s;
+    *rej += j;
+    return 0;
 }
 
 static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
@@ -1505,7 +1932,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
 
     if (make_keys(&k, c->stream, "send") != 0)
         return 2;
-    if (parse_url(c->url, &u, err, sizeof(err)) != 0)
+    if (parse_url(c->url, c->pwfile, "send", &u, err, sizeof(err)) != 0)
         return usage_error("send", "%s", err);
     if (oq__reader_open(&rd, ninputs ? (const char *const *)inputs
                                      : stdin_only,
@@ -1587,7 +2014,8 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
             nb++;
         }
         if (nb == SEND_WINDOW || (got == 0 && nb > 0)) {
-            if ((status = send_flush(&rc, b, nb, &sent, &rej)) != 0)
+            if ((status = send_flush(&rc, b, nb, c->replicas, &sent,
+                                     &rej)) != 0)
                 break;
             for (size_t i = 0; i < nb; i++)
                 b[i].args.n = 0;
@@ -1656,6 +2084,10 @@ typedef struct rrun {
     char consumer[256];
     uint64_t nonce;             /* makes our fencing tokens unique */
     char epoch[64];             /* the stream's epoch (stream_epoch) */
+    int64_t retention_ms;       /* the stream's (stream_retention); 0:
+                                   done-marks are kept forever */
+    char retention[24];         /* the same, as an argument */
+    unsigned dm_load;           /* marks per bucket before a split */
     _Atomic int stop;           /* signal, drained, or a fatal error */
     _Atomic int drained;
     atomic_int reconnects;
@@ -2228,10 +2660,13 @@ static int rl_claim(void *ctx, oq__lclaim *c, size_t n)
     ab_adds(&l->args, l->prefix);
     ab_adds(&l->args, r->c.group);
     ab_adds(&l->args, r->consumer);
+    ab_adds(&l->args, r->k.dm);
+    ab_adds(&l->args, r->retention);
     for (size_t i = 0; i < n; i++) {
         ab_add2(&l->keys, r->k.idpfx, r->k.idpfx_len, c[i].id, c[i].id_len);
         ab_adds(&l->args, entry_of(&c[i])->eid);
         ab_addi(&l->args, OQ__MAX(c[i].d->deadline_ms - now, 1));
+        ab_add_mark(&l->args, c[i].id, c[i].id_len);
     }
     if (l->keys.oom || l->args.oom) {
         run_fatal(r, "out of memory building a claim");
@@ -2487,6 +2922,9 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
     ab_addu(a, nc);
     ab_addu(a, nagg);
     ab_addu(a, nrec);
+    ab_adds(a, r->k.dm);
+    ab_adds(a, r->retention);
+    ab_addu(a, r->dm_load);
     for (size_t i = 0; i < n; i++) {
         const rop *o = &l->ops[i];
         if (o->op != 'C' || o->fenced)
@@ -2494,6 +2932,9 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
         ab_add2(k, r->k.idpfx, r->k.idpfx_len, e[i].ev->id, e[i].ev->id_len);
         ab_adds(a, ((const rentry *)e[i].op->d->msg_)->eid);
     }
+    for (size_t i = 0; i < n; i++)
+        if (l->ops[i].op == 'C' && !l->ops[i].fenced)
+            ab_add_mark(a, e[i].ev->id, e[i].ev->id_len);
     for (size_t i = 0; i < nagg; i++) {
         ab_add(a, st->buf + st->off[l->sorted[i].ki],
                st->alen[l->sorted[i].ki]);
@@ -2524,6 +2965,10 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
         }
         ab_add(a, e[i].claim ? e[i].ev->id : "",
                e[i].claim ? e[i].ev->id_len : 0);
+        if (keyed && o->op == 'F')
+            ab_add_mark(a, e[i].ev->id, e[i].ev->id_len);
+        else
+            ab_add(a, "", 0);
         if (o->op == 'R') {
             ab_addi(a, e[i].op->delay_ms);
             op_member(l, &e[i]);
@@ -2627,6 +3072,14 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
             }
             freeReplyObject(rep);
             continue;
+        }
+        /* With --replicas, the batch is done (counted, handed back to the
+         * engine) only once the replicas have it. */
+        if (wait_replicas(&l->rc, r->k.meta, (int)r->c.replicas,
+                          OQ__MIN(r->c.vt_ms, 30000)) != 0) {
+            run_fatal_reply(r, &l->rc, NULL, "WAIT");
+            freeReplyObject(rep);
+            return;
         }
         results(l, e, n, res);
         freeReplyObject(rep);
@@ -2849,6 +3302,23 @@ typedef struct house {
     pthread_t th;
 } house;
 
+/* Trims the entries every group has settled (the TRIM script), so an
+ * endless stream stays bounded: what is pending or undelivered in any
+ * group stays. A failure is the run's (as every script's). */
+static void trim(rrun *r, rconn *rc)
+{
+    abuf keys = { 0 };
+    redisReply *rep;
+
+    ab_adds(&keys, r->k.stream);
+    rep = rc_script(rc, SC_TRIM, &keys, NULL);
+    if (rep == NULL || (rep->type != REDIS_REPLY_INTEGER &&
+                        !is_err(rep, "ERR no such key")))
+        run_fatal_reply(r, rc, rep, "trim script");
+    freeReplyObject(rep);
+    ab_free(&keys);
+}
+
 /* For the metrics: the group's backlog, what no consumer of the group has
  * been delivered yet (XINFO GROUPS's lag, Redis 7; 0 when Redis cannot
  * tell), and the unix ms of the first such entry (its id's time). Retries
@@ -2903,7 +3373,7 @@ static void *house_main(void *arg)
     abuf keys = { 0 }, args = { 0 };
     char cursor[64] = "0-0";
     int64_t ac_every = OQ__MAX(HOUSE_TICK_MS, OQ__MIN(r->c.vt_ms / 4, 1000));
-    int64_t last_ac = mono_ms(), last_bl = 0;
+    int64_t last_ac = mono_ms(), last_bl = 0, last_trim = 0;
     int ac_more = 0;
     bool metrics = r->c.metrics_path || r->c.metrics_listen;
 
@@ -2932,7 +3402,12 @@ static void *house_main(void *arg)
             backlog(r, &hk->rc);
             last_bl = now;
         }
+        if (now - last_trim >= TRIM_EVERY_MS) {
+            trim(r, &hk->rc);
+            last_trim = now;
+        }
         if (r->c.drain && drained(r, &hk->rc)) {
+            trim(r, &hk->rc);
             atomic_store(&r->drained, 1);
             atomic_store(&r->stop, 1);
             break;
@@ -3269,7 +3744,8 @@ static int run_setup(rrun *r, rconn *main_rc)
 
     if (make_keys(&r->k, r->c.stream, "run") != 0)
         return 2;
-    if (parse_url(r->c.redis_url, &r->u, err, sizeof(err)) != 0)
+    if (parse_url(r->c.redis_url, r->c.redis_password_file, "run", &r->u,
+                  err, sizeof(err)) != 0)
         return usage_error("run", "%s", err);
     if (oq__handler_from_spec(r->c.handler_spec, &ho, &r->h, err,
                               sizeof(err)) != 0)
@@ -3301,8 +3777,13 @@ static int run_setup(rrun *r, rconn *main_rc)
         return 2;
     }
     if ((st = stream_epoch(main_rc, &r->k, "run", r->epoch,
-                           sizeof(r->epoch))) != 0)
+                           sizeof(r->epoch))) != 0 ||
+        (st = stream_retention(main_rc, &r->k, "run", r->c.retention_ms, 1,
+                               &r->retention_ms)) != 0)
         return st;
+    snprintf(r->retention, sizeof(r->retention), "%" PRId64,
+             r->retention_ms);
+    r->dm_load = dm_load(main_rc);
     rep = rc_cmdf(main_rc, "HSET %s output %s count_key %s handler %s",
                   r->k.meta, r->h.output == OQ__OUT_RECORDS ? "records"
                                                             : "counts",
@@ -3522,10 +4003,18 @@ int oq__redis_backends_open(void **out, const char *url, const char *stream,
     r->inflight = oq__calloc(workers, sizeof(*r->inflight));
     st = r->inflight == NULL ? OQ_ENOMEM : OQ_EINVAL;
     if (r->inflight == NULL || make_keys(&r->k, stream, "test") != 0 ||
-        parse_url(url, &r->u, err, sizeof(err)) != 0 ||
+        parse_url(url, NULL, "test", &r->u, err, sizeof(err)) != 0 ||
         rc_first(&rc, &r->u, "test") != 0)
         goto fail;
-    st = ensure_group(r, &rc) == 0 ? 0 : OQ_EIO;
+    /* As run_setup does for a run: the group, the stream's epoch and
+     * retention (the scripts read them), the done-marks' bucket load. */
+    st = ensure_group(r, &rc) == 0 &&
+         stream_epoch(&rc, &r->k, "test", r->epoch, sizeof(r->epoch)) == 0 &&
+         stream_retention(&rc, &r->k, "test", 0, 1, &r->retention_ms) == 0
+             ? 0 : OQ_EIO;
+    snprintf(r->retention, sizeof(r->retention), "%" PRId64,
+             r->retention_ms);
+    r->dm_load = dm_load(&rc);
     rc_close(&rc);
     if (st != 0)
         goto fail;
@@ -3566,7 +4055,7 @@ void oq__redis_backends_close(void *backends)
 /* ====================================================== export and dlq */
 
 typedef struct tool_cfg {
-    const char *url, *stream, *out_path, *reason, *id_glob;
+    const char *url, *pwfile, *stream, *out_path, *reason, *id_glob;
     bool dry_run;
 } tool_cfg;
 
@@ -3574,9 +4063,10 @@ typedef struct tool_cfg {
 static int tool_parse(tool_cfg *c, int argc, char **argv, const char *cmd,
                       void (*usage)(FILE *))
 {
-    enum { O_REDIS = 256, O_STREAM, O_REASON, O_ID, O_DRY };
+    enum { O_REDIS = 256, O_STREAM, O_REASON, O_ID, O_DRY, O_PWFILE };
     static const struct option lo[] = {
         { "redis", required_argument, NULL, O_REDIS },
+        { "redis-password-file", required_argument, NULL, O_PWFILE },
         { "stream", required_argument, NULL, O_STREAM },
         { "reason", required_argument, NULL, O_REASON },
         { "id", required_argument, NULL, O_ID },
@@ -3596,6 +4086,7 @@ static int tool_parse(tool_cfg *c, int argc, char **argv, const char *cmd,
             usage(stdout);
             return 0;
         case O_REDIS: c->url = optarg; break;
+        case O_PWFILE: c->pwfile = optarg; break;
         case O_STREAM: c->stream = optarg; break;
         case O_REASON: c->reason = optarg; break;
         case O_ID: c->id_glob = optarg; break;
@@ -3623,6 +4114,7 @@ static void export_usage(FILE *f)
 {
     fprintf(f,
 "usage: onceq export --redis URL --stream NAME [-o FILE]\n"
+"                    [--redis-password-file PATH]\n"
 "\n"
 "Writes the results of the Redis stream's consumers as JSON lines: counts\n"
 "sorted by key ({\"word\":\"w1\",\"count\":3}), or records in commit order.\n");
@@ -3641,7 +4133,7 @@ int oq__redis_export(int argc, char **argv)
         return st;
     if (make_keys(&k, c.stream, "export") != 0)
         return 2;
-    if (parse_url(c.url, &u, err, sizeof(err)) != 0)
+    if (parse_url(c.url, c.pwfile, "export", &u, err, sizeof(err)) != 0)
         return usage_error("export", "%s", err);
     if (rc_first(&rc, &u, "export") != 0)
         return 2;
@@ -3655,6 +4147,7 @@ static void dlq_usage(FILE *f)
     fprintf(f,
 "usage: onceq dlq list|show ID|redrive|purge --redis URL --stream NAME\n"
 "                 [--reason R] [--id GLOB] [--dry-run]\n"
+"                 [--redis-password-file PATH]\n"
 "\n"
 "  list      every dead letter as a JSON line (id, source, reason, error,\n"
 "            attempts, first_seen, last_seen, event, dlq_id)\n"
@@ -3710,7 +4203,8 @@ static int dlq_match(const tool_cfg *c, const char *show, const redisReply *e)
 enum { DLQ_LIST, DLQ_SHOW, DLQ_REDRIVE, DLQ_PURGE };
 
 /* Applies one action to one matching dead letter. 0 or -1. */
-static int dlq_act(rconn *rc, const rkeys *k, int action, const redisReply *e)
+static int dlq_act(rconn *rc, const rkeys *k, int64_t retention, int action,
+                   const redisReply *e)
 {
     const redisReply *kv = e->element[1];
     const redisReply *id = field(kv, "id"), *reason = field(kv, "reason"),
@@ -3731,6 +4225,12 @@ static int dlq_act(rconn *rc, const rkeys *k, int action, const redisReply *e)
         ab_add(&args, ev ? ev->str : "", ev ? ev->len : 0);
         ab_add(&args, src ? src->str : "", src ? src->len : 0);
         ab_adds(&args, reason && reason->str ? reason->str : "");
+        if (id && id->len > 0)
+            ab_add_mark(&args, id->str, id->len);
+        else
+            ab_add(&args, "", 0);
+        ab_adds(&args, k->dm);
+        ab_addi(&args, retention);
         rep = rc_script(rc, SC_REDRIVE, &keys, &args);
         ab_free(&keys);
         ab_free(&args);
@@ -3753,6 +4253,7 @@ int oq__redis_dlq(int argc, char **argv)
     char err[1024], start[64] = "-";
     const char *show = NULL;
     int action = -1, st;
+    int64_t retention = 0;
     uint64_t matched = 0;
 
     st = tool_parse(&c, argc, argv, "dlq", dlq_usage);
@@ -3772,10 +4273,15 @@ int oq__redis_dlq(int argc, char **argv)
     }
     if (make_keys(&k, c.stream, "dlq") != 0)
         return 2;
-    if (parse_url(c.url, &u, err, sizeof(err)) != 0)
+    if (parse_url(c.url, c.pwfile, "dlq", &u, err, sizeof(err)) != 0)
         return usage_error("dlq", "%s", err);
     if (rc_first(&rc, &u, "dlq") != 0)
         return 2;
+    if (action == DLQ_REDRIVE &&
+        (st = stream_retention(&rc, &k, "dlq", 0, 0, &retention)) != 0) {
+        rc_close(&rc);
+        return st;
+    }
     st = 0;
     for (;;) {
         redisReply *rep = rc_cmdf(&rc, "XRANGE %s %s + COUNT 500", k.dlq,
@@ -3799,7 +4305,7 @@ int oq__redis_dlq(int argc, char **argv)
             matched++;
             if (action == DLQ_LIST || action == DLQ_SHOW)
                 write_dead(stdout, e);
-            else if (!c.dry_run && dlq_act(&rc, &k, action, e) != 0)
+            else if (!c.dry_run && dlq_act(&rc, &k, retention, action, e) != 0)
                 st = 3;
         }
         freeReplyObject(rep);

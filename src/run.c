@@ -48,7 +48,8 @@ enum {
     O_BATCH, O_EMIT, O_KILL_GRACE, O_SEED, O_STATE, O_SYNC, O_COMMIT_BATCH,
     O_COMMIT_INTERVAL, O_FORCE, O_REDIS, O_STREAM, O_GROUP, O_CONSUMER,
     O_DRAIN, O_TIMEOUT, O_METRICS, O_METRICS_INTERVAL, O_METRICS_LISTEN,
-    O_REPLIES, O__END
+    O_REPLIES, O_RETENTION, O_REDIS_PWFILE, O_REPLICAS,
+    O__END
 };
 
 /* The modes an option works in. */
@@ -101,6 +102,9 @@ static const struct option long_opts[] = {
     { "metrics-interval", required_argument, NULL, O_METRICS_INTERVAL },
     { "metrics-listen", required_argument, NULL, O_METRICS_LISTEN },
     { "replies", required_argument, NULL, O_REPLIES },
+    { "retention", required_argument, NULL, O_RETENTION },
+    { "redis-password-file", required_argument, NULL, O_REDIS_PWFILE },
+    { "replicas", required_argument, NULL, O_REPLICAS },
     { "quiet", no_argument, NULL, 'q' },
     { "verbose", no_argument, NULL, 'v' },
     { "help", no_argument, NULL, 'h' },
@@ -131,6 +135,9 @@ static const struct {
     { O_GROUP, M_REDIS, NULL },
     { O_CONSUMER, M_REDIS, NULL },
     { O_DRAIN, M_REDIS, NULL },
+    { O_RETENTION, M_REDIS, NULL },
+    { O_REDIS_PWFILE, M_REDIS, NULL },
+    { O_REPLICAS, M_REDIS, NULL },
 };
 
 static void run_usage(FILE *f)
@@ -208,6 +215,8 @@ static void run_usage(FILE *f)
 "                              them with `onceq send`); claims, the processed\n"
 "                              set, outputs (NAME:counts, NAME:results) and\n"
 "                              dead letters (NAME:dlq) live in Redis\n"
+"      --redis-password-file PATH  [redis] the password from a file (one\n"
+"                              line; not in ps, unlike one in the URL)\n"
 "      --stream NAME           [redis] the stream (keys NAME and NAME:*);\n"
 "                              required\n"
 "      --group G               [redis] the consumer group (created at the\n"
@@ -216,6 +225,12 @@ static void run_usage(FILE *f)
 "      --drain                 [redis] exit once the group has nothing new,\n"
 "                              nothing pending with any consumer and nothing\n"
 "                              delayed; without it, run until SIGINT/SIGTERM\n"
+"      --replicas N            [redis] a batch is done only once N replicas\n"
+"                              have its commit (WAIT; default 0)\n"
+"      --retention D           [redis] forget done-marks older than D (at\n"
+"                              least 1s; default: never): an id seen again\n"
+"                              after that runs again. Fixed at the stream's\n"
+"                              first run\n"
 "Outputs:\n"
 "  -o, --out PATH              results (default: stdout); with --redis, the\n"
 "                              stream's results (all consumers') at the end\n"
@@ -515,6 +530,22 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
             return bad_option("--kill-grace", arg, "a duration like 2s or "
                               "500ms, at most 876000h; 0: SIGKILL at once");
         c->kill_grace_ms = ms;
+        return 0;
+    case O_REPLICAS:
+        if (oq__parse_count(arg, 0, 64, &u) != 0)
+            return bad_option("--replicas", arg, "an integer from 0 to 64");
+        c->replicas = (unsigned)u;
+        return 0;
+    case O_REDIS_PWFILE:
+        if (*arg == '\0')
+            return bad_option("--redis-password-file", arg, "a path");
+        c->redis_password_file = arg;
+        return 0;
+    case O_RETENTION:
+        if (oq__parse_duration(arg, &ms) != 0 || ms < 1000)
+            return bad_option("--retention", arg, "a duration like 24h or "
+                              "90m, at least 1s, at most 876000h");
+        c->retention_ms = ms;
         return 0;
     case O_TIMEOUT:
         if (oq__parse_duration(arg, &ms) != 0 || ms <= 0)

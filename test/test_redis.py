@@ -1162,6 +1162,145 @@ def password_from_rediscli_auth():
 
 
 @test
+def password_from_a_file():
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}"
+    srv = server_on(port, "--requirepass", "s3cr et")
+    try:
+        with open(path("pwf.jsonl"), "w") as g:
+            g.write('{"id":"1","word":"a"}\n')
+        pw = path("redis.pw")
+        with open(pw, "w") as g:
+            g.write("s3cr et\n")
+        os.chmod(pw, 0o600)
+        # A wrong REDISCLI_AUTH: the file wins.
+        env = dict(os.environ, REDISCLI_AUTH="wrong-secret")
+        rc, out, err = run(["send", "--redis", url, "--stream", "pwf",
+                            "--redis-password-file", pw, path("pwf.jsonl")],
+                           env=env)
+        assert rc == 0 and err == "", (rc, err)
+        p = start(["run", "--redis", url, "--stream", "pwf", "--group", "g",
+                   "--drain", "-q", "--redis-password-file", pw])
+        # Not on the command line (what ps shows).
+        with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+            assert b"s3cr" not in f.read()
+        rc, _, err = finish(p)
+        assert rc == 0, err
+        assert cli_at(port, "-a", "s3cr et", "--no-auth-warning", "HGET",
+                      "pwf:counts", "a") == "1"
+        for cmd in (["export"], ["dlq", "list"]):
+            rc, out, err = run(cmd + ["--redis", url, "--stream", "pwf",
+                                      "--redis-password-file", pw])
+            assert rc == 0, (cmd, rc, err)
+        # Readable by everyone: it works, with a warning.
+        os.chmod(pw, 0o644)
+        rc, out, err = run(["export", "--redis", url, "--stream", "pwf",
+                            "--redis-password-file", pw])
+        assert rc == 0 and "readable by every user" in err and \
+            "s3cr" not in err, (rc, err)
+        # Missing, empty, or a password given twice: refused.
+        err = one_line_exit_2(["send", "--redis", url, "--stream", "pwf",
+                               "--redis-password-file", path("none.pw"),
+                               path("pwf.jsonl")])
+        assert "cannot read --redis-password-file" in err, err
+        open(path("empty.pw"), "w").close()
+        err = one_line_exit_2(["run", "--redis", url, "--stream", "pwf",
+                               "--group", "g", "--redis-password-file",
+                               path("empty.pw")])
+        assert "is empty" in err, err
+        err = one_line_exit_2(["dlq", "list", "--redis",
+                               f"redis://:x@127.0.0.1:{port}", "--stream",
+                               "pwf", "--redis-password-file", pw])
+        assert "give it once" in err, err
+    finally:
+        stop(srv)
+
+
+@test
+def rediss_is_refused_with_the_way_that_works():
+    for args in (["send", "--stream", "s"],
+                 ["run", "--stream", "s", "--group", "g"],
+                 ["export", "--stream", "s"]):
+        err = one_line_exit_2(args[:1] + ["--redis", "rediss://127.0.0.1:1"]
+                              + args[1:])
+        assert "rediss://" in err and "no TLS" in err and "stunnel" in err, \
+            err
+
+
+def wait_replica(port, master):
+    wait_for(lambda: "master_link_status:up" in
+             cli_at(port, "INFO", "replication"), 30,
+             f"the replica of {master}")
+
+
+@test
+def replicas_have_everything_that_was_reported_done():
+    # A primary and a replica on loopback. With --replicas 1, what send
+    # reports sent and what a drained consumer committed is on the replica
+    # when they return: read there at once, with no wait.
+    port, rport, r2port = free_port(), free_port(), free_port()
+    url = f"redis://127.0.0.1:{port}"
+    srv = server_on(port)
+    rep = server_on(rport, "--replicaof", "127.0.0.1", port)
+    rep2 = p = q = None
+    try:
+        wait_replica(rport, port)
+        raw = gen("rp.jsonl", "--events", "3000", "--duplicates", "0.1",
+                  "--seed", str(SEED + 11))
+        events = read_events(raw)
+        rc, out, err = run(["send", "--redis", url, "--stream", "rp",
+                            "--replicas", "1", raw])
+        assert rc == 0, err
+        assert int(cli_at(rport, "XLEN", "rp")) == len(events) - \
+            int(out.split("rejected ")[1].split()[0]), out
+        rc, _, err = run(["run", "--redis", url, "--stream", "rp", "--group",
+                          "g", "--drain", "-q", "--replicas", "1", "-w", "2"])
+        assert rc == 0, err
+        got = cli_at(rport, "HGETALL", "rp:counts").split("\n")
+        counts = {got[i]: int(got[i + 1]) for i in range(0, len(got), 2)}
+        assert counts == expected_words(events), "the replica lacks commits"
+        # --replicas 2 with one replica: send waits (it has not reported
+        # the batch) until a second replica has it.
+        with open(path("rp2.jsonl"), "w") as g:
+            g.write('{"id":"late","word":"z"}\n')
+        p = start(["send", "--redis", url, "--stream", "rp", "--replicas",
+                   "2", path("rp2.jsonl")])
+        # And a consumer with --replicas 2 that commits it waits too: its
+        # drain does not end, and it has not counted the event processed.
+        wait_for(lambda: cli_at(port, "XLEN", "rp") != "0", 30, "the send")
+        q = start(["run", "--redis", url, "--stream", "rp", "--group", "g",
+                   "--drain", "-q", "--replicas", "2", "--stats",
+                   path("rp-q.stats")])
+        wait_for(lambda: cli_at(port, "HGET", "rp:counts", "z") == "1", 30,
+                 "the commit on the primary")
+        time.sleep(1.5)
+        assert p.poll() is None, "reported sent with one replica of two"
+        assert q.poll() is None, "drained with one replica of two"
+        rep2 = server_on(r2port, "--replicaof", "127.0.0.1", port)
+        rc, out, err = finish(p, timeout=60)
+        assert rc == 0 and out.startswith("sent 1,"), (rc, out, err)
+        rc, _, err = finish(q, timeout=60)
+        assert rc == 0, (rc, err)
+        assert json.load(open(path("rp-q.stats")))["processed"] == 1
+        assert cli_at(r2port, "HGET", "rp:counts", "z") == "1"
+        # Bad values are refused.
+        err = one_line_exit_2(["run", "--redis", url, "--stream", "rp",
+                               "--group", "g", "--replicas", "x"])
+        assert "--replicas" in err, err
+        err = one_line_exit_2(["send", "--redis", url, "--stream", "rp",
+                               "--replicas", "-1", raw])
+        assert "--replicas" in err, err
+    finally:
+        for x in (p, q):
+            if x is not None and x.poll() is None:
+                x.kill()
+                x.wait()
+        for x in (rep2, rep, srv):
+            if x is not None:
+                stop(x)
+
+
+@test
 def clashing_stream_names_are_refused_and_commit_nothing():
     # "orders:counts" is also the counts hash of the stream "orders".
     with open(path("or.jsonl"), "w") as g:
@@ -1185,6 +1324,7 @@ def clashing_stream_names_are_refused_and_commit_nothing():
         "nothing was committed" in err, err
     marks = [cli("GET", k) for k in cli("KEYS", "orders2:id:*")]
     assert "D" not in marks, marks
+    assert done_marks("orders2") == 0, "marked without its counts"
     # The entries it read (one, or more) are not acked.
     assert pending("orders2", "g") >= 1, "acked without its counts"
     assert "processed" not in hash_of("orders2:stats")
@@ -1193,6 +1333,190 @@ def clashing_stream_names_are_refused_and_commit_nothing():
     err = one_line_exit_2(["send", "--redis", URL, "--stream", "orders2:stats",
                            path("or.jsonl")])
     assert "'orders2:stats' is a hash" in err, err
+
+
+# ------------------------------------------------ bounded memory
+
+def done_marks(stream):
+    """The done-marks of a stream's buckets (every generation), counted
+    here from the keys, not by onceq: every field but the sentinel."""
+    n = 0
+    for k in cli("KEYS", f"{stream}:d:*:*"):
+        n += cli("HLEN", k) - 1
+    return n
+
+
+def mark_buckets(stream):
+    return cli("KEYS", f"{stream}:d:*:*")
+
+
+@test
+def done_marks_are_compact_buckets_and_exact():
+    raw = gen("dm.jsonl", "--events", str(N // 3), "--duplicates", "0.2",
+              "--seed", str(SEED + 7))
+    events = read_events(raw)
+    uniq = len({e["id"] for e in events})
+    send("dm", raw, "--dedup-window", "0")
+    ps = [consumer("dm", f"c{i}", "-w", "2") for i in range(2)]
+    for p in ps:
+        rc, _, err = finish(p)
+        assert rc == 0, (rc, err)
+    assert hash_of("dm:counts") == expected_words(events)
+    st = check_balanced("dm")
+    assert st["processed"] == uniq and \
+        st["duplicates"] == len(events) - uniq, st
+    # One mark per processed id, in buckets; no claim key is left behind.
+    assert done_marks("dm") == uniq, (done_marks("dm"), uniq)
+    assert cli("KEYS", "dm:id:*") == [], "claims left after their commits"
+    state = hash_of("dm:d:0")
+    buckets = mark_buckets("dm")
+    assert len(buckets) == 2 ** state["L"] + state["nx"], (state, buckets)
+    assert state["n"] == uniq, state
+    # The buckets stay small enough for the compact encoding, so a mark
+    # costs a few tens of bytes (the old layout: 90 to 126).
+    enc = Counter(cli("OBJECT", "ENCODING", k) for k in buckets)
+    assert enc.get("listpack", 0) >= 0.95 * len(buckets), enc
+    size = sum(cli("MEMORY", "USAGE", k) for k in buckets + ["dm:d:0"])
+    assert size / uniq <= 40, f"{size / uniq:.1f} bytes per id"
+    # And they are what the claims find: a second run of the same events
+    # has only duplicates.
+    send("dm", raw, "--dedup-window", "0")
+    rc, _, err = finish(consumer("dm", "c9", "-w", "2"))
+    assert rc == 0, err
+    assert hash_of("dm:counts") == expected_words(events)
+    assert stats_of("dm", "c9")["duplicates"] == len(events)
+
+
+@test
+def retention_forgets_done_marks_after_it():
+    with open(path("ret.jsonl"), "w") as g:
+        g.write('{"id":"a","word":"x"}\n{"id":"b","word":"y"}\n')
+    # Long enough for a sanitizer build to run the second consumer within
+    # it.
+    ret = 4 if SLOW else 1
+    send("ret", path("ret.jsonl"), "--dedup-window", "0")
+    assert finish(consumer("ret", "c0", "--retention", f"{ret}s"))[0] == 0
+    # Within the retention: duplicates.
+    send("ret", path("ret.jsonl"), "--dedup-window", "0")
+    assert finish(consumer("ret", "c1"))[0] == 0
+    assert hash_of("ret:counts") == {"x": 1, "y": 1}
+    assert stats_of("ret", "c1")["duplicates"] == 2
+    assert all(0 < cli("PTTL", k) <= 2000 * ret
+               for k in mark_buckets("ret")), \
+        "a bucket without its expiry"
+    # The stream's retention is fixed at its first run.
+    err = one_line_exit_2(["run", "--redis", URL, "--stream", "ret",
+                           "--group", "g", "--retention", "2s", "--drain"])
+    assert f"keeps its done-marks for {ret}s" in err, err
+    assert finish(consumer("retf", "c0"))[0] == 0   # forever, fixed
+    err = one_line_exit_2(["run", "--redis", URL, "--stream", "retf",
+                           "--group", "g", "--retention", "2s", "--drain"])
+    assert "forever" in err, err
+    # After two generations (at most 2 s) the marks are gone: the same
+    # ids run again, as documented.
+    wait_for(lambda: mark_buckets("ret") == [], 3 * ret + 2,
+             "the marks to expire")
+    send("ret", path("ret.jsonl"), "--dedup-window", "0")
+    assert finish(consumer("ret", "c2"))[0] == 0
+    assert hash_of("ret:counts") == {"x": 2, "y": 2}
+    assert stats_of("ret", "c2")["processed"] == 2
+    check_balanced("ret")
+
+
+@test
+def done_marks_of_the_old_layout_are_still_honoured():
+    # A stream written by an onceq before the buckets: its done-marks are
+    # "D" strings at S:id:<id>. They still make duplicates, and redrive
+    # still unsettles them.
+    with open(path("old.jsonl"), "w") as g:
+        g.write('{"id":"1","word":"a"}\n{"id":"2","word":"b"}\n'
+                '{"id":"3","word":"c"}\n')
+    cli("SET", "old:id:1", "D")
+    cli("SET", "old:id:3", "D")
+    send("old", path("old.jsonl"), "--dedup-window", "0")
+    assert finish(consumer("old", "c0"))[0] == 0
+    assert hash_of("old:counts") == {"b": 1}, hash_of("old:counts")
+    assert stats_of("old", "c0")["duplicates"] == 2
+    cli("XADD", "old:dlq", "*", "id", "3", "reason", "failed", "error", "e",
+        "attempts", "1", "event", '{"id":"3","word":"c"}', "source", "x:3",
+        "first_seen", "1", "last_seen", "1")
+    rc, out, err = run(["dlq", "redrive", "--redis", URL, "--stream", "old"])
+    assert rc == 0 and "redrove 1" in out, (rc, out, err)
+    assert cli("EXISTS", "old:id:3") == 0
+    assert finish(consumer("old", "c1"))[0] == 0
+    assert hash_of("old:counts") == {"b": 1, "c": 1}
+    assert done_marks("old") == 2
+
+
+@test
+def redrive_unsettles_a_bucket_mark():
+    with open(path("rdm.jsonl"), "w") as g:
+        g.write('{"id":"p1","poison":true}\n{"id":"ok","word":"w"}\n')
+    send("rdm", path("rdm.jsonl"))
+    assert finish(consumer("rdm", "c0"))[0] == 1
+    assert done_marks("rdm") == 2      # the failure settled its id
+    rc, out, err = run(["dlq", "redrive", "--redis", URL, "--stream", "rdm"])
+    assert rc == 0 and "redrove 1" in out, (rc, out, err)
+    assert done_marks("rdm") == 1
+    # The redriven copy runs (and fails again): not a duplicate.
+    assert finish(consumer("rdm", "c1"))[0] == 1
+    assert stats_of("rdm", "c1")["dead"] == 1
+
+
+@test
+def settled_entries_are_trimmed_pending_ones_kept():
+    n = 3000
+    with open(path("tr.jsonl"), "w") as g:
+        g.write("".join(f'{{"id":"{i}","word":"w{i % 10}"}}\n'
+                        for i in range(n)))
+    send("tr", path("tr.jsonl"))
+    # A consumer holds entries pending (stopped mid-batch) while another
+    # settles everything else: the trims must keep what it holds, or the
+    # takeover finds it gone and its event never runs.
+    h = script_file("tr.sh", "sleep 0.05\ncat\n")
+    p = start(["run", "--redis", URL, "--stream", "tr", "--group", "g",
+               "--consumer", "stuck", "-q", "-w", "1", "--handler",
+               f"exec:{h}", "--visibility-timeout", f"{WAIT}s"])
+    wait_for(lambda: pending_of("tr", "stuck") > 0, 30, "a pending entry")
+    p.send_signal(signal.SIGSTOP)
+    try:
+        q = start(["run", "--redis", URL, "--stream", "tr", "--group", "g",
+                   "--consumer", "c1", "--drain", "-q", "-w", "2",
+                   "--visibility-timeout", f"{WAIT}s", "--stats",
+                   path("tr-c1.stats")])
+        rc, _, err = finish(q)
+        assert rc == 0, (rc, err)
+    finally:
+        p.send_signal(signal.SIGCONT)
+        p.kill()
+        p.wait()
+    assert stats_of("tr", "c1")["redelivered"] >= 1
+    assert hash_of("tr:counts") == {f"w{j}": n // 10 for j in range(10)}
+    check_balanced("tr")
+    # Everything settled: the stream is trimmed (whole nodes of 100
+    # entries: what is left is at most a node or two).
+    assert cli("XLEN", "tr") <= 200, cli("XLEN", "tr")
+    rc, out, err = run(["export", "--redis", URL, "--stream", "tr"])
+    assert rc == 0 and len(out.splitlines()) == 10, (rc, err)
+
+
+@test
+def a_group_that_has_not_read_keeps_the_stream():
+    n = 1000
+    with open(path("tg.jsonl"), "w") as g:
+        g.write("".join(f'{{"id":"{i}","word":"w"}}\n' for i in range(n)))
+    send("tg", path("tg.jsonl"))
+    cli("XGROUP", "CREATE", "tg", "h", "0")
+    assert finish(consumer("tg", "c0"))[0] == 0
+    assert cli("XLEN", "tg") == n, cli("XLEN", "tg")
+    # Once group h has settled them too (as duplicates: the processed set
+    # is the stream's), they go.
+    rc, _, err = run(["run", "--redis", URL, "--stream", "tg", "--group",
+                      "h", "--drain", "-q"])
+    assert rc == 0, err
+    assert cli("XLEN", "tg") <= 200, cli("XLEN", "tg")
+    assert hash_of("tg:counts") == {"w": n}
+    assert hash_of("tg:stats")["duplicates"] == n
 
 
 def main():

@@ -1,0 +1,63 @@
+#!/bin/sh
+# Description: bytes of Redis memory per remembered id (a done-mark), the
+# bucketed layout of onceq against the old one (one "D" string key per id),
+# on a private redis-server on a free loopback port. IDS ids (gen's
+# evt-N, no duplicates) are sent and drained with the noop handler; then
+# every key but the done-marks (S:d:*) is deleted, and the figures are
+#   - used_memory (INFO memory) minus the empty server's, per id;
+#   - the sum of MEMORY USAGE of the S:d:* keys, per id;
+#   - for the old layout: used_memory's growth when the same ids are SET
+#     as S:id:<id> "D" in another db (what onceq wrote before), per id.
+# Also the stream's length after the drain (trimmed: XTRIM MINID).
+# Environment: ONCEQ (default build/onceq), IDS (default 200000).
+set -eu
+ONCEQ=${ONCEQ:-build/onceq}
+IDS=${IDS:-200000}
+TMP=$(mktemp -d)
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+URL=redis://127.0.0.1:$PORT
+redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no \
+  --daemonize no --dir "$TMP" >/dev/null 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$TMP"' EXIT
+for i in $(seq 100); do
+  redis-cli -p "$PORT" PING >/dev/null 2>&1 && break
+  sleep 0.05
+done
+R="redis-cli -p $PORT"
+used() { $R INFO memory | sed -n 's/^used_memory:\([0-9]*\).*/\1/p'; }
+$R CONFIG SET activedefrag no >/dev/null 2>&1 || true
+"$ONCEQ" gen --events "$IDS" --duplicates 0 -o "$TMP/ev.jsonl"
+base=$(used)
+echo "+ onceq send --dedup-window 0 --stream m ($IDS ids)"
+"$ONCEQ" send --redis "$URL" --stream m --dedup-window 0 -q "$TMP/ev.jsonl"
+echo "+ onceq run --redis $URL --stream m --group g --handler noop -w 2 --drain"
+"$ONCEQ" run --redis "$URL" --stream m --group g --handler noop -w 2 \
+  --drain -q
+xlen=$($R XLEN m)
+$R --scan --pattern 'm:d:*' > "$TMP/dkeys"
+usage=0
+while read -r k; do
+  usage=$((usage + $($R MEMORY USAGE "$k" SAMPLES 0)))
+done < "$TMP/dkeys"
+nkeys=$(wc -l < "$TMP/dkeys")
+listpack=0
+while read -r k; do
+  [ "$($R OBJECT ENCODING "$k")" = listpack ] && listpack=$((listpack + 1))
+done < "$TMP/dkeys"
+$R DEL m m:stats m:meta m:counts m:results m:dlq m:delayed >/dev/null
+sleep 0.2
+marks=$(($(used) - base))
+# The old layout: S:id:<id> = "D", one string key per id.
+$R SELECT 1 >/dev/null
+base1=$(used)
+$R -n 1 EVAL "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'm:id:evt-' .. i, 'D') end" 0 "$IDS" >/dev/null
+old=$(($(used) - base1))
+echo "ids $IDS: $nkeys done-mark keys ($listpack listpack);" \
+  "stream left $xlen entries after the drain"
+python3 - "$IDS" "$marks" "$usage" "$old" <<'PY'
+import sys
+n, marks, usage, old = map(int, sys.argv[1:])
+print(f"bytes per id: used_memory {marks / n:.1f}, MEMORY USAGE "
+      f"{usage / n:.1f}; old layout (S:id:<id> = D) {old / n:.1f}")
+PY
