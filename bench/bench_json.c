@@ -8,7 +8,7 @@
  *
  * usage: bench_json [--events N] [--reps R]
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <cjson/cJSON.h>
 #include <jansson.h>

@@ -14,7 +14,7 @@
  *                     normal|off] [--handler wordcount]
  * Prints one line: events, transactions, seconds, events/s.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <stdio.h>
 #include <stdlib.h>

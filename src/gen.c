@@ -7,7 +7,7 @@
  * duplicate (an at-least-once redelivery) is produced by generating event k
  * again: nothing is stored per event, and 10^8 events take no memory.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <errno.h>
 #include <getopt.h>

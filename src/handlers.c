@@ -93,7 +93,7 @@
  * examples/README.md). The plugin calls oq_txn_* from the executable, so
  * the executable must export them (link with -rdynamic).
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <dlfcn.h>
 #include <errno.h>

@@ -3,7 +3,7 @@
  * each), --help and --version. Logic lives in the library and in the
  * subcommand modules, where tests can reach it.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <stdio.h>
 #include <string.h>

@@ -17,7 +17,7 @@
  * Every number is an integer or a finite float; label values are fixed
  * names, so the text needs no escaping.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <arpa/inet.h>
 #include <errno.h>

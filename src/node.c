@@ -36,7 +36,7 @@
  * included), so running out of memory gives an error reply (code 13)
  * rather than a crash.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <ctype.h>
 #include <errno.h>

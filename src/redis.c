@@ -142,7 +142,7 @@
  * entry (or, for a commit, when the fenced effect was applied). So once
  * drained: sent = processed + duplicates + dead.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <hiredis/hiredis.h>
 #include <xxhash.h>

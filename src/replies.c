@@ -24,7 +24,7 @@
  * Lock: r->mu guards the files, the cache and the counters; a leaf, held
  * only to link an entry and write a line.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -20,7 +20,7 @@
  * blank; the run checks lines = processed + duplicates + dead + blank
  * before it exits.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <getopt.h>
 #include <inttypes.h>

@@ -31,7 +31,7 @@
  * blank before it exits (after a signal, the lines not settled yet are
  * reported as unfinished).
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <dirent.h>
 #include <errno.h>

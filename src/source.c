@@ -28,7 +28,7 @@
  * no shared state of its own: the strict scanner (json.c) and per-thread
  * buffers.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <errno.h>
 #include <fcntl.h>

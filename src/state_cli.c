@@ -7,7 +7,7 @@
  * table; options are parsed by one shared getopt loop into struct opts, and
  * each function checks that it got only what it accepts.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <errno.h>
 #include <fnmatch.h>

@@ -20,7 +20,7 @@
  * A failed commit rolls back: nothing of the batch is kept. The commit is
  * the fault-injection seam (oq__store_fail_after), like oq__alloc_fail_after.
  */
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -35,7 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 static struct {
     uint64_t seed;

@@ -17,7 +17,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include "oq_internal.h"
+#include "oq_cli.h"
 #include "redis_server.h"
 
 #include <pthread.h>

@@ -12,7 +12,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <pthread.h>
 #include <sched.h>

@@ -17,7 +17,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 static oq__jtape tape;
 

@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #define T0 1000000
 

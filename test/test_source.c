@@ -23,7 +23,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 /* The test hook in source.c. */
 

@@ -12,7 +12,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <sqlite3.h>
 #include <stdio.h>

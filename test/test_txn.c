@@ -5,7 +5,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
-#include "oq_internal.h"
+#include "oq_cli.h"
 
 #include <inttypes.h>
 #include <pthread.h>
