@@ -192,6 +192,33 @@ void oq__replies_duplicate(const oq_event *ev, void *arg);
 void oq__replies_stats(oq__replies *r, uint64_t *requests, uint64_t *replies,
                        uint64_t *duplicates);
 
+/* ----------------------------------------------------------- reorder.c */
+
+/* The reorder buffer of record outputs (see reorder.c's comment). Lines
+ * are numbered from 1 in the order read; each settles exactly once. */
+typedef struct oq__reorder oq__reorder;
+#define OQ__REORDER_WINDOW (1u << 18)
+int oq__reorder_new(oq__reorder **out, unsigned nfiles, uint64_t window);
+void oq__reorder_free(oq__reorder *ro);
+/* Input file's first line read is line seq, its line number lineno. */
+void oq__reorder_input(oq__reorder *ro, unsigned file, uint64_t seq,
+                       uint64_t lineno);
+/* A line settled with no records (blank, dead-lettered). */
+void oq__reorder_settle(oq__reorder *ro, uint64_t tag);
+/* A duplicate of ev settled (its id's records may move to its line). */
+void oq__reorder_dup(oq__reorder *ro, const oq_event *ev);
+/* ev committed with txn's records. 0 or OQ_ENOMEM (nothing kept). */
+int oq__reorder_add(oq__reorder *ro, const oq_event *ev, const oq_txn *txn);
+/* Something could not be placed: reported at the end. */
+void oq__reorder_note_failed(oq__reorder *ro, int rc);
+/* Writes (and flushes) the records the watermark passed / all the rest. */
+void oq__reorder_write_ready(oq__reorder *ro, FILE *f);
+void oq__reorder_write_rest(oq__reorder *ro, FILE *f);
+/* The reader must wait: the window past the watermark is full. */
+bool oq__reorder_full(oq__reorder *ro, uint64_t lines_read);
+/* 0, or why a line could not be placed. */
+int oq__reorder_error(oq__reorder *ro);
+
 /* ------------------------------------------------------------ runner.c */
 
 /* Everything `onceq run` was asked to do, in every mode (in memory,

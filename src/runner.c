@@ -57,346 +57,6 @@
 #define TAG_FILE(tag) ((unsigned)((tag) >> 40))
 #define TAG_LINE(tag) ((tag) & ((1ULL << 40) - 1))
 
-/* ------------------------------------------------------- reorder buffer */
-
-/*
- * Record outputs (exec:, plugin:, noop --emit) are written in input order,
- * each event's records at the line where its id first appeared, whichever
- * copy committed, and they are written as the run goes rather than held
- * to its end (holding every record cost six times the input in memory).
- *
- * Every line read has a sequence number, its rank in the inputs counted
- * from 1 (blank lines included); a tag maps to it through the number of
- * its input's line 0. A line settles exactly once: processed (the sink's
- * apply), duplicate (the sink's duplicate hook), dead-lettered (taken from
- * the queue by the main thread) or blank (the reader). The watermark wm is
- * the first line not settled. The records of the lines below it are final:
- * they move to the ready list, which the main thread writes. Until then a
- * committed event's records wait in the ring at their line, and in ids by
- * their event id, so that a duplicate that settles at a smaller line moves
- * them there (the event first appeared there). Such a duplicate cannot
- * settle after the records were written, because the watermark does not
- * pass a line before it settles; nor before the apply of the copy that
- * committed, because a copy is a duplicate only once its id is DONE, which
- * the pool marks after the apply.
- *
- * So the buffer holds the lines between the watermark and the reader: about
- * what the queue holds (the reader throttles on the queue), plus what a
- * slow line (a retry's backoff, a long handler) keeps waiting behind it,
- * which the reader bounds to REORDER_WINDOW lines.
- *
- * Lock: mu guards the fields below it; a leaf, taken once per settled line
- * and once per main-thread tick. The counting handlers have no buffer, so
- * their hot path takes no shared lock.
- */
-#define REORDER_WINDOW (1u << 18)
-
-typedef struct pend {
-    UT_hash_handle hh;  /* in reorder.ids, by event id */
-    struct pend *next;  /* reorder.ready */
-    uint64_t seq;       /* the line its records are written at */
-    size_t id_len;
-    size_t out_len;     /* of the records, each followed by a newline */
-    char buf[];         /* the id, then the records */
-} pend;
-
-typedef struct rslot {
-    pend *p;            /* the records written at this line, or NULL */
-    bool settled;
-} rslot;
-
-typedef struct reorder {
-    pthread_mutex_t mu;
-    rslot *ring;        /* line seq is ring[seq & (cap - 1)], for
-                           wm <= seq < wm + cap */
-    size_t cap;         /* a power of 2 */
-    uint64_t wm;        /* the first line not settled */
-    uint64_t *line0;    /* per input: the sequence number of its line 0 */
-    unsigned nfiles;
-    pend *ids;          /* the records in the ring, by event id */
-    pend *ready, **ready_tail; /* below the watermark, not written yet */
-    _Atomic int rc;     /* a line could not be placed (out of memory): the
-                           watermark may stop there; read without mu */
-    _Atomic uint64_t wm_seen; /* wm, for the reader's throttle */
-    uint64_t window;    /* the reader waits beyond this many lines past
-                           the watermark; immutable */
-} reorder;
-
-static int reorder_new(reorder **out, unsigned nfiles, uint64_t window)
-{
-    reorder *ro = oq__calloc(1, sizeof(*ro));
-
-    if (ro == NULL)
-        return OQ_ENOMEM;
-    ro->cap = 4096;
-    ro->nfiles = nfiles ? nfiles : 1;
-    ro->ring = oq__calloc(ro->cap, sizeof(*ro->ring));
-    ro->line0 = oq__calloc(ro->nfiles, sizeof(*ro->line0));
-    if (ro->ring == NULL || ro->line0 == NULL) {
-        oq__free(ro->ring);
-        oq__free(ro->line0);
-        oq__free(ro);
-        return OQ_ENOMEM;
-    }
-    ro->wm = 1;
-    ro->window = OQ__MAX(window, 1);
-    atomic_init(&ro->wm_seen, 1);
-    ro->ready_tail = &ro->ready;
-    oq__mutex_init(&ro->mu);
-    *out = ro;
-    return 0;
-}
-
-static void free_pends(pend *list)
-{
-    while (list != NULL) {
-        pend *next = list->next;
-        oq__free(list);
-        list = next;
-    }
-}
-
-static void reorder_free(reorder *ro)
-{
-    if (ro == NULL)
-        return;
-    HASH_CLEAR(hh, ro->ids);
-    for (size_t i = 0; i < ro->cap; i++)
-        oq__free(ro->ring[i].p);
-    free_pends(ro->ready);
-    oq__free(ro->ring);
-    oq__free(ro->line0);
-    pthread_mutex_destroy(&ro->mu);
-    oq__free(ro);
-}
-
-/* The reader starts input file, whose line 1 is line seq of the run. */
-static void reorder_input(reorder *ro, unsigned file, uint64_t seq,
-                          uint64_t lineno)
-{
-    pthread_mutex_lock(&ro->mu);
-    if (file < ro->nfiles)
-        ro->line0[file] = seq - lineno;
-    pthread_mutex_unlock(&ro->mu);
-}
-
-/* Makes the ring cover line seq (> wm). mu held. */
-static int grow(reorder *ro, uint64_t seq)
-{
-    size_t ncap = ro->cap;
-    rslot *nr;
-
-    while (seq - ro->wm >= ncap)
-        ncap *= 2;
-    if ((nr = oq__calloc(ncap, sizeof(*nr))) == NULL)
-        return OQ_ENOMEM;
-    for (size_t i = 0; i < ro->cap; i++)
-        nr[(ro->wm + i) & (ncap - 1)] = ro->ring[(ro->wm + i) & (ro->cap - 1)];
-    oq__free(ro->ring);
-    ro->ring = nr;
-    ro->cap = ncap;
-    return 0;
-}
-
-/* The line of tag, in the ring and not settled: 0 and *seq, OQ_ENOMEM, or
- * OQ_EINVAL for a line never read or settled already (a bug). mu held. */
-static int line_of(reorder *ro, uint64_t tag, uint64_t *seq)
-{
-    unsigned file = TAG_FILE(tag);
-    uint64_t s;
-
-    if (file >= ro->nfiles)
-        return OQ_EINVAL;
-    s = ro->line0[file] + TAG_LINE(tag);
-    if (s < ro->wm || (s - ro->wm < ro->cap &&
-                       ro->ring[s & (ro->cap - 1)].settled))
-        return OQ_EINVAL;
-    if (s - ro->wm >= ro->cap && grow(ro, s) != 0)
-        return OQ_ENOMEM;
-    *seq = s;
-    return 0;
-}
-
-/* Settles line seq (placed) and moves the watermark over the settled
- * prefix, handing the records it passes to the ready list. mu held. */
-static void settle_line(reorder *ro, uint64_t seq)
-{
-    size_t mask = ro->cap - 1;
-    rslot *s;
-
-    ro->ring[seq & mask].settled = true;
-    if (seq != ro->wm)
-        return;
-    while ((s = &ro->ring[ro->wm & mask])->settled) {
-        if (s->p != NULL) {
-            HASH_DEL(ro->ids, s->p);
-            s->p->next = NULL;
-            *ro->ready_tail = s->p;
-            ro->ready_tail = &s->p->next;
-        }
-        *s = (rslot){ NULL, false };
-        ro->wm++;
-    }
-    atomic_store(&ro->wm_seen, ro->wm);
-}
-
-static void note_failed(reorder *ro, int rc)
-{
-    int zero = 0;
-    atomic_compare_exchange_strong(&ro->rc, &zero, rc);
-}
-
-/* A line that settles with no records: blank or dead-lettered. mu held. */
-static void settle_tag_locked(reorder *ro, uint64_t tag)
-{
-    uint64_t seq;
-    int rc = line_of(ro, tag, &seq);
-
-    if (rc == 0)
-        settle_line(ro, seq);
-    else
-        note_failed(ro, rc);
-}
-
-static void reorder_settle(reorder *ro, uint64_t tag)
-{
-    pthread_mutex_lock(&ro->mu);
-    settle_tag_locked(ro, tag);
-    pthread_mutex_unlock(&ro->mu);
-}
-
-/* A duplicate of ev's id settles: the id's records, if they wait at a
- * later line, move to this one. */
-static void reorder_dup(reorder *ro, const oq_event *ev)
-{
-    uint64_t seq;
-    pend *p;
-    int rc;
-
-    pthread_mutex_lock(&ro->mu);
-    if ((rc = line_of(ro, ev->tag, &seq)) == 0) {
-        HASH_FIND(hh, ro->ids, ev->id, ev->id_len, p);
-        if (p != NULL && p->seq > seq) {
-            ro->ring[p->seq & (ro->cap - 1)].p = NULL;
-            ro->ring[seq & (ro->cap - 1)].p = p;
-            p->seq = seq;
-        }
-        settle_line(ro, seq);
-    } else {
-        note_failed(ro, rc);
-    }
-    pthread_mutex_unlock(&ro->mu);
-}
-
-static void rec_len(const void *data, size_t len, void *arg)
-{
-    (void)data;
-    *(size_t *)arg += len + 1;
-}
-
-static void rec_copy(const void *data, size_t len, void *arg)
-{
-    pend *p = arg;
-    char *o = p->buf + p->id_len + p->out_len;
-
-    if (len)
-        memcpy(o, data, len);
-    o[len] = '\n';
-    p->out_len += len + 1;
-}
-
-/* A processed event settles with txn's records. All or nothing: OQ_ENOMEM
- * leaves the buffer as it was (the pool retries the event). */
-static int reorder_add(reorder *ro, const oq_event *ev, const oq_txn *txn)
-{
-    size_t out_len = 0;
-    pend *p = NULL;
-    uint64_t seq;
-    int rc;
-
-    if (oq_txn_nrecords(txn) > 0) {
-        oq_txn_foreach(txn, rec_len, NULL, &out_len);
-        if ((p = oq__malloc(sizeof(*p) + ev->id_len + out_len)) == NULL)
-            return OQ_ENOMEM;
-        p->next = NULL;
-        p->id_len = ev->id_len;
-        p->out_len = 0;
-        memcpy(p->buf, ev->id, ev->id_len);
-        oq_txn_foreach(txn, rec_copy, NULL, p);
-    }
-    pthread_mutex_lock(&ro->mu);
-    rc = line_of(ro, ev->tag, &seq);
-    if (rc == 0 && p != NULL) {
-        p->seq = seq;
-        oq__hash_oom = 0;
-        HASH_ADD_KEYPTR(hh, ro->ids, p->buf, p->id_len, p);
-        if (oq__hash_oom)
-            rc = OQ_ENOMEM;
-        else
-            ro->ring[seq & (ro->cap - 1)].p = p;
-    }
-    if (rc == 0)
-        settle_line(ro, seq);
-    pthread_mutex_unlock(&ro->mu);
-    if (rc == 0)
-        return 0;
-    oq__free(p);
-    if (rc == OQ_ENOMEM)
-        return rc;
-    note_failed(ro, rc); /* a line settled twice: reported at the end */
-    return 0;
-}
-
-/* The records the watermark passed, in order; the caller writes them. */
-static pend *reorder_take_ready(reorder *ro)
-{
-    pend *list;
-
-    pthread_mutex_lock(&ro->mu);
-    list = ro->ready;
-    ro->ready = NULL;
-    ro->ready_tail = &ro->ready;
-    pthread_mutex_unlock(&ro->mu);
-    return list;
-}
-
-/* Everything still in the ring, in line order (the run is over: lines not
- * settled after a signal are left out, as their events never ran). */
-static pend *reorder_take_rest(reorder *ro)
-{
-    pend *list = NULL, **tail = &list;
-
-    pthread_mutex_lock(&ro->mu);
-    HASH_CLEAR(hh, ro->ids);
-    for (size_t i = 0; i < ro->cap; i++) {
-        rslot *s = &ro->ring[(ro->wm + i) & (ro->cap - 1)];
-        if (s->p != NULL) {
-            s->p->next = NULL;
-            *tail = s->p;
-            tail = &s->p->next;
-            s->p = NULL;
-        }
-    }
-    pthread_mutex_unlock(&ro->mu);
-    return list;
-}
-
-/* Writes the records of list to f and frees it. They are flushed: a
- * reader at the other end of a pipe gets them now, not when a buffer
- * fills. */
-static void write_pends(FILE *f, pend *list)
-{
-    if (list == NULL)
-        return;
-    while (list != NULL) {
-        pend *next = list->next;
-        fwrite(list->buf + list->id_len, 1, list->out_len, f);
-        oq__free(list);
-        list = next;
-    }
-    fflush(f);
-}
-
 /* ------------------------------------------------------------ run sink */
 
 /*
@@ -416,7 +76,7 @@ typedef struct run_sink {
     /* Records are written in input order, at each event's first line.
      * Immutable after setup. */
     bool track_first;
-    reorder *ro;         /* the records' buffer (memory mode), or NULL */
+    oq__reorder *ro;         /* the records' buffer (memory mode), or NULL */
     oq__replies *replies; /* --replies: duplicates get their reply again */
     pthread_mutex_t mu;  /* guards parts (registration only); a leaf */
     part *parts;
@@ -460,7 +120,7 @@ static void run_duplicate(const oq_event *ev, void *arg)
     run_sink *rs = arg;
 
     if (rs->ro != NULL)
-        reorder_dup(rs->ro, ev);
+        oq__reorder_dup(rs->ro, ev);
     if (rs->replies != NULL)
         oq__replies_duplicate(ev, rs->replies);
 }
@@ -483,7 +143,7 @@ static int run_apply(const oq_event *ev, const oq_txn *txn, void *arg)
         if ((rc = counts.apply(ev, txn, counts.arg)) != 0)
             return rc;
     }
-    return rs->ro != NULL ? reorder_add(rs->ro, ev, txn) : 0;
+    return rs->ro != NULL ? oq__reorder_add(rs->ro, ev, txn) : 0;
 }
 
 /* Folds every part into rs (after the pool stopped: no worker writes). */
@@ -804,7 +464,7 @@ static int send_all(run *r, oq_message *m, size_t n)
  * reorder window is full? */
 static bool must_wait(run *r)
 {
-    reorder *ro = r->rs.ro;
+    oq__reorder *ro = r->rs.ro;
     oq_queue_stats st;
 
     oq_queue_stats_get(r->q, &st);
@@ -812,9 +472,7 @@ static bool must_wait(run *r)
      * most its number, r->lines, and the reader waits for lines already
      * sent. */
     return st.ready >= READY_HIGH_WATER ||
-           (ro != NULL && atomic_load(&ro->rc) == 0 &&
-            atomic_load(&ro->wm_seen) + ro->window <=
-                atomic_load(&r->lines));
+           (ro != NULL && oq__reorder_full(ro, atomic_load(&r->lines)));
 }
 
 /* The reader thread waits while it must (a worker reading never does: see
@@ -943,7 +601,7 @@ static void end_reading(run *r, int rc)
 static bool read_some(run *r, size_t max)
 {
     pending *pb = r->pb;
-    reorder *ro = r->rs.ro;
+    oq__reorder *ro = r->rs.ro;
     oq__line l;
     int rc = 1;
 
@@ -965,7 +623,7 @@ static bool read_some(run *r, size_t max)
         /* Lines are numbered from 1 in the order read (reorder). */
         seq = atomic_fetch_add(&r->lines, 1) + 1;
         if (ro != NULL && l.file != r->read_file) {
-            reorder_input(ro, l.file, seq, l.lineno);
+            oq__reorder_input(ro, l.file, seq, l.lineno);
             r->read_file = l.file;
         }
         if (r->tracker &&
@@ -977,7 +635,7 @@ static bool read_some(run *r, size_t max)
         if (l.kind == OQ__LINE_BLANK) {
             atomic_fetch_add(&r->blank, 1);
             if (ro != NULL)
-                reorder_settle(ro, TAG(l.file, l.lineno));
+                oq__reorder_settle(ro, TAG(l.file, l.lineno));
         } else if (l.kind == OQ__LINE_TOO_LARGE) {
             pb->rc = reject_too_large(r, &l);
         } else {
@@ -1247,21 +905,17 @@ static int write_dlq(run *r, uint64_t *count)
  */
 static void emit_ready(run *r)
 {
-    reorder *ro = r->rs.ro;
+    oq__reorder *ro = r->rs.ro;
     size_t n0 = r->dead.n;
 
     if (ro == NULL)
         return;
     oq_queue_dead_letters(r->q, 1, take_dead, &r->dead);
-    if (r->dead.rc != 0)
-        note_failed(ro, r->dead.rc); /* a dead letter's line is lost */
-    if (r->dead.n > n0) {
-        pthread_mutex_lock(&ro->mu);
-        for (size_t i = n0; i < r->dead.n; i++)
-            settle_tag_locked(ro, r->dead.v[i]->tag);
-        pthread_mutex_unlock(&ro->mu);
-    }
-    write_pends(r->out.f, reorder_take_ready(ro));
+    if (r->dead.rc != 0) /* a dead letter's line is lost */
+        oq__reorder_note_failed(ro, r->dead.rc);
+    for (size_t i = n0; i < r->dead.n; i++)
+        oq__reorder_settle(ro, r->dead.v[i]->tag);
+    oq__reorder_write_ready(ro, r->out.f);
 }
 
 /* One result line of a counting handler: {"FIELD":"key","count":N}, or
@@ -1315,7 +969,7 @@ static int write_results(run *r)
     } else if (r->rs.ro != NULL) {
         /* Most records are written already; the pool has stopped. */
         emit_ready(r);
-        write_pends(f, reorder_take_rest(r->rs.ro));
+        oq__reorder_write_rest(r->rs.ro, f);
     }
     return out_commit(&r->out, "onceq run");
 }
@@ -2090,8 +1744,8 @@ static int start_pool(run *r)
         /* Test seam (test/test_run.py): a small window, so that the
          * reader waits on the watermark. */
         const char *w = getenv("ONCEQ_TEST_REORDER_WINDOW");
-        if (reorder_new(&r->rs.ro, r->c->ninputs,
-                        w ? (uint64_t)atol(w) : REORDER_WINDOW) != 0)
+        if (oq__reorder_new(&r->rs.ro, r->c->ninputs,
+                            w ? (uint64_t)atol(w) : OQ__REORDER_WINDOW) != 0)
             return OQ_ENOMEM;
     }
     if (r->cm)
@@ -2157,7 +1811,7 @@ static void close_all(run *r)
         part_free(p);
     }
     oq_memsink_free(r->rs.counts);
-    reorder_free(r->rs.ro);
+    oq__reorder_free(r->rs.ro);
     dl_free(&r->dead);
     if (r->rs.counts)
         pthread_mutex_destroy(&r->rs.mu);
@@ -2465,10 +2119,10 @@ int oq__run(const oq__run_config *c)
     if (r->rs.rc != 0) {
         fprintf(stderr, "onceq run: out of memory keeping results\n");
         status = status ? status : 3;
-    } else if (r->rs.ro && atomic_load(&r->rs.ro->rc) != 0) {
+    } else if (r->rs.ro && oq__reorder_error(r->rs.ro) != 0) {
         /* Records were kept, but perhaps not all at their first line. */
         fprintf(stderr, "onceq run: %s ordering results\n",
-                atomic_load(&r->rs.ro->rc) == OQ_ENOMEM ? "out of memory"
+                oq__reorder_error(r->rs.ro) == OQ_ENOMEM ? "out of memory"
                 : "internal error");
         status = status ? status : 3;
     }
