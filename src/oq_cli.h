@@ -9,6 +9,8 @@
 
 #include "oq_internal.h"
 
+#include <limits.h>
+
 /* -------------------------------------------------------------- metrics.c */
 
 
@@ -340,6 +342,29 @@ struct oq__dead_row;
 /* Writes a stored dead letter as one JSON line, as `onceq run --dlq` does
  * (with_seq: its "seq" first, for `onceq dlq`). */
 void oq__write_dead_row(FILE *f, const struct oq__dead_row *d, bool with_seq);
+
+/* ----------------------------------------------------------- outputs.c */
+
+/* An output of `onceq run` (-o, --dlq, --stats), opened before the run
+ * (see outputs.c). */
+typedef struct oq__outfile {
+    const char *path;   /* NULL: not asked for */
+    const char *what;   /* "results", "dead letters", "stats" */
+    FILE *f;            /* open from the start to the end */
+    char tmp[PATH_MAX + 32]; /* the temporary file, or "" (in place) */
+} oq__outfile;
+/* Opens path ("-": stdout, NULL: not asked for) for what; 0, or OQ_EIO
+ * with err filled (the run is refused). */
+int oq__out_begin(oq__outfile *o, const char *path, const char *what,
+                  char *err, size_t errlen);
+/* Finishes the output (fsync and rename a temporary file): 0 or an exit
+ * status, the message written with prefix. */
+int oq__out_commit(oq__outfile *o, const char *prefix);
+/* Drops an output not finished (remove: also its temporary file). */
+void oq__out_discard(oq__outfile *o, bool remove);
+/* Refuses an output over the state, its side files, an input, or another
+ * output (compared by device and inode). 0, or an error with err. */
+int oq__check_outputs(const oq__run_config *c, char *err, size_t errlen);
 
 /* -------------------------------------------------------- CLI subcommands */
 

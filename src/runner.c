@@ -161,160 +161,6 @@ static void merge_parts(run_sink *rs)
     pthread_mutex_unlock(&rs->mu);
 }
 
-/* ---------------------------------------------------------- JSON output */
-
-/* Writes s as it is when it is strict JSON text, else as a JSON string. */
-static void write_json_or_string(FILE *f, const char *s, size_t n)
-{
-    if (s != NULL && oq__json_valid(s, n))
-        fwrite(s, 1, n, f);
-    else
-        oq__json_write_string(f, s, n);
-}
-
-/* ------------------------------------------------------------ outputs */
-
-/*
- * The outputs (-o, --dlq, --stats) are opened before the first event is
- * read, so that a path that cannot be written stops the run before any
- * work (exit 2) instead of losing every result at the end. A regular file
- * (or a path that does not exist yet) is written to a temporary file
- * beside it, PATH.tmp.PID, which is fsynced and renamed over PATH at the
- * end: a reader never sees half a file, and a run that stops early leaves
- * the previous file as it was. Something else (/dev/null, a pipe, a
- * terminal) is written in place; "-" is stdout. Every descriptor is
- * close-on-exec: exec children must not hold them.
- */
-typedef struct outfile {
-    const char *path;   /* NULL: not asked for */
-    const char *what;   /* "results", "dead letters", "stats" */
-    FILE *f;            /* open from the start to the end */
-    char tmp[PATH_MAX + 32]; /* the temporary file, or "" (in place) */
-} outfile;
-
-/* Removes PATH.tmp.PID files left by a run that died (kill -9, power
- * loss) before it renamed them: PID is a process that is gone. A live
- * process's temporary file is its own business. */
-static void clean_stale_tmp(const char *path)
-{
-    char dir[PATH_MAX];
-    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
-    size_t blen = strlen(base);
-    struct dirent *e;
-    DIR *d;
-
-    if (slash == NULL || (size_t)(slash - path) + 1 >= sizeof(dir)) {
-        snprintf(dir, sizeof(dir), "%s", slash ? "/" : ".");
-        if (slash)
-            return; /* a directory name too long to be one */
-    } else {
-        memcpy(dir, path, (size_t)(slash - path) + 1);
-        dir[slash - path + 1] = '\0';
-    }
-    if ((d = opendir(dir)) == NULL)
-        return;
-    while ((e = readdir(d)) != NULL) {
-        const char *p = e->d_name + blen + 5;
-        char *end;
-        long pid;
-        if (strncmp(e->d_name, base, blen) != 0 ||
-            strncmp(e->d_name + blen, ".tmp.", 5) != 0 || *p < '1' ||
-            *p > '9')
-            continue;
-        pid = strtol(p, &end, 10);
-        if (*end != '\0' || pid <= 0 || pid == (long)getpid() ||
-            pid > INT_MAX || kill((pid_t)pid, 0) == 0 || errno != ESRCH)
-            continue;
-        unlinkat(dirfd(d), e->d_name, 0);
-    }
-    closedir(d);
-}
-
-/* Opens o for writing. Returns 0, or -1 with err filled. */
-static int out_begin(outfile *o, const char *path, const char *what,
-                     char *err, size_t errlen)
-{
-    struct stat st;
-
-    memset(o, 0, sizeof(*o));
-    o->path = path;
-    o->what = what;
-    if (path == NULL)
-        return 0;
-    if (strcmp(path, "-") == 0) {
-        o->f = stdout;
-        return 0;
-    }
-    /* Anything but a plain regular file is written in place: a device,
-     * a pipe, and a symlink too (renaming over /dev/stdout -> fd 1, or a
-     * user's link, would replace the link itself, not what it names). */
-    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
-        o->f = fopen(path, "we");
-    } else {
-        clean_stale_tmp(path);
-        snprintf(o->tmp, sizeof(o->tmp), "%s.tmp.%ld", path, (long)getpid());
-        o->f = fopen(o->tmp, "we");
-    }
-    if (o->f == NULL) {
-        snprintf(err, errlen, "cannot write %s to '%.300s': %s", what, path,
-                 strerror(errno));
-        o->tmp[0] = '\0';
-        return -1;
-    }
-    return 0;
-}
-
-/* Gives up o: its temporary file is removed, the file at its path stays
- * as it was; with remove, that file is removed too (a regular file only). */
-static void out_discard(outfile *o, bool remove)
-{
-    if (o->f == NULL)
-        return;
-    if (o->f == stdout)
-        fflush(stdout);
-    else
-        fclose(o->f);
-    o->f = NULL;
-    if (o->tmp[0]) {
-        unlink(o->tmp);
-        if (remove)
-            unlink(o->path);
-    }
-}
-
-/* Finishes o: flushed, fsynced and renamed over its path. Returns 0 or
- * an exit status (3, a write error, with a message). */
-static int out_commit(outfile *o, const char *prefix)
-{
-    int bad;
-
-    if (o->f == NULL)
-        return 0;
-    errno = 0;
-    bad = ferror(o->f);
-    if (o->f == stdout) {
-        bad |= fflush(stdout);
-    } else {
-        bad |= fflush(o->f);
-        if (!bad && o->tmp[0])
-            bad |= fsync(fileno(o->f));
-        bad |= fclose(o->f);
-        if (!bad && o->tmp[0])
-            bad |= rename(o->tmp, o->path);
-        if (bad && o->tmp[0])
-            unlink(o->tmp);
-    }
-    o->f = NULL;
-    if (!bad)
-        return 0;
-    fprintf(stderr, "%s: write error on '%s': %s\n", prefix,
-            strcmp(o->path, "-") == 0 ? "<stdout>" : o->path,
-            errno ? strerror(errno) : "unknown error");
-    return 3;
-}
-
-/* The queue's dead letters, copied out of it (a run takes them as it
- * goes when it writes records, and writes them all at the end). */
 typedef struct dl_item {
     uint64_t tag;
     oq_dlq_reason reason;
@@ -385,7 +231,7 @@ typedef struct run {
     oq__handler h;
     oq__idspec idspec;
     run_sink rs;
-    outfile out, dlq, stats; /* -o, --dlq, --stats: open from the start */
+    oq__outfile out, dlq, stats; /* -o, --dlq, --stats: open from the start */
     dl_list dead;            /* dead letters taken so far; main thread */
 
     /* Written by the reader thread, read by the main thread. */
@@ -881,15 +727,15 @@ static int write_dlq(run *r, uint64_t *count)
     *count = l.n;
     if (l.rc != 0) {
         fprintf(stderr, "onceq run: out of memory collecting dead letters\n");
-        out_discard(&r->dlq, false);
+        oq__out_discard(&r->dlq, false);
         status = 3;
     } else if (l.n == 0) {
-        out_discard(&r->dlq, true);
+        oq__out_discard(&r->dlq, true);
     } else {
         qsort(l.v, l.n, sizeof(*l.v), dl_by_tag);
         for (size_t i = 0; i < l.n; i++)
             write_dead(r->dlq.f, r, l.v[i]);
-        status = out_commit(&r->dlq, "onceq run");
+        status = oq__out_commit(&r->dlq, "onceq run");
     }
     dl_free(&l);
     return status;
@@ -918,45 +764,8 @@ static void emit_ready(run *r)
     oq__reorder_write_ready(ro, r->out.f);
 }
 
-/* One result line of a counting handler: {"FIELD":"key","count":N}, or
- * {"value":"key","count":N} when FIELD is "count". */
-void oq__write_count(const char *key, size_t len, int64_t v, void *arg)
-{
-    oq__count_out *c = arg;
-    /* count:count would repeat the key "count": the value is "value". */
-    const char *name = strcmp(c->key, "count") == 0 ? "value" : c->key;
 
-    fputs("{", c->f);
-    oq__json_write_string(c->f, name, strlen(name));
-    fputs(":", c->f);
-    oq__json_write_string(c->f, key, len);
-    fprintf(c->f, ",\"count\":%" PRId64 "}\n", v);
-}
 
-FILE *oq__out_open(const char *path, const char *prefix, const char *what)
-{
-    FILE *f;
-
-    if (path == NULL || strcmp(path, "-") == 0)
-        return stdout;
-    if ((f = fopen(path, "we")) == NULL)
-        fprintf(stderr, "%s: cannot write %s to '%s': %s\n", prefix, what,
-                path, strerror(errno));
-    return f;
-}
-
-int oq__out_close(FILE *f, const char *path, const char *prefix)
-{
-    int bad = ferror(f);
-
-    bad |= f == stdout ? fflush(f) : fclose(f);
-    if (!bad)
-        return 0;
-    fprintf(stderr, "%s: write error on '%s': %s\n", prefix,
-            path && strcmp(path, "-") != 0 ? path : "<stdout>",
-            errno ? strerror(errno) : "unknown error");
-    return 3;
-}
 
 /* Writes the results. Returns 0 or an exit status. */
 static int write_results(run *r)
@@ -971,7 +780,7 @@ static int write_results(run *r)
         emit_ready(r);
         oq__reorder_write_rest(r->rs.ro, f);
     }
-    return out_commit(&r->out, "onceq run");
+    return oq__out_commit(&r->out, "onceq run");
 }
 
 static void write_stats_json(FILE *f, const run *r, const totals *t);
@@ -991,57 +800,7 @@ static void write_stats_json(FILE *f, const run *r, const totals *t);
  * dead letters are written from the state, never from memory.
  */
 
-void oq__json_write_time(FILE *f, int64_t unix_ms)
-{
-    time_t secs = (time_t)(unix_ms / 1000);
-    struct tm tm;
-    char buf[32];
 
-    gmtime_r(&secs, &tm);
-    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
-    fprintf(f, "\"%s.%03dZ\"", buf, (int)(unix_ms % 1000));
-}
-
-void oq__write_dead_row(FILE *f, const oq__dead_row *d, bool with_seq)
-{
-    bool json = strcmp(d->reason, "parse_error") != 0 &&
-                strcmp(d->reason, "too_large") != 0;
-
-    fputs("{", f);
-    if (with_seq)
-        fprintf(f, "\"seq\":%" PRId64 ",", d->seq);
-    if (d->id) {
-        fputs("\"id\":", f);
-        oq__json_write_string(f, d->id, d->id_len);
-        fputs(",", f);
-    }
-    fputs("\"source\":", f);
-    oq__json_write_string(f, d->source, strlen(d->source));
-    fputs(",\"reason\":", f);
-    oq__json_write_string(f, d->reason, strlen(d->reason));
-    fputs(",\"error\":", f);
-    oq__json_write_string(f, d->error, strlen(d->error));
-    fprintf(f, ",\"attempts\":%u,\"first_seen\":", d->attempts);
-    oq__json_write_time(f, d->first_seen_ms);
-    fputs(",\"last_seen\":", f);
-    oq__json_write_time(f, d->dead_ms);
-    if (d->history && strcmp(d->history, "[]") != 0) {
-        /* Built by SQLite from stored text, which may hold any bytes. */
-        fputs(",\"history\":", f);
-        write_json_or_string(f, d->history, strlen(d->history));
-    }
-    fputs(",\"event\":", f);
-    /* An event that is strict JSON text is written as it is. */
-    if (json)
-        write_json_or_string(f, d->event, d->event_len);
-    else
-        oq__json_write_string(f, d->event, d->event_len);
-    if (d->dlq_id) {
-        fputs(",\"dlq_id\":", f);
-        oq__json_write_string(f, d->dlq_id, strlen(d->dlq_id));
-    }
-    fputs("}\n", f);
-}
 
 /* An event redriven from the dead letters, sent again with the tag
  * OQ__TAG(OQ__TAG_REDRIVE, seq). */
@@ -1195,10 +954,10 @@ static int write_results_db(run *r)
     }
     if (rc != 0) {
         fprintf(stderr, "onceq run: %s\n", oq__store_error(r->store));
-        out_discard(&r->out, false);
+        oq__out_discard(&r->out, false);
         return 3;
     }
-    return out_commit(&r->out, "onceq run");
+    return oq__out_commit(&r->out, "onceq run");
 }
 
 typedef struct dead_out {
@@ -1223,14 +982,14 @@ static int write_dlq_db(run *r, uint64_t *count)
     *count = o.n;
     if (rc != 0) {
         fprintf(stderr, "onceq run: %s\n", oq__store_error(r->store));
-        out_discard(&r->dlq, false);
+        oq__out_discard(&r->dlq, false);
         return 3;
     }
     if (o.n == 0) {
-        out_discard(&r->dlq, true);
+        oq__out_discard(&r->dlq, true);
         return 0;
     }
-    return out_commit(&r->dlq, "onceq run");
+    return oq__out_commit(&r->dlq, "onceq run");
 }
 
 /* The handler and id settings a state was made with must not change. */
@@ -1612,7 +1371,7 @@ static int write_stats(run *r, const totals *t)
     if (r->stats.f == NULL)
         return 0;
     write_stats_json(r->stats.f, r, t);
-    return out_commit(&r->stats, "onceq run");
+    return oq__out_commit(&r->stats, "onceq run");
 }
 
 static void summary(const run *r, const totals *t, int sig)
@@ -1792,9 +1551,9 @@ static void close_all(run *r)
     oq__metrics_stop(r->metrics);
     r->metrics = NULL;
     /* Outputs not finished (a run that did not start): left as they were. */
-    out_discard(&r->out, false);
-    out_discard(&r->dlq, false);
-    out_discard(&r->stats, false);
+    oq__out_discard(&r->out, false);
+    oq__out_discard(&r->dlq, false);
+    oq__out_discard(&r->stats, false);
     oq_pool_free(r->p);
     if (r->store)
         close_state(r);
@@ -1850,131 +1609,14 @@ static int wait_done(run *r, const sigset_t *sigs)
     }
 }
 
-/* ----------------------------------------------- where outputs may go */
-
-/* What a path leads to, to compare two paths: a regular file by device
- * and inode, a path with no file yet by its absolute name (its directory
- * resolved), and anything else (a device, a pipe: written in place, so
- * nothing is clobbered) not at all. */
-typedef struct place {
-    enum { P_NONE, P_FILE, P_NAME } kind;
-    dev_t dev;
-    ino_t ino;
-    char name[PATH_MAX + 256];
-} place;
-
-static void place_of(const char *path, place *pl)
-{
-    const char *slash = strrchr(path, '/');
-    char dir[PATH_MAX], real[PATH_MAX];
-    struct stat st;
-
-    memset(pl, 0, sizeof(*pl));
-    if (stat(path, &st) == 0) {
-        if (S_ISREG(st.st_mode)) {
-            pl->kind = P_FILE;
-            pl->dev = st.st_dev;
-            pl->ino = st.st_ino;
-        }
-        return;
-    }
-    if (slash == NULL)
-        snprintf(dir, sizeof(dir), ".");
-    else
-        snprintf(dir, sizeof(dir), "%.*s", (int)(slash - path + 1), path);
-    pl->kind = P_NAME;
-    snprintf(pl->name, sizeof(pl->name), "%s/%s",
-             realpath(dir, real) ? real : dir, slash ? slash + 1 : path);
-}
-
-static void place_of_fd(int fd, place *pl)
-{
-    struct stat st;
-
-    memset(pl, 0, sizeof(*pl));
-    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
-        pl->kind = P_FILE;
-        pl->dev = st.st_dev;
-        pl->ino = st.st_ino;
-    }
-}
-
-static bool same_place(const place *a, const place *b)
-{
-    if (a->kind != b->kind || a->kind == P_NONE)
-        return false;
-    return a->kind == P_FILE ? a->dev == b->dev && a->ino == b->ino
-                             : strcmp(a->name, b->name) == 0;
-}
-
-/* Refuses an output (-o, --dlq, --stats) that would be written over the
- * state, its WAL, shared-memory or lock file, an input, or another output:
- * the rename at the end would destroy it. Checked before anything runs. */
-static int check_outputs(const oq__run_config *c, char *err, size_t errlen)
-{
-    static const char *const suffix[] = { "", "-wal", "-shm", ".lock" };
-    static const char *const what[] = { "the state file", "the state's WAL",
-                                        "the state's shared memory",
-                                        "the state's lock file" };
-    const struct { const char *opt, *path; } out[] = {
-        { "-o", c->out_path }, { "--dlq", c->dlq_path },
-        { "--stats", c->stats_path }, { "--metrics", c->metrics_path },
-    };
-    enum { NOUT = sizeof(out) / sizeof(out[0]) };
-    place *o = oq__calloc(NOUT, sizeof(*o)), *x = oq__malloc(sizeof(*x));
-    char name[PATH_MAX + 16];
-    int rc = 0;
-
-    if (o == NULL || x == NULL) {
-        snprintf(err, errlen, "%s", oq_strerror(OQ_ENOMEM));
-        rc = OQ_ENOMEM;
-        goto out;
-    }
-    for (int i = 0; i < NOUT && rc == 0; i++) {
-        const char *is = NULL, *which = "";
-        if (out[i].path == NULL || strcmp(out[i].path, "-") == 0)
-            continue;
-        place_of(out[i].path, &o[i]);
-        for (int k = 0; k < i && is == NULL; k++)
-            if (same_place(&o[i], &o[k]))
-                is = "also", which = out[k].opt;
-        for (int k = 0; c->state_path && k < 4 && is == NULL; k++) {
-            snprintf(name, sizeof(name), "%s%s", c->state_path, suffix[k]);
-            place_of(name, x);
-            if (same_place(&o[i], x))
-                is = what[k], which = name;
-        }
-        for (unsigned k = 0; k < OQ__MAX(c->ninputs, 1u) && is == NULL; k++) {
-            const char *in = c->ninputs ? c->inputs[k] : "-";
-            if (strcmp(in, "-") == 0)
-                place_of_fd(STDIN_FILENO, x);
-            else
-                place_of(in, x);
-            if (same_place(&o[i], x))
-                is = "input", which = strcmp(in, "-") ? in : "<stdin>";
-        }
-        if (is != NULL) {
-            snprintf(err, errlen, "%s '%.150s' is %s '%.150s': it would be "
-                     "overwritten (choose another path)", out[i].opt,
-                     out[i].path, is, which);
-            rc = OQ_EINVAL;
-        }
-    }
-out:
-    oq__free(o);
-    oq__free(x);
-    return rc;
-}
-
-/* Opens the outputs, before anything runs. */
 static int open_outputs(run *r, char *err, size_t errlen)
 {
     const oq__run_config *c = r->c;
 
-    if (out_begin(&r->out, c->out_path ? c->out_path : "-", "results", err,
+    if (oq__out_begin(&r->out, c->out_path ? c->out_path : "-", "results", err,
                   errlen) != 0 ||
-        out_begin(&r->dlq, c->dlq_path, "dead letters", err, errlen) != 0 ||
-        out_begin(&r->stats, c->stats_path, "stats", err, errlen) != 0)
+        oq__out_begin(&r->dlq, c->dlq_path, "dead letters", err, errlen) != 0 ||
+        oq__out_begin(&r->stats, c->stats_path, "stats", err, errlen) != 0)
         return OQ_EIO;
     return 0;
 }
@@ -2036,7 +1678,7 @@ int oq__run(const oq__run_config *c)
     r->c = c;
     r->t0_ms = oq_clock_now(NULL);
     r->wall0_ms = wall_ms();
-    if (check_outputs(c, err, sizeof(err)) != 0 ||
+    if (oq__check_outputs(c, err, sizeof(err)) != 0 ||
         open_outputs(r, err, sizeof(err)) != 0 ||
         open_all(r, err, sizeof(err)) != 0 ||
         (c->state_path && open_state(r, err, sizeof(err)) != 0)) {
@@ -2077,9 +1719,9 @@ int oq__run(const oq__run_config *c)
              * its thread may still touch. */
             get_totals(r, &t);
             summary(r, &t, sig > 0 ? sig : 0);
-            out_discard(&r->out, false);
-            out_discard(&r->dlq, false);
-            out_discard(&r->stats, false);
+            oq__out_discard(&r->out, false);
+            oq__out_discard(&r->dlq, false);
+            oq__out_discard(&r->stats, false);
             _exit(sig == SIGINT ? 130 : sig == SIGTERM ? 143 : 3);
         }
     } else {
@@ -2128,8 +1770,8 @@ int oq__run(const oq__run_config *c)
     }
     if (state_failed) {
         /* The outputs stay as they were; a rerun resumes and writes them. */
-        out_discard(&r->out, false);
-        out_discard(&r->dlq, false);
+        oq__out_discard(&r->out, false);
+        oq__out_discard(&r->dlq, false);
         write_stats(r, &t);
     } else
         status = finish(r, &t, status, &ndead);
