@@ -595,4 +595,122 @@ bool oq__committer_failed(oq__committer *c, char *err, size_t errlen);
 void oq__committer_stats_get(oq__committer *c, oq__committer_stats *out);
 void oq__committer_free(oq__committer *c);
 
+/* ------------------------------------------------ runner.c and resume.c */
+
+/* One `onceq run` in memory or with --state: the state shared by
+ * runner.c (reader, sink, outputs, the run) and resume.c (durable
+ * runs). */
+typedef struct oq__run_sink {
+    /* Records are written in input order, at each event's first line.
+     * Immutable after setup. */
+    bool track_first;
+    oq__reorder *ro;         /* the records' buffer (memory mode), or NULL */
+    oq__replies *replies; /* --replies: duplicates get their reply again */
+    pthread_mutex_t mu;  /* guards parts (registration only); a leaf */
+    struct part *parts;
+    /* The merged result, written by merge_parts() only. */
+    oq_memsink *counts;
+    int rc;              /* an allocation failed in a callback or merge */
+} oq__run_sink;
+
+typedef struct oq__dl_item {
+    uint64_t tag;
+    oq_dlq_reason reason;
+    uint32_t attempts;
+    int64_t sent_ms, dead_ms;
+    char *error;
+    size_t len;
+    char payload[];
+} oq__dl_item;
+
+typedef struct oq__dl_list {
+    oq__dl_item **v;
+    size_t n, cap;
+    int rc;
+} oq__dl_list;
+
+/* An event redriven from the dead letters, sent again with the tag
+ * OQ__TAG(OQ__TAG_REDRIVE, seq). */
+typedef struct oq__redrive_ent {
+    int64_t seq;
+    uint64_t tag;        /* the original input position */
+    uint32_t attempts;   /* before the redrive (0 after --reset-attempts) */
+    char *source;
+    char *history;
+} oq__redrive_ent;
+
+typedef struct oq__runner oq__runner;
+struct oq__runner {
+    const oq__run_config *c;
+    oq_queue *q;
+    oq_idset *s;
+    oq_pool *p;
+    oq__reader *reader;
+    oq__handler h;
+    oq__idspec idspec;
+    oq__run_sink rs;
+    oq__outfile out, dlq, stats; /* -o, --dlq, --stats: open from the start */
+    oq__dl_list dead;            /* dead letters taken so far; main thread */
+
+    /* Written by the reader thread, read by the main thread. */
+    _Atomic uint64_t lines, blank;
+    _Atomic int reader_done;
+    _Atomic int stop;
+    int reader_rc;              /* set once reader_done; read by main */
+    char reader_err[512];
+    /* The reader role: one thread at a time reads input lines and sends
+     * them (a worker whose queue ran dry, or the reader thread). reader_mu
+     * guards pb and the reader (oq__reader_next); taken with trylock by
+     * workers, never held across anything but reading and sending. */
+    pthread_mutex_t reader_mu;
+    struct pending *pb;
+    unsigned read_file;         /* the input of the last line read */
+    oq__mem_ledger mem;         /* the memory ledger */
+    oq__replies *replies;       /* --replies, or NULL */
+    bool reader_thread;         /* a thread reads (fewer workers than
+                                   cores), else the workers do */
+
+    int64_t t0_ms;
+    int64_t wall0_ms;           /* wall clock at t0, for dead-letter times */
+    oq__metrics *metrics;       /* --metrics / --metrics-listen, or NULL */
+    _Atomic int pool_up;        /* r->p is set (for the metrics threads) */
+
+    /* Durable mode (--state); see the DURABLE section below. The store is
+     * the committer thread's while it runs, the main thread's otherwise. */
+    oq__store *store;
+    oq__committer *cm;
+    oq__tracker *tracker;       /* thread-safe */
+    uint64_t *stale_dead;       /* per input: see oq__committer_opts */
+    int load_rc;                /* loading the processed ids failed */
+    struct oq__redrive_ent *redrive; /* read-only once the run starts */
+    size_t nredrive;
+    uint64_t skipped;           /* resumed_skipped_lines */
+    uint64_t loaded_ids;        /* processed ids loaded at the start */
+    int64_t load_ms;            /* time to load them, ms */
+};
+
+typedef struct oq__totals {
+    uint64_t lines, blank, processed, duplicates, dead, unfinished;
+    uint64_t dead_by[OQ_DLQ__COUNT];
+    uint64_t retried, redelivered, fenced, bytes, lease_extensions;
+    double elapsed_s;
+    /* Durable mode. */
+    uint64_t redriven, skipped, commits, commit_events, commit_max;
+    uint64_t db_processed, db_dead, db_bytes;
+    int64_t write_ms, finish_ms;
+} oq__totals;
+
+/* runner.c */
+int oq__send_all(oq__runner *r, oq_message *m, size_t n);
+void oq__write_stats_json(FILE *f, const oq__runner *r, const oq__totals *t);
+/* resume.c */
+int oq__open_state(oq__runner *r, char *err, size_t errlen);
+void oq__close_state(oq__runner *r);
+void oq__state_totals(oq__runner *r, oq__totals *t);
+void oq__write_state_stats(FILE *f, const oq__runner *r, const oq__totals *t);
+int oq__write_results_db(oq__runner *r);
+int oq__write_dlq_db(oq__runner *r, uint64_t *count);
+void oq__save_last_run(oq__runner *r, const oq__totals *t);
+void oq__durable_dup(const oq_event *ev, void *arg);
+
 #endif /* OQ_CLI_H */

@@ -69,21 +69,9 @@
 typedef struct part {
     oq_memsink *counts;  /* its own lock, never contended */
     int rc;              /* an allocation failed */
-    struct part *next;   /* run_sink.parts; set once, under run_sink.mu */
+    struct part *next;   /* oq__run_sink.parts; set once, under oq__run_sink.mu */
 } part;
 
-typedef struct run_sink {
-    /* Records are written in input order, at each event's first line.
-     * Immutable after setup. */
-    bool track_first;
-    oq__reorder *ro;         /* the records' buffer (memory mode), or NULL */
-    oq__replies *replies; /* --replies: duplicates get their reply again */
-    pthread_mutex_t mu;  /* guards parts (registration only); a leaf */
-    part *parts;
-    /* The merged result, written by merge_parts() only. */
-    oq_memsink *counts;
-    int rc;              /* an allocation failed in a callback or merge */
-} run_sink;
 
 static void part_free(part *p)
 {
@@ -92,9 +80,9 @@ static void part_free(part *p)
 }
 
 /* This thread's part of rs, made on first use. NULL: out of memory. */
-static part *my_part(run_sink *rs)
+static part *my_part(oq__run_sink *rs)
 {
-    static _Thread_local run_sink *owner;
+    static _Thread_local oq__run_sink *owner;
     static _Thread_local part *mine;
     part *p;
 
@@ -117,7 +105,7 @@ static part *my_part(run_sink *rs)
 
 static void run_duplicate(const oq_event *ev, void *arg)
 {
-    run_sink *rs = arg;
+    oq__run_sink *rs = arg;
 
     if (rs->ro != NULL)
         oq__reorder_dup(rs->ro, ev);
@@ -131,7 +119,7 @@ static void run_duplicate(const oq_event *ev, void *arg)
  * buffer, every processed event settles its line there, records or not. */
 static int run_apply(const oq_event *ev, const oq_txn *txn, void *arg)
 {
-    run_sink *rs = arg;
+    oq__run_sink *rs = arg;
     int rc;
 
     if (oq_txn_ncounts(txn) > 0) {
@@ -147,7 +135,7 @@ static int run_apply(const oq_event *ev, const oq_txn *txn, void *arg)
 }
 
 /* Folds every part into rs (after the pool stopped: no worker writes). */
-static void merge_parts(run_sink *rs)
+static void merge_parts(oq__run_sink *rs)
 {
     part *p;
 
@@ -161,30 +149,16 @@ static void merge_parts(run_sink *rs)
     pthread_mutex_unlock(&rs->mu);
 }
 
-typedef struct dl_item {
-    uint64_t tag;
-    oq_dlq_reason reason;
-    uint32_t attempts;
-    int64_t sent_ms, dead_ms;
-    char *error;
-    size_t len;
-    char payload[];
-} dl_item;
 
-typedef struct dl_list {
-    dl_item **v;
-    size_t n, cap;
-    int rc;
-} dl_list;
 
 static void take_dead(const oq_dead_letter *dl, void *arg)
 {
-    dl_list *l = arg;
-    dl_item *it;
+    oq__dl_list *l = arg;
+    oq__dl_item *it;
 
     if (l->n == l->cap) {
         size_t ncap = l->cap ? l->cap * 2 : 64;
-        dl_item **nv = oq__realloc(l->v, ncap * sizeof(*nv));
+        oq__dl_item **nv = oq__realloc(l->v, ncap * sizeof(*nv));
         if (nv == NULL) {
             l->rc = OQ_ENOMEM;
             return;
@@ -210,7 +184,7 @@ static void take_dead(const oq_dead_letter *dl, void *arg)
     l->v[l->n++] = it;
 }
 
-static void dl_free(dl_list *l)
+static void dl_free(oq__dl_list *l)
 {
     for (size_t i = 0; i < l->n; i++) {
         free(l->v[i]->error);
@@ -220,56 +194,8 @@ static void dl_free(dl_list *l)
     memset(l, 0, sizeof(*l));
 }
 
-/* ------------------------------------------------------------- the run */
+/* ------------------------------------------------------------- the oq__runner */
 
-typedef struct run {
-    const oq__run_config *c;
-    oq_queue *q;
-    oq_idset *s;
-    oq_pool *p;
-    oq__reader *reader;
-    oq__handler h;
-    oq__idspec idspec;
-    run_sink rs;
-    oq__outfile out, dlq, stats; /* -o, --dlq, --stats: open from the start */
-    dl_list dead;            /* dead letters taken so far; main thread */
-
-    /* Written by the reader thread, read by the main thread. */
-    _Atomic uint64_t lines, blank;
-    _Atomic int reader_done;
-    _Atomic int stop;
-    int reader_rc;              /* set once reader_done; read by main */
-    char reader_err[512];
-    /* The reader role: one thread at a time reads input lines and sends
-     * them (a worker whose queue ran dry, or the reader thread). reader_mu
-     * guards pb and the reader (oq__reader_next); taken with trylock by
-     * workers, never held across anything but reading and sending. */
-    pthread_mutex_t reader_mu;
-    struct pending *pb;
-    unsigned read_file;         /* the input of the last line read */
-    oq__mem_ledger mem;         /* the memory ledger */
-    oq__replies *replies;       /* --replies, or NULL */
-    bool reader_thread;         /* a thread reads (fewer workers than
-                                   cores), else the workers do */
-
-    int64_t t0_ms;
-    int64_t wall0_ms;           /* wall clock at t0, for dead-letter times */
-    oq__metrics *metrics;       /* --metrics / --metrics-listen, or NULL */
-    _Atomic int pool_up;        /* r->p is set (for the metrics threads) */
-
-    /* Durable mode (--state); see the DURABLE section below. The store is
-     * the committer thread's while it runs, the main thread's otherwise. */
-    oq__store *store;
-    oq__committer *cm;
-    oq__tracker *tracker;       /* thread-safe */
-    uint64_t *stale_dead;       /* per input: see oq__committer_opts */
-    int load_rc;                /* loading the processed ids failed */
-    struct redrive_ent *redrive; /* read-only once the run starts */
-    size_t nredrive;
-    uint64_t skipped;           /* resumed_skipped_lines */
-    uint64_t loaded_ids;        /* processed ids loaded at the start */
-    int64_t load_ms;            /* time to load them, ms */
-} run;
 
 static int64_t wall_ms(void)
 {
@@ -281,7 +207,7 @@ static int64_t wall_ms(void)
 /* Sends n messages; a message the queue could not take for lack of memory
  * is tried again, after a pause, rather than lost. Returns 0, or OQ_ENOMEM
  * if memory did not come back within about ten seconds. */
-static int send_all(run *r, oq_message *m, size_t n)
+int oq__send_all(oq__runner *r, oq_message *m, size_t n)
 {
     int res[SEND_BATCH];
     struct timespec nap = { 0, 1000 * 1000 };
@@ -308,7 +234,7 @@ static int send_all(run *r, oq_message *m, size_t n)
  * buffer that failed may not move any more: it does not hold the reader. */
 /* Must the reader wait before it reads on: the queue holds a lot, or the
  * reorder window is full? */
-static bool must_wait(run *r)
+static bool must_wait(oq__runner *r)
 {
     oq__reorder *ro = r->rs.ro;
     oq_queue_stats st;
@@ -323,7 +249,7 @@ static bool must_wait(run *r)
 
 /* The reader thread waits while it must (a worker reading never does: see
  * read_some). */
-static void throttle(run *r)
+static void throttle(oq__runner *r)
 {
     struct timespec nap = { 0, 1000 * 1000 };
 
@@ -331,7 +257,7 @@ static void throttle(run *r)
         nanosleep(&nap, NULL);
 }
 
-static int reject_too_large(run *r, const oq__line *l)
+static int reject_too_large(oq__runner *r, const oq__line *l)
 {
     char err[128];
     oq_message m = { NULL, 0, l->data, l->len, 0, TAG(l->file, l->lineno) };
@@ -350,7 +276,7 @@ static int reject_too_large(run *r, const oq__line *l)
 
 /* The reader thread's batch of lines not sent yet. */
 typedef struct pending {
-    run *r;
+    oq__runner *r;
     oq_message m[SEND_BATCH];
     char *arena;    /* the lines' bytes (oq__reader_next reuses its buffer) */
     size_t cap, used, n;
@@ -365,7 +291,7 @@ static void flush(void *arg)
 {
     pending *pb = arg;
     if (pb->n > 0 && pb->rc == 0)
-        pb->rc = send_all(pb->r, pb->m, pb->n);
+        pb->rc = oq__send_all(pb->r, pb->m, pb->n);
     pb->n = pb->used = 0;
 }
 
@@ -379,7 +305,7 @@ static void add_line(pending *pb, const oq__line *l)
     }
     if (l->len > pb->cap) {
         if (pb->rc == 0)
-            pb->rc = send_all(pb->r, &one, 1);
+            pb->rc = oq__send_all(pb->r, &one, 1);
         return;
     }
     memcpy(pb->arena + pb->used, l->data, l->len);
@@ -395,7 +321,7 @@ static void add_line(pending *pb, const oq__line *l)
  * would take a core's time from them). ONCEQ_READER=thread or =workers
  * chooses between the two for regular files, for benchmarks.
  */
-static int start_reading(run *r)
+static int start_reading(oq__runner *r)
 {
     const char *force = getenv("ONCEQ_READER");
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -427,7 +353,7 @@ static int start_reading(run *r)
 }
 
 /* The input is done (its end, a stop, or an error): no more sends. */
-static void end_reading(run *r, int rc)
+static void end_reading(oq__runner *r, int rc)
 {
     pending *pb = r->pb;
 
@@ -444,7 +370,7 @@ static void end_reading(run *r, int rc)
 
 /* The reader role (r->reader_mu held): reads up to max lines and sends
  * them. Returns false once the input is done. */
-static bool read_some(run *r, size_t max)
+static bool read_some(oq__runner *r, size_t max)
 {
     pending *pb = r->pb;
     oq__reorder *ro = r->rs.ro;
@@ -497,7 +423,7 @@ static bool read_some(run *r, size_t max)
 
 static void *reader_main(void *arg)
 {
-    run *r = arg;
+    oq__runner *r = arg;
 
     pthread_mutex_lock(&r->reader_mu);
     while (read_some(r, SIZE_MAX))
@@ -516,7 +442,7 @@ static void *reader_main(void *arg)
 static int feed_receive(void *ctx, oq_delivery *out, size_t max,
                         int64_t wait_ms)
 {
-    run *r = ctx;
+    oq__runner *r = ctx;
     int n = oq_queue_receive(r->q, out, max, 0);
 
     /* Fewer than asked: the queue is running dry. Refill it before it
@@ -533,13 +459,13 @@ static int feed_receive(void *ctx, oq_delivery *out, size_t max,
 
 static void feed_settle(void *ctx, oq_settle *ops, size_t n)
 {
-    run *r = ctx;
+    oq__runner *r = ctx;
     oq__mem_queue_methods.settle(r->q, ops, n);
 }
 
 static void feed_wake(void *backend)
 {
-    run *r = backend;
+    oq__runner *r = backend;
     oq_queue_wake(r->q);
 }
 
@@ -555,18 +481,8 @@ static const oq__queue_methods feed_methods = {
 
 /* ------------------------------------------------------------ results */
 
-typedef struct totals {
-    uint64_t lines, blank, processed, duplicates, dead, unfinished;
-    uint64_t dead_by[OQ_DLQ__COUNT];
-    uint64_t retried, redelivered, fenced, bytes, lease_extensions;
-    double elapsed_s;
-    /* Durable mode. */
-    uint64_t redriven, skipped, commits, commit_events, commit_max;
-    uint64_t db_processed, db_dead, db_bytes;
-    int64_t write_ms, finish_ms;
-} totals;
 
-static void get_totals(run *r, totals *t)
+static void get_totals(oq__runner *r, oq__totals *t)
 {
     oq_queue_stats qs;
     oq_pool_stats ps;
@@ -607,9 +523,9 @@ static void get_totals(run *r, totals *t)
  * threads; everything it reads is atomic or behind a leaf lock. */
 static void metrics_snap(oq__metrics_snap *m, void *arg)
 {
-    run *r = arg;
+    oq__runner *r = arg;
     oq_queue_stats qs;
-    totals t;
+    oq__totals t;
 
     if (atomic_load(&r->pool_up) == 0)
         return; /* the first write, before the run starts: all zero */
@@ -629,7 +545,7 @@ static void metrics_snap(oq__metrics_snap *m, void *arg)
 }
 
 /* The counts every mode reports (run.c writes them). */
-static void counts_of(const run *r, const totals *t, oq__run_counts *n)
+static void counts_of(const oq__runner *r, const oq__totals *t, oq__run_counts *n)
 {
     memset(n, 0, sizeof(*n));
     n->lines = t->lines;
@@ -648,9 +564,9 @@ static void counts_of(const run *r, const totals *t, oq__run_counts *n)
     n->elapsed_s = t->elapsed_s;
 }
 
-static void progress_line(run *r)
+static void progress_line(oq__runner *r)
 {
-    totals t;
+    oq__totals t;
     oq__run_counts n;
     oq_queue_stats qs;
     uint64_t done, total;
@@ -674,14 +590,14 @@ static void progress_line(run *r)
 
 static int dl_by_tag(const void *a, const void *b)
 {
-    const dl_item *x = *(dl_item *const *)a, *y = *(dl_item *const *)b;
+    const oq__dl_item *x = *(oq__dl_item *const *)a, *y = *(oq__dl_item *const *)b;
     return (x->tag > y->tag) - (x->tag < y->tag);
 }
 
 /* One dead letter of the queue as a JSON line: the one writer of dead
  * letters (oq__write_dead_row), with times on the wall clock and the id
  * found again in the event (the queue keeps none for raw lines). */
-static void write_dead(FILE *f, run *r, const dl_item *it)
+static void write_dead(FILE *f, oq__runner *r, const oq__dl_item *it)
 {
     const char *src = oq__reader_path(r->reader, TAG_FILE(it->tag));
     char source[4200];
@@ -717,9 +633,9 @@ static void write_dead(FILE *f, run *r, const dl_item *it)
 
 /* Writes the dead letters; with none, the --dlq file is removed (no
  * stale one from an earlier run). Returns 0 or an exit status. */
-static int write_dlq(run *r, uint64_t *count)
+static int write_dlq(oq__runner *r, uint64_t *count)
 {
-    dl_list l = r->dead; /* those taken while records were written */
+    oq__dl_list l = r->dead; /* those taken while records were written */
     int status = 0;
 
     memset(&r->dead, 0, sizeof(r->dead));
@@ -749,7 +665,7 @@ static int write_dlq(run *r, uint64_t *count)
  * moved the watermark, keeps output I/O out of the workers and of the
  * buffer's lock.
  */
-static void emit_ready(run *r)
+static void emit_ready(oq__runner *r)
 {
     oq__reorder *ro = r->rs.ro;
     size_t n0 = r->dead.n;
@@ -768,7 +684,7 @@ static void emit_ready(run *r)
 
 
 /* Writes the results. Returns 0 or an exit status. */
-static int write_results(run *r)
+static int write_results(oq__runner *r)
 {
     FILE *f = r->out.f;
 
@@ -783,572 +699,9 @@ static int write_results(run *r)
     return oq__out_commit(&r->out, "onceq run");
 }
 
-static void write_stats_json(FILE *f, const run *r, const totals *t);
+void oq__write_stats_json(FILE *f, const oq__runner *r, const oq__totals *t);
 
-/* ============================================================ DURABLE */
-
-/*
- * Durable mode (--state PATH). The pool hands every finished event to the
- * committer (store.c), which writes batches to the SQLite state and only
- * then marks ids DONE and acks; duplicates and the queue's dead letters go
- * through it too, so a line is settled only once what it did is on disk.
- * The reader tells the tracker about every line it reads, so the committer
- * can move each source's watermark over the settled prefix in the same
- * transaction. At the start, the processed ids are loaded into the idset,
- * each input skips to its watermark (after an identity check), and events
- * redriven from the dead letters are sent first. At the end the results and
- * dead letters are written from the state, never from memory.
- */
-
-
-
-/* An event redriven from the dead letters, sent again with the tag
- * OQ__TAG(OQ__TAG_REDRIVE, seq). */
-typedef struct redrive_ent {
-    int64_t seq;
-    uint64_t tag;        /* the original input position */
-    uint32_t attempts;   /* before the redrive (0 after --reset-attempts) */
-    char *source;
-    char *history;
-} redrive_ent;
-
-static const redrive_ent *find_redrive(const run *r, uint64_t tag)
-{
-    size_t lo = 0, hi = r->nredrive;
-    int64_t seq = (int64_t)OQ__TAG_LINE(tag);
-
-    if (OQ__TAG_FILE(tag) != OQ__TAG_REDRIVE)
-        return NULL;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (r->redrive[mid].seq == seq)
-            return &r->redrive[mid];
-        if (r->redrive[mid].seq < seq)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return NULL;
-}
-
-static uint64_t position(uint64_t tag, void *arg)
-{
-    const redrive_ent *e = find_redrive(arg, tag);
-    return e ? e->tag : tag;
-}
-
-static int64_t to_wall(const run *r, int64_t mono_ms)
-{
-    return r->wall0_ms + (mono_ms - r->t0_ms);
-}
-
-/* The committer's describe hook: see oq__committer_opts. */
-static void describe(oq__dead_row *row, char *buf, size_t buflen, void *arg)
-{
-    run *r = arg;
-    const redrive_ent *e = find_redrive(r, row->tag);
-    size_t used = 0;
-
-    if (e) {
-        row->tag = e->tag;
-        row->attempts += e->attempts;
-        row->source = e->source;
-        row->history = e->history;
-    } else {
-        const char *src = oq__reader_path(r->reader, OQ__TAG_FILE(row->tag));
-        int n = snprintf(buf, buflen, "%s:%" PRIu64,
-                         strcmp(src, "-") == 0 ? "<stdin>" : src,
-                         (uint64_t)OQ__TAG_LINE(row->tag));
-        row->source = buf;
-        used = n < 0 ? buflen : OQ__MIN((size_t)n + 1, buflen);
-    }
-    if (row->id == NULL && strcmp(row->reason, "parse_error") != 0 &&
-        strcmp(row->reason, "too_large") != 0) {
-        oq_event ev = { 0 };
-        oq_decoded dec;
-        memset(&dec, 0, sizeof(dec));
-        ev.payload = row->event;
-        ev.payload_len = row->event_len;
-        if (oq__json_decode(&ev, &dec, &r->idspec) == 0 &&
-            dec.id_len <= buflen - used) {
-            memcpy(buf + used, dec.id, dec.id_len);
-            row->id = buf + used;
-            row->id_len = dec.id_len;
-        }
-        if (dec.parsed)
-            oq__json_free(dec.parsed, &r->idspec);
-    }
-    row->first_seen_ms = to_wall(r, row->first_seen_ms);
-    row->dead_ms = to_wall(r, row->dead_ms);
-}
-
-static void durable_dup(const oq_event *ev, void *arg)
-{
-    oq__committer_duplicate(arg, ev);
-}
-
-static uint64_t file_bytes(const char *path, const char *suffix)
-{
-    char p[4200];
-    struct stat st;
-
-    snprintf(p, sizeof(p), "%s%s", path, suffix);
-    return stat(p, &st) == 0 ? (uint64_t)st.st_size : 0;
-}
-
-static void write_state_stats(FILE *f, const run *r, const totals *t)
-{
-    double avg = t->commits ? (double)t->commit_events / t->commits : 0;
-
-    fprintf(f, ",\"resumed_skipped_lines\":%" PRIu64 ",\"redriven\":%" PRIu64
-            ",\"state\":{\"path\":", t->skipped, t->redriven);
-    oq__json_write_string(f, r->c->state_path, strlen(r->c->state_path));
-    fprintf(f, ",\"loaded_ids\":%" PRIu64 ",\"load_ms\":%" PRId64
-            ",\"commits\":%" PRIu64 ",\"commits_per_s\":%.1f"
-            ",\"events_per_commit_avg\":%.1f,\"events_per_commit_max\":%"
-            PRIu64 ",\"processed_ids\":%" PRIu64 ",\"dead_letters\":%" PRIu64
-            ",\"db_bytes\":%" PRIu64 ",\"write_ms\":%" PRId64
-            ",\"finish_ms\":%" PRId64 "}",
-            r->loaded_ids, r->load_ms, t->commits,
-            t->elapsed_s > 0 ? t->commits / t->elapsed_s : 0, avg,
-            t->commit_max, t->db_processed, t->db_dead, t->db_bytes,
-            t->write_ms, t->finish_ms);
-}
-
-/* Counts of the state, for the stats (main thread, committer stopped). */
-static void state_totals(run *r, totals *t)
-{
-    sqlite3_stmt *s;
-    sqlite3 *db = oq__store_db(r->store);
-
-    if (sqlite3_prepare_v2(db, "SELECT (SELECT count(*) FROM processed "
-                           "WHERE status = 0), (SELECT count(*) FROM "
-                           "dead_letters)", -1, &s, NULL) == SQLITE_OK) {
-        if (sqlite3_step(s) == SQLITE_ROW) {
-            t->db_processed = (uint64_t)sqlite3_column_int64(s, 0);
-            t->db_dead = (uint64_t)sqlite3_column_int64(s, 1);
-        }
-        sqlite3_finalize(s);
-    }
-    t->db_bytes = file_bytes(r->c->state_path, "") +
-                  file_bytes(r->c->state_path, "-wal");
-}
-
-static void put_record(const void *data, size_t len, void *arg)
-{
-    fwrite(data, 1, len, arg);
-    putc('\n', arg);
-}
-
-/* The results, from the state. Returns 0 or an exit status. */
-static int write_results_db(run *r)
-{
-    FILE *f = r->out.f;
-    int rc;
-
-    if (r->h.output == OQ__OUT_COUNTS) {
-        oq__count_out c = { f, r->h.count_key ? r->h.count_key : "key" };
-        rc = oq__store_foreach_count(r->store, oq__write_count, &c);
-    } else {
-        rc = oq__store_foreach_record(r->store, put_record, f);
-    }
-    if (rc != 0) {
-        fprintf(stderr, "onceq run: %s\n", oq__store_error(r->store));
-        oq__out_discard(&r->out, false);
-        return 3;
-    }
-    return oq__out_commit(&r->out, "onceq run");
-}
-
-typedef struct dead_out {
-    FILE *f;
-    uint64_t n;
-} dead_out;
-
-static void put_dead(const oq__dead_row *d, void *arg)
-{
-    dead_out *o = arg;
-    oq__write_dead_row(o->f, d, false);
-    o->n++;
-}
-
-/* The dead letters, from the state; with none, the --dlq file is removed
- * (no stale one). */
-static int write_dlq_db(run *r, uint64_t *count)
-{
-    dead_out o = { r->dlq.f, 0 };
-    int rc = oq__store_foreach_dead(r->store, put_dead, &o);
-
-    *count = o.n;
-    if (rc != 0) {
-        fprintf(stderr, "onceq run: %s\n", oq__store_error(r->store));
-        oq__out_discard(&r->dlq, false);
-        return 3;
-    }
-    if (o.n == 0) {
-        oq__out_discard(&r->dlq, true);
-        return 0;
-    }
-    return oq__out_commit(&r->dlq, "onceq run");
-}
-
-/* The handler and id settings a state was made with must not change. */
-static int check_meta(run *r, char *err, size_t errlen)
-{
-    char want[1024], have[1024];
-    const struct { const char *key; const char *value; } kv[] = {
-        { "handler", want },
-        { "id_field", r->c->id_field },
-    };
-    int rc;
-
-    snprintf(want, sizeof(want), "%s%s", r->c->handler_spec,
-             r->c->emit ? " --emit" : "");
-    for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++) {
-        rc = oq__store_meta_get(r->store, kv[i].key, have, sizeof(have));
-        if (rc == OQ_ENOENT)
-            rc = oq__store_meta_set(r->store, kv[i].key, kv[i].value);
-        else if (rc == 0 && strcmp(have, kv[i].value) != 0) {
-            snprintf(err, errlen, "state '%.200s' was made with %s '%.100s', "
-                     "not '%.100s' (use another --state file)", r->c->state_path,
-                     i == 0 ? "--handler" : "--id-field", have, kv[i].value);
-            return OQ_EINVAL;
-        }
-        if (rc != 0) {
-            snprintf(err, errlen, "%s", oq__store_error(r->store));
-            return rc;
-        }
-    }
-    /* The duplicates counted so far (onceq stats): a state made before
-     * they were counted starts from its watermarks' estimate. */
-    if (sqlite3_exec(oq__store_db(r->store), "INSERT OR IGNORE INTO meta"
-                     "(key, value) SELECT 'duplicates', max(0, (SELECT "
-                     "coalesce(sum(line) - sum(blank), 0) FROM sources) - "
-                     "(SELECT count(*) FROM processed WHERE status = 0) - "
-                     "(SELECT count(*) FROM dead_letters) - (SELECT count(*) "
-                     "FROM redrive))", NULL, NULL, NULL) != SQLITE_OK) {
-        snprintf(err, errlen, "cannot write the state: %s",
-                 sqlite3_errmsg(oq__store_db(r->store)));
-        return OQ_EIO;
-    }
-    /* What `onceq export` needs to write the results like a run: written
-     * once the checks passed, and only when absent (a refused run leaves
-     * the state as it was). */
-    const struct { const char *key; const char *value; } ex[] = {
-        { "output", r->h.output == OQ__OUT_COUNTS ? "counts" : "records" },
-        { "count_key", r->h.count_key ? r->h.count_key : "key" },
-    };
-    for (size_t i = 0; i < sizeof(ex) / sizeof(ex[0]); i++) {
-        rc = oq__store_meta_get(r->store, ex[i].key, have, sizeof(have));
-        if (rc == OQ_ENOENT)
-            rc = oq__store_meta_set(r->store, ex[i].key, ex[i].value);
-        if (rc != 0) {
-            snprintf(err, errlen, "%s", oq__store_error(r->store));
-            return rc;
-        }
-    }
-    return 0;
-}
-
-#define HEAD_BYTES 4096
-
-/* Identity of input i now: fills row (path, dev, ino, size, head).
- * Returns 1 for a regular file, 0 for anything else (not tracked). */
-static int identify(run *r, unsigned i, uint64_t head_len,
-                    oq__source_row *row)
-{
-    int fd = oq__reader_fd(r->reader, i);
-    char head[HEAD_BYTES];
-    struct stat st;
-    ssize_t got;
-
-    /* stdin is never tracked, even redirected from a regular file: it
-     * may be another file at the next run. */
-    if (strcmp(r->c->inputs[i], "-") == 0 || fd < 0 ||
-        fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
-        return 0;
-    memset(row, 0, sizeof(*row));
-    row->file = i;
-    row->path = r->c->inputs[i];
-    row->dev = (uint64_t)st.st_dev;
-    row->ino = (uint64_t)st.st_ino;
-    row->size = (uint64_t)st.st_size;
-    row->head_len = OQ__MIN(head_len, row->size);
-    got = pread(fd, head, row->head_len, 0);
-    row->head_hash = XXH3_64bits(head, got > 0 ? (size_t)got : 0);
-    return 1;
-}
-
-/* Why a saved source does not match the file now; NULL if it does. */
-static const char *changed(const oq__source_row *was, const oq__source_row *now)
-{
-    if (strcmp(was->path, now->path) != 0)
-        return "another file is at this position of the input list";
-    if (was->dev != now->dev || was->ino != now->ino)
-        return "it is another file now (device or inode changed)";
-    if (now->size < was->size || now->size < was->offset)
-        return "it is shorter now (truncated)";
-    if (now->head_len != was->head_len || now->head_hash != was->head_hash)
-        return "its first bytes changed";
-    return NULL;
-}
-
-/* Checks each input against its saved progress and sets where it resumes. */
-static int retire(run *r, unsigned i, char *err, size_t errlen)
-{
-    int rc = oq__store_retire_dead(r->store, i);
-
-    if (rc != 0)
-        snprintf(err, errlen, "%s", oq__store_error(r->store));
-    return rc;
-}
-
-static int resume_sources(run *r, char *err, size_t errlen)
-{
-    /* An input read from its start (stdin, a pipe, a new file, --force) is
-     * a new generation: the dead letters at its positions are another
-     * input's, and are retired (OQ__TAG_RETIRED) so that this run's do not
-     * replace them. Only a resumed file keeps them (a rerun after a crash
-     * replaces a dead letter of the same line). */
-    if (r->c->ninputs == 0)
-        return retire(r, 0, err, errlen); /* implicit stdin */
-    for (unsigned i = 0; i < r->c->ninputs; i++) {
-        oq__source_row was, now;
-        char wpath[4200];
-        const char *why = NULL;
-        int rc;
-
-        if (!identify(r, i, HEAD_BYTES, &now)) {
-            if ((rc = retire(r, i, err, errlen)) != 0)
-                return rc;
-            continue;
-        }
-        rc = oq__store_get_source(r->store, i, &was, wpath, sizeof(wpath));
-        if (rc != 0 && rc != OQ_ENOENT) {
-            snprintf(err, errlen, "%s", oq__store_error(r->store));
-            return rc;
-        }
-        if (rc == OQ_ENOENT) {
-            /* A new file: read from its start. */
-            if ((rc = retire(r, i, err, errlen)) != 0)
-                return rc;
-        } else {
-            /* Compare the head over the length hashed then. */
-            oq__source_row head;
-            identify(r, i, was.head_len, &head);
-            now.head_len = head.head_len;
-            now.head_hash = head.head_hash;
-            if ((why = changed(&was, &now)) != NULL && !r->c->force) {
-                snprintf(err, errlen, "input '%s' changed since state '%s' "
-                         "last read it (%s); refusing to resume (--force "
-                         "reads it again from the start)", r->c->inputs[i],
-                         r->c->state_path, why);
-                return OQ_EINVAL;
-            }
-            if (why == NULL && was.offset > 0) {
-                rc = oq__reader_start_at(r->reader, i, was.offset, was.line);
-                if (rc != 0) {
-                    snprintf(err, errlen, "cannot seek in '%s': %s",
-                             r->c->inputs[i], oq_strerror(rc));
-                    return rc;
-                }
-                now.offset = was.offset;
-                now.line = was.line;
-                now.blank = was.blank;
-                r->skipped += was.line;
-            }
-            if (why == NULL &&
-                (rc = oq__store_max_dead_line(r->store, i, was.line,
-                                              &r->stale_dead[i])) != 0) {
-                snprintf(err, errlen, "%s", oq__store_error(r->store));
-                return rc;
-            } else if (why != NULL) {
-                if (!r->c->quiet)
-                    fprintf(stderr, "onceq run: input '%s' changed (%s); "
-                            "--force: reading it from the start\n",
-                            r->c->inputs[i], why);
-                if ((rc = retire(r, i, err, errlen)) != 0)
-                    return rc;
-            }
-            identify(r, i, HEAD_BYTES, &head);
-            now.head_len = head.head_len;
-            now.head_hash = head.head_hash;
-        }
-        if ((rc = oq__tracker_track(r->tracker, &now)) != 0) {
-            snprintf(err, errlen, "%s", oq_strerror(rc));
-            return rc;
-        }
-    }
-    return 0;
-}
-
-static void load_id(const char *id, size_t len, void *arg)
-{
-    run *r = arg;
-    int rc = oq_idset_insert_done(r->s, id, len);
-
-    if (rc == 0)
-        r->loaded_ids++;
-    else if (rc != OQ_EEXIST && r->load_rc == 0)
-        r->load_rc = rc; /* a processed id not loaded: do not start */
-}
-
-typedef struct redrive_load {
-    run *r;
-    size_t cap;
-    int rc;
-} redrive_load;
-
-static char *dup_str(const char *s)
-{
-    size_t n = strlen(s) + 1;
-    char *p = oq__malloc(n);
-    if (p)
-        memcpy(p, s, n);
-    return p;
-}
-
-static void load_redrive(const oq__dead_row *d, void *arg)
-{
-    redrive_load *l = arg;
-    run *r = l->r;
-    redrive_ent *e;
-    oq_message m;
-
-    if (l->rc != 0)
-        return;
-    if (r->nredrive == l->cap) {
-        size_t ncap = l->cap ? l->cap * 2 : 64;
-        redrive_ent *nv = oq__realloc(r->redrive, ncap * sizeof(*nv));
-        if (nv == NULL) {
-            l->rc = OQ_ENOMEM;
-            return;
-        }
-        r->redrive = nv;
-        l->cap = ncap;
-    }
-    e = &r->redrive[r->nredrive];
-    e->seq = d->seq;
-    e->tag = d->tag;
-    e->attempts = d->attempts;
-    e->source = dup_str(d->source);
-    e->history = dup_str(d->history ? d->history : "[]");
-    if (e->source == NULL || e->history == NULL) {
-        oq__free(e->source);
-        oq__free(e->history);
-        l->rc = OQ_ENOMEM;
-        return;
-    }
-    r->nredrive++;
-    m = (oq_message){ NULL, 0, d->event, d->event_len, 0,
-                      OQ__TAG(OQ__TAG_REDRIVE, (uint64_t)d->seq) };
-    if (send_all(r, &m, 1) != 0)
-        l->rc = OQ_ENOMEM;
-}
-
-static oq__store_sync sync_mode(int sync)
-{
-    return sync == OQ__SYNC_OFF ? OQ__SYNC_OFF
-           : sync == OQ__SYNC_NORMAL ? OQ__SYNC_NORMAL : OQ__SYNC_FULL;
-}
-
-/* Opens the state, checks and resumes the inputs, loads the processed ids,
- * sends the redriven events and starts the committer. */
-static int open_state(run *r, char *err, size_t errlen)
-{
-    const oq__run_config *c = r->c;
-    redrive_load rl = { r, 0, 0 };
-    oq__committer_opts co;
-    int64_t t0;
-    int rc;
-
-    /* Test seam (test/test_durable.py): commits fail after this many, as
-     * on a full disk. */
-    if (getenv("ONCEQ_TEST_STORE_FAIL_AFTER"))
-        oq__store_fail_after(atol(getenv("ONCEQ_TEST_STORE_FAIL_AFTER")));
-    rc = oq__store_open(&r->store, c->state_path,
-                        OQ__STORE_CREATE | OQ__STORE_LOCK, sync_mode(c->sync), err, errlen);
-    if (rc != 0)
-        return rc;
-    if ((rc = check_meta(r, err, errlen)) != 0)
-        return rc;
-    if ((rc = oq__tracker_new(&r->tracker, c->ninputs)) != 0) {
-        snprintf(err, errlen, "%s", oq_strerror(rc));
-        return rc;
-    }
-    r->stale_dead = oq__calloc(c->ninputs ? c->ninputs : 1,
-                               sizeof(*r->stale_dead));
-    if (r->stale_dead == NULL) {
-        snprintf(err, errlen, "%s", oq_strerror(OQ_ENOMEM));
-        return OQ_ENOMEM;
-    }
-    if ((rc = resume_sources(r, err, errlen)) != 0)
-        return rc;
-    t0 = oq_clock_now(NULL);
-    rc = oq__store_foreach_processed(r->store, load_id, r);
-    r->load_ms = oq_clock_now(NULL) - t0;
-    if (rc == 0 && r->load_rc != 0) {
-        snprintf(err, errlen, "cannot load the processed ids of '%s': %s",
-                 c->state_path, oq_strerror(r->load_rc));
-        return r->load_rc;
-    }
-    if (rc == 0)
-        rc = oq__store_foreach_redrive(r->store, load_redrive, &rl);
-    if (rc != 0 || rl.rc != 0) {
-        snprintf(err, errlen, "%s", rc ? oq__store_error(r->store)
-                                       : oq_strerror(rl.rc));
-        return rc ? rc : rl.rc;
-    }
-    memset(&co, 0, sizeof(co));
-    co.store = r->store;
-    co.q = r->q;
-    co.s = r->s;
-    co.tracker = r->tracker;
-    co.batch = c->commit_batch;
-    co.interval_ms = c->commit_interval_ms;
-    co.keep_first = r->rs.track_first;
-    co.describe = describe;
-    co.position = position;
-    co.stale_dead = r->stale_dead;
-    co.nstale = c->ninputs;
-    co.arg = r;
-    if ((rc = oq__committer_start(&r->cm, &co)) != 0)
-        snprintf(err, errlen, "cannot start the committer: %s",
-                 oq_strerror(rc));
-    return rc;
-}
-
-static void close_state(run *r)
-{
-    oq__committer_free(r->cm);
-    oq__tracker_free(r->tracker);
-    for (size_t i = 0; i < r->nredrive; i++) {
-        oq__free(r->redrive[i].source);
-        oq__free(r->redrive[i].history);
-    }
-    oq__free(r->redrive);
-    oq__free(r->stale_dead);
-    oq__store_close(r->store);
-}
-
-/* Saves the run's stats in the state, for `onceq stats`. */
-static void save_last_run(run *r, const totals *t)
-{
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
-
-    if (f == NULL)
-        return;
-    write_stats_json(f, r, t);
-    fclose(f);
-    if (len > 0 && buf[len - 1] == '\n')
-        buf[len - 1] = '\0';
-    oq__store_meta_set(r->store, "last_run", buf);
-    free(buf);
-}
-
-static void write_stats_json(FILE *f, const run *r, const totals *t)
+void oq__write_stats_json(FILE *f, const oq__runner *r, const oq__totals *t)
 {
     oq__run_counts n;
 
@@ -1362,19 +715,19 @@ static void write_stats_json(FILE *f, const run *r, const totals *t)
                 ",\"duplicate_replies\":%" PRIu64, req, rep, dup);
     }
     if (r->store)
-        write_state_stats(f, r, t);
+        oq__write_state_stats(f, r, t);
     fputs("}\n", f);
 }
 
-static int write_stats(run *r, const totals *t)
+static int write_stats(oq__runner *r, const oq__totals *t)
 {
     if (r->stats.f == NULL)
         return 0;
-    write_stats_json(r->stats.f, r, t);
+    oq__write_stats_json(r->stats.f, r, t);
     return oq__out_commit(&r->stats, "onceq run");
 }
 
-static void summary(const run *r, const totals *t, int sig)
+static void summary(const oq__runner *r, const oq__totals *t, int sig)
 {
     oq__run_counts n;
 
@@ -1388,7 +741,7 @@ static void summary(const run *r, const totals *t, int sig)
 
 /* ----------------------------------------------------------- setup */
 
-static int open_all(run *r, char *err, size_t errlen)
+static int open_all(oq__runner *r, char *err, size_t errlen)
 {
     const oq__run_config *c = r->c;
     static const char *const stdin_only[] = { "-" };
@@ -1452,7 +805,7 @@ nomem:
  * before its id is claimed. */
 static int run_decode(const oq_event *ev, oq_decoded *out, void *arg)
 {
-    run *r = arg;
+    oq__runner *r = arg;
     oq_event scanned = *ev;
     const oq__jdoc *d;
     void *own = NULL;
@@ -1476,11 +829,11 @@ static int run_decode(const oq_event *ev, oq_decoded *out, void *arg)
 
 static void run_free(void *parsed, void *arg)
 {
-    run *r = arg;
+    oq__runner *r = arg;
     oq__json_free(parsed, &r->idspec);
 }
 
-static int start_pool(run *r)
+static int start_pool(oq__runner *r)
 {
     oq_pool_opts po;
     int rc;
@@ -1508,7 +861,7 @@ static int start_pool(run *r)
             return OQ_ENOMEM;
     }
     if (r->cm)
-        po.sink = (oq_sink){ NULL, r->cm, durable_dup };
+        po.sink = (oq_sink){ NULL, r->cm, oq__durable_dup };
     r->mem = (oq__mem_ledger){ .s = r->s, .sink = po.sink };
     po.decode = oq__json_decode;
     po.free_parsed = oq__json_free;
@@ -1545,7 +898,7 @@ static int start_pool(run *r)
     return 0;
 }
 
-static void close_all(run *r)
+static void close_all(oq__runner *r)
 {
     /* First: its threads read the queue and the pool. */
     oq__metrics_stop(r->metrics);
@@ -1556,7 +909,7 @@ static void close_all(run *r)
     oq__out_discard(&r->stats, false);
     oq_pool_free(r->p);
     if (r->store)
-        close_state(r);
+        oq__close_state(r);
     if (r->replies) {
         char err[512];
         oq__replies_close(r->replies, err, sizeof(err));
@@ -1586,7 +939,7 @@ static void close_all(run *r)
 }
 
 /* Waits for the end of the run or a signal; returns the signal or 0. */
-static int wait_done(run *r, const sigset_t *sigs)
+static int wait_done(oq__runner *r, const sigset_t *sigs)
 {
     /* Look for the end every 5 ms; draw progress every 200 ms. */
     struct timespec tick = { 0, 5 * 1000 * 1000 };
@@ -1609,7 +962,7 @@ static int wait_done(run *r, const sigset_t *sigs)
     }
 }
 
-static int open_outputs(run *r, char *err, size_t errlen)
+static int open_outputs(oq__runner *r, char *err, size_t errlen)
 {
     const oq__run_config *c = r->c;
 
@@ -1622,14 +975,14 @@ static int open_outputs(run *r, char *err, size_t errlen)
 }
 
 /* Writes the results, dead letters and stats; returns the exit status. */
-static int finish(run *r, const totals *t, int status, uint64_t *ndead)
+static int finish(oq__runner *r, const oq__totals *t, int status, uint64_t *ndead)
 {
     int st2;
 
     if (r->store) {
-        st2 = write_results_db(r);
+        st2 = oq__write_results_db(r);
         status = status ? status : st2;
-        st2 = write_dlq_db(r, ndead);
+        st2 = oq__write_dlq_db(r, ndead);
         status = status ? status : st2;
     } else {
         st2 = write_results(r);
@@ -1652,7 +1005,7 @@ static int finish(run *r, const totals *t, int status, uint64_t *ndead)
 
 /* Stops everything early (a signal, or the state could not commit). Returns
  * false if a handler is stuck (the caller must _exit). */
-static bool stop_early(run *r)
+static bool stop_early(oq__runner *r)
 {
     atomic_store(&r->stop, 1);
     oq__reader_cancel(r->reader);
@@ -1662,11 +1015,11 @@ static bool stop_early(run *r)
 
 int oq__run(const oq__run_config *c)
 {
-    run *r = oq__calloc(1, sizeof(*r));
+    oq__runner *r = oq__calloc(1, sizeof(*r));
     char err[512] = "", serr[512] = "";
     sigset_t sigs, old;
     pthread_t reader;
-    totals t;
+    oq__totals t;
     int sig, status = 0;
     uint64_t ndead = 0;
     bool state_failed = false;
@@ -1681,7 +1034,7 @@ int oq__run(const oq__run_config *c)
     if (oq__check_outputs(c, err, sizeof(err)) != 0 ||
         open_outputs(r, err, sizeof(err)) != 0 ||
         open_all(r, err, sizeof(err)) != 0 ||
-        (c->state_path && open_state(r, err, sizeof(err)) != 0)) {
+        (c->state_path && oq__open_state(r, err, sizeof(err)) != 0)) {
         fprintf(stderr, "onceq run: %s\n", err);
         close_all(r);
         oq__free(r);
@@ -1750,7 +1103,7 @@ int oq__run(const oq__run_config *c)
     }
     get_totals(r, &t);
     if (r->store && !state_failed)
-        state_totals(r, &t);
+        oq__state_totals(r, &t);
     /* A read error stops the reading, not the run: what was read is
      * processed and written, and the status says the input was cut short
      * (3, an I/O error, like a write error; 2 means nothing ran). */
@@ -1776,7 +1129,7 @@ int oq__run(const oq__run_config *c)
     } else
         status = finish(r, &t, status, &ndead);
     if (r->store && !state_failed)
-        save_last_run(r, &t);
+        oq__save_last_run(r, &t);
     summary(r, &t, sig > 0 ? sig : 0);
     if (sig == 0 && t.lines + t.redriven !=
                         t.processed + t.duplicates + t.dead + t.blank) {
