@@ -700,8 +700,13 @@ typedef struct oq__totals {
     int64_t write_ms, finish_ms;
 } oq__totals;
 
-/* runner.c */
+/* feed.c: the reader role */
 int oq__send_all(oq__runner *r, oq_message *m, size_t n);
+int oq__start_reading(oq__runner *r);
+void *oq__reader_main(void *arg);
+void oq__reading_free(oq__runner *r);
+extern const oq__queue_methods oq__feed_methods;
+/* runner.c */
 void oq__write_stats_json(FILE *f, const oq__runner *r, const oq__totals *t);
 /* resume.c */
 int oq__open_state(oq__runner *r, char *err, size_t errlen);
