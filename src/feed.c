@@ -201,8 +201,10 @@ static bool read_some(oq__runner *r, size_t max)
         uint64_t seq;
         /* A worker never waits here for the others (it may be the one
          * that has to settle the line the window waits for): it stops
-         * reading for now. */
-        if (!r->reader_thread && k > 0 && must_wait(r))
+         * reading for now. Looked at once a batch (must_wait takes the
+         * queue lock): the window may be passed by a batch. */
+        if (!r->reader_thread && k > 0 && k % SEND_BATCH == 0 &&
+            must_wait(r))
             break;
         if (atomic_load(&r->stop) || pb->rc != 0 ||
             (rc = oq__reader_next(r->reader, &l, r->reader_err,

@@ -293,10 +293,9 @@ int oq__replies_stage(const oq_event *ev, oq_txn *txn, oq__reply_status st,
     return rc;
 }
 
-/* The reply_to name and the correlation id of a request event, copied
- * out. 0, or -1 when ev is not a (valid) request. */
-static int names_of(const oq_event *ev, char *to, size_t *to_len,
-                    oq__buf *corr)
+/* The reply_to name of a request event, copied out (NUL-terminated). 0,
+ * or -1 when ev is not a (valid) request. */
+static int reply_to_of(const oq_event *ev, char *to, size_t *to_len)
 {
     const oq__jdoc *d;
     void *own = NULL;
@@ -312,19 +311,6 @@ static int names_of(const oq_event *ev, char *to, size_t *to_len,
             memcpy(to, s, *to_len);
         to[*to_len] = '\0';
         rc = 0;
-        if (c) {
-            char *buf = oq__malloc(d->tok[c].len + 1);
-            size_t n;
-            if (buf == NULL) {
-                rc = OQ_ENOMEM;
-            } else {
-                s = oq__jstr(d, c, buf, &n);
-                rc = oq__buf_add(corr, s, n);
-                oq__free(buf);
-            }
-        } else {
-            rc = oq__buf_add(corr, ev->id, ev->id_len);
-        }
     }
     oq__json_free(own, NULL);
     return rc;
@@ -335,15 +321,11 @@ void *oq__replies_prepare(const oq_event *ev, const oq_txn *txn, void *arg)
     char to[NAME_MAX_LEN + 1];
     size_t to_len = 0, len;
     const char *line = oq__txn_reply(txn, &len);
-    oq__buf corr = { 0 };
     cached *c;
 
     (void)arg;
-    if (line == NULL || names_of(ev, to, &to_len, &corr) != 0) {
-        oq__buf_free(&corr);
+    if (line == NULL || reply_to_of(ev, to, &to_len) != 0)
         return NULL;
-    }
-    oq__buf_free(&corr);
     c = oq__malloc(sizeof(*c) + ev->id_len + len + to_len + 1);
     if (c != NULL) {
         memset(c, 0, sizeof(*c));
@@ -444,18 +426,12 @@ void oq__replies_publish(void *prepared, void *arg)
 void oq__replies_duplicate(const oq_event *ev, void *arg)
 {
     oq__replies *r = arg;
-    const oq__jdoc *d;
-    void *own = NULL;
-    uint32_t to, corr;
-    char err[128];
-    int is_request;
+    char to[NAME_MAX_LEN + 1];
+    size_t to_len = 0;
     cached *c;
 
     /* Only a copy that is itself a request gets the reply again. */
-    d = oq__event_doc(ev, &own, err, sizeof(err));
-    is_request = request_fields(d, &to, &corr, err, sizeof(err)) == 1;
-    oq__json_free(own, NULL);
-    if (!is_request)
+    if (reply_to_of(ev, to, &to_len) != 0)
         return;
     pthread_mutex_lock(&r->mu);
     HASH_FIND(hh, r->cache, ev->id_len ? ev->id : "", ev->id_len, c);
