@@ -182,7 +182,20 @@ int oq__replies_close(oq__replies *r, char *err, size_t errlen);
 /* 1 if the scanned event is a request, 0 if not, -1 if it is a bad one
  * (reply_to not a valid name, a field not a string: err filled). */
 int oq__request_check(const oq__jdoc *d, char *err, size_t errlen);
-/* The engine's reply hook (arg: the replies). */
+/* The longest reply_to name (a stream's, or a file's before ".jsonl"). */
+#define OQ__REPLY_TO_MAX 200
+/* Whether ev is a (valid) request: 1, with its reply_to name in to
+ * (OQ__REPLY_TO_MAX + 1 bytes, NUL-terminated) and, when head is not NULL,
+ * the head of its reply appended to head: {"correlation_id":C,"id":I, .
+ * 0 when it is not one; OQ_ENOMEM. */
+int oq__reply_head(const oq_event *ev, char *to, size_t *to_len,
+                   oq__buf *head);
+/* Appends the rest of a reply after its head: "status":S, then
+ * "result":[txn's records] (OK) or "error":error, "attempts":N, "}\n". */
+int oq__reply_body(oq__buf *b, oq__reply_status st, const oq_txn *txn,
+                   const char *error, unsigned attempts);
+/* The engine's reply hook (arg: unused): stages the reply's body in the
+ * txn (oq__txn_set_reply); the ledger adds each copy's head. */
 int oq__replies_stage(const oq_event *ev, oq_txn *txn, oq__reply_status st,
                       void *arg);
 /* The memory ledger's reply sink (arg: the replies). */

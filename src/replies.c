@@ -6,17 +6,22 @@
  *
  * DESIGN
  * ------
- * The engine calls the stage hook after the handler (OK: status "ok" with
- * the handler's records as the result; FAIL: "failed" with its error) and
- * for a dying delivery ("dead", with the queue's reason): the reply line is
- * built there and kept in the txn. The memory ledger commits it with the
- * id: prepare (the line copied into a cache entry; the only step that can
- * fail), the sink's apply, then publish (appended to its file, flushed,
- * and cached by event id), all under the prepared claim. So a request whose commit
- * is fenced or fails has no reply, and one that commits has exactly one. A
- * duplicate of a settled request does not run again: the duplicate hook
- * appends the cached reply once more, so a requester that missed it gets
- * it (the requester keeps the first reply of each correlation id).
+ * A reply line is a head, {"correlation_id":C,"id":I, (oq__reply_head: the
+ * copy's own), and a body, "status":...,"attempts":N} (oq__reply_body: the
+ * settled outcome). The engine calls the stage hook after the handler (OK:
+ * status "ok" with the handler's records as the result; FAIL: "failed"
+ * with its error) and for a dying delivery ("dead", with the queue's
+ * reason): the body is built there and kept in the txn. The memory ledger
+ * commits it with the id: prepare (head and body joined into the line, and
+ * a cache entry for the body: the only step that can fail), the sink's
+ * apply, then publish (the line appended to its file and flushed, the body
+ * cached by event id), all under the prepared claim. So a request whose
+ * commit is fenced or fails has no reply, and one that commits has exactly
+ * one. A duplicate of a settled request does not run again: the duplicate
+ * hook appends its own head on the cached body to its own reply_to, so a
+ * requester that retried, under a new correlation id and reply stream, can
+ * match the answer it missed. The Redis ledger (redis.c) uses the same head
+ * and body, in its COMMIT script.
  *
  * The correlation id is the request's `correlation_id` (any JSON string),
  * or its event id when it has none.
@@ -46,10 +51,10 @@ typedef struct rfile {
  * event (one outcome per id), whatever its correlation id says. */
 typedef struct cached {
     UT_hash_handle hh;
-    rfile *file;
-    size_t id_len, line_len;
+    size_t id_len, body_len;
     char *id;             /* into data */
-    char *line;           /* into data: the reply line, with its newline */
+    char *body;           /* into data: the reply's body (oq__reply_body),
+                             with its newline */
     char data[];
 } cached;
 
@@ -64,7 +69,7 @@ struct oq__replies {
 };
 
 /* The longest reply_to name: a file name with room for ".jsonl". */
-#define NAME_MAX_LEN 200
+#define NAME_MAX_LEN OQ__REPLY_TO_MAX
 
 int oq__replies_open(oq__replies **out, const char *dir, char *err,
                      size_t errlen)
@@ -212,6 +217,42 @@ static int add_jstr(oq__buf *b, const oq__jdoc *d, uint32_t i)
     return rc;
 }
 
+int oq__reply_head(const oq_event *ev, char *to, size_t *to_len,
+                   oq__buf *head)
+{
+    const oq__jdoc *d;
+    void *own = NULL;
+    uint32_t t, corr;
+    char err[128];
+    const char *s;
+    int rc = 0;
+
+    d = oq__event_doc(ev, &own, err, sizeof(err));
+    if (request_fields(d, &t, &corr, err, sizeof(err)) == 1) {
+        s = oq__jstr(d, t, to, to_len);
+        if (s != to)
+            memcpy(to, s, *to_len);
+        to[*to_len] = '\0';
+        rc = 1;
+        if (head) {
+            int e = oq__buf_add(head, "{\"correlation_id\":", 18);
+            if (e == 0)
+                e = corr ? add_jstr(head, d, corr)
+                         : oq__json_quote(head, ev->id, ev->id_len);
+            if (e == 0)
+                e = oq__buf_add(head, ",\"id\":", 6);
+            if (e == 0)
+                e = oq__json_quote(head, ev->id, ev->id_len);
+            if (e == 0)
+                e = oq__buf_add(head, ",", 1);
+            if (e != 0)
+                rc = e;
+        }
+    }
+    oq__json_free(own, NULL);
+    return rc;
+}
+
 typedef struct result_ctx {
     oq__buf *b;
     bool first;
@@ -238,114 +279,101 @@ static const char *const status_name[] = {
     [OQ__REPLY_DEAD] = "dead",
 };
 
-int oq__replies_stage(const oq_event *ev, oq_txn *txn, oq__reply_status st,
-                      void *arg)
+int oq__reply_body(oq__buf *b, oq__reply_status st, const oq_txn *txn,
+                   const char *error, unsigned attempts)
 {
-    const oq__jdoc *d;
-    void *own = NULL;
-    uint32_t to, corr;
-    oq__buf b = { 0 };
-    char err[128];
-    char num[32];
-    int rc;
+    char num[40];
+    int rc = oq__buf_add(b, "\"status\":\"", 10);
 
-    (void)arg;
-    d = oq__event_doc(ev, &own, err, sizeof(err));
-    rc = request_fields(d, &to, &corr, err, sizeof(err));
-    if (rc <= 0) {
-        /* Not a request (a bad one was refused at decode). */
-        oq__json_free(own, NULL);
-        return 0;
-    }
-    rc = oq__buf_add(&b, "{\"correlation_id\":", 18);
     if (rc == 0)
-        rc = corr ? add_jstr(&b, d, corr) : oq__json_quote(&b, ev->id,
-                                                           ev->id_len);
-    if (rc == 0)
-        rc = oq__buf_add(&b, ",\"id\":", 6);
-    if (rc == 0)
-        rc = oq__json_quote(&b, ev->id, ev->id_len);
-    if (rc == 0)
-        rc = oq__buf_add(&b, ",\"status\":\"", 11);
-    if (rc == 0)
-        rc = oq__buf_add(&b, status_name[st], strlen(status_name[st]));
+        rc = oq__buf_add(b, status_name[st], strlen(status_name[st]));
     if (rc == 0 && st == OQ__REPLY_OK) {
-        result_ctx c = { &b, true, 0 };
-        rc = oq__buf_add(&b, "\",\"result\":[", 12);
+        result_ctx c = { b, true, 0 };
+        rc = oq__buf_add(b, "\",\"result\":[", 12);
         if (rc == 0)
             oq_txn_foreach(txn, add_record, NULL, &c);
         rc = rc ? rc : c.rc;
         if (rc == 0)
-            rc = oq__buf_add(&b, "]", 1);
+            rc = oq__buf_add(b, "]", 1);
     } else if (rc == 0) {
-        const char *e = oq_txn_error_text(txn);
-        rc = oq__buf_add(&b, "\",\"error\":", 10);
+        rc = oq__buf_add(b, "\",\"error\":", 10);
         if (rc == 0)
-            rc = oq__json_quote(&b, e, strlen(e));
+            rc = oq__json_quote(b, error, strlen(error));
     }
-    snprintf(num, sizeof(num), ",\"attempts\":%u}\n", ev->attempt);
+    snprintf(num, sizeof(num), ",\"attempts\":%u}\n", attempts);
     if (rc == 0)
-        rc = oq__buf_add(&b, num, strlen(num));
+        rc = oq__buf_add(b, num, strlen(num));
+    return rc;
+}
+
+int oq__replies_stage(const oq_event *ev, oq_txn *txn, oq__reply_status st,
+                      void *arg)
+{
+    char to[OQ__REPLY_TO_MAX + 1];
+    size_t to_len;
+    oq__buf b = { 0 };
+    int rc;
+
+    (void)arg;
+    /* Not a request (a bad one was refused at decode): nothing to stage. */
+    if (oq__reply_head(ev, to, &to_len, NULL) != 1)
+        return 0;
+    rc = oq__reply_body(&b, st, txn, oq_txn_error_text(txn), ev->attempt);
     if (rc == 0)
         rc = oq__txn_set_reply(txn, b.data, b.len);
     oq__buf_free(&b);
-    oq__json_free(own, NULL);
     return rc;
 }
 
-/* The reply_to name of a request event, copied out (NUL-terminated). 0,
- * or -1 when ev is not a (valid) request. */
-static int reply_to_of(const oq_event *ev, char *to, size_t *to_len)
-{
-    const oq__jdoc *d;
-    void *own = NULL;
-    uint32_t t, c;
-    char err[128];
-    const char *s;
-    int rc = -1;
-
-    d = oq__event_doc(ev, &own, err, sizeof(err));
-    if (request_fields(d, &t, &c, err, sizeof(err)) == 1) {
-        s = oq__jstr(d, t, to, to_len);
-        if (s != to)
-            memcpy(to, s, *to_len);
-        to[*to_len] = '\0';
-        rc = 0;
-    }
-    oq__json_free(own, NULL);
-    return rc;
-}
+/* A prepared reply: the whole line to write (head and body), the file's
+ * name, and the body again, which publish keeps in the cache. */
+typedef struct pending_reply {
+    oq__buf line;
+    cached *c;
+} pending_reply;
 
 void *oq__replies_prepare(const oq_event *ev, const oq_txn *txn, void *arg)
 {
-    char to[NAME_MAX_LEN + 1];
+    char to[OQ__REPLY_TO_MAX + 1];
     size_t to_len = 0, len;
-    const char *line = oq__txn_reply(txn, &len);
-    cached *c;
+    const char *body = oq__txn_reply(txn, &len);
+    pending_reply *p;
 
     (void)arg;
-    if (line == NULL || reply_to_of(ev, to, &to_len) != 0)
+    if (body == NULL)
         return NULL;
-    c = oq__malloc(sizeof(*c) + ev->id_len + len + to_len + 1);
-    if (c != NULL) {
-        memset(c, 0, sizeof(*c));
-        c->id = c->data;
-        c->id_len = ev->id_len;
-        if (ev->id_len)
-            memcpy(c->id, ev->id, ev->id_len);
-        c->line = c->data + ev->id_len;
-        c->line_len = len;
-        memcpy(c->line, line, len);
-        /* The file's name rides after the line until publish finds it. */
-        memcpy(c->line + len, to, to_len + 1);
+    p = oq__calloc(1, sizeof(*p));
+    if (p == NULL)
+        return NULL;
+    if (oq__reply_head(ev, to, &to_len, &p->line) != 1 ||
+        oq__buf_add(&p->line, body, len) != 0 ||
+        (p->c = oq__malloc(sizeof(*p->c) + ev->id_len + len + to_len +
+                           1)) == NULL) {
+        oq__buf_free(&p->line);
+        oq__free(p);
+        return NULL;
     }
-    return c;
+    memset(p->c, 0, sizeof(*p->c));
+    p->c->id = p->c->data;
+    p->c->id_len = ev->id_len;
+    if (ev->id_len)
+        memcpy(p->c->id, ev->id, ev->id_len);
+    p->c->body = p->c->data + ev->id_len;
+    p->c->body_len = len;
+    memcpy(p->c->body, body, len);
+    /* The file's name rides after the body until publish finds it. */
+    memcpy(p->c->body + len, to, to_len + 1);
+    return p;
 }
 
 void oq__replies_abort(void *prepared, void *arg)
 {
+    pending_reply *p = prepared;
+
     (void)arg;
-    oq__free(prepared);
+    oq__buf_free(&p->line);
+    oq__free(p->c);
+    oq__free(p);
 }
 
 /* The file of reply_to name, opened for appending on first use. r->mu
@@ -403,14 +431,16 @@ static void write_line(oq__replies *r, rfile *f, const char *line, size_t n)
 void oq__replies_publish(void *prepared, void *arg)
 {
     oq__replies *r = arg;
-    cached *c = prepared, *old;
+    pending_reply *p = prepared;
+    cached *c = p->c, *old;
 
     pthread_mutex_lock(&r->mu);
-    c->file = file_of(r, c->line + c->line_len);
-    write_line(r, c->file, c->line, c->line_len);
+    write_line(r, file_of(r, c->body + c->body_len), p->line.data,
+               p->line.len);
     r->requests++;
-    /* One settled outcome per id, so one reply per id: an entry found
-     * here would be a redriven event's earlier reply; the newer wins. */
+    /* One settled outcome per id, so one reply body per id: an entry
+     * found here would be a redriven event's earlier reply; the newer
+     * wins. */
     HASH_FIND(hh, r->cache, c->id, c->id_len, old);
     if (old) {
         HASH_DEL(r->cache, old);
@@ -421,6 +451,8 @@ void oq__replies_publish(void *prepared, void *arg)
     if (oq__hash_oom)
         oq__free(c); /* written; only a duplicate's copy is lost */
     pthread_mutex_unlock(&r->mu);
+    oq__buf_free(&p->line);
+    oq__free(p);
 }
 
 void oq__replies_duplicate(const oq_event *ev, void *arg)
@@ -428,16 +460,22 @@ void oq__replies_duplicate(const oq_event *ev, void *arg)
     oq__replies *r = arg;
     char to[NAME_MAX_LEN + 1];
     size_t to_len = 0;
+    oq__buf line = { 0 };
     cached *c;
 
-    /* Only a copy that is itself a request gets the reply again. */
-    if (reply_to_of(ev, to, &to_len) != 0)
+    /* Only a copy that is itself a request gets the reply again: its own
+     * head (correlation id) on the settled copy's body, in its own
+     * reply_to's file. */
+    if (oq__reply_head(ev, to, &to_len, &line) != 1) {
+        oq__buf_free(&line);
         return;
+    }
     pthread_mutex_lock(&r->mu);
     HASH_FIND(hh, r->cache, ev->id_len ? ev->id : "", ev->id_len, c);
-    if (c) {
-        write_line(r, c->file, c->line, c->line_len);
+    if (c && oq__buf_add(&line, c->body, c->body_len) == 0) {
+        write_line(r, file_of(r, to), line.data, line.len);
         r->duplicate_replies++;
     }
     pthread_mutex_unlock(&r->mu);
+    oq__buf_free(&line);
 }

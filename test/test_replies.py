@@ -180,6 +180,29 @@ def a_duplicate_gets_its_own_reply_not_one_with_the_same_correlation_id():
 
 
 @test
+def a_retried_request_gets_the_reply_under_its_own_correlation_id():
+    # A requester that retries with a new correlation id and another
+    # reply_to (the first requester is gone) must be able to match the
+    # answer: the copy's head, the settled copy's outcome.
+    evs = [{"id": "o1", "word": "a", "reply_to": "first",
+            "correlation_id": "try-1"},
+           {"id": "o1", "word": "a", "reply_to": "second",
+            "correlation_id": "try-2 \"quoted\" \u00e9"}]
+    f = write_events("retry.jsonl", evs)
+    d = fresh_dir("retry")
+    rc, out, err = run(["run", "-w", "1", "--replies", d, f])
+    assert rc == 0, err
+    first, second = replies(d, "first"), replies(d, "second")
+    assert [r["correlation_id"] for r in first] == ["try-1"], first
+    assert [r["correlation_id"] for r in second] == \
+        ["try-2 \"quoted\" \u00e9"], second
+    a, b = dict(first[0]), dict(second[0])
+    a.pop("correlation_id")
+    b.pop("correlation_id")
+    assert a == b and a["status"] == "ok", (a, b)
+
+
+@test
 def a_reply_is_written_when_its_request_settles_not_at_the_end():
     # A responder fed from a pipe that stays open: the reply must be in
     # the file while the run goes on.
