@@ -179,9 +179,11 @@ int oq__replies_open(oq__replies **out, const char *dir, char *err,
 /* Flushes and closes the reply files: 0, or OQ_EIO (err filled) when a
  * reply could not be written. */
 int oq__replies_close(oq__replies *r, char *err, size_t errlen);
-/* 1 if the scanned event is a request, 0 if not, -1 if it is a bad one
- * (reply_to not a valid name, a field not a string: err filled). */
-int oq__request_check(const oq__jdoc *d, char *err, size_t errlen);
+/* A decode hook (arg: the oq__idspec): oq__json_decode, and a request
+ * whose reply_to or correlation_id is unusable (reply_to not a valid name,
+ * a field not a string) is refused with reason rejected ("bad request:
+ * ..."), before its id is claimed. */
+int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec);
 /* The longest reply_to name (a stream's, or a file's before ".jsonl"). */
 #define OQ__REPLY_TO_MAX 200
 /* Whether ev is a (valid) request: 1, with its reply_to name in to
@@ -281,6 +283,8 @@ typedef struct oq__run_config {
                                    given (the stream's, or forever) */
     const char *redis_password_file; /* NULL: the URL's, or REDISCLI_AUTH */
     unsigned replicas;          /* --replicas: WAIT for them after commits */
+    int64_t reply_ttl_ms;       /* --reply-ttl: replies kept for duplicates */
+    bool join_requests;         /* --join-requests: a stream of replies */
 } oq__run_config;
 
 /* The defaults of every mode (batch: the in-memory one; run.c's parser

@@ -322,9 +322,11 @@ DM_LUA
  * [6] stats, then the id keys (claims) of the nc commits, then those of
  * the other ops that hold a claim. ARGV: [1] group [2] token prefix [3] nc
  * [4] ncounts [5] nrecs [6] the done-marks' prefix DP [7] retention (ms)
- * [8] marks per bucket before a split (LOAD), then the nc commits'
- * entries, their nc mark fields, the batch's counts summed per key (key
- * delta)*ncounts, the records (id rec)*nrecs, then the other ops, each:
+ * [8] marks per bucket before a split (LOAD) [9] nreplies [10] the
+ * replies' cache TTL (ms) [11] the replies' source field, then the nc
+ * commits' entries, their nc mark fields, the batch's counts summed per
+ * key (key delta)*ncounts, the records (id rec)*nrecs, the replies
+ * (which to cache head body)*nreplies, then the other ops, each:
  * op entry k id field + tail:
  *   D (duplicate): -           R (retry): delay_ms member
  *   F (handler FAIL: settle the id), X (no settling): reason error
@@ -334,7 +336,14 @@ DM_LUA
  * {-1, {its indexes}} comes back (the client drops them and calls again);
  * otherwise {1, {per other op: 1 done, 0 settled by another consumer, -1
  * fenced}}. A settled id gets its done-mark (DM_LUA) and its claim key is
- * deleted. Before the first write, the keys it will write must be of their
+ * deleted. A reply (request-reply: docs/REQUEST-REPLY.md) belongs to one
+ * op, which: j > 0 the j-th commit, j < 0 the -j-th other op; it is
+ * written only if that op was done: XADD to (field e head..body, s) and
+ * the body cached (SET cache body PX ttl); for a duplicate (body empty)
+ * the cached body, if any, goes out under the duplicate's own head. The
+ * reply streams' stats count them as sent. The answer's [3] and [4] are
+ * the requests answered and the duplicates answered again.
+ * Before the first write, the keys it will write must be of their
  * types (or absent), else a WRONGTYPE error comes back and nothing is
  * written: Redis does not roll a script back, so a WRONGTYPE halfway
  * (another stream named S:counts) would leave the ids marked and acked
@@ -346,7 +355,8 @@ DM_LUA
 "local nc, ncnt, nrec = tonumber(ARGV[3]), tonumber(ARGV[4]),\n"
 "                       tonumber(ARGV[5])\n"
 "local DP, RET, LOAD = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])\n"
-"local H = 8\n"
+"local nrp, RTTL, RSRC = tonumber(ARGV[9]), ARGV[10], ARGV[11]\n"
+"local H = 11\n"
 "local cur = {}\n"
 "if #KEYS > 6 then cur = redis.call('MGET', unpack(KEYS, 7, #KEYS)) end\n"
 "local fenced = {}\n"
@@ -362,11 +372,16 @@ DM_LUA
 "    ', not the ' .. t .. ' of stream ' .. S .. ' (another stream\\'s ' ..\n"
 "    'name clashes with it); nothing was committed')\n"
 "end\n"
-"local others = H + 2 * nc + 2 * (ncnt + nrec) < #ARGV\n"
+"local rp0 = H + 2 * nc + 2 * (ncnt + nrec) + 1\n"
+"local others = rp0 + 5 * nrp <= #ARGV\n"
 "local bad = clash(KEYS[6], 'hash') or (ncnt > 0 and clash(KEYS[2], 'hash'))\n"
 "  or (nrec > 0 and clash(KEYS[3], 'stream'))\n"
 "  or (others and (clash(KEYS[4], 'stream') or clash(KEYS[5], 'zset')))\n"
 "  or ((nc > 0 or others) and clash(DP .. dm_gen(RET, now), 'hash'))\n"
+"for b = rp0, rp0 + 5 * (nrp - 1), 5 do\n"
+"  bad = bad or clash(ARGV[b + 1], 'stream') or\n"
+"    clash(ARGV[b + 1] .. ':stats', 'hash') or clash(ARGV[b + 2], 'string')\n"
+"end\n"
 "if bad then return bad end\n"
 "local st\n"
 "local function mark(f)\n"
@@ -389,6 +404,7 @@ DM_LUA
 "  redis.call('XADD', KEYS[3], '*', 'id', ARGV[i], 'r', ARGV[i + 1])\n"
 "  i = i + 2\n"
 "end\n"
+"i = i + 5 * nrp\n"
 "local n = 0\n"
 "while i <= #ARGV do\n"
 "  local op, entry, k, id, f = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]),\n"
@@ -431,10 +447,30 @@ DM_LUA
 "end\n"
 "if #dels > 0 then redis.call('DEL', unpack(dels)) end\n"
 "if st then dm_finish(st, RET, LOAD) end\n"
+"local nreq, ndup = 0, 0\n"
+"for b = rp0, rp0 + 5 * (nrp - 1), 5 do\n"
+"  local w, to, ck = tonumber(ARGV[b]), ARGV[b + 1], ARGV[b + 2]\n"
+"  local head, body = ARGV[b + 3], ARGV[b + 4]\n"
+"  if w > 0 or out[-w] == 1 then\n"
+"    if body == '' then\n"
+"      body = redis.call('GET', ck)\n"
+"      if body then ndup = ndup + 1 end\n"
+"    else\n"
+"      redis.call('SET', ck, body, 'PX', RTTL)\n"
+"      nreq = nreq + 1\n"
+"    end\n"
+"    if body then\n"
+"      redis.call('XADD', to, '*', 'e', head .. body, 's', RSRC)\n"
+"      redis.call('HINCRBY', to .. ':stats', 'sent', 1)\n"
+"    end\n"
+"  end\n"
+"end\n"
+"bump('requests', nreq); bump('replies', nreq + ndup)\n"
+"bump('duplicate_replies', ndup)\n"
 "for key, d in pairs(stc) do\n"
 "  if d ~= 0 then redis.call('HINCRBY', KEYS[6], key, d) end\n"
 "end\n"
-"return {1, out}\n",
+"return {1, out, nreq, ndup}\n",
 
 /* PROMOTE. KEYS: [1] stream [2] delayed. ARGV[1]: max. Moves due retries
  * back into the stream; returns how many. */
@@ -1382,8 +1418,8 @@ static int rc_first(rconn *rc, const rurl *u, const char *cmd)
 typedef struct rkeys {
     char stream[512];
     char counts[540], results[540], dlq[540], delayed[540], stats[540],
-        meta[540], idpfx[540], dedup[540], dm[540];
-    size_t idpfx_len, dedup_len;
+        meta[540], idpfx[540], dedup[540], dm[540], rpfx[540], rsrc[540];
+    size_t idpfx_len, dedup_len, rpfx_len;
 } rkeys;
 
 static int make_keys(rkeys *k, const char *stream, const char *cmd)
@@ -1403,6 +1439,9 @@ static int make_keys(rkeys *k, const char *stream, const char *cmd)
     snprintf(k->idpfx, sizeof(k->idpfx), "%s:id:", stream);
     snprintf(k->dedup, sizeof(k->dedup), "%s:dedup:", stream);
     snprintf(k->dm, sizeof(k->dm), "%s:d:", stream);
+    snprintf(k->rpfx, sizeof(k->rpfx), "%s:rp:", stream);
+    snprintf(k->rsrc, sizeof(k->rsrc), "reply:%s", stream);
+    k->rpfx_len = strlen(k->rpfx);
     k->idpfx_len = strlen(k->idpfx);
     k->dedup_len = strlen(k->dedup);
     return 0;
@@ -2070,7 +2109,7 @@ typedef struct rentry {
 /* What this consumer's COMMIT calls did (the engine counts the rest). */
 typedef struct rstats {
     _Atomic uint64_t processed, duplicates, dead, retried, redelivered,
-        settled_elsewhere;
+        settled_elsewhere, requests, duplicate_replies, late_replies;
     _Atomic uint64_t dead_by[OQ_DLQ__COUNT];
 } rstats;
 
@@ -2594,6 +2633,8 @@ typedef struct rledger {
     char prefix[64];      /* the token prefix of the entries in hand */
     abuf keys, args;      /* the next script call */
     abuf stage;           /* the handlers' count keys and records */
+    abuf rp;              /* the replies: (which to cache head body)* */
+    oq__buf head, body;   /* a reply being built */
     scount *cnt, *sorted;
     size_t ncnt, cntcap;
     rop *ops;
@@ -2621,6 +2662,9 @@ static void rl_detach(void *ctx)
     ab_free(&l->keys);
     ab_free(&l->args);
     ab_free(&l->stage);
+    ab_free(&l->rp);
+    oq__buf_free(&l->head);
+    oq__buf_free(&l->body);
     oq__free(l->cnt);
     oq__free(l->sorted);
     oq__free(l->ops);
@@ -2895,12 +2939,76 @@ static void op_member(rledger *l, const oq__lcommit *e)
     oq__free(m);
 }
 
+/* The body of op i's reply, into l->body; false when it has none. */
+static bool reply_body(rledger *l, const rop *o, const oq__lcommit *e)
+{
+    const char *b;
+    size_t len;
+
+    l->body.len = 0;
+    if (e->kind == OQ__LC_RETRY) {
+        /* Out of attempts here (plan_ops), not in the engine: dead. */
+        if (oq__reply_body(&l->body, OQ__REPLY_DEAD, e->txn, o->error,
+                           e->op->d->receive_count) != 0)
+            l->rp.oom = 1;
+    } else if ((b = oq__txn_reply(e->txn, &len)) != NULL &&
+               oq__buf_add(&l->body, b, len) != 0) {
+        l->rp.oom = 1;
+    }
+    /* A stream entry's line has no newline. */
+    if (l->body.len && l->body.data[l->body.len - 1] == '\n')
+        l->body.len--;
+    return l->body.len > 0;
+}
+
+/* Stages the replies of the requests among the entries (fenced commits
+ * left out) into l->rp; returns how many. */
+static size_t stage_replies(rledger *l, const oq__lcommit *e, size_t n)
+{
+    rrun *r = l->r;
+    abuf *a = &l->rp;
+    char to[OQ__REPLY_TO_MAX + 1];
+    size_t to_len, nrp = 0;
+    long long c = 0, other = 0;
+
+    ab_reset(a);
+    for (size_t i = 0; i < n; i++) {
+        const rop *o = &l->ops[i];
+        long long which;
+        int h;
+        if (o->op == 'C' && o->fenced)
+            continue;
+        which = o->op == 'C' ? ++c : -++other;
+        if (o->op != 'C' && o->op != 'F' && o->op != 'D')
+            continue;
+        if (o->op != 'D' && !reply_body(l, o, &e[i]))
+            continue;
+        l->head.len = 0;
+        h = oq__reply_head(e[i].ev, to, &to_len, &l->head);
+        if (h < 0)
+            l->rp.oom = 1;
+        if (h != 1)
+            continue;
+        ab_addi(a, which);
+        ab_add(a, to, to_len);
+        ab_add2(a, r->k.rpfx, r->k.rpfx_len, e[i].ev->id, e[i].ev->id_len);
+        ab_add(a, l->head.data, l->head.len);
+        if (o->op == 'D')
+            ab_add(a, "", 0);
+        else
+            ab_add(a, l->body.data, l->body.len);
+        nrp++;
+    }
+    return nrp;
+}
+
 /* Builds the COMMIT call (fenced commits left out). */
 static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
 {
     rrun *r = l->r;
     abuf *k = &l->keys, *a = &l->args, *st = &l->stage;
     size_t nc = 0, nrec = 0, nagg = sum_counts(l, n);
+    size_t nrp = stage_replies(l, e, n);
 
     for (size_t i = 0; i < n; i++) {
         const rop *o = &l->ops[i];
@@ -2925,6 +3033,9 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
     ab_adds(a, r->k.dm);
     ab_adds(a, r->retention);
     ab_addu(a, r->dm_load);
+    ab_addu(a, nrp);
+    ab_addi(a, r->c.reply_ttl_ms);
+    ab_adds(a, r->k.rsrc);
     for (size_t i = 0; i < n; i++) {
         const rop *o = &l->ops[i];
         if (o->op != 'C' || o->fenced)
@@ -2949,6 +3060,8 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
             ab_add(a, st->buf + st->off[j], st->alen[j]);
         }
     }
+    for (size_t i = 0; i < l->rp.n; i++)
+        ab_add(a, l->rp.buf + l->rp.off[i], l->rp.alen[i]);
     for (size_t i = 0; i < n; i++) {
         const rop *o = &l->ops[i];
         bool keyed = e[i].claim != NULL && o->op != 'D';
@@ -3044,13 +3157,13 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
     for (;;) {
         redisReply *rep, *res;
         build_commit(l, e, n);
-        if (l->args.oom || l->keys.oom || l->stage.oom) {
+        if (l->args.oom || l->keys.oom || l->stage.oom || l->rp.oom) {
             run_fatal(r, "out of memory building a commit");
             return;
         }
         rep = rc_script(&l->rc, SC_COMMIT, &l->keys, &l->args);
         if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
-            rep->elements != 2 ||
+            rep->elements < 2 ||
             rep->element[0]->type != REDIS_REPLY_INTEGER ||
             rep->element[1]->type != REDIS_REPLY_ARRAY) {
             run_fatal_reply(r, &l->rc, rep, "commit script");
@@ -3082,6 +3195,10 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
             return;
         }
         results(l, e, n, res);
+        if (rep->elements == 4) {
+            ADD(requests, (uint64_t)rep->element[2]->integer);
+            ADD(duplicate_replies, (uint64_t)rep->element[3]->integer);
+        }
         freeReplyObject(rep);
         return;
     }
@@ -3113,7 +3230,7 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
                  e->len);
         return -1;
     }
-    return oq__json_decode(ev, dec, &r->idspec);
+    return oq__request_decode(ev, dec, &r->idspec);
 }
 
 static void rfree(void *parsed, void *arg)
@@ -3643,8 +3760,16 @@ static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
     counts_of(r, el, &n);
     oq__write_stats_head(f, &n);
     fprintf(f, ",\"busy\":%" PRIu64 ",\"settled_elsewhere\":%" PRIu64
-            ",\"reconnects\":%d,\"consumer\":", busy_of(r),
+            ",\"reconnects\":%d", busy_of(r),
             atomic_load(&s->settled_elsewhere), atomic_load(&r->reconnects));
+    /* Request-reply: requests answered, and duplicates answered again, by
+     * this consumer; replies without a request (--join-requests). */
+    fprintf(f, ",\"requests\":%" PRIu64 ",\"replies\":%" PRIu64
+            ",\"duplicate_replies\":%" PRIu64 ",\"late_replies\":%" PRIu64
+            ",\"consumer\":", atomic_load(&s->requests),
+            atomic_load(&s->requests) + atomic_load(&s->duplicate_replies),
+            atomic_load(&s->duplicate_replies),
+            atomic_load(&s->late_replies));
     oq__json_write_string(f, r->consumer, strlen(r->consumer));
     /* The stream's totals, all consumers together. */
     fputs(",\"stream\":{", f);
@@ -3803,6 +3928,7 @@ static int run_setup(rrun *r, rconn *main_rc)
 static int start_threads(rrun *r, house *hk)
 {
     oq_pool_opts po;
+    oq__engine_hooks hooks = { oq__replies_stage, NULL };
     oq_pool *p;
     int rc;
 
@@ -3830,8 +3956,10 @@ static int start_threads(rrun *r, house *hk)
     po.decode = rdecode;
     po.free_parsed = rfree;
     po.decode_arg = r;
-    rc = oq__engine_start(&p, &oq__redis_queue_methods, r,
-                          &oq__redis_ledger_methods, r, &po);
+    /* Requests: the engine stages each reply's body; the COMMIT script
+     * writes it with the id (docs/REQUEST-REPLY.md). */
+    rc = oq__engine_start_hooks(&p, &oq__redis_queue_methods, r,
+                                &oq__redis_ledger_methods, r, &po, &hooks);
     if (rc != 0) {
         fprintf(stderr, "onceq run: cannot start the workers: %s\n",
                 oq_strerror(rc));

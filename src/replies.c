@@ -192,10 +192,28 @@ static int request_fields(const oq__jdoc *d, uint32_t *to, uint32_t *corr,
     return 1;
 }
 
-int oq__request_check(const oq__jdoc *d, char *err, size_t errlen)
+int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec)
 {
-    uint32_t to, corr;
-    return request_fields(d, &to, &corr, err, errlen);
+    oq_event scanned = *ev;
+    const oq__jdoc *d;
+    void *own = NULL;
+    char err[sizeof(out->error) - 16];
+
+    if (oq__json_decode(ev, out, idspec) != 0)
+        return -1;
+    scanned.parsed = out->parsed;
+    d = oq__event_doc(&scanned, &own, err, sizeof(err));
+    if (request_fields(d, &(uint32_t){ 0 }, &(uint32_t){ 0 }, err,
+                       sizeof(err)) < 0) {
+        oq__json_free(own, idspec);
+        oq__json_free(out->parsed, idspec);
+        out->parsed = NULL;
+        out->reason = OQ_DLQ_REJECTED;
+        snprintf(out->error, sizeof(out->error), "bad request: %s", err);
+        return -1;
+    }
+    oq__json_free(own, idspec);
+    return 0;
 }
 
 /* Appends string token i of d (decoded) as a JSON string. */

@@ -48,7 +48,8 @@ enum {
     O_BATCH, O_EMIT, O_KILL_GRACE, O_SEED, O_STATE, O_SYNC, O_COMMIT_BATCH,
     O_COMMIT_INTERVAL, O_FORCE, O_REDIS, O_STREAM, O_GROUP, O_CONSUMER,
     O_DRAIN, O_TIMEOUT, O_METRICS, O_METRICS_INTERVAL, O_METRICS_LISTEN,
-    O_REPLIES, O_RETENTION, O_REDIS_PWFILE, O_REPLICAS,
+    O_REPLIES, O_RETENTION, O_REDIS_PWFILE, O_REPLICAS, O_REPLY_TTL,
+    O_JOIN_REQUESTS,
     O__END
 };
 
@@ -105,6 +106,8 @@ static const struct option long_opts[] = {
     { "retention", required_argument, NULL, O_RETENTION },
     { "redis-password-file", required_argument, NULL, O_REDIS_PWFILE },
     { "replicas", required_argument, NULL, O_REPLICAS },
+    { "reply-ttl", required_argument, NULL, O_REPLY_TTL },
+    { "join-requests", no_argument, NULL, O_JOIN_REQUESTS },
     { "quiet", no_argument, NULL, 'q' },
     { "verbose", no_argument, NULL, 'v' },
     { "help", no_argument, NULL, 'h' },
@@ -122,8 +125,8 @@ static const struct {
     { O_DEDUP, M_LOCAL, "`onceq send --dedup-window` applies it" },
     { O_MAX_LINE, M_LOCAL, "`onceq send --max-line` applies it" },
     { O_EMIT, M_LOCAL, "records go to NAME:results" },
-    { O_REPLIES, M_LOCAL, "request-reply over Redis streams is not built "
-                          "yet" },
+    { O_REPLIES, M_LOCAL, "each reply goes to its request's reply_to "
+                          "stream" },
     { O_DLQ, M_LOCAL, "dead letters go to NAME:dlq (see `onceq dlq "
                       "--redis`)" },
     { O_STATE, M_LOCAL, "Redis holds the state" },
@@ -138,6 +141,8 @@ static const struct {
     { O_RETENTION, M_REDIS, NULL },
     { O_REDIS_PWFILE, M_REDIS, NULL },
     { O_REPLICAS, M_REDIS, NULL },
+    { O_REPLY_TTL, M_REDIS, NULL },
+    { O_JOIN_REQUESTS, M_REDIS, NULL },
 };
 
 static void run_usage(FILE *f)
@@ -227,6 +232,13 @@ static void run_usage(FILE *f)
 "                              delayed; without it, run until SIGINT/SIGTERM\n"
 "      --replicas N            [redis] a batch is done only once N replicas\n"
 "                              have its commit (WAIT; default 0)\n"
+"      --reply-ttl D           [redis] how long a settled request's reply is\n"
+"                              kept for its duplicates (default 24h)\n"
+"      --join-requests         [redis] the stream holds replies (`onceq send\n"
+"                              --reply-to`): the id is the correlation_id,\n"
+"                              and the handler gets each reply with its\n"
+"                              request (\"request\"); a reply without one is\n"
+"                              dead-lettered (late). docs/REQUEST-REPLY.md\n"
 "      --retention D           [redis] forget done-marks older than D (at\n"
 "                              least 1s; default: never): an id seen again\n"
 "                              after that runs again. Fixed at the stream's\n"
@@ -431,6 +443,7 @@ void oq__run_config_defaults(oq__run_config *c)
     c->sync = OQ__SYNC_FULL;
     c->commit_batch = 256;
     c->commit_interval_ms = 5;
+    c->reply_ttl_ms = 24 * 3600 * 1000;
 }
 
 /* One option; returns 0 or an exit status. */
@@ -629,6 +642,15 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
     case O_DRAIN:
         c->drain = true;
         return 0;
+    case O_REPLY_TTL:
+        if (oq__parse_duration(arg, &ms) != 0 || ms < 1000)
+            return bad_option("--reply-ttl", arg, "a duration like 24h or "
+                              "90m, at least 1s, at most 876000h");
+        c->reply_ttl_ms = ms;
+        return 0;
+    case O_JOIN_REQUESTS:
+        c->join_requests = true;
+        return 0;
     case 'q':
         c->quiet = true;
         return 0;
@@ -641,7 +663,7 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
 
 /* Refuses an option given in a mode where it means nothing; seen holds
  * the options given (bit id - 256). 0 or 2. */
-static int check_mode(const oq__run_config *c, uint64_t seen)
+static int check_mode(oq__run_config *c, uint64_t seen)
 {
     unsigned mode = c->redis_url ? M_REDIS : M_LOCAL;
 
@@ -668,6 +690,14 @@ static int check_mode(const oq__run_config *c, uint64_t seen)
                     "send`\n", c->inputs[0]);
             return 2;
         }
+        if (c->join_requests && (seen >> (O_ID_FIELD - 256) & 1)) {
+            fprintf(stderr, "onceq run: --join-requests takes each reply's "
+                    "correlation_id as its id: --id-field cannot be used "
+                    "with it\n");
+            return 2;
+        }
+        if (c->join_requests)
+            c->id_field = "correlation_id";
         if (c->stream == NULL || c->group == NULL) {
             fprintf(stderr, "onceq run: --redis URL, --stream NAME and "
                     "--group G are all required (try 'onceq run --help')\n");

@@ -522,31 +522,11 @@ nomem:
     return rc;
 }
 
-/* The decode hook with --replies: a request whose reply_to or
- * correlation_id is unusable is dead-lettered (rejected) with the reason,
- * before its id is claimed. */
+/* The decode hook with --replies (see oq__request_decode). */
 static int run_decode(const oq_event *ev, oq_decoded *out, void *arg)
 {
     oq__runner *r = arg;
-    oq_event scanned = *ev;
-    const oq__jdoc *d;
-    void *own = NULL;
-    char err[sizeof(out->error) - 16];
-
-    if (oq__json_decode(ev, out, &r->idspec) != 0)
-        return -1;
-    scanned.parsed = out->parsed;
-    d = oq__event_doc(&scanned, &own, err, sizeof(err));
-    if (oq__request_check(d, err, sizeof(err)) < 0) {
-        oq__json_free(own, &r->idspec);
-        oq__json_free(out->parsed, &r->idspec);
-        out->parsed = NULL;
-        out->reason = OQ_DLQ_REJECTED;
-        snprintf(out->error, sizeof(out->error), "bad request: %s", err);
-        return -1;
-    }
-    oq__json_free(own, &r->idspec);
-    return 0;
+    return oq__request_decode(ev, out, &r->idspec);
 }
 
 static void run_free(void *parsed, void *arg)
