@@ -536,13 +536,18 @@ static void run_one(worker *w, slot *s, oq_settle *op, int64_t now)
         /* Due for the dead letters (max receives, TTL), and not processed:
          * settle the id as dead, like a handler FAIL, so that every other
          * copy of the event is a duplicate. It does not run again. */
-        oq_txn_error(s->txn, "%s%s%s",
-                     s->d.dying_reason == OQ_DLQ_EXPIRED
-                         ? "message older than its TTL"
-                         : "no attempts left (the maximum number of "
-                           "deliveries was reached)",
-                     s->d.last_error ? "; last error: " : "",
-                     s->d.last_error ? s->d.last_error : "");
+        if (s->d.dying_reason == OQ_DLQ_EXPIRED ||
+            s->d.dying_reason == OQ_DLQ_MAX_ATTEMPTS)
+            oq_txn_error(s->txn, "%s%s%s",
+                         s->d.dying_reason == OQ_DLQ_EXPIRED
+                             ? "message older than its TTL"
+                             : "no attempts left (the maximum number of "
+                               "deliveries was reached)",
+                         s->d.last_error ? "; last error: " : "",
+                         s->d.last_error ? s->d.last_error : "");
+        else /* a backend's own reason (a late reply): its error says */
+            oq_txn_error(s->txn, "%s", s->d.last_error ? s->d.last_error
+                                                       : "dead on arrival");
         s->dead_reason = s->d.dying_reason;
         s->outcome = O_FAILING;
         if (stage_reply(w, s, OQ__REPLY_DEAD) != 0)

@@ -186,6 +186,9 @@ int oq__replies_close(oq__replies *r, char *err, size_t errlen);
 int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec);
 /* The longest reply_to name (a stream's, or a file's before ".jsonl"). */
 #define OQ__REPLY_TO_MAX 200
+/* Whether s[0..n) is a usable reply_to: 1 to OQ__REPLY_TO_MAX letters,
+ * digits, '.', '_', '-', ':', not starting with '.' (a file name too). */
+bool oq__reply_to_ok(const char *s, size_t n);
 /* Whether ev is a (valid) request: 1, with its reply_to name in to
  * (OQ__REPLY_TO_MAX + 1 bytes, NUL-terminated) and, when head is not NULL,
  * the head of its reply appended to head: {"correlation_id":C,"id":I, .

@@ -328,9 +328,11 @@ DM_LUA
  * key (key delta)*ncounts, the records (id rec)*nrecs, the replies
  * (which to cache head body)*nreplies, then the other ops, each:
  * op entry k id field + tail:
- *   D (duplicate): -           R (retry): delay_ms member
- *   F (handler FAIL: settle the id), X (no settling): reason error
- *                                       attempts event source first
+ *   D (duplicate), E (a duplicate reply, also counted duplicate_replies):
+ *                   -           R (retry): delay_ms member
+ *   F (handler FAIL: settle the id), L (a late reply: F, also counted
+ *   late_replies), X (no settling): reason error attempts event source
+ *                                   first
  * (k: index of the op's id key in KEYS, 0 = none; field: its mark's, for
  * F). If any commit's claim is no longer ours, nothing is written and
  * {-1, {its indexes}} comes back (the client drops them and calls again);
@@ -413,9 +415,10 @@ DM_LUA
 "  n = n + 1\n"
 "  local r = -1\n"
 "  local ok = k == 0 or cur[k - 6] == pre .. entry\n"
-"  if op == 'D' then\n"
+"  if op == 'D' or op == 'E' then\n"
 "    r = redis.call('XACK', S, G, entry)\n"
 "    bump('duplicates', r)\n"
+"    if op == 'E' then bump('duplicate_replies', r) end\n"
 "  elseif op == 'R' then\n"
 "    local delay, member = tonumber(ARGV[i]), ARGV[i+1]; i = i + 2\n"
 "    if ok then\n"
@@ -430,7 +433,7 @@ DM_LUA
 "    i = i + 6\n"
 "    if ok then\n"
 "      if k > 0 then\n"
-"        if op == 'F' then mark(f) end\n"
+"        if op == 'F' or op == 'L' then mark(f) end\n"
 "        dels[#dels + 1] = KEYS[k]\n"
 "      end\n"
 "      r = redis.call('XACK', S, G, entry)\n"
@@ -439,6 +442,7 @@ DM_LUA
 "          'error', err, 'attempts', att, 'event', ev, 'source', src,\n"
 "          'first_seen', first, 'last_seen', now)\n"
 "        bump('dead', 1); bump('dead:' .. reason, 1)\n"
+"        if op == 'L' then bump('late_replies', 1) end\n"
 "      end\n"
 "    end\n"
 "  end\n"
@@ -515,9 +519,11 @@ DM_LUA
 "return {p, d, #more}\n",
 
 /* SEND. KEYS: [1] stream [2] stats [3] meta [4..] dedup keys. ARGV[1]:
- * window ms (0: off) [2] the stream's epoch, then per event: k line source
- * big (k: dedup key index, 0 = none; big: "" or the full length of a cut
- * line). Returns {sent, rejected}. Before any write: the epoch must still
+ * window ms (0: off) [2] the stream's epoch [3] a request context's TTL
+ * (ms), then per event: k line source big ck ctx (k: dedup key index, 0 =
+ * none; big: "" or the full length of a cut line; ck: "" or the key of a
+ * request's context, set to ctx when the event is sent). Returns {sent,
+ * rejected}. Before any write: the epoch must still
  * be there (else the stream's data was lost since we started: error
  * ONCEQLOST, nothing sent), and the keys it writes must have their types
  * (else WRONGTYPE, nothing sent: a script stopped by an error halfway
@@ -535,16 +541,18 @@ DM_LUA
 "end\n"
 "local w = tonumber(ARGV[1])\n"
 "local sent, rej = 0, 0\n"
-"local i = 3\n"
+"local i = 4\n"
 "while i <= #ARGV do\n"
 "  local k, line, src, big = tonumber(ARGV[i]), ARGV[i+1], ARGV[i+2],\n"
 "                            ARGV[i+3]\n"
-"  i = i + 4\n"
+"  local ck, ctx = ARGV[i+4], ARGV[i+5]\n"
+"  i = i + 6\n"
 "  if k == 0 or w == 0 or\n"
 "     redis.call('SET', KEYS[k], '1', 'NX', 'PX', w) then\n"
 "    if big == '' then redis.call('XADD', KEYS[1], '*', 'e', line, 's', src)\n"
 "    else redis.call('XADD', KEYS[1], '*', 'e', line, 's', src, 'big', big)\n"
 "    end\n"
+"    if ck ~= '' then redis.call('SET', ck, ctx, 'PX', ARGV[3]) end\n"
 "    sent = sent + 1\n"
 "  else rej = rej + 1 end\n"
 "end\n"
@@ -1749,6 +1757,120 @@ static unsigned dm_load(rconn *rc)
 
 /* =============================================================== send */
 
+/*
+ * Requests (`send --reply-to R`, `onceq request`; docs/REQUEST-REPLY.md).
+ * Each event is stamped with "reply_to":R and a "correlation_id" (its own,
+ * else 128 random bits in hex), and its context, {"correlation_id",
+ * "stream", "event", "sent_at"}, is stored under R:rq:<correlation id> for
+ * whichever requester gets the reply (`run --join-requests`), in the SEND
+ * script that sends it.
+ */
+typedef struct stamper {
+    const char *to, *stream;    /* the reply stream; the requests' stream */
+    char ctxpfx[540];           /* R:rq: */
+    uint64_t rng;               /* correlation ids */
+    oq__jtape t;
+    oq__buf line, corr, ckey, ctx;
+} stamper;
+
+static void stamper_init(stamper *st, const char *to, const char *stream)
+{
+    memset(st, 0, sizeof(*st));
+    st->to = to;
+    st->stream = stream;
+    snprintf(st->ctxpfx, sizeof(st->ctxpfx), "%s:rq:", to);
+    st->rng = make_nonce();
+}
+
+static void stamper_free(stamper *st)
+{
+    oq__jtape_free(&st->t);
+    oq__buf_free(&st->line);
+    oq__buf_free(&st->corr);
+    oq__buf_free(&st->ckey);
+    oq__buf_free(&st->ctx);
+}
+
+/* Appends the time now as a JSON string (the one time writer's format). */
+static int add_time(oq__buf *b)
+{
+    char t[64] = "";
+    FILE *m = fmemopen(t, sizeof(t) - 1, "w");
+    if (m == NULL)
+        return OQ_ENOMEM;
+    oq__json_write_time(m, wall_ms());
+    fclose(m);
+    return oq__buf_add(b, t, strlen(t));
+}
+
+/* Stamps line[0..len) as a request into st->line, its correlation id's
+ * bytes into st->corr, its context's key and value into st->ckey and
+ * st->ctx. 1 stamped; 0 not a JSON object, or a correlation_id that is
+ * not a string (sent as it is: the responders dead-letter it); OQ_ENOMEM. */
+static int stamp_request(stamper *st, const char *line, size_t len)
+{
+    oq__jdoc d;
+    uint32_t cv;
+    size_t at;
+    const char *why;
+    bool first = true;
+    int rc;
+
+    st->line.len = st->corr.len = st->ckey.len = st->ctx.len = 0;
+    if (!oq__utf8_valid(line, len) ||
+        oq__json_scan(line, len, &st->t, &at, &why) != 0)
+        return 0;
+    d = (oq__jdoc){ line, len, st->t.tok, st->t.n };
+    cv = oq__jget(&d, 0, "correlation_id", 14);
+    if (d.tok[0].type != OQ__J_OBJ || (cv && d.tok[cv].type != OQ__J_STR))
+        return 0;
+    rc = oq__buf_add(&st->line, "{", 1);
+    for (uint32_t i = 1; rc == 0 && i < d.tok[0].end; i = d.tok[i + 1].end) {
+        if (oq__jstr_eq(&d, i, "reply_to", 8))
+            continue;
+        if (!first)
+            rc = oq__buf_add(&st->line, ",", 1);
+        first = false;
+        rc = rc ? rc : oq__jcompact(&d, i, &st->line);
+        rc = rc ? rc : oq__buf_add(&st->line, ":", 1);
+        rc = rc ? rc : oq__jcompact(&d, i + 1, &st->line);
+    }
+    if (rc == 0)
+        rc = oq__buf_add(&st->line, first ? "\"reply_to\":" : ",\"reply_to\":",
+                         first ? 11 : 12);
+    rc = rc ? rc : oq__json_quote(&st->line, st->to, strlen(st->to));
+    if (rc == 0 && cv) {
+        rc = oq__buf_reserve(&st->corr, d.tok[cv].len + 1);
+        if (rc == 0) {
+            size_t n;
+            const char *c = oq__jstr(&d, cv, st->corr.data, &n);
+            if (c != st->corr.data)
+                memcpy(st->corr.data, c, n);
+            st->corr.len = n;
+        }
+    } else if (rc == 0) {
+        char hex[40];
+        uint64_t a = oq__splitmix64(&st->rng), b = oq__splitmix64(&st->rng);
+        snprintf(hex, sizeof(hex), "%016" PRIx64 "%016" PRIx64, a, b);
+        rc = oq__buf_add(&st->corr, hex, 32);
+        rc = rc ? rc : oq__buf_add(&st->line, ",\"correlation_id\":", 18);
+        rc = rc ? rc : oq__json_quote(&st->line, hex, 32);
+    }
+    rc = rc ? rc : oq__buf_add(&st->line, "}", 1);
+    rc = rc ? rc : oq__buf_add(&st->ckey, st->ctxpfx, strlen(st->ctxpfx));
+    rc = rc ? rc : oq__buf_add(&st->ckey, st->corr.data, st->corr.len);
+    rc = rc ? rc : oq__buf_add(&st->ctx, "{\"correlation_id\":", 18);
+    rc = rc ? rc : oq__json_quote(&st->ctx, st->corr.data, st->corr.len);
+    rc = rc ? rc : oq__buf_add(&st->ctx, ",\"stream\":", 10);
+    rc = rc ? rc : oq__json_quote(&st->ctx, st->stream, strlen(st->stream));
+    rc = rc ? rc : oq__buf_add(&st->ctx, ",\"event\":", 9);
+    rc = rc ? rc : oq__buf_add(&st->ctx, st->line.data, st->line.len);
+    rc = rc ? rc : oq__buf_add(&st->ctx, ",\"sent_at\":", 11);
+    rc = rc ? rc : add_time(&st->ctx);
+    rc = rc ? rc : oq__buf_add(&st->ctx, "}", 1);
+    return rc ? rc : 1;
+}
+
 typedef struct send_batch {
     abuf keys, args;
     size_t nevents;
@@ -1779,6 +1901,12 @@ static void send_usage(FILE *f)
 "  --id-field NAME        the id field (default id, or event_id)\n"
 "  --batch N              events per Lua call (default 256)\n"
 "  --max-line BYTES       (default 1M; K, M, G suffixes)\n"
+"  --reply-to R           send requests: each JSON object is stamped with\n"
+"                         \"reply_to\":R and a \"correlation_id\" (its own,\n"
+"                         else a random one), and its context is kept in\n"
+"                         R:rq:<correlation_id> for `onceq run --redis\n"
+"                         --stream R --join-requests` (docs/REQUEST-REPLY.md)\n"
+"  --request-ttl D        how long a request's context is kept (default 24h)\n"
 "  -q, --quiet            no summary\n"
 "\n"
 "Prints: sent N, rejected M duplicates. Exit status: 0 success, 2 bad\n"
@@ -1789,6 +1917,8 @@ static void send_usage(FILE *f)
 
 typedef struct send_cfg {
     const char *url, *pwfile, *stream, *id_field;
+    const char *reply_to;       /* --reply-to: send requests; NULL: not */
+    int64_t request_ttl_ms;     /* --request-ttl: their contexts' life */
     int64_t window_ms;
     unsigned batch;
     size_t max_line;
@@ -1799,7 +1929,7 @@ typedef struct send_cfg {
 static int send_parse(send_cfg *c, int argc, char **argv)
 {
     enum { O_REDIS = 256, O_STREAM, O_WINDOW, O_ID, O_BATCH, O_MAXLINE,
-           O_PWFILE, O_REPLICAS };
+           O_PWFILE, O_REPLICAS, O_REPLY_TO, O_REQUEST_TTL };
     static const struct option lo[] = {
         { "redis", required_argument, NULL, O_REDIS },
         { "redis-password-file", required_argument, NULL, O_PWFILE },
@@ -1809,14 +1939,18 @@ static int send_parse(send_cfg *c, int argc, char **argv)
         { "id-field", required_argument, NULL, O_ID },
         { "batch", required_argument, NULL, O_BATCH },
         { "max-line", required_argument, NULL, O_MAXLINE },
+        { "reply-to", required_argument, NULL, O_REPLY_TO },
+        { "request-ttl", required_argument, NULL, O_REQUEST_TTL },
         { "quiet", no_argument, NULL, 'q' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     int opt;
     uint64_t u;
+    int64_t ms;
 
     memset(c, 0, sizeof(*c));
+    c->request_ttl_ms = 24 * 3600 * 1000;
     c->id_field = "id";
     c->window_ms = 300000;
     c->batch = SEND_BATCH;
@@ -1845,6 +1979,21 @@ static int send_parse(send_cfg *c, int argc, char **argv)
                 return usage_error("send", "invalid --replicas '%s' (an "
                                    "integer from 0 to 64)", optarg);
             c->replicas = (int)u;
+            break;
+        case O_REPLY_TO:
+            if (!oq__reply_to_ok(optarg, strlen(optarg)))
+                return usage_error("send", "invalid --reply-to '%s' (a "
+                                   "stream name: 1 to %d letters, digits, "
+                                   "'.', '_', '-' or ':', not starting with "
+                                   "'.')", optarg, OQ__REPLY_TO_MAX);
+            c->reply_to = optarg;
+            break;
+        case O_REQUEST_TTL:
+            if (oq__parse_duration(optarg, &ms) != 0 || ms < 1000)
+                return usage_error("send", "invalid --request-ttl '%s' (a "
+                                   "duration like 24h or 90m, at least 1s, "
+                                   "at most 876000h)", optarg);
+            c->request_ttl_ms = ms;
             break;
         case O_BATCH:
             if (oq__parse_count(optarg, 1, 4096, &u) != 0)
@@ -1967,10 +2116,12 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
     rkeys k;
     oq__line l;
     char err[512], epoch[64];
-    int status = 0, got;
+    int status = 0, got, req;
+    stamper stp;
 
     if (make_keys(&k, c->stream, "send") != 0)
         return 2;
+    stamper_init(&stp, c->reply_to, c->stream);
     if (parse_url(c->url, c->pwfile, "send", &u, err, sizeof(err)) != 0)
         return usage_error("send", "%s", err);
     if (oq__reader_open(&rd, ninputs ? (const char *const *)inputs
@@ -2017,7 +2168,15 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
                 ab_adds(&cur->keys, k.meta);
                 ab_addi(&cur->args, c->window_ms);
                 ab_adds(&cur->args, epoch);
+                ab_addi(&cur->args, c->request_ttl_ms);
                 cur->nevents = 0;
+            }
+            req = 0;
+            if (c->reply_to && l.kind == OQ__LINE_EVENT &&
+                (req = stamp_request(&stp, l.data, l.len)) < 0) {
+                fprintf(stderr, "onceq send: out of memory\n");
+                status = 3;
+                break;
             }
             if (l.kind == OQ__LINE_EVENT && c->window_ms > 0) {
                 oq_event ev = { 0 };
@@ -2034,7 +2193,10 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
                     oq__json_free(dec.parsed, &spec);
             }
             ab_addi(&cur->args, keyidx);
-            ab_add(&cur->args, l.data, l.len);
+            if (req)
+                ab_add(&cur->args, stp.line.data, stp.line.len);
+            else
+                ab_add(&cur->args, l.data, l.len);
             snprintf(src, sizeof(src), "%s:%" PRIu64,
                      strcmp(path, "-") == 0 ? "<stdin>" : path, l.lineno);
             for (char *p = src; *p; p++)
@@ -2045,6 +2207,8 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
                 ab_addu(&cur->args, l.full_len);
             else
                 ab_add(&cur->args, "", 0);
+            ab_add(&cur->args, req ? stp.ckey.data : "", req ? stp.ckey.len : 0);
+            ab_add(&cur->args, req ? stp.ctx.data : "", req ? stp.ctx.len : 0);
             cur->nevents++;
             if (cur->nevents < c->batch)
                 continue;
@@ -2075,6 +2239,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
     }
     rc_close(&rc);
     oq__reader_close(rd);
+    stamper_free(&stp);
     return status;
 }
 
@@ -2104,6 +2269,11 @@ typedef struct rentry {
                              that delivered it began at deadline - vt):
                              after it XAUTOCLAIM may hand the entry over,
                              so the claim's lease ends then too */
+    /* --join-requests: */
+    bool joined;          /* looked up (once per entry in hand) */
+    bool late;            /* no request context: dead-lettered unrun */
+    char *with_request;   /* the line with its "request", or NULL */
+    size_t with_len;
 } rentry;
 
 /* What this consumer's COMMIT calls did (the engine counts the rest). */
@@ -2181,6 +2351,13 @@ static void run_fatal_reply(rrun *r, rconn *rc, const redisReply *rep,
 #define ADD(field, n) atomic_fetch_add_explicit(&r->st.field, (n), \
                                                 memory_order_relaxed)
 
+static void entry_free(rentry *e)
+{
+    if (e)
+        oq__free(e->with_request);
+    oq__free(e);
+}
+
 /* Copies a stream entry ([id, [field, value, ...]]) out of a reply. */
 static rentry *entry_from(const redisReply *e, uint32_t deliveries,
                           int64_t deadline_ms)
@@ -2220,6 +2397,9 @@ static rentry *entry_from(const redisReply *e, uint32_t deliveries,
     x->big = field_u64(kv, "big");
     x->due_ms = 0;
     x->deadline_ms = deadline_ms;
+    x->joined = x->late = false;
+    x->with_request = NULL;
+    x->with_len = 0;
     return x;
 }
 
@@ -2368,7 +2548,7 @@ static void rq_detach(void *ctx)
     /* What we hold stays pending in Redis: another consumer (or we, next
      * time) takes it over after the visibility timeout. */
     for (size_t i = 0; i < q->nheld; i++)
-        oq__free(q->held[i]);
+        entry_free(q->held[i]);
     atomic_store(q->inflight, 0);
     rc_close(&q->rc);
     oq__free(q->held);
@@ -2400,7 +2580,7 @@ static size_t take_held(rqueue *q, size_t n, size_t want, int64_t now)
     size_t keep = 0;
     for (size_t i = 0; i < q->nheld; i++) {
         if (q->held[i]->deadline_ms <= now)
-            oq__free(q->held[i]);
+            entry_free(q->held[i]);
         else if (n < want && q->held[i]->due_ms <= now)
             q->batch[n++] = q->held[i];
         else
@@ -2417,7 +2597,7 @@ static size_t take_reclaimed(rqueue *q, size_t n, size_t want, int64_t now)
     while (n < want && r->nreclaimed > 0) {
         rentry *e = r->reclaimed[--r->nreclaimed];
         if (e->deadline_ms <= now)
-            oq__free(e); /* delivered again later, as above */
+            entry_free(e); /* delivered again later, as above */
         else
             q->batch[n++] = e;
     }
@@ -2498,9 +2678,125 @@ static size_t one_copy_per_entry(rqueue *q, size_t n)
             q->batch[j]->deadline_ms = e->deadline_ms;
         q->batch[j]->deliveries = OQ__MAX(q->batch[j]->deliveries,
                                           e->deliveries);
-        oq__free(e);
+        entry_free(e);
     }
     return m;
+}
+
+/*
+ * --join-requests: each reply in hand is joined with its request's
+ * context (R:rq:<correlation_id>, stored by `send --reply-to`), read with
+ * one MGET per receive: its line becomes the reply with one more member,
+ * "request". A reply whose context is gone (unknown, or older than
+ * --request-ttl) is late: it is delivered dying, so the engine claims its
+ * correlation id (a duplicate of a handled reply is acked as one) and
+ * dead-letters it without running the handler. A line that is not an
+ * object with a string correlation_id is left as it is: the engine
+ * dead-letters it (bad_id, parse_error). The stream entry keeps the reply
+ * as it came: a retry re-adds that, and it is joined again.
+ */
+static size_t join_requests(rqueue *q, size_t n)
+{
+    rrun *r = q->r;
+    size_t idx[1024], m = 0;
+    const char *av[1025];
+    size_t lens[1025];
+    oq__buf keys = { 0 };
+    size_t koff[1024];
+    oq__jtape t = { 0 };
+    redisReply *rep;
+
+    for (size_t i = 0; i < n && m < 1024; i++) {
+        rentry *e = q->batch[i];
+        oq__jdoc d;
+        uint32_t cv;
+        size_t at, len;
+        const char *why, *c;
+        char *buf;
+        if (e->joined)
+            continue;
+        e->joined = true;
+        if (!oq__utf8_valid(e->line, e->len) ||
+            oq__json_scan(e->line, e->len, &t, &at, &why) != 0)
+            continue;
+        d = (oq__jdoc){ e->line, e->len, t.tok, t.n };
+        cv = oq__jget(&d, 0, "correlation_id", 14);
+        if (cv == 0 || d.tok[cv].type != OQ__J_STR)
+            continue;
+        koff[m] = keys.len;
+        if (oq__buf_add(&keys, r->k.stream, strlen(r->k.stream)) != 0 ||
+            oq__buf_add(&keys, ":rq:", 4) != 0 ||
+            oq__buf_reserve(&keys, d.tok[cv].len) != 0) {
+            e->joined = false;
+            break;
+        }
+        buf = keys.data + keys.len;
+        c = oq__jstr(&d, cv, buf, &len);
+        if (c != buf)
+            memcpy(buf, c, len);
+        keys.len += len;
+        idx[m++] = i;
+    }
+    oq__jtape_free(&t);
+    if (m == 0) {
+        oq__buf_free(&keys);
+        return n;
+    }
+    av[0] = "MGET";
+    lens[0] = 4;
+    for (size_t j = 0; j < m; j++) {
+        av[j + 1] = keys.data + koff[j];
+        lens[j + 1] = (j + 1 < m ? koff[j + 1] : keys.len) - koff[j];
+    }
+    rep = rc_cmd(&q->rc, (int)m + 1, av, lens);
+    oq__buf_free(&keys);
+    if (rep == NULL || rep->type != REDIS_REPLY_ARRAY || rep->elements != m) {
+        /* Not looked up: handed to the engine unjoined they would run
+         * without their requests, or be taken for late. The run stops;
+         * these entries stay pending, for another consumer. */
+        size_t k = 0;
+        run_fatal_reply(r, &q->rc, rep, "MGET of the requests' contexts");
+        freeReplyObject(rep);
+        for (size_t i = 0, j = 0; i < n; i++) {
+            if (j < m && idx[j] == i) {
+                entry_free(q->batch[i]);
+                j++;
+            } else {
+                q->batch[k++] = q->batch[i];
+            }
+        }
+        return k;
+    }
+    for (size_t j = 0; j < m; j++) {
+        rentry *e = q->batch[idx[j]];
+        const redisReply *v = rep->element[j];
+        const char *close;
+        size_t head;
+        if (v->type != REDIS_REPLY_STRING) {
+            e->late = true;
+            continue;
+        }
+        /* The reply's closing brace: the last byte but whitespace. */
+        close = e->line + e->len;
+        while (close > e->line && close[-1] != '}')
+            close--;
+        head = close > e->line ? (size_t)(close - 1 - e->line) : 0;
+        e->with_request = oq__malloc(head + v->len + 16);
+        if (e->with_request == NULL) {
+            e->late = true; /* no memory: treated as not joinable */
+            continue;
+        }
+        memcpy(e->with_request, e->line, head);
+        e->with_len = head;
+        memcpy(e->with_request + e->with_len, ",\"request\":", 11);
+        e->with_len += 11;
+        memcpy(e->with_request + e->with_len, v->str, v->len);
+        e->with_len += v->len;
+        e->with_request[e->with_len++] = '}';
+        e->with_request[e->with_len] = '\0';
+    }
+    freeReplyObject(rep);
+    return n;
 }
 
 static int rq_receive(void *ctx, oq_delivery *out, size_t want,
@@ -2532,12 +2828,14 @@ static int rq_receive(void *ctx, oq_delivery *out, size_t want,
         nap_ms(OQ__MAX(1, OQ__MIN(BUSY_RETRY_MS, next - now)));
     }
     n = one_copy_per_entry(q, n);
+    if (r->c.join_requests)
+        n = join_requests(q, n);
     for (size_t i = 0; i < n; i++) {
         rentry *e = q->batch[i];
         uint32_t attempts = e->prior + e->deliveries;
         out[i] = (oq_delivery){
-            .payload = e->line,
-            .payload_len = e->len,
+            .payload = e->with_request ? e->with_request : e->line,
+            .payload_len = e->with_request ? e->with_len : e->len,
             .tag = (uint64_t)(uintptr_t)e,
             .receipt = ++q->receipts,
             .receive_count = attempts,
@@ -2547,6 +2845,13 @@ static int rq_receive(void *ctx, oq_delivery *out, size_t want,
             .dying_reason = OQ_DLQ_MAX_ATTEMPTS,
             .msg_ = e,
         };
+        if (e->late && !out[i].dying) {
+            out[i].dying = 1;
+            out[i].dying_reason = OQ_DLQ_REJECTED;
+            out[i].last_error = "late reply: no request with this "
+                                "correlation_id (unknown, or its context "
+                                "is older than --request-ttl)";
+        }
     }
     atomic_store(q->inflight, n + q->nheld);
     return (int)n;
@@ -2585,7 +2890,7 @@ static void rq_settle(void *ctx, oq_settle *ops, size_t n)
             break;
         }
         if (op->release && e) {
-            oq__free(e);
+            entry_free(e);
             op->d->msg_ = NULL;
         }
     }
@@ -2854,10 +3159,12 @@ static void plan_ops(rledger *l, const oq__lcommit *e, size_t n)
             o->r1 = l->stage.n;
             break;
         case OQ__LC_DEAD:
-            o->op = 'F';
+            /* L: a late reply (join_requests), dead and counted so. */
+            o->op = ((const rentry *)op->d->msg_)->late ? 'L' : 'F';
             break;
         case OQ__LC_ACK:
-            o->op = 'D';
+            /* E: a duplicate reply (--join-requests), counted so too. */
+            o->op = r->c.join_requests ? 'E' : 'D';
             break;
         case OQ__LC_RETRY:
             o->op = 'R';
@@ -3064,7 +3371,7 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
         ab_add(a, l->rp.buf + l->rp.off[i], l->rp.alen[i]);
     for (size_t i = 0; i < n; i++) {
         const rop *o = &l->ops[i];
-        bool keyed = e[i].claim != NULL && o->op != 'D';
+        bool keyed = e[i].claim != NULL && o->op != 'D' && o->op != 'E';
         if (o->op == 'C')
             continue;
         ab_add(a, &o->op, 1);
@@ -3078,14 +3385,14 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
         }
         ab_add(a, e[i].claim ? e[i].ev->id : "",
                e[i].claim ? e[i].ev->id_len : 0);
-        if (keyed && o->op == 'F')
+        if (keyed && (o->op == 'F' || o->op == 'L'))
             ab_add_mark(a, e[i].ev->id, e[i].ev->id_len);
         else
             ab_add(a, "", 0);
         if (o->op == 'R') {
             ab_addi(a, e[i].op->delay_ms);
             op_member(l, &e[i]);
-        } else if (o->op == 'F' || o->op == 'X') {
+        } else if (o->op == 'F' || o->op == 'X' || o->op == 'L') {
             op_dead(l, o, &e[i]);
         }
     }
@@ -3116,13 +3423,15 @@ static void results(rledger *l, oq__lcommit *e, size_t n,
             ADD(settled_elsewhere, 1);
         else if (v < 0)
             ;
-        else if (o->op == 'D')
+        else if (o->op == 'D' || o->op == 'E')
             ADD(duplicates, 1);
         else if (o->op == 'R')
             ADD(retried, 1);
         else {
             ADD(dead, 1);
             ADD(dead_by[o->reason], 1);
+            if (o->op == 'L')
+                ADD(late_replies, 1);
         }
     }
 }
@@ -3322,7 +3631,7 @@ static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
             if (redisGetReply(rc->c, &v) != REDIS_OK) {
                 /* The entries stay pending; taken over again later. */
                 for (size_t k = 0; k < nes; k++)
-                    oq__free(tmp[k]);
+                    entry_free(tmp[k]);
                 oq__free(tmp);
                 freeReplyObject(rep);
                 rc_reconnect(rc);
@@ -3362,7 +3671,7 @@ static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
                 size_t ncap = r->reclaimed_cap ? r->reclaimed_cap * 2 : 256;
                 rentry **nr = oq__realloc(r->reclaimed, ncap * sizeof(*nr));
                 if (nr == NULL) {
-                    oq__free(tmp[i]); /* stays pending in Redis */
+                    entry_free(tmp[i]); /* stays pending in Redis */
                     continue;
                 }
                 r->reclaimed = nr;
@@ -3976,7 +4285,7 @@ static void free_workers(rrun *r, house *hk)
     oq_pool_free(atomic_exchange(&r->p, NULL));
     rc_close(&hk->rc);
     for (size_t i = 0; i < r->nreclaimed; i++)
-        oq__free(r->reclaimed[i]);
+        entry_free(r->reclaimed[i]);
     oq__free(r->reclaimed);
     oq__free(r->inflight);
 }
@@ -4173,7 +4482,7 @@ void oq__redis_backends_close(void *backends)
         pthread_join(b->hk.th, NULL);
     rc_close(&b->hk.rc);
     for (size_t i = 0; i < r->nreclaimed; i++)
-        oq__free(r->reclaimed[i]);
+        entry_free(r->reclaimed[i]);
     oq__free(r->reclaimed);
     oq__free(r->inflight);
     pthread_mutex_destroy(&r->mu);

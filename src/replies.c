@@ -140,7 +140,7 @@ void oq__replies_stats(oq__replies *r, uint64_t *requests, uint64_t *replies,
 
 /* A reply_to name that is safe as a file name: letters, digits, '.', '_',
  * '-', ':', not starting with '.'. */
-static bool name_ok(const char *s, size_t n)
+bool oq__reply_to_ok(const char *s, size_t n)
 {
     if (n == 0 || n > NAME_MAX_LEN || s[0] == '.')
         return false;
@@ -183,7 +183,7 @@ static int request_fields(const oq__jdoc *d, uint32_t *to, uint32_t *corr,
         return -1;
     }
     name = oq__jstr(d, *to, buf, &n);
-    if (!name_ok(name, n)) {
+    if (!oq__reply_to_ok(name, n)) {
         snprintf(err, errlen, "reply_to must be 1 to %d letters, digits, "
                  "'.', '_', '-' or ':', not starting with '.'",
                  NAME_MAX_LEN);
