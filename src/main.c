@@ -19,6 +19,8 @@ static const command commands[] = {
     { "gen", oq__cmd_gen, "generate synthetic event files" },
     { "node", oq__cmd_node, "speak the JSON-lines node protocol on stdin/stdout" },
     { "send", oq__cmd_send, "load events into a Redis stream (--redis)" },
+    { "request", oq__cmd_request, "send requests over Redis and wait for "
+                                  "their replies" },
     { "dlq", oq__cmd_dlq, "list, show, redrive or purge dead letters" },
     { "export", oq__cmd_export, "write the results of a durable run as JSONL" },
     { "stats", oq__cmd_stats, "print the stats of a durable run as JSON" },

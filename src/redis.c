@@ -163,6 +163,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "oq_uthash.h"
+
 #define SEND_BATCH 256
 #define SEND_WINDOW 8          /* send batches in flight */
 #define BLOCK_MS 100           /* XREADGROUP BLOCK: how soon a stop is seen */
@@ -326,7 +328,7 @@ DM_LUA
  * replies' cache TTL (ms) [11] the replies' source field, then the nc
  * commits' entries, their nc mark fields, the batch's counts summed per
  * key (key delta)*ncounts, the records (id rec)*nrecs, the replies
- * (which to cache head body)*nreplies, then the other ops, each:
+ * (which to cache head body ctx)*nreplies, then the other ops, each:
  * op entry k id field + tail:
  *   D (duplicate), E (a duplicate reply, also counted duplicate_replies):
  *                   -           R (retry): delay_ms member
@@ -342,9 +344,14 @@ DM_LUA
  * op, which: j > 0 the j-th commit, j < 0 the -j-th other op; it is
  * written only if that op was done: XADD to (field e head..body, s) and
  * the body cached (SET cache body PX ttl); for a duplicate (body empty)
- * the cached body, if any, goes out under the duplicate's own head. The
- * reply streams' stats count them as sent. The answer's [3] and [4] are
- * the requests answered and the duplicates answered again.
+ * the cached body, if any, goes out under the duplicate's own head. A
+ * reply record is (which to cache head body ctx): ctx is the request's
+ * context key; a reply to a stream that does not exist, for a request
+ * whose context is gone, has no reader (an `onceq request` that gave up
+ * and deleted both): it is not written, only counted (replies_dropped).
+ * The reply streams' stats count the replies as sent. The answer's [3],
+ * [4] and [5]: requests answered, duplicates answered again, replies
+ * written.
  * Before the first write, the keys it will write must be of their
  * types (or absent), else a WRONGTYPE error comes back and nothing is
  * written: Redis does not roll a script back, so a WRONGTYPE halfway
@@ -375,12 +382,12 @@ DM_LUA
 "    'name clashes with it); nothing was committed')\n"
 "end\n"
 "local rp0 = H + 2 * nc + 2 * (ncnt + nrec) + 1\n"
-"local others = rp0 + 5 * nrp <= #ARGV\n"
+"local others = rp0 + 6 * nrp <= #ARGV\n"
 "local bad = clash(KEYS[6], 'hash') or (ncnt > 0 and clash(KEYS[2], 'hash'))\n"
 "  or (nrec > 0 and clash(KEYS[3], 'stream'))\n"
 "  or (others and (clash(KEYS[4], 'stream') or clash(KEYS[5], 'zset')))\n"
 "  or ((nc > 0 or others) and clash(DP .. dm_gen(RET, now), 'hash'))\n"
-"for b = rp0, rp0 + 5 * (nrp - 1), 5 do\n"
+"for b = rp0, rp0 + 6 * (nrp - 1), 6 do\n"
 "  bad = bad or clash(ARGV[b + 1], 'stream') or\n"
 "    clash(ARGV[b + 1] .. ':stats', 'hash') or clash(ARGV[b + 2], 'string')\n"
 "end\n"
@@ -406,7 +413,7 @@ DM_LUA
 "  redis.call('XADD', KEYS[3], '*', 'id', ARGV[i], 'r', ARGV[i + 1])\n"
 "  i = i + 2\n"
 "end\n"
-"i = i + 5 * nrp\n"
+"i = i + 6 * nrp\n"
 "local n = 0\n"
 "while i <= #ARGV do\n"
 "  local op, entry, k, id, f = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]),\n"
@@ -451,30 +458,33 @@ DM_LUA
 "end\n"
 "if #dels > 0 then redis.call('DEL', unpack(dels)) end\n"
 "if st then dm_finish(st, RET, LOAD) end\n"
-"local nreq, ndup = 0, 0\n"
-"for b = rp0, rp0 + 5 * (nrp - 1), 5 do\n"
+"local nreq, ndup, nrep = 0, 0, 0\n"
+"for b = rp0, rp0 + 6 * (nrp - 1), 6 do\n"
 "  local w, to, ck = tonumber(ARGV[b]), ARGV[b + 1], ARGV[b + 2]\n"
-"  local head, body = ARGV[b + 3], ARGV[b + 4]\n"
+"  local head, body, qk = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]\n"
 "  if w > 0 or out[-w] == 1 then\n"
-"    if body == '' then\n"
+"    local dup = body == ''\n"
+"    if dup then\n"
 "      body = redis.call('GET', ck)\n"
-"      if body then ndup = ndup + 1 end\n"
 "    else\n"
 "      redis.call('SET', ck, body, 'PX', RTTL)\n"
 "      nreq = nreq + 1\n"
 "    end\n"
-"    if body then\n"
+"    if body and (redis.call('EXISTS', to) == 1 or\n"
+"                 redis.call('EXISTS', qk) == 1) then\n"
 "      redis.call('XADD', to, '*', 'e', head .. body, 's', RSRC)\n"
 "      redis.call('HINCRBY', to .. ':stats', 'sent', 1)\n"
-"    end\n"
+"      nrep = nrep + 1\n"
+"      if dup then ndup = ndup + 1 end\n"
+"    elseif body then bump('replies_dropped', 1) end\n"
 "  end\n"
 "end\n"
-"bump('requests', nreq); bump('replies', nreq + ndup)\n"
+"bump('requests', nreq); bump('replies', nrep)\n"
 "bump('duplicate_replies', ndup)\n"
 "for key, d in pairs(stc) do\n"
 "  if d ~= 0 then redis.call('HINCRBY', KEYS[6], key, d) end\n"
 "end\n"
-"return {1, out, nreq, ndup}\n",
+"return {1, out, nreq, ndup, nrep}\n",
 
 /* PROMOTE. KEYS: [1] stream [2] delayed. ARGV[1]: max. Moves due retries
  * back into the stream; returns how many. */
@@ -1767,7 +1777,7 @@ static unsigned dm_load(rconn *rc)
  */
 typedef struct stamper {
     const char *to, *stream;    /* the reply stream; the requests' stream */
-    char ctxpfx[540];           /* R:rq: */
+    char ctxpfx[640];           /* R:rq: */
     uint64_t rng;               /* correlation ids */
     oq__jtape t;
     oq__buf line, corr, ckey, ctx;
@@ -2017,6 +2027,51 @@ static int send_parse(send_cfg *c, int argc, char **argv)
     return -1;
 }
 
+/* Starts a SEND call's arguments (see the SEND script). */
+static void batch_begin(send_batch *b, const rkeys *k, int64_t window_ms,
+                        const char *epoch, int64_t request_ttl_ms)
+{
+    ab_reset(&b->keys);
+    ab_reset(&b->args);
+    ab_adds(&b->keys, k->stream);
+    ab_adds(&b->keys, k->stats);
+    ab_adds(&b->keys, k->meta);
+    ab_addi(&b->args, window_ms);
+    ab_adds(&b->args, epoch);
+    ab_addi(&b->args, request_ttl_ms);
+    b->nevents = 0;
+}
+
+/* Adds one event: keyidx its dedup key's index (0: none), big the full
+ * length of a line cut for being too large (0: not cut), req the stamped
+ * request's context (NULL: not a request). */
+static void batch_add(send_batch *b, int64_t keyidx, const char *line,
+                      size_t len, const char *src, uint64_t big,
+                      const stamper *req)
+{
+    ab_addi(&b->args, keyidx);
+    ab_add(&b->args, line, len);
+    ab_adds(&b->args, src);
+    if (big)
+        ab_addu(&b->args, big);
+    else
+        ab_add(&b->args, "", 0);
+    ab_add(&b->args, req ? req->ckey.data : "", req ? req->ckey.len : 0);
+    ab_add(&b->args, req ? req->ctx.data : "", req ? req->ctx.len : 0);
+    b->nevents++;
+}
+
+/* An event's source field: file:line, with no newline in it. */
+static void line_source(char *src, size_t len, const char *path,
+                        uint64_t lineno)
+{
+    snprintf(src, len, "%s:%" PRIu64, strcmp(path, "-") == 0 ? "<stdin>"
+                                                             : path, lineno);
+    for (char *p = src; *p; p++)
+        if (*p == '\n')
+            *p = '?';
+}
+
 /* Sends the batches b[0..n) pipelined. A batch whose reply was lost with
  * the connection is sent again after a reconnect (the dedup window makes
  * that safe for events with an id: if the first call ran, they are
@@ -2160,17 +2215,8 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
             char src[600];
             const char *path = oq__reader_path(rd, l.file);
             int64_t keyidx = 0;
-            if (cur->args.n == 0) {
-                ab_reset(&cur->keys);
-                ab_reset(&cur->args);
-                ab_adds(&cur->keys, k.stream);
-                ab_adds(&cur->keys, k.stats);
-                ab_adds(&cur->keys, k.meta);
-                ab_addi(&cur->args, c->window_ms);
-                ab_adds(&cur->args, epoch);
-                ab_addi(&cur->args, c->request_ttl_ms);
-                cur->nevents = 0;
-            }
+            if (cur->args.n == 0)
+                batch_begin(cur, &k, c->window_ms, epoch, c->request_ttl_ms);
             req = 0;
             if (c->reply_to && l.kind == OQ__LINE_EVENT &&
                 (req = stamp_request(&stp, l.data, l.len)) < 0) {
@@ -2192,24 +2238,11 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
                 if (dec.parsed)
                     oq__json_free(dec.parsed, &spec);
             }
-            ab_addi(&cur->args, keyidx);
-            if (req)
-                ab_add(&cur->args, stp.line.data, stp.line.len);
-            else
-                ab_add(&cur->args, l.data, l.len);
-            snprintf(src, sizeof(src), "%s:%" PRIu64,
-                     strcmp(path, "-") == 0 ? "<stdin>" : path, l.lineno);
-            for (char *p = src; *p; p++)
-                if (*p == '\n')
-                    *p = '?';
-            ab_adds(&cur->args, src);
-            if (l.kind == OQ__LINE_TOO_LARGE)
-                ab_addu(&cur->args, l.full_len);
-            else
-                ab_add(&cur->args, "", 0);
-            ab_add(&cur->args, req ? stp.ckey.data : "", req ? stp.ckey.len : 0);
-            ab_add(&cur->args, req ? stp.ctx.data : "", req ? stp.ctx.len : 0);
-            cur->nevents++;
+            line_source(src, sizeof(src), path, l.lineno);
+            batch_add(cur, keyidx, req ? stp.line.data : l.data,
+                      req ? stp.line.len : l.len, src,
+                      l.kind == OQ__LINE_TOO_LARGE ? l.full_len : 0,
+                      req ? &stp : NULL);
             if (cur->nevents < c->batch)
                 continue;
             nb++;
@@ -2252,6 +2285,503 @@ int oq__cmd_send(int argc, char **argv)
     return send_run(&c, argv + optind, (unsigned)(argc - optind));
 }
 
+/* ============================================================ request */
+
+/*
+ * `onceq request`: sends each line as a request with its own reply stream
+ * (default S:replies:<random>), waits for the replies (XREAD: the stream is
+ * its own, no group), and writes one line per request in input order: the
+ * reply, or {"correlation_id","id","status":"timeout"}, or, for a line that
+ * cannot be a request, {"correlation_id":null,"status":"rejected","error"}.
+ * No producer dedup: a line sent twice is two requests, and the second gets
+ * the first's outcome again (the responders' reply cache). At the end it
+ * deletes the contexts of its requests and, when the reply stream was its
+ * own, the stream.
+ */
+typedef struct rq_item {
+    UT_hash_handle hh;      /* by correlation id, for the sent ones */
+    char *corr;             /* its bytes (NULL: not sent) */
+    size_t corr_len;
+    char *ckey;             /* its context's key */
+    size_t ckey_len;
+    char *id;               /* the event's id, JSON (NULL: none) */
+    char *out;              /* the line to write (reply, or rejected) */
+    const char *status;     /* ok failed dead timeout rejected */
+} rq_item;
+
+typedef struct req_cfg {
+    send_cfg s;             /* --redis, --stream, --id-field, --max-line, ... */
+    const char *reply_stream;
+    int64_t timeout_ms;
+} req_cfg;
+
+static void req_usage(FILE *f)
+{
+    fprintf(f,
+"usage: onceq request --redis URL --stream NAME [OPTIONS] [FILE...]\n"
+"\n"
+"Sends each JSON-lines event of FILEs (or stdin) to the stream as a request\n"
+"(stamped with \"reply_to\" and a \"correlation_id\", as `onceq send\n"
+"--reply-to` does), waits for the replies of `onceq run --redis` responders,\n"
+"and writes one line per request, in input order: its reply\n"
+"({\"correlation_id\",\"id\",\"status\":\"ok\"|\"failed\"|\"dead\",...}), or\n"
+"{\"correlation_id\",\"id\",\"status\":\"timeout\"} when none came in time, or\n"
+"{\"correlation_id\":null,\"status\":\"rejected\",\"error\"} for a line that is\n"
+"not a JSON object (not sent). docs/REQUEST-REPLY.md\n"
+"\n"
+"  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
+"                         a password there, $REDISCLI_AUTH's is used\n"
+"  --redis-password-file PATH  the password from a file (one line)\n"
+"  --stream NAME          the responders' stream\n"
+"  --reply-timeout D      how long to wait for the replies after the last\n"
+"                         request was sent (default 30s)\n"
+"  --reply-stream R       where the replies go (default NAME:replies:<random>,\n"
+"                         deleted at the end)\n"
+"  --request-ttl D        how long a request's context is kept (default 24h)\n"
+"  --id-field NAME        the id field (default id, or event_id)\n"
+"  --max-line BYTES       (default 1M; K, M, G suffixes)\n"
+"  -q, --quiet            no summary\n"
+"\n"
+"Exit status: 0 every request got an ok reply, 1 some failed, died, timed\n"
+"out or were rejected, 2 bad usage, unreadable input, Redis unreachable or\n"
+"refused, 3 Redis failed mid-way.\n");
+}
+
+static int req_parse(req_cfg *c, int argc, char **argv)
+{
+    enum { O_REDIS = 256, O_STREAM, O_ID, O_MAXLINE, O_PWFILE, O_TIMEOUT,
+           O_RSTREAM, O_REQUEST_TTL };
+    static const struct option lo[] = {
+        { "redis", required_argument, NULL, O_REDIS },
+        { "redis-password-file", required_argument, NULL, O_PWFILE },
+        { "stream", required_argument, NULL, O_STREAM },
+        { "id-field", required_argument, NULL, O_ID },
+        { "max-line", required_argument, NULL, O_MAXLINE },
+        { "reply-timeout", required_argument, NULL, O_TIMEOUT },
+        { "reply-stream", required_argument, NULL, O_RSTREAM },
+        { "request-ttl", required_argument, NULL, O_REQUEST_TTL },
+        { "quiet", no_argument, NULL, 'q' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    int opt;
+    uint64_t u;
+    int64_t ms;
+
+    memset(c, 0, sizeof(*c));
+    c->s.id_field = "id";
+    c->s.batch = SEND_BATCH;
+    c->s.max_line = 1024 * 1024;
+    c->s.request_ttl_ms = 24 * 3600 * 1000;
+    c->timeout_ms = 30000;
+    optind = 1;
+    opterr = 0;
+    while ((opt = getopt_long(argc, argv, ":qh", lo, NULL)) != -1) {
+        switch (opt) {
+        case 'h':
+            req_usage(stdout);
+            return 0;
+        case O_REDIS: c->s.url = optarg; break;
+        case O_PWFILE: c->s.pwfile = optarg; break;
+        case O_STREAM: c->s.stream = optarg; break;
+        case O_ID: c->s.id_field = optarg; break;
+        case 'q': c->s.quiet = true; break;
+        case O_MAXLINE:
+            if (oq__parse_size(optarg, 16, (uint64_t)1 << 31, &u) != 0)
+                return usage_error("request", "invalid --max-line '%s' "
+                                   "(bytes from 16 to 2G, like 1M or 64K)",
+                                   optarg);
+            c->s.max_line = (size_t)u;
+            break;
+        case O_TIMEOUT:
+            if (oq__parse_duration(optarg, &ms) != 0 || ms <= 0)
+                return usage_error("request", "invalid --reply-timeout '%s' "
+                                   "(a duration like 30s or 500ms, above 0, "
+                                   "at most 876000h)", optarg);
+            c->timeout_ms = ms;
+            break;
+        case O_REQUEST_TTL:
+            if (oq__parse_duration(optarg, &ms) != 0 || ms < 1000)
+                return usage_error("request", "invalid --request-ttl '%s' (a "
+                                   "duration like 24h or 90m, at least 1s, "
+                                   "at most 876000h)", optarg);
+            c->s.request_ttl_ms = ms;
+            break;
+        case O_RSTREAM:
+            if (!oq__reply_to_ok(optarg, strlen(optarg)))
+                return usage_error("request", "invalid --reply-stream '%s' "
+                                   "(1 to %d letters, digits, '.', '_', '-' "
+                                   "or ':', not starting with '.')", optarg,
+                                   OQ__REPLY_TO_MAX);
+            c->reply_stream = optarg;
+            break;
+        default:
+            return getopt_error("request", opt, argv);
+        }
+    }
+    if (c->s.url == NULL)
+        return usage_error("request", "--redis URL is required (try 'onceq "
+                           "request --help')");
+    return -1;
+}
+
+static char *dup_bytes(const char *p, size_t n)
+{
+    char *s = oq__malloc(n + 1);
+    if (s) {
+        if (n)
+            memcpy(s, p, n);
+        s[n] = '\0';
+    }
+    return s;
+}
+
+/* A rejected line's output. */
+static char *rejected_line(const char *why)
+{
+    oq__buf b = { 0 };
+    if (oq__buf_add(&b, "{\"correlation_id\":null,\"status\":\"rejected\","
+                    "\"error\":", 51) != 0 ||
+        oq__json_quote(&b, why, strlen(why)) != 0 ||
+        oq__buf_add(&b, "}", 2) != 0) {
+        oq__buf_free(&b);
+        return NULL;
+    }
+    return b.data;
+}
+
+/* Reads the inputs and stamps each event into items (grown); sends the
+ * stamped ones in batches. 0, or an exit status. */
+static int req_send(const req_cfg *c, rconn *rc, const rkeys *k,
+                    const char *epoch, stamper *stp, oq__reader *rd,
+                    rq_item **items, size_t *nitems, rq_item **byc)
+{
+    oq__idspec spec = { c->s.id_field, strcmp(c->s.id_field, "id") == 0 };
+    send_batch b[SEND_WINDOW];
+    size_t nb = 0, cap = 0;
+    uint64_t sent = 0, rej = 0;
+    oq__line l;
+    char err[512];
+    int status = 0, got;
+
+    memset(b, 0, sizeof(b));
+    for (;;) {
+        send_batch *cur = &b[nb];
+        rq_item *it;
+        got = oq__reader_next(rd, &l, err, sizeof(err));
+        if (got < 0) {
+            fprintf(stderr, "onceq request: %s\n", err);
+            status = 2;
+            break;
+        }
+        if (got > 0 && l.kind == OQ__LINE_BLANK)
+            continue;
+        if (got > 0) {
+            char src[600];
+            int st = 0;
+            if (*nitems == cap) {
+                size_t nc = cap ? 2 * cap : 64;
+                rq_item *ni = oq__realloc(*items, nc * sizeof(*ni));
+                if (ni == NULL)
+                    goto nomem;
+                *items = ni;
+                cap = nc;
+            }
+            it = &(*items)[(*nitems)++];
+            memset(it, 0, sizeof(*it));
+            if (l.kind == OQ__LINE_TOO_LARGE) {
+                snprintf(err, sizeof(err), "line of %zu bytes exceeds "
+                         "--max-line", l.full_len);
+            } else if ((st = stamp_request(stp, l.data, l.len)) == 0) {
+                snprintf(err, sizeof(err), "not a JSON object with a string "
+                         "correlation_id (if any)");
+            }
+            if (st < 0)
+                goto nomem;
+            if (st == 0) {
+                it->status = "rejected";
+                if ((it->out = rejected_line(err)) == NULL)
+                    goto nomem;
+                continue;
+            }
+            {
+                oq_event ev = { 0 };
+                oq_decoded dec;
+                memset(&dec, 0, sizeof(dec));
+                ev.payload = stp->line.data;
+                ev.payload_len = stp->line.len;
+                if (oq__json_decode(&ev, &dec, &spec) == 0) {
+                    oq__buf q = { 0 };
+                    if (oq__json_quote(&q, dec.id, dec.id_len) == 0 &&
+                        oq__buf_add(&q, "", 1) == 0)
+                        it->id = q.data;
+                    else
+                        oq__buf_free(&q);
+                }
+                if (dec.parsed)
+                    oq__json_free(dec.parsed, &spec);
+            }
+            it->corr = dup_bytes(stp->corr.data, stp->corr.len);
+            it->corr_len = stp->corr.len;
+            it->ckey = dup_bytes(stp->ckey.data, stp->ckey.len);
+            it->ckey_len = stp->ckey.len;
+            if (it->corr == NULL || it->ckey == NULL)
+                goto nomem;
+            if (cur->args.n == 0)
+                batch_begin(cur, k, 0, epoch, c->s.request_ttl_ms);
+            line_source(src, sizeof(src), oq__reader_path(rd, l.file),
+                        l.lineno);
+            batch_add(cur, 0, stp->line.data, stp->line.len, src, 0, stp);
+            if (cur->nevents < c->s.batch)
+                continue;
+            nb++;
+        } else if (cur->args.n > 0) {
+            nb++;
+        }
+        if (nb == SEND_WINDOW || (got == 0 && nb > 0)) {
+            if ((status = send_flush(rc, b, nb, 0, &sent, &rej)) != 0)
+                break;
+            for (size_t i = 0; i < nb; i++)
+                b[i].args.n = 0;
+            nb = 0;
+        }
+        if (got == 0)
+            break;
+    }
+    for (size_t i = 0; i < SEND_WINDOW; i++) {
+        ab_free(&b[i].keys);
+        ab_free(&b[i].args);
+    }
+    if (status != 0)
+        return status;
+    /* The index by correlation id (the first of two requests that share
+     * one gets the reply: they are one request to the responders). */
+    for (size_t i = 0; i < *nitems; i++) {
+        rq_item *it = &(*items)[i], *old;
+        if (it->corr == NULL)
+            continue;
+        HASH_FIND(hh, *byc, it->corr, it->corr_len, old);
+        if (old)
+            continue;
+        oq__hash_oom = 0;
+        HASH_ADD_KEYPTR(hh, *byc, it->corr, it->corr_len, it);
+        if (oq__hash_oom)
+            goto nomem;
+    }
+    return 0;
+nomem:
+    for (size_t i = 0; i < SEND_WINDOW; i++) {
+        ab_free(&b[i].keys);
+        ab_free(&b[i].args);
+    }
+    fprintf(stderr, "onceq request: out of memory\n");
+    return 3;
+}
+
+/* Reads the reply stream from `from` until every sent request has its
+ * reply or the time is up; each reply line goes to its request (by its
+ * correlation id; later ones for the same id are counted as duplicates).
+ * 0, or an exit status. */
+static int req_wait(rconn *rc, const char *rstream, rq_item *byc,
+                    size_t waiting, int64_t timeout_ms, uint64_t *dups)
+{
+    char last[64] = "0-0", block[24];
+    int64_t end = mono_ms() + timeout_ms;
+    oq__jtape t = { 0 };
+
+    while (waiting > 0) {
+        int64_t left = end - mono_ms();
+        const char *av[] = { "XREAD", "COUNT", "1000", "BLOCK", block,
+                             "STREAMS", rstream, last };
+        redisReply *rep;
+        const redisReply *es;
+        if (left <= 0)
+            break;
+        snprintf(block, sizeof(block), "%" PRId64, OQ__MIN(left, 1000));
+        rep = rc_cmd(rc, 8, av, NULL);
+        if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+            fprintf(stderr, "onceq request: Redis at %s: XREAD %s: %s\n",
+                    rc->u->text, rstream, rep ? rep->str : rc->err);
+            freeReplyObject(rep);
+            oq__jtape_free(&t);
+            return 3;
+        }
+        if (rep->type != REDIS_REPLY_ARRAY || rep->elements == 0 ||
+            rep->element[0]->type != REDIS_REPLY_ARRAY ||
+            rep->element[0]->elements != 2) {
+            freeReplyObject(rep);
+            continue; /* nothing new within the block */
+        }
+        es = rep->element[0]->element[1];
+        for (size_t i = 0; i < es->elements; i++) {
+            const redisReply *e = es->element[i], *line;
+            oq__jdoc d;
+            uint32_t cv;
+            size_t at, n;
+            const char *why, *cs;
+            char *buf;
+            rq_item *it;
+            if (e->type != REDIS_REPLY_ARRAY || e->elements < 2 ||
+                e->element[0]->type != REDIS_REPLY_STRING)
+                continue;
+            snprintf(last, sizeof(last), "%s", e->element[0]->str);
+            line = field(e->element[1], "e");
+            if (line == NULL || line->type != REDIS_REPLY_STRING ||
+                !oq__utf8_valid(line->str, line->len) ||
+                oq__json_scan(line->str, line->len, &t, &at, &why) != 0)
+                continue;
+            d = (oq__jdoc){ line->str, line->len, t.tok, t.n };
+            cv = oq__jget(&d, 0, "correlation_id", 14);
+            if (cv == 0 || d.tok[cv].type != OQ__J_STR ||
+                (buf = oq__malloc(d.tok[cv].len + 1)) == NULL)
+                continue;
+            cs = oq__jstr(&d, cv, buf, &n);
+            HASH_FIND(hh, byc, cs, n, it);
+            oq__free(buf);
+            if (it == NULL)
+                continue; /* not one of ours (a shared --reply-stream) */
+            if (it->out) {
+                (*dups)++;
+                continue;
+            }
+            if ((it->out = dup_bytes(line->str, line->len)) == NULL) {
+                freeReplyObject(rep);
+                oq__jtape_free(&t);
+                fprintf(stderr, "onceq request: out of memory\n");
+                return 3;
+            }
+            {
+                uint32_t sv = oq__jget(&d, 0, "status", 6);
+                it->status = sv && oq__jstr_eq(&d, sv, "ok", 2) ? "ok"
+                           : sv && oq__jstr_eq(&d, sv, "failed", 6)
+                               ? "failed" : "dead";
+            }
+            waiting--;
+        }
+        freeReplyObject(rep);
+    }
+    oq__jtape_free(&t);
+    return 0;
+}
+
+/* Deletes the requests' contexts and, when it is ours, the reply stream
+ * (and the stats its replies were counted in). */
+static void req_cleanup(rconn *rc, rq_item *items, size_t n,
+                        const char *rstream, bool own)
+{
+    for (size_t i = 0; i < n; i++) {
+        const char *av[] = { "DEL", items[i].ckey };
+        size_t lens[] = { 3, items[i].ckey_len };
+        if (items[i].ckey)
+            freeReplyObject(rc_cmd(rc, 2, av, lens));
+    }
+    if (own)
+        freeReplyObject(rc_cmdf(rc, "DEL %s %s:stats", rstream, rstream));
+}
+
+int oq__cmd_request(int argc, char **argv)
+{
+    static const char *const stdin_only[] = { "-" };
+    req_cfg c;
+    rq_item *items = NULL, *byc = NULL;
+    size_t nitems = 0, waiting = 0;
+    uint64_t dups = 0, by[5] = { 0 };
+    static const char *const names[5] = { "ok", "failed", "dead", "timeout",
+                                          "rejected" };
+    oq__reader *rd = NULL;
+    rconn rc = { 0 };
+    rurl u;
+    rkeys k;
+    stamper stp;
+    char err[512], epoch[64], own[600];
+    const char *rstream;
+    int status, rc0 = argc;
+    unsigned ninputs;
+
+    if ((status = req_parse(&c, argc, argv)) >= 0)
+        return status;
+    ninputs = (unsigned)(rc0 - optind);
+    if (make_keys(&k, c.s.stream, "request") != 0)
+        return 2;
+    snprintf(own, sizeof(own), "%s:replies:%016" PRIx64, c.s.stream,
+             make_nonce());
+    rstream = c.reply_stream ? c.reply_stream : own;
+    if (parse_url(c.s.url, c.s.pwfile, "request", &u, err, sizeof(err)) != 0)
+        return usage_error("request", "%s", err);
+    if (oq__reader_open(&rd, ninputs ? (const char *const *)argv + optind
+                                     : stdin_only,
+                        ninputs ? ninputs : 1, c.s.max_line, err,
+                        sizeof(err)) != 0) {
+        fprintf(stderr, "onceq request: %s\n", err);
+        return 2;
+    }
+    if (rc_first(&rc, &u, "request") != 0) {
+        oq__reader_close(rd);
+        return 2;
+    }
+    stamper_init(&stp, rstream, c.s.stream);
+    if ((status = check_policy(&rc, "request")) == 0 &&
+        (status = check_types(&rc, &k, "request", 0)) == 0 &&
+        (status = stream_epoch(&rc, &k, "request", epoch,
+                               sizeof(epoch))) == 0)
+        status = req_send(&c, &rc, &k, epoch, &stp, rd, &items, &nitems,
+                          &byc);
+    waiting = HASH_COUNT(byc);
+    if (status == 0)
+        status = req_wait(&rc, rstream, byc, waiting, c.timeout_ms, &dups);
+    if (status == 0) {
+        for (size_t i = 0; i < nitems; i++) {
+            rq_item *it = &items[i];
+            if (it->out == NULL && it->corr) {
+                rq_item *first;
+                HASH_FIND(hh, byc, it->corr, it->corr_len, first);
+                if (first && first != it && first->out) {
+                    /* Two requests with one correlation id: one reply. */
+                    it->out = dup_bytes(first->out, strlen(first->out));
+                    it->status = first->status;
+                }
+            }
+            if (it->out) {
+                puts(it->out);
+            } else {
+                fputs("{\"correlation_id\":", stdout);
+                oq__json_write_string(stdout, it->corr, it->corr_len);
+                printf(",\"id\":%s,\"status\":\"timeout\"}\n",
+                       it->id ? it->id : "null");
+                it->status = "timeout";
+            }
+            for (int j = 0; j < 5; j++)
+                if (strcmp(it->status, names[j]) == 0)
+                    by[j]++;
+        }
+        if (fflush(stdout) != 0 || ferror(stdout)) {
+            fprintf(stderr, "onceq request: write error on stdout\n");
+            status = 3;
+        } else if (by[0] != nitems) {
+            status = 1;
+        }
+        if (!c.s.quiet)
+            fprintf(stderr, "onceq request: %zu requests: ok %" PRIu64
+                    ", failed %" PRIu64 ", dead %" PRIu64 ", timeouts %"
+                    PRIu64 ", rejected %" PRIu64 " (duplicate replies %"
+                    PRIu64 ")\n", nitems, by[0], by[1], by[2], by[3], by[4],
+                    dups);
+    }
+    req_cleanup(&rc, items, nitems, rstream, c.reply_stream == NULL);
+    HASH_CLEAR(hh, byc);
+    for (size_t i = 0; i < nitems; i++) {
+        oq__free(items[i].corr);
+        oq__free(items[i].ckey);
+        oq__free(items[i].id);
+        oq__free(items[i].out);
+    }
+    oq__free(items);
+    stamper_free(&stp);
+    rc_close(&rc);
+    oq__reader_close(rd);
+    return status;
+}
+
 /* =========================================================== consumer */
 
 /* One stream entry, owned by the worker that holds it. */
@@ -2279,7 +2809,8 @@ typedef struct rentry {
 /* What this consumer's COMMIT calls did (the engine counts the rest). */
 typedef struct rstats {
     _Atomic uint64_t processed, duplicates, dead, retried, redelivered,
-        settled_elsewhere, requests, duplicate_replies, late_replies;
+        settled_elsewhere, requests, replies, duplicate_replies,
+        late_replies;
     _Atomic uint64_t dead_by[OQ_DLQ__COUNT];
 } rstats;
 
@@ -2938,8 +3469,9 @@ typedef struct rledger {
     char prefix[64];      /* the token prefix of the entries in hand */
     abuf keys, args;      /* the next script call */
     abuf stage;           /* the handlers' count keys and records */
-    abuf rp;              /* the replies: (which to cache head body)* */
+    abuf rp;              /* the replies: (which to cache head body ctx)* */
     oq__buf head, body;   /* a reply being built */
+    oq__buf corr, qk;     /* its correlation id, its request's context key */
     scount *cnt, *sorted;
     size_t ncnt, cntcap;
     rop *ops;
@@ -2970,6 +3502,8 @@ static void rl_detach(void *ctx)
     ab_free(&l->rp);
     oq__buf_free(&l->head);
     oq__buf_free(&l->body);
+    oq__buf_free(&l->corr);
+    oq__buf_free(&l->qk);
     oq__free(l->cnt);
     oq__free(l->sorted);
     oq__free(l->ops);
@@ -3291,7 +3825,8 @@ static size_t stage_replies(rledger *l, const oq__lcommit *e, size_t n)
         if (o->op != 'D' && !reply_body(l, o, &e[i]))
             continue;
         l->head.len = 0;
-        h = oq__reply_head(e[i].ev, to, &to_len, &l->head);
+        l->corr.len = 0;
+        h = oq__reply_head(e[i].ev, to, &to_len, &l->head, &l->corr);
         if (h < 0)
             l->rp.oom = 1;
         if (h != 1)
@@ -3304,6 +3839,15 @@ static size_t stage_replies(rledger *l, const oq__lcommit *e, size_t n)
             ab_add(a, "", 0);
         else
             ab_add(a, l->body.data, l->body.len);
+        /* The request's context key: a reply to a stream that does not
+         * exist, for a request whose context is gone, has no reader
+         * (an `onceq request` that gave up): not written. */
+        l->qk.len = 0;
+        if (oq__buf_add(&l->qk, to, to_len) != 0 ||
+            oq__buf_add(&l->qk, ":rq:", 4) != 0 ||
+            oq__buf_add(&l->qk, l->corr.data, l->corr.len) != 0)
+            l->rp.oom = 1;
+        ab_add(a, l->qk.data, l->qk.len);
         nrp++;
     }
     return nrp;
@@ -3504,9 +4048,10 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
             return;
         }
         results(l, e, n, res);
-        if (rep->elements == 4) {
+        if (rep->elements == 5) {
             ADD(requests, (uint64_t)rep->element[2]->integer);
             ADD(duplicate_replies, (uint64_t)rep->element[3]->integer);
+            ADD(replies, (uint64_t)rep->element[4]->integer);
         }
         freeReplyObject(rep);
         return;
@@ -4076,7 +4621,7 @@ static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
     fprintf(f, ",\"requests\":%" PRIu64 ",\"replies\":%" PRIu64
             ",\"duplicate_replies\":%" PRIu64 ",\"late_replies\":%" PRIu64
             ",\"consumer\":", atomic_load(&s->requests),
-            atomic_load(&s->requests) + atomic_load(&s->duplicate_replies),
+            atomic_load(&s->replies),
             atomic_load(&s->duplicate_replies),
             atomic_load(&s->late_replies));
     oq__json_write_string(f, r->consumer, strlen(r->consumer));
