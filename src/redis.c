@@ -21,6 +21,10 @@
  *                   hashes (12 digest bytes -> 1), about 20 bytes an id;
  *                   with --retention a generation expires after 2 of them
  *   S:dedup:<id>    producer dedup (send): SET NX PX --dedup-window
+ *   S:rp:<id>       a settled request's reply body (request-reply), for
+ *                   its duplicates: SET PX --reply-ttl
+ *   R:rq:<corr>     a request's context (send --reply-to R), read by
+ *                   run --join-requests on the reply stream R
  *   S:counts        hash: aggregates (HINCRBY), e.g. word -> count
  *   S:results       stream: records (field id, field r)
  *   S:dlq           stream: dead letters (id, reason, error, attempts,
