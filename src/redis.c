@@ -4088,7 +4088,28 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
                  e->len);
         return -1;
     }
-    return oq__request_decode(ev, dec, &r->idspec);
+    if (oq__request_decode(ev, dec, &r->idspec) != 0)
+        return -1;
+    /* A reply into this stream's own events, records or dead letters
+     * would forge them (the other keys' types are checked by COMMIT). */
+    {
+        oq_event scanned = *ev;
+        char to[OQ__REPLY_TO_MAX + 1];
+        size_t to_len;
+        scanned.parsed = dec->parsed;
+        if (oq__reply_head(&scanned, to, &to_len, NULL, NULL) == 1 &&
+            (strcmp(to, r->k.stream) == 0 || strcmp(to, r->k.results) == 0 ||
+             strcmp(to, r->k.dlq) == 0)) {
+            oq__json_free(dec->parsed, &r->idspec);
+            dec->parsed = NULL;
+            dec->reason = OQ_DLQ_REJECTED;
+            snprintf(dec->error, sizeof(dec->error), "bad request: reply_to "
+                     "names this stream's own events, records or dead "
+                     "letters");
+            return -1;
+        }
+    }
+    return 0;
 }
 
 static void rfree(void *parsed, void *arg)
