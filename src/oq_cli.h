@@ -191,11 +191,10 @@ int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec);
 bool oq__reply_to_ok(const char *s, size_t n);
 /* Whether ev is a (valid) request: 1, with its reply_to name in to
  * (OQ__REPLY_TO_MAX + 1 bytes, NUL-terminated) and, when head is not NULL,
- * the head of its reply appended to head: {"correlation_id":C,"id":I,
- * and, when corr is not NULL, C's bytes appended to corr. 0 when it is not
- * one; OQ_ENOMEM. */
+ * the head of its reply appended to head: {"correlation_id":C,"id":I, .
+ * 0 when it is not one; OQ_ENOMEM. */
 int oq__reply_head(const oq_event *ev, char *to, size_t *to_len,
-                   oq__buf *head, oq__buf *corr);
+                   oq__buf *head);
 /* Appends the rest of a reply after its head: "status":S, then
  * "result":[txn's records] (OK) or "error":error, "attempts":N, "}\n". */
 int oq__reply_body(oq__buf *b, oq__reply_status st, const oq_txn *txn,

@@ -332,7 +332,7 @@ DM_LUA
  * replies' cache TTL (ms) [11] the replies' source field, then the nc
  * commits' entries, their nc mark fields, the batch's counts summed per
  * key (key delta)*ncounts, the records (id rec)*nrecs, the replies
- * (which to cache head body ctx)*nreplies, then the other ops, each:
+ * (which to cache head body)*nreplies, then the other ops, each:
  * op entry k id field + tail:
  *   D (duplicate), E (a duplicate reply, also counted duplicate_replies):
  *                   -           R (retry): delay_ms member
@@ -349,10 +349,11 @@ DM_LUA
  * written only if that op was done: XADD to (field e head..body, s) and
  * the body cached (SET cache body PX ttl); for a duplicate (body empty)
  * the cached body, if any, goes out under the duplicate's own head. A
- * reply record is (which to cache head body ctx): ctx is the request's
- * context key; a reply to a stream that does not exist, for a request
- * whose context is gone, has no reader (an `onceq request` that gave up
- * and deleted both): it is not written, only counted (replies_dropped).
+ * reply to a stream marked gone (R:gone, left by an `onceq request` that
+ * gave up and deleted its reply stream) has no reader: it is not written,
+ * only counted (replies_dropped); nor is one to a key that is not a
+ * stream (the requester named a key of another kind:
+ * replies_undeliverable; the request itself commits).
  * The reply streams' stats count the replies as sent. The answer's [3],
  * [4] and [5]: requests answered, duplicates answered again, replies
  * written.
@@ -386,14 +387,16 @@ DM_LUA
 "    'name clashes with it); nothing was committed')\n"
 "end\n"
 "local rp0 = H + 2 * nc + 2 * (ncnt + nrec) + 1\n"
-"local others = rp0 + 6 * nrp <= #ARGV\n"
+"local others = rp0 + 5 * nrp <= #ARGV\n"
 "local bad = clash(KEYS[6], 'hash') or (ncnt > 0 and clash(KEYS[2], 'hash'))\n"
 "  or (nrec > 0 and clash(KEYS[3], 'stream'))\n"
 "  or (others and (clash(KEYS[4], 'stream') or clash(KEYS[5], 'zset')))\n"
 "  or ((nc > 0 or others) and clash(DP .. dm_gen(RET, now), 'hash'))\n"
-"for b = rp0, rp0 + 6 * (nrp - 1), 6 do\n"
-"  bad = bad or clash(ARGV[b + 1], 'stream') or\n"
-"    clash(ARGV[b + 1] .. ':stats', 'hash') or clash(ARGV[b + 2], 'string')\n"
+"local badto = {}\n"
+"for b = rp0, rp0 + 5 * (nrp - 1), 5 do\n"
+"  bad = bad or clash(ARGV[b + 2], 'string')\n"
+"  badto[b] = clash(ARGV[b + 1], 'stream') or\n"
+"    clash(ARGV[b + 1] .. ':stats', 'hash')\n"
 "end\n"
 "if bad then return bad end\n"
 "local st\n"
@@ -417,7 +420,7 @@ DM_LUA
 "  redis.call('XADD', KEYS[3], '*', 'id', ARGV[i], 'r', ARGV[i + 1])\n"
 "  i = i + 2\n"
 "end\n"
-"i = i + 6 * nrp\n"
+"i = i + 5 * nrp\n"
 "local n = 0\n"
 "while i <= #ARGV do\n"
 "  local op, entry, k, id, f = ARGV[i], ARGV[i+1], tonumber(ARGV[i+2]),\n"
@@ -463,9 +466,9 @@ DM_LUA
 "if #dels > 0 then redis.call('DEL', unpack(dels)) end\n"
 "if st then dm_finish(st, RET, LOAD) end\n"
 "local nreq, ndup, nrep = 0, 0, 0\n"
-"for b = rp0, rp0 + 6 * (nrp - 1), 6 do\n"
+"for b = rp0, rp0 + 5 * (nrp - 1), 5 do\n"
 "  local w, to, ck = tonumber(ARGV[b]), ARGV[b + 1], ARGV[b + 2]\n"
-"  local head, body, qk = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]\n"
+"  local head, body = ARGV[b + 3], ARGV[b + 4]\n"
 "  if w > 0 or out[-w] == 1 then\n"
 "    local dup = body == ''\n"
 "    if dup then\n"
@@ -474,8 +477,8 @@ DM_LUA
 "      redis.call('SET', ck, body, 'PX', RTTL)\n"
 "      nreq = nreq + 1\n"
 "    end\n"
-"    if body and (redis.call('EXISTS', to) == 1 or\n"
-"                 redis.call('EXISTS', qk) == 1) then\n"
+"    if body and badto[b] then bump('replies_undeliverable', 1)\n"
+"    elseif body and redis.call('EXISTS', to .. ':gone') == 0 then\n"
 "      redis.call('XADD', to, '*', 'e', head .. body, 's', RSRC)\n"
 "      redis.call('HINCRBY', to .. ':stats', 'sent', 1)\n"
 "      nrep = nrep + 1\n"
@@ -2669,9 +2672,10 @@ static int req_wait(rconn *rc, const char *rstream, rq_item *byc,
 }
 
 /* Deletes the requests' contexts and, when it is ours, the reply stream
- * (and the stats its replies were counted in). */
+ * (and the stats its replies were counted in), leaving R:gone for as long
+ * as a request's context would have lived. */
 static void req_cleanup(rconn *rc, rq_item *items, size_t n,
-                        const char *rstream, bool own)
+                        const char *rstream, bool own, int64_t gone_ms)
 {
     for (size_t i = 0; i < n; i++) {
         const char *av[] = { "DEL", items[i].ckey };
@@ -2679,8 +2683,13 @@ static void req_cleanup(rconn *rc, rq_item *items, size_t n,
         if (items[i].ckey)
             freeReplyObject(rc_cmd(rc, 2, av, lens));
     }
-    if (own)
+    /* A reply that comes later must not bring the stream back: the
+     * responders' commit writes none to a stream marked gone. */
+    if (own) {
+        freeReplyObject(rc_cmdf(rc, "SET %s:gone 1 PX %" PRId64, rstream,
+                                gone_ms));
         freeReplyObject(rc_cmdf(rc, "DEL %s %s:stats", rstream, rstream));
+    }
 }
 
 int oq__cmd_request(int argc, char **argv)
@@ -2771,7 +2780,8 @@ int oq__cmd_request(int argc, char **argv)
                     PRIu64 ")\n", nitems, by[0], by[1], by[2], by[3], by[4],
                     dups);
     }
-    req_cleanup(&rc, items, nitems, rstream, c.reply_stream == NULL);
+    req_cleanup(&rc, items, nitems, rstream, c.reply_stream == NULL,
+                c.s.request_ttl_ms);
     HASH_CLEAR(hh, byc);
     for (size_t i = 0; i < nitems; i++) {
         oq__free(items[i].corr);
@@ -3473,9 +3483,8 @@ typedef struct rledger {
     char prefix[64];      /* the token prefix of the entries in hand */
     abuf keys, args;      /* the next script call */
     abuf stage;           /* the handlers' count keys and records */
-    abuf rp;              /* the replies: (which to cache head body ctx)* */
+    abuf rp;              /* the replies: (which to cache head body)* */
     oq__buf head, body;   /* a reply being built */
-    oq__buf corr, qk;     /* its correlation id, its request's context key */
     scount *cnt, *sorted;
     size_t ncnt, cntcap;
     rop *ops;
@@ -3506,8 +3515,6 @@ static void rl_detach(void *ctx)
     ab_free(&l->rp);
     oq__buf_free(&l->head);
     oq__buf_free(&l->body);
-    oq__buf_free(&l->corr);
-    oq__buf_free(&l->qk);
     oq__free(l->cnt);
     oq__free(l->sorted);
     oq__free(l->ops);
@@ -3829,8 +3836,7 @@ static size_t stage_replies(rledger *l, const oq__lcommit *e, size_t n)
         if (o->op != 'D' && !reply_body(l, o, &e[i]))
             continue;
         l->head.len = 0;
-        l->corr.len = 0;
-        h = oq__reply_head(e[i].ev, to, &to_len, &l->head, &l->corr);
+        h = oq__reply_head(e[i].ev, to, &to_len, &l->head);
         if (h < 0)
             l->rp.oom = 1;
         if (h != 1)
@@ -3843,15 +3849,6 @@ static size_t stage_replies(rledger *l, const oq__lcommit *e, size_t n)
             ab_add(a, "", 0);
         else
             ab_add(a, l->body.data, l->body.len);
-        /* The request's context key: a reply to a stream that does not
-         * exist, for a request whose context is gone, has no reader
-         * (an `onceq request` that gave up): not written. */
-        l->qk.len = 0;
-        if (oq__buf_add(&l->qk, to, to_len) != 0 ||
-            oq__buf_add(&l->qk, ":rq:", 4) != 0 ||
-            oq__buf_add(&l->qk, l->corr.data, l->corr.len) != 0)
-            l->rp.oom = 1;
-        ab_add(a, l->qk.data, l->qk.len);
         nrp++;
     }
     return nrp;
@@ -4097,7 +4094,7 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
         char to[OQ__REPLY_TO_MAX + 1];
         size_t to_len;
         scanned.parsed = dec->parsed;
-        if (oq__reply_head(&scanned, to, &to_len, NULL, NULL) == 1 &&
+        if (oq__reply_head(&scanned, to, &to_len, NULL) == 1 &&
             (strcmp(to, r->k.stream) == 0 || strcmp(to, r->k.results) == 0 ||
              strcmp(to, r->k.dlq) == 0)) {
             oq__json_free(dec->parsed, &r->idspec);

@@ -236,7 +236,7 @@ static int add_jstr(oq__buf *b, const oq__jdoc *d, uint32_t i)
 }
 
 int oq__reply_head(const oq_event *ev, char *to, size_t *to_len,
-                   oq__buf *head, oq__buf *corr_out)
+                   oq__buf *head)
 {
     const oq__jdoc *d;
     void *own = NULL;
@@ -263,22 +263,6 @@ int oq__reply_head(const oq_event *ev, char *to, size_t *to_len,
                 e = oq__json_quote(head, ev->id, ev->id_len);
             if (e == 0)
                 e = oq__buf_add(head, ",", 1);
-            if (e != 0)
-                rc = e;
-        }
-        if (corr_out && rc == 1) {
-            int e;
-            if (corr == 0) {
-                e = oq__buf_add(corr_out, ev->id, ev->id_len);
-            } else if ((e = oq__buf_reserve(corr_out, d->tok[corr].len)) ==
-                       0) {
-                size_t n;
-                char *dst = corr_out->data + corr_out->len;
-                s = oq__jstr(d, corr, dst, &n);
-                if (s != dst)
-                    memmove(dst, s, n);
-                corr_out->len += n;
-            }
             if (e != 0)
                 rc = e;
         }
@@ -350,7 +334,7 @@ int oq__replies_stage(const oq_event *ev, oq_txn *txn, oq__reply_status st,
 
     (void)arg;
     /* Not a request (a bad one was refused at decode): nothing to stage. */
-    if (oq__reply_head(ev, to, &to_len, NULL, NULL) != 1)
+    if (oq__reply_head(ev, to, &to_len, NULL) != 1)
         return 0;
     rc = oq__reply_body(&b, st, txn, oq_txn_error_text(txn), ev->attempt);
     if (rc == 0)
@@ -379,7 +363,7 @@ void *oq__replies_prepare(const oq_event *ev, const oq_txn *txn, void *arg)
     p = oq__calloc(1, sizeof(*p));
     if (p == NULL)
         return NULL;
-    if (oq__reply_head(ev, to, &to_len, &p->line, NULL) != 1 ||
+    if (oq__reply_head(ev, to, &to_len, &p->line) != 1 ||
         oq__buf_add(&p->line, body, len) != 0 ||
         (p->c = oq__malloc(sizeof(*p->c) + ev->id_len + len + to_len +
                            1)) == NULL) {
@@ -500,7 +484,7 @@ void oq__replies_duplicate(const oq_event *ev, void *arg)
     /* Only a copy that is itself a request gets the reply again: its own
      * head (correlation id) on the settled copy's body, in its own
      * reply_to's file. */
-    if (oq__reply_head(ev, to, &to_len, &line, NULL) != 1) {
+    if (oq__reply_head(ev, to, &to_len, &line) != 1) {
         oq__buf_free(&line);
         return;
     }
