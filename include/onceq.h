@@ -438,7 +438,9 @@ typedef int (*oq_handler_fn)(const oq_event *ev, oq_txn *txn, void *arg);
  * (for messages sent without one) and may keep a parsed form for the
  * handler (ev->parsed). Return 0 with out->id/out->id_len set (they may
  * point into the payload or into out->parsed), or a negative value with
- * out->reason and out->error set: the message is dead-lettered with them.
+ * out->reason and out->error set: the message is dead-lettered with them
+ * (and with out->id, when the message has no id of its own and the hook
+ * set out->id and out->parsed before it refused the event).
  */
 typedef struct oq_decoded {
     const char *id;

@@ -267,8 +267,16 @@ static bool decode(worker *w, slot *s, oq_settle *op)
     }
     memset(&dec, 0, sizeof(dec));
     if (p->opts.decode(ev, &dec, p->opts.decode_arg) != 0) {
-        if (dec.parsed && p->opts.free_parsed)
+        if (dec.parsed && dec.id_len > 0 && ev->id_len == 0) {
+            /* The hook found the id before it refused the event (a bad
+             * request): it names the dead letter, and what was parsed is
+             * freed with the slot. */
+            ev->id = dec.id;
+            ev->id_len = dec.id_len;
+            ev->parsed = dec.parsed;
+        } else if (dec.parsed && p->opts.free_parsed) {
             p->opts.free_parsed(dec.parsed, p->opts.decode_arg);
+        }
         reject(s, op, (unsigned)dec.reason < OQ_DLQ__COUNT ? dec.reason
                                                            : OQ_DLQ_REJECTED,
                dec.error);

@@ -1822,8 +1822,9 @@ static int add_time(oq__buf *b)
 
 /* Stamps line[0..len) as a request into st->line, its correlation id's
  * bytes into st->corr, its context's key and value into st->ckey and
- * st->ctx. 1 stamped; 0 not a JSON object, or a correlation_id that is
- * not a string (sent as it is: the responders dead-letter it); OQ_ENOMEM. */
+ * st->ctx. 1 stamped; 2 stamped with the correlation_id it had, which is
+ * not a string (no context: the responders dead-letter it as a bad
+ * request); 0 not a JSON object (sent as it is); OQ_ENOMEM. */
 static int stamp_request(stamper *st, const char *line, size_t len)
 {
     oq__jdoc d;
@@ -1839,7 +1840,7 @@ static int stamp_request(stamper *st, const char *line, size_t len)
         return 0;
     d = (oq__jdoc){ line, len, st->t.tok, st->t.n };
     cv = oq__jget(&d, 0, "correlation_id", 14);
-    if (d.tok[0].type != OQ__J_OBJ || (cv && d.tok[cv].type != OQ__J_STR))
+    if (d.tok[0].type != OQ__J_OBJ)
         return 0;
     rc = oq__buf_add(&st->line, "{", 1);
     for (uint32_t i = 1; rc == 0 && i < d.tok[0].end; i = d.tok[i + 1].end) {
@@ -1856,6 +1857,10 @@ static int stamp_request(stamper *st, const char *line, size_t len)
         rc = oq__buf_add(&st->line, first ? "\"reply_to\":" : ",\"reply_to\":",
                          first ? 11 : 12);
     rc = rc ? rc : oq__json_quote(&st->line, st->to, strlen(st->to));
+    if (cv && d.tok[cv].type != OQ__J_STR) {
+        rc = rc ? rc : oq__buf_add(&st->line, "}", 1);
+        return rc ? rc : 2;
+    }
     if (rc == 0 && cv) {
         rc = oq__buf_reserve(&st->corr, d.tok[cv].len + 1);
         if (rc == 0) {
@@ -2249,7 +2254,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
             batch_add(cur, keyidx, req ? stp.line.data : l.data,
                       req ? stp.line.len : l.len, src,
                       l.kind == OQ__LINE_TOO_LARGE ? l.full_len : 0,
-                      req ? &stp : NULL);
+                      req == 1 ? &stp : NULL);
             if (cur->nevents < c->batch)
                 continue;
             nb++;
@@ -2500,12 +2505,13 @@ static int req_send(const req_cfg *c, rconn *rc, const rkeys *k,
                 snprintf(err, sizeof(err), "line of %zu bytes exceeds "
                          "--max-line", l.full_len);
             } else if ((st = stamp_request(stp, l.data, l.len)) == 0) {
-                snprintf(err, sizeof(err), "not a JSON object with a string "
-                         "correlation_id (if any)");
+                snprintf(err, sizeof(err), "not a JSON object");
+            } else if (st == 2) {
+                snprintf(err, sizeof(err), "correlation_id is not a string");
             }
             if (st < 0)
                 goto nomem;
-            if (st == 0) {
+            if (st != 1) {
                 it->status = "rejected";
                 if ((it->out = rejected_line(err)) == NULL)
                     goto nomem;
@@ -3928,8 +3934,9 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
         } else {
             ab_add(a, "0", 1);
         }
-        ab_add(a, e[i].claim ? e[i].ev->id : "",
-               e[i].claim ? e[i].ev->id_len : 0);
+        /* A rejected event's id, when its decode found one. */
+        ab_add(a, e[i].ev->id ? e[i].ev->id : "",
+               e[i].ev->id ? e[i].ev->id_len : 0);
         if (keyed && (o->op == 'F' || o->op == 'L'))
             ab_add_mark(a, e[i].ev->id, e[i].ev->id_len);
         else
@@ -4097,9 +4104,7 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
         if (oq__reply_head(&scanned, to, &to_len, NULL) == 1 &&
             (strcmp(to, r->k.stream) == 0 || strcmp(to, r->k.results) == 0 ||
              strcmp(to, r->k.dlq) == 0)) {
-            oq__json_free(dec->parsed, &r->idspec);
-            dec->parsed = NULL;
-            dec->reason = OQ_DLQ_REJECTED;
+            dec->reason = OQ_DLQ_REJECTED; /* id and parsed: the engine's */
             snprintf(dec->error, sizeof(dec->error), "bad request: reply_to "
                      "names this stream's own events, records or dead "
                      "letters");

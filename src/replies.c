@@ -205,9 +205,8 @@ int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec)
     d = oq__event_doc(&scanned, &own, err, sizeof(err));
     if (request_fields(d, &(uint32_t){ 0 }, &(uint32_t){ 0 }, err,
                        sizeof(err)) < 0) {
+        /* out->id and out->parsed stay: the id names the dead letter. */
         oq__json_free(own, idspec);
-        oq__json_free(out->parsed, idspec);
-        out->parsed = NULL;
         out->reason = OQ_DLQ_REJECTED;
         snprintf(out->error, sizeof(out->error), "bad request: %s", err);
         return -1;
