@@ -17,12 +17,9 @@ sanitizer build gets smaller inputs and longer waits), OQ_REDIS_TESTS
 (comma-separated parts of test names: run only those)."""
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -30,129 +27,23 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Suite, parse_metrics  # noqa: E402
+import redis_harness as rh  # noqa: E402
+from redis_harness import (  # noqa: E402
+    ONCEQ, SLOW, SEED, TMP, path, free_port, cli, cli_raw, hash_of,
+    entries, pending, pending_of, run, start, finish, wait_for,
+    one_line_exit_2, script_file, lines_of)
 
-ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
-BUILD = os.environ.get("BUILD", "build")
-SLOW = "tsan" in BUILD or "asan" in BUILD
-SEED = int(os.environ.get("OQ_RUN_SEED", str(int(time.time()) % 100000)))
-TMP = tempfile.mkdtemp(prefix="onceq-redis-test-")
-# onceq takes the password from REDISCLI_AUTH when the URL has none: one set
-# in the caller's environment must not reach the test servers.
-os.environ.pop("REDISCLI_AUTH", None)
 print(f"test_redis: seed {SEED} (OQ_RUN_SEED), binary {ONCEQ}")
 
 suite = Suite()
 tests = suite.tests
+test = suite.test
+# The shared server's, set by main() from rh.start_server().
 PORT = None
 URL = None
-SERVER = None
-
-
-test = suite.test
-
-
-def path(name):
-    return os.path.join(TMP, name)
-
-
-# ------------------------------------------------------------ the server
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def start_server():
-    global PORT, URL, SERVER
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise RuntimeError("redis-server not found (run make deps)")
-    PORT = free_port()
-    URL = f"redis://127.0.0.1:{PORT}"
-    SERVER = subprocess.Popen(
-        [exe, "--port", str(PORT), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--daemonize", "no", "--dir", TMP],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        if subprocess.run(["redis-cli", "-p", str(PORT), "PING"],
-                          capture_output=True, text=True).stdout.strip() \
-                == "PONG":
-            return
-        time.sleep(0.02)
-    raise RuntimeError("redis-server did not start")
-
-
-def stop_server():
-    if SERVER is not None:
-        SERVER.terminate()
-        try:
-            SERVER.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            SERVER.kill()
-
-
-def cli(*args):
-    """redis-cli with JSON output; returns the parsed reply."""
-    p = subprocess.run(["redis-cli", "-p", str(PORT), "--json"] +
-                       [str(a) for a in args], capture_output=True,
-                       text=True, timeout=60)
-    out = p.stdout.strip()
-    if out.startswith("error:"):
-        raise RuntimeError(f"redis-cli {args}: {out}")
-    return json.loads(out) if out else None
-
-
-def cli_raw(*args):
-    return subprocess.run(["redis-cli", "-p", str(PORT)] +
-                          [str(a) for a in args], capture_output=True,
-                          text=True, timeout=60).stdout
-
-
-def hash_of(key):
-    h = cli("HGETALL", key)
-    if isinstance(h, dict):
-        return {k: int(v) for k, v in h.items()}
-    return {h[i]: int(h[i + 1]) for i in range(0, len(h or []), 2)}
-
-
-def entries(key):
-    """A stream's entries as a list of field dicts."""
-    out = []
-    for _, fields in cli("XRANGE", key, "-", "+"):
-        if isinstance(fields, dict):
-            out.append(fields)
-        else:
-            out.append({fields[i]: fields[i + 1]
-                        for i in range(0, len(fields), 2)})
-    return out
-
-
-def pending(stream, group):
-    return cli("XPENDING", stream, group)[0]
 
 
 # ------------------------------------------------------------- onceq
-
-def run(args, timeout=120, env=None):
-    p = subprocess.run([ONCEQ] + args, capture_output=True, timeout=timeout,
-                       cwd=TMP, env=env)
-    return p.returncode, p.stdout.decode("utf-8", "replace"), \
-        p.stderr.decode("utf-8", "replace")
-
-
-def start(args, env=None):
-    return subprocess.Popen([ONCEQ] + args, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=TMP, env=env)
-
-
-def finish(p, timeout=120):
-    out, err = p.communicate(timeout=timeout)
-    return p.returncode, out.decode("utf-8", "replace"), \
-        err.decode("utf-8", "replace")
-
 
 def gen(name, *args):
     rc, out, err = run(["gen", "-o", path(name)] + list(args))
@@ -221,29 +112,6 @@ def check_balanced(stream):
         st.get("duplicates", 0) + st.get("dead", 0), st
     assert pending(stream, "g") == 0, "messages still pending"
     return st
-
-
-def wait_for(cond, timeout, what):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def pending_of(stream, name):
-    """Messages pending with one consumer."""
-    try:
-        info = cli("XINFO", "CONSUMERS", stream, "g") or []
-    except RuntimeError:  # no group yet
-        return 0
-    for c in info:
-        d = c if isinstance(c, dict) else \
-            {c[i]: c[i + 1] for i in range(0, len(c), 2)}
-        if d["name"] == name:
-            return int(d["pending"])
-    return 0
 
 
 N = 6000 if SLOW else 60000
@@ -441,21 +309,6 @@ def client_kill_mid_run_changes_nothing():
     assert hash_of("kill:counts") == expected_words(events)
     check_balanced("kill")
     assert stats_of("kill", "a")["reconnects"] >= 1
-
-
-def script_file(name, body):
-    f = path(name)
-    with open(f, "w") as g:
-        g.write("#!/bin/sh\n" + body)
-    os.chmod(f, 0o755)
-    return f
-
-
-def lines_of(f):
-    if not os.path.exists(f):
-        return []
-    with open(f) as g:
-        return [x.strip() for x in g if x.strip()]
 
 
 def result_ids(stream):
@@ -781,13 +634,6 @@ def metrics_listen_serves_and_the_file_equals_stats():
     assert m[("onceq_queue_in_flight", ())] == 0
     assert m[("onceq_handler_duration_seconds_count", ())] >= s["processed"]
     check_balanced("mx")
-
-
-def one_line_exit_2(args):
-    rc, out, err = run(args, timeout=30)
-    assert rc == 2, (rc, err)
-    assert len(err.strip().splitlines()) == 1, err
-    return err
 
 
 @test
@@ -1522,8 +1368,9 @@ def a_group_that_has_not_read_keeps_the_stream():
 
 
 def main():
+    global PORT, URL
     try:
-        start_server()
+        PORT, URL = rh.start_server()
     except Exception as e:  # a missing server is a failure, not a skip
         print(f"test_redis: cannot start redis-server: {e}")
         print(f"0 passed, {len(tests)} failed")
@@ -1531,7 +1378,7 @@ def main():
     try:
         return suite.run(TMP, seed=SEED, only_env="OQ_REDIS_TESTS")
     finally:
-        stop_server()
+        rh.stop_server()
 
 
 if __name__ == "__main__":
