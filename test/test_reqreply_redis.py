@@ -298,18 +298,16 @@ def send_stamps_each_request_and_stores_its_context():
     cid = stamped(s)[-1]["correlation_id"]
     ttl = cli("PTTL", f"rr0-r2:rq:{cid}")
     assert 240000 < ttl <= 300000, ttl
-    # A correlation_id that is not a string is replaced, like a missing
-    # one (so the request gets a reply).
+    # A correlation_id that is not a string is kept (the user's, not
+    # replaced behind their back) and the event is still a request, with
+    # no context: the responders dead-letter it with the reason.
     ev = {"id": "a3", "word": "z", "correlation_id": 17}
-    t0 = datetime.datetime.now(datetime.timezone.utc)
+    n_ctx = len(cli("KEYS", "rr0-r3:rq:*"))
     send_requests(s, "rr0-r3", write_lines("rr0c.jsonl", [ev]))
-    t1 = datetime.datetime.now(datetime.timezone.utc)
     st = stamped(s)[-1]
-    assert st.get("reply_to") == "rr0-r3" and \
-        isinstance(st.get("correlation_id"), str), \
-        f"spec: a non-string correlation_id is replaced by a generated " \
-        f"one; sent {st}"
-    check_stamped(s, "rr0-r3", ev, st, t0, t1)
+    assert st == {"id": "a3", "word": "z", "correlation_id": 17,
+                  "reply_to": "rr0-r3"}, st
+    assert len(cli("KEYS", "rr0-r3:rq:*")) == n_ctx
 
 
 def check_stamped(s, r, ev, st, t0, t1):
@@ -608,7 +606,19 @@ def request_with_no_responder_times_out_in_input_order():
         [x["correlation_id"] for x in out], (sent, out)
     assert all(x["reply_to"].startswith(f"{s}:replies:") for x in sent), \
         sent
-    assert cli("KEYS", f"{s}:replies:*") == [], cli("KEYS", f"{s}:replies:*")
+    # Only the marker that the stream is gone is left (so that a late
+    # reply does not bring it back), and it expires.
+    left = cli("KEYS", f"{s}:replies:*")
+    assert len(left) == 1 and left[0].endswith(":gone"), left
+    assert 0 < cli("PTTL", left[0]) <= 24 * 3600 * 1000, left
+    # A responder that comes now processes the requests and writes no
+    # reply: the stream stays gone, the replies are counted as dropped.
+    p = start(["run", "--redis", URL, "--stream", s, "--group", "g",
+               "--drain", "-q"])
+    finish(p)
+    assert cli("KEYS", f"{s}:replies:*") == left, cli("KEYS", f"{s}:replies:*")
+    st = hash_of(f"{s}:stats")
+    assert st.get("replies_dropped") == 3 and st.get("processed") == 3, st
 
 
 @test
@@ -786,6 +796,74 @@ def late_and_duplicate_replies_are_not_handled():
     assert st["duplicates"] == 1 and st["duplicate_replies"] == 1, st
     assert st["processed"] == 2, st
     assert pending(r, "requesters") == 0, "replies left unacked"
+
+
+@test
+def a_requester_killed_mid_wait_gets_its_answers_on_a_rerun():
+    # onceq request is killed -9 while it waits (the responder is slow);
+    # run again with the same input, it gets every answer, from the
+    # responders' reply cache for the requests that were already settled:
+    # one effect per id, whatever the requesters did.
+    need("onceq request")
+    s = "rr9"
+    evs = [{"id": f"slow{k}", "word": f"w{k}"} for k in range(4)]
+    f = write_lines("rr9.jsonl", evs)
+    resp = responder(s, "r1", echo_handler("rr9.sh"), "-w", "1",
+                     "--visibility-timeout", f"{WAIT}s")
+    try:
+        p = start(["request", "--redis", URL, "--stream", s,
+                   "--reply-timeout", "60s", f])
+        wait_for(lambda: hash_of(f"{s}:stats").get("processed", 0) >= 1,
+                 LONG, "a first request processed")
+        p.send_signal(signal.SIGKILL)
+        finish(p)
+        rc, out, err = request(["--stream", s, "--reply-timeout",
+                                f"{LONG}s", f])
+        assert rc == 0, (rc, out, err)
+        assert [x["id"] for x in out] == [e["id"] for e in evs], out
+        assert all(x["status"] == "ok" for x in out), out
+        # Each answer is its own event's outcome (a cached one is the
+        # first copy's: same id and word, another correlation id).
+        for x, e in zip(out, evs):
+            echo = x["result"][0]["echo"]
+            assert (echo["id"], echo["word"]) == (e["id"], e["word"]), x
+        res = once_each(s)       # each id committed exactly once
+        assert sorted(res) == sorted(e["id"] for e in evs), res
+        st = hash_of(f"{s}:stats")
+        assert st["requests"] == 4, st
+        assert st.get("duplicate_replies", 0) >= 1, st
+    finally:
+        resp.send_signal(signal.SIGTERM)
+        finish(resp)
+
+
+@test
+def reply_to_that_is_not_a_usable_stream():
+    # A reply_to naming a key of another type: the request is processed
+    # and its reply is counted undeliverable (the responder goes on); one
+    # naming the responders' own stream, records or dead letters would
+    # forge them: rejected at decode, with its id.
+    s = "rr10"
+    cli("SET", "rr10-str", "x")
+    for ev in [{"id": "h1", "word": "a", "reply_to": "rr10-str"},
+               {"id": "o1", "word": "b", "reply_to": s},
+               {"id": "o2", "word": "c", "reply_to": f"{s}:dlq"},
+               {"id": "o3", "word": "d", "reply_to": f"{s}:results"},
+               {"id": "ok", "word": "e", "reply_to": "rr10-r"}]:
+        cli("XADD", s, "*", "e", line_of(ev), "s", "hand")
+    cli("HINCRBY", f"{s}:stats", "sent", 5)
+    rc, out, err = run(["run", "--redis", URL, "--stream", s, "--group",
+                        "g", "--drain", "-q"])
+    assert rc == 1, (rc, err)
+    assert cli("GET", "rr10-str") == "x"
+    dead = entries(f"{s}:dlq")
+    assert sorted((d["id"], d["reason"]) for d in dead) == \
+        [("o1", "rejected"), ("o2", "rejected"), ("o3", "rejected")], dead
+    assert all("own" in d["error"] for d in dead), dead
+    assert [strict_json(e["e"])["id"] for e in entries("rr10-r")] == ["ok"]
+    st = check_balanced(s)
+    assert st["replies_undeliverable"] == 1 and st["requests"] == 2, st
+    assert st["processed"] == 2, st
 
 
 @test
