@@ -764,14 +764,32 @@ static void ab_add2(abuf *a, const char *p, size_t plen, const char *q,
 
 /* ============================================================ the URL */
 
-typedef struct rurl {
+/* One server. */
+typedef struct rnode {
     char host[256];
     int port;
     char user[256];
     char pass[256];
     int db;
     char text[280];     /* host:port, for messages */
+} rnode;
+
+/* --redis URL[,URL...]: a primary and its replicas. Every connection
+ * looks for the primary among them when it (re)connects, from the one
+ * last found (cur, shared by the process's connections): a failover is
+ * followed (docs/REDIS.md). */
+#define MAX_NODES 8
+typedef struct rurl {
+    rnode node[MAX_NODES];
+    unsigned n;
+    _Atomic unsigned cur;
 } rurl;
+
+/* The server last found to be the primary, for messages. */
+static const char *url_text(rurl *u)
+{
+    return u->node[atomic_load(&u->cur) % u->n].text;
+}
 
 static int hexval(int c)
 {
@@ -812,7 +830,7 @@ static int pct_decode(const char *s, size_t n, char *out, size_t outlen)
  * 0644, and refusing them would push the password back onto the command
  * line). 0, or -1 with a message (never the password).
  */
-static int read_password_file(const char *pwfile, const char *cmd, rurl *u,
+static int read_password_file(const char *pwfile, const char *cmd, rnode *u,
                               char *err, size_t errlen)
 {
     FILE *f = fopen(pwfile, "rbe");
@@ -857,8 +875,8 @@ static int read_password_file(const char *pwfile, const char *cmd, rurl *u,
  * none, from pwfile (--redis-password-file, may be NULL) or else from
  * $REDISCLI_AUTH. 0, or -1 with a message (which never shows a
  * password). */
-static int parse_url(const char *url, const char *pwfile, const char *cmd,
-                     rurl *u, char *err, size_t errlen)
+static int parse_node(const char *url, const char *pwfile, const char *cmd,
+                      rnode *u, char *err, size_t errlen)
 {
     const char *p, *at, *hostend, *slash;
     size_t hl;
@@ -936,7 +954,11 @@ static int parse_url(const char *url, const char *pwfile, const char *cmd,
     }
     if (*p != '\0')
         goto bad;
-    snprintf(u->text, sizeof(u->text), "%s:%d", u->host, u->port);
+    {
+        char text[sizeof(u->text)];
+        snprintf(text, sizeof(text), "%.255s:%d", u->host, u->port);
+        memcpy(u->text, text, sizeof(text));
+    }
     if (pwfile) {
         if (u->pass[0]) {
             snprintf(err, errlen, "a password in the URL and "
@@ -961,9 +983,45 @@ static int parse_url(const char *url, const char *pwfile, const char *cmd,
     }
     return 0;
 bad:
-    snprintf(err, errlen, "bad Redis URL '%s' (expected "
-             "redis://[user:password@]host[:port][/db])", url);
+    snprintf(err, errlen, "bad Redis URL '%.300s' (expected "
+             "redis://[user:password@]host[:port][/db][,URL...])", url);
     return -1;
+}
+
+/* The comma-separated list of URLs of --redis (at most MAX_NODES). A
+ * password file warns once. 0, or -1 with a message. */
+static int parse_url(const char *list, const char *pwfile, const char *cmd,
+                     rurl *u, char *err, size_t errlen)
+{
+    const char *p = list;
+
+    memset(u, 0, sizeof(*u));
+    for (;;) {
+        char one[1024];
+        size_t n = strcspn(p, ",");
+        if (u->n == MAX_NODES) {
+            snprintf(err, errlen, "at most %d Redis URLs (a primary and its "
+                     "replicas)", MAX_NODES);
+            return -1;
+        }
+        if (n >= sizeof(one)) {
+            snprintf(err, errlen, "bad Redis URL (longer than %zu bytes)",
+                     sizeof(one) - 1);
+            return -1;
+        }
+        memcpy(one, p, n);
+        one[n] = '\0';
+        if (parse_node(one, u->n ? NULL : pwfile, cmd, &u->node[u->n], err,
+                       errlen) != 0)
+            return -1;
+        if (u->n && pwfile)
+            memcpy(u->node[u->n].pass, u->node[0].pass,
+                   sizeof(u->node[0].pass));
+        u->n++;
+        if (p[n] != ',')
+            return 0;
+        p += n + 1;
+    }
 }
 
 /* ======================================================== connections */
@@ -974,7 +1032,8 @@ enum { RC_OK = 0, RC_IO = -1, RC_FATAL = -2, RC_WAIT = -3 };
 
 /* One connection; used by one thread. */
 typedef struct rconn {
-    const rurl *u;
+    const rnode *u;              /* the server connected to (or last tried) */
+    rurl *urls;                  /* the servers to look for the primary in */
     redisContext *c;
     char name[320];              /* CLIENT SETNAME, so an operator (or a
                                     test) can find our connections */
@@ -1054,10 +1113,11 @@ static void note_transient(rconn *rc, redisReply *r)
     freeReplyObject(r);
 }
 
-/* Connects, authenticates, selects the db, checks the server and loads
- * the scripts. RC_OK, RC_IO (try again later) or RC_FATAL (bad config);
+/* Connects to rc->u, authenticates, selects the db, checks the server
+ * (with several servers: that it is the primary) and loads the scripts.
+ * RC_OK, RC_IO or RC_WAIT (try again later) or RC_FATAL (bad config);
  * rc->err says why. */
-static int rc_open(rconn *rc)
+static int rc_open_node(rconn *rc)
 {
     struct timeval tv = { 2, 0 };
     redisReply *r = NULL;
@@ -1118,6 +1178,27 @@ static int rc_open(rconn *rc)
         goto fatal;
     }
     freeReplyObject(r);
+    if (rc->urls && rc->urls->n > 1) {
+        /* Several servers: only the primary will do (a replica refuses
+         * writes; the one that was primary may be a replica now). */
+        r = redisCommand(rc->c, "ROLE");
+        if (r == NULL)
+            goto io;
+        if (is_transient(r))
+            goto wait;
+        if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+            r->element[0]->type != REDIS_REPLY_STRING ||
+            strcmp(r->element[0]->str, "master") != 0) {
+            snprintf(rc->err, sizeof(rc->err), "Redis at %s is not the "
+                     "primary (ROLE: %s)", rc->u->text,
+                     r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+                     r->element[0]->type == REDIS_REPLY_STRING
+                         ? r->element[0]->str : "?");
+            freeReplyObject(r);
+            return RC_WAIT;
+        }
+        freeReplyObject(r);
+    }
     if (rc->u->db) {
         r = redisCommand(rc->c, "SELECT %d", rc->u->db);
         if (r == NULL)
@@ -1188,6 +1269,37 @@ wait:
 fatal:
     freeReplyObject(r);
     return RC_FATAL;
+}
+
+/* rc_open_node on the primary: with several servers, each is tried from
+ * the one last found, and the first that is the primary is kept (and
+ * remembered for the others). */
+static int rc_open(rconn *rc)
+{
+    unsigned n = rc->urls ? rc->urls->n : 1, start;
+    int st = RC_IO;
+    char first[sizeof(rc->err)] = "";
+
+    if (n <= 1)
+        return rc_open_node(rc);
+    start = atomic_load(&rc->urls->cur);
+    for (unsigned k = 0; k < n; k++) {
+        unsigned i = (start + k) % n;
+        rc->u = &rc->urls->node[i];
+        st = rc_open_node(rc);
+        if (st == RC_OK) {
+            atomic_store(&rc->urls->cur, i);
+            return RC_OK;
+        }
+        if (st == RC_FATAL)
+            return st;
+        if (k == 0)
+            memcpy(first, rc->err, sizeof(first));
+    }
+    /* None is the primary yet (a failover in progress): say so. */
+    snprintf(rc->err, sizeof(rc->err), "no primary among the %u Redis "
+             "servers (%s, ...)", n, first);
+    return st;
 }
 
 static void rc_close(rconn *rc)
@@ -1423,10 +1535,11 @@ static int wait_replicas(rconn *rc, const char *meta, int n,
  * failure. A server that answers "not now" (loading its data after a
  * restart, busy with a script) is waited for as a reconnect would; one
  * that cannot be reached at all is refused at once. */
-static int rc_first(rconn *rc, const rurl *u, const char *cmd)
+static int rc_first(rconn *rc, rurl *u, const char *cmd)
 {
     int st;
-    rc->u = u;
+    rc->urls = u;
+    rc->u = &u->node[atomic_load(&u->cur) % u->n];
     st = rc_open(rc);
     if (st == RC_WAIT)
         st = rc_reconnect(rc);
@@ -1913,7 +2026,9 @@ static void send_usage(FILE *f)
 "dead-lettered by the consumers as too_large.\n"
 "\n"
 "  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
-"                         a password there, $REDISCLI_AUTH's is used\n"
+"                         a password there, $REDISCLI_AUTH's is used;\n"
+"                         several, comma-separated: a primary and its\n"
+"                         replicas (a failover is followed)\n"
 "  --redis-password-file PATH  the password from a file (one line)\n"
 "  --replicas N           report events sent only once N replicas have\n"
 "                         them (WAIT; default 0)\n"
@@ -2342,7 +2457,9 @@ static void req_usage(FILE *f)
 "not a JSON object (not sent). docs/REQUEST-REPLY.md\n"
 "\n"
 "  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
-"                         a password there, $REDISCLI_AUTH's is used\n"
+"                         a password there, $REDISCLI_AUTH's is used;\n"
+"                         several, comma-separated: a primary and its\n"
+"                         replicas (a failover is followed)\n"
 "  --redis-password-file PATH  the password from a file (one line)\n"
 "  --stream NAME          the responders' stream\n"
 "  --reply-timeout D      how long to wait for the replies after the last\n"
@@ -2893,7 +3010,7 @@ static void run_fatal_reply(rrun *r, rconn *rc, const redisReply *rep,
     if (rep == NULL)
         snprintf(msg, sizeof(msg), "%s", rc->err);
     else
-        snprintf(msg, sizeof(msg), "Redis at %s: %s: %s", r->u.text, what,
+        snprintf(msg, sizeof(msg), "Redis at %s: %s: %s", url_text(&r->u), what,
                  rep->type == REDIS_REPLY_ERROR ? rep->str
                                                 : "unexpected reply");
     run_fatal(r, msg);
@@ -2979,7 +3096,7 @@ static int ensure_group(rrun *r, rconn *rc)
         freeReplyObject(rep);
         if (!ok) {
             char msg[1024];
-            lost_message(msg, sizeof(msg), r->u.text, r->k.stream);
+            lost_message(msg, sizeof(msg), url_text(&r->u), r->k.stream);
             run_fatal(r, msg);
             return -1;
         }
@@ -2995,7 +3112,8 @@ static int ensure_group(rrun *r, rconn *rc)
 
 static void conn_init(rrun *r, rconn *rc, const char *role)
 {
-    rc->u = &r->u;
+    rc->urls = &r->u;
+    rc->u = &r->u.node[atomic_load(&r->u.cur) % r->u.n];
     rc->stop = &r->stop;
     rc->reconnects = &r->reconnects;
     rc->meta = r->k.meta;
@@ -4281,7 +4399,7 @@ static int drained(rrun *r, rconn *rc)
                rep->element[2]->integer == 0;
     } else if (is_err(rep, "ONCEQLOST")) {
         char msg[1024];
-        lost_message(msg, sizeof(msg), r->u.text, r->k.stream);
+        lost_message(msg, sizeof(msg), url_text(&r->u), r->k.stream);
         run_fatal(r, msg);
     } else if (is_err(rep, "NOGROUP") || is_err(rep, "ERR no such key")) {
         ensure_group(r, rc);
@@ -4795,7 +4913,7 @@ static int run_setup(rrun *r, rconn *main_rc)
                                                             : "counts",
                   r->h.count_key ? r->h.count_key : "key", r->h.name);
     if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
-        fprintf(stderr, "onceq run: Redis at %s: %s\n", r->u.text,
+        fprintf(stderr, "onceq run: Redis at %s: %s\n", url_text(&r->u),
                 rep ? rep->str : main_rc->err);
         freeReplyObject(rep);
         return 2;

@@ -1149,6 +1149,69 @@ def replicas_have_everything_that_was_reported_done():
 
 
 @test
+def a_failover_is_followed_and_loses_nothing_acknowledged():
+    # A primary and two replicas; send and two consumers are given all
+    # three (--redis A,B,C) and --replicas 1. Mid-run the primary is
+    # killed -9 and B promoted (C follows B): every connection looks for
+    # the new primary and goes on. What was reported sent or committed was
+    # on a replica, so B has every event, and each is committed once.
+    ports = [free_port() for _ in range(3)]
+    url = ",".join(f"redis://127.0.0.1:{p}" for p in ports)
+    srv = [server_on(ports[0])]
+    cons = []
+    try:
+        srv += [server_on(p, "--replicaof", "127.0.0.1", ports[0])
+                for p in ports[1:]]
+        for p in ports[1:]:
+            wait_replica(p, ports[0])
+        raw = gen("fo.jsonl", "--events", "600" if SLOW else "2000",
+                  "--duplicates", "0.1", "--seed", str(SEED + 17))
+        ids = {e["id"] for e in read_events(raw)}
+        rc, out, err = run(["send", "--redis", url, "--stream", "fo",
+                            "--replicas", "1", raw])
+        assert rc == 0, err
+        h = script_file("fo.sh", "read -r l\nsleep 0.005\n"
+                        "printf '{\"k\":\"%s\"}\\n' \"$ONCEQ_EVENT_ID\"\n")
+        for c in ("c1", "c2"):
+            cons.append(start(["run", "--redis", url, "--stream", "fo",
+                               "--group", "g", "--consumer", c, "--drain",
+                               "-q", "-w", "4", "--replicas", "1",
+                               "--handler", "exec:" + h,
+                               "--visibility-timeout", f"{2 * WAIT}s"]))
+        wait_for(lambda: int(cli_at(ports[0], "HGET", "fo:stats",
+                                    "processed") or 0) >= len(ids) // 4,
+                 90 if SLOW else 30, "a quarter processed")
+        srv[0].kill()
+        srv[0].wait()
+        cli_at(ports[1], "REPLICAOF", "NO", "ONE")
+        cli_at(ports[2], "REPLICAOF", "127.0.0.1", ports[1])
+        for p in cons:
+            rc, _, err = finish(p, timeout=180)
+            assert rc == 0, (rc, err)
+        got = cli_at(ports[1], "XRANGE", "fo:results", "-", "+")
+        recs = [json.loads(x)["k"] for x in got.split("\n")
+                if x.startswith("{")]
+        twice = [k for k, n in Counter(recs).items() if n > 1]
+        assert not twice, f"committed twice: {twice[:5]}"
+        assert set(recs) == ids, f"missing {len(ids - set(recs))}"
+        st = cli_at(ports[1], "HGETALL", "fo:stats").split("\n")
+        st = {st[i]: int(st[i + 1]) for i in range(0, len(st) - 1, 2)}
+        assert st["processed"] == len(ids) == st["sent"], st
+        # A list that is not all URLs is refused.
+        err = one_line_exit_2(["send", "--redis", url + ",nope://x",
+                               "--stream", "fo", raw])
+        assert "bad Redis URL" in err, err
+    finally:
+        for p in cons:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for x in srv:
+            if x.poll() is None:
+                stop(x)
+
+
+@test
 def clashing_stream_names_are_refused_and_commit_nothing():
     # "orders:counts" is also the counts hash of the stream "orders".
     with open(path("or.jsonl"), "w") as g:
