@@ -340,6 +340,31 @@ static void drop_lock(oq__store *st)
     oq__free(gone);
 }
 
+/* 0 unless st->path exists, is not empty, and does not start with SQLite's
+ * header ("SQLite format 3"): then the error (an empty or missing file
+ * becomes a new state). */
+static int not_sqlite(oq__store *st)
+{
+    char head[16] = "";
+    struct stat sb;
+    FILE *f;
+    size_t n;
+
+    if (stat(st->path, &sb) == 0 && !S_ISREG(sb.st_mode))
+        return set_err(st, SQLITE_CANTOPEN, "'%s' is not an onceq state "
+                       "file: %s", st->path, S_ISDIR(sb.st_mode)
+                           ? "a directory" : "not a regular file");
+    if ((f = fopen(st->path, "rbe")) == NULL)
+        return 0;
+    n = fread(head, 1, sizeof(head), f);
+    fclose(f);
+    if (n == 0 || (n == sizeof(head) && memcmp(head, "SQLite format 3",
+                                                16) == 0))
+        return 0;
+    return set_err(st, SQLITE_NOTADB, "'%s' is not an onceq state file: "
+                   "not an SQLite database", st->path);
+}
+
 int oq__store_open(oq__store **out, const char *path, int flags,
                    oq__store_sync sync, char *err, size_t errlen)
 {
@@ -354,6 +379,10 @@ int oq__store_open(oq__store **out, const char *path, int flags,
     }
     snprintf(st->path, sizeof(st->path), "%s", path);
     st->lock_fd = -1;
+    /* A file that is plainly not SQLite's is refused before its PATH.lock
+     * is made: a mistyped path must leave nothing behind. */
+    if ((rc = not_sqlite(st)) != 0)
+        goto out_fail;
     if ((flags & OQ__STORE_LOCK) && (rc = take_lock(st, flags)) != 0)
         goto out_fail;
     if (flags & OQ__STORE_CREATE) {

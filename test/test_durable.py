@@ -600,7 +600,8 @@ def not_a_state_file_is_a_clear_error():
     con.execute("CREATE TABLE t(x)")
     con.commit()
     con.close()
-    for name in ("rand.db", "text.db", "other.db"):
+    os.makedirs(path("dir.db"), exist_ok=True)
+    for name in ("rand.db", "text.db", "other.db", "dir.db"):
         for args in (["run", "--state", path(name), f],
                      ["stats", "--state", path(name)],
                      ["dlq", "list", "--state", path(name)],
@@ -608,6 +609,10 @@ def not_a_state_file_is_a_clear_error():
             rc, out, err = run(args)
             assert rc == 2, (args, rc, err)
             assert err.count("\n") == 1 and "not an onceq state" in err, err
+        # A mistyped path leaves nothing behind (no PATH.lock) when the
+        # file is plainly not SQLite's.
+        if name != "other.db":
+            assert not os.path.exists(path(name + ".lock")), name
     con = sqlite3.connect(path("other.db"))
     assert con.execute("SELECT count(*) FROM t").fetchone()[0] == 0
     con.close()
