@@ -2052,10 +2052,47 @@ static void send_usage(FILE *f)
 "failed mid-way or lost the stream's data.\n");
 }
 
+static void req_usage(FILE *f)
+{
+    fprintf(f,
+"usage: onceq request --redis URL --stream NAME [OPTIONS] [FILE...]\n"
+"\n"
+"Sends each JSON-lines event of FILEs (or stdin) to the stream as a request\n"
+"(stamped with \"reply_to\" and a \"correlation_id\", as `onceq send\n"
+"--reply-to` does), waits for the replies of `onceq run --redis` responders,\n"
+"and writes one line per request, in input order: its reply\n"
+"({\"correlation_id\",\"id\",\"status\":\"ok\"|\"failed\"|\"dead\",...}), or\n"
+"{\"correlation_id\",\"id\",\"status\":\"timeout\"} when none came in time, or\n"
+"{\"correlation_id\":null,\"status\":\"rejected\",\"error\"} for a line that is\n"
+"not a JSON object (not sent). docs/REQUEST-REPLY.md\n"
+"\n"
+"  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
+"                         a password there, $REDISCLI_AUTH's is used;\n"
+"                         several, comma-separated: a primary and its\n"
+"                         replicas (a failover is followed)\n"
+"  --redis-password-file PATH  the password from a file (one line)\n"
+"  --stream NAME          the responders' stream\n"
+"  --reply-timeout D      how long to wait for the replies after the last\n"
+"                         request was sent (default 30s)\n"
+"  --reply-stream R       where the replies go (default NAME:replies:<random>,\n"
+"                         deleted at the end)\n"
+"  --request-ttl D        how long a request's context is kept (default 24h)\n"
+"  --id-field NAME        the id field (default id, or event_id)\n"
+"  --max-line BYTES       (default 1M; K, M, G suffixes)\n"
+"  -q, --quiet            no summary\n"
+"\n"
+"Exit status: 0 every request got an ok reply, 1 some failed, died, timed\n"
+"out or were rejected, 2 bad usage, unreadable input, Redis unreachable or\n"
+"refused, 3 Redis failed mid-way.\n");
+}
+
 typedef struct send_cfg {
     const char *url, *pwfile, *stream, *id_field;
     const char *reply_to;       /* --reply-to: send requests; NULL: not */
     int64_t request_ttl_ms;     /* --request-ttl: their contexts' life */
+    /* onceq request: */
+    const char *reply_stream;   /* --reply-stream, or NULL: its own */
+    int64_t timeout_ms;         /* --reply-timeout */
     int64_t window_ms;
     unsigned batch;
     size_t max_line;
@@ -2063,10 +2100,14 @@ typedef struct send_cfg {
     bool quiet;
 } send_cfg;
 
-static int send_parse(send_cfg *c, int argc, char **argv)
+/* The options of `onceq send` (request false) and `onceq request`: one
+ * table; an option of the other command is refused. Returns -1 to go on,
+ * or an exit status. */
+static int send_parse(send_cfg *c, int argc, char **argv, bool request)
 {
     enum { O_REDIS = 256, O_STREAM, O_WINDOW, O_ID, O_BATCH, O_MAXLINE,
-           O_PWFILE, O_REPLICAS, O_REPLY_TO, O_REQUEST_TTL };
+           O_PWFILE, O_REPLICAS, O_REPLY_TO, O_REQUEST_TTL, O_TIMEOUT,
+           O_RSTREAM };
     static const struct option lo[] = {
         { "redis", required_argument, NULL, O_REDIS },
         { "redis-password-file", required_argument, NULL, O_PWFILE },
@@ -2078,10 +2119,13 @@ static int send_parse(send_cfg *c, int argc, char **argv)
         { "max-line", required_argument, NULL, O_MAXLINE },
         { "reply-to", required_argument, NULL, O_REPLY_TO },
         { "request-ttl", required_argument, NULL, O_REQUEST_TTL },
+        { "reply-timeout", required_argument, NULL, O_TIMEOUT },
+        { "reply-stream", required_argument, NULL, O_RSTREAM },
         { "quiet", no_argument, NULL, 'q' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
+    const char *cmd = request ? "request" : "send";
     int opt;
     uint64_t u;
     int64_t ms;
@@ -2089,15 +2133,30 @@ static int send_parse(send_cfg *c, int argc, char **argv)
     memset(c, 0, sizeof(*c));
     c->request_ttl_ms = 24 * 3600 * 1000;
     c->id_field = "id";
-    c->window_ms = 300000;
+    c->window_ms = request ? 0 : 300000; /* a request sent twice is two */
     c->batch = SEND_BATCH;
     c->max_line = 1024 * 1024;
+    c->timeout_ms = 30000;
     optind = 1;
     opterr = 0;
     while ((opt = getopt_long(argc, argv, ":qh", lo, NULL)) != -1) {
+        bool req_only = opt == O_TIMEOUT || opt == O_RSTREAM;
+        bool send_only = opt == O_WINDOW || opt == O_REPLICAS ||
+                         opt == O_BATCH || opt == O_REPLY_TO;
+        if ((request && send_only) || (!request && req_only)) {
+            const struct option *o = lo;
+            while (o->val != opt)
+                o++;
+            return usage_error(cmd, "--%s is an option of `onceq %s`, not "
+                               "of `onceq %s`", o->name,
+                               request ? "send" : "request", cmd);
+        }
         switch (opt) {
         case 'h':
-            send_usage(stdout);
+            if (request)
+                req_usage(stdout);
+            else
+                send_usage(stdout);
             return 0;
         case O_REDIS: c->url = optarg; break;
         case O_PWFILE: c->pwfile = optarg; break;
@@ -2107,50 +2166,63 @@ static int send_parse(send_cfg *c, int argc, char **argv)
         case O_WINDOW:
             /* A bare number is milliseconds here (documented). */
             if (oq__parse_duration_bare(optarg, 1, &c->window_ms) != 0)
-                return usage_error("send", "invalid --dedup-window '%s' (a "
+                return usage_error(cmd, "invalid --dedup-window '%s' (a "
                                    "duration like 5m, or milliseconds; at "
                                    "most 876000h; 0 = off)", optarg);
             break;
         case O_REPLICAS:
             if (oq__parse_count(optarg, 0, 64, &u) != 0)
-                return usage_error("send", "invalid --replicas '%s' (an "
+                return usage_error(cmd, "invalid --replicas '%s' (an "
                                    "integer from 0 to 64)", optarg);
             c->replicas = (int)u;
             break;
         case O_REPLY_TO:
+        case O_RSTREAM:
             if (!oq__reply_to_ok(optarg, strlen(optarg)))
-                return usage_error("send", "invalid --reply-to '%s' (a "
-                                   "stream name: 1 to %d letters, digits, "
-                                   "'.', '_', '-' or ':', not starting with "
-                                   "'.')", optarg, OQ__REPLY_TO_MAX);
-            c->reply_to = optarg;
+                return usage_error(cmd, "invalid %s '%s' (a stream name: 1 "
+                                   "to %d letters, digits, '.', '_', '-' or "
+                                   "':', not starting with '.')",
+                                   opt == O_RSTREAM ? "--reply-stream"
+                                                    : "--reply-to",
+                                   optarg, OQ__REPLY_TO_MAX);
+            if (opt == O_RSTREAM)
+                c->reply_stream = optarg;
+            else
+                c->reply_to = optarg;
             break;
         case O_REQUEST_TTL:
             if (oq__parse_duration(optarg, &ms) != 0 || ms < 1000)
-                return usage_error("send", "invalid --request-ttl '%s' (a "
+                return usage_error(cmd, "invalid --request-ttl '%s' (a "
                                    "duration like 24h or 90m, at least 1s, "
                                    "at most 876000h)", optarg);
             c->request_ttl_ms = ms;
             break;
+        case O_TIMEOUT:
+            if (oq__parse_duration(optarg, &ms) != 0 || ms <= 0)
+                return usage_error(cmd, "invalid --reply-timeout '%s' (a "
+                                   "duration like 30s or 500ms, above 0, at "
+                                   "most 876000h)", optarg);
+            c->timeout_ms = ms;
+            break;
         case O_BATCH:
             if (oq__parse_count(optarg, 1, 4096, &u) != 0)
-                return usage_error("send", "invalid --batch '%s' (an integer "
+                return usage_error(cmd, "invalid --batch '%s' (an integer "
                                    "from 1 to 4096)", optarg);
             c->batch = (unsigned)u;
             break;
         case O_MAXLINE:
             if (oq__parse_size(optarg, 16, (uint64_t)1 << 31, &u) != 0)
-                return usage_error("send", "invalid --max-line '%s' (bytes "
+                return usage_error(cmd, "invalid --max-line '%s' (bytes "
                                    "from 16 to 2G, like 1M or 64K)", optarg);
             c->max_line = (size_t)u;
             break;
         default:
-            return getopt_error("send", opt, argv);
+            return getopt_error(cmd, opt, argv);
         }
     }
     if (c->url == NULL)
-        return usage_error("send", "--redis URL is required (try 'onceq "
-                           "send --help')");
+        return usage_error(cmd, "--redis URL is required (try 'onceq %s "
+                           "--help')", cmd);
     return -1;
 }
 
@@ -2406,7 +2478,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
 int oq__cmd_send(int argc, char **argv)
 {
     send_cfg c;
-    int rc = send_parse(&c, argc, argv);
+    int rc = send_parse(&c, argc, argv, false);
     if (rc >= 0)
         return rc;
     return send_run(&c, argv + optind, (unsigned)(argc - optind));
@@ -2436,124 +2508,6 @@ typedef struct rq_item {
     const char *status;     /* ok failed dead timeout rejected */
 } rq_item;
 
-typedef struct req_cfg {
-    send_cfg s;             /* --redis, --stream, --id-field, --max-line, ... */
-    const char *reply_stream;
-    int64_t timeout_ms;
-} req_cfg;
-
-static void req_usage(FILE *f)
-{
-    fprintf(f,
-"usage: onceq request --redis URL --stream NAME [OPTIONS] [FILE...]\n"
-"\n"
-"Sends each JSON-lines event of FILEs (or stdin) to the stream as a request\n"
-"(stamped with \"reply_to\" and a \"correlation_id\", as `onceq send\n"
-"--reply-to` does), waits for the replies of `onceq run --redis` responders,\n"
-"and writes one line per request, in input order: its reply\n"
-"({\"correlation_id\",\"id\",\"status\":\"ok\"|\"failed\"|\"dead\",...}), or\n"
-"{\"correlation_id\",\"id\",\"status\":\"timeout\"} when none came in time, or\n"
-"{\"correlation_id\":null,\"status\":\"rejected\",\"error\"} for a line that is\n"
-"not a JSON object (not sent). docs/REQUEST-REPLY.md\n"
-"\n"
-"  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
-"                         a password there, $REDISCLI_AUTH's is used;\n"
-"                         several, comma-separated: a primary and its\n"
-"                         replicas (a failover is followed)\n"
-"  --redis-password-file PATH  the password from a file (one line)\n"
-"  --stream NAME          the responders' stream\n"
-"  --reply-timeout D      how long to wait for the replies after the last\n"
-"                         request was sent (default 30s)\n"
-"  --reply-stream R       where the replies go (default NAME:replies:<random>,\n"
-"                         deleted at the end)\n"
-"  --request-ttl D        how long a request's context is kept (default 24h)\n"
-"  --id-field NAME        the id field (default id, or event_id)\n"
-"  --max-line BYTES       (default 1M; K, M, G suffixes)\n"
-"  -q, --quiet            no summary\n"
-"\n"
-"Exit status: 0 every request got an ok reply, 1 some failed, died, timed\n"
-"out or were rejected, 2 bad usage, unreadable input, Redis unreachable or\n"
-"refused, 3 Redis failed mid-way.\n");
-}
-
-static int req_parse(req_cfg *c, int argc, char **argv)
-{
-    enum { O_REDIS = 256, O_STREAM, O_ID, O_MAXLINE, O_PWFILE, O_TIMEOUT,
-           O_RSTREAM, O_REQUEST_TTL };
-    static const struct option lo[] = {
-        { "redis", required_argument, NULL, O_REDIS },
-        { "redis-password-file", required_argument, NULL, O_PWFILE },
-        { "stream", required_argument, NULL, O_STREAM },
-        { "id-field", required_argument, NULL, O_ID },
-        { "max-line", required_argument, NULL, O_MAXLINE },
-        { "reply-timeout", required_argument, NULL, O_TIMEOUT },
-        { "reply-stream", required_argument, NULL, O_RSTREAM },
-        { "request-ttl", required_argument, NULL, O_REQUEST_TTL },
-        { "quiet", no_argument, NULL, 'q' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
-    int opt;
-    uint64_t u;
-    int64_t ms;
-
-    memset(c, 0, sizeof(*c));
-    c->s.id_field = "id";
-    c->s.batch = SEND_BATCH;
-    c->s.max_line = 1024 * 1024;
-    c->s.request_ttl_ms = 24 * 3600 * 1000;
-    c->timeout_ms = 30000;
-    optind = 1;
-    opterr = 0;
-    while ((opt = getopt_long(argc, argv, ":qh", lo, NULL)) != -1) {
-        switch (opt) {
-        case 'h':
-            req_usage(stdout);
-            return 0;
-        case O_REDIS: c->s.url = optarg; break;
-        case O_PWFILE: c->s.pwfile = optarg; break;
-        case O_STREAM: c->s.stream = optarg; break;
-        case O_ID: c->s.id_field = optarg; break;
-        case 'q': c->s.quiet = true; break;
-        case O_MAXLINE:
-            if (oq__parse_size(optarg, 16, (uint64_t)1 << 31, &u) != 0)
-                return usage_error("request", "invalid --max-line '%s' "
-                                   "(bytes from 16 to 2G, like 1M or 64K)",
-                                   optarg);
-            c->s.max_line = (size_t)u;
-            break;
-        case O_TIMEOUT:
-            if (oq__parse_duration(optarg, &ms) != 0 || ms <= 0)
-                return usage_error("request", "invalid --reply-timeout '%s' "
-                                   "(a duration like 30s or 500ms, above 0, "
-                                   "at most 876000h)", optarg);
-            c->timeout_ms = ms;
-            break;
-        case O_REQUEST_TTL:
-            if (oq__parse_duration(optarg, &ms) != 0 || ms < 1000)
-                return usage_error("request", "invalid --request-ttl '%s' (a "
-                                   "duration like 24h or 90m, at least 1s, "
-                                   "at most 876000h)", optarg);
-            c->s.request_ttl_ms = ms;
-            break;
-        case O_RSTREAM:
-            if (!oq__reply_to_ok(optarg, strlen(optarg)))
-                return usage_error("request", "invalid --reply-stream '%s' "
-                                   "(1 to %d letters, digits, '.', '_', '-' "
-                                   "or ':', not starting with '.')", optarg,
-                                   OQ__REPLY_TO_MAX);
-            c->reply_stream = optarg;
-            break;
-        default:
-            return getopt_error("request", opt, argv);
-        }
-    }
-    if (c->s.url == NULL)
-        return usage_error("request", "--redis URL is required (try 'onceq "
-                           "request --help')");
-    return -1;
-}
-
 static char *dup_bytes(const char *p, size_t n)
 {
     char *s = oq__malloc(n + 1);
@@ -2581,11 +2535,11 @@ static char *rejected_line(const char *why)
 
 /* Reads the inputs and stamps each event into items (grown); sends the
  * stamped ones in batches. 0, or an exit status. */
-static int req_send(const req_cfg *c, rconn *rc, const rkeys *k,
+static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
                     const char *epoch, stamper *stp, oq__reader *rd,
                     rq_item **items, size_t *nitems, rq_item **byc)
 {
-    oq__idspec spec = { c->s.id_field, strcmp(c->s.id_field, "id") == 0 };
+    oq__idspec spec = { c->id_field, strcmp(c->id_field, "id") == 0 };
     send_batch b[SEND_WINDOW];
     size_t nb = 0, cap = 0;
     uint64_t sent = 0, rej = 0;
@@ -2658,11 +2612,11 @@ static int req_send(const req_cfg *c, rconn *rc, const rkeys *k,
             if (it->corr == NULL || it->ckey == NULL)
                 goto nomem;
             if (cur->args.n == 0)
-                batch_begin(cur, k, 0, epoch, c->s.request_ttl_ms);
+                batch_begin(cur, k, 0, epoch, c->request_ttl_ms);
             line_source(src, sizeof(src), oq__reader_path(rd, l.file),
                         l.lineno);
             batch_add(cur, 0, stp->line.data, stp->line.len, src, 0, stp);
-            if (cur->nevents < c->s.batch)
+            if (cur->nevents < c->batch)
                 continue;
             nb++;
         } else if (cur->args.n > 0) {
@@ -2818,7 +2772,7 @@ static void req_cleanup(rconn *rc, rq_item *items, size_t n,
 int oq__cmd_request(int argc, char **argv)
 {
     static const char *const stdin_only[] = { "-" };
-    req_cfg c;
+    send_cfg c;
     rq_item *items = NULL, *byc = NULL;
     size_t nitems = 0, waiting = 0;
     uint64_t dups = 0, by[5] = { 0 };
@@ -2834,19 +2788,19 @@ int oq__cmd_request(int argc, char **argv)
     int status, rc0 = argc;
     unsigned ninputs;
 
-    if ((status = req_parse(&c, argc, argv)) >= 0)
+    if ((status = send_parse(&c, argc, argv, true)) >= 0)
         return status;
     ninputs = (unsigned)(rc0 - optind);
-    if (make_keys(&k, c.s.stream, "request") != 0)
+    if (make_keys(&k, c.stream, "request") != 0)
         return 2;
-    snprintf(own, sizeof(own), "%s:replies:%016" PRIx64, c.s.stream,
+    snprintf(own, sizeof(own), "%s:replies:%016" PRIx64, c.stream,
              make_nonce());
     rstream = c.reply_stream ? c.reply_stream : own;
-    if (parse_url(c.s.url, c.s.pwfile, "request", &u, err, sizeof(err)) != 0)
+    if (parse_url(c.url, c.pwfile, "request", &u, err, sizeof(err)) != 0)
         return usage_error("request", "%s", err);
     if (oq__reader_open(&rd, ninputs ? (const char *const *)argv + optind
                                      : stdin_only,
-                        ninputs ? ninputs : 1, c.s.max_line, err,
+                        ninputs ? ninputs : 1, c.max_line, err,
                         sizeof(err)) != 0) {
         fprintf(stderr, "onceq request: %s\n", err);
         return 2;
@@ -2855,7 +2809,7 @@ int oq__cmd_request(int argc, char **argv)
         oq__reader_close(rd);
         return 2;
     }
-    stamper_init(&stp, rstream, c.s.stream);
+    stamper_init(&stp, rstream, c.stream);
     if ((status = check_policy(&rc, "request")) == 0 &&
         (status = check_types(&rc, &k, "request", 0)) == 0 &&
         (status = stream_epoch(&rc, &k, "request", epoch,
@@ -2896,7 +2850,7 @@ int oq__cmd_request(int argc, char **argv)
         } else if (by[0] != nitems) {
             status = 1;
         }
-        if (!c.s.quiet)
+        if (!c.quiet)
             fprintf(stderr, "onceq request: %zu requests: ok %" PRIu64
                     ", failed %" PRIu64 ", dead %" PRIu64 ", timeouts %"
                     PRIu64 ", rejected %" PRIu64 " (duplicate replies %"
@@ -2904,7 +2858,7 @@ int oq__cmd_request(int argc, char **argv)
                     dups);
     }
     req_cleanup(&rc, items, nitems, rstream, c.reply_stream == NULL,
-                c.s.request_ttl_ms);
+                c.request_ttl_ms);
     HASH_CLEAR(hh, byc);
     for (size_t i = 0; i < nitems; i++) {
         oq__free(items[i].corr);
