@@ -1298,7 +1298,7 @@ static int rc_open(rconn *rc)
     }
     /* None is the primary yet (a failover in progress): say so. */
     snprintf(rc->err, sizeof(rc->err), "no primary among the %u Redis "
-             "servers (%s, ...)", n, first);
+             "servers (%.400s, ...)", n, first);
     return st;
 }
 
