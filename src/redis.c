@@ -353,7 +353,11 @@ DM_LUA
  * gave up and deleted its reply stream) has no reader: it is not written,
  * only counted (replies_dropped); nor is one to a key that is not a
  * stream (the requester named a key of another kind:
- * replies_undeliverable; the request itself commits).
+ * replies_undeliverable; the request itself commits). Its two keys' types
+ * are checked just before its writes, after everything else the script
+ * wrote (an earlier reply's stats could be this reply's stream), so no
+ * write fails halfway; and rdecode refuses a reply_to that names an
+ * onceq key (reply_to_reserved).
  * The reply streams' stats count the replies as sent. The answer's [3],
  * [4] and [5]: requests answered, duplicates answered again, replies
  * written.
@@ -392,11 +396,8 @@ DM_LUA
 "  or (nrec > 0 and clash(KEYS[3], 'stream'))\n"
 "  or (others and (clash(KEYS[4], 'stream') or clash(KEYS[5], 'zset')))\n"
 "  or ((nc > 0 or others) and clash(DP .. dm_gen(RET, now), 'hash'))\n"
-"local badto = {}\n"
 "for b = rp0, rp0 + 5 * (nrp - 1), 5 do\n"
 "  bad = bad or clash(ARGV[b + 2], 'string')\n"
-"  badto[b] = clash(ARGV[b + 1], 'stream') or\n"
-"    clash(ARGV[b + 1] .. ':stats', 'hash')\n"
 "end\n"
 "if bad then return bad end\n"
 "local st\n"
@@ -477,7 +478,8 @@ DM_LUA
 "      redis.call('SET', ck, body, 'PX', RTTL)\n"
 "      nreq = nreq + 1\n"
 "    end\n"
-"    if body and badto[b] then bump('replies_undeliverable', 1)\n"
+"    if body and (clash(to, 'stream') or clash(to .. ':stats', 'hash')) then\n"
+"      bump('replies_undeliverable', 1)\n"
 "    elseif body and redis.call('EXISTS', to .. ':gone') == 0 then\n"
 "      redis.call('XADD', to, '*', 'e', head .. body, 's', RSRC)\n"
 "      redis.call('HINCRBY', to .. ':stats', 'sent', 1)\n"
@@ -1585,6 +1587,38 @@ static int make_keys(rkeys *k, const char *stream, const char *cmd)
     return 0;
 }
 
+/*
+ * Why a reply stream name may not be used (NULL: it may): it is the
+ * stream S itself, or has the shape of a key onceq keeps for a stream
+ * (S:counts, S:id:<id>, R:rq:<corr>, ...: any stream's, not only S's). A
+ * reply there would forge the stream's events or outputs, or turn a key
+ * into a stream and stop every later run of its queue.
+ */
+static const char *reply_to_reserved(const char *to, const char *stream)
+{
+    static const char *const suffix[] = { ":counts", ":results", ":dlq",
+                                          ":delayed", ":stats", ":meta",
+                                          ":gone" };
+    static const char *const infix[] = { ":id:", ":dedup:", ":d:", ":rp:",
+                                         ":rq:" };
+    size_t n = strlen(to);
+
+    if (strcmp(to, stream) == 0)
+        return "names the stream the request came from";
+    for (size_t i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
+        size_t k = strlen(suffix[i]);
+        if (n >= k && strcmp(to + n - k, suffix[i]) == 0)
+            return "has the name of a key onceq keeps for a stream (it "
+                   "ends with :counts, :results, :dlq, :delayed, :stats, "
+                   ":meta or :gone)";
+    }
+    for (size_t i = 0; i < sizeof(infix) / sizeof(infix[0]); i++)
+        if (strstr(to, infix[i]) != NULL)
+            return "has the name of a key onceq keeps for a stream (it "
+                   "holds :id:, :dedup:, :d:, :rp: or :rq:)";
+    return NULL;
+}
+
 /* ====================================================== small helpers */
 
 /* The bytes of an id's done-mark field (see DM_LUA): the first 12 of its
@@ -1901,6 +1935,7 @@ typedef struct stamper {
     uint64_t rng;               /* correlation ids */
     oq__jtape t;
     oq__buf line, corr, ckey, ctx;
+    char why[160];              /* stamp_request 0: why not */
 } stamper;
 
 static void stamper_init(stamper *st, const char *to, const char *stream)
@@ -1948,13 +1983,22 @@ static int stamp_request(stamper *st, const char *line, size_t len)
     int rc;
 
     st->line.len = st->corr.len = st->ckey.len = st->ctx.len = 0;
-    if (!oq__utf8_valid(line, len) ||
-        oq__json_scan(line, len, &st->t, &at, &why) != 0)
+    if (!oq__utf8_valid(line, len)) {
+        snprintf(st->why, sizeof(st->why), "not valid UTF-8 (or a NUL "
+                 "byte)");
         return 0;
+    }
+    if (oq__json_scan(line, len, &st->t, &at, &why) != 0) {
+        snprintf(st->why, sizeof(st->why), "not JSON: %s at byte %zu", why,
+                 at);
+        return 0;
+    }
     d = (oq__jdoc){ line, len, st->t.tok, st->t.n };
     cv = oq__jget(&d, 0, "correlation_id", 14);
-    if (d.tok[0].type != OQ__J_OBJ)
+    if (d.tok[0].type != OQ__J_OBJ) {
+        snprintf(st->why, sizeof(st->why), "not a JSON object");
         return 0;
+    }
     rc = oq__buf_add(&st->line, "{", 1);
     for (uint32_t i = 1; rc == 0 && i < d.tok[0].end; i = d.tok[i + 1].end) {
         if (oq__jstr_eq(&d, i, "reply_to", 8))
@@ -2125,7 +2169,7 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
-    const char *cmd = request ? "request" : "send";
+    const char *cmd = request ? "request" : "send", *why;
     int opt;
     uint64_t u;
     int64_t ms;
@@ -2223,6 +2267,10 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
     if (c->url == NULL)
         return usage_error(cmd, "--redis URL is required (try 'onceq %s "
                            "--help')", cmd);
+    if (c->reply_to && c->stream &&
+        (why = reply_to_reserved(c->reply_to, c->stream)) != NULL)
+        return usage_error(cmd, "invalid --reply-to '%s': it %s",
+                           c->reply_to, why);
     return -1;
 }
 
@@ -2488,25 +2536,36 @@ int oq__cmd_send(int argc, char **argv)
 
 /*
  * `onceq request`: sends each line as a request with its own reply stream
- * (default S:replies:<random>), waits for the replies (XREAD: the stream is
- * its own, no group), and writes one line per request in input order: the
- * reply, or {"correlation_id","id","status":"timeout"}, or, for a line that
- * cannot be a request, {"correlation_id":null,"status":"rejected","error"}.
- * No producer dedup: a line sent twice is two requests, and the second gets
- * the first's outcome again (the responders' reply cache). At the end it
- * deletes the contexts of its requests and, when the reply stream was its
- * own, the stream.
+ * (default S:replies:<random>), waits for the replies (XREAD from the
+ * stream's end as it was before sending: no group, no older entry), and
+ * writes one line per request in input order: the reply, or
+ * {"correlation_id","id","status":"timeout"}, or, for a line that cannot
+ * be a request, {"correlation_id":null,"status":"rejected","error"}. A
+ * reply is matched to its request by correlation id and event id both (two
+ * requests may share a correlation id); a line sent twice is two requests,
+ * and each gets a reply (the second from the responders' cache). At the
+ * end (or on SIGINT/SIGTERM) it deletes the contexts of its requests and,
+ * when the reply stream was its own, the stream, marked gone.
  */
 typedef struct rq_item {
-    UT_hash_handle hh;      /* by correlation id, for the sent ones */
-    char *corr;             /* its bytes (NULL: not sent) */
-    size_t corr_len;
+    UT_hash_handle hh;      /* by key, for the first sent item of a key */
+    struct rq_item *same;   /* the next sent item with the same key */
+    char *key;              /* correlation id, NUL, event id (NULL: not
+                               sent); the correlation id's bytes first */
+    size_t key_len, corr_len;
     char *ckey;             /* its context's key */
     size_t ckey_len;
-    char *id;               /* the event's id, JSON (NULL: none) */
+    char *id;               /* the event's id, JSON */
     char *out;              /* the line to write (reply, or rejected) */
     const char *status;     /* ok failed dead timeout rejected */
 } rq_item;
+
+static volatile sig_atomic_t req_signal;
+
+static void req_on_signal(int sig)
+{
+    req_signal = sig;
+}
 
 static char *dup_bytes(const char *p, size_t n)
 {
@@ -2533,11 +2592,77 @@ static char *rejected_line(const char *why)
     return b.data;
 }
 
+/* The matching key of a request: correlation id, NUL, event id. */
+static char *item_key(const char *corr, size_t cl, const char *id,
+                      size_t il, size_t *len)
+{
+    char *k = oq__malloc(cl + il + 1);
+    if (k) {
+        memcpy(k, corr, cl);
+        k[cl] = '\0';
+        memcpy(k + cl + 1, id, il);
+        *len = cl + 1 + il;
+    }
+    return k;
+}
+
+/* Stamps and checks one line into it: 0 sent-to-be (it->key set), 1
+ * rejected (it->out set), OQ_ENOMEM. */
+static int req_item(rq_item *it, stamper *stp, const oq__line *l,
+                    oq__idspec *spec)
+{
+    char err[320];
+    oq_event ev = { 0 };
+    oq_decoded dec;
+    int st = 0;
+    oq__buf q = { 0 };
+
+    memset(&dec, 0, sizeof(dec));
+    if (l->kind == OQ__LINE_TOO_LARGE) {
+        snprintf(err, sizeof(err), "line of %zu bytes exceeds --max-line",
+                 l->full_len);
+    } else if ((st = stamp_request(stp, l->data, l->len)) == 0) {
+        snprintf(err, sizeof(err), "%s", stp->why);
+    } else if (st == 2) {
+        snprintf(err, sizeof(err), "correlation_id is not a string");
+    } else if (st == 1) {
+        /* One the responders would dead-letter for its id (bad_id) would
+         * get no reply: refused here, with their reason. */
+        ev.payload = stp->line.data;
+        ev.payload_len = stp->line.len;
+        if (oq__json_decode(&ev, &dec, spec) != 0) {
+            snprintf(err, sizeof(err), "%s", dec.error);
+            st = 3;
+        } else if (oq__json_quote(&q, dec.id, dec.id_len) != 0 ||
+                   oq__buf_add(&q, "", 1) != 0 ||
+                   (it->key = item_key(stp->corr.data, stp->corr.len, dec.id,
+                                       dec.id_len, &it->key_len)) == NULL) {
+            st = OQ_ENOMEM;
+        }
+        if (dec.parsed)
+            oq__json_free(dec.parsed, spec);
+    }
+    if (st < 0) {
+        oq__buf_free(&q);
+        return st;
+    }
+    if (st != 1) {
+        it->status = "rejected";
+        return (it->out = rejected_line(err)) == NULL ? OQ_ENOMEM : 1;
+    }
+    it->id = q.data;
+    it->corr_len = stp->corr.len;
+    it->ckey = dup_bytes(stp->ckey.data, stp->ckey.len);
+    it->ckey_len = stp->ckey.len;
+    return it->ckey == NULL ? OQ_ENOMEM : 0;
+}
+
 /* Reads the inputs and stamps each event into items (grown); sends the
- * stamped ones in batches. 0, or an exit status. */
+ * stamped ones in batches, and indexes them by key. 0, or an exit
+ * status. */
 static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
                     const char *epoch, stamper *stp, oq__reader *rd,
-                    rq_item **items, size_t *nitems, rq_item **byc)
+                    rq_item **items, size_t *nitems, rq_item **byk)
 {
     oq__idspec spec = { c->id_field, strcmp(c->id_field, "id") == 0 };
     send_batch b[SEND_WINDOW];
@@ -2551,6 +2676,10 @@ static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
     for (;;) {
         send_batch *cur = &b[nb];
         rq_item *it;
+        if (req_signal) {
+            status = 128 + req_signal;
+            break;
+        }
         got = oq__reader_next(rd, &l, err, sizeof(err));
         if (got < 0) {
             fprintf(stderr, "onceq request: %s\n", err);
@@ -2561,7 +2690,7 @@ static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
             continue;
         if (got > 0) {
             char src[600];
-            int st = 0;
+            int st;
             if (*nitems == cap) {
                 size_t nc = cap ? 2 * cap : 64;
                 rq_item *ni = oq__realloc(*items, nc * sizeof(*ni));
@@ -2572,47 +2701,12 @@ static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
             }
             it = &(*items)[(*nitems)++];
             memset(it, 0, sizeof(*it));
-            if (l.kind == OQ__LINE_TOO_LARGE) {
-                snprintf(err, sizeof(err), "line of %zu bytes exceeds "
-                         "--max-line", l.full_len);
-            } else if ((st = stamp_request(stp, l.data, l.len)) == 0) {
-                snprintf(err, sizeof(err), "not a JSON object");
-            } else if (st == 2) {
-                snprintf(err, sizeof(err), "correlation_id is not a string");
-            }
-            if (st < 0)
+            if ((st = req_item(it, stp, &l, &spec)) < 0)
                 goto nomem;
-            if (st != 1) {
-                it->status = "rejected";
-                if ((it->out = rejected_line(err)) == NULL)
-                    goto nomem;
+            if (st > 0)
                 continue;
-            }
-            {
-                oq_event ev = { 0 };
-                oq_decoded dec;
-                memset(&dec, 0, sizeof(dec));
-                ev.payload = stp->line.data;
-                ev.payload_len = stp->line.len;
-                if (oq__json_decode(&ev, &dec, &spec) == 0) {
-                    oq__buf q = { 0 };
-                    if (oq__json_quote(&q, dec.id, dec.id_len) == 0 &&
-                        oq__buf_add(&q, "", 1) == 0)
-                        it->id = q.data;
-                    else
-                        oq__buf_free(&q);
-                }
-                if (dec.parsed)
-                    oq__json_free(dec.parsed, &spec);
-            }
-            it->corr = dup_bytes(stp->corr.data, stp->corr.len);
-            it->corr_len = stp->corr.len;
-            it->ckey = dup_bytes(stp->ckey.data, stp->ckey.len);
-            it->ckey_len = stp->ckey.len;
-            if (it->corr == NULL || it->ckey == NULL)
-                goto nomem;
             if (cur->args.n == 0)
-                batch_begin(cur, k, 0, epoch, c->request_ttl_ms);
+                batch_begin(cur, k, c->window_ms, epoch, c->request_ttl_ms);
             line_source(src, sizeof(src), oq__reader_path(rd, l.file),
                         l.lineno);
             batch_add(cur, 0, stp->line.data, stp->line.len, src, 0, stp);
@@ -2638,19 +2732,21 @@ static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
     }
     if (status != 0)
         return status;
-    /* The index by correlation id (the first of two requests that share
-     * one gets the reply: they are one request to the responders). */
     for (size_t i = 0; i < *nitems; i++) {
-        rq_item *it = &(*items)[i], *old;
-        if (it->corr == NULL)
+        rq_item *it = &(*items)[i], *first;
+        if (it->key == NULL)
             continue;
-        HASH_FIND(hh, *byc, it->corr, it->corr_len, old);
-        if (old)
+        HASH_FIND(hh, *byk, it->key, it->key_len, first);
+        if (first) {
+            while (first->same)
+                first = first->same;
+            first->same = it;
             continue;
+        }
         oq__hash_oom = 0;
-        HASH_ADD_KEYPTR(hh, *byc, it->corr, it->corr_len, it);
+        HASH_ADD_KEYPTR(hh, *byk, it->key, it->key_len, it);
         if (oq__hash_oom)
-            goto nomem;
+            goto nomem_index;
     }
     return 0;
 nomem:
@@ -2658,22 +2754,103 @@ nomem:
         ab_free(&b[i].keys);
         ab_free(&b[i].args);
     }
+nomem_index:
     fprintf(stderr, "onceq request: out of memory\n");
     return 3;
 }
 
-/* Reads the reply stream from `from` until every sent request has its
- * reply or the time is up; each reply line goes to its request (by its
- * correlation id; later ones for the same id are counted as duplicates).
- * 0, or an exit status. */
-static int req_wait(rconn *rc, const char *rstream, rq_item *byc,
-                    size_t waiting, int64_t timeout_ms, uint64_t *dups)
+/* The reply stream's last entry id before anything was sent ("0-0" when
+ * it does not exist): replies are read after it. 0, or an exit status. */
+static int req_start(rconn *rc, const char *rstream, char *last, size_t len)
 {
-    char last[64] = "0-0", block[24];
+    redisReply *rep = rc_cmdf(rc, "XREVRANGE %s + - COUNT 1", rstream);
+    int st = 0;
+
+    snprintf(last, len, "0-0");
+    if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+        fprintf(stderr, "onceq request: Redis at %s: XREVRANGE %s: %s\n",
+                rc->u->text, rstream, rep ? rep->str : rc->err);
+        st = rep ? 2 : 3;
+    } else if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 &&
+               rep->element[0]->type == REDIS_REPLY_ARRAY &&
+               rep->element[0]->elements >= 1 &&
+               rep->element[0]->element[0]->type == REDIS_REPLY_STRING) {
+        snprintf(last, len, "%s", rep->element[0]->element[0]->str);
+    }
+    freeReplyObject(rep);
+    return st;
+}
+
+/* Gives reply line[0..len) to the first unanswered request of its key.
+ * Returns 1 if it answered one, 0 if not ours or a duplicate (*dup set),
+ * OQ_ENOMEM. */
+static int req_match(rq_item *byk, const char *line, size_t len,
+                     oq__jtape *t, bool *dup)
+{
+    oq__jdoc d;
+    uint32_t cv, iv, sv;
+    size_t at, cl, il, kl;
+    const char *why, *cs, *is;
+    char *cb = NULL, *ib = NULL, *key = NULL;
+    rq_item *it = NULL;
+    int rc = 0;
+
+    *dup = false;
+    if (!oq__utf8_valid(line, len) ||
+        oq__json_scan(line, len, t, &at, &why) != 0)
+        return 0;
+    d = (oq__jdoc){ line, len, t->tok, t->n };
+    cv = oq__jget(&d, 0, "correlation_id", 14);
+    iv = oq__jget(&d, 0, "id", 2);
+    sv = oq__jget(&d, 0, "status", 6);
+    if (!cv || !iv || !sv || d.tok[cv].type != OQ__J_STR ||
+        d.tok[iv].type != OQ__J_STR || d.tok[sv].type != OQ__J_STR)
+        return 0; /* not a reply */
+    cb = oq__malloc(d.tok[cv].len + 1);
+    ib = oq__malloc(d.tok[iv].len + 1);
+    if (cb && ib) {
+        cs = oq__jstr(&d, cv, cb, &cl);
+        is = oq__jstr(&d, iv, ib, &il);
+        key = item_key(cs, cl, is, il, &kl);
+    }
+    if (key == NULL) {
+        rc = OQ_ENOMEM;
+        goto out;
+    }
+    HASH_FIND(hh, byk, key, kl, it);
+    while (it && it->out)
+        it = it->same;
+    if (it == NULL) {
+        *dup = true; /* ours, all answered; or not ours at all */
+        goto out;
+    }
+    if ((it->out = dup_bytes(line, len)) == NULL) {
+        rc = OQ_ENOMEM;
+        goto out;
+    }
+    it->status = oq__jstr_eq(&d, sv, "ok", 2)       ? "ok"
+                 : oq__jstr_eq(&d, sv, "failed", 6) ? "failed"
+                                                     : "dead";
+    rc = 1;
+out:
+    oq__free(cb);
+    oq__free(ib);
+    oq__free(key);
+    return rc;
+}
+
+/* Reads the reply stream after `last` until every sent request has its
+ * reply, the time is up, or a signal came. 0, or an exit status. */
+static int req_wait(rconn *rc, const char *rstream, char *last,
+                    rq_item *byk, size_t waiting, int64_t timeout_ms,
+                    uint64_t *dups)
+{
+    char block[24];
     int64_t end = mono_ms() + timeout_ms;
     oq__jtape t = { 0 };
+    int st = 0;
 
-    while (waiting > 0) {
+    while (waiting > 0 && !req_signal) {
         int64_t left = end - mono_ms();
         const char *av[] = { "XREAD", "COUNT", "1000", "BLOCK", block,
                              "STREAMS", rstream, last };
@@ -2681,14 +2858,14 @@ static int req_wait(rconn *rc, const char *rstream, rq_item *byc,
         const redisReply *es;
         if (left <= 0)
             break;
-        snprintf(block, sizeof(block), "%" PRId64, OQ__MIN(left, 1000));
+        snprintf(block, sizeof(block), "%" PRId64, OQ__MIN(left, 200));
         rep = rc_cmd(rc, 8, av, NULL);
         if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
             fprintf(stderr, "onceq request: Redis at %s: XREAD %s: %s\n",
                     rc->u->text, rstream, rep ? rep->str : rc->err);
             freeReplyObject(rep);
-            oq__jtape_free(&t);
-            return 3;
+            st = 3;
+            break;
         }
         if (rep->type != REDIS_REPLY_ARRAY || rep->elements == 0 ||
             rep->element[0]->type != REDIS_REPLY_ARRAY ||
@@ -2697,105 +2874,135 @@ static int req_wait(rconn *rc, const char *rstream, rq_item *byc,
             continue; /* nothing new within the block */
         }
         es = rep->element[0]->element[1];
-        for (size_t i = 0; i < es->elements; i++) {
+        for (size_t i = 0; i < es->elements && st == 0; i++) {
             const redisReply *e = es->element[i], *line;
-            oq__jdoc d;
-            uint32_t cv;
-            size_t at, n;
-            const char *why, *cs;
-            char *buf;
-            rq_item *it;
+            bool dup;
+            int m;
             if (e->type != REDIS_REPLY_ARRAY || e->elements < 2 ||
                 e->element[0]->type != REDIS_REPLY_STRING)
                 continue;
-            snprintf(last, sizeof(last), "%s", e->element[0]->str);
+            snprintf(last, 64, "%s", e->element[0]->str);
             line = field(e->element[1], "e");
-            if (line == NULL || line->type != REDIS_REPLY_STRING ||
-                !oq__utf8_valid(line->str, line->len) ||
-                oq__json_scan(line->str, line->len, &t, &at, &why) != 0)
+            if (line == NULL || line->type != REDIS_REPLY_STRING)
                 continue;
-            d = (oq__jdoc){ line->str, line->len, t.tok, t.n };
-            cv = oq__jget(&d, 0, "correlation_id", 14);
-            if (cv == 0 || d.tok[cv].type != OQ__J_STR ||
-                (buf = oq__malloc(d.tok[cv].len + 1)) == NULL)
-                continue;
-            cs = oq__jstr(&d, cv, buf, &n);
-            HASH_FIND(hh, byc, cs, n, it);
-            oq__free(buf);
-            if (it == NULL)
-                continue; /* not one of ours (a shared --reply-stream) */
-            if (it->out) {
-                (*dups)++;
-                continue;
-            }
-            if ((it->out = dup_bytes(line->str, line->len)) == NULL) {
-                freeReplyObject(rep);
-                oq__jtape_free(&t);
+            m = req_match(byk, line->str, line->len, &t, &dup);
+            if (m < 0) {
                 fprintf(stderr, "onceq request: out of memory\n");
-                return 3;
+                st = 3;
             }
-            {
-                uint32_t sv = oq__jget(&d, 0, "status", 6);
-                it->status = sv && oq__jstr_eq(&d, sv, "ok", 2) ? "ok"
-                           : sv && oq__jstr_eq(&d, sv, "failed", 6)
-                               ? "failed" : "dead";
-            }
-            waiting--;
+            waiting -= m > 0;
+            *dups += dup;
         }
         freeReplyObject(rep);
     }
     oq__jtape_free(&t);
-    return 0;
+    return st;
+}
+
+static size_t req_sent(const rq_item *items, size_t n)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        k += items[i].key != NULL;
+    return k;
 }
 
 /* Deletes the requests' contexts and, when it is ours, the reply stream
  * (and the stats its replies were counted in), leaving R:gone for as long
- * as a request's context would have lived. */
+ * as a request's context would have lived. A few hundred keys a DEL. */
 static void req_cleanup(rconn *rc, rq_item *items, size_t n,
                         const char *rstream, bool own, int64_t gone_ms)
 {
-    for (size_t i = 0; i < n; i++) {
-        const char *av[] = { "DEL", items[i].ckey };
-        size_t lens[] = { 3, items[i].ckey_len };
-        if (items[i].ckey)
-            freeReplyObject(rc_cmd(rc, 2, av, lens));
-    }
-    /* A reply that comes later must not bring the stream back: the
-     * responders' commit writes none to a stream marked gone. */
+    const char *av[257];
+    size_t lens[257];
+    int ac = 0;
+
     if (own) {
         freeReplyObject(rc_cmdf(rc, "SET %s:gone 1 PX %" PRId64, rstream,
                                 gone_ms));
         freeReplyObject(rc_cmdf(rc, "DEL %s %s:stats", rstream, rstream));
     }
+    for (size_t i = 0; i <= n; i++) {
+        if (i < n && items[i].ckey == NULL)
+            continue;
+        if (ac == 0) {
+            av[ac] = "DEL";
+            lens[ac++] = 3;
+        }
+        if (i < n) {
+            av[ac] = items[i].ckey;
+            lens[ac++] = items[i].ckey_len;
+        }
+        if (ac > 1 && (ac == 257 || i == n)) {
+            freeReplyObject(rc_cmd(rc, ac, av, lens));
+            ac = 0;
+        }
+    }
+}
+
+/* Writes the lines, in input order; 0 every request got "ok", 1 not, 3 a
+ * write error. */
+static int req_print(rq_item *items, size_t n, uint64_t dups, bool quiet)
+{
+    static const char *const names[5] = { "ok", "failed", "dead", "timeout",
+                                          "rejected" };
+    uint64_t by[5] = { 0 };
+
+    for (size_t i = 0; i < n; i++) {
+        rq_item *it = &items[i];
+        if (it->out) {
+            puts(it->out);
+        } else {
+            fputs("{\"correlation_id\":", stdout);
+            oq__json_write_string(stdout, it->key, it->corr_len);
+            printf(",\"id\":%s,\"status\":\"timeout\"}\n", it->id);
+            it->status = "timeout";
+        }
+        for (int j = 0; j < 5; j++)
+            if (strcmp(it->status, names[j]) == 0)
+                by[j]++;
+    }
+    if (!quiet)
+        fprintf(stderr, "onceq request: %zu requests: ok %" PRIu64 ", failed "
+                "%" PRIu64 ", dead %" PRIu64 ", timeouts %" PRIu64
+                ", rejected %" PRIu64 " (duplicate replies %" PRIu64 ")\n",
+                n, by[0], by[1], by[2], by[3], by[4], dups);
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "onceq request: write error on stdout\n");
+        return 3;
+    }
+    return by[0] == n ? 0 : 1;
 }
 
 int oq__cmd_request(int argc, char **argv)
 {
     static const char *const stdin_only[] = { "-" };
     send_cfg c;
-    rq_item *items = NULL, *byc = NULL;
-    size_t nitems = 0, waiting = 0;
-    uint64_t dups = 0, by[5] = { 0 };
-    static const char *const names[5] = { "ok", "failed", "dead", "timeout",
-                                          "rejected" };
+    rq_item *items = NULL, *byk = NULL;
+    size_t nitems = 0;
+    uint64_t dups = 0;
     oq__reader *rd = NULL;
     rconn rc = { 0 };
     rurl u;
     rkeys k;
     stamper stp;
-    char err[512], epoch[64], own[600];
-    const char *rstream;
-    int status, rc0 = argc;
+    struct sigaction sa, old_int, old_term;
+    char err[512], epoch[64], own[600], last[64];
+    const char *rstream, *why;
+    int status;
     unsigned ninputs;
 
     if ((status = send_parse(&c, argc, argv, true)) >= 0)
         return status;
-    ninputs = (unsigned)(rc0 - optind);
+    ninputs = (unsigned)(argc - optind);
     if (make_keys(&k, c.stream, "request") != 0)
         return 2;
     snprintf(own, sizeof(own), "%s:replies:%016" PRIx64, c.stream,
              make_nonce());
     rstream = c.reply_stream ? c.reply_stream : own;
+    if ((why = reply_to_reserved(rstream, c.stream)) != NULL)
+        return usage_error("request", "invalid --reply-stream '%s': it %s",
+                           rstream, why);
     if (parse_url(c.url, c.pwfile, "request", &u, err, sizeof(err)) != 0)
         return usage_error("request", "%s", err);
     if (oq__reader_open(&rd, ninputs ? (const char *const *)argv + optind
@@ -2809,59 +3016,31 @@ int oq__cmd_request(int argc, char **argv)
         oq__reader_close(rd);
         return 2;
     }
+    /* A signal stops the wait; the contexts and the stream are still
+     * cleaned up (status 130 or 143, nothing printed). */
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = req_on_signal;
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
     stamper_init(&stp, rstream, c.stream);
     if ((status = check_policy(&rc, "request")) == 0 &&
         (status = check_types(&rc, &k, "request", 0)) == 0 &&
         (status = stream_epoch(&rc, &k, "request", epoch,
-                               sizeof(epoch))) == 0)
-        status = req_send(&c, &rc, &k, epoch, &stp, rd, &items, &nitems,
-                          &byc);
-    waiting = HASH_COUNT(byc);
+                               sizeof(epoch))) == 0 &&
+        (status = req_start(&rc, rstream, last, sizeof(last))) == 0 &&
+        (status = req_send(&c, &rc, &k, epoch, &stp, rd, &items, &nitems,
+                           &byk)) == 0)
+        status = req_wait(&rc, rstream, last, byk, req_sent(items, nitems),
+                          c.timeout_ms, &dups);
+    if (status == 0 && req_signal)
+        status = 128 + req_signal;
     if (status == 0)
-        status = req_wait(&rc, rstream, byc, waiting, c.timeout_ms, &dups);
-    if (status == 0) {
-        for (size_t i = 0; i < nitems; i++) {
-            rq_item *it = &items[i];
-            if (it->out == NULL && it->corr) {
-                rq_item *first;
-                HASH_FIND(hh, byc, it->corr, it->corr_len, first);
-                if (first && first != it && first->out) {
-                    /* Two requests with one correlation id: one reply. */
-                    it->out = dup_bytes(first->out, strlen(first->out));
-                    it->status = first->status;
-                }
-            }
-            if (it->out) {
-                puts(it->out);
-            } else {
-                fputs("{\"correlation_id\":", stdout);
-                oq__json_write_string(stdout, it->corr, it->corr_len);
-                printf(",\"id\":%s,\"status\":\"timeout\"}\n",
-                       it->id ? it->id : "null");
-                it->status = "timeout";
-            }
-            for (int j = 0; j < 5; j++)
-                if (strcmp(it->status, names[j]) == 0)
-                    by[j]++;
-        }
-        if (fflush(stdout) != 0 || ferror(stdout)) {
-            fprintf(stderr, "onceq request: write error on stdout\n");
-            status = 3;
-        } else if (by[0] != nitems) {
-            status = 1;
-        }
-        if (!c.quiet)
-            fprintf(stderr, "onceq request: %zu requests: ok %" PRIu64
-                    ", failed %" PRIu64 ", dead %" PRIu64 ", timeouts %"
-                    PRIu64 ", rejected %" PRIu64 " (duplicate replies %"
-                    PRIu64 ")\n", nitems, by[0], by[1], by[2], by[3], by[4],
-                    dups);
-    }
+        status = req_print(items, nitems, dups, c.quiet);
     req_cleanup(&rc, items, nitems, rstream, c.reply_stream == NULL,
                 c.request_ttl_ms);
-    HASH_CLEAR(hh, byc);
+    HASH_CLEAR(hh, byk);
     for (size_t i = 0; i < nitems; i++) {
-        oq__free(items[i].corr);
+        oq__free(items[i].key);
         oq__free(items[i].ckey);
         oq__free(items[i].id);
         oq__free(items[i].out);
@@ -2870,6 +3049,8 @@ int oq__cmd_request(int argc, char **argv)
     stamper_free(&stp);
     rc_close(&rc);
     oq__reader_close(rd);
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
     return status;
 }
 
@@ -4166,20 +4347,17 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
     }
     if (oq__request_decode(ev, dec, &r->idspec) != 0)
         return -1;
-    /* A reply into this stream's own events, records or dead letters
-     * would forge them (the other keys' types are checked by COMMIT). */
     {
         oq_event scanned = *ev;
         char to[OQ__REPLY_TO_MAX + 1];
         size_t to_len;
+        const char *why;
         scanned.parsed = dec->parsed;
         if (oq__reply_head(&scanned, to, &to_len, NULL) == 1 &&
-            (strcmp(to, r->k.stream) == 0 || strcmp(to, r->k.results) == 0 ||
-             strcmp(to, r->k.dlq) == 0)) {
+            (why = reply_to_reserved(to, r->k.stream)) != NULL) {
             dec->reason = OQ_DLQ_REJECTED; /* id and parsed: the engine's */
             snprintf(dec->error, sizeof(dec->error), "bad request: reply_to "
-                     "names this stream's own events, records or dead "
-                     "letters");
+                     "%s", why);
             return -1;
         }
     }

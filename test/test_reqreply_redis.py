@@ -808,8 +808,10 @@ def a_requester_killed_mid_wait_gets_its_answers_on_a_rerun():
     s = "rr9"
     evs = [{"id": f"slow{k}", "word": f"w{k}"} for k in range(4)]
     f = write_lines("rr9.jsonl", evs)
-    resp = responder(s, "r1", echo_handler("rr9.sh"), "-w", "1",
-                     "--visibility-timeout", f"{WAIT}s")
+    # Not --drain: it must still be there for the rerun.
+    resp = start(["run", "--redis", URL, "--stream", s, "--group", "g",
+                  "--consumer", "r1", "-q", "-w", "1", "--handler",
+                  echo_handler("rr9.sh"), "--visibility-timeout", f"{WAIT}s"])
     try:
         p = start(["request", "--redis", URL, "--stream", s,
                    "--reply-timeout", "60s", f])
@@ -843,27 +845,103 @@ def reply_to_that_is_not_a_usable_stream():
     # and its reply is counted undeliverable (the responder goes on); one
     # naming the responders' own stream, records or dead letters would
     # forge them: rejected at decode, with its id.
+    # A reply_to shaped like a key onceq keeps for any stream (its
+    # delayed set, a claim, a done-mark bucket, a cached reply, another
+    # queue's stats) would turn that key into a stream and stop every
+    # later run of its queue: rejected too.
     s = "rr10"
     cli("SET", "rr10-str", "x")
-    for ev in [{"id": "h1", "word": "a", "reply_to": "rr10-str"},
-               {"id": "o1", "word": "b", "reply_to": s},
-               {"id": "o2", "word": "c", "reply_to": f"{s}:dlq"},
-               {"id": "o3", "word": "d", "reply_to": f"{s}:results"},
-               {"id": "ok", "word": "e", "reply_to": "rr10-r"}]:
+    bad = [s, f"{s}:dlq", f"{s}:results", f"{s}:delayed", "rr10x:id:victim",
+           f"{s}:d:0", f"{s}:rp:ok", "other:stats", "other:rq:c1", "zu:meta"]
+    evs = [{"id": "h1", "word": "a", "reply_to": "rr10-str"}] + \
+        [{"id": f"o{k}", "word": "b", "reply_to": b}
+         for k, b in enumerate(bad)] + \
+        [{"id": "ok", "word": "e", "reply_to": "rr10-r"},
+         {"id": "rt", "word": "f"}]   # retried once: needs S:delayed
+    for ev in evs:
         cli("XADD", s, "*", "e", line_of(ev), "s", "hand")
-    cli("HINCRBY", f"{s}:stats", "sent", 5)
+    cli("HINCRBY", f"{s}:stats", "sent", len(evs))
+    h = script_file("rr10.sh", 'read -r l\ncase "$ONCEQ_EVENT_ID" in rt) '
+                    '[ -e rr10.once ] || { : > rr10.once; exit 75; };; '
+                    'esac\necho \'{"r":1}\'\n')
     rc, out, err = run(["run", "--redis", URL, "--stream", s, "--group",
-                        "g", "--drain", "-q"])
+                        "g", "--drain", "-q", "--handler", "exec:" + h,
+                        "--backoff", "10ms"])
     assert rc == 1, (rc, err)
     assert cli("GET", "rr10-str") == "x"
+    assert cli("TYPE", f"{s}:delayed") in ("zset", "none")
+    assert cli("TYPE", "rr10x:id:victim") == "none"
     dead = entries(f"{s}:dlq")
     assert sorted((d["id"], d["reason"]) for d in dead) == \
-        [("o1", "rejected"), ("o2", "rejected"), ("o3", "rejected")], dead
-    assert all("own" in d["error"] for d in dead), dead
+        sorted((f"o{k}", "rejected") for k in range(len(bad))), dead
+    assert all(d["error"].startswith("bad request: reply_to")
+               for d in dead), dead
     assert [strict_json(e["e"])["id"] for e in entries("rr10-r")] == ["ok"]
     st = check_balanced(s)
     assert st["replies_undeliverable"] == 1 and st["requests"] == 2, st
-    assert st["processed"] == 2, st
+    assert st["processed"] == 3 and st["retried"] == 1, st
+    # The stream still runs (nothing of it was turned into a stream).
+    rc, out, err = run(["run", "--redis", URL, "--stream", s, "--group",
+                        "g", "--drain", "-q"])
+    assert rc == 0, (rc, err)
+    # send --reply-to and request --reply-stream refuse such names.
+    for args in (["send", "--redis", URL, "--stream", s, "--reply-to",
+                  f"{s}:delayed"],
+                 ["send", "--redis", URL, "--stream", s, "--reply-to", s],
+                 ["request", "--redis", URL, "--stream", s,
+                  "--reply-stream", "q:id:x"]):
+        err = one_line_exit_2(args)
+        assert "reply" in err, err
+
+
+@test
+def request_matches_by_correlation_id_and_id_reads_only_new_replies():
+    # Two different requests that share a correlation id each get their
+    # own reply (s5 failed: exit 1); a shared reply stream with an old
+    # reply for the same correlation id and id is not read; a line with
+    # no usable id is refused at once (the responders would dead-letter
+    # it, bad_id, and never reply); SIGTERM mid-wait cleans up.
+    need("onceq request")
+    s = "rr11"
+    h = script_file("rr11.sh", 'read -r l\ncase "$l" in *fail*) echo '
+                    'failing >&2; exit 1;; esac\necho \'{"r":1}\'\n')
+    resp = start(["run", "--redis", URL, "--stream", s, "--group", "g",
+                  "--consumer", "resp", "-q", "--handler", "exec:" + h])
+    try:
+        old = {"correlation_id": "same", "id": "s4", "status": "failed",
+               "error": "an old reply", "attempts": 1}
+        cli("XADD", "rr11-shared", "*", "e", line_of(old), "s", "hand")
+        data = "".join(line_of(x) + "\n" for x in [
+            {"id": "s4", "correlation_id": "same", "word": "a"},
+            {"id": "s5", "correlation_id": "same", "fail": 1},
+            {"x": 1}, {"id": True}])
+        rc, out, err = request(["--stream", s, "--reply-stream",
+                                "rr11-shared", "--reply-timeout",
+                                f"{LONG}s"], data.encode())
+        assert rc == 1, (rc, out, err)
+        assert [(x.get("id"), x["status"]) for x in out] == \
+            [("s4", "ok"), ("s5", "failed"), (None, "rejected"),
+             (None, "rejected")], out
+        assert "id" in out[2]["error"] and "id" in out[3]["error"], out
+        # SIGTERM while waiting (no responder for this stream): exit 143,
+        # nothing printed, the contexts and the own stream cleaned up.
+        p2 = subprocess.Popen([ONCEQ, "request", "--redis", URL, "--stream",
+                               "rr11-none", "--reply-timeout", "60s", "-q",
+                               write_lines("rr11b.jsonl",
+                                           [{"id": "w1", "word": "a"}])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=TMP)
+        wait_for(lambda: cli("KEYS", "rr11-none:replies:*:rq:*") != [],
+                 LONG, "the request's context")
+        p2.send_signal(signal.SIGTERM)
+        out2, _ = p2.communicate(timeout=LONG)
+        assert p2.returncode == 143 and out2 == b"", (p2.returncode, out2)
+        assert cli("KEYS", "rr11-none:replies:*:rq:*") == []
+        left = cli("KEYS", "rr11-none:replies:*")
+        assert len(left) == 1 and left[0].endswith(":gone"), left
+    finally:
+        resp.send_signal(signal.SIGTERM)
+        finish(resp)
 
 
 @test
