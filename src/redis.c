@@ -353,11 +353,12 @@ DM_LUA
  * gave up and deleted its reply stream) has no reader: it is not written,
  * only counted (replies_dropped); nor is one to a key that is not a
  * stream (the requester named a key of another kind:
- * replies_undeliverable; the request itself commits). Its two keys' types
- * are checked just before its writes, after everything else the script
- * wrote (an earlier reply's stats could be this reply's stream), so no
- * write fails halfway; and rdecode refuses a reply_to that names an
- * onceq key (reply_to_reserved).
+ * replies_undeliverable; the request itself commits). A reply stream's
+ * two keys' types (and its gone mark) are checked once a call, just
+ * before its first reply, after everything else the script wrote, so no
+ * write fails halfway; rdecode refuses a reply_to that names an onceq key
+ * (reply_to_reserved), so no later write of the script creates one of
+ * them. Its stats are counted once a call.
  * The reply streams' stats count the replies as sent. The answer's [3],
  * [4] and [5]: requests answered, duplicates answered again, replies
  * written.
@@ -466,7 +467,17 @@ DM_LUA
 "end\n"
 "if #dels > 0 then redis.call('DEL', unpack(dels)) end\n"
 "if st then dm_finish(st, RET, LOAD) end\n"
-"local nreq, ndup, nrep = 0, 0, 0\n"
+"local nreq, ndup, nrep, state, sent = 0, 0, 0, {}, {}\n"
+"local function usable(to)\n"
+"  if state[to] == nil then\n"
+"    if clash(to, 'stream') or clash(to .. ':stats', 'hash') then\n"
+"      state[to] = 'replies_undeliverable'\n"
+"    elseif redis.call('EXISTS', to .. ':gone') == 1 then\n"
+"      state[to] = 'replies_dropped'\n"
+"    else state[to] = true end\n"
+"  end\n"
+"  return state[to]\n"
+"end\n"
 "for b = rp0, rp0 + 5 * (nrp - 1), 5 do\n"
 "  local w, to, ck = tonumber(ARGV[b]), ARGV[b + 1], ARGV[b + 2]\n"
 "  local head, body = ARGV[b + 3], ARGV[b + 4]\n"
@@ -478,15 +489,17 @@ DM_LUA
 "      redis.call('SET', ck, body, 'PX', RTTL)\n"
 "      nreq = nreq + 1\n"
 "    end\n"
-"    if body and (clash(to, 'stream') or clash(to .. ':stats', 'hash')) then\n"
-"      bump('replies_undeliverable', 1)\n"
-"    elseif body and redis.call('EXISTS', to .. ':gone') == 0 then\n"
+"    local u = body and usable(to)\n"
+"    if u == true then\n"
 "      redis.call('XADD', to, '*', 'e', head .. body, 's', RSRC)\n"
-"      redis.call('HINCRBY', to .. ':stats', 'sent', 1)\n"
+"      sent[to] = (sent[to] or 0) + 1\n"
 "      nrep = nrep + 1\n"
 "      if dup then ndup = ndup + 1 end\n"
-"    elseif body then bump('replies_dropped', 1) end\n"
+"    elseif u then bump(u, 1) end\n"
 "  end\n"
+"end\n"
+"for to, n in pairs(sent) do\n"
+"  redis.call('HINCRBY', to .. ':stats', 'sent', n)\n"
 "end\n"
 "bump('requests', nreq); bump('replies', nrep)\n"
 "bump('duplicate_replies', ndup)\n"
