@@ -184,6 +184,7 @@ bench: benches
 	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_exec.sh
 	$(Q)sh bench/bench_peers.sh
 	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_redis.sh
+	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_reqreply.sh
 
 check: deps
 	$(Q)$(MAKE) --no-print-directory all
