@@ -337,8 +337,9 @@ DM_LUA
  *   D (duplicate), E (a duplicate reply, also counted duplicate_replies):
  *                   -           R (retry): delay_ms member
  *   F (handler FAIL: settle the id), L (a late reply: F, also counted
- *   late_replies), X (no settling): reason error attempts event source
- *                                   first
+ *   late_replies), T (a reply after its request's deadline: L, also
+ *   counted timeouts), X (no settling): reason error attempts event
+ *                                   source first
  * (k: index of the op's id key in KEYS, 0 = none; field: its mark's, for
  * F). If any commit's claim is no longer ours, nothing is written and
  * {-1, {its indexes}} comes back (the client drops them and calls again);
@@ -449,7 +450,7 @@ DM_LUA
 "    i = i + 6\n"
 "    if ok then\n"
 "      if k > 0 then\n"
-"        if op == 'F' or op == 'L' then mark(f) end\n"
+"        if op ~= 'X' then mark(f) end\n"
 "        dels[#dels + 1] = KEYS[k]\n"
 "      end\n"
 "      r = redis.call('XACK', S, G, entry)\n"
@@ -458,7 +459,8 @@ DM_LUA
 "          'error', err, 'attempts', att, 'event', ev, 'source', src,\n"
 "          'first_seen', first, 'last_seen', now)\n"
 "        bump('dead', 1); bump('dead:' .. reason, 1)\n"
-"        if op == 'L' then bump('late_replies', 1) end\n"
+"        if op == 'L' or op == 'T' then bump('late_replies', 1) end\n"
+"        if op == 'T' then bump('timeouts', 1) end\n"
 "      end\n"
 "    end\n"
 "  end\n"
@@ -1944,6 +1946,7 @@ static unsigned dm_load(rconn *rc)
  */
 typedef struct stamper {
     const char *to, *stream;    /* the reply stream; the requests' stream */
+    int64_t timeout_ms;         /* --reply-timeout: the deadline's; 0: none */
     char ctxpfx[640];           /* R:rq: */
     uint64_t rng;               /* correlation ids */
     oq__jtape t;
@@ -1951,11 +1954,13 @@ typedef struct stamper {
     char why[160];              /* stamp_request 0: why not */
 } stamper;
 
-static void stamper_init(stamper *st, const char *to, const char *stream)
+static void stamper_init(stamper *st, const char *to, const char *stream,
+                         int64_t timeout_ms)
 {
     memset(st, 0, sizeof(*st));
     st->to = to;
     st->stream = stream;
+    st->timeout_ms = timeout_ms;
     snprintf(st->ctxpfx, sizeof(st->ctxpfx), "%s:rq:", to);
     st->rng = make_nonce();
 }
@@ -2059,6 +2064,13 @@ static int stamp_request(stamper *st, const char *line, size_t len)
     rc = rc ? rc : oq__buf_add(&st->ctx, st->line.data, st->line.len);
     rc = rc ? rc : oq__buf_add(&st->ctx, ",\"sent_at\":", 11);
     rc = rc ? rc : add_time(&st->ctx);
+    if (rc == 0 && st->timeout_ms > 0) {
+        /* The deadline, unix ms: a reply after it is late (a timeout). */
+        char dl[48];
+        snprintf(dl, sizeof(dl), ",\"deadline_ms\":%" PRId64,
+                 oq__add_ms(wall_ms(), st->timeout_ms));
+        rc = oq__buf_add(&st->ctx, dl, strlen(dl));
+    }
     rc = rc ? rc : oq__buf_add(&st->ctx, "}", 1);
     return rc ? rc : 1;
 }
@@ -2101,6 +2113,8 @@ static void send_usage(FILE *f)
 "                         R:rq:<correlation_id> for `onceq run --redis\n"
 "                         --stream R --join-requests` (docs/REQUEST-REPLY.md)\n"
 "  --request-ttl D        how long a request's context is kept (default 24h)\n"
+"  --reply-timeout D      the requests' deadline (in their context): a reply\n"
+"                         that comes later is late for --join-requests\n"
 "  -q, --quiet            no summary\n"
 "\n"
 "Prints: sent N, rejected M duplicates. Exit status: 0 success, 2 bad\n"
@@ -2147,9 +2161,10 @@ typedef struct send_cfg {
     const char *url, *pwfile, *stream, *id_field;
     const char *reply_to;       /* --reply-to: send requests; NULL: not */
     int64_t request_ttl_ms;     /* --request-ttl: their contexts' life */
+    int64_t timeout_ms;         /* --reply-timeout: requests' deadline */
+    bool reply_timeout_given;
     /* onceq request: */
     const char *reply_stream;   /* --reply-stream, or NULL: its own */
-    int64_t timeout_ms;         /* --reply-timeout */
     int64_t window_ms;
     unsigned batch;
     size_t max_line;
@@ -2197,7 +2212,7 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
     optind = 1;
     opterr = 0;
     while ((opt = getopt_long(argc, argv, ":qh", lo, NULL)) != -1) {
-        bool req_only = opt == O_TIMEOUT || opt == O_RSTREAM;
+        bool req_only = opt == O_RSTREAM;
         bool send_only = opt == O_WINDOW || opt == O_REPLICAS ||
                          opt == O_BATCH || opt == O_REPLY_TO;
         if ((request && send_only) || (!request && req_only)) {
@@ -2260,6 +2275,7 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
                                    "duration like 30s or 500ms, above 0, at "
                                    "most 876000h)", optarg);
             c->timeout_ms = ms;
+            c->reply_timeout_given = true;
             break;
         case O_BATCH:
             if (oq__parse_count(optarg, 1, 4096, &u) != 0)
@@ -2280,6 +2296,9 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
     if (c->url == NULL)
         return usage_error(cmd, "--redis URL is required (try 'onceq %s "
                            "--help')", cmd);
+    if (!request && c->reply_timeout_given && c->reply_to == NULL)
+        return usage_error(cmd, "--reply-timeout is for requests: give "
+                           "--reply-to too");
     if (c->reply_to && c->stream &&
         (why = reply_to_reserved(c->reply_to, c->stream)) != NULL)
         return usage_error(cmd, "invalid --reply-to '%s': it %s",
@@ -2436,7 +2455,8 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
 
     if (make_keys(&k, c->stream, "send") != 0)
         return 2;
-    stamper_init(&stp, c->reply_to, c->stream);
+    stamper_init(&stp, c->reply_to, c->stream, c->reply_timeout_given ?
+                                                  c->timeout_ms : 0);
     if (parse_url(c->url, c->pwfile, "send", &u, err, sizeof(err)) != 0)
         return usage_error("send", "%s", err);
     if (oq__reader_open(&rd, ninputs ? (const char *const *)inputs
@@ -3035,7 +3055,7 @@ int oq__cmd_request(int argc, char **argv)
     sa.sa_handler = req_on_signal;
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
-    stamper_init(&stp, rstream, c.stream);
+    stamper_init(&stp, rstream, c.stream, c.timeout_ms);
     if ((status = check_policy(&rc, "request")) == 0 &&
         (status = check_types(&rc, &k, "request", 0)) == 0 &&
         (status = stream_epoch(&rc, &k, "request", epoch,
@@ -3086,7 +3106,8 @@ typedef struct rentry {
                              so the claim's lease ends then too */
     /* --join-requests: */
     bool joined;          /* looked up (once per entry in hand) */
-    bool late;            /* no request context: dead-lettered unrun */
+    uint8_t late;         /* dead-lettered unrun: LATE_UNKNOWN (no request
+                             context), LATE_DEADLINE (after its deadline) */
     char *with_request;   /* the line with its "request", or NULL */
     size_t with_len;
 } rentry;
@@ -3095,7 +3116,7 @@ typedef struct rentry {
 typedef struct rstats {
     _Atomic uint64_t processed, duplicates, dead, retried, redelivered,
         settled_elsewhere, requests, replies, duplicate_replies,
-        late_replies;
+        late_replies, timeouts;
     _Atomic uint64_t dead_by[OQ_DLQ__COUNT];
 } rstats;
 
@@ -3167,6 +3188,8 @@ static void run_fatal_reply(rrun *r, rconn *rc, const redisReply *rep,
 #define ADD(field, n) atomic_fetch_add_explicit(&r->st.field, (n), \
                                                 memory_order_relaxed)
 
+enum { LATE_UNKNOWN = 1, LATE_DEADLINE };
+
 static void entry_free(rentry *e)
 {
     if (e)
@@ -3213,7 +3236,8 @@ static rentry *entry_from(const redisReply *e, uint32_t deliveries,
     x->big = field_u64(kv, "big");
     x->due_ms = 0;
     x->deadline_ms = deadline_ms;
-    x->joined = x->late = false;
+    x->joined = false;
+    x->late = 0;
     x->with_request = NULL;
     x->with_len = 0;
     return x;
@@ -3512,6 +3536,23 @@ static size_t one_copy_per_entry(rqueue *q, size_t n)
  * dead-letters it (bad_id, parse_error). The stream entry keeps the reply
  * as it came: a retry re-adds that, and it is joined again.
  */
+/* Whether a request's context has a deadline_ms (send --reply-timeout)
+ * that has passed, on this machine's clock. */
+static bool past_deadline(const char *ctx, size_t len, oq__jtape *t)
+{
+    oq__jdoc d;
+    uint32_t v;
+    size_t at;
+    const char *why;
+
+    if (oq__json_scan(ctx, len, t, &at, &why) != 0)
+        return false;
+    d = (oq__jdoc){ ctx, len, t->tok, t->n };
+    v = oq__jget(&d, 0, "deadline_ms", 11);
+    return v && d.tok[v].type == OQ__J_NUM && oq__jnum_is_integer(&d, v) &&
+           strtoll(ctx + d.tok[v].start, NULL, 10) < wall_ms();
+}
+
 static size_t join_requests(rqueue *q, size_t n)
 {
     rrun *r = q->r;
@@ -3554,8 +3595,8 @@ static size_t join_requests(rqueue *q, size_t n)
         keys.len += len;
         idx[m++] = i;
     }
-    oq__jtape_free(&t);
     if (m == 0) {
+        oq__jtape_free(&t);
         oq__buf_free(&keys);
         return n;
     }
@@ -3574,6 +3615,7 @@ static size_t join_requests(rqueue *q, size_t n)
         size_t k = 0;
         run_fatal_reply(r, &q->rc, rep, "MGET of the requests' contexts");
         freeReplyObject(rep);
+        oq__jtape_free(&t);
         for (size_t i = 0, j = 0; i < n; i++) {
             if (j < m && idx[j] == i) {
                 entry_free(q->batch[i]);
@@ -3590,7 +3632,11 @@ static size_t join_requests(rqueue *q, size_t n)
         const char *close;
         size_t head;
         if (v->type != REDIS_REPLY_STRING) {
-            e->late = true;
+            e->late = LATE_UNKNOWN;
+            continue;
+        }
+        if (past_deadline(v->str, v->len, &t)) {
+            e->late = LATE_DEADLINE;
             continue;
         }
         /* The reply's closing brace: the last byte but whitespace. */
@@ -3600,7 +3646,7 @@ static size_t join_requests(rqueue *q, size_t n)
         head = close > e->line ? (size_t)(close - 1 - e->line) : 0;
         e->with_request = oq__malloc(head + v->len + 16);
         if (e->with_request == NULL) {
-            e->late = true; /* no memory: treated as not joinable */
+            e->late = LATE_UNKNOWN; /* no memory: not joinable */
             continue;
         }
         memcpy(e->with_request, e->line, head);
@@ -3613,6 +3659,7 @@ static size_t join_requests(rqueue *q, size_t n)
         e->with_request[e->with_len] = '\0';
     }
     freeReplyObject(rep);
+    oq__jtape_free(&t);
     return n;
 }
 
@@ -3665,9 +3712,13 @@ static int rq_receive(void *ctx, oq_delivery *out, size_t want,
         if (e->late && !out[i].dying) {
             out[i].dying = 1;
             out[i].dying_reason = OQ_DLQ_REJECTED;
-            out[i].last_error = "late reply: no request with this "
-                                "correlation_id (unknown, or its context "
-                                "is older than --request-ttl)";
+            out[i].last_error =
+                e->late == LATE_DEADLINE
+                    ? "late reply: it came after its request's deadline "
+                      "(send --reply-timeout)"
+                    : "late reply: no request with this correlation_id "
+                      "(unknown, or its context is older than "
+                      "--request-ttl)";
         }
     }
     atomic_store(q->inflight, n + q->nheld);
@@ -3976,8 +4027,13 @@ static void plan_ops(rledger *l, const oq__lcommit *e, size_t n)
             o->r1 = l->stage.n;
             break;
         case OQ__LC_DEAD:
-            /* L: a late reply (join_requests), dead and counted so. */
-            o->op = ((const rentry *)op->d->msg_)->late ? 'L' : 'F';
+            /* L: a late reply (join_requests), dead and counted so; T:
+             * one after its request's deadline, also a timeout. */
+            switch (((const rentry *)op->d->msg_)->late) {
+            case LATE_UNKNOWN: o->op = 'L'; break;
+            case LATE_DEADLINE: o->op = 'T'; break;
+            default: o->op = 'F'; break;
+            }
             break;
         case OQ__LC_ACK:
             /* E: a duplicate reply (--join-requests), counted so too. */
@@ -4189,6 +4245,7 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
     for (size_t i = 0; i < n; i++) {
         const rop *o = &l->ops[i];
         bool keyed = e[i].claim != NULL && o->op != 'D' && o->op != 'E';
+        bool dies = o->op == 'F' || o->op == 'L' || o->op == 'T';
         if (o->op == 'C')
             continue;
         ab_add(a, &o->op, 1);
@@ -4203,14 +4260,14 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
         /* A rejected event's id, when its decode found one. */
         ab_add(a, e[i].ev->id ? e[i].ev->id : "",
                e[i].ev->id ? e[i].ev->id_len : 0);
-        if (keyed && (o->op == 'F' || o->op == 'L'))
+        if (keyed && dies)
             ab_add_mark(a, e[i].ev->id, e[i].ev->id_len);
         else
             ab_add(a, "", 0);
         if (o->op == 'R') {
             ab_addi(a, e[i].op->delay_ms);
             op_member(l, &e[i]);
-        } else if (o->op == 'F' || o->op == 'X' || o->op == 'L') {
+        } else if (dies || o->op == 'X') {
             op_dead(l, o, &e[i]);
         }
     }
@@ -4248,8 +4305,10 @@ static void results(rledger *l, oq__lcommit *e, size_t n,
         else {
             ADD(dead, 1);
             ADD(dead_by[o->reason], 1);
-            if (o->op == 'L')
+            if (o->op == 'L' || o->op == 'T')
                 ADD(late_replies, 1);
+            if (o->op == 'T')
+                ADD(timeouts, 1);
         }
     }
 }
@@ -4910,10 +4969,11 @@ static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
      * this consumer; replies without a request (--join-requests). */
     fprintf(f, ",\"requests\":%" PRIu64 ",\"replies\":%" PRIu64
             ",\"duplicate_replies\":%" PRIu64 ",\"late_replies\":%" PRIu64
-            ",\"consumer\":", atomic_load(&s->requests),
+            ",\"timeouts\":%" PRIu64 ",\"consumer\":",
+            atomic_load(&s->requests),
             atomic_load(&s->replies),
             atomic_load(&s->duplicate_replies),
-            atomic_load(&s->late_replies));
+            atomic_load(&s->late_replies), atomic_load(&s->timeouts));
     oq__json_write_string(f, r->consumer, strlen(r->consumer));
     /* The stream's totals, all consumers together. */
     fputs(",\"stream\":{", f);

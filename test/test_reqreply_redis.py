@@ -765,6 +765,14 @@ def late_and_duplicate_replies_are_not_handled():
         "--request-ttl", "1s")
     wait_for(lambda: cli("EXISTS", f"{r}:rq:c-k3") == 0, LONG,
              "the context to expire")
+    # A request whose deadline (--reply-timeout: 1ms) has passed when its
+    # reply comes: late too, and a timeout. Its context says when.
+    t0 = time.time()
+    send_requests(s, r, write_lines("rr7c.jsonl", [
+        {"id": "k4", "word": "d", "correlation_id": "c-k4"}]),
+        "--reply-timeout", "1ms")
+    ctx = context(r, "c-k4")
+    assert t0 * 1000 - 5000 < ctx["deadline_ms"] < time.time() * 1000 + 5000
     cid1 = stamped(s)[0]["correlation_id"]
     # The requesters' group, made first (so the reply stream exists
     # whatever reply is committed first).
@@ -772,7 +780,7 @@ def late_and_duplicate_replies_are_not_handled():
     rc, _, err = finish(responder(s, "c0", "wordcount"))
     assert rc == 0, (rc, err)
     rep = by_cid(replies(r, s))
-    assert sorted(rep) == sorted([cid1, "c-k2", "c-k3"]), rep
+    assert sorted(rep) == sorted([cid1, "c-k2", "c-k3", "c-k4"]), rep
     # A reply nobody asked for, and a second copy of c-k2's.
     cli("XADD", r, "*", "e", line_of({"correlation_id": "nobody-asked",
                                       "id": "zz", "status": "ok",
@@ -787,12 +795,16 @@ def late_and_duplicate_replies_are_not_handled():
     assert sorted(lines_of(log)) == sorted([cid1, "c-k2"]), lines_of(log)
     assert sorted(once_each(r)) == sorted([cid1, "c-k2"])
     dead = entries(f"{r}:dlq")
-    assert sorted(d["id"] for d in dead) == ["c-k3", "nobody-asked"], dead
+    assert sorted(d["id"] for d in dead) == ["c-k3", "c-k4",
+                                             "nobody-asked"], dead
     for d in dead:
         assert d["reason"] == "rejected", d
         assert d["error"].startswith("late reply"), d
+        assert ("deadline" in d["error"]) == (d["id"] == "c-k4"), d
     st = hash_of(f"{r}:stats")
-    assert st["late_replies"] == 2, st
+    assert st["late_replies"] == 3 and st["timeouts"] == 1, st
+    mine = stats_of(r, "q0")
+    assert mine["late_replies"] == 3 and mine["timeouts"] == 1, mine
     assert st["duplicates"] == 1 and st["duplicate_replies"] == 1, st
     assert st["processed"] == 2, st
     assert pending(r, "requesters") == 0, "replies left unacked"
@@ -965,6 +977,9 @@ def bad_usage_exits_2_with_one_line():
                      "--reply-stream", "a b"], input=b"")
     one_line_exit_2(["run", "--stream", "rr8-r", "--group", "g",
                      "--join-requests"], input=b"")
+    err = one_line_exit_2(["send", "--redis", URL, "--stream", "rr8",
+                           "--reply-timeout", "1s", f])
+    assert "--reply-to" in err, err
     assert cli("EXISTS", "rr8") == 0, "refused, yet it sent"
 
 
