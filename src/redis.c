@@ -2437,13 +2437,66 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
     return 0;
 }
 
+/* SEND calls in the making, sent SEND_WINDOW at a time (send and
+ * request). */
+typedef struct sender {
+    send_batch b[SEND_WINDOW];
+    size_t nb;                  /* full batches in b */
+    rconn *rc;
+    const rkeys *k;
+    const send_cfg *c;
+    const char *epoch;
+    uint64_t sent, rej;
+} sender;
+
+/* The batch the next event goes into (begun if it is new). */
+static send_batch *sender_cur(sender *s)
+{
+    send_batch *b = &s->b[s->nb];
+    if (b->args.n == 0)
+        batch_begin(b, s->k, s->c->window_ms, s->epoch,
+                    s->c->request_ttl_ms);
+    return b;
+}
+
+/* Sends what is there. 0, or an exit status. */
+static int sender_flush(sender *s)
+{
+    int st = 0;
+
+    if (s->nb < SEND_WINDOW && s->b[s->nb].args.n > 0)
+        s->nb++;
+    if (s->nb > 0)
+        st = send_flush(s->rc, s->b, s->nb, s->c->replicas, &s->sent,
+                        &s->rej);
+    for (size_t i = 0; i < s->nb; i++)
+        s->b[i].args.n = 0;
+    s->nb = 0;
+    return st;
+}
+
+/* After an event went into sender_cur's batch: a full batch is closed, a
+ * full window sent. 0, or an exit status. */
+static int sender_added(sender *s)
+{
+    if (s->b[s->nb].nevents >= s->c->batch)
+        s->nb++;
+    return s->nb == SEND_WINDOW ? sender_flush(s) : 0;
+}
+
+static void sender_free(sender *s)
+{
+    for (size_t i = 0; i < SEND_WINDOW; i++) {
+        ab_free(&s->b[i].keys);
+        ab_free(&s->b[i].args);
+    }
+}
+
 static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
 {
     static const char *const stdin_only[] = { "-" };
     oq__idspec spec = { c->id_field, strcmp(c->id_field, "id") == 0 };
-    send_batch b[SEND_WINDOW];
-    size_t nb = 0;
-    uint64_t sent = 0, rej = 0, blank = 0;
+    uint64_t blank = 0;
     oq__reader *rd = NULL;
     rconn rc = { 0 };
     rurl u;
@@ -2452,6 +2505,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
     char err[512], epoch[64];
     int status = 0, got, req;
     stamper stp;
+    sender snd = { .rc = &rc, .k = &k, .c = c, .epoch = epoch };
 
     if (make_keys(&k, c->stream, "send") != 0)
         return 2;
@@ -2478,9 +2532,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
         oq__reader_close(rd);
         return status;
     }
-    memset(b, 0, sizeof(b));
     for (;;) {
-        send_batch *cur = &b[nb];
         got = oq__reader_next(rd, &l, err, sizeof(err));
         if (got < 0) {
             fprintf(stderr, "onceq send: %s\n", err);
@@ -2495,8 +2547,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
             char src[600];
             const char *path = oq__reader_path(rd, l.file);
             int64_t keyidx = 0;
-            if (cur->args.n == 0)
-                batch_begin(cur, &k, c->window_ms, epoch, c->request_ttl_ms);
+            send_batch *cur = sender_cur(&snd);
             req = 0;
             if (c->reply_to && l.kind == OQ__LINE_EVENT &&
                 (req = stamp_request(&stp, l.data, l.len)) < 0) {
@@ -2523,33 +2574,20 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
                       req ? stp.line.len : l.len, src,
                       l.kind == OQ__LINE_TOO_LARGE ? l.full_len : 0,
                       req == 1 ? &stp : NULL);
-            if (cur->nevents < c->batch)
-                continue;
-            nb++;
-        } else if (cur->args.n > 0) {
-            nb++;
-        }
-        if (nb == SEND_WINDOW || (got == 0 && nb > 0)) {
-            if ((status = send_flush(&rc, b, nb, c->replicas, &sent,
-                                     &rej)) != 0)
+            if ((status = sender_added(&snd)) != 0)
                 break;
-            for (size_t i = 0; i < nb; i++)
-                b[i].args.n = 0;
-            nb = 0;
+            continue;
         }
-        if (got == 0)
-            break;
+        status = sender_flush(&snd);
+        break;
     }
     if (status == 0 && !c->quiet)
-        printf("sent %" PRIu64 ", rejected %" PRIu64 " duplicates\n", sent,
-               rej);
+        printf("sent %" PRIu64 ", rejected %" PRIu64 " duplicates\n",
+               snd.sent, snd.rej);
     if (status == 0 && !c->quiet && blank)
         fprintf(stderr, "onceq send: skipped %" PRIu64 " blank lines\n",
                 blank);
-    for (size_t i = 0; i < SEND_WINDOW; i++) {
-        ab_free(&b[i].keys);
-        ab_free(&b[i].args);
-    }
+    sender_free(&snd);
     rc_close(&rc);
     oq__reader_close(rd);
     stamper_free(&stp);
@@ -2698,16 +2736,13 @@ static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
                     rq_item **items, size_t *nitems, rq_item **byk)
 {
     oq__idspec spec = { c->id_field, strcmp(c->id_field, "id") == 0 };
-    send_batch b[SEND_WINDOW];
-    size_t nb = 0, cap = 0;
-    uint64_t sent = 0, rej = 0;
+    sender snd = { .rc = rc, .k = k, .c = c, .epoch = epoch };
+    size_t cap = 0;
     oq__line l;
     char err[512];
     int status = 0, got;
 
-    memset(b, 0, sizeof(b));
     for (;;) {
-        send_batch *cur = &b[nb];
         rq_item *it;
         if (req_signal) {
             status = 128 + req_signal;
@@ -2738,31 +2773,18 @@ static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
                 goto nomem;
             if (st > 0)
                 continue;
-            if (cur->args.n == 0)
-                batch_begin(cur, k, c->window_ms, epoch, c->request_ttl_ms);
             line_source(src, sizeof(src), oq__reader_path(rd, l.file),
                         l.lineno);
-            batch_add(cur, 0, stp->line.data, stp->line.len, src, 0, stp);
-            if (cur->nevents < c->batch)
-                continue;
-            nb++;
-        } else if (cur->args.n > 0) {
-            nb++;
-        }
-        if (nb == SEND_WINDOW || (got == 0 && nb > 0)) {
-            if ((status = send_flush(rc, b, nb, 0, &sent, &rej)) != 0)
+            batch_add(sender_cur(&snd), 0, stp->line.data, stp->line.len,
+                      src, 0, stp);
+            if ((status = sender_added(&snd)) != 0)
                 break;
-            for (size_t i = 0; i < nb; i++)
-                b[i].args.n = 0;
-            nb = 0;
+            continue;
         }
-        if (got == 0)
-            break;
+        status = sender_flush(&snd);
+        break;
     }
-    for (size_t i = 0; i < SEND_WINDOW; i++) {
-        ab_free(&b[i].keys);
-        ab_free(&b[i].args);
-    }
+    sender_free(&snd);
     if (status != 0)
         return status;
     for (size_t i = 0; i < *nitems; i++) {
@@ -2783,10 +2805,7 @@ static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
     }
     return 0;
 nomem:
-    for (size_t i = 0; i < SEND_WINDOW; i++) {
-        ab_free(&b[i].keys);
-        ab_free(&b[i].args);
-    }
+    sender_free(&snd);
 nomem_index:
     fprintf(stderr, "onceq request: out of memory\n");
     return 3;
