@@ -554,10 +554,12 @@ DM_LUA
 
 /* SEND. KEYS: [1] stream [2] stats [3] meta [4..] dedup keys. ARGV[1]:
  * window ms (0: off) [2] the stream's epoch [3] a request context's TTL
- * (ms), then per event: k line source big ck ctx (k: dedup key index, 0 =
- * none; big: "" or the full length of a cut line; ck: "" or the key of a
- * request's context, set to ctx when the event is sent). Returns {sent,
- * rejected}. Before any write: the epoch must still
+ * (ms) [4] "1": refuse a request whose context key exists (its
+ * correlation id is another request's), then per event: k line source big
+ * ck ctx (k: dedup key index, 0 = none; big: "" or the full length of a
+ * cut line; ck: "" or the key of a request's context, set to ctx when the
+ * event is sent). Returns {sent, rejected, refused: correlation id in
+ * use}. Before any write: the epoch must still
  * be there (else the stream's data was lost since we started: error
  * ONCEQLOST, nothing sent), and the keys it writes must have their types
  * (else WRONGTYPE, nothing sent: a script stopped by an error halfway
@@ -573,26 +575,30 @@ DM_LUA
 "    ' and ' .. KEYS[2] .. ' a ' .. t2 .. ' (a stream and a hash needed: ' ..\n"
 "    'another stream\\'s name clashes with them); nothing was sent')\n"
 "end\n"
-"local w = tonumber(ARGV[1])\n"
-"local sent, rej = 0, 0\n"
-"local i = 4\n"
+"local w, excl = tonumber(ARGV[1]), ARGV[4] == '1'\n"
+"local sent, rej, inuse = 0, 0, 0\n"
+"local i = 5\n"
 "while i <= #ARGV do\n"
 "  local k, line, src, big = tonumber(ARGV[i]), ARGV[i+1], ARGV[i+2],\n"
 "                            ARGV[i+3]\n"
 "  local ck, ctx = ARGV[i+4], ARGV[i+5]\n"
 "  i = i + 6\n"
-"  if k == 0 or w == 0 or\n"
-"     redis.call('SET', KEYS[k], '1', 'NX', 'PX', w) then\n"
+"  local dedup = k ~= 0 and w ~= 0\n"
+"  if dedup and redis.call('EXISTS', KEYS[k]) == 1 then rej = rej + 1\n"
+"  elseif excl and ck ~= '' and redis.call('EXISTS', ck) == 1 then\n"
+"    inuse = inuse + 1\n"
+"  else\n"
+"    if dedup then redis.call('SET', KEYS[k], '1', 'PX', w) end\n"
 "    if big == '' then redis.call('XADD', KEYS[1], '*', 'e', line, 's', src)\n"
 "    else redis.call('XADD', KEYS[1], '*', 'e', line, 's', src, 'big', big)\n"
 "    end\n"
 "    if ck ~= '' then redis.call('SET', ck, ctx, 'PX', ARGV[3]) end\n"
 "    sent = sent + 1\n"
-"  else rej = rej + 1 end\n"
+"  end\n"
 "end\n"
 "if sent > 0 then redis.call('HINCRBY', KEYS[2], 'sent', sent) end\n"
 "if rej > 0 then redis.call('HINCRBY', KEYS[2], 'rejected', rej) end\n"
-"return {sent, rej}\n",
+"return {sent, rej, inuse}\n",
 
 /* REDRIVE. KEYS: [1] stream [2] dlq [3] stats [4] id key. ARGV: dlq entry
  * id, event, source, reason, the id's mark field, the done-marks' prefix
@@ -1000,8 +1006,18 @@ static int parse_node(const char *url, const char *pwfile, const char *cmd,
     }
     return 0;
 bad:
-    snprintf(err, errlen, "bad Redis URL '%.300s' (expected "
-             "redis://[user:password@]host[:port][/db][,URL...])", url);
+    {
+        /* Never the password: what is before an '@' is left out. */
+        const char *sch = strstr(url, "://"), *at2 = strrchr(url, '@');
+        if (sch && at2 && at2 > sch)
+            snprintf(err, errlen, "bad Redis URL '%.*s***%.300s' (expected "
+                     "redis://[user:password@]host[:port][/db][,URL...])",
+                     (int)(sch + 3 - url), url, at2);
+        else
+            snprintf(err, errlen, "bad Redis URL '%.300s' (expected "
+                     "redis://[user:password@]host[:port][/db][,URL...])",
+                     url);
+    }
     return -1;
 }
 
@@ -1015,7 +1031,14 @@ static int parse_url(const char *list, const char *pwfile, const char *cmd,
     memset(u, 0, sizeof(*u));
     for (;;) {
         char one[1024];
-        size_t n = strcspn(p, ",");
+        /* URLs are split where the next one starts (",redis://"), so a
+         * password may hold a comma. */
+        const char *next = strstr(p, ",redis://");
+        const char *next2 = strstr(p, ",rediss://");
+        size_t n;
+        if (next == NULL || (next2 && next2 < next))
+            next = next2;
+        n = next ? (size_t)(next - p) : strlen(p);
         if (u->n == MAX_NODES) {
             snprintf(err, errlen, "at most %d Redis URLs (a primary and its "
                      "replicas)", MAX_NODES);
@@ -1066,6 +1089,7 @@ typedef struct rconn {
     const char *stream;          /* S, for the message when it is lost */
     unsigned opens;              /* successful rc_opens: tells a caller
                                     that the connection was replaced */
+    bool is_primary;             /* rc_open_node got past ROLE */
     char err[1024];              /* the last fatal error */
 } rconn;
 
@@ -1145,6 +1169,7 @@ static int rc_open_node(rconn *rc)
         redisFree(rc->c);
         rc->c = NULL;
     }
+    rc->is_primary = false;
     rc->c = redisConnectWithTimeout(rc->u->host, rc->u->port, tv);
     if (rc->c == NULL || rc->c->err) {
         snprintf(rc->err, sizeof(rc->err), "cannot connect to Redis at %s: %s",
@@ -1195,9 +1220,10 @@ static int rc_open_node(rconn *rc)
         goto fatal;
     }
     freeReplyObject(r);
-    if (rc->urls && rc->urls->n > 1) {
-        /* Several servers: only the primary will do (a replica refuses
-         * writes; the one that was primary may be a replica now). */
+    {
+        /* Only the primary will do: a replica refuses writes (the one
+         * that was primary may be a replica now, or the name may not
+         * have moved yet), so it is waited out like -READONLY. */
         r = redisCommand(rc->c, "ROLE");
         if (r == NULL)
             goto io;
@@ -1215,6 +1241,7 @@ static int rc_open_node(rconn *rc)
             return RC_WAIT;
         }
         freeReplyObject(r);
+        rc->is_primary = true;
     }
     if (rc->u->db) {
         r = redisCommand(rc->c, "SELECT %d", rc->u->db);
@@ -1288,14 +1315,47 @@ fatal:
     return RC_FATAL;
 }
 
+/* Whether server u says it is a primary (ROLE), on a connection of its
+ * own: 1 yes, 0 no or unreachable. */
+static int says_primary(const rnode *u)
+{
+    struct timeval tv = { 1, 0 };
+    redisContext *c = redisConnectWithTimeout(u->host, u->port, tv);
+    redisReply *r = NULL;
+    int yes = 0;
+
+    if (c == NULL || c->err)
+        goto out;
+    redisSetTimeout(c, tv);
+    if (u->pass[0]) {
+        r = u->user[0] ? redisCommand(c, "AUTH %s %s", u->user, u->pass)
+                       : redisCommand(c, "AUTH %s", u->pass);
+        if (r == NULL || r->type == REDIS_REPLY_ERROR)
+            goto out;
+        freeReplyObject(r);
+    }
+    r = redisCommand(c, "ROLE");
+    yes = r && r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+          r->element[0]->type == REDIS_REPLY_STRING &&
+          strcmp(r->element[0]->str, "master") == 0;
+out:
+    freeReplyObject(r);
+    if (c)
+        redisFree(c);
+    return yes;
+}
+
 /* rc_open_node on the primary: with several servers, each is tried from
  * the one last found, and the first that is the primary is kept (and
- * remembered for the others). */
+ * remembered for the others), unless another one says it is the primary
+ * too: a stale primary back after a failover (restarted, perhaps empty,
+ * not yet demoted) must not take writes, so two primaries are waited out
+ * like a failover in progress. */
 static int rc_open(rconn *rc)
 {
-    unsigned n = rc->urls ? rc->urls->n : 1, start;
+    unsigned n = rc->urls ? rc->urls->n : 1, start, fatal = 0;
     int st = RC_IO;
-    char first[sizeof(rc->err)] = "";
+    char first[sizeof(rc->err)] = "", fatal_err[sizeof(rc->err)] = "";
 
     if (n <= 1)
         return rc_open_node(rc);
@@ -1305,13 +1365,33 @@ static int rc_open(rconn *rc)
         rc->u = &rc->urls->node[i];
         st = rc_open_node(rc);
         if (st == RC_OK) {
+            for (unsigned j = 0; j < n; j++) {
+                const rnode *o = &rc->urls->node[j];
+                if (j == i || (strcmp(o->host, rc->u->host) == 0 &&
+                               o->port == rc->u->port) || !says_primary(o))
+                    continue;
+                snprintf(rc->err, sizeof(rc->err), "two Redis servers say "
+                         "they are the primary (%s and %s): waiting for "
+                         "one to be demoted", rc->u->text, o->text);
+                return RC_WAIT;
+            }
             atomic_store(&rc->urls->cur, i);
             return RC_OK;
         }
-        if (st == RC_FATAL)
+        /* A refusal by the primary (data lost, ...) is final; one by
+         * another server (its password: bad configuration) when none is
+         * the primary. */
+        if (st == RC_FATAL && rc->is_primary)
             return st;
+        if (st == RC_FATAL && fatal == 0)
+            memcpy(fatal_err, rc->err, sizeof(fatal_err));
+        fatal += st == RC_FATAL;
         if (k == 0)
             memcpy(first, rc->err, sizeof(first));
+    }
+    if (fatal > 0) {
+        memcpy(rc->err, fatal_err, sizeof(rc->err));
+        return RC_FATAL;
     }
     /* None is the primary yet (a failover in progress): say so. */
     snprintf(rc->err, sizeof(rc->err), "no primary among the %u Redis "
@@ -1502,18 +1582,30 @@ static redisReply *rc_cmdf(rconn *rc, const char *fmt, ...)
  * failover may still pick a replica that had not (docs/REDIS.md).
  * 0 or -1.
  */
+/* wait_replicas's answer when the primary changed mid-wait. */
+#define WAIT_MOVED 1
+
 static int wait_replicas(rconn *rc, const char *meta, int n,
                          int64_t timeout_ms)
 {
     int64_t t0 = mono_ms();
     uint64_t rng = (uint64_t)t0 ^ (uint64_t)(uintptr_t)rc;
     unsigned opens = rc->opens;
+    const rnode *wrote_to = rc->u;
     long long got = 0;
 
     if (n <= 0)
         return 0;
     for (uint32_t attempt = 1;; attempt++) {
         redisReply *r;
+        if (rc->opens != opens && rc->u != wrote_to) {
+            /* The primary changed (a failover) after the writes: whether
+             * they reached the new one, no WAIT can tell. */
+            snprintf(rc->err, sizeof(rc->err), "the primary changed (%s, "
+                     "then %s) while waiting for the replicas",
+                     wrote_to->text, rc->u->text);
+            return WAIT_MOVED;
+        }
         if (rc->opens != opens) {
             r = rc_cmdf(rc, "HSET %s waited 1", meta);
             if (r == NULL)
@@ -2117,8 +2209,9 @@ static void send_usage(FILE *f)
 "                         that comes later is late for --join-requests\n"
 "  -q, --quiet            no summary\n"
 "\n"
-"Prints: sent N, rejected M duplicates. Exit status: 0 success, 2 bad\n"
-"usage, unreadable input, Redis unreachable or refused (an evicting\n"
+"Prints: sent N, rejected M duplicates. Exit status: 0 success, 1 some\n"
+"requests refused (--reply-to: their correlation_id is another request's),\n"
+"2 bad usage, unreadable input, Redis unreachable or refused (an evicting\n"
 "maxmemory-policy, a key of the stream with another type), 3 Redis\n"
 "failed mid-way or lost the stream's data.\n");
 }
@@ -2308,7 +2401,8 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
 
 /* Starts a SEND call's arguments (see the SEND script). */
 static void batch_begin(send_batch *b, const rkeys *k, int64_t window_ms,
-                        const char *epoch, int64_t request_ttl_ms)
+                        const char *epoch, int64_t request_ttl_ms,
+                        bool exclusive)
 {
     ab_reset(&b->keys);
     ab_reset(&b->args);
@@ -2318,6 +2412,7 @@ static void batch_begin(send_batch *b, const rkeys *k, int64_t window_ms,
     ab_addi(&b->args, window_ms);
     ab_adds(&b->args, epoch);
     ab_addi(&b->args, request_ttl_ms);
+    ab_adds(&b->args, exclusive ? "1" : "0");
     b->nevents = 0;
 }
 
@@ -2359,9 +2454,9 @@ static void line_source(char *src, size_t len, const char *path,
  * transient error (is_transient: it did not run) is sent again after a
  * backoff. Adds to *sent and *rej. 0, or an exit status. */
 static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
-                      uint64_t *sent, uint64_t *rej)
+                      uint64_t *sent, uint64_t *rej, uint64_t *inuse)
 {
-    uint64_t s = 0, j = 0;
+    uint64_t s = 0, j = 0, u = 0;
 
     for (size_t i = 0; i < n; i++)
         b[i].done = 0;
@@ -2407,7 +2502,7 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
                 freeReplyObject(r);
                 return 3;
             }
-            if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+            if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) {
                 fprintf(stderr, "onceq send: Redis at %s: %s\n", rc->u->text,
                         r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
                 freeReplyObject(r);
@@ -2415,6 +2510,7 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
             }
             s += (uint64_t)r->element[0]->integer;
             j += (uint64_t)r->element[1]->integer;
+            u += (uint64_t)r->element[2]->integer;
             b[i].done = 1;
             freeReplyObject(r);
         }
@@ -2427,13 +2523,23 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
         return 3;
     }
     /* --replicas: the batches count as sent once the replicas have them
-     * (WAIT: 1 s a try, again with backoff for up to 60 s). */
-    if (wait_replicas(rc, rc->meta, replicas, 1000) != 0) {
+     * (WAIT: 1 s a try, again with backoff for up to 60 s). After a
+     * failover mid-wait, the window is sent again to the new primary:
+     * what it already has is refused by the dedup keys (written by the
+     * same scripts), and a copy of an event without one is a duplicate
+     * its consumers settle. */
+    switch (wait_replicas(rc, rc->meta, replicas, 1000)) {
+    case 0:
+        break;
+    case WAIT_MOVED:
+        return send_flush(rc, b, n, replicas, sent, rej, inuse);
+    default:
         fprintf(stderr, "onceq send: %s\n", rc->err);
         return 3;
     }
     *sent += s;
     *rej += j;
+    *inuse += u;
     return 0;
 }
 
@@ -2446,7 +2552,8 @@ typedef struct sender {
     const rkeys *k;
     const send_cfg *c;
     const char *epoch;
-    uint64_t sent, rej;
+    bool exclusive;             /* send: a correlation id in use refuses */
+    uint64_t sent, rej, inuse;
 } sender;
 
 /* The batch the next event goes into (begun if it is new). */
@@ -2455,7 +2562,7 @@ static send_batch *sender_cur(sender *s)
     send_batch *b = &s->b[s->nb];
     if (b->args.n == 0)
         batch_begin(b, s->k, s->c->window_ms, s->epoch,
-                    s->c->request_ttl_ms);
+                    s->c->request_ttl_ms, s->exclusive);
     return b;
 }
 
@@ -2468,7 +2575,7 @@ static int sender_flush(sender *s)
         s->nb++;
     if (s->nb > 0)
         st = send_flush(s->rc, s->b, s->nb, s->c->replicas, &s->sent,
-                        &s->rej);
+                        &s->rej, &s->inuse);
     for (size_t i = 0; i < s->nb; i++)
         s->b[i].args.n = 0;
     s->nb = 0;
@@ -2505,7 +2612,8 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
     char err[512], epoch[64];
     int status = 0, got, req;
     stamper stp;
-    sender snd = { .rc = &rc, .k = &k, .c = c, .epoch = epoch };
+    sender snd = { .rc = &rc, .k = &k, .c = c, .epoch = epoch,
+                   .exclusive = true };
 
     if (make_keys(&k, c->stream, "send") != 0)
         return 2;
@@ -2587,6 +2695,15 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
     if (status == 0 && !c->quiet && blank)
         fprintf(stderr, "onceq send: skipped %" PRIu64 " blank lines\n",
                 blank);
+    if (status == 0 && snd.inuse) {
+        /* Correlation ids are per request: a second request with one in
+         * use would take the first one's context, and the requesters
+         * (whose id is the correlation id) would handle one reply. */
+        fprintf(stderr, "onceq send: refused %" PRIu64 " requests whose "
+                "correlation_id is another request's (in %s:rq:*)\n",
+                snd.inuse, c->reply_to);
+        status = 1;
+    }
     sender_free(&snd);
     rc_close(&rc);
     oq__reader_close(rd);
@@ -2621,8 +2738,7 @@ int oq__cmd_send(int argc, char **argv)
 typedef struct rq_item {
     UT_hash_handle hh;      /* by key, for the first sent item of a key */
     struct rq_item *same;   /* the next sent item with the same key */
-    char *key;              /* correlation id, NUL, event id (NULL: not
-                               sent); the correlation id's bytes first */
+    char *key;              /* item_key (NULL: not sent) */
     size_t key_len, corr_len;
     char *ckey;             /* its context's key */
     size_t ckey_len;
@@ -2631,11 +2747,13 @@ typedef struct rq_item {
     const char *status;     /* ok failed dead timeout rejected */
 } rq_item;
 
-static volatile sig_atomic_t req_signal;
+/* The signal that stops `onceq request` (0: none); also its connection's
+ * stop flag, so that a reconnect loop ends at once. */
+static atomic_int req_signal;
 
 static void req_on_signal(int sig)
 {
-    req_signal = sig;
+    atomic_store(&req_signal, sig);
 }
 
 static char *dup_bytes(const char *p, size_t n)
@@ -2663,16 +2781,21 @@ static char *rejected_line(const char *why)
     return b.data;
 }
 
-/* The matching key of a request: correlation id, NUL, event id. */
+/* The matching key of a request: its correlation id's length (8 bytes),
+ * the correlation id, the event id (either may hold any byte). */
+#define KEY_CORR 8
 static char *item_key(const char *corr, size_t cl, const char *id,
                       size_t il, size_t *len)
 {
-    char *k = oq__malloc(cl + il + 1);
+    char *k = oq__malloc(KEY_CORR + cl + il);
+    uint64_t n = cl;
     if (k) {
-        memcpy(k, corr, cl);
-        k[cl] = '\0';
-        memcpy(k + cl + 1, id, il);
-        *len = cl + 1 + il;
+        memcpy(k, &n, KEY_CORR);
+        if (cl)
+            memcpy(k + KEY_CORR, corr, cl);
+        if (il)
+            memcpy(k + KEY_CORR + cl, id, il);
+        *len = KEY_CORR + cl + il;
     }
     return k;
 }
@@ -2744,8 +2867,8 @@ static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
 
     for (;;) {
         rq_item *it;
-        if (req_signal) {
-            status = 128 + req_signal;
+        if (atomic_load(&req_signal)) {
+            status = 128 + atomic_load(&req_signal);
             break;
         }
         got = oq__reader_next(rd, &l, err, sizeof(err));
@@ -2902,7 +3025,7 @@ static int req_wait(rconn *rc, const char *rstream, char *last,
     oq__jtape t = { 0 };
     int st = 0;
 
-    while (waiting > 0 && !req_signal) {
+    while (waiting > 0 && !atomic_load(&req_signal)) {
         int64_t left = end - mono_ms();
         const char *av[] = { "XREAD", "COUNT", "1000", "BLOCK", block,
                              "STREAMS", rstream, last };
@@ -3006,7 +3129,7 @@ static int req_print(rq_item *items, size_t n, uint64_t dups, bool quiet)
             puts(it->out);
         } else {
             fputs("{\"correlation_id\":", stdout);
-            oq__json_write_string(stdout, it->key, it->corr_len);
+            oq__json_write_string(stdout, it->key + KEY_CORR, it->corr_len);
             printf(",\"id\":%s,\"status\":\"timeout\"}\n", it->id);
             it->status = "timeout";
         }
@@ -3074,6 +3197,7 @@ int oq__cmd_request(int argc, char **argv)
     sa.sa_handler = req_on_signal;
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
+    rc.stop = &req_signal;
     stamper_init(&stp, rstream, c.stream, c.timeout_ms);
     if ((status = check_policy(&rc, "request")) == 0 &&
         (status = check_types(&rc, &k, "request", 0)) == 0 &&
@@ -3084,8 +3208,8 @@ int oq__cmd_request(int argc, char **argv)
                            &byk)) == 0)
         status = req_wait(&rc, rstream, last, byk, req_sent(items, nitems),
                           c.timeout_ms, &dups);
-    if (status == 0 && req_signal)
-        status = 128 + req_signal;
+    if (atomic_load(&req_signal))
+        status = 128 + atomic_load(&req_signal);
     if (status == 0)
         status = req_print(items, nitems, dups, c.quiet);
     req_cleanup(&rc, items, nitems, rstream, c.reply_stream == NULL,
@@ -3556,8 +3680,10 @@ static size_t one_copy_per_entry(rqueue *q, size_t n)
  * as it came: a retry re-adds that, and it is joined again.
  */
 /* Whether a request's context has a deadline_ms (send --reply-timeout)
- * that has passed, on this machine's clock. */
-static bool past_deadline(const char *ctx, size_t len, oq__jtape *t)
+ * before at_ms: when its reply came (the reply entry's time, first_ms, on
+ * Redis's clock; not when a requester gets to it). */
+static bool past_deadline(const char *ctx, size_t len, oq__jtape *t,
+                          int64_t at_ms)
 {
     oq__jdoc d;
     uint32_t v;
@@ -3569,7 +3695,7 @@ static bool past_deadline(const char *ctx, size_t len, oq__jtape *t)
     d = (oq__jdoc){ ctx, len, t->tok, t->n };
     v = oq__jget(&d, 0, "deadline_ms", 11);
     return v && d.tok[v].type == OQ__J_NUM && oq__jnum_is_integer(&d, v) &&
-           strtoll(ctx + d.tok[v].start, NULL, 10) < wall_ms();
+           strtoll(ctx + d.tok[v].start, NULL, 10) < at_ms;
 }
 
 static size_t join_requests(rqueue *q, size_t n)
@@ -3654,7 +3780,7 @@ static size_t join_requests(rqueue *q, size_t n)
             e->late = LATE_UNKNOWN;
             continue;
         }
-        if (past_deadline(v->str, v->len, &t)) {
+        if (past_deadline(v->str, v->len, &t, e->first_ms)) {
             e->late = LATE_DEADLINE;
             continue;
         }
@@ -4393,8 +4519,19 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
         }
         /* With --replicas, the batch is done (counted, handed back to the
          * engine) only once the replicas have it. */
-        if (wait_replicas(&l->rc, r->k.meta, (int)r->c.replicas,
-                          OQ__MIN(r->c.vt_ms, 30000)) != 0) {
+        switch (wait_replicas(&l->rc, r->k.meta, (int)r->c.replicas,
+                              OQ__MIN(r->c.vt_ms, 30000))) {
+        case 0:
+            break;
+        case WAIT_MOVED:
+            /* A failover mid-wait: the new primary may or may not have
+             * the commit. As if fenced: its entries stay pending there and
+             * are taken over and claimed again (DONE if it has them). */
+            for (size_t i = 0; i < n; i++)
+                e[i].result = OQ_ESTALE;
+            freeReplyObject(rep);
+            return;
+        default:
             run_fatal_reply(r, &l->rc, NULL, "WAIT");
             freeReplyObject(rep);
             return;

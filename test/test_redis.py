@@ -1212,6 +1212,49 @@ def a_failover_is_followed_and_loses_nothing_acknowledged():
 
 
 @test
+def two_primaries_or_a_replica_alone_are_waited_out():
+    # Two servers that both say they are the primary (a stale one back
+    # after a failover, not yet demoted): send writes to neither until one
+    # is demoted, then to the one left. A single URL naming a replica: the
+    # same wait, until it is promoted.
+    pa, pb, pc = free_port(), free_port(), free_port()
+    srv = [server_on(pa), server_on(pb)]
+    p = q = None
+    try:
+        f = path("two.jsonl")
+        with open(f, "w") as g:
+            g.write('{"id":"t1","word":"a"}\n')
+        p = start(["send", "--redis", f"redis://127.0.0.1:{pa},"
+                   f"redis://127.0.0.1:{pb}", "--stream", "two", f])
+        time.sleep(1.5)   # what is being checked is that nothing happens
+        assert p.poll() is None, finish(p)
+        assert cli_at(pa, "EXISTS", "two") == "0" and \
+            cli_at(pb, "EXISTS", "two") == "0"
+        cli_at(pb, "REPLICAOF", "127.0.0.1", pa)
+        rc, out, err = finish(p, timeout=60)
+        assert rc == 0 and out.startswith("sent 1,"), (rc, out, err)
+        assert cli_at(pa, "XLEN", "two") == "1"
+        srv.append(server_on(pc, "--replicaof", "127.0.0.1", pa))
+        wait_replica(pc, pa)
+        q = start(["send", "--redis", f"redis://127.0.0.1:{pc}", "--stream",
+                   "two2", f])
+        time.sleep(1.5)
+        assert q.poll() is None, finish(q)
+        cli_at(pc, "REPLICAOF", "NO", "ONE")
+        rc, out, err = finish(q, timeout=60)
+        assert rc == 0 and out.startswith("sent 1,"), (rc, out, err)
+        assert cli_at(pc, "XLEN", "two2") == "1"
+    finally:
+        for x in (p, q):
+            if x is not None and x.poll() is None:
+                x.kill()
+                x.wait()
+        for x in srv:
+            if x.poll() is None:
+                stop(x)
+
+
+@test
 def clashing_stream_names_are_refused_and_commit_nothing():
     # "orders:counts" is also the counts hash of the stream "orders".
     with open(path("or.jsonl"), "w") as g:

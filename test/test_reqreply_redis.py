@@ -292,6 +292,15 @@ def send_stamps_each_request_and_stores_its_context():
     out = send_requests(s, r, f)
     assert "rejected 3" in out, out
     assert len(cli("KEYS", f"{r}:rq:*")) == 3, cli("KEYS", f"{r}:rq:*")
+    # A correlation id in use by another request (another event id) is
+    # refused: the second request would take the first one's context.
+    rc, out, err = run(["send", "--redis", URL, "--stream", s, "--reply-to",
+                        r, write_lines("rr0d.jsonl", [
+                            {"id": "a9", "word": "z",
+                             "correlation_id": "own-2"}])])
+    assert rc == 1 and "correlation_id" in err, (rc, out, err)
+    assert context(r, "own-2")["event"]["id"] == "a2"
+    assert all(x is None or x.get("id") != "a9" for x in stamped(s))
     # --request-ttl sets the contexts' expiry.
     f2 = write_lines("rr0b.jsonl", [{"id": "b1", "word": "x"}])
     send_requests(s, "rr0-r2", f2, "--request-ttl", "5m")
