@@ -1229,9 +1229,12 @@ static int rc_open_node(rconn *rc)
             goto io;
         if (is_transient(r))
             goto wait;
-        if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
-            r->element[0]->type != REDIS_REPLY_STRING ||
-            strcmp(r->element[0]->str, "master") != 0) {
+        /* A user not allowed ROLE (NOPERM) is taken to be on the
+         * primary: its writes would meet -READONLY on a replica. */
+        if (!is_err(r, "NOPERM") &&
+            (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+             r->element[0]->type != REDIS_REPLY_STRING ||
+             strcmp(r->element[0]->str, "master") != 0)) {
             snprintf(rc->err, sizeof(rc->err), "Redis at %s is not the "
                      "primary (ROLE: %s)", rc->u->text,
                      r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
