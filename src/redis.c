@@ -1057,6 +1057,12 @@ static int parse_url(const char *list, const char *pwfile, const char *cmd,
         if (u->n && pwfile)
             memcpy(u->node[u->n].pass, u->node[0].pass,
                    sizeof(u->node[0].pass));
+        if (u->n && u->node[u->n].db != u->node[0].db) {
+            snprintf(err, errlen, "the Redis URLs name different databases "
+                     "(/%d and /%d): a primary and its replicas hold one",
+                     u->node[0].db, u->node[u->n].db);
+            return -1;
+        }
         u->n++;
         if (p[n] != ',')
             return 0;

@@ -1197,10 +1197,13 @@ def a_failover_is_followed_and_loses_nothing_acknowledged():
         st = cli_at(ports[1], "HGETALL", "fo:stats").split("\n")
         st = {st[i]: int(st[i + 1]) for i in range(0, len(st) - 1, 2)}
         assert st["processed"] == len(ids) == st["sent"], st
-        # A list that is not all URLs is refused.
+        # A list that is not all URLs, or names two databases, is refused.
         err = one_line_exit_2(["send", "--redis", url + ",nope://x",
                                "--stream", "fo", raw])
         assert "bad Redis URL" in err, err
+        err = one_line_exit_2(["send", "--redis", f"{url}/0,{url}/1",
+                               "--stream", "fo", raw])
+        assert "databases" in err, err
     finally:
         for p in cons:
             if p.poll() is None:
