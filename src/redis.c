@@ -3699,7 +3699,9 @@ static bool past_deadline(const char *ctx, size_t len, oq__jtape *t,
     size_t at;
     const char *why;
 
-    if (oq__json_scan(ctx, len, t, &at, &why) != 0)
+    /* Most contexts have no deadline: not scanned. */
+    if (memmem(ctx, len, "\"deadline_ms\"", 13) == NULL ||
+        oq__json_scan(ctx, len, t, &at, &why) != 0)
         return false;
     d = (oq__jdoc){ ctx, len, t->tok, t->n };
     v = oq__jget(&d, 0, "deadline_ms", 11);
