@@ -1113,7 +1113,11 @@ def replicas_have_everything_that_was_reported_done():
                    "2", path("rp2.jsonl")])
         # And a consumer with --replicas 2 that commits it waits too: its
         # drain does not end, and it has not counted the event processed.
-        wait_for(lambda: cli_at(port, "XLEN", "rp") != "0", 30, "the send")
+        # (The stream still holds the first events: wait for this one, or
+        # the consumer below may drain before it is there and exit.)
+        wait_for(lambda: '"late"' in cli_at(port, "XREVRANGE", "rp", "+",
+                                            "-", "COUNT", "1"),
+                 90 if SLOW else 30, "the send")
         q = start(["run", "--redis", url, "--stream", "rp", "--group", "g",
                    "--drain", "-q", "--replicas", "2", "--stats",
                    path("rp-q.stats")])
