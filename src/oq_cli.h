@@ -179,11 +179,16 @@ int oq__replies_open(oq__replies **out, const char *dir, char *err,
 /* Flushes and closes the reply files: 0, or OQ_EIO (err filled) when a
  * reply could not be written. */
 int oq__replies_close(oq__replies *r, char *err, size_t errlen);
-/* A decode hook (arg: the oq__idspec): oq__json_decode, and a request
- * whose reply_to or correlation_id is unusable (reply_to not a valid name,
- * a field not a string) is refused with reason rejected ("bad request:
- * ..."), before its id is claimed. */
-int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec);
+/* oq__json_decode, and a request whose reply_to or correlation_id is
+ * unusable (reply_to not a valid name, a field not a string; with stream,
+ * the Redis stream it came from, a reply_to oq__reply_to_reserved refuses)
+ * is refused with reason rejected ("bad request: ..."), before its id is
+ * claimed. */
+int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec,
+                       const char *stream);
+/* Why a Redis reply stream name may not be used by requests to stream, or
+ * NULL when it may. */
+const char *oq__reply_to_reserved(const char *to, const char *stream);
 /* The longest reply_to name (a stream's, or a file's before ".jsonl"). */
 #define OQ__REPLY_TO_MAX 200
 /* Whether s[0..n) is a usable reply_to: 1 to OQ__REPLY_TO_MAX letters,

@@ -1703,38 +1703,6 @@ static int make_keys(rkeys *k, const char *stream, const char *cmd)
     return 0;
 }
 
-/*
- * Why a reply stream name may not be used (NULL: it may): it is the
- * stream S itself, or has the shape of a key onceq keeps for a stream
- * (S:counts, S:id:<id>, R:rq:<corr>, ...: any stream's, not only S's). A
- * reply there would forge the stream's events or outputs, or turn a key
- * into a stream and stop every later run of its queue.
- */
-static const char *reply_to_reserved(const char *to, const char *stream)
-{
-    static const char *const suffix[] = { ":counts", ":results", ":dlq",
-                                          ":delayed", ":stats", ":meta",
-                                          ":gone" };
-    static const char *const infix[] = { ":id:", ":dedup:", ":d:", ":rp:",
-                                         ":rq:" };
-    size_t n = strlen(to);
-
-    if (strcmp(to, stream) == 0)
-        return "names the stream the request came from";
-    for (size_t i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
-        size_t k = strlen(suffix[i]);
-        if (n >= k && strcmp(to + n - k, suffix[i]) == 0)
-            return "has the name of a key onceq keeps for a stream (it "
-                   "ends with :counts, :results, :dlq, :delayed, :stats, "
-                   ":meta or :gone)";
-    }
-    for (size_t i = 0; i < sizeof(infix) / sizeof(infix[0]); i++)
-        if (strstr(to, infix[i]) != NULL)
-            return "has the name of a key onceq keeps for a stream (it "
-                   "holds :id:, :dedup:, :d:, :rp: or :rq:)";
-    return NULL;
-}
-
 /* ====================================================== small helpers */
 
 /* The bytes of an id's done-mark field (see DM_LUA): the first 12 of its
@@ -2402,7 +2370,7 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
         return usage_error(cmd, "--reply-timeout is for requests: give "
                            "--reply-to too");
     if (c->reply_to && c->stream &&
-        (why = reply_to_reserved(c->reply_to, c->stream)) != NULL)
+        (why = oq__reply_to_reserved(c->reply_to, c->stream)) != NULL)
         return usage_error(cmd, "invalid --reply-to '%s': it %s",
                            c->reply_to, why);
     return -1;
@@ -3184,7 +3152,7 @@ int oq__cmd_request(int argc, char **argv)
     snprintf(own, sizeof(own), "%s:replies:%016" PRIx64, c.stream,
              make_nonce());
     rstream = c.reply_stream ? c.reply_stream : own;
-    if ((why = reply_to_reserved(rstream, c.stream)) != NULL)
+    if ((why = oq__reply_to_reserved(rstream, c.stream)) != NULL)
         return usage_error("request", "invalid --reply-stream '%s': it %s",
                            rstream, why);
     if (parse_url(c.url, c.pwfile, "request", &u, err, sizeof(err)) != 0)
@@ -4584,23 +4552,7 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
                  e->len);
         return -1;
     }
-    if (oq__request_decode(ev, dec, &r->idspec) != 0)
-        return -1;
-    {
-        oq_event scanned = *ev;
-        char to[OQ__REPLY_TO_MAX + 1];
-        size_t to_len;
-        const char *why;
-        scanned.parsed = dec->parsed;
-        if (oq__reply_head(&scanned, to, &to_len, NULL) == 1 &&
-            (why = reply_to_reserved(to, r->k.stream)) != NULL) {
-            dec->reason = OQ_DLQ_REJECTED; /* id and parsed: the engine's */
-            snprintf(dec->error, sizeof(dec->error), "bad request: reply_to "
-                     "%s", why);
-            return -1;
-        }
-    }
-    return 0;
+    return oq__request_decode(ev, dec, &r->idspec, r->k.stream);
 }
 
 static void rfree(void *parsed, void *arg)

@@ -154,21 +154,56 @@ bool oq__reply_to_ok(const char *s, size_t n)
     return true;
 }
 
+/*
+ * Why a reply stream name may not be used (NULL: it may): it is the
+ * stream S itself, or has the shape of a key onceq keeps for a stream
+ * (S:counts, S:id:<id>, R:rq:<corr>, ...: any stream's, not only S's). A
+ * reply there would forge the stream's events or outputs, or turn a key
+ * into a stream and stop every later run of its queue.
+ */
+const char *oq__reply_to_reserved(const char *to, const char *stream)
+{
+    static const char *const suffix[] = { ":counts", ":results", ":dlq",
+                                          ":delayed", ":stats", ":meta",
+                                          ":gone" };
+    static const char *const infix[] = { ":id:", ":dedup:", ":d:", ":rp:",
+                                         ":rq:" };
+    size_t n = strlen(to);
+
+    if (strcmp(to, stream) == 0)
+        return "names the stream the request came from";
+    for (size_t i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
+        size_t k = strlen(suffix[i]);
+        if (n >= k && strcmp(to + n - k, suffix[i]) == 0)
+            return "has the name of a key onceq keeps for a stream (it "
+                   "ends with :counts, :results, :dlq, :delayed, :stats, "
+                   ":meta or :gone)";
+    }
+    for (size_t i = 0; i < sizeof(infix) / sizeof(infix[0]); i++)
+        if (strstr(to, infix[i]) != NULL)
+            return "has the name of a key onceq keeps for a stream (it "
+                   "holds :id:, :dedup:, :d:, :rp: or :rq:)";
+    return NULL;
+}
+
 /* The request fields of a scanned event: reply_to (token), correlation_id
- * (token, or 0). 1 request, 0 not a request, -1 a bad one (err set). */
+ * (token, or 0). 1 request, 0 not a request, -1 a bad one (err set); with
+ * stream (the Redis stream the request came from), a reply_to that
+ * oq__reply_to_reserved refuses is a bad one too. */
 static int request_fields(const oq__jdoc *d, uint32_t *to, uint32_t *corr,
-                          char *err, size_t errlen)
+                          const char *stream, char *err, size_t errlen)
 {
     char buf[NAME_MAX_LEN + 1];
-    const char *name;
+    const char *name, *why;
     size_t n;
 
+    *to = *corr = 0;
     if (d == NULL || d->tok[0].type != OQ__J_OBJ)
         return 0;
     *to = oq__jget(d, 0, "reply_to", 8);
-    *corr = oq__jget(d, 0, "correlation_id", 14);
     if (*to == 0)
-        return 0;
+        return 0; /* most events: one lookup */
+    *corr = oq__jget(d, 0, "correlation_id", 14);
     if (d->tok[*to].type != OQ__J_STR) {
         snprintf(err, errlen, "reply_to is not a string");
         return -1;
@@ -189,10 +224,19 @@ static int request_fields(const oq__jdoc *d, uint32_t *to, uint32_t *corr,
                  NAME_MAX_LEN);
         return -1;
     }
+    if (stream) {
+        memmove(buf, name, n); /* name may be buf already */
+        buf[n] = '\0';
+        if ((why = oq__reply_to_reserved(buf, stream)) != NULL) {
+            snprintf(err, errlen, "reply_to %s", why);
+            return -1;
+        }
+    }
     return 1;
 }
 
-int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec)
+int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec,
+                       const char *stream)
 {
     oq_event scanned = *ev;
     const oq__jdoc *d;
@@ -203,7 +247,7 @@ int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec)
         return -1;
     scanned.parsed = out->parsed;
     d = oq__event_doc(&scanned, &own, err, sizeof(err));
-    if (request_fields(d, &(uint32_t){ 0 }, &(uint32_t){ 0 }, err,
+    if (request_fields(d, &(uint32_t){ 0 }, &(uint32_t){ 0 }, stream, err,
                        sizeof(err)) < 0) {
         /* out->id and out->parsed stay: the id names the dead letter. */
         oq__json_free(own, idspec);
@@ -245,7 +289,7 @@ int oq__reply_head(const oq_event *ev, char *to, size_t *to_len,
     int rc = 0;
 
     d = oq__event_doc(ev, &own, err, sizeof(err));
-    if (request_fields(d, &t, &corr, err, sizeof(err)) == 1) {
+    if (request_fields(d, &t, &corr, NULL, err, sizeof(err)) == 1) {
         s = oq__jstr(d, t, to, to_len);
         if (s != to)
             memcpy(to, s, *to_len);

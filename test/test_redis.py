@@ -641,6 +641,35 @@ def bad_url_is_refused():
     err = one_line_exit_2(["run", "--redis", "http://x", "--stream", "s",
                            "--group", "g"])
     assert "bad Redis URL" in err, err
+    # The message never shows a password.
+    err = one_line_exit_2(["run", "--redis",
+                           "redis://u:hunter2@127.0.0.1:99999", "--stream",
+                           "s", "--group", "g"])
+    assert "bad Redis URL" in err and "hunter2" not in err, err
+
+
+@test
+def a_comma_password_and_a_user_without_role():
+    # A list is split where the next redis:// starts, so a password may
+    # hold a comma; a user not allowed ROLE is taken to be on the primary.
+    port = free_port()
+    srv = server_on(port, "--requirepass", "pa,ss")
+    try:
+        f = path("cp.jsonl")
+        with open(f, "w") as g:
+            g.write('{"id":"1","word":"a"}\n')
+        rc, out, err = run(["send", "--redis",
+                            f"redis://:pa,ss@127.0.0.1:{port}", "--stream",
+                            "cp", f])
+        assert rc == 0 and out.startswith("sent 1,"), (rc, out, err)
+        cli_at(port, "-a", "pa,ss", "ACL", "SETUSER", "lim", "on", ">pw",
+               "~*", "+@all", "-role")
+        rc, out, err = run(["send", "--redis",
+                            f"redis://lim:pw@127.0.0.1:{port}", "--stream",
+                            "cp2", f])
+        assert rc == 0 and out.startswith("sent 1,"), (rc, out, err)
+    finally:
+        stop(srv)
 
 
 @test
