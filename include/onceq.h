@@ -289,7 +289,9 @@ OQ_API size_t oq_queue_dead_letters(oq_queue *q, int take, oq_dead_fn fn,
  * The processed set: which event ids are done, and which are claimed by a
  * worker right now. 2^k shards, each under its own mutex. A claim is a lease
  * with a fencing token: only the current, unexpired holder can commit.
- * DONE ids are remembered as 128-bit digests in a compact table.
+ * Claims and DONE ids are both kept by the id's 128-bit digest (two ids
+ * are confused only if their 128-bit XXH3 digests are equal), DONE ids in
+ * a compact table.
  */
 typedef struct oq_idset oq_idset;
 

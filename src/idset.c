@@ -13,9 +13,19 @@
  * shard locks one after another, never two at once. No state is shared by
  * all shards.
  *
+ * Time. The public calls read the clock themselves; the _d calls take
+ * "now" from the caller, and the engine's ledgers read it once for a batch
+ * of claims or of commits (a clock read costs 25-50 ns here, and there were
+ * three an event). So "now" can be a batch old. An old "now" only makes a
+ * takeover later, or lets a commit or prepare through whose lease ended
+ * after "now" was read and that nobody took over; neither lets two holders
+ * commit one id, because a takeover changes the token under the shard
+ * lock. (The engine also pins the delivery, the queue's own deadline
+ * check, before it commits.)
+ *
  * States. An id is in at most one of:
- *   - CLAIMED: an entry in its shard's uthash table, keyed by the exact id
- *     bytes, with a fencing token and a lease deadline;
+ *   - CLAIMED: a slot in its shard's claim table (see CLAIM table below),
+ *     keyed by the id's digest, with a fencing token and a lease deadline;
  *   - DONE: its digest is in its shard's DONE table (cur or prev);
  *   - neither: never seen, released, or forgotten.
  * claim looks at DONE before CLAIMED, commit moves CLAIMED to DONE in one
@@ -29,15 +39,23 @@
  * holder's commit and release then fail with OQ_ESTALE. Commit also needs
  * now < lease_deadline_ms, so a holder that overran its lease cannot commit
  * even when nobody took over: by then the queue may have handed the event to
- * another worker. Reading the clock before the lock makes "now" at most one
- * lock wait old; that cannot let two commits through, because a takeover and
- * a commit of the same id are serialised by the shard lock and the takeover
- * changes the token.
+ * another worker. A takeover and a commit of the same id are serialised by
+ * the shard lock and the takeover changes the token, so however old "now"
+ * is (see Time), two commits of one id cannot both get through.
  *
  * Prepare. A holder whose outputs go somewhere that can fail first prepares
  * (same checks as commit): the claim is marked committing and is never
  * taken over, even after its lease ends, until the holder commits (DONE) or
  * releases it. So a write that outlives the lease cannot race a takeover.
+ *
+ * CLAIM table. Open addressing with linear probing over 40-byte slots
+ * keyed by the 128-bit digest, like the DONE table: a claim allocates
+ * nothing and compares no id bytes (uthash entries cost a malloc, a free
+ * and a memcmp per claim, and the free was often on another thread). So two
+ * ids share a claim only when their 128-bit digests are equal, the same
+ * assumption the DONE table makes. A table holds only live claims (as many
+ * as messages in flight), is kept at most half full, and deletes by
+ * backward shift, so there are no tombstones; it never shrinks.
  *
  * DONE table. Open addressing with linear probing over 16-byte slots that
  * hold the whole 128-bit digest: no per-id pointer, no id bytes. A false
@@ -66,10 +84,9 @@
 #include <string.h>
 #include <xxhash.h>
 
-#include "oq_uthash.h"
-
 #define MAX_SHARD_BITS 16
-#define SENTINEL_LEN ((size_t)UINT32_MAX) /* ids are shorter than this */
+#define ID_MAX_LEN ((size_t)UINT32_MAX) /* ids are shorter than this */
+#define CLAIM_MIN_CAP 16          /* claim slots in a table's first allocation */
 #define DONE_MIN_CAP 16           /* slots in a table's first allocation */
 #define DONE_LOAD_NUM 4           /* grow past 4/5 = 0.8 full */
 #define DONE_LOAD_DEN 5
@@ -85,19 +102,26 @@ typedef struct dtable {
     size_t count; /* slots in use */
 } dtable;
 
-/* A live (or expired but not yet taken over) claim. */
+/* A live (or expired but not yet taken over) claim: a slot of a claim
+ * table. d all-zero means an empty slot. */
 typedef struct claim {
-    UT_hash_handle hh;         /* keyed by id[0..len) */
+    digest d;                  /* the id's digest (oq__idset_digest) */
     uint64_t token;            /* fencing token, never 0 */
     int64_t lease_deadline_ms; /* the lease ends here (absolute, ms) */
     bool committing;           /* prepared: no takeover, even once expired */
-    size_t len;
-    char id[];                 /* the exact id bytes (not NUL-terminated) */
 } claim;
+
+/* An open-addressing table of claims. cap is 0 (slots NULL) or a power of
+ * 2. */
+typedef struct ctable {
+    claim *slots;
+    size_t cap;
+    size_t count;
+} ctable;
 
 struct shard {
     alignas(64) pthread_mutex_t lock; /* guards every field below; a leaf */
-    claim *claims;             /* uthash head: live claims by id */
+    ctable claims;             /* live claims by digest */
     dtable cur;                /* DONE ids of this generation */
     dtable prev;               /* DONE ids of the previous one (retention) */
     int64_t gen_start_ms;      /* when cur's generation began (absolute, ms) */
@@ -136,12 +160,6 @@ static bool digest_empty(digest d)
 static bool digest_eq(digest a, digest b)
 {
     return a.lo == b.lo && a.hi == b.hi;
-}
-
-/* The uthash bucket hash: 32 digest bits that pick neither shard nor slot. */
-static unsigned claim_hashv(digest d)
-{
-    return (unsigned)(d.hi >> 32);
 }
 
 /* ----------------------------------------------------------- DONE table */
@@ -293,61 +311,100 @@ static bool shard_done(const struct shard *sh, digest d)
     return dtable_contains(&sh->cur, d) || dtable_contains(&sh->prev, d);
 }
 
-/*
- * uthash frees a table's buckets when its last item is deleted, and
- * allocates them again on the next add: with claims coming and going one at
- * a time, that was two extra mallocs and frees per claim. So a shard's claim
- * table, once used, keeps a sentinel entry for good. Its key length is one
- * no id can have (id_ok refuses it), so no lookup ever matches it.
- */
-static int shard_ensure_sentinel(struct shard *sh)
-{
-    claim *c;
+/* ---------------------------------------------------------- CLAIM table */
 
-    if (sh->claims != NULL)
-        return 0;
-    c = oq__calloc(1, sizeof(*c));
-    if (c == NULL)
-        return OQ_ENOMEM;
-    c->len = SENTINEL_LEN;
-    HASH_ADD_KEYPTR_BYHASHVALUE(hh, sh->claims, c->id, (unsigned)SENTINEL_LEN,
-                                0, c);
-    if (c->hh.tbl == NULL) {
-        oq__free(c);
-        return OQ_ENOMEM;
+/* The home slot: digest bits that pick neither the shard (low bits of hi)
+ * nor a DONE slot (low bits of lo). */
+static size_t claim_home(digest d, size_t mask)
+{
+    return (size_t)(d.hi >> 32) & mask;
+}
+
+static claim *shard_find_claim(struct shard *sh, digest d)
+{
+    const ctable *t = &sh->claims;
+    if (t->count == 0)
+        return NULL;
+    size_t mask = t->cap - 1;
+    for (size_t i = claim_home(d, mask);; i = (i + 1) & mask) {
+        claim *c = &t->slots[i];
+        if (digest_eq(c->d, d))
+            return c;
+        if (digest_empty(c->d))
+            return NULL;
     }
+}
+
+/* Puts a claim (its digest not present) into slots with room for it. */
+static claim *ctable_place(claim *slots, size_t cap, const claim *c)
+{
+    size_t mask = cap - 1;
+    size_t i = claim_home(c->d, mask);
+    while (!digest_empty(slots[i].d))
+        i = (i + 1) & mask;
+    slots[i] = *c;
+    return &slots[i];
+}
+
+/* Grows the table, if need be, to take one more claim below half full.
+ * 0 or OQ_ENOMEM (the table unchanged). */
+static int ctable_reserve(ctable *t)
+{
+    if ((t->count + 1) * 2 <= t->cap)
+        return 0;
+    size_t cap = t->cap ? t->cap * 2 : CLAIM_MIN_CAP;
+    claim *slots = oq__malloc(cap * sizeof(*slots));
+    if (slots == NULL)
+        return OQ_ENOMEM;
+    memset(slots, 0, cap * sizeof(*slots)); /* written first: see DONE */
+    for (size_t i = 0; i < t->cap; i++) {
+        if (!digest_empty(t->slots[i].d))
+            ctable_place(slots, cap, &t->slots[i]);
+    }
+    oq__free(t->slots);
+    t->slots = slots;
+    t->cap = cap;
     return 0;
 }
 
-/* Live claims in the shard, without the sentinel. */
+/* Live claims in the shard. */
 static size_t shard_nclaims(const struct shard *sh)
 {
-    return sh->claims ? HASH_COUNT(sh->claims) - 1 : 0;
-}
-
-static claim *shard_find_claim(struct shard *sh, const char *id, size_t len,
-                               digest d)
-{
-    claim *c = NULL;
-    HASH_FIND_BYHASHVALUE(hh, sh->claims, id, len, claim_hashv(d), c);
-    return c;
+    return sh->claims.count;
 }
 
 /* The claim, if token is current and its lease unexpired (or prepared). */
-static claim *current_claim(struct shard *sh, const char *id, size_t len,
-                            digest d, uint64_t token, int64_t now)
+static claim *current_claim(struct shard *sh, digest d, uint64_t token,
+                            int64_t now)
 {
-    claim *c = shard_find_claim(sh, id, len, d);
+    claim *c = shard_find_claim(sh, d);
     if (c != NULL && c->token == token &&
         (c->committing || now < c->lease_deadline_ms))
         return c;
     return NULL;
 }
 
+/* Deletes the claim in slot c by backward shift: every later entry of the
+ * probe run that may move closer to its home does, so lookups never need
+ * tombstones. */
 static void shard_drop_claim(struct shard *sh, claim *c)
 {
-    HASH_DELETE(hh, sh->claims, c);
-    oq__free(c);
+    ctable *t = &sh->claims;
+    size_t mask = t->cap - 1;
+    size_t hole = (size_t)(c - t->slots);
+
+    for (size_t i = (hole + 1) & mask; !digest_empty(t->slots[i].d);
+         i = (i + 1) & mask) {
+        size_t home = claim_home(t->slots[i].d, mask);
+        /* The entry at i may fill the hole if its home is not in the
+         * cyclic range (hole, i]. */
+        if (((i - home) & mask) >= ((i - hole) & mask)) {
+            t->slots[hole] = t->slots[i];
+            hole = i;
+        }
+    }
+    memset(&t->slots[hole], 0, sizeof(t->slots[hole]));
+    t->count--;
 }
 
 /* Tokens come from a counter per shard (under its lock), with the shard's
@@ -363,7 +420,7 @@ static uint64_t new_token(const oq_idset *s, struct shard *sh)
 /* uthash stores key lengths as unsigned. */
 static bool id_ok(const char *id, size_t len)
 {
-    return (id != NULL || len == 0) && len < SENTINEL_LEN;
+    return (id != NULL || len == 0) && len < ID_MAX_LEN;
 }
 
 /* ------------------------------------------------------------ lifecycle */
@@ -444,10 +501,7 @@ void oq_idset_free(oq_idset *s)
         return;
     for (size_t i = 0; i < s->nshards; i++) {
         struct shard *sh = &s->shards[i];
-        claim *c, *tmp;
-        HASH_ITER(hh, sh->claims, c, tmp) {
-            shard_drop_claim(sh, c);
-        }
+        oq__free(sh->claims.slots);
         dtable_clear(&sh->cur);
         dtable_clear(&sh->prev);
         pthread_mutex_destroy(&sh->lock);
@@ -458,33 +512,24 @@ void oq_idset_free(oq_idset *s)
 
 /* ----------------------------------------------------------- operations */
 
-/* Claim a new id: a new entry. Lock held. */
-static int claim_add(oq_idset *s, struct shard *sh, const char *id,
-                     size_t len, digest d, int64_t lease_deadline_ms,
-                     oq_claim *out)
+/* Claim a new id: a new slot. Lock held. */
+static int claim_add(oq_idset *s, struct shard *sh, digest d,
+                     int64_t lease_deadline_ms, oq_claim *out)
 {
-    claim *c;
-    if (shard_ensure_sentinel(sh) != 0)
+    if (ctable_reserve(&sh->claims) != 0)
         return OQ_ENOMEM;
-    c = oq__malloc(sizeof(*c) + len);
-    if (c == NULL)
-        return OQ_ENOMEM;
-    memset(c, 0, sizeof(*c));
-    if (len > 0)
-        memcpy(c->id, id, len);
-    c->len = len;
-    c->lease_deadline_ms = lease_deadline_ms;
-    HASH_ADD_KEYPTR_BYHASHVALUE(hh, sh->claims, c->id, len, claim_hashv(d),
-                                c);
-    if (c->hh.tbl == NULL) {
-        oq__free(c);
-        return OQ_ENOMEM;
-    }
-    /* Only a claim that is in the table gets a token. */
-    c->token = new_token(s, sh);
-    out->token = c->token;
+    claim c = { .d = d, .token = new_token(s, sh),
+                .lease_deadline_ms = lease_deadline_ms };
+    ctable_place(sh->claims.slots, sh->claims.cap, &c);
+    sh->claims.count++;
+    out->token = c.token;
     out->lease_deadline_ms = lease_deadline_ms;
     return OQ_CLAIMED;
+}
+
+int64_t oq__idset_now(const oq_idset *s)
+{
+    return oq_clock_now(s->clock);
 }
 
 int oq_idset_claim(oq_idset *s, const char *id, size_t len,
@@ -492,20 +537,17 @@ int oq_idset_claim(oq_idset *s, const char *id, size_t len,
 {
     if (s == NULL || !id_ok(id, len))
         return OQ_EINVAL;
-    return oq__idset_claim_d(s, id, len, oq__idset_digest(id, len),
-                             lease_deadline_ms, out);
+    return oq__idset_claim_d(s, oq__idset_digest(id, len), lease_deadline_ms,
+                             oq_clock_now(s->clock), out);
 }
 
-int oq__idset_claim_d(oq_idset *s, const char *id, size_t len, oq__digest d,
-                      int64_t lease_deadline_ms, oq_claim *out)
+int oq__idset_claim_d(oq_idset *s, oq__digest d, int64_t lease_deadline_ms,
+                      int64_t now, oq_claim *out)
 {
     oq_claim ignored;
-    if (s == NULL || !id_ok(id, len))
-        return OQ_EINVAL;
     if (out == NULL)
         out = &ignored;
     struct shard *sh = shard_of(s, d);
-    int64_t now = oq_clock_now(s->clock);
     int rc;
 
     pthread_mutex_lock(&sh->lock);
@@ -514,9 +556,9 @@ int oq__idset_claim_d(oq_idset *s, const char *id, size_t len, oq__digest d,
         rc = OQ_DONE;
         goto out_unlock;
     }
-    claim *c = shard_find_claim(sh, id, len, d);
+    claim *c = shard_find_claim(sh, d);
     if (c == NULL) {
-        rc = claim_add(s, sh, id, len, d, lease_deadline_ms, out);
+        rc = claim_add(s, sh, d, lease_deadline_ms, out);
     } else if (c->committing || c->lease_deadline_ms > now) {
         out->token = c->token;
         out->lease_deadline_ms = c->lease_deadline_ms;
@@ -538,21 +580,18 @@ int oq_idset_commit(oq_idset *s, const char *id, size_t len, uint64_t token)
 {
     if (s == NULL || !id_ok(id, len))
         return OQ_EINVAL;
-    return oq__idset_commit_d(s, id, len, oq__idset_digest(id, len), token);
+    return oq__idset_commit_d(s, oq__idset_digest(id, len), token,
+                              oq_clock_now(s->clock));
 }
 
-int oq__idset_commit_d(oq_idset *s, const char *id, size_t len, oq__digest d,
-                      uint64_t token)
+int oq__idset_commit_d(oq_idset *s, oq__digest d, uint64_t token, int64_t now)
 {
-    if (s == NULL || !id_ok(id, len))
-        return OQ_EINVAL;
     struct shard *sh = shard_of(s, d);
-    int64_t now = oq_clock_now(s->clock);
     int rc = OQ_ESTALE;
 
     pthread_mutex_lock(&sh->lock);
     rotate(s, sh, now);
-    claim *c = current_claim(sh, id, len, d, token, now);
+    claim *c = current_claim(sh, d, token, now);
     if (c != NULL) {
         /* Add first: if that fails the claim is still there, unchanged. */
         rc = dtable_add(&sh->cur, d, sh->init_cap);
@@ -567,20 +606,18 @@ int oq_idset_prepare(oq_idset *s, const char *id, size_t len, uint64_t token)
 {
     if (s == NULL || !id_ok(id, len))
         return OQ_EINVAL;
-    return oq__idset_prepare_d(s, id, len, oq__idset_digest(id, len), token);
+    return oq__idset_prepare_d(s, oq__idset_digest(id, len), token,
+                               oq_clock_now(s->clock));
 }
 
-int oq__idset_prepare_d(oq_idset *s, const char *id, size_t len, oq__digest d,
-                      uint64_t token)
+int oq__idset_prepare_d(oq_idset *s, oq__digest d, uint64_t token,
+                        int64_t now)
 {
-    if (s == NULL || !id_ok(id, len))
-        return OQ_EINVAL;
     struct shard *sh = shard_of(s, d);
-    int64_t now = oq_clock_now(s->clock);
     int rc = OQ_ESTALE;
 
     pthread_mutex_lock(&sh->lock);
-    claim *c = current_claim(sh, id, len, d, token, now);
+    claim *c = current_claim(sh, d, token, now);
     if (c != NULL) {
         c->committing = true;
         rc = 0;
@@ -589,16 +626,14 @@ int oq__idset_prepare_d(oq_idset *s, const char *id, size_t len, oq__digest d,
     return rc;
 }
 
-int oq__idset_extend_d(oq_idset *s, const char *id, size_t len, oq__digest d,
-                       uint64_t token, int64_t lease_deadline_ms)
+int oq__idset_extend_d(oq_idset *s, oq__digest d, uint64_t token,
+                       int64_t lease_deadline_ms)
 {
-    if (s == NULL || !id_ok(id, len))
-        return OQ_EINVAL;
     struct shard *sh = shard_of(s, d);
     int rc = OQ_ESTALE;
 
     pthread_mutex_lock(&sh->lock);
-    claim *c = shard_find_claim(sh, id, len, d);
+    claim *c = shard_find_claim(sh, d);
     /* The holder's token is still current (nobody took the claim over);
      * a lease is only ever moved later. */
     if (c != NULL && c->token == token) {
@@ -614,19 +649,16 @@ int oq_idset_release(oq_idset *s, const char *id, size_t len, uint64_t token)
 {
     if (s == NULL || !id_ok(id, len))
         return OQ_EINVAL;
-    return oq__idset_release_d(s, id, len, oq__idset_digest(id, len), token);
+    return oq__idset_release_d(s, oq__idset_digest(id, len), token);
 }
 
-int oq__idset_release_d(oq_idset *s, const char *id, size_t len, oq__digest d,
-                      uint64_t token)
+int oq__idset_release_d(oq_idset *s, oq__digest d, uint64_t token)
 {
-    if (s == NULL || !id_ok(id, len))
-        return OQ_EINVAL;
     struct shard *sh = shard_of(s, d);
     int rc = OQ_ESTALE;
 
     pthread_mutex_lock(&sh->lock);
-    claim *c = shard_find_claim(sh, id, len, d);
+    claim *c = shard_find_claim(sh, d);
     if (c != NULL && c->token == token) {
         shard_drop_claim(sh, c);
         rc = 0;
@@ -649,7 +681,7 @@ int oq_idset_insert_done(oq_idset *s, const char *id, size_t len)
     if (!shard_done(sh, d)) {
         rc = dtable_add(&sh->cur, d, sh->init_cap);
         /* DONE and CLAIMED never overlap: the holder's token goes stale. */
-        claim *c = rc == 0 ? shard_find_claim(sh, id, len, d) : NULL;
+        claim *c = rc == 0 ? shard_find_claim(sh, d) : NULL;
         if (c != NULL)
             shard_drop_claim(sh, c);
     }

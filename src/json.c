@@ -330,10 +330,129 @@ sorted:
     return rc;
 }
 
+/* ------------------------------------------------------- the fast path */
+
+/* Members of an object the fast path takes; more go the full way. */
+#define FLAT_MAX 16
+
+/* A plain string at s[p] (the opening quote): no escapes, no control
+ * characters. Appends its token; *pp moves past the closing quote. false
+ * for anything else (the full scan decides). Room for the token was made
+ * by the caller. */
+static bool flat_string(const char *s, size_t len, size_t *pp, oq__jtape *t)
+{
+    size_t b = *pp + 1, p = b;
+
+    while (p < len && plain[(unsigned char)s[p]])
+        p++;
+    if (p >= len || s[p] != '"')
+        return false;
+    t->tok[t->n] = (oq__jtok){ (uint32_t)b, (uint32_t)(p - b), t->n + 1,
+                               OQ__J_STR, 0 };
+    t->n++;
+    *pp = p + 1;
+    return true;
+}
+
+/*
+ * The common event in one pass: one object, not nested, of at most
+ * FLAT_MAX members whose keys and string values have no escapes and whose
+ * values are strings, numbers or literals. Builds exactly the tape the full
+ * scan would (test/test_json.c checks that on mutated texts) and returns 0;
+ * returns 1, with the tape in any state, for every other text, valid or
+ * not, which the full scan then reads. Numbers and literals go through the
+ * full scan's own functions.
+ */
+int oq__json_scan_flat(const char *s, size_t len, oq__jtape *t)
+{
+    scan sc = { s, len, t, 0, NULL };
+    size_t p = 0, open;
+    uint32_t keys[FLAT_MAX], nk = 0;
+
+    if (t->cap < 2 * FLAT_MAX + 1) {
+        oq__jtok *nt = oq__realloc(t->tok, 64 * sizeof(*nt));
+        if (nt == NULL)
+            return 1;
+        t->tok = nt;
+        t->cap = 64;
+    }
+    t->n = 1;
+    while (p < len && is_ws(s[p]))
+        p++;
+    if (p >= len || s[p] != '{')
+        return 1;
+    open = p++;
+    while (p < len && is_ws(s[p]))
+        p++;
+    if (p < len && s[p] == '}')
+        goto close;
+    for (;;) {
+        if (nk == FLAT_MAX || p >= len || s[p] != '"')
+            return 1;
+        keys[nk++] = t->n;
+        if (!flat_string(s, len, &p, t))
+            return 1;
+        while (p < len && is_ws(s[p]))
+            p++;
+        if (p >= len || s[p] != ':')
+            return 1;
+        p++;
+        while (p < len && is_ws(s[p]))
+            p++;
+        if (p >= len)
+            return 1;
+        if (s[p] == '"') {
+            if (!flat_string(s, len, &p, t))
+                return 1;
+        } else if (s[p] == '-' || is_digit(s[p])) {
+            if (scan_number(&sc, &p) != 0)
+                return 1;
+        } else if (s[p] == 't' || s[p] == 'f' || s[p] == 'n') {
+            if (scan_literal(&sc, &p) != 0)
+                return 1;
+        } else {
+            return 1;
+        }
+        while (p < len && is_ws(s[p]))
+            p++;
+        if (p < len && s[p] == ',') {
+            p++;
+            while (p < len && is_ws(s[p]))
+                p++;
+            continue;
+        }
+        if (p < len && s[p] == '}')
+            break;
+        return 1;
+    }
+close:
+    /* A duplicate key is an error: the full scan words it. */
+    for (uint32_t a = 1; a < nk; a++)
+        for (uint32_t b = 0; b < a; b++) {
+            const oq__jtok *x = &t->tok[keys[a]], *y = &t->tok[keys[b]];
+            if (x->len == y->len &&
+                memcmp(s + x->start, s + y->start, x->len) == 0)
+                return 1;
+        }
+    t->tok[0] = (oq__jtok){ (uint32_t)open, (uint32_t)(p + 1 - open), t->n,
+                            OQ__J_OBJ, 0 };
+    for (p++; p < len && is_ws(s[p]); p++)
+        ;
+    return p < len ? 1 : 0;
+}
+
 /* ------------------------------------------------------------- the scan */
 
 int oq__json_scan(const char *s, size_t len, oq__jtape *t, size_t *err_at,
                   const char **why)
+{
+    if (len < UINT32_MAX && oq__json_scan_flat(s, len, t) == 0)
+        return 0;
+    return oq__json_scan_full(s, len, t, err_at, why);
+}
+
+int oq__json_scan_full(const char *s, size_t len, oq__jtape *t,
+                       size_t *err_at, const char **why)
 {
     scan sc = { s, len, t, 0, NULL };
     uint32_t stack[OQ__JSON_MAX_DEPTH];

@@ -80,11 +80,12 @@ const oq__queue_methods oq__mem_queue_methods = {
 static int l_claim(void *ctx, oq__lclaim *c, size_t n)
 {
     oq__mem_ledger *l = ctx;
+    int64_t now = oq__idset_now(l->s); /* once a batch: idset.c, Time */
 
     for (size_t i = 0; i < n; i++) {
         oq_claim cl = { 0, 0 };
-        c[i].status = oq__idset_claim_d(l->s, c[i].id, c[i].id_len, c[i].dg,
-                                        c[i].d->deadline_ms, &cl);
+        c[i].status = oq__idset_claim_d(l->s, c[i].dg, c[i].d->deadline_ms,
+                                        now, &cl);
         c[i].token = cl.token;
         c[i].holder_deadline_ms = cl.lease_deadline_ms;
     }
@@ -96,29 +97,29 @@ static void l_release(void *ctx, oq__lclaim *c, size_t n)
     oq__mem_ledger *l = ctx;
 
     for (size_t i = 0; i < n; i++)
-        oq__idset_release_d(l->s, c[i].id, c[i].id_len, c[i].dg, c[i].token);
+        oq__idset_release_d(l->s, c[i].dg, c[i].token);
 }
 
 static int l_extend(void *ctx, const oq__lclaim *c, int64_t deadline_ms)
 {
     oq__mem_ledger *l = ctx;
 
-    return oq__idset_extend_d(l->s, c->id, c->id_len, c->dg, c->token,
-                              deadline_ms);
+    return oq__idset_extend_d(l->s, c->dg, c->token, deadline_ms);
 }
 
 /* Prepared -> DONE once the outputs are applied: only memory to grow the
  * DONE table can be short. Wait for it rather than let the event be
  * applied twice. */
-static void commit_prepared(oq__mem_ledger *l, const oq__lclaim *c)
+static void commit_prepared(oq__mem_ledger *l, const oq__lclaim *c,
+                            int64_t now)
 {
-    while (oq__idset_commit_d(l->s, c->id, c->id_len, c->dg, c->token) != 0)
+    while (oq__idset_commit_d(l->s, c->dg, c->token, now) != 0)
         nap_ms(1);
 }
 
 /* Commits one entry; see the DESIGN note. A staged reply is committed
  * with the id: prepared before anything is applied, published after. */
-static int commit_one(oq__mem_ledger *l, const oq__lcommit *e)
+static int commit_one(oq__mem_ledger *l, const oq__lcommit *e, int64_t now)
 {
     const oq__lclaim *c = e->claim;
     const oq__reply_sink *rs = &l->replies;
@@ -129,12 +130,12 @@ static int commit_one(oq__mem_ledger *l, const oq__lcommit *e)
     int rc;
 
     if (!apply && !reply) {
-        rc = oq__idset_commit_d(l->s, c->id, c->id_len, c->dg, c->token);
+        rc = oq__idset_commit_d(l->s, c->dg, c->token, now);
         if (rc == OQ_ENOMEM) /* no room in the DONE table: nothing done */
-            oq__idset_release_d(l->s, c->id, c->id_len, c->dg, c->token);
+            oq__idset_release_d(l->s, c->dg, c->token);
         return rc;
     }
-    rc = oq__idset_prepare_d(l->s, c->id, c->id_len, c->dg, c->token);
+    rc = oq__idset_prepare_d(l->s, c->dg, c->token, now);
     if (rc != 0)
         return rc;
     if (reply && (prepared = rs->prepare(e->ev, e->txn, rs->arg)) == NULL)
@@ -146,18 +147,20 @@ static int commit_one(oq__mem_ledger *l, const oq__lcommit *e)
     }
     if (prepared)
         rs->publish(prepared, rs->arg);
-    commit_prepared(l, c);
+    commit_prepared(l, c, now);
     return 0;
 
 out_release:
-    oq__idset_release_d(l->s, c->id, c->id_len, c->dg, c->token);
+    oq__idset_release_d(l->s, c->dg, c->token);
     return OQ_ENOMEM;
 }
 
 static void l_commit(void *ctx, oq__lcommit *c, size_t n)
 {
+    int64_t now = oq__idset_now(((oq__mem_ledger *)ctx)->s);
+
     for (size_t i = 0; i < n; i++)
-        c[i].result = commit_one(ctx, &c[i]);
+        c[i].result = commit_one(ctx, &c[i], now);
 }
 
 const oq__ledger_methods oq__mem_ledger_methods = {

@@ -136,6 +136,13 @@ typedef struct oq__jdoc {
  * strict JSON (*err_at: byte offset, *why: what is wrong); OQ_ENOMEM. */
 int oq__json_scan(const char *s, size_t len, oq__jtape *t, size_t *err_at,
                   const char **why);
+/* oq__json_scan is the fast path, then the full scan where the fast path
+ * declines. The fast path alone: 0 and the tape the full scan would build,
+ * or 1 (declined: not a flat object of plain strings, numbers and literals,
+ * or not valid). Both exported for tests, which check they agree. */
+int oq__json_scan_flat(const char *s, size_t len, oq__jtape *t);
+int oq__json_scan_full(const char *s, size_t len, oq__jtape *t,
+                       size_t *err_at, const char **why);
 void oq__jtape_free(oq__jtape *t);
 /* 1 if s[0..len) is one strict JSON text in valid UTF-8 without NUL. */
 int oq__json_valid(const char *s, size_t len);
@@ -181,18 +188,21 @@ typedef struct oq__digest {
     uint64_t lo, hi;
 } oq__digest;
 oq__digest oq__idset_digest(const char *id, size_t len);
-int oq__idset_claim_d(oq_idset *s, const char *id, size_t len, oq__digest d,
-                      int64_t lease_deadline_ms, oq_claim *out);
-int oq__idset_commit_d(oq_idset *s, const char *id, size_t len, oq__digest d,
-                       uint64_t token);
-int oq__idset_prepare_d(oq_idset *s, const char *id, size_t len,
-                        oq__digest d, uint64_t token);
-int oq__idset_release_d(oq_idset *s, const char *id, size_t len,
-                        oq__digest d, uint64_t token);
+/* The set's clock, read for the calls below that take now: a caller
+ * that claims or commits a batch reads it once for the batch (see "Time"
+ * in idset.c). */
+int64_t oq__idset_now(const oq_idset *s);
+int oq__idset_claim_d(oq_idset *s, oq__digest d, int64_t lease_deadline_ms,
+                      int64_t now, oq_claim *out);
+int oq__idset_commit_d(oq_idset *s, oq__digest d, uint64_t token,
+                       int64_t now);
+int oq__idset_prepare_d(oq_idset *s, oq__digest d, uint64_t token,
+                        int64_t now);
+int oq__idset_release_d(oq_idset *s, oq__digest d, uint64_t token);
 /* A heartbeat: moves the claim's lease to lease_deadline_ms (never
  * earlier) while token is current. 0 or OQ_ESTALE. */
-int oq__idset_extend_d(oq_idset *s, const char *id, size_t len, oq__digest d,
-                       uint64_t token, int64_t lease_deadline_ms);
+int oq__idset_extend_d(oq_idset *s, oq__digest d, uint64_t token,
+                       int64_t lease_deadline_ms);
 
 /* --------------------------------------------------------------- engine.c */
 

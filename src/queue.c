@@ -78,11 +78,10 @@ typedef struct msg {
                                  (a dying one does not: see take()) */
     int64_t first_receive_ms; /* 0 until the first delivery */
     unsigned refs;            /* queue's own + one per delivery */
-    int hashed;               /* in q->inflight */
+    int hashed;               /* in q->receipts */
     struct slab *slab;        /* the batch allocation it lives in, or NULL */
     char *last_error;         /* the last nack's error text, or NULL */
     struct msg *next;         /* READY FIFO link, or free list */
-    UT_hash_handle hh;        /* q->inflight, key receipt */
     char data[];              /* id bytes, NUL, payload bytes, NUL */
 } msg;
 
@@ -127,6 +126,25 @@ typedef struct dedup {
     char id[];
 } dedup;
 
+/*
+ * In-flight messages by receipt, for the callers that settle by receipt
+ * number (oq_queue_ack and friends: the node protocol); oq_queue_settle
+ * goes through the delivery's own pointer. Open addressing with linear
+ * probing, at most half full, deletion by backward shift (no tombstones),
+ * never shrinks: a delivery costs a multiply and a store, not a malloc or
+ * a uthash bucket. Receipt 0 (never issued) marks an empty slot.
+ */
+typedef struct rslot {
+    uint64_t receipt;
+    msg *m;
+} rslot;
+
+typedef struct rtable {
+    rslot *slots;
+    size_t cap;   /* 0 or a power of 2 */
+    size_t count;
+} rtable;
+
 struct oq_queue {
     oq_queue_opts opts;       /* immutable after new */
 
@@ -138,9 +156,7 @@ struct oq_queue {
     size_t ready_len;
     oq__heap delayed;         /* DELAYED messages by due_ms */
     oq__heap deadlines;       /* INFLIGHT messages by due_ms */
-    msg *inflight;            /* uthash by receipt: INFLIGHT and PINNED,
-                                 and the sentinel */
-    msg *sentinel;            /* receipt 0: keeps the table allocated */
+    rtable receipts;          /* INFLIGHT and PINNED messages by receipt */
     size_t pinned;
     uint64_t next_receipt;
     dead *dead_head, *dead_tail;
@@ -197,26 +213,6 @@ int oq_queue_new(oq_queue **out, const oq_queue_opts *opts)
     }
     oq__heap_init(&q->delayed, offsetof(msg, due_ms), offsetof(msg, heap_pos));
     oq__heap_init(&q->deadlines, offsetof(msg, due_ms), offsetof(msg, heap_pos));
-    /* uthash frees its buckets whenever the table empties (after every
-     * batch, with one worker) and allocates them again on the next add; a
-     * sentinel under receipt 0, which is never issued nor looked up, keeps
-     * the receipt table allocated. */
-    q->sentinel = oq__calloc(1, sizeof(msg));
-    if (q->sentinel != NULL) {
-        oq__hash_oom = 0;
-        HASH_ADD(hh, q->inflight, receipt, sizeof(q->sentinel->receipt),
-                 q->sentinel);
-        if (oq__hash_oom) {
-            oq__free(q->sentinel);
-            q->sentinel = NULL;
-        }
-    }
-    if (q->sentinel == NULL) {
-        pthread_cond_destroy(&q->cv);
-        pthread_mutex_destroy(&q->mu);
-        oq__free(q);
-        return OQ_ENOMEM;
-    }
     *out = q;
     return 0;
 }
@@ -229,7 +225,7 @@ static void free_dead(dead *d)
 
 void oq_queue_free(oq_queue *q)
 {
-    msg *m, *tmp;
+    msg *m;
     dedup *e, *etmp;
     dead *d;
 
@@ -243,11 +239,11 @@ void oq_queue_free(oq_queue *q)
     while ((m = oq__heap_pop(&q->delayed)) != NULL)
         msg_free(m);
     while ((m = oq__heap_pop(&q->deadlines)) != NULL)
-        m->state = M_GONE; /* also in the hash; freed below */
-    HASH_ITER(hh, q->inflight, m, tmp) {
-        HASH_DEL(q->inflight, m);
-        msg_free(m);
-    }
+        m->state = M_GONE; /* also in the receipt table; freed below */
+    for (size_t i = 0; i < q->receipts.cap; i++)
+        if (q->receipts.slots[i].receipt != 0)
+            msg_free(q->receipts.slots[i].m);
+    oq__free(q->receipts.slots);
     while ((d = q->dead_head) != NULL) {
         q->dead_head = d->next;
         msg_free(d->m);
@@ -262,6 +258,77 @@ void oq_queue_free(oq_queue *q)
     pthread_cond_destroy(&q->cv);
     pthread_mutex_destroy(&q->mu);
     oq__free(q);
+}
+
+/* ------------------------------------------------------ receipt table */
+
+#define RTABLE_MIN_CAP 64
+
+static size_t rtable_home(uint64_t receipt, size_t mask)
+{
+    return (size_t)((receipt * 0x9E3779B97F4A7C15u) >> 32) & mask;
+}
+
+static void rtable_place(rslot *slots, size_t cap, uint64_t receipt, msg *m)
+{
+    size_t mask = cap - 1, i = rtable_home(receipt, mask);
+    while (slots[i].receipt != 0)
+        i = (i + 1) & mask;
+    slots[i].receipt = receipt;
+    slots[i].m = m;
+}
+
+/* 0, or OQ_ENOMEM (the table unchanged). */
+static int rtable_add(rtable *t, uint64_t receipt, msg *m)
+{
+    if ((t->count + 1) * 2 > t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : RTABLE_MIN_CAP;
+        rslot *slots = oq__calloc(cap, sizeof(*slots));
+        if (slots == NULL)
+            return OQ_ENOMEM;
+        for (size_t i = 0; i < t->cap; i++)
+            if (t->slots[i].receipt != 0)
+                rtable_place(slots, cap, t->slots[i].receipt, t->slots[i].m);
+        oq__free(t->slots);
+        t->slots = slots;
+        t->cap = cap;
+    }
+    rtable_place(t->slots, t->cap, receipt, m);
+    t->count++;
+    return 0;
+}
+
+static rslot *rtable_find(const rtable *t, uint64_t receipt)
+{
+    if (t->count == 0 || receipt == 0)
+        return NULL;
+    size_t mask = t->cap - 1;
+    for (size_t i = rtable_home(receipt, mask);; i = (i + 1) & mask) {
+        if (t->slots[i].receipt == receipt)
+            return &t->slots[i];
+        if (t->slots[i].receipt == 0)
+            return NULL;
+    }
+}
+
+/* Removes a receipt that is in the table. */
+static void rtable_del(rtable *t, uint64_t receipt)
+{
+    rslot *hole_at = rtable_find(t, receipt);
+    size_t mask = t->cap - 1, hole = (size_t)(hole_at - t->slots);
+
+    for (size_t i = (hole + 1) & mask; t->slots[i].receipt != 0;
+         i = (i + 1) & mask) {
+        size_t home = rtable_home(t->slots[i].receipt, mask);
+        /* It may move back into the hole unless its home lies in the
+         * cyclic range (hole, i]. */
+        if (((i - home) & mask) >= ((i - hole) & mask)) {
+            t->slots[hole] = t->slots[i];
+            hole = i;
+        }
+    }
+    t->slots[hole] = (rslot){ 0, NULL };
+    t->count--;
 }
 
 /* ------------------------------------------------- helpers, q->mu held */
@@ -319,7 +386,7 @@ static void leave_flight(oq_queue *q, msg *m)
     else
         q->pinned--;
     if (m->hashed) {
-        HASH_DEL(q->inflight, m);
+        rtable_del(&q->receipts, m->receipt);
         m->hashed = 0;
     }
     m->receipt = 0;
@@ -508,8 +575,7 @@ static int send_locked(oq_queue *q, const oq_message *in, msg *m, int64_t now)
         if (rc != 0)
             return rc;
     } else {
-        ready_push(q, m, now);
-        wake_one(q);
+        ready_push(q, m, now); /* the caller wakes a receiver */
     }
     if (dedup_on)
         dedup_remember(q, in->id, in->id_len, now);
@@ -585,6 +651,10 @@ int oq_queue_send_batch(oq_queue *q, const oq_message *msgs, size_t n,
             if (rc == 0)
                 accepted++;
         }
+        /* One wake a chunk: a receiver that takes part of it wakes the
+         * next (oq_queue_receive). */
+        if (q->ready_len > 0)
+            wake_one(q);
         if (q->closed && accepted == 0) {
             pthread_mutex_unlock(&q->mu);
             free_list(freelist);
@@ -705,9 +775,7 @@ static size_t take(oq_queue *q, oq_delivery *out, size_t max, int64_t now)
         m->receipt = ++q->next_receipt;
         /* Without memory for the receipt table, the delivery still works
          * through its oq_delivery; only oq_queue_ack(receipt) won't find it. */
-        oq__hash_oom = 0;
-        HASH_ADD(hh, q->inflight, receipt, sizeof(m->receipt), m);
-        m->hashed = !oq__hash_oom;
+        m->hashed = rtable_add(&q->receipts, m->receipt, m) == 0;
         m->counted = why < 0;
         if (m->counted)
             m->receive_count++;
@@ -801,10 +869,8 @@ int oq_queue_receive(oq_queue *q, oq_delivery *out, size_t max,
 /* The message behind a receipt, if the receipt is current. */
 static msg *lookup_receipt(oq_queue *q, uint64_t receipt)
 {
-    msg *m = NULL;
-    if (receipt != 0)
-        HASH_FIND(hh, q->inflight, &receipt, sizeof(receipt), m);
-    return m;
+    rslot *r = rtable_find(&q->receipts, receipt);
+    return r ? r->m : NULL;
 }
 
 static bool current(const msg *m, uint64_t receipt)

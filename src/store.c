@@ -1911,14 +1911,13 @@ static int sl_extend(void *ctx, const oq__lclaim *cl, int64_t deadline_ms)
 static void sl_commit(void *ctx, oq__lcommit *e, size_t n)
 {
     oq__committer *c = ctx;
+    int64_t now = oq__idset_now(c->o.s); /* once a batch: idset.c, Time */
 
     for (size_t i = 0; i < n; i++) {
         const oq__lclaim *cl = e[i].claim;
-        int rc = oq__idset_prepare_d(c->o.s, cl->id, cl->id_len, cl->dg,
-                                     cl->token);
+        int rc = oq__idset_prepare_d(c->o.s, cl->dg, cl->token, now);
         if (rc == 0 && (rc = submit(c, &e[i])) != 0)
-            oq__idset_release_d(c->o.s, cl->id, cl->id_len, cl->dg,
-                                cl->token);
+            oq__idset_release_d(c->o.s, cl->dg, cl->token);
         e[i].result = rc == 0 ? OQ__PENDING : rc;
     }
 }

@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define T0 1000 /* the test clock's start, ms */
 
@@ -485,6 +486,94 @@ static void test_stats_counts(void **state)
     assert_true(st.table_bytes >= 2 * 16);
 }
 
+/* ------------------------------------------------------------- a model */
+
+/*
+ * Random claims, commits, releases and clock steps on one shard (so every
+ * claim shares one table, which grows and deletes by backward shift),
+ * checked op by op against a plain model of the rules. Seeded: the seed is
+ * printed, and ONCEQ_TEST_SEED repeats a run.
+ */
+enum { M_IDS = 600, M_OPS = 200000 };
+
+typedef struct mstate {
+    int state; /* 0 none, 1 claimed, 2 done */
+    uint64_t token;
+    int64_t deadline;
+} mstate;
+
+static uint64_t m_rand(uint64_t *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return *x;
+}
+
+static void test_claim_table_matches_model(void **state)
+{
+    fixture *f = *state;
+    static mstate m[M_IDS];
+    const char *env = getenv("ONCEQ_TEST_SEED");
+    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
+    uint64_t x = seed | 1;
+    size_t live = 0, most = 0;
+
+    printf("claim table model: seed %llu\n", (unsigned long long)seed);
+    memset(m, 0, sizeof(m));
+    for (int op = 0; op < M_OPS; op++) {
+        int i = (int)(m_rand(&x) % M_IDS);
+        char id[32];
+        snprintf(id, sizeof(id), "id-%d", i);
+        int64_t now = oq_clock_now(oq_testclock_clock(f->tc));
+        uint64_t r = m_rand(&x) % 100;
+        oq_claim c = { 0, 0 };
+        if (r < 50) {
+            int64_t dl = now + 1 + (int64_t)(m_rand(&x) % 50);
+            int rc = claim(f->s, id, dl, &c);
+            if (m[i].state == 2) {
+                assert_int_equal(rc, OQ_DONE);
+            } else if (m[i].state == 1 && m[i].deadline > now) {
+                assert_int_equal(rc, OQ_BUSY);
+                assert_true(c.token == m[i].token);
+            } else {
+                assert_int_equal(rc, OQ_CLAIMED);
+                assert_true(c.token > m[i].token);
+                live += m[i].state == 0;
+                m[i] = (mstate){ 1, c.token, dl };
+            }
+        } else if (r < 90) {
+            /* commit (r < 70) or release, with the current token or a
+             * stale one */
+            bool stale = m_rand(&x) % 8 == 0;
+            uint64_t tok = stale ? m[i].token - 1 : m[i].token;
+            int rc = r < 70 ? commit(f->s, id, tok) : release(f->s, id, tok);
+            bool ok = m[i].state == 1 && !stale &&
+                      (r >= 70 || now < m[i].deadline);
+            assert_int_equal(rc, ok ? 0 : OQ_ESTALE);
+            if (ok) {
+                m[i].state = r < 70 ? 2 : 0;
+                live--;
+            }
+        } else {
+            oq_testclock_advance(f->tc, (int64_t)(m_rand(&x) % 5));
+        }
+        most = live > most ? live : most;
+        if (op % 50000 == 0) {
+            oq_idset_stats st;
+            oq_idset_stats_get(f->s, &st);
+            assert_int_equal(st.claims, live);
+        }
+    }
+    /* It held many claims at once, not a handful. */
+    assert_true(most > 100);
+    for (int i = 0; i < M_IDS; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "id-%d", i);
+        assert_int_equal(contains(f->s, id), m[i].state == 2);
+    }
+}
+
 /* --------------------------------------------------- allocation failure */
 
 static void test_alloc_fail_claim(void **state)
@@ -764,6 +853,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_retention_forgotten_id_can_be_claimed, setup_retention, teardown),
         cmocka_unit_test_setup_teardown(test_no_retention_remembers_forever, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stats_counts, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_claim_table_matches_model, setup_one_shard, teardown),
         cmocka_unit_test_setup_teardown(test_alloc_fail_claim, setup, teardown),
         cmocka_unit_test_setup_teardown(test_alloc_fail_insert_done, setup, teardown),
         cmocka_unit_test_setup_teardown(test_alloc_fail_commit_keeps_claim, setup_one_shard, teardown),

@@ -218,6 +218,9 @@ static const char *const seeds[] = {
     "{\"meta\":{\"id\":\"m\",\"tags\":[\"x\",\"y\"]},\"v\":0.5}",
     " { } ",
     "\"just\"",
+    "{\"id\":\"evt-1\",\"word\":\"w1\"}",
+    "{ \"id\" : 42 , \"n\":-0.5e-3,\"t\":true,\"f\":false,\"z\":null }",
+    "{\"id\":\"\xc3\xa9v\",\"text\":\"one two three\",\"k\":\"\"}",
 };
 
 /* Bytes a mutation inserts: JSON syntax, escapes, odd whitespace. */
@@ -308,6 +311,69 @@ static void test_differential_fuzz(void **state)
     assert_true(accepted > 0);
 }
 
+/* The fast path (oq__json_scan_flat) against the full scan, on mutated
+ * events: whatever the fast path takes, the full scan takes too, with the
+ * very same tape (every token's offsets, lengths, types and links); what it
+ * declines is left to the full scan. Takes OQ_FUZZ_SEED and OQ_FUZZ_ITERS
+ * like the fuzz above. */
+static void test_fast_path_same_tape(void **state)
+{
+    (void)state;
+    static const char *const flat[] = {
+        "{\"id\":\"evt-1\",\"word\":\"w1\"}",
+        "{ \"id\" : 42 , \"n\":-0.5e-3,\"t\":true,\"f\":false,\"z\":null }",
+        "{\"id\":\"\xc3\xa9v\",\"text\":\"one two three\",\"k\":\"\"}",
+        "{\"a\":1,\"b\":2,\"c\":3,\"d\":4,\"e\":5,\"f\":6,\"g\":7,\"h\":8,"
+        "\"i\":9,\"j\":10,\"k\":11,\"l\":12,\"m\":13,\"n\":14,\"o\":15,\"p\":16}",
+        "{}",
+    };
+    const char *es = getenv("OQ_FUZZ_SEED"), *ei = getenv("OQ_FUZZ_ITERS");
+    uint64_t seed = es ? strtoull(es, NULL, 10) : (uint64_t)time(NULL);
+    long iters = ei ? atol(ei) : 200000;
+    uint64_t rng = seed;
+    long taken = 0, declined = 0;
+    oq__jtape full = { 0 };
+    char buf[512];
+
+    printf("test_json: fast path seed %llu (OQ_FUZZ_SEED), %ld iterations\n",
+           (unsigned long long)seed, iters);
+    for (long it = 0; it < iters; it++) {
+        const char *s0 = flat[oq__splitmix64(&rng) % (sizeof(flat) / sizeof(flat[0]))];
+        size_t len = strlen(s0), at;
+        const char *why;
+        memcpy(buf, s0, len);
+        if (it % 8 != 0) /* an eighth unmutated */
+            len = mutate(buf, len, sizeof(buf) - 1, &rng);
+        if (!oq__utf8_valid(buf, len))
+            continue;
+        int fast = oq__json_scan_flat(buf, len, &tape);
+        int rc = oq__json_scan_full(buf, len, &full, &at, &why);
+        if (fast != 0) {
+            declined++;
+            continue;
+        }
+        taken++;
+        if (rc != 0)
+            fail_msg("seed %llu iteration %ld: the fast path took '%.*s', "
+                     "the full scan refuses it (%s)", (unsigned long long)seed,
+                     it, (int)len, buf, why ? why : "out of memory");
+        assert_int_equal(tape.n, full.n);
+        for (uint32_t i = 0; i < full.n; i++) {
+            const oq__jtok *x = &tape.tok[i], *y = &full.tok[i];
+            if (x->start != y->start || x->len != y->len || x->end != y->end ||
+                x->type != y->type || x->esc != y->esc)
+                fail_msg("seed %llu iteration %ld: '%.*s': token %u differs",
+                         (unsigned long long)seed, it, (int)len, buf, i);
+        }
+    }
+    printf("test_json: fast path took %ld (same tape), declined %ld\n", taken,
+           declined);
+    /* Both kinds were seen, in numbers. */
+    assert_true(taken > iters / 10);
+    assert_true(declined > iters / 10);
+    oq__jtape_free(&full);
+}
+
 static int teardown(void **state)
 {
     (void)state;
@@ -324,6 +390,7 @@ int main(void)
         cmocka_unit_test(test_compact_and_quote),
         cmocka_unit_test(test_valid),
         cmocka_unit_test(test_differential_fuzz),
+        cmocka_unit_test(test_fast_path_same_tape),
     };
     return cmocka_run_group_tests(tests, NULL, teardown);
 }

@@ -174,6 +174,64 @@ static void test_stale_receipt_refused(void **state)
     oq_queue_release(q, &d2, 1);
 }
 
+/* Up to a few thousand messages in flight at once, received and settled
+ * by receipt number in a random order, so the receipts in flight are a
+ * scattered set (the receipt table grows, collides, and deletes from the
+ * middle of its probe runs): every current receipt works once, every
+ * settled one is stale, and nothing is lost. Seeded; ONCEQ_TEST_SEED
+ * repeats a run. */
+static void test_many_receipts_in_random_order(void **state)
+{
+    enum { N = 4000, STEPS = 60000 };
+    fx *f = *state;
+    oq_queue *q = make_queue(f, NULL);
+    static oq_delivery fl[N]; /* in flight, unordered */
+    const char *env = getenv("ONCEQ_TEST_SEED");
+    unsigned seed = env ? (unsigned)strtoul(env, NULL, 10) : (unsigned)time(NULL);
+    size_t nfl = 0, acked = 0, most = 0;
+    oq_queue_stats st;
+
+    printf("receipts: seed %u\n", seed);
+    srand(seed);
+    for (int i = 0; i < N; i++) {
+        char id[16];
+        snprintf(id, sizeof(id), "m%d", i);
+        assert_int_equal(send_s(q, id, 0), 0);
+    }
+    for (int step = 0; step < STEPS && acked < N; step++) {
+        if (rand() % 2 == 0) {
+            int n = oq_queue_receive(q, fl + nfl, 1 + (size_t)(rand() % 32), 0);
+            assert_true(n >= 0);
+            nfl += (size_t)n;
+        } else if (nfl > 0) {
+            size_t i = (size_t)rand() % nfl;
+            oq_delivery d = fl[i];
+            fl[i] = fl[--nfl];
+            if (rand() % 3 == 0) {
+                assert_int_equal(oq_queue_ack(q, d.receipt), 0);
+                acked++;
+            } else {
+                assert_int_equal(oq_queue_nack(q, d.receipt, 0), 0);
+            }
+            assert_int_equal(oq_queue_ack(q, d.receipt), OQ_ESTALE);
+            oq_queue_release(q, &d, 1);
+            /* Another one still in flight is still found. */
+            if (nfl > 0)
+                assert_int_equal(oq_queue_extend(q, fl[(size_t)rand() % nfl].receipt,
+                                                 1000), 0);
+        }
+        most = nfl > most ? nfl : most;
+    }
+    oq_queue_stats_get(q, &st);
+    assert_int_equal(st.in_flight, nfl);
+    assert_int_equal(st.acked, acked);
+    assert_int_equal(st.ready + st.in_flight + st.acked, N);
+    assert_true(most > 500);
+    for (size_t i = 0; i < nfl; i++)
+        assert_int_equal(oq_queue_ack(q, fl[i].receipt), 0);
+    oq_queue_release(q, fl, nfl);
+}
+
 static void test_stale_settle_through_delivery(void **state)
 {
     fx *f = *state;
@@ -812,6 +870,7 @@ int main(void)
         T(test_fifo_order_and_batch),
         T(test_redelivery_after_visibility_timeout),
         T(test_stale_receipt_refused),
+        T(test_many_receipts_in_random_order),
         T(test_stale_settle_through_delivery),
         T(test_payload_outlives_ack_by_other),
         T(test_nack_with_delay),

@@ -791,6 +791,68 @@ static void memsink_apply_oom_every_allocation(void **state)
     oq__txn_free(t);
 }
 
+/* Counters against a model: thousands of keys in one sink, applied in
+ * random txns; some applies fail part-way (out of memory), which deletes
+ * the keys they had created from the middle of the index's probe runs.
+ * Every key keeps its exact value, and a failed apply leaves no key
+ * behind. Seeded; ONCEQ_TEST_SEED repeats a run. */
+static void memsink_counters_match_model(void **state)
+{
+    enum { KEYS = 20000, TXNS = 6000 };
+    static int64_t model[KEYS];
+    oq_memsink *m = memsink_new();
+    const char *env = getenv("ONCEQ_TEST_SEED");
+    unsigned seed = env ? (unsigned)strtoul(env, NULL, 10) : (unsigned)time(NULL);
+    size_t failed = 0, present = 0;
+
+    (void)state;
+    printf("memsink model: seed %u\n", seed);
+    srand(seed);
+    memset(model, 0, sizeof(model));
+    for (int n = 0; n < TXNS; n++) {
+        oq_txn *t = txn_new();
+        int picked[16], np = 1 + rand() % 16;
+        for (int j = 0; j < np; j++) {
+            char key[16];
+            picked[j] = rand() % KEYS;
+            snprintf(key, sizeof(key), "k%d", picked[j]);
+            assert_int_equal(oq_txn_count(t, key, strlen(key), 1 + j), 0);
+        }
+        bool fail = rand() % 3 == 0;
+        if (fail)
+            oq__alloc_fail_after(rand() % 16);
+        int rc = sink_apply(m, t);
+        oq__alloc_fail_after(-1);
+        if (rc == 0) {
+            for (int j = 0; j < np; j++)
+                model[picked[j]] += 1 + j;
+        } else {
+            assert_true(fail);
+            assert_int_equal(rc, OQ_ENOMEM);
+            failed++;
+        }
+        oq__txn_free(t);
+    }
+    for (int k = 0; k < KEYS; k++) {
+        char key[16];
+        int64_t v = -1;
+        snprintf(key, sizeof(key), "k%d", k);
+        int g = oq_memsink_get(m, key, strlen(key), &v);
+        /* A key with a zero total was only ever in failed applies. */
+        if (model[k] == 0) {
+            assert_int_equal(g, OQ_ENOENT);
+        } else {
+            assert_int_equal(g, 0);
+            assert_true(v == model[k]);
+            present++;
+        }
+    }
+    printf("memsink model: %zu applies failed, %zu keys\n", failed, present);
+    assert_int_equal(oq_memsink_nkeys(m), present);
+    assert_true(failed > 100 && present > 1000);
+    oq_memsink_free(m);
+}
+
 /* Adding a key to a hash that already holds others, when memory runs out. */
 static void memsink_apply_oom_adding_key_to_existing(void **state)
 {
@@ -1174,6 +1236,7 @@ int main(void)
         cmocka_unit_test(memsink_new_oom),
         cmocka_unit_test(memsink_apply_oom_every_allocation),
         cmocka_unit_test(memsink_apply_oom_adding_key_to_existing),
+        cmocka_unit_test(memsink_counters_match_model),
         cmocka_unit_test(memsink_foreach_count_oom_visits_all),
         cmocka_unit_test(backoff_ceiling_table),
         cmocka_unit_test(backoff_within_bounds),
