@@ -265,8 +265,15 @@ static bool decode(worker *w, slot *s, oq_settle *op)
                                      "no decode hook)");
         return false;
     }
-    memset(&dec, 0, sizeof(dec));
+    /* Not a memset: error[] is 256 bytes, a tenth of a fast event's
+     * engine work; an empty string reads the same. */
+    dec.id = NULL;
+    dec.id_len = 0;
+    dec.parsed = NULL;
+    dec.reason = (oq_dlq_reason)0;
+    dec.error[0] = '\0';
     if (p->opts.decode(ev, &dec, p->opts.decode_arg) != 0) {
+        dec.error[sizeof(dec.error) - 1] = '\0';
         if (dec.parsed && dec.id_len > 0 && ev->id_len == 0) {
             /* The hook found the id before it refused the event (a bad
              * request): it names the dead letter, and what was parsed is
@@ -809,6 +816,9 @@ static void settle_range(worker *w, size_t lo, size_t hi)
  * committed one by one: a fast message must not wait in a batch behind a
  * slow one, or it may outlive its lease. Faster ones go per batch. */
 #define SLOW_HANDLER_MS 1.0
+/* With fast handlers that never block, run_batch reads the clock once
+ * every this many events. */
+#define CLOCK_EVERY 8
 
 /* The histogram's bucket bounds, seconds (the library keeps the counts,
  * the CLI's metrics module prints them). */
@@ -854,8 +864,14 @@ static size_t run_batch(worker *w, size_t n)
     oq_pool *p = w->p;
     size_t redo = 0, lo = 0;
     bool fast = w->avg_ms < SLOW_HANDLER_MS;
+    /* Fast handlers that only compute read the clock every CLOCK_EVERY
+     * events (a read costs 25-50 ns, about 4% of such an event); "now" is
+     * then a few microseconds old, which only delays the checks below by
+     * as much: the ledger's commit checks the lease with its own reading. */
+    bool every = fast && p->opts.handler_never_blocks;
     int64_t t0 = mono_ns();
-    int64_t start = oq_clock_now(p->opts.clock);
+    int64_t start = oq_clock_now(p->opts.clock), now = start;
+    size_t runs = 0;
 
     claim_batch(w, n);
     for (size_t i = 0; i < n; i++) {
@@ -863,7 +879,8 @@ static size_t run_batch(worker *w, size_t n)
         oq_settle *op = &w->ops[i];
 
         if (s->outcome == O_RUN) {
-            int64_t now = oq_clock_now(p->opts.clock);
+            if (!every || runs++ % CLOCK_EVERY == 0)
+                now = oq_clock_now(p->opts.clock);
             /* What is decided is committed before a handler that may
              * block, and once half the batch's lease is gone. */
             if (i > lo && (!p->opts.handler_never_blocks ||

@@ -417,7 +417,8 @@ static uint64_t new_token(const oq_idset *s, struct shard *sh)
            (uint64_t)(sh - s->shards);
 }
 
-/* uthash stores key lengths as unsigned. */
+/* The public calls' limit on ids (kept from when claims were uthash
+ * entries, whose key lengths are unsigned): shorter than 4 GiB. */
 static bool id_ok(const char *id, size_t len)
 {
     return (id != NULL || len == 0) && len < ID_MAX_LEN;

@@ -339,7 +339,11 @@ sorted:
  * characters. Appends its token; *pp moves past the closing quote. false
  * for anything else (the full scan decides). Room for the token was made
  * by the caller. */
-static bool flat_string(const char *s, size_t len, size_t *pp, oq__jtape *t)
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+static inline bool flat_string(const char *s, size_t len, size_t *pp,
+                               oq__jtape *t)
 {
     size_t b = *pp + 1, p = b;
 
@@ -377,12 +381,12 @@ int oq__json_scan_flat(const char *s, size_t len, oq__jtape *t)
         t->cap = 64;
     }
     t->n = 1;
-    while (p < len && is_ws(s[p]))
+    while (p < len && (unsigned char)s[p] <= ' ' && is_ws(s[p]))
         p++;
     if (p >= len || s[p] != '{')
         return 1;
     open = p++;
-    while (p < len && is_ws(s[p]))
+    while (p < len && (unsigned char)s[p] <= ' ' && is_ws(s[p]))
         p++;
     if (p < len && s[p] == '}')
         goto close;
@@ -392,12 +396,12 @@ int oq__json_scan_flat(const char *s, size_t len, oq__jtape *t)
         keys[nk++] = t->n;
         if (!flat_string(s, len, &p, t))
             return 1;
-        while (p < len && is_ws(s[p]))
+        while (p < len && (unsigned char)s[p] <= ' ' && is_ws(s[p]))
             p++;
         if (p >= len || s[p] != ':')
             return 1;
         p++;
-        while (p < len && is_ws(s[p]))
+        while (p < len && (unsigned char)s[p] <= ' ' && is_ws(s[p]))
             p++;
         if (p >= len)
             return 1;
@@ -413,11 +417,11 @@ int oq__json_scan_flat(const char *s, size_t len, oq__jtape *t)
         } else {
             return 1;
         }
-        while (p < len && is_ws(s[p]))
+        while (p < len && (unsigned char)s[p] <= ' ' && is_ws(s[p]))
             p++;
         if (p < len && s[p] == ',') {
             p++;
-            while (p < len && is_ws(s[p]))
+            while (p < len && (unsigned char)s[p] <= ' ' && is_ws(s[p]))
                 p++;
             continue;
         }
@@ -436,7 +440,7 @@ close:
         }
     t->tok[0] = (oq__jtok){ (uint32_t)open, (uint32_t)(p + 1 - open), t->n,
                             OQ__J_OBJ, 0 };
-    for (p++; p < len && is_ws(s[p]); p++)
+    for (p++; p < len && (unsigned char)s[p] <= ' ' && is_ws(s[p]); p++)
         ;
     return p < len ? 1 : 0;
 }
@@ -962,6 +966,14 @@ size_t oq__utf8_check(const unsigned char *s, size_t len, bool *nul)
         }
         if (i >= len)
             break;
+        if (i + 8 > len && len >= 8) {
+            /* The tail: the last 8 bytes as one word (overlapping bytes
+             * already checked). ASCII without NUL: the tail is too. */
+            uint64_t v;
+            memcpy(&v, s + len - 8, 8);
+            if (((v | ((v - LOW_BITS) & ~v)) & HIGH_BITS) == 0)
+                break;
+        }
         unsigned char c = s[i];
         if (c == 0) {
             *nul = true;

@@ -793,7 +793,7 @@ static void memsink_apply_oom_every_allocation(void **state)
 
 /* Counters against a model: thousands of keys in one sink, applied in
  * random txns; some applies fail part-way (out of memory), which deletes
- * the keys they had created from the middle of the index's probe runs.
+ * the keys they had created again from the middle of the counter table.
  * Every key keeps its exact value, and a failed apply leaves no key
  * behind. Seeded; ONCEQ_TEST_SEED repeats a run. */
 static void memsink_counters_match_model(void **state)
