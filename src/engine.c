@@ -91,6 +91,7 @@ typedef struct slot {
     oq_event ev;      /* the decoded event (id, parsed) */
     bool decoded;     /* ev is set (kept across a redo) */
     bool by_ledger;   /* its queue op was carried out by the ledger */
+    bool fenced;      /* counted as fenced already (a delivery counts once) */
     oq_dlq_reason dead_reason; /* O_FAILING: FAILED, or a dying delivery's */
     oq_txn *txn;
     oq__lclaim claim;
@@ -437,6 +438,7 @@ static void claim_batch(worker *w, size_t n)
         op->release = 1;
         s->outcome = O_NONE;
         s->by_ledger = false;
+        s->fenced = false;
         if (now >= s->d.deadline_ms) {
             /* Its delivery ended while it waited (a slow batch-mate): it
              * is delivered again or will be; do not run it for nothing. */
@@ -707,6 +709,7 @@ static void committed(worker *w, slot *s, oq_settle *op, int result)
         s->outcome = O_NONE;
         op->op = OQ_SETTLE_NACK;
         op->delay_ms = 0;
+        s->fenced = true;
         INC(&w->c, fenced);
         if (settles)
             s->by_ledger = true, op->result = 0;
@@ -733,7 +736,7 @@ static void count_settled(worker *w, slot *s, const oq_settle *op)
 {
     oq_pool *p = w->p;
 
-    if (op->op != OQ_SETTLE_NONE && op->result != 0)
+    if (op->op != OQ_SETTLE_NONE && op->result != 0 && !s->fenced)
         INC(&w->c, fenced); /* the receipt went stale under us */
     else if (s->outcome == O_DUPLICATE && p->opts.sink.duplicate)
         p->opts.sink.duplicate(&s->ev, p->opts.sink.arg);

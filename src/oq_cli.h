@@ -90,6 +90,10 @@ int oq__reader_next(oq__reader *r, oq__line *line, char *err, size_t errlen);
  * a pipe), for progress. */
 void oq__reader_progress(const oq__reader *r, uint64_t *done, uint64_t *total);
 const char *oq__reader_path(const oq__reader *r, unsigned file);
+/* About how many lines the inputs hold, from their total size and the
+ * line length in the first 64 KiB; 0 when unknown (a pipe). At most 2^22.
+ * For sizing the processed set: it does not read past the sample. */
+uint64_t oq__reader_estimate_lines(const oq__reader *r);
 void oq__reader_close(oq__reader *r);
 /* fn(arg) is called from oq__reader_next when it is about to wait for a
  * pipe or terminal that has no data ready (to flush what the caller holds:

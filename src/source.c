@@ -196,6 +196,33 @@ out_close:
     return rc;
 }
 
+/* The sample read for the estimate, and the largest estimate made: a
+ * wrong guess (short lines first, long ones after, or few distinct ids)
+ * costs at most a table for this many ids, about 128 MiB. */
+#define ESTIMATE_SAMPLE (64 * 1024)
+#define ESTIMATE_MAX ((uint64_t)1 << 22)
+
+uint64_t oq__reader_estimate_lines(const oq__reader *r)
+{
+    char buf[ESTIMATE_SAMPLE];
+    uint64_t lines = 0;
+    ssize_t got = -1;
+
+    if (r->total == 0)
+        return 0;
+    for (unsigned i = 0; i < r->n && got <= 0; i++)
+        if (r->in[i].fd >= 0)
+            got = pread(r->in[i].fd, buf, sizeof(buf), 0);
+    if (got <= 0)
+        return 0;
+    for (const char *p = buf; (p = memchr(p, '\n', (size_t)(buf + got - p)));
+         p++)
+        lines++;
+    /* A sample without a newline: lines of 64 KiB or more. */
+    lines = r->total / ((uint64_t)got / (lines ? lines : 1));
+    return OQ__MIN(lines, ESTIMATE_MAX);
+}
+
 void oq__reader_close(oq__reader *r)
 {
     if (r == NULL)

@@ -799,6 +799,66 @@ static void test_decode_parse_errors(void **state)
     }
 }
 
+/* The estimate that sizes the processed set: lines from the inputs' size
+ * and the first 64 KiB; 0 for a pipe; capped for a huge input. */
+static uint64_t estimate(const char *const *paths, unsigned n)
+{
+    oq__reader *r;
+    char err[256];
+    uint64_t e;
+
+    assert_int_equal(oq__reader_open(&r, paths, n, 1 << 20, err, sizeof(err)),
+                     0);
+    e = oq__reader_estimate_lines(r);
+    oq__reader_close(r);
+    return e;
+}
+
+static void test_estimate_lines(void **state)
+{
+    (void)state;
+    enum { LINES = 10000 };
+    static char text[LINES * 20 + 1]; /* + snprintf's last NUL */
+    const char *paths[2];
+    char big[256];
+    int fd, pfd[2];
+
+    /* 10,000 lines of 20 bytes (19 and a newline), twice. */
+    for (int i = 0; i < LINES; i++)
+        snprintf(text + i * 20, 21, "{\"id\":\"e%07d\"}  \n", i);
+    paths[0] = put("est1.jsonl", text, LINES * 20);
+    assert_int_equal(estimate(paths, 1), LINES);
+    paths[1] = put("est2.jsonl", text, LINES * 20);
+    assert_int_equal(estimate(paths, 2), 2 * LINES);
+    /* One long line with no newline in the sample: one line. */
+    {
+        static char one[100000];
+        memset(one, 'x', sizeof(one));
+        paths[0] = put("est3.jsonl", one, sizeof(one));
+        assert_int_equal(estimate(paths, 1), 1);
+    }
+    /* 4 GiB of 20-byte lines (a sparse file): capped at 2^22. */
+    snprintf(big, sizeof(big), "%s/est4.jsonl", tmpdir);
+    fd = open(big, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, LINES * 20), (ssize_t)LINES * 20);
+    assert_int_equal(ftruncate(fd, (off_t)4 << 30), 0);
+    close(fd);
+    paths[0] = big;
+    assert_int_equal(estimate(paths, 1), (uint64_t)1 << 22);
+    unlink(big);
+    /* A pipe: unknown. */
+    assert_int_equal(pipe(pfd), 0);
+    {
+        char dev[64];
+        snprintf(dev, sizeof(dev), "/dev/fd/%d", pfd[0]);
+        paths[0] = dev;
+        assert_int_equal(estimate(paths, 1), 0);
+    }
+    close(pfd[0]);
+    close(pfd[1]);
+}
+
 static void test_decode_utf8_and_nul(void **state)
 {
     (void)state;
@@ -919,6 +979,7 @@ int main(void)
         cmocka_unit_test(test_decode_json_pointer),
         cmocka_unit_test(test_decode_bad_id),
         cmocka_unit_test(test_decode_parse_errors),
+        cmocka_unit_test(test_estimate_lines),
         cmocka_unit_test(test_decode_utf8_and_nul),
         cmocka_unit_test(test_utf8_valid_positions),
         cmocka_unit_test(test_decode_alloc_failure),
