@@ -214,6 +214,15 @@ static void dtable_place(digest *slots, size_t cap, digest d)
     }
 }
 
+/* A table's slots and cap are also read without the lock, by
+ * oq__idset_prefetch (only to compute an address to prefetch): they are
+ * written with relaxed atomic stores, and that read uses atomic loads. */
+static void dtable_publish(dtable *t, digest *slots, size_t cap)
+{
+    __atomic_store_n(&t->slots, slots, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->cap, cap, __ATOMIC_RELAXED);
+}
+
 static int dtable_resize(dtable *t, size_t cap)
 {
     /* Not calloc: a large calloc is fresh zero pages, and Robin Hood
@@ -231,8 +240,7 @@ static int dtable_resize(dtable *t, size_t cap)
             dtable_place(slots, cap, t->slots[i]);
     }
     oq__free(t->slots);
-    t->slots = slots;
-    t->cap = cap;
+    dtable_publish(t, slots, cap);
     return 0;
 }
 
@@ -256,8 +264,7 @@ static int dtable_add(dtable *t, digest d, size_t init_cap)
 static void dtable_clear(dtable *t)
 {
     oq__free(t->slots);
-    t->slots = NULL;
-    t->cap = 0;
+    dtable_publish(t, NULL, 0);
     t->count = 0;
 }
 
@@ -280,7 +287,7 @@ static size_t isqrt(size_t n)
 
 /* --------------------------------------------------------------- shards */
 
-static struct shard *shard_of(oq_idset *s, digest d)
+static struct shard *shard_of(const oq_idset *s, digest d)
 {
     return &s->shards[(size_t)d.hi & s->shard_mask];
 }
@@ -294,7 +301,8 @@ static void rotate(oq_idset *s, struct shard *sh, int64_t now)
     sh->forgotten += sh->prev.count;
     dtable_clear(&sh->prev);
     if (k == 1) {
-        sh->prev = sh->cur;
+        dtable_publish(&sh->prev, sh->cur.slots, sh->cur.cap);
+        sh->prev.count = sh->cur.count;
         /* The next generation likely sees about as many ids as this one. */
         sh->init_cap = OQ__MAX(s->init_cap, cap_for(sh->cur.count));
     } else {
@@ -302,7 +310,8 @@ static void rotate(oq_idset *s, struct shard *sh, int64_t now)
         dtable_clear(&sh->cur);
         sh->init_cap = s->init_cap;
     }
-    sh->cur = (dtable){ NULL, 0, 0 };
+    dtable_publish(&sh->cur, NULL, 0);
+    sh->cur.count = 0;
     sh->gen_start_ms += k * s->retention_ms;
 }
 
@@ -531,6 +540,18 @@ static int claim_add(oq_idset *s, struct shard *sh, digest d,
 int64_t oq__idset_now(const oq_idset *s)
 {
     return oq_clock_now(s->clock);
+}
+
+void oq__idset_prefetch(const oq_idset *s, oq__digest d)
+{
+    const dtable *t = &shard_of(s, d)->cur;
+    const digest *slots = __atomic_load_n(&t->slots, __ATOMIC_RELAXED);
+    size_t cap = __atomic_load_n(&t->cap, __ATOMIC_RELAXED);
+
+    /* Without the lock: slots and cap may be a resize apart, and the
+     * address stale or outside the table. A prefetch never faults. */
+    if (slots != NULL && cap != 0)
+        __builtin_prefetch(&slots[(size_t)d.lo & (cap - 1)]);
 }
 
 int oq_idset_claim(oq_idset *s, const char *id, size_t len,

@@ -82,6 +82,8 @@ static int l_claim(void *ctx, oq__lclaim *c, size_t n)
     oq__mem_ledger *l = ctx;
     int64_t now = oq__idset_now(l->s); /* once a batch: idset.c, Time */
 
+    for (size_t i = 0; i < n; i++)
+        oq__idset_prefetch(l->s, c[i].dg);
     for (size_t i = 0; i < n; i++) {
         oq_claim cl = { 0, 0 };
         c[i].status = oq__idset_claim_d(l->s, c[i].dg, c[i].d->deadline_ms,

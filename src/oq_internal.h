@@ -192,6 +192,10 @@ oq__digest oq__idset_digest(const char *id, size_t len);
  * that claims or commits a batch reads it once for the batch (see "Time"
  * in idset.c). */
 int64_t oq__idset_now(const oq_idset *s);
+/* Starts loading the DONE-table line where d would be (no lock; a hint):
+ * a batch prefetches all its ids before it claims them, so their cache
+ * misses overlap instead of coming one after another. */
+void oq__idset_prefetch(const oq_idset *s, oq__digest d);
 int oq__idset_claim_d(oq_idset *s, oq__digest d, int64_t lease_deadline_ms,
                       int64_t now, oq_claim *out);
 int oq__idset_commit_d(oq_idset *s, oq__digest d, uint64_t token,
