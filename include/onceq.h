@@ -442,7 +442,9 @@ typedef int (*oq_handler_fn)(const oq_event *ev, oq_txn *txn, void *arg);
  * point into the payload or into out->parsed), or a negative value with
  * out->reason and out->error set: the message is dead-lettered with them
  * (and with out->id, when the message has no id of its own and the hook
- * set out->id and out->parsed before it refused the event).
+ * set out->id and out->parsed before it refused the event). The hook gets
+ * out with id, id_len, parsed and reason zero and error an empty string
+ * (the rest of error[] is not cleared: write a NUL-terminated message).
  */
 typedef struct oq_decoded {
     const char *id;

@@ -91,7 +91,7 @@ int oq__reader_next(oq__reader *r, oq__line *line, char *err, size_t errlen);
 void oq__reader_progress(const oq__reader *r, uint64_t *done, uint64_t *total);
 const char *oq__reader_path(const oq__reader *r, unsigned file);
 /* About how many lines the inputs hold, from their total size and the
- * line length in the first 64 KiB; 0 when unknown (a pipe). At most 2^22.
+ * line length in the first 64 KiB; 0 when unknown (a pipe). At most 2^20.
  * For sizing the processed set: it does not read past the sample. */
 uint64_t oq__reader_estimate_lines(const oq__reader *r);
 void oq__reader_close(oq__reader *r);

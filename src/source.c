@@ -196,16 +196,18 @@ out_close:
     return rc;
 }
 
-/* The sample read for the estimate, and the largest estimate made: a
- * wrong guess (short lines first, long ones after, or few distinct ids)
- * costs at most a table for this many ids, about 128 MiB. */
+/* The sample read for the estimate, and the largest estimate made: the
+ * set is sized (and its tables written) at start, so a wrong guess (short
+ * lines first, long ones after, or few distinct ids: lines are not ids)
+ * costs at most a table for this many ids, about 32 MiB resident. Past
+ * it, the tables grow as before. */
 #define ESTIMATE_SAMPLE (64 * 1024)
-#define ESTIMATE_MAX ((uint64_t)1 << 22)
+#define ESTIMATE_MAX ((uint64_t)1 << 20)
 
 uint64_t oq__reader_estimate_lines(const oq__reader *r)
 {
     char buf[ESTIMATE_SAMPLE];
-    uint64_t lines = 0;
+    uint64_t lines = 0, upto = 0;
     ssize_t got = -1;
 
     if (r->total == 0)
@@ -216,10 +218,14 @@ uint64_t oq__reader_estimate_lines(const oq__reader *r)
     if (got <= 0)
         return 0;
     for (const char *p = buf; (p = memchr(p, '\n', (size_t)(buf + got - p)));
-         p++)
+         p++) {
         lines++;
-    /* A sample without a newline: lines of 64 KiB or more. */
-    lines = r->total / ((uint64_t)got / (lines ? lines : 1));
+        upto = (uint64_t)(p - buf) + 1;
+    }
+    /* The sample's whole lines, scaled to the inputs' size (no overflow:
+     * lines <= 2^16). No newline in the sample: lines of 64 KiB or more,
+     * one per sample. */
+    lines = lines ? r->total * lines / upto : r->total / (uint64_t)got;
     return OQ__MIN(lines, ESTIMATE_MAX);
 }
 

@@ -254,12 +254,18 @@ def sigstop_past_the_lease_is_fenced():
     f = gen("hang.jsonl", "--events", "400", "--seed", str(SEED + 7))
     ids = sorted(e["id"] for e in read_events(f))
     send("hang", f)
-    slow = "exec:sleep 0.01; cat"
+    # The first handler call anywhere (one of a's) marks its start and
+    # takes a second: a is stopped inside it, holding a claimed id, and not
+    # merely between a read and its claims (nothing to fence then).
+    marker = path("hang-started")
+    slow = (f"exec:if [ ! -e {marker} ]; then : > {marker}; sleep 1; fi; "
+            "sleep 0.01; cat")
     vt = f"{WAIT}s"
     a = consumer("hang", "a", "-w", "2", "--handler", slow,
                  "--visibility-timeout", vt)
     # Stop a while it holds claimed ids (in a handler call).
-    wait_for(lambda: pending_of("hang", "a") > 0, 30, "a to take messages")
+    wait_for(lambda: os.path.exists(marker) and pending_of("hang", "a") > 0,
+             30, "a to start a handler")
     a.send_signal(signal.SIGSTOP)
     held = pending_of("hang", "a")
     b = consumer("hang", "b", "-w", "2", "--handler", slow,
