@@ -268,25 +268,47 @@ static size_t mutate(char *buf, size_t len, size_t cap, uint64_t *rng)
     return len;
 }
 
+/* The next fuzz case in buf: a text of pool, mutated if mut; false when
+ * it is not valid UTF-8 (the scanner's callers check that first). */
+static bool next_case(const char *const *pool, size_t n, bool mut, char *buf,
+                      size_t cap, uint64_t *rng, size_t *len)
+{
+    const char *s0 = pool[oq__splitmix64(rng) % n];
+
+    *len = strlen(s0);
+    memcpy(buf, s0, *len);
+    if (mut)
+        *len = mutate(buf, *len, cap - 1, rng);
+    return oq__utf8_valid(buf, *len);
+}
+
+/* A fuzz's seed (OQ_FUZZ_SEED, default: the time) and length
+ * (OQ_FUZZ_ITERS, default 200,000), printed. */
+static long fuzz_params(const char *what, uint64_t *seed)
+{
+    const char *es = getenv("OQ_FUZZ_SEED"), *ei = getenv("OQ_FUZZ_ITERS");
+    long iters = ei ? atol(ei) : 200000;
+
+    *seed = es ? strtoull(es, NULL, 10) : (uint64_t)time(NULL);
+    printf("test_json: %s seed %llu (OQ_FUZZ_SEED), %ld iterations\n", what,
+           (unsigned long long)*seed, iters);
+    return iters;
+}
+
 static void test_differential_fuzz(void **state)
 {
     (void)state;
-    const char *es = getenv("OQ_FUZZ_SEED"), *ei = getenv("OQ_FUZZ_ITERS");
-    uint64_t seed = es ? strtoull(es, NULL, 10) : (uint64_t)time(NULL);
-    long iters = ei ? atol(ei) : 200000;
-    uint64_t rng = seed;
+    uint64_t seed, rng;
+    long iters = fuzz_params("fuzz", &seed);
     long accepted = 0, refused_by_us = 0;
     char buf[512];
 
-    printf("test_json: fuzz seed %llu (OQ_FUZZ_SEED), %ld iterations\n",
-           (unsigned long long)seed, iters);
+    rng = seed;
     for (long it = 0; it < iters; it++) {
-        const char *s0 = seeds[oq__splitmix64(&rng) % (sizeof(seeds) / sizeof(seeds[0]))];
-        size_t len = strlen(s0), at;
+        size_t len, at;
         const char *why;
-        memcpy(buf, s0, len);
-        len = mutate(buf, len, sizeof(buf) - 1, &rng);
-        if (!oq__utf8_valid(buf, len))
+        if (!next_case(seeds, sizeof(seeds) / sizeof(seeds[0]), true, buf,
+                       sizeof(buf), &rng, &len))
             continue;
         int ours = oq__json_scan(buf, len, &tape, &at, &why);
         assert_true(ours == 0 || ours == -1);
@@ -327,24 +349,19 @@ static void test_fast_path_same_tape(void **state)
         "\"i\":9,\"j\":10,\"k\":11,\"l\":12,\"m\":13,\"n\":14,\"o\":15,\"p\":16}",
         "{}",
     };
-    const char *es = getenv("OQ_FUZZ_SEED"), *ei = getenv("OQ_FUZZ_ITERS");
-    uint64_t seed = es ? strtoull(es, NULL, 10) : (uint64_t)time(NULL);
-    long iters = ei ? atol(ei) : 200000;
-    uint64_t rng = seed;
+    uint64_t seed, rng;
+    long iters = fuzz_params("fast path", &seed);
     long taken = 0, declined = 0;
     oq__jtape full = { 0 };
     char buf[512];
 
-    printf("test_json: fast path seed %llu (OQ_FUZZ_SEED), %ld iterations\n",
-           (unsigned long long)seed, iters);
+    rng = seed;
     for (long it = 0; it < iters; it++) {
-        const char *s0 = flat[oq__splitmix64(&rng) % (sizeof(flat) / sizeof(flat[0]))];
-        size_t len = strlen(s0), at;
+        size_t len, at;
         const char *why;
-        memcpy(buf, s0, len);
-        if (it % 8 != 0) /* an eighth unmutated */
-            len = mutate(buf, len, sizeof(buf) - 1, &rng);
-        if (!oq__utf8_valid(buf, len))
+        /* An eighth unmutated. */
+        if (!next_case(flat, sizeof(flat) / sizeof(flat[0]), it % 8 != 0, buf,
+                       sizeof(buf), &rng, &len))
             continue;
         int fast = oq__json_scan_flat(buf, len, &tape);
         int rc = oq__json_scan_full(buf, len, &full, &at, &why);
