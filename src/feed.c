@@ -18,6 +18,11 @@
 
 #define SEND_BATCH 256
 #define READY_HIGH_WATER 65536
+/* Up to this many workers a reader thread feeds them even when they fill
+ * the CPUs: on 2 cores it was 1.03-1.08x faster at -w 2 and 1.12x at
+ * -w 4 than the workers reading (bench_ab.sh, 2026-11-30); it reads about
+ * 8M lines/s, a few workers' worth. */
+#define READER_THREAD_WORKERS 4
 #define TAG(file, line) (((uint64_t)(file) << 40) | (uint64_t)(line))
 
 /* Sends n messages; a message the queue could not take for lack of memory
@@ -132,10 +137,12 @@ static void add_line(pending *pb, const oq__line *l)
 
 /*
  * Who reads: a reader thread when there are fewer workers than CPUs (it
- * runs beside them) or an input is not a regular file, else the workers
- * themselves, one at a time, when their queue runs dry (a reader thread
- * would take a core's time from them). ONCEQ_READER=thread or =workers
- * chooses between the two for regular files, for benchmarks.
+ * runs beside them), when there are at most READER_THREAD_WORKERS workers,
+ * or when an input is not a regular file; else the workers themselves, one
+ * at a time, when their queue runs dry (with many workers one reader
+ * thread would not keep up, and it would take a core's time from them).
+ * ONCEQ_READER=thread or =workers chooses between the two for regular
+ * files, for benchmarks.
  */
 int oq__start_reading(oq__runner *r)
 {
@@ -151,7 +158,8 @@ int oq__start_reading(oq__runner *r)
     r->pb->r = r;
     r->pb->cap = ARENA_BYTES;
     r->read_file = UINT_MAX;
-    r->reader_thread = ncpu <= 0 || (long)r->c->workers < ncpu;
+    r->reader_thread = ncpu <= 0 || (long)r->c->workers < ncpu ||
+                       r->c->workers <= READER_THREAD_WORKERS;
     if (force && strcmp(force, "thread") == 0)
         r->reader_thread = true;
     else if (force && strcmp(force, "workers") == 0)
