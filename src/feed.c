@@ -19,7 +19,7 @@
 #define SEND_BATCH 256
 #define READY_HIGH_WATER 65536
 /* Up to this many workers a reader thread feeds them even when they fill
- * the CPUs: on 2 cores it was 1.03-1.08x faster at -w 2 and 1.12x at
+ * the CPUs: on 2 cores it was 1.03-1.08x faster at -w 2 and 1.12-1.37x at
  * -w 4 than the workers reading (bench_ab.sh, 2026-11-30); it reads about
  * 8M lines/s, a few workers' worth. */
 #define READER_THREAD_WORKERS 4
