@@ -505,9 +505,18 @@ static int open_all(oq__runner *r, char *err, size_t errlen)
         goto nomem;
     oq_idset_opts_defaults(&so);
     /* Sized for the input at once: growing a table rehashes it, with a
-     * cache miss an id (+12-14% wall time on 1M events, bench_ab.sh). */
+     * cache miss an id (+12-14% wall time on 1M events, bench_ab.sh).
+     * Only a hint: without the memory for it, the set grows as it goes.
+     * ONCEQ_TEST_EXPECTED_IDS: a test seam (test_run.py). */
     so.expected_ids = (size_t)oq__reader_estimate_lines(r->reader);
-    if ((rc = oq_idset_new(&r->s, &so)) != 0)
+    if (getenv("ONCEQ_TEST_EXPECTED_IDS"))
+        so.expected_ids = (size_t)strtoull(getenv("ONCEQ_TEST_EXPECTED_IDS"),
+                                           NULL, 10);
+    if ((rc = oq_idset_new(&r->s, &so)) != 0 && so.expected_ids > 0) {
+        so.expected_ids = 0;
+        rc = oq_idset_new(&r->s, &so);
+    }
+    if (rc != 0)
         goto nomem;
     if ((rc = oq_memsink_new(&r->rs.counts)) != 0)
         goto nomem;
