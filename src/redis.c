@@ -806,8 +806,10 @@ typedef struct rurl {
     rnode node[MAX_NODES];
     unsigned n;
     _Atomic unsigned cur;
-    bool cluster;               /* a Redis Cluster (rc_first): the nodes are
-                                   seeds, and MOVED/ASK are followed */
+    /* A Redis Cluster (found by the first connection): the servers are
+     * seeds, any node of it; a connection goes where MOVED or ASK sends
+     * it (rc_follow), and back to the seeds when that node is gone. */
+    atomic_bool cluster;
 } rurl;
 
 /* The server last found to be the primary, for messages. */
@@ -1098,6 +1100,9 @@ typedef struct rconn {
     unsigned opens;              /* successful rc_opens: tells a caller
                                     that the connection was replaced */
     bool is_primary;             /* rc_open_node got past ROLE */
+    bool cluster_node;           /* rc_open_node: cluster_enabled:1 */
+    rnode moved;                 /* the node a redirection named (rc->u
+                                    then points here) */
     bool ready;                  /* opened once (pconn): rc_cmd and
                                     rc_script reconnect it from then on */
     char err[1024];              /* the last fatal error */
@@ -1162,6 +1167,44 @@ static void note_transient(rconn *rc, redisReply *r)
     snprintf(rc->err, sizeof(rc->err), "Redis at %s: %s", rc->u->text,
              r->str);
     freeReplyObject(r);
+}
+
+/* Points rc at host:port (a node of the cluster), with the credentials of
+ * the first server given. */
+static void set_target(rconn *rc, const char *host, size_t hlen, int port)
+{
+    rnode *m = &rc->moved;
+
+    *m = rc->urls->node[0];
+    m->db = 0;
+    memcpy(m->host, host, hlen);
+    m->host[hlen] = '\0';
+    m->port = port;
+    snprintf(m->text, sizeof(m->text), "%s:%d", m->host, port);
+    rc->u = m;
+}
+
+/* A Redis Cluster's redirection, "MOVED slot host:port" (the slot is on
+ * another node now) or "ASK slot host:port" (it is being moved: this call
+ * there, after ASKING). Points rc at that node and frees r: 1 for MOVED,
+ * 2 for ASK; 0 (r untouched) for any other reply. */
+static int redirect(rconn *rc, redisReply *r)
+{
+    int ask = is_err(r, "ASK ");
+    const char *hp, *colon;
+    long port;
+
+    if (rc->urls == NULL || (!ask && !is_err(r, "MOVED ")))
+        return 0;
+    hp = strchr(r->str + (ask ? 4 : 6), ' ');
+    colon = hp ? strrchr(hp, ':') : NULL;
+    if (colon == NULL || colon - hp - 1 <= 0 ||
+        (size_t)(colon - hp - 1) >= sizeof(rc->moved.host) ||
+        (port = strtol(colon + 1, NULL, 10)) <= 0 || port > 65535)
+        return 0;
+    set_target(rc, hp + 1, (size_t)(colon - hp - 1), (int)port);
+    freeReplyObject(r);
+    return ask ? 2 : 1;
 }
 
 /* Connects to rc->u, authenticates, selects the db, checks the server
@@ -1256,6 +1299,14 @@ static int rc_open_node(rconn *rc)
         freeReplyObject(r);
         rc->is_primary = true;
     }
+    r = redisCommand(rc->c, "INFO cluster");
+    if (r == NULL)
+        goto io;
+    if (is_transient(r))
+        goto wait;
+    rc->cluster_node = r->type == REDIS_REPLY_STRING &&
+                       strstr(r->str, "cluster_enabled:1") != NULL;
+    freeReplyObject(r);
     if (rc->u->db) {
         r = redisCommand(rc->c, "SELECT %d", rc->u->db);
         if (r == NULL)
@@ -1288,7 +1339,13 @@ static int rc_open_node(rconn *rc)
             goto io;
         if (is_transient(r))
             goto wait;
-        if (r->type != REDIS_REPLY_STRING || strcmp(r->str, rc->epoch) != 0) {
+        /* A cluster node without the stream's meta (MOVED, ASK): the
+         * first call of the stream's keys goes on to the one with it,
+         * which is checked when that connection opens. */
+        if (!(rc->cluster_node &&
+              (is_err(r, "MOVED ") || is_err(r, "ASK "))) &&
+            (r->type != REDIS_REPLY_STRING ||
+             strcmp(r->str, rc->epoch) != 0)) {
             if (r->type == REDIS_REPLY_ERROR)
                 snprintf(rc->err, sizeof(rc->err), "Redis at %s: HGET %s: %s",
                          rc->u->text, rc->meta, r->str);
@@ -1358,6 +1415,22 @@ out:
     return yes;
 }
 
+/* rc_open on a Redis Cluster: the node rc points at (where the last
+ * redirection sent it), else each seed in turn (that node is gone: a call
+ * there is redirected to the one that took its slots). */
+static int rc_open_cluster(rconn *rc)
+{
+    int st = RC_IO;
+
+    for (unsigned k = 0; k <= rc->urls->n; k++) {
+        if (k > 0)
+            rc->u = &rc->urls->node[k - 1];
+        if ((st = rc_open_node(rc)) == RC_OK || st == RC_FATAL)
+            return st;
+    }
+    return st;
+}
+
 /* rc_open_node on the primary: with several servers, each is tried from
  * the one last found, and the first that is the primary is kept (and
  * remembered for the others), unless another one says it is the primary
@@ -1370,13 +1443,23 @@ static int rc_open(rconn *rc)
     int st = RC_IO;
     char first[sizeof(rc->err)] = "", fatal_err[sizeof(rc->err)] = "";
 
-    if (n <= 1)
-        return rc_open_node(rc);
+    if (rc->urls && atomic_load(&rc->urls->cluster))
+        return rc_open_cluster(rc);
+    if (n <= 1) {
+        if ((st = rc_open_node(rc)) == RC_OK && rc->cluster_node && rc->urls)
+            atomic_store(&rc->urls->cluster, true);
+        return st;
+    }
     start = atomic_load(&rc->urls->cur);
     for (unsigned k = 0; k < n; k++) {
         unsigned i = (start + k) % n;
         rc->u = &rc->urls->node[i];
         st = rc_open_node(rc);
+        if (st == RC_OK && rc->cluster_node) {
+            /* Seeds of a cluster: every one is a primary. */
+            atomic_store(&rc->urls->cluster, true);
+            return RC_OK;
+        }
         if (st == RC_OK) {
             for (unsigned j = 0; j < n; j++) {
                 const rnode *o = &rc->urls->node[j];
@@ -1453,6 +1536,39 @@ static int rc_reconnect(rconn *rc)
     }
 }
 
+/* After a reply: a cluster's redirection (redirect) is followed: rc is
+ * opened on the node it names, and the caller calls again (after ASKING,
+ * *ask, for an ASK). 0 when r is not a redirection (r untouched); 1 when
+ * it was (r freed) and rc is ready; -1 when rc could not be opened again
+ * (rc->err says why). Many redirections in a row (slots being moved) are
+ * followed with the reconnect backoff. */
+static int rc_follow(rconn *rc, redisReply *r, bool *ask, unsigned *hops)
+{
+    int how;
+
+    if (r == NULL || (how = redirect(rc, r)) == 0)
+        return 0;
+    *ask = how == 2;
+    if (++*hops <= 8 && rc_open(rc) == RC_OK)
+        return 1;
+    return rc_reconnect(rc) == RC_OK ? 1 : -1;
+}
+
+/* Sends ASKING before a call redirected by ASK. 0, or -1 (connection
+ * lost). */
+static int rc_asking(rconn *rc, bool *ask)
+{
+    redisReply *r;
+
+    if (!*ask)
+        return 0;
+    *ask = false;
+    if ((r = redisCommand(rc->c, "ASKING")) == NULL)
+        return -1;
+    freeReplyObject(r);
+    return 0;
+}
+
 /* Makes room for n argument pointers. */
 static int rc_argv(rconn *rc, size_t n)
 {
@@ -1515,16 +1631,27 @@ static int rc_append_script(rconn *rc, int script, int eval, const abuf *keys,
 static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
                              const abuf *args)
 {
+    bool ask = false;
+    unsigned hops = 0;
+
     for (;;) {
         void *reply = NULL;
-        int eval = 0;
+        int eval = 0, f;
         for (;;) {
+            if (rc_asking(rc, &ask) != 0)
+                break;
             if (rc_append_script(rc, script, eval, keys, args) != 0) {
                 snprintf(rc->err, sizeof(rc->err), "out of memory");
                 return NULL;
             }
             if (redisGetReply(rc->c, &reply) != REDIS_OK)
                 break;
+            if ((f = rc_follow(rc, reply, &ask, &hops)) != 0) {
+                if (f < 0)
+                    return NULL;
+                eval = 0;
+                continue;
+            }
             if (!eval && is_err(reply, "NOSCRIPT")) {
                 freeReplyObject(reply);
                 reply = NULL;
@@ -1552,8 +1679,18 @@ static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
 static redisReply *rc_cmd(rconn *rc, int argc, const char **argv,
                           const size_t *lens)
 {
+    bool ask = false;
+    unsigned hops = 0;
+
     for (;;) {
-        redisReply *r = redisCommandArgv(rc->c, argc, argv, lens);
+        redisReply *r = rc_asking(rc, &ask) == 0
+                            ? redisCommandArgv(rc->c, argc, argv, lens)
+                            : NULL;
+        int f = rc_follow(rc, r, &ask, &hops);
+        if (f > 0)
+            continue;
+        if (f < 0)
+            return NULL;
         if (r != NULL && !is_transient(r))
             return r;
         if (r != NULL)
@@ -1566,12 +1703,22 @@ static redisReply *rc_cmd(rconn *rc, int argc, const char **argv,
 /* A printf-style command (no binary arguments), same reconnect rule. */
 static redisReply *rc_cmdf(rconn *rc, const char *fmt, ...)
 {
+    bool ask = false;
+    unsigned hops = 0;
+
     for (;;) {
         va_list ap;
-        redisReply *r;
-        va_start(ap, fmt);
-        r = redisvCommand(rc->c, fmt, ap);
-        va_end(ap);
+        redisReply *r = NULL;
+        int f;
+        if (rc_asking(rc, &ask) == 0) {
+            va_start(ap, fmt);
+            r = redisvCommand(rc->c, fmt, ap);
+            va_end(ap);
+        }
+        if ((f = rc_follow(rc, r, &ask, &hops)) > 0)
+            continue;
+        if (f < 0)
+            return NULL;
         if (r != NULL && !is_transient(r))
             return r;
         if (r != NULL)
@@ -2003,6 +2150,50 @@ static int check_policy(rconn *rc, const char *cmd)
         return 2;
     }
     return 0;
+}
+
+/* check_policy on every server: on a Redis Cluster, every primary (CLUSTER
+ * NODES, each on a connection of its own). */
+static int check_policy_all(rconn *rc, rurl *u, const char *cmd)
+{
+    redisReply *rep;
+    int st = check_policy(rc, cmd);
+
+    if (st != 0 || !atomic_load(&u->cluster))
+        return st;
+    rep = rc_cmdf(rc, "CLUSTER NODES");
+    if (rep == NULL || rep->type != REDIS_REPLY_STRING) {
+        fprintf(stderr, "onceq %s: Redis at %s: CLUSTER NODES: %s\n", cmd,
+                rc->u->text, rep && rep->str ? rep->str : rc->err);
+        freeReplyObject(rep);
+        return 2;
+    }
+    /* A line: id host:port@cport[,hostname] flags master-id ... */
+    for (const char *line = rep->str; st == 0 && line && *line;) {
+        const char *nl = strchr(line, '\n');
+        char addr[300], flags[200], *at, *colon;
+        rconn n = { .urls = u };
+        if (sscanf(line, "%*s %299s %199s", addr, flags) == 2 &&
+            strstr(flags, "master") && !strstr(flags, "fail") &&
+            (at = strchr(addr, '@')) != NULL) {
+            *at = '\0';
+            if ((colon = strrchr(addr, ':')) != NULL && colon > addr &&
+                (size_t)(colon - addr) < sizeof(n.moved.host)) {
+                set_target(&n, addr, (size_t)(colon - addr),
+                           atoi(colon + 1));
+                if (rc_open_node(&n) != RC_OK) {
+                    fprintf(stderr, "onceq %s: %s\n", cmd, n.err);
+                    st = 2;
+                } else {
+                    st = check_policy(&n, cmd);
+                }
+                rc_close(&n);
+            }
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    freeReplyObject(rep);
+    return st;
 }
 
 /*
@@ -2656,6 +2847,19 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
                 freeReplyObject(r);
                 continue;
             }
+            /* A cluster's slot moved: sent again there. One being moved
+             * (ASK) is waited out with the reconnect backoff. */
+            if (is_err(r, "ASK ")) {
+                wait = 1;
+                left++;
+                note_transient(rc, r);
+                continue;
+            }
+            if (redirect(rc, r) == 1) {
+                reload = 1;
+                left++;
+                continue;
+            }
             if (is_transient(r)) {
                 wait = 1;
                 left++;
@@ -2848,7 +3052,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
         oq__reader_close(rd);
         return 2;
     }
-    if ((status = check_policy(&rc, "send")) != 0 ||
+    if ((status = check_policy_all(&rc, &u, "send")) != 0 ||
         (status = parts_open(&ps, &rc, c->stream, c->partitions, 1,
                              "send")) != 0 ||
         (status = senders_open(&snd, &ps, &rc, &u, c, true, "send")) != 0) {
@@ -3439,7 +3643,7 @@ int oq__cmd_request(int argc, char **argv)
                 "with its request's commit, in another slot)\n",
                 rc.u->text);
         status = 2;
-    } else if ((status = check_policy(&rc, "request")) == 0 &&
+    } else if ((status = check_policy_all(&rc, &u, "request")) == 0 &&
         (status = parts_open(&ps, &rc, c.stream, c.partitions, 1,
                              "request")) == 0 &&
         (status = senders_open(&snd, &ps, &rc, &u, &c, false,
@@ -3514,6 +3718,7 @@ typedef struct rrun {
     rparts ps;                  /* the stream's partitions */
     unsigned nconn;             /* connections a thread holds: one per
                                    partition on a cluster, else one */
+    bool cluster;               /* on a Redis Cluster */
     oq__handler h;
     oq__idspec idspec;
     char consumer[256];
@@ -4959,7 +5164,20 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
                  e->len);
         return -1;
     }
-    return oq__request_decode(ev, dec, &r->idspec, r->ps.base.stream);
+    switch (oq__request_decode(ev, dec, &r->idspec, r->ps.base.stream)) {
+    case 0:
+        return 0;
+    case 1:
+        if (!r->cluster)
+            return 0;
+        /* Its reply would be written with its commit, in another slot. */
+        dec->reason = OQ_DLQ_REJECTED;
+        snprintf(dec->error, sizeof(dec->error), "bad request: "
+                 "request-reply is not supported on a Redis Cluster");
+        return -1;
+    default:
+        return -1;
+    }
 }
 
 static void rfree(void *parsed, void *arg)
@@ -5063,7 +5281,9 @@ static int autoclaim(rrun *r, rconn *rc, unsigned part, char *cursor,
             /* Redis was loading or busy: asked again below, once the
              * pipeline is read, so the delivery count (the attempts) is
              * not taken as 1. */
-            tmp[i]->deliveries = is_transient(p) ? 0 : 1;
+            tmp[i]->deliveries =
+                is_transient(p) || is_err(p, "MOVED ") || is_err(p, "ASK ")
+                    ? 0 : 1;
             if (p->type == REDIS_REPLY_ARRAY && p->elements == 1 &&
                 p->element[0]->type == REDIS_REPLY_ARRAY &&
                 p->element[0]->elements == 4)
@@ -5731,11 +5951,12 @@ static int run_setup(rrun *r, rconn *main_rc)
             *p = '_';
     if (rc_first(main_rc, &r->u, "run") != 0)
         return 2;
-    if ((st = check_policy(main_rc, "run")) != 0 ||
+    r->cluster = atomic_load(&r->u.cluster);
+    if ((st = check_policy_all(main_rc, &r->u, "run")) != 0 ||
         (st = parts_open(&r->ps, main_rc, r->c.stream, r->c.partitions, 1,
                          "run")) != 0)
         return st;
-    r->nconn = r->u.cluster ? r->ps.n : 1;
+    r->nconn = r->cluster ? r->ps.n : 1;
     if (r->ps.tagged && r->c.join_requests)
         return usage_error("run", "--join-requests reads a stream of "
                            "replies, which has no partitions: stream '%s' "
