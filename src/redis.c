@@ -7,7 +7,9 @@
  * DESIGN
  * ------
  * Keys (S is --stream; every key starts with S, so one Redis holds many
- * queues; Redis Cluster is not supported: a batch's keys span slots):
+ * queues; with --partitions P, each of the P partitions is a stream named
+ * {S:k} with all these keys under that name, one hash tag: see
+ * "partitions" below):
  *   S               the stream; entry fields: e (the event line), s (source,
  *                   file:line), and on a re-added retry a (attempts before
  *                   this entry) and f (first seen, unix ms); big (the full
@@ -86,10 +88,21 @@
  *   - the main thread waits for SIGINT/SIGTERM (blocked in every other
  *     thread) and for the end.
  *
+ * Redis Cluster: the servers given are seeds. A connection follows MOVED
+ * (it moves to the node named, for good) and ASK (ASKING, that call
+ * there), and goes back to the seeds when its node is gone; the epoch
+ * check at (re)connect is done on the node that holds the partition's
+ * meta. Each thread has one connection per partition there (rconns), so
+ * each stays with its partition's primary; on a single Redis, one. A
+ * batch is read from one partition and claimed and committed there: each
+ * script touches one slot. Request-reply is refused on a cluster (a reply
+ * is written with its request's commit, into another slot).
+ *
  * Safety checks at start (run and send; exit 2): the server's
- * maxmemory-policy must be noeviction (an evicted claim or done-mark runs an
- * event twice), and the stream's keys, where they exist, must have their
- * types (a stream named S:counts is S's counts hash). Every connection
+ * maxmemory-policy must be noeviction, on every primary of a cluster (an
+ * evicted claim or done-mark runs an event twice), and the stream's keys,
+ * where they exist, must have their types (a stream named S:counts is S's
+ * counts hash). Every connection
  * checks S:meta's epoch when it (re)connects; the DRAIN and SEND scripts
  * and ensure_group (a missing group) check it too: data lost under a
  * running consumer stops it with exit 3, never starts the stream over.
@@ -1141,13 +1154,16 @@ static int is_err(const redisReply *r, const char *prefix)
  * being moved between nodes. READONLY: after a failover we talk to the old
  * master, now a replica; a new connection (the name resolved again) may
  * reach the new one, and a write never runs on a replica (in a script the
- * first write fails, so the script has written nothing). The callers back
- * off and reconnect, as after a lost connection, within the same limit.
+ * first write fails, so the script has written nothing). CLUSTERDOWN: a
+ * Redis Cluster without a primary for some slot (one failed, not yet
+ * replaced or back) refuses every command. The callers back off and
+ * reconnect, as after a lost connection, within the same limit.
  */
 static int is_transient(const redisReply *r)
 {
     return is_err(r, "LOADING") || is_err(r, "BUSY ") ||
-           is_err(r, "TRYAGAIN") || is_err(r, "READONLY");
+           is_err(r, "TRYAGAIN") || is_err(r, "READONLY") ||
+           is_err(r, "CLUSTERDOWN");
 }
 
 /* The message for a stream whose data was lost: the run stops rather than
@@ -3052,7 +3068,15 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
         oq__reader_close(rd);
         return 2;
     }
-    if ((status = check_policy_all(&rc, &u, "send")) != 0 ||
+    if (c->reply_to && atomic_load(&u.cluster)) {
+        fprintf(stderr, "onceq send: Redis at %s is a Redis Cluster: "
+                "request-reply (--reply-to) is not supported there (a "
+                "reply is written with its request's commit, in another "
+                "slot)\n", rc.u->text);
+        status = 2;
+    }
+    if (status != 0 ||
+        (status = check_policy_all(&rc, &u, "send")) != 0 ||
         (status = parts_open(&ps, &rc, c->stream, c->partitions, 1,
                              "send")) != 0 ||
         (status = senders_open(&snd, &ps, &rc, &u, c, true, "send")) != 0) {
@@ -5570,45 +5594,107 @@ static void meta_get(rconn *rc, const rkeys *k, const char *name, char *out,
 static int export_records(rconn *rc, const rkeys *k, FILE *f,
                           const char *cmd)
 {
-    {
-        char start[64] = "-";
-        for (;;) {
-            redisReply *rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 1000",
-                                      k->results, start);
-            size_t ne;
-            if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
-                fprintf(stderr, "onceq %s: %s\n", cmd, rep ? rep->str ? rep->str
-                        : "bad reply" : rc->err);
-                freeReplyObject(rep);
-                return 3;
-            }
-            ne = rep->elements;
-            for (size_t i = 0; i < ne; i++) {
-                const redisReply *e = rep->element[i];
-                const redisReply *rr = field(e->element[1], "r");
-                if (rr && rr->type == REDIS_REPLY_STRING) {
-                    fwrite(rr->str, 1, rr->len, f);
-                    fputc('\n', f);
-                }
-                if (i + 1 == ne)
-                    snprintf(start, sizeof(start), "(%s", e->element[0]->str);
-            }
+    char start[64] = "-";
+
+    for (;;) {
+        redisReply *rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 1000",
+                                  k->results, start);
+        size_t ne;
+        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
+            fprintf(stderr, "onceq %s: %s\n", cmd, rep ? rep->str ? rep->str
+                    : "bad reply" : rc->err);
             freeReplyObject(rep);
-            if (ne < 1000)
-                break;
+            return 3;
         }
-        return 0;
+        ne = rep->elements;
+        for (size_t i = 0; i < ne; i++) {
+            const redisReply *e = rep->element[i];
+            const redisReply *rr = field(e->element[1], "r");
+            if (rr && rr->type == REDIS_REPLY_STRING) {
+                fwrite(rr->str, 1, rr->len, f);
+                fputc('\n', f);
+            }
+            if (i + 1 == ne)
+                snprintf(start, sizeof(start), "(%s", e->element[0]->str);
+        }
+        freeReplyObject(rep);
+        if (ne < 1000)
+            return 0;
     }
 }
 
-/* Writes the counts (sorted by key, as `onceq run` does; a key's counts
- * in several partitions summed) or the records (commit order, partition
+/* Counts read from Redis (of every partition). */
+typedef struct hkvs {
+    hkv *v;
+    size_t n, cap;
+} hkvs;
+
+static void hkvs_free(hkvs *c)
+{
+    for (size_t i = 0; i < c->n; i++) {
+        oq__free(c->v[i].key);
+        free(c->v[i].val);
+    }
+    oq__free(c->v);
+}
+
+/* Adds the counts of hash key to c. 0, or an exit status with a message
+ * written. */
+static int read_counts(rconn *rc, const char *key, hkvs *c, const char *cmd)
+{
+    char cursor[64] = "0";
+
+    do {
+        redisReply *rep = rc_cmdf(rc, "HSCAN %s %s COUNT 1000", key, cursor);
+        const redisReply *items;
+        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
+            rep->elements != 2) {
+            fprintf(stderr, "onceq %s: %s\n", cmd, rep && rep->str ? rep->str
+                    : rc->err);
+            freeReplyObject(rep);
+            return 3;
+        }
+        snprintf(cursor, sizeof(cursor), "%s", rep->element[0]->str);
+        items = rep->element[1];
+        for (size_t i = 0; i + 1 < items->elements; i += 2) {
+            hkv *x;
+            if (c->n == c->cap) {
+                size_t ncap = c->cap ? c->cap * 2 : 1024;
+                hkv *nv = oq__realloc(c->v, ncap * sizeof(*nv));
+                if (nv == NULL)
+                    goto nomem;
+                c->v = nv;
+                c->cap = ncap;
+            }
+            x = &c->v[c->n];
+            x->klen = items->element[i]->len;
+            x->key = oq__malloc(x->klen + 1);
+            x->val = strdup(items->element[i + 1]->str);
+            if (x->key == NULL || x->val == NULL) {
+                oq__free(x->key);
+                free(x->val);
+                goto nomem;
+            }
+            memcpy(x->key, items->element[i]->str, x->klen + 1);
+            c->n++;
+        }
+        freeReplyObject(rep);
+        continue;
+nomem:
+        freeReplyObject(rep);
+        fprintf(stderr, "onceq %s: out of memory\n", cmd);
+        return 3;
+    } while (strcmp(cursor, "0") != 0);
+    return 0;
+}
+
+/* Writes the counts (sorted by key, as `onceq run` does; a key counted in
+ * several partitions summed) or the records (commit order, partition
  * after partition) to f. 0, or an exit status with a message written. */
 static int export_to(rconn *rc, const rparts *ps, FILE *f, const char *cmd)
 {
     char output[32], count_key[256];
-    hkv *v = NULL;
-    size_t n = 0, cap = 0;
+    hkvs c = { 0 };
     int status = 0;
 
     meta_get(rc, &ps->p[0].k, "output", output, sizeof(output));
@@ -5620,69 +5706,20 @@ static int export_to(rconn *rc, const rparts *ps, FILE *f, const char *cmd)
     }
     if (count_key[0] == '\0')
         snprintf(count_key, sizeof(count_key), "key");
-    for (unsigned p = 0; p < ps->n; p++) {
-    char cursor[64] = "0";
-    do {
-        redisReply *rep = rc_cmdf(rc, "HSCAN %s %s COUNT 1000",
-                                  ps->p[p].k.counts, cursor);
-        const redisReply *items;
-        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
-            rep->elements != 2) {
-            fprintf(stderr, "onceq %s: %s\n", cmd, rep && rep->str ? rep->str
-                    : rc->err);
-            freeReplyObject(rep);
-            status = 3;
-            goto out;
-        }
-        snprintf(cursor, sizeof(cursor), "%s", rep->element[0]->str);
-        items = rep->element[1];
-        for (size_t i = 0; i + 1 < items->elements; i += 2) {
-            if (n == cap) {
-                size_t ncap = cap ? cap * 2 : 1024;
-                hkv *nv = oq__realloc(v, ncap * sizeof(*nv));
-                if (nv == NULL) {
-                    freeReplyObject(rep);
-                    fprintf(stderr, "onceq %s: out of memory\n", cmd);
-                    status = 3;
-                    goto out;
-                }
-                v = nv;
-                cap = ncap;
-            }
-            v[n].klen = items->element[i]->len;
-            v[n].key = oq__malloc(v[n].klen + 1);
-            v[n].val = strdup(items->element[i + 1]->str);
-            if (v[n].key == NULL || v[n].val == NULL) {
-                oq__free(v[n].key);
-                free(v[n].val);
-                freeReplyObject(rep);
-                fprintf(stderr, "onceq %s: out of memory\n", cmd);
-                status = 3;
-                goto out;
-            }
-            memcpy(v[n].key, items->element[i]->str, v[n].klen + 1);
-            n++;
-        }
-        freeReplyObject(rep);
-    } while (strcmp(cursor, "0") != 0);
-    }
-    if (n > 0)
-        qsort(v, n, sizeof(*v), kv_cmp);
-    for (size_t i = 0; i < n;) {
+    for (unsigned p = 0; p < ps->n && status == 0; p++)
+        status = read_counts(rc, ps->p[p].k.counts, &c, cmd);
+    if (status == 0 && c.n > 0)
+        qsort(c.v, c.n, sizeof(*c.v), kv_cmp);
+    for (size_t i = 0; status == 0 && i < c.n;) {
         oq__count_out co = { f, count_key };
         int64_t sum = 0;
         size_t j = i;
-        for (; j < n && kv_cmp(&v[i], &v[j]) == 0; j++)
-            sum += (int64_t)strtoll(v[j].val, NULL, 10);
-        oq__write_count(v[i].key, v[i].klen, sum, &co);
+        for (; j < c.n && kv_cmp(&c.v[i], &c.v[j]) == 0; j++)
+            sum += (int64_t)strtoll(c.v[j].val, NULL, 10);
+        oq__write_count(c.v[i].key, c.v[i].klen, sum, &co);
         i = j;
     }
-out:
-    for (size_t i = 0; i < n; i++) {
-        oq__free(v[i].key);
-        free(v[i].val);
-    }
-    oq__free(v);
+    hkvs_free(&c);
     return status;
 }
 
@@ -6450,6 +6487,45 @@ static int dlq_act(rconn *rc, const rkeys *k, int64_t retention, int action,
     return ok ? 0 : -1;
 }
 
+/* The action on the matching dead letters of partition k; adds to
+ * *matched. 0, or an exit status with a message written. */
+static int dlq_partition(rconn *rc, const tool_cfg *c, const char *show,
+                         int action, const rkeys *k, int64_t retention,
+                         uint64_t *matched)
+{
+    char start[64] = "-";
+    int st = 0;
+
+    for (;;) {
+        redisReply *rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 500", k->dlq,
+                                  start);
+        size_t ne;
+        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
+            fprintf(stderr, "onceq dlq: %s\n", rep && rep->str ? rep->str
+                    : rc->err);
+            freeReplyObject(rep);
+            return 3;
+        }
+        ne = rep->elements;
+        for (size_t i = 0; i < ne && st == 0; i++) {
+            const redisReply *e = rep->element[i];
+            if (i + 1 == ne)
+                snprintf(start, sizeof(start), "(%s", e->element[0]->str);
+            if (e->element[1]->type != REDIS_REPLY_ARRAY ||
+                !dlq_match(c, show, e))
+                continue;
+            (*matched)++;
+            if (action == DLQ_LIST || action == DLQ_SHOW)
+                write_dead(stdout, e);
+            else if (!c->dry_run && dlq_act(rc, k, retention, action, e) != 0)
+                st = 3;
+        }
+        freeReplyObject(rep);
+        if (ne < 500 || st != 0)
+            return st;
+    }
+}
+
 int oq__redis_dlq(int argc, char **argv)
 {
     static const char *const names[] = { "list", "show", "redrive", "purge" };
@@ -6490,42 +6566,11 @@ int oq__redis_dlq(int argc, char **argv)
         rc_close(&rc);
         return st;
     }
-    st = 0;
     /* Each partition's dead letters; a redriven one goes back into its
      * own partition (the partition of its id). */
-    for (unsigned p = 0; p < ps.n && st == 0; p++) {
-    const rkeys *k = &ps.p[p].k;
-    char start[64] = "-";
-    for (;;) {
-        redisReply *rep = rc_cmdf(&rc, "XRANGE %s %s + COUNT 500", k->dlq,
-                                  start);
-        size_t ne;
-        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
-            fprintf(stderr, "onceq dlq: %s\n", rep && rep->str ? rep->str
-                    : rc.err);
-            freeReplyObject(rep);
-            st = 3;
-            break;
-        }
-        ne = rep->elements;
-        for (size_t i = 0; i < ne && st == 0; i++) {
-            const redisReply *e = rep->element[i];
-            if (i + 1 == ne)
-                snprintf(start, sizeof(start), "(%s", e->element[0]->str);
-            if (e->element[1]->type != REDIS_REPLY_ARRAY ||
-                !dlq_match(&c, show, e))
-                continue;
-            matched++;
-            if (action == DLQ_LIST || action == DLQ_SHOW)
-                write_dead(stdout, e);
-            else if (!c.dry_run && dlq_act(&rc, k, retention, action, e) != 0)
-                st = 3;
-        }
-        freeReplyObject(rep);
-        if (ne < 500 || st != 0)
-            break;
-    }
-    }
+    for (unsigned p = 0; p < ps.n && st == 0; p++)
+        st = dlq_partition(&rc, &c, show, action, &ps.p[p].k, retention,
+                           &matched);
     parts_free(&ps);
     if (st == 0 && action == DLQ_REDRIVE)
         printf("%s %" PRIu64 " dead letters\n",
