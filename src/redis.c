@@ -190,6 +190,7 @@
 #define RECONNECT_GIVE_UP_MS 60000
 #define KEEP_LARGE 4096
 #define TRIM_EVERY_MS 2000     /* XTRIM the settled entries this often */
+#define IDLE_SWEEP 4           /* partitions an idle worker reads a time */
 
 /* ============================================================= scripts */
 
@@ -3962,6 +3963,7 @@ typedef struct rqueue {
     rconns cs;
     unsigned idx;
     unsigned sweep;             /* the partition to read first next time */
+    bool idle;                  /* the last sweep found nothing */
     _Atomic uint64_t *inflight; /* the metrics' and autoclaim's view */
     rentry **batch;             /* the current receive's entries */
     size_t cap;
@@ -4386,15 +4388,21 @@ static int rq_receive(void *ctx, oq_delivery *out, size_t want,
         if (part >= 0) {
             n = read_new(q, (unsigned)part, n, want, n > 0 ? 0 : block);
         } else {
-            /* Each partition in turn from the sweep's, until one has
-             * entries; only the last one waits for them. */
+            /* The partitions in turn from the sweep's, until one has
+             * entries; only the last one tried waits for them. After a
+             * receive that found nothing, only IDLE_SWEEP are tried (from
+             * where it ended): an idle consumer's reads stay few however
+             * many partitions there are, and the workers, each from its
+             * own place, still see every partition. */
             unsigned np = r->ps.n;
-            for (unsigned i = 0; i < np && n == 0 && !atomic_load(&r->stop);
-                 i++) {
+            unsigned tries = q->idle ? OQ__MIN(np, IDLE_SWEEP) : np;
+            for (unsigned i = 0;
+                 i < tries && n == 0 && !atomic_load(&r->stop); i++) {
                 unsigned pt = (q->sweep + i) % np;
-                n = read_new(q, pt, n, want, i + 1 == np ? block : 0);
+                n = read_new(q, pt, n, want, i + 1 == tries ? block : 0);
             }
-            q->sweep = (q->sweep + 1) % np;
+            q->sweep = (q->sweep + (q->idle ? tries : 1)) % np;
+            q->idle = n == 0;
         }
     } else if (n == 0) {
         nap_ms(OQ__MAX(1, OQ__MIN(BUSY_RETRY_MS, next - now)));
@@ -5492,62 +5500,86 @@ static int promote(rrun *r, rconn *rc, unsigned part)
     return st;
 }
 
+/* One partition's housekeeping state. */
+typedef struct hpart {
+    char cursor[64];            /* XAUTOCLAIM's */
+    bool ac_more;               /* more to take over now */
+    int64_t last_ac, last_bl, last_trim;
+    uint64_t ready;             /* its backlog, as last read */
+    int64_t oldest;
+} hpart;
+
+/* Partitions a housekeeper tick visits: with many partitions each is
+ * visited less often (every HOUSE_TICK_MS x P / HOUSE_PARTS_PER_TICK), so
+ * that a consumer's calls to Redis stay bounded. */
+#define HOUSE_PARTS_PER_TICK 8
+
 static void *house_main(void *arg)
 {
     house *hk = arg;
     rrun *r = hk->r;
-    unsigned np = r->ps.n;
-    char (*cursor)[64] = oq__calloc(np, sizeof(*cursor));
-    bool *ac_more = oq__calloc(np, sizeof(*ac_more));
+    unsigned np = r->ps.n, next = 0, drained_run = 0;
+    hpart *hp = oq__calloc(np, sizeof(*hp));
     int64_t ac_every = OQ__MAX(HOUSE_TICK_MS, OQ__MIN(r->c.vt_ms / 4, 1000));
-    int64_t last_ac = mono_ms(), last_bl = 0, last_trim = 0;
     bool metrics = r->c.metrics_path || r->c.metrics_listen;
 
-    if (cursor == NULL || ac_more == NULL) {
+    if (hp == NULL) {
         run_fatal(r, "out of memory starting the housekeeper");
-        goto out;
+        return NULL;
     }
-    for (unsigned p = 0; p < np; p++)
-        snprintf(cursor[p], sizeof(cursor[p]), "0-0");
+    for (unsigned p = 0; p < np; p++) {
+        snprintf(hp[p].cursor, sizeof(hp[p].cursor), "0-0");
+        hp[p].last_ac = mono_ms();
+    }
     while (!atomic_load(&r->stop)) {
-        int64_t now = mono_ms();
-        bool ac_due = now - last_ac >= ac_every;
-        bool bl_due = metrics && now - last_bl >= 1000;
-        bool trim_due = now - last_trim >= TRIM_EVERY_MS;
-        bool all_drained = r->c.drain;
+        unsigned visit = OQ__MIN(np, HOUSE_PARTS_PER_TICK);
         uint64_t ready = 0;
         int64_t oldest = 0;
 
-        /* Every partition in turn; a partition that was drained stays
-         * so (its work moves only within it) unless events are sent. */
-        for (unsigned p = 0; p < np && !atomic_load(&r->stop); p++) {
+        for (unsigned i = 0; i < visit && !atomic_load(&r->stop); i++) {
+            unsigned p = next;
+            hpart *h = &hp[p];
+            int64_t now = mono_ms();
             rconn *rc = pconn(r, &hk->cs, p, "house", 0);
+            next = (next + 1) % np;
             if (rc == NULL || promote(r, rc, p) != 0)
                 goto out;
             /* A backlog being taken over is taken as the workers catch
              * up. */
-            if (ac_more[p] || ac_due)
-                ac_more[p] = autoclaim(r, rc, p, cursor[p],
-                                       sizeof(cursor[p]));
-            if (bl_due)
-                backlog(r, rc, p, &ready, &oldest);
-            if (trim_due)
+            if (h->ac_more || now - h->last_ac >= ac_every) {
+                h->ac_more = autoclaim(r, rc, p, h->cursor,
+                                       sizeof(h->cursor));
+                h->last_ac = now;
+            }
+            if (metrics && now - h->last_bl >= 1000) {
+                h->ready = 0;
+                h->oldest = 0;
+                backlog(r, rc, p, &h->ready, &h->oldest);
+                h->last_bl = now;
+            }
+            if (now - h->last_trim >= TRIM_EVERY_MS) {
                 trim(r, rc, p);
-            if (all_drained && !drained(r, rc, p))
-                all_drained = false;
+                h->last_trim = now;
+            }
+            /* Drained when every partition was found drained, one after
+             * the other: a drained partition stays so (its work moves only
+             * within it) unless events are sent. */
+            if (r->c.drain)
+                drained_run = drained(r, rc, p) ? drained_run + 1 : 0;
         }
-        if (ac_due)
-            last_ac = now;
-        if (bl_due) {
-            atomic_store(&r->ready, ready);
-            atomic_store(&r->oldest_ready_ms, oldest);
-            last_bl = now;
+        for (unsigned p = 0; metrics && p < np; p++) {
+            ready += hp[p].ready;
+            if (hp[p].oldest > 0 && (oldest == 0 || hp[p].oldest < oldest))
+                oldest = hp[p].oldest;
         }
-        if (trim_due)
-            last_trim = now;
-        if (all_drained && !atomic_load(&r->stop)) {
-            for (unsigned p = 0; p < np; p++)
-                trim(r, pconn(r, &hk->cs, p, "house", 0), p);
+        atomic_store(&r->ready, ready);
+        atomic_store(&r->oldest_ready_ms, oldest);
+        if (r->c.drain && drained_run >= np && !atomic_load(&r->stop)) {
+            for (unsigned p = 0; p < np; p++) {
+                rconn *rc = pconn(r, &hk->cs, p, "house", 0);
+                if (rc)
+                    trim(r, rc, p);
+            }
             atomic_store(&r->drained, 1);
             atomic_store(&r->stop, 1);
             break;
@@ -5555,8 +5587,7 @@ static void *house_main(void *arg)
         nap_ms(HOUSE_TICK_MS);
     }
 out:
-    oq__free(cursor);
-    oq__free(ac_more);
+    oq__free(hp);
     return NULL;
 }
 
