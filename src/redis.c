@@ -1958,6 +1958,35 @@ static int parts_legacy(rconn *rc, const rkeys *base, const char *cmd)
     return used;
 }
 
+/* A stream without a record of partitions whose partition 0 exists: the
+ * record was lost (S:meta deleted), and the unpartitioned layout would
+ * put events where no consumer of the partitions reads. 0, or an exit
+ * status with the message written. */
+static int parts_orphaned(rconn *rc, const char *stream, const char *cmd)
+{
+    char meta[560];
+    redisReply *rep;
+    int st = 0;
+
+    if (strpbrk(stream, "{}") != NULL)
+        return 0;
+    snprintf(meta, sizeof(meta), "{%s:0}:meta", stream);
+    rep = rc_cmdf(rc, "EXISTS %s", meta);
+    if (rep == NULL || rep->type != REDIS_REPLY_INTEGER) {
+        fprintf(stderr, "onceq %s: Redis at %s: %s\n", cmd, rc->u->text,
+                rep && rep->str ? rep->str : rc->err);
+        st = 2;
+    } else if (rep->integer > 0) {
+        fprintf(stderr, "onceq %s: stream '%s' has partitions (%s exists) "
+                "but %s:meta has lost their number ('partitions'): set it "
+                "again with HSET %s:meta partitions P\n", cmd, stream, meta,
+                stream, stream);
+        st = 2;
+    }
+    freeReplyObject(rep);
+    return st;
+}
+
 /*
  * The stream's partitions, into ps: want is --partitions (0: not given),
  * create whether this command may fix them (send, run; not the tools,
@@ -2016,6 +2045,8 @@ static int parts_open(rparts *ps, rconn *rc, const char *stream,
                 "out\n", cmd, stream, have, want, have);
         return 2;
     }
+    if (have == 0 && (st = parts_orphaned(rc, stream, cmd)) != 0)
+        return st;
     if (have == 0 && rc->urls && rc->urls->cluster) {
         fprintf(stderr, "onceq %s: Redis at %s is a Redis Cluster: a new "
                 "stream needs --partitions P (its keys are spread over the "
