@@ -92,8 +92,9 @@
  * (it moves to the node named, for good) and ASK (ASKING, that call
  * there), and goes back to the seeds when its node is gone; the epoch
  * check at (re)connect is done on the node that holds the partition's
- * meta. Each thread has one connection per partition there (rconns), so
- * each stays with its partition's primary; on a single Redis, one. A
+ * meta. A map of each partition's primary (CLUSTER SLOTS; read again
+ * after a MOVED: rurl.remap) lets each thread keep one connection per
+ * primary (rconns, pconn); on a single Redis, one. A
  * batch is read from one partition and claimed and committed there: each
  * script touches one slot. Request-reply is refused on a cluster (a reply
  * is written with its request's commit, into another slot).
@@ -824,6 +825,8 @@ typedef struct rurl {
      * seeds, any node of it; a connection goes where MOVED or ASK sends
      * it (rc_follow), and back to the seeds when that node is gone. */
     atomic_bool cluster;
+    atomic_bool remap;          /* a MOVED was followed: the partitions'
+                                   primaries (rrun's map) may have changed */
 } rurl;
 
 /* The server last found to be the primary, for messages. */
@@ -1566,6 +1569,8 @@ static int rc_follow(rconn *rc, redisReply *r, bool *ask, unsigned *hops)
     if (r == NULL || (how = redirect(rc, r)) == 0)
         return 0;
     *ask = how == 2;
+    if (how == 1)
+        atomic_store(&rc->urls->remap, true);
     if (++*hops <= 8 && rc_open(rc) == RC_OK)
         return 1;
     return rc_reconnect(rc) == RC_OK ? 1 : -1;
@@ -2904,6 +2909,7 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
                 continue;
             }
             if (redirect(rc, r) == 1) {
+                atomic_store(&rc->urls->remap, true);
                 reload = 1;
                 left++;
                 continue;
@@ -3775,6 +3781,12 @@ typedef struct rrun {
     unsigned nconn;             /* connections a thread holds: one per
                                    partition on a cluster, else one */
     bool cluster;               /* on a Redis Cluster */
+    /* On a Redis Cluster, each partition's primary (CLUSTER SLOTS, read
+     * again after a MOVED), so that a thread keeps one connection per
+     * primary (pconn). where and its entries are guarded by map_mu. */
+    pthread_mutex_t map_mu;
+    struct pnode { char host[256]; int port; } *where;
+    _Atomic unsigned map_ver;   /* bumped when where changed */
     oq__handler h;
     oq__idspec idspec;
     char consumer[256];
@@ -3987,6 +3999,9 @@ static void conn_init(rrun *r, rconn *rc, unsigned part, const char *role)
  * following MOVED), one for every partition on a single Redis. */
 typedef struct rconns {
     rconn *c;                   /* r->nconn of them, or NULL */
+    int *pidx;                  /* cluster: partition -> its connection in
+                                   c (-1: not known for map_ver ver) */
+    unsigned ver;
 } rconns;
 
 typedef struct rqueue {
@@ -4003,33 +4018,166 @@ typedef struct rqueue {
     uint64_t receipts;
 } rqueue;
 
+/* Opens connection rc for partition part (its meta's epoch checked at
+ * every reconnect). false (the run's fatal error set) if it cannot be. */
+static bool conn_open(rrun *r, rconn *rc, unsigned part, const char *role,
+                      unsigned idx)
+{
+    char name[48];
+
+    if (r->cluster)
+        snprintf(name, sizeof(name), "%s%u.%u", role, idx, part);
+    else
+        snprintf(name, sizeof(name), "%s%u", role, idx);
+    conn_init(r, rc, part, name);
+    if (r->cluster && r->where) {
+        struct pnode at;
+        pthread_mutex_lock(&r->map_mu);
+        at = r->where[part];
+        pthread_mutex_unlock(&r->map_mu);
+        if (at.port > 0)
+            set_target(rc, at.host, strlen(at.host), at.port);
+    }
+    if (rc_open(rc) != RC_OK) {
+        run_fatal(r, rc->err);
+        return false;
+    }
+    rc->ready = true;
+    return true;
+}
+
+/* A Redis Cluster's hash slot of the keys whose hash tag is tag: CRC16
+ * (XMODEM) of it, mod 16384, as the cluster computes it. */
+static unsigned keyslot(const char *tag, size_t len)
+{
+    uint16_t crc = 0;
+
+    for (size_t i = 0; i < len; i++) {
+        crc ^= (uint16_t)((unsigned char)tag[i] << 8);
+        for (int j = 0; j < 8; j++)
+            crc = (crc & 0x8000) ? (uint16_t)((crc << 1) ^ 0x1021)
+                                 : (uint16_t)(crc << 1);
+    }
+    return crc & 16383;
+}
+
+/* Reads each partition's primary from CLUSTER SLOTS (on rc) into the map;
+ * the old map stays when the cluster does not answer. */
+static void map_refresh(rrun *r, rconn *rc)
+{
+    redisReply *rep = rc_cmdf(rc, "CLUSTER SLOTS");
+
+    if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
+        freeReplyObject(rep);
+        return;
+    }
+    pthread_mutex_lock(&r->map_mu);
+    for (unsigned p = 0; p < r->ps.n; p++) {
+        char tag[600];
+        int n = snprintf(tag, sizeof(tag), "%s:%u", r->ps.base.stream, p);
+        long long slot = keyslot(tag, (size_t)n);
+        r->where[p].port = 0;
+        for (size_t i = 0; i < rep->elements; i++) {
+            const redisReply *e = rep->element[i], *m;
+            if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 ||
+                e->element[0]->type != REDIS_REPLY_INTEGER ||
+                e->element[1]->type != REDIS_REPLY_INTEGER ||
+                slot < e->element[0]->integer ||
+                slot > e->element[1]->integer)
+                continue;
+            m = e->element[2];
+            if (m->type == REDIS_REPLY_ARRAY && m->elements >= 2 &&
+                m->element[0]->type == REDIS_REPLY_STRING &&
+                m->element[0]->len > 0 &&
+                m->element[0]->len < sizeof(r->where[p].host) &&
+                m->element[1]->type == REDIS_REPLY_INTEGER) {
+                memcpy(r->where[p].host, m->element[0]->str,
+                       m->element[0]->len + 1);
+                r->where[p].port = (int)m->element[1]->integer;
+            }
+            break;
+        }
+    }
+    atomic_fetch_add(&r->map_ver, 1);
+    pthread_mutex_unlock(&r->map_mu);
+    freeReplyObject(rep);
+}
+
+/* Whether rc is connected to primary at. */
+static bool conn_at(const rconn *rc, const struct pnode *at)
+{
+    return rc->ready && rc->u && rc->u->port == at->port &&
+           strcmp(rc->u->host, at->host) == 0;
+}
+
 /* The connection for partition part, opened on first use; NULL (the
- * run's fatal error set) if it cannot be. */
+ * run's fatal error set) if it cannot be. On a single Redis, one for
+ * every partition. On a Redis Cluster, one per primary: the partition's
+ * primary is looked up in the map (map_ver changes it), and a connection
+ * already there is shared; a connection follows MOVED wherever the calls
+ * send it, and the map is read again after one, so the partitions find
+ * their connections again. */
 static rconn *pconn(rrun *r, rconns *cs, unsigned part, const char *role,
                     unsigned idx)
 {
-    char name[48];
-    rconn *rc;
+    unsigned ver;
+    struct pnode at;
+    int free_i = -1;
 
     if (cs->c == NULL &&
         (cs->c = oq__calloc(r->nconn, sizeof(*cs->c))) == NULL) {
         run_fatal(r, "out of memory opening a connection");
         return NULL;
     }
-    rc = &cs->c[r->nconn > 1 ? part : 0];
-    if (rc->ready)
-        return rc;
-    if (r->nconn > 1)
-        snprintf(name, sizeof(name), "%s%u.%u", role, idx, part);
-    else
-        snprintf(name, sizeof(name), "%s%u", role, idx);
-    conn_init(r, rc, r->nconn > 1 ? part : 0, name);
-    if (rc_open(rc) != RC_OK) {
-        run_fatal(r, rc->err);
+    if (!r->cluster) {
+        if (cs->c[0].ready || conn_open(r, &cs->c[0], 0, role, idx))
+            return &cs->c[0];
         return NULL;
     }
-    rc->ready = true;
-    return rc;
+    if (cs->pidx == NULL &&
+        (cs->pidx = oq__malloc(r->ps.n * sizeof(*cs->pidx))) == NULL) {
+        run_fatal(r, "out of memory opening a connection");
+        return NULL;
+    }
+    if (atomic_exchange(&r->u.remap, false)) {
+        rconn *any = NULL;
+        for (unsigned i = 0; i < r->nconn && any == NULL; i++)
+            if (cs->c[i].ready)
+                any = &cs->c[i];
+        if (any)
+            map_refresh(r, any);
+        else
+            atomic_store(&r->u.remap, true); /* for a thread that can */
+    }
+    ver = atomic_load(&r->map_ver);
+    if (cs->ver != ver) {
+        for (unsigned i = 0; i < r->ps.n; i++)
+            cs->pidx[i] = -1;
+        cs->ver = ver;
+    }
+    if (cs->pidx[part] >= 0 && cs->c[cs->pidx[part]].ready)
+        return &cs->c[cs->pidx[part]];
+    pthread_mutex_lock(&r->map_mu);
+    at = r->where[part];
+    pthread_mutex_unlock(&r->map_mu);
+    for (unsigned i = 0; i < r->nconn; i++) {
+        if (at.port > 0 && conn_at(&cs->c[i], &at)) {
+            cs->pidx[part] = (int)i;
+            return &cs->c[i];
+        }
+        if (!cs->c[i].ready && free_i < 0)
+            free_i = (int)i;
+    }
+    /* A connection of its own (at most one per partition: every one in
+     * use means the map is not known, or the partitions are all on
+     * primaries of their own). */
+    if (free_i < 0)
+        free_i = (int)part;
+    if (!cs->c[free_i].ready && !conn_open(r, &cs->c[free_i], part, role,
+                                           idx))
+        return NULL;
+    cs->pidx[part] = free_i;
+    return &cs->c[free_i];
 }
 
 static void conns_close(const rrun *r, rconns *cs)
@@ -4037,7 +4185,9 @@ static void conns_close(const rrun *r, rconns *cs)
     for (unsigned i = 0; cs->c && i < r->nconn; i++)
         rc_close(&cs->c[i]);
     oq__free(cs->c);
+    oq__free(cs->pidx);
     cs->c = NULL;
+    cs->pidx = NULL;
 }
 
 static int rq_attach(void *backend, void **ctx)
@@ -6056,6 +6206,13 @@ static int run_setup(rrun *r, rconn *main_rc)
                          "run")) != 0)
         return st;
     r->nconn = r->cluster ? r->ps.n : 1;
+    if (r->cluster) {
+        if ((r->where = oq__calloc(r->ps.n, sizeof(*r->where))) == NULL) {
+            fprintf(stderr, "onceq run: out of memory\n");
+            return 3;
+        }
+        map_refresh(r, main_rc);
+    }
     if (r->ps.tagged && r->c.join_requests)
         return usage_error("run", "--join-requests reads a stream of "
                            "replies, which has no partitions: stream '%s' "
@@ -6180,6 +6337,7 @@ int oq__redis_run(const oq__run_config *c)
     if (r == NULL)
         return 3;
     oq__mutex_init(&r->mu);
+    oq__mutex_init(&r->map_mu);
     r->c = *c;
     if ((status = check_writable(c->out_path, "results")) != 0 ||
         (status = check_writable(c->stats_path, "stats")) != 0 ||
@@ -6254,9 +6412,11 @@ out_free:
     free_workers(r, &hk);
     rc_close(&main_rc);
     parts_free(&r->ps);
+    oq__free(r->where);
     if (r->h.fn)
         oq__handler_free(&r->h);
     pthread_mutex_destroy(&r->mu);
+    pthread_mutex_destroy(&r->map_mu);
     oq__free(r);
     return status;
 }
