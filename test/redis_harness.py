@@ -291,15 +291,31 @@ class Cluster:
                 p = free_cluster_port()
                 self.ports.append(p)
                 self._spawn(p)
-            args = ["redis-cli", "--cluster", "create"] + \
-                [f"127.0.0.1:{p}" for p in self.ports] + ["--cluster-yes"]
-            if self.replicas:
-                args += ["--cluster-replicas", str(self.replicas)]
-            r = subprocess.run(args, capture_output=True, text=True,
-                               timeout=timeout)
-            if r.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create: "
-                                   f"{r.stdout[-2000:]} {r.stderr}")
+            if self.masters >= 3:
+                args = ["redis-cli", "--cluster", "create"] + \
+                    [f"127.0.0.1:{p}" for p in self.ports] + \
+                    ["--cluster-yes"]
+                if self.replicas:
+                    args += ["--cluster-replicas", str(self.replicas)]
+                r = subprocess.run(args, capture_output=True, text=True,
+                                   timeout=timeout)
+                if r.returncode != 0:
+                    raise RuntimeError(f"redis-cli --cluster create: "
+                                       f"{r.stdout[-2000:]} {r.stderr}")
+            else:
+                # redis-cli --cluster create wants 3 masters at least:
+                # by hand, as it does (equal slot ranges, distinct config
+                # epochs, MEET).
+                assert not self.replicas, "replicas need 3 masters"
+                for i, p in enumerate(self.ports):
+                    a = i * 16384 // n
+                    b = (i + 1) * 16384 // n - 1
+                    for cmd in (["ADDSLOTSRANGE", a, b],
+                                ["SET-CONFIG-EPOCH", i + 1]) + \
+                            ((["MEET", "127.0.0.1", self.ports[0]],)
+                             if i else ()):
+                        r = self.cli_at(p, "CLUSTER", *cmd)
+                        assert r == "OK", (p, cmd, r)
             self.wait_ok(timeout)
         except BaseException:
             self.stop()
