@@ -254,6 +254,10 @@ int oq__reorder_error(oq__reorder *ro);
  * --state, --redis): run.c fills it from argv with one option table, the
  * same limits and the same defaults, and refuses options that make no
  * sense in the chosen mode, so neither engine parses anything. */
+/* --partitions' limit (redis.c: one connection a partition a thread on a
+ * Redis Cluster). */
+#define OQ__PARTITIONS_MAX 256
+
 typedef struct oq__run_config {
     const char *const *inputs;  /* ninputs paths; none: stdin */
     unsigned ninputs;
@@ -297,6 +301,7 @@ typedef struct oq__run_config {
     unsigned replicas;          /* --replicas: WAIT for them after commits */
     int64_t reply_ttl_ms;       /* --reply-ttl: replies kept for duplicates */
     bool join_requests;         /* --join-requests: a stream of replies */
+    unsigned partitions;        /* --partitions: 0 not given (the stream's) */
 } oq__run_config;
 
 /* The defaults of every mode (batch: the in-memory one; run.c's parser

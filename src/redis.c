@@ -806,6 +806,8 @@ typedef struct rurl {
     rnode node[MAX_NODES];
     unsigned n;
     _Atomic unsigned cur;
+    bool cluster;               /* a Redis Cluster (rc_first): the nodes are
+                                   seeds, and MOVED/ASK are followed */
 } rurl;
 
 /* The server last found to be the primary, for messages. */
@@ -1096,6 +1098,8 @@ typedef struct rconn {
     unsigned opens;              /* successful rc_opens: tells a caller
                                     that the connection was replaced */
     bool is_primary;             /* rc_open_node got past ROLE */
+    bool ready;                  /* opened once (pconn): rc_cmd and
+                                    rc_script reconnect it from then on */
     char err[1024];              /* the last fatal error */
 } rconn;
 
@@ -1703,6 +1707,179 @@ static int make_keys(rkeys *k, const char *stream, const char *cmd)
     return 0;
 }
 
+/* ========================================================= partitions */
+
+/*
+ * --partitions P (docs/REDIS.md, Partitions): stream S is P streams,
+ * partition k named {S:k}, each with every key above under that name, so
+ * all the keys of a partition share one hash tag and a script touches one
+ * Redis Cluster slot. `send` puts an event in partition XXH3-64(id) mod P
+ * (a line without an id in 0): every copy of an id meets one claim and one
+ * done-mark. Consumers read every partition, and a batch comes from one
+ * (rq_receive), so its CLAIM and COMMIT calls each touch one partition. P
+ * is fixed at the stream's first use, as S:meta's field "partitions"
+ * (S:meta holds nothing else then: each partition has its own meta). A
+ * stream first used without --partitions keeps the layout of one
+ * partition named S, and refuses --partitions.
+ */
+typedef struct rpart {
+    rkeys k;
+    char epoch[64];             /* its epoch (stream_epoch), once known */
+} rpart;
+
+typedef struct rparts {
+    rkeys base;                 /* S's own keys: base.meta records P */
+    rpart *p;                   /* n of them */
+    unsigned n;
+    bool tagged;                /* named {S:k}; false: one, named S */
+} rparts;
+
+/* The partition of an event id. */
+static unsigned partition_of(const char *id, size_t len, unsigned n)
+{
+    return n > 1 ? (unsigned)(XXH3_64bits(id, len) % n) : 0;
+}
+
+static void parts_free(rparts *ps)
+{
+    oq__free(ps->p);
+    ps->p = NULL;
+    ps->n = 0;
+}
+
+/* S:meta's "partitions" into *have (0: none). 0, or an exit status with
+ * the message written. */
+static int parts_recorded(rconn *rc, const rkeys *base, const char *cmd,
+                          unsigned *have)
+{
+    redisReply *rep = rc_cmdf(rc, "HGET %s partitions", base->meta);
+    int st = 0;
+
+    *have = 0;
+    if (rep == NULL) {
+        fprintf(stderr, "onceq %s: %s\n", cmd, rc->err);
+        return 2;
+    }
+    if (rep->type == REDIS_REPLY_STRING)
+        *have = (unsigned)strtoul(rep->str, NULL, 10);
+    if (rep->type == REDIS_REPLY_ERROR ||
+        (rep->type == REDIS_REPLY_STRING &&
+         (*have < 1 || *have > OQ__PARTITIONS_MAX))) {
+        fprintf(stderr, "onceq %s: Redis at %s: reading the partitions in "
+                "%s: %s\n", cmd, rc->u->text, base->meta,
+                rep->type == REDIS_REPLY_ERROR ? rep->str : "a bad value");
+        st = 2;
+    }
+    freeReplyObject(rep);
+    return st;
+}
+
+/* Whether stream S was used without --partitions (its stream or its
+ * epoch exists): 1 yes, 0 no, -1 error (message written). */
+static int parts_legacy(rconn *rc, const rkeys *base, const char *cmd)
+{
+    redisReply *a = rc_cmdf(rc, "EXISTS %s", base->stream), *b = NULL;
+    int used = -1;
+
+    if (a && a->type == REDIS_REPLY_INTEGER)
+        b = rc_cmdf(rc, "HEXISTS %s epoch", base->meta);
+    if (b && b->type == REDIS_REPLY_INTEGER)
+        used = a->integer > 0 || b->integer > 0;
+    else
+        fprintf(stderr, "onceq %s: Redis at %s: %s\n", cmd, rc->u->text,
+                (b && b->type == REDIS_REPLY_ERROR) ? b->str
+                : (a && a->type == REDIS_REPLY_ERROR) ? a->str : rc->err);
+    freeReplyObject(a);
+    freeReplyObject(b);
+    return used;
+}
+
+/*
+ * The stream's partitions, into ps: want is --partitions (0: not given),
+ * create whether this command may fix them (send, run; not the tools,
+ * which only read). 0, or an exit status with the message written.
+ */
+static int parts_open(rparts *ps, rconn *rc, const char *stream,
+                      unsigned want, int create, const char *cmd)
+{
+    unsigned have;
+    int st;
+
+    memset(ps, 0, sizeof(*ps));
+    if (make_keys(&ps->base, stream, cmd) != 0)
+        return 2;
+    if ((st = parts_recorded(rc, &ps->base, cmd, &have)) != 0)
+        return st;
+    if (have == 0 && want > 0 && create) {
+        redisReply *rep;
+        if ((st = parts_legacy(rc, &ps->base, cmd)) != 0) {
+            if (st > 0)
+                fprintf(stderr, "onceq %s: stream '%s' was first used "
+                        "without --partitions (one partition, named %s) "
+                        "and keeps that layout: leave --partitions out, or "
+                        "use a new stream\n", cmd, stream, stream);
+            return 2;
+        }
+        if (strpbrk(stream, "{}") == NULL) {
+            rep = rc_cmdf(rc, "HSETNX %s partitions %u", ps->base.meta,
+                          want);
+            if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+                fprintf(stderr, "onceq %s: Redis at %s: %s\n", cmd,
+                        rc->u->text, rep ? rep->str : rc->err);
+                freeReplyObject(rep);
+                return 2;
+            }
+            freeReplyObject(rep);
+            if ((st = parts_recorded(rc, &ps->base, cmd, &have)) != 0)
+                return st;
+        }
+    }
+    if (have > 0 && strpbrk(stream, "{}") != NULL) {
+        fprintf(stderr, "onceq %s: a partitioned stream's name may not hold "
+                "'{' or '}' (its partitions are named {%s:k}, a Redis hash "
+                "tag)\n", cmd, stream);
+        return 2;
+    }
+    if (want > 0 && have == 0) {
+        fprintf(stderr, "onceq %s: a partitioned stream's name may not hold "
+                "'{' or '}' (its partitions are named {NAME:k}, a Redis "
+                "hash tag)\n", cmd);
+        return 2;
+    }
+    if (want > 0 && have != want) {
+        fprintf(stderr, "onceq %s: stream '%s' has %u partitions (fixed at "
+                "its first use), not %u: give --partitions %u or leave it "
+                "out\n", cmd, stream, have, want, have);
+        return 2;
+    }
+    if (have == 0 && rc->urls && rc->urls->cluster) {
+        fprintf(stderr, "onceq %s: Redis at %s is a Redis Cluster: a new "
+                "stream needs --partitions P (its keys are spread over the "
+                "cluster's slots by partition)\n", cmd, rc->u->text);
+        return 2;
+    }
+    ps->tagged = have > 0;
+    ps->n = have > 0 ? have : 1;
+    ps->p = oq__calloc(ps->n, sizeof(*ps->p));
+    if (ps->p == NULL) {
+        fprintf(stderr, "onceq %s: out of memory\n", cmd);
+        return 3;
+    }
+    if (!ps->tagged) {
+        ps->p[0].k = ps->base;
+        return 0;
+    }
+    for (unsigned i = 0; i < ps->n; i++) {
+        char name[520];
+        snprintf(name, sizeof(name), "{%s:%u}", stream, i);
+        if (make_keys(&ps->p[i].k, name, cmd) != 0) {
+            parts_free(ps);
+            return 2;
+        }
+    }
+    return 0;
+}
+
 /* ====================================================== small helpers */
 
 /* The bytes of an id's done-mark field (see DM_LUA): the first 12 of its
@@ -2171,6 +2348,10 @@ static void send_usage(FILE *f)
 "  --replicas N           report events sent only once N replicas have\n"
 "                         them (WAIT; default 0)\n"
 "  --stream NAME          the stream (keys NAME, NAME:*)\n"
+"  --partitions P         the stream's partitions (1 to 256; needed on a\n"
+"                         Redis Cluster): fixed at its first use; without\n"
+"                         it, the stream's. Each event goes to the\n"
+"                         partition of its id (docs/REDIS.md, Partitions)\n"
 "  --dedup-window D       producer dedup window (default 5m; a bare number\n"
 "                         is milliseconds; 0 = off)\n"
 "  --id-field NAME        the id field (default id, or event_id)\n"
@@ -2239,6 +2420,7 @@ typedef struct send_cfg {
     unsigned batch;
     size_t max_line;
     int replicas;
+    unsigned partitions;        /* --partitions: 0 not given */
     bool quiet;
 } send_cfg;
 
@@ -2249,7 +2431,7 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
 {
     enum { O_REDIS = 256, O_STREAM, O_WINDOW, O_ID, O_BATCH, O_MAXLINE,
            O_PWFILE, O_REPLICAS, O_REPLY_TO, O_REQUEST_TTL, O_TIMEOUT,
-           O_RSTREAM };
+           O_RSTREAM, O_PARTITIONS };
     static const struct option lo[] = {
         { "redis", required_argument, NULL, O_REDIS },
         { "redis-password-file", required_argument, NULL, O_PWFILE },
@@ -2263,6 +2445,7 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
         { "request-ttl", required_argument, NULL, O_REQUEST_TTL },
         { "reply-timeout", required_argument, NULL, O_TIMEOUT },
         { "reply-stream", required_argument, NULL, O_RSTREAM },
+        { "partitions", required_argument, NULL, O_PARTITIONS },
         { "quiet", no_argument, NULL, 'q' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
@@ -2352,6 +2535,13 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
                 return usage_error(cmd, "invalid --batch '%s' (an integer "
                                    "from 1 to 4096)", optarg);
             c->batch = (unsigned)u;
+            break;
+        case O_PARTITIONS:
+            if (oq__parse_count(optarg, 1, OQ__PARTITIONS_MAX, &u) != 0)
+                return usage_error(cmd, "invalid --partitions '%s' (an "
+                                   "integer from 1 to %d)", optarg,
+                                   OQ__PARTITIONS_MAX);
+            c->partitions = (unsigned)u;
             break;
         case O_MAXLINE:
             if (oq__parse_size(optarg, 16, (uint64_t)1 << 31, &u) != 0)
@@ -2525,7 +2715,8 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
 typedef struct sender {
     send_batch b[SEND_WINDOW];
     size_t nb;                  /* full batches in b */
-    rconn *rc;
+    rconn own;                  /* its partition's, on a Redis Cluster */
+    rconn *rc;                  /* own, or the command's */
     const rkeys *k;
     const send_cfg *c;
     const char *epoch;
@@ -2574,26 +2765,74 @@ static void sender_free(sender *s)
         ab_free(&s->b[i].keys);
         ab_free(&s->b[i].args);
     }
+    rc_close(&s->own);
+}
+
+/* One sender per partition of ps (freed with senders_free), on rc (on a
+ * Redis Cluster each on a connection of its own, which stays with its
+ * partition's master), each partition's key types checked and its epoch
+ * known. 0, or an exit status with the message written. */
+static int senders_open(sender **out, rparts *ps, rconn *rc, rurl *u,
+                        const send_cfg *c, bool exclusive, const char *cmd)
+{
+    sender *s = oq__calloc(ps->n, sizeof(*s));
+    int st = 0;
+
+    *out = s;
+    if (s == NULL) {
+        fprintf(stderr, "onceq %s: out of memory\n", cmd);
+        return 3;
+    }
+    for (unsigned p = 0; p < ps->n && st == 0; p++) {
+        s[p] = (sender){ .rc = rc, .k = &ps->p[p].k, .c = c,
+                         .epoch = ps->p[p].epoch, .exclusive = exclusive };
+        if (u->cluster) {
+            snprintf(s[p].own.name, sizeof(s[p].own.name), "%s", rc->name);
+            if (rc_first(&s[p].own, u, cmd) != 0)
+                return 2;
+            s[p].rc = &s[p].own;
+        }
+        if ((st = check_types(s[p].rc, &ps->p[p].k, cmd, 0)) == 0)
+            st = stream_epoch(s[p].rc, &ps->p[p].k, cmd, ps->p[p].epoch,
+                              sizeof(ps->p[p].epoch));
+    }
+    return st;
+}
+
+/* Sends what every sender holds. 0, or an exit status. */
+static int senders_flush(sender *s, unsigned n)
+{
+    int st = 0;
+
+    for (unsigned p = 0; p < n && st == 0; p++)
+        st = sender_flush(&s[p]);
+    return st;
+}
+
+static void senders_free(sender *s, unsigned n)
+{
+    for (unsigned p = 0; s && p < n; p++)
+        sender_free(&s[p]);
+    oq__free(s);
 }
 
 static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
 {
     static const char *const stdin_only[] = { "-" };
     oq__idspec spec = { c->id_field, strcmp(c->id_field, "id") == 0 };
-    uint64_t blank = 0;
+    uint64_t blank = 0, sent = 0, rej = 0, inuse = 0;
     oq__reader *rd = NULL;
     rconn rc = { 0 };
     rurl u;
-    rkeys k;
+    rparts ps = { 0 };
     oq__line l;
-    char err[512], epoch[64];
+    char err[512];
     int status = 0, got, req;
     stamper stp;
-    sender snd = { .rc = &rc, .k = &k, .c = c, .epoch = epoch,
-                   .exclusive = true };
+    sender *snd = NULL;
 
-    if (make_keys(&k, c->stream, "send") != 0)
-        return 2;
+    if (c->stream == NULL || *c->stream == '\0')
+        return usage_error("send", "--stream NAME is required");
     stamper_init(&stp, c->reply_to, c->stream, c->reply_timeout_given ?
                                                   c->timeout_ms : 0);
     if (parse_url(c->url, c->pwfile, "send", &u, err, sizeof(err)) != 0)
@@ -2610,9 +2849,11 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
         return 2;
     }
     if ((status = check_policy(&rc, "send")) != 0 ||
-        (status = check_types(&rc, &k, "send", 0)) != 0 ||
-        (status = stream_epoch(&rc, &k, "send", epoch,
-                               sizeof(epoch))) != 0) {
+        (status = parts_open(&ps, &rc, c->stream, c->partitions, 1,
+                             "send")) != 0 ||
+        (status = senders_open(&snd, &ps, &rc, &u, c, true, "send")) != 0) {
+        senders_free(snd, ps.n);
+        parts_free(&ps);
         rc_close(&rc);
         oq__reader_close(rd);
         return status;
@@ -2632,7 +2873,9 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
             char src[600];
             const char *path = oq__reader_path(rd, l.file);
             int64_t keyidx = 0;
-            send_batch *cur = sender_cur(&snd);
+            unsigned part = 0;
+            const rkeys *k;
+            send_batch *cur;
             req = 0;
             if (c->reply_to && l.kind == OQ__LINE_EVENT &&
                 (req = stamp_request(&stp, l.data, l.len)) < 0) {
@@ -2640,48 +2883,61 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
                 status = 3;
                 break;
             }
-            if (l.kind == OQ__LINE_EVENT && c->window_ms > 0) {
+            /* The id: its partition, and its dedup key. */
+            if (l.kind == OQ__LINE_EVENT && (c->window_ms > 0 || ps.n > 1)) {
                 oq_event ev = { 0 };
                 oq_decoded dec;
                 memset(&dec, 0, sizeof(dec));
                 ev.payload = l.data;
                 ev.payload_len = l.len;
                 if (oq__json_decode(&ev, &dec, &spec) == 0) {
-                    ab_add2(&cur->keys, k.dedup, k.dedup_len, dec.id,
-                            dec.id_len);
-                    keyidx = (int64_t)cur->keys.n;
+                    part = partition_of(dec.id, dec.id_len, ps.n);
+                    k = snd[part].k;
+                    cur = sender_cur(&snd[part]);
+                    if (c->window_ms > 0) {
+                        ab_add2(&cur->keys, k->dedup, k->dedup_len, dec.id,
+                                dec.id_len);
+                        keyidx = (int64_t)cur->keys.n;
+                    }
                 }
                 if (dec.parsed)
                     oq__json_free(dec.parsed, &spec);
             }
+            cur = sender_cur(&snd[part]);
             line_source(src, sizeof(src), path, l.lineno);
             batch_add(cur, keyidx, req ? stp.line.data : l.data,
                       req ? stp.line.len : l.len, src,
                       l.kind == OQ__LINE_TOO_LARGE ? l.full_len : 0,
                       req == 1 ? &stp : NULL);
-            if ((status = sender_added(&snd)) != 0)
+            if ((status = sender_added(&snd[part])) != 0)
                 break;
             continue;
         }
-        status = sender_flush(&snd);
+        status = senders_flush(snd, ps.n);
         break;
+    }
+    for (unsigned p = 0; p < ps.n; p++) {
+        sent += snd[p].sent;
+        rej += snd[p].rej;
+        inuse += snd[p].inuse;
     }
     if (status == 0 && !c->quiet)
         printf("sent %" PRIu64 ", rejected %" PRIu64 " duplicates\n",
-               snd.sent, snd.rej);
+               sent, rej);
     if (status == 0 && !c->quiet && blank)
         fprintf(stderr, "onceq send: skipped %" PRIu64 " blank lines\n",
                 blank);
-    if (status == 0 && snd.inuse) {
+    if (status == 0 && inuse) {
         /* Correlation ids are per request: a second request with one in
          * use would take the first one's context, and the requesters
          * (whose id is the correlation id) would handle one reply. */
         fprintf(stderr, "onceq send: refused %" PRIu64 " requests whose "
                 "correlation_id is another request's (in %s:rq:*)\n",
-                snd.inuse, c->reply_to);
+                inuse, c->reply_to);
         status = 1;
     }
-    sender_free(&snd);
+    senders_free(snd, ps.n);
+    parts_free(&ps);
     rc_close(&rc);
     oq__reader_close(rd);
     stamper_free(&stp);
@@ -2722,6 +2978,7 @@ typedef struct rq_item {
     char *id;               /* the event's id, JSON */
     char *out;              /* the line to write (reply, or rejected) */
     const char *status;     /* ok failed dead timeout rejected */
+    unsigned part;          /* its partition */
 } rq_item;
 
 /* The signal that stops `onceq request` (0: none); also its connection's
@@ -2780,7 +3037,7 @@ static char *item_key(const char *corr, size_t cl, const char *id,
 /* Stamps and checks one line into it: 0 sent-to-be (it->key set), 1
  * rejected (it->out set), OQ_ENOMEM. */
 static int req_item(rq_item *it, stamper *stp, const oq__line *l,
-                    oq__idspec *spec)
+                    oq__idspec *spec, unsigned np)
 {
     char err[320];
     oq_event ev = { 0 };
@@ -2804,11 +3061,13 @@ static int req_item(rq_item *it, stamper *stp, const oq__line *l,
         if (oq__json_decode(&ev, &dec, spec) != 0) {
             snprintf(err, sizeof(err), "%s", dec.error);
             st = 3;
-        } else if (oq__json_quote(&q, dec.id, dec.id_len) != 0 ||
-                   oq__buf_add(&q, "", 1) != 0 ||
-                   (it->key = item_key(stp->corr.data, stp->corr.len, dec.id,
-                                       dec.id_len, &it->key_len)) == NULL) {
-            st = OQ_ENOMEM;
+        } else {
+            it->part = partition_of(dec.id, dec.id_len, np);
+            if (oq__json_quote(&q, dec.id, dec.id_len) != 0 ||
+                oq__buf_add(&q, "", 1) != 0 ||
+                (it->key = item_key(stp->corr.data, stp->corr.len, dec.id,
+                                    dec.id_len, &it->key_len)) == NULL)
+                st = OQ_ENOMEM;
         }
         if (dec.parsed)
             oq__json_free(dec.parsed, spec);
@@ -2831,12 +3090,11 @@ static int req_item(rq_item *it, stamper *stp, const oq__line *l,
 /* Reads the inputs and stamps each event into items (grown); sends the
  * stamped ones in batches, and indexes them by key. 0, or an exit
  * status. */
-static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
-                    const char *epoch, stamper *stp, oq__reader *rd,
-                    rq_item **items, size_t *nitems, rq_item **byk)
+static int req_send(const send_cfg *c, sender *snd, unsigned np,
+                    stamper *stp, oq__reader *rd, rq_item **items,
+                    size_t *nitems, rq_item **byk)
 {
     oq__idspec spec = { c->id_field, strcmp(c->id_field, "id") == 0 };
-    sender snd = { .rc = rc, .k = k, .c = c, .epoch = epoch };
     size_t cap = 0;
     oq__line l;
     char err[512];
@@ -2869,22 +3127,21 @@ static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
             }
             it = &(*items)[(*nitems)++];
             memset(it, 0, sizeof(*it));
-            if ((st = req_item(it, stp, &l, &spec)) < 0)
+            if ((st = req_item(it, stp, &l, &spec, np)) < 0)
                 goto nomem;
             if (st > 0)
                 continue;
             line_source(src, sizeof(src), oq__reader_path(rd, l.file),
                         l.lineno);
-            batch_add(sender_cur(&snd), 0, stp->line.data, stp->line.len,
-                      src, 0, stp);
-            if ((status = sender_added(&snd)) != 0)
+            batch_add(sender_cur(&snd[it->part]), 0, stp->line.data,
+                      stp->line.len, src, 0, stp);
+            if ((status = sender_added(&snd[it->part])) != 0)
                 break;
             continue;
         }
-        status = sender_flush(&snd);
+        status = senders_flush(snd, np);
         break;
     }
-    sender_free(&snd);
     if (status != 0)
         return status;
     for (size_t i = 0; i < *nitems; i++) {
@@ -2905,7 +3162,6 @@ static int req_send(const send_cfg *c, rconn *rc, const rkeys *k,
     }
     return 0;
 nomem:
-    sender_free(&snd);
 nomem_index:
     fprintf(stderr, "onceq request: out of memory\n");
     return 3;
@@ -3136,10 +3392,11 @@ int oq__cmd_request(int argc, char **argv)
     oq__reader *rd = NULL;
     rconn rc = { 0 };
     rurl u;
-    rkeys k;
+    rparts ps = { 0 };
+    sender *snd = NULL;
     stamper stp;
     struct sigaction sa, old_int, old_term;
-    char err[512], epoch[64], own[600], last[64];
+    char err[512], own[600], last[64];
     const char *rstream, *why;
     int status;
     unsigned ninputs;
@@ -3147,8 +3404,8 @@ int oq__cmd_request(int argc, char **argv)
     if ((status = send_parse(&c, argc, argv, true)) >= 0)
         return status;
     ninputs = (unsigned)(argc - optind);
-    if (make_keys(&k, c.stream, "request") != 0)
-        return 2;
+    if (c.stream == NULL || *c.stream == '\0')
+        return usage_error("request", "--stream NAME is required");
     snprintf(own, sizeof(own), "%s:replies:%016" PRIx64, c.stream,
              make_nonce());
     rstream = c.reply_stream ? c.reply_stream : own;
@@ -3176,12 +3433,19 @@ int oq__cmd_request(int argc, char **argv)
     sigaction(SIGTERM, &sa, &old_term);
     rc.stop = &req_signal;
     stamper_init(&stp, rstream, c.stream, c.timeout_ms);
-    if ((status = check_policy(&rc, "request")) == 0 &&
-        (status = check_types(&rc, &k, "request", 0)) == 0 &&
-        (status = stream_epoch(&rc, &k, "request", epoch,
-                               sizeof(epoch))) == 0 &&
+    if (u.cluster) {
+        fprintf(stderr, "onceq request: Redis at %s is a Redis Cluster: "
+                "request-reply is not supported there (a reply is written "
+                "with its request's commit, in another slot)\n",
+                rc.u->text);
+        status = 2;
+    } else if ((status = check_policy(&rc, "request")) == 0 &&
+        (status = parts_open(&ps, &rc, c.stream, c.partitions, 1,
+                             "request")) == 0 &&
+        (status = senders_open(&snd, &ps, &rc, &u, &c, false,
+                               "request")) == 0 &&
         (status = req_start(&rc, rstream, last, sizeof(last))) == 0 &&
-        (status = req_send(&c, &rc, &k, epoch, &stp, rd, &items, &nitems,
+        (status = req_send(&c, snd, ps.n, &stp, rd, &items, &nitems,
                            &byk)) == 0)
         status = req_wait(&rc, rstream, last, byk, req_sent(items, nitems),
                           c.timeout_ms, &dups);
@@ -3200,6 +3464,8 @@ int oq__cmd_request(int argc, char **argv)
     }
     oq__free(items);
     stamper_free(&stp);
+    senders_free(snd, ps.n);
+    parts_free(&ps);
     rc_close(&rc);
     oq__reader_close(rd);
     sigaction(SIGINT, &old_int, NULL);
@@ -3230,6 +3496,7 @@ typedef struct rentry {
                              context), LATE_DEADLINE (after its deadline) */
     char *with_request;   /* the line with its "request", or NULL */
     size_t with_len;
+    unsigned part;        /* its partition */
 } rentry;
 
 /* What this consumer's COMMIT calls did (the engine counts the rest). */
@@ -3244,12 +3511,13 @@ typedef struct rrun {
     oq__run_config c;           /* run.c's options (a copy); immutable
                                    after setup, like u, k, h */
     rurl u;
-    rkeys k;
+    rparts ps;                  /* the stream's partitions */
+    unsigned nconn;             /* connections a thread holds: one per
+                                   partition on a cluster, else one */
     oq__handler h;
     oq__idspec idspec;
     char consumer[256];
     uint64_t nonce;             /* makes our fencing tokens unique */
-    char epoch[64];             /* the stream's epoch (stream_epoch) */
     int64_t retention_ms;       /* the stream's (stream_retention); 0:
                                    done-marks are kept forever */
     char retention[24];         /* the same, as an argument */
@@ -3319,7 +3587,7 @@ static void entry_free(rentry *e)
 
 /* Copies a stream entry ([id, [field, value, ...]]) out of a reply. */
 static rentry *entry_from(const redisReply *e, uint32_t deliveries,
-                          int64_t deadline_ms)
+                          int64_t deadline_ms, unsigned part)
 {
     const redisReply *kv, *line, *src;
     size_t idl, ll, sl;
@@ -3360,6 +3628,7 @@ static rentry *entry_from(const redisReply *e, uint32_t deliveries,
     x->late = 0;
     x->with_request = NULL;
     x->with_len = 0;
+    x->part = part;
     return x;
 }
 
@@ -3370,25 +3639,27 @@ static rentry *entry_from(const redisReply *e, uint32_t deliveries,
  * epoch is gone too, the data was lost (restart without persistence,
  * FLUSHALL): starting over would run events again, or end a --drain with
  * events lost, so the run stops. 0, or -1 with the run's fatal error set. */
-static int ensure_group(rrun *r, rconn *rc)
+static int ensure_group(rrun *r, rconn *rc, unsigned part)
 {
-    const char *av[] = { "XGROUP", "CREATE", r->k.stream, r->c.group, "0",
+    const rpart *pt = &r->ps.p[part];
+    const char *av[] = { "XGROUP", "CREATE", pt->k.stream, r->c.group, "0",
                          "MKSTREAM" };
     redisReply *rep;
     int ok;
 
-    if (r->epoch[0]) {
-        rep = rc_cmdf(rc, "HGET %s epoch", r->k.meta);
+    if (pt->epoch[0]) {
+        rep = rc_cmdf(rc, "HGET %s epoch", pt->k.meta);
         if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
             run_fatal_reply(r, rc, rep, "HGET epoch");
             freeReplyObject(rep);
             return -1;
         }
-        ok = rep->type == REDIS_REPLY_STRING && strcmp(rep->str, r->epoch) == 0;
+        ok = rep->type == REDIS_REPLY_STRING &&
+             strcmp(rep->str, pt->epoch) == 0;
         freeReplyObject(rep);
         if (!ok) {
             char msg[1024];
-            lost_message(msg, sizeof(msg), url_text(&r->u), r->k.stream);
+            lost_message(msg, sizeof(msg), url_text(&r->u), pt->k.stream);
             run_fatal(r, msg);
             return -1;
         }
@@ -3402,15 +3673,17 @@ static int ensure_group(rrun *r, rconn *rc)
     return ok ? 0 : -1;
 }
 
-static void conn_init(rrun *r, rconn *rc, const char *role)
+/* A connection of the run: it checks partition part's epoch when it
+ * (re)connects. */
+static void conn_init(rrun *r, rconn *rc, unsigned part, const char *role)
 {
     rc->urls = &r->u;
     rc->u = &r->u.node[atomic_load(&r->u.cur) % r->u.n];
     rc->stop = &r->stop;
     rc->reconnects = &r->reconnects;
-    rc->meta = r->k.meta;
-    rc->stream = r->k.stream;
-    rc->epoch = r->epoch;
+    rc->meta = r->ps.p[part].k.meta;
+    rc->stream = r->ps.p[part].k.stream;
+    rc->epoch = r->ps.p[part].epoch;
     snprintf(rc->name, sizeof(rc->name), "onceq:%s:%s", r->consumer, role);
     for (char *p = rc->name; *p; p++)
         if (*p == ' ')
@@ -3448,11 +3721,18 @@ static void conn_init(rrun *r, rconn *rc, const char *role)
  * call: the script's token string is "nonce.worker.call:" .. entry.
  */
 
+/* A thread's connections to the partitions: one per partition on a Redis
+ * Cluster (each stays with the master that has its partition's slot,
+ * following MOVED), one for every partition on a single Redis. */
+typedef struct rconns {
+    rconn *c;                   /* r->nconn of them, or NULL */
+} rconns;
+
 typedef struct rqueue {
     rrun *r;
-    rconn rc;
-    bool open;
+    rconns cs;
     unsigned idx;
+    unsigned sweep;             /* the partition to read first next time */
     _Atomic uint64_t *inflight; /* the metrics' and autoclaim's view */
     rentry **batch;             /* the current receive's entries */
     size_t cap;
@@ -3461,23 +3741,41 @@ typedef struct rqueue {
     uint64_t receipts;
 } rqueue;
 
-/* A context's connection, opened on first use; false (the run's fatal
- * error set) if it cannot be. */
-static bool ctx_conn(rrun *r, rconn *rc, bool *open, const char *role,
-                     unsigned idx)
+/* The connection for partition part, opened on first use; NULL (the
+ * run's fatal error set) if it cannot be. */
+static rconn *pconn(rrun *r, rconns *cs, unsigned part, const char *role,
+                    unsigned idx)
 {
-    char name[32];
+    char name[48];
+    rconn *rc;
 
-    if (*open)
-        return true;
-    snprintf(name, sizeof(name), "%s%u", role, idx);
-    conn_init(r, rc, name);
+    if (cs->c == NULL &&
+        (cs->c = oq__calloc(r->nconn, sizeof(*cs->c))) == NULL) {
+        run_fatal(r, "out of memory opening a connection");
+        return NULL;
+    }
+    rc = &cs->c[r->nconn > 1 ? part : 0];
+    if (rc->ready)
+        return rc;
+    if (r->nconn > 1)
+        snprintf(name, sizeof(name), "%s%u.%u", role, idx, part);
+    else
+        snprintf(name, sizeof(name), "%s%u", role, idx);
+    conn_init(r, rc, r->nconn > 1 ? part : 0, name);
     if (rc_open(rc) != RC_OK) {
         run_fatal(r, rc->err);
-        return false;
+        return NULL;
     }
-    *open = true;
-    return true;
+    rc->ready = true;
+    return rc;
+}
+
+static void conns_close(const rrun *r, rconns *cs)
+{
+    for (unsigned i = 0; cs->c && i < r->nconn; i++)
+        rc_close(&cs->c[i]);
+    oq__free(cs->c);
+    cs->c = NULL;
 }
 
 static int rq_attach(void *backend, void **ctx)
@@ -3491,6 +3789,7 @@ static int rq_attach(void *backend, void **ctx)
     q->r = r;
     idx = atomic_fetch_add(&r->nqueues, 1);
     q->idx = idx;
+    q->sweep = idx % r->ps.n;
     q->inflight = idx < r->c.workers ? &r->inflight[idx] : &r->inflight_other;
     q->cap = r->c.batch;
     q->batch = oq__calloc(q->cap, sizeof(*q->batch));
@@ -3511,7 +3810,7 @@ static void rq_detach(void *ctx)
     for (size_t i = 0; i < q->nheld; i++)
         entry_free(q->held[i]);
     atomic_store(q->inflight, 0);
-    rc_close(&q->rc);
+    conns_close(q->r, &q->cs);
     oq__free(q->held);
     oq__free(q->batch);
     oq__free(q);
@@ -3536,13 +3835,15 @@ static int hold(rqueue *q, rentry *e)
  * visibility timeout, and XAUTOCLAIM delivers it again (to us or to
  * another consumer); keeping the old copy too would put one entry twice
  * in our hands. */
-static size_t take_held(rqueue *q, size_t n, size_t want, int64_t now)
+static size_t take_held(rqueue *q, unsigned part, size_t n, size_t want,
+                        int64_t now)
 {
     size_t keep = 0;
     for (size_t i = 0; i < q->nheld; i++) {
         if (q->held[i]->deadline_ms <= now)
             entry_free(q->held[i]);
-        else if (n < want && q->held[i]->due_ms <= now)
+        else if (n < want && q->held[i]->due_ms <= now &&
+                 q->held[i]->part == part)
             q->batch[n++] = q->held[i];
         else
             q->held[keep++] = q->held[i];
@@ -3551,23 +3852,57 @@ static size_t take_held(rqueue *q, size_t n, size_t want, int64_t now)
     return n;
 }
 
-static size_t take_reclaimed(rqueue *q, size_t n, size_t want, int64_t now)
+/* Moves entries of partition part from the process's reclaimed list (the
+ * newest first) into the batch. */
+static size_t take_reclaimed(rqueue *q, unsigned part, size_t n, size_t want,
+                             int64_t now)
 {
     rrun *r = q->r;
+    size_t keep;
+
     pthread_mutex_lock(&r->mu);
-    while (n < want && r->nreclaimed > 0) {
-        rentry *e = r->reclaimed[--r->nreclaimed];
+    keep = r->nreclaimed;
+    for (size_t i = r->nreclaimed; i-- > 0 && n < want;) {
+        rentry *e = r->reclaimed[i];
+        if (e->part != part)
+            continue;
         if (e->deadline_ms <= now)
             entry_free(e); /* delivered again later, as above */
         else
             q->batch[n++] = e;
+        r->reclaimed[i] = NULL;
     }
+    for (size_t i = keep = 0; i < r->nreclaimed; i++)
+        if (r->reclaimed[i])
+            r->reclaimed[keep++] = r->reclaimed[i];
+    r->nreclaimed = keep;
     pthread_mutex_unlock(&r->mu);
     return n;
 }
 
-/* XREADGROUP: appends new entries to the batch. */
-static size_t read_new(rqueue *q, size_t n, size_t want, int64_t block_ms)
+/* The partition this receive serves (a batch is of one partition, so its
+ * CLAIM and COMMIT calls touch one slot): a due held entry's, else a
+ * reclaimed one's, else -1 (read new entries, from q->sweep on). */
+static int receive_part(rqueue *q, int64_t now)
+{
+    rrun *r = q->r;
+    int part = -1;
+
+    for (size_t i = 0; i < q->nheld && part < 0; i++)
+        if (q->held[i]->due_ms <= now && q->held[i]->deadline_ms > now)
+            part = (int)q->held[i]->part;
+    if (part >= 0)
+        return part;
+    pthread_mutex_lock(&r->mu);
+    if (r->nreclaimed > 0)
+        part = (int)r->reclaimed[r->nreclaimed - 1]->part;
+    pthread_mutex_unlock(&r->mu);
+    return part;
+}
+
+/* XREADGROUP on partition part: appends new entries to the batch. */
+static size_t read_new(rqueue *q, unsigned part, size_t n, size_t want,
+                       int64_t block_ms)
 {
     rrun *r = q->r;
     char count[24], block[24];
@@ -3575,8 +3910,9 @@ static size_t read_new(rqueue *q, size_t n, size_t want, int64_t block_ms)
     int ac = 0;
     int64_t deadline;
     redisReply *rep;
+    rconn *rc = pconn(r, &q->cs, part, "q", q->idx);
 
-    if (!ctx_conn(r, &q->rc, &q->open, "q", q->idx))
+    if (rc == NULL)
         return n;
     snprintf(count, sizeof(count), "%zu", want - n);
     snprintf(block, sizeof(block), "%" PRId64, block_ms);
@@ -3591,15 +3927,15 @@ static size_t read_new(rqueue *q, size_t n, size_t want, int64_t block_ms)
         av[ac++] = block;
     }
     av[ac++] = "STREAMS";
-    av[ac++] = r->k.stream;
+    av[ac++] = r->ps.p[part].k.stream;
     av[ac++] = ">";
     deadline = mono_ms() + r->c.vt_ms;
-    rep = rc_cmd(&q->rc, ac, av, NULL);
+    rep = rc_cmd(rc, ac, av, NULL);
     if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
         if (is_err(rep, "NOGROUP"))
-            ensure_group(r, &q->rc); /* the stream was deleted: start over */
+            ensure_group(r, rc, part); /* the stream was deleted: again */
         else
-            run_fatal_reply(r, &q->rc, rep, "XREADGROUP");
+            run_fatal_reply(r, rc, rep, "XREADGROUP");
         freeReplyObject(rep);
         return n;
     }
@@ -3608,7 +3944,7 @@ static size_t read_new(rqueue *q, size_t n, size_t want, int64_t block_ms)
         rep->element[0]->elements == 2) {
         const redisReply *es = rep->element[0]->element[1];
         for (size_t i = 0; i < es->elements && n < want; i++) {
-            rentry *x = entry_from(es->element[i], 1, deadline);
+            rentry *x = entry_from(es->element[i], 1, deadline, part);
             if (x == NULL) {
                 run_fatal(r, "out of memory reading entries");
                 break;
@@ -3687,6 +4023,7 @@ static size_t join_requests(rqueue *q, size_t n)
     size_t koff[1024];
     oq__jtape t = { 0 };
     redisReply *rep;
+    rconn *rc;
 
     for (size_t i = 0; i < n && m < 1024; i++) {
         rentry *e = q->batch[i];
@@ -3706,7 +4043,8 @@ static size_t join_requests(rqueue *q, size_t n)
         if (cv == 0 || d.tok[cv].type != OQ__J_STR)
             continue;
         koff[m] = keys.len;
-        if (oq__buf_add(&keys, r->k.stream, strlen(r->k.stream)) != 0 ||
+        if (oq__buf_add(&keys, r->ps.base.stream,
+                        strlen(r->ps.base.stream)) != 0 ||
             oq__buf_add(&keys, ":rq:", 4) != 0 ||
             oq__buf_reserve(&keys, d.tok[cv].len) != 0) {
             e->joined = false;
@@ -3730,14 +4068,16 @@ static size_t join_requests(rqueue *q, size_t n)
         av[j + 1] = keys.data + koff[j];
         lens[j + 1] = (j + 1 < m ? koff[j + 1] : keys.len) - koff[j];
     }
-    rep = rc_cmd(&q->rc, (int)m + 1, av, lens);
+    /* --join-requests is refused with partitions: one connection. */
+    rc = pconn(r, &q->cs, 0, "q", q->idx);
+    rep = rc ? rc_cmd(rc, (int)m + 1, av, lens) : NULL;
     oq__buf_free(&keys);
     if (rep == NULL || rep->type != REDIS_REPLY_ARRAY || rep->elements != m) {
         /* Not looked up: handed to the engine unjoined they would run
          * without their requests, or be taken for late. The run stops;
          * these entries stay pending, for another consumer. */
         size_t k = 0;
-        run_fatal_reply(r, &q->rc, rep, "MGET of the requests' contexts");
+        run_fatal_reply(r, rc, rep, "MGET of the requests' contexts");
         freeReplyObject(rep);
         oq__jtape_free(&t);
         for (size_t i = 0, j = 0; i < n; i++) {
@@ -3793,14 +4133,17 @@ static int rq_receive(void *ctx, oq_delivery *out, size_t want,
     rqueue *q = ctx;
     rrun *r = q->r;
     int64_t now = mono_ms(), next = INT64_MAX;
-    size_t n;
+    size_t n = 0;
+    int part;
 
     if (atomic_load(&r->stop))
         return OQ_EOF;
     want = OQ__MIN(want, q->cap);
     atomic_store(q->inflight, q->nheld);
-    n = take_held(q, 0, want, now);
-    n = take_reclaimed(q, n, want, now);
+    if ((part = receive_part(q, now)) >= 0) {
+        n = take_held(q, (unsigned)part, 0, want, now);
+        n = take_reclaimed(q, (unsigned)part, n, want, now);
+    }
     for (size_t i = 0; i < q->nheld; i++)
         next = OQ__MIN(next, q->held[i]->due_ms);
     /* Read new entries only while few are held: a hung consumer's ids
@@ -3811,7 +4154,19 @@ static int rq_receive(void *ctx, oq_delivery *out, size_t want,
             block = 0;
         else if (q->nheld > 0)
             block = OQ__MAX(1, OQ__MIN(block, next - now));
-        n = read_new(q, n, want, block);
+        if (part >= 0) {
+            n = read_new(q, (unsigned)part, n, want, n > 0 ? 0 : block);
+        } else {
+            /* Each partition in turn from the sweep's, until one has
+             * entries; only the last one waits for them. */
+            unsigned np = r->ps.n;
+            for (unsigned i = 0; i < np && n == 0 && !atomic_load(&r->stop);
+                 i++) {
+                unsigned pt = (q->sweep + i) % np;
+                n = read_new(q, pt, n, want, i + 1 == np ? block : 0);
+            }
+            q->sweep = (q->sweep + 1) % np;
+        }
     } else if (n == 0) {
         nap_ms(OQ__MAX(1, OQ__MIN(BUSY_RETRY_MS, next - now)));
     }
@@ -3923,8 +4278,7 @@ typedef struct rop {
 
 typedef struct rledger {
     rrun *r;
-    rconn rc;
-    bool open;
+    rconns cs;
     unsigned idx;         /* in tokens */
     uint64_t calls;       /* claim calls: in tokens */
     char prefix[64];      /* the token prefix of the entries in hand */
@@ -3936,7 +4290,22 @@ typedef struct rledger {
     size_t ncnt, cntcap;
     rop *ops;
     size_t opcap;
+    rentry **es;          /* a batch's entries (batch_conn) */
+    size_t ecap;
 } rledger;
+
+static int grow_entries(rledger *l, size_t n)
+{
+    rentry **ne = oq__realloc(l->es, n * sizeof(*ne));
+
+    if (ne == NULL) {
+        run_fatal(l->r, "out of memory");
+        return -1;
+    }
+    l->es = ne;
+    l->ecap = n;
+    return 0;
+}
 
 static int rl_attach(void *ledger, void **ctx)
 {
@@ -3955,7 +4324,7 @@ static void rl_detach(void *ctx)
 {
     rledger *l = ctx;
 
-    rc_close(&l->rc);
+    conns_close(l->r, &l->cs);
     ab_free(&l->keys);
     ab_free(&l->args);
     ab_free(&l->stage);
@@ -3965,6 +4334,7 @@ static void rl_detach(void *ctx)
     oq__free(l->cnt);
     oq__free(l->sorted);
     oq__free(l->ops);
+    oq__free(l->es);
     oq__free(l);
 }
 
@@ -3981,6 +4351,25 @@ static rentry *entry_of(const oq__lclaim *c)
     return c->d->msg_;
 }
 
+/* The partition of a batch's entries (rq_receive hands out batches of
+ * one), and its connection; NULL (the run's fatal error set) if the
+ * connection cannot be opened, or if the batch spans partitions, which
+ * would be a bug. */
+static rconn *batch_conn(rledger *l, const rentry *const *e, size_t n,
+                         const char *role, const rkeys **k)
+{
+    rrun *r = l->r;
+    unsigned part = n > 0 ? e[0]->part : 0;
+
+    for (size_t i = 1; i < n; i++)
+        if (e[i]->part != part) {
+            run_fatal(r, "internal error: a batch spans partitions");
+            return NULL;
+        }
+    *k = &r->ps.p[part].k;
+    return pconn(r, &l->cs, part, role, l->idx);
+}
+
 /* Claims the ids with one CLAIM call, each with the rest of its entry's
  * delivery as its lease. */
 static int rl_claim(void *ctx, oq__lclaim *c, size_t n)
@@ -3991,20 +4380,27 @@ static int rl_claim(void *ctx, oq__lclaim *c, size_t n)
     uint64_t token = ((uint64_t)l->idx << 40) | (++l->calls &
                                                  ((1ULL << 40) - 1));
     int64_t now = mono_ms();
+    const rkeys *k = NULL;
+    rconn *rc;
 
-    if (!ctx_conn(r, &l->rc, &l->open, "w", l->idx))
+    if (n > l->ecap && grow_entries(l, n) != 0)
+        return OQ_ENOMEM;
+    for (size_t i = 0; i < n; i++)
+        l->es[i] = entry_of(&c[i]);
+    if ((rc = batch_conn(l, (const rentry *const *)l->es, n, "w", &k)) ==
+        NULL)
         return OQ_EIO;
     token_prefix(r, token, l->prefix, sizeof(l->prefix));
     ab_reset(&l->keys);
     ab_reset(&l->args);
-    ab_adds(&l->keys, r->k.stream);
+    ab_adds(&l->keys, k->stream);
     ab_adds(&l->args, l->prefix);
     ab_adds(&l->args, r->c.group);
     ab_adds(&l->args, r->consumer);
-    ab_adds(&l->args, r->k.dm);
+    ab_adds(&l->args, k->dm);
     ab_adds(&l->args, r->retention);
     for (size_t i = 0; i < n; i++) {
-        ab_add2(&l->keys, r->k.idpfx, r->k.idpfx_len, c[i].id, c[i].id_len);
+        ab_add2(&l->keys, k->idpfx, k->idpfx_len, c[i].id, c[i].id_len);
         ab_adds(&l->args, entry_of(&c[i])->eid);
         ab_addi(&l->args, OQ__MAX(c[i].d->deadline_ms - now, 1));
         ab_add_mark(&l->args, c[i].id, c[i].id_len);
@@ -4013,9 +4409,9 @@ static int rl_claim(void *ctx, oq__lclaim *c, size_t n)
         run_fatal(r, "out of memory building a claim");
         return OQ_ENOMEM;
     }
-    rep = rc_script(&l->rc, SC_CLAIM, &l->keys, &l->args);
+    rep = rc_script(rc, SC_CLAIM, &l->keys, &l->args);
     if (rep == NULL || rep->type != REDIS_REPLY_ARRAY || rep->elements != n) {
-        run_fatal_reply(r, &l->rc, rep, "claim script");
+        run_fatal_reply(r, rc, rep, "claim script");
         freeReplyObject(rep);
         return OQ_EIO;
     }
@@ -4056,17 +4452,20 @@ static int rl_extend(void *ctx, const oq__lclaim *c, int64_t deadline_ms)
     char token[192];
     redisReply *rep;
     int rc = OQ_ESTALE;
+    const rentry *e = entry_of(c);
+    const rkeys *k = NULL;
+    rconn *conn = batch_conn(l, &e, 1, "beat", &k);
 
     (void)deadline_ms; /* a whole lease from now, on Redis's clock */
-    if (!ctx_conn(r, &l->rc, &l->open, "beat", l->idx))
+    if (conn == NULL)
         return OQ_EIO;
     token_prefix(r, c->token, token, sizeof(token));
     snprintf(token + strlen(token), sizeof(token) - strlen(token), "%s",
              entry_of(c)->eid);
     ab_reset(&l->keys);
     ab_reset(&l->args);
-    ab_adds(&l->keys, r->k.stream);
-    ab_add2(&l->keys, r->k.idpfx, r->k.idpfx_len, c->id, c->id_len);
+    ab_adds(&l->keys, k->stream);
+    ab_add2(&l->keys, k->idpfx, k->idpfx_len, c->id, c->id_len);
     ab_adds(&l->args, r->c.group);
     ab_adds(&l->args, r->consumer);
     ab_adds(&l->args, token);
@@ -4076,11 +4475,11 @@ static int rl_extend(void *ctx, const oq__lclaim *c, int64_t deadline_ms)
         run_fatal(r, "out of memory in a heartbeat");
         return OQ_ENOMEM;
     }
-    rep = rc_script(&l->rc, SC_BEAT, &l->keys, &l->args);
+    rep = rc_script(conn, SC_BEAT, &l->keys, &l->args);
     if (rep && rep->type == REDIS_REPLY_INTEGER)
         rc = rep->integer == 1 ? 0 : OQ_ESTALE;
     else
-        run_fatal_reply(r, &l->rc, rep, "heartbeat script");
+        run_fatal_reply(r, conn, rep, "heartbeat script");
     freeReplyObject(rep);
     return rc;
 }
@@ -4267,9 +4666,9 @@ static bool reply_body(rledger *l, const rop *o, const oq__lcommit *e)
 
 /* Stages the replies of the requests among the entries (fenced commits
  * left out) into l->rp; returns how many. */
-static size_t stage_replies(rledger *l, const oq__lcommit *e, size_t n)
+static size_t stage_replies(rledger *l, const rkeys *pk,
+                            const oq__lcommit *e, size_t n)
 {
-    rrun *r = l->r;
     abuf *a = &l->rp;
     char to[OQ__REPLY_TO_MAX + 1];
     size_t to_len, nrp = 0;
@@ -4295,7 +4694,7 @@ static size_t stage_replies(rledger *l, const oq__lcommit *e, size_t n)
             continue;
         ab_addi(a, which);
         ab_add(a, to, to_len);
-        ab_add2(a, r->k.rpfx, r->k.rpfx_len, e[i].ev->id, e[i].ev->id_len);
+        ab_add2(a, pk->rpfx, pk->rpfx_len, e[i].ev->id, e[i].ev->id_len);
         ab_add(a, l->head.data, l->head.len);
         if (o->op == 'D')
             ab_add(a, "", 0);
@@ -4306,13 +4705,14 @@ static size_t stage_replies(rledger *l, const oq__lcommit *e, size_t n)
     return nrp;
 }
 
-/* Builds the COMMIT call (fenced commits left out). */
-static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
+/* Builds the COMMIT call (fenced commits left out) on partition pk. */
+static void build_commit(rledger *l, const rkeys *pk, const oq__lcommit *e,
+                         size_t n)
 {
     rrun *r = l->r;
     abuf *k = &l->keys, *a = &l->args, *st = &l->stage;
     size_t nc = 0, nrec = 0, nagg = sum_counts(l, n);
-    size_t nrp = stage_replies(l, e, n);
+    size_t nrp = stage_replies(l, pk, e, n);
 
     for (size_t i = 0; i < n; i++) {
         const rop *o = &l->ops[i];
@@ -4323,28 +4723,28 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
     }
     ab_reset(k);
     ab_reset(a);
-    ab_adds(k, r->k.stream);
-    ab_adds(k, r->k.counts);
-    ab_adds(k, r->k.results);
-    ab_adds(k, r->k.dlq);
-    ab_adds(k, r->k.delayed);
-    ab_adds(k, r->k.stats);
+    ab_adds(k, pk->stream);
+    ab_adds(k, pk->counts);
+    ab_adds(k, pk->results);
+    ab_adds(k, pk->dlq);
+    ab_adds(k, pk->delayed);
+    ab_adds(k, pk->stats);
     ab_adds(a, r->c.group);
     ab_adds(a, l->prefix);
     ab_addu(a, nc);
     ab_addu(a, nagg);
     ab_addu(a, nrec);
-    ab_adds(a, r->k.dm);
+    ab_adds(a, pk->dm);
     ab_adds(a, r->retention);
     ab_addu(a, r->dm_load);
     ab_addu(a, nrp);
     ab_addi(a, r->c.reply_ttl_ms);
-    ab_adds(a, r->k.rsrc);
+    ab_adds(a, r->ps.base.rsrc);
     for (size_t i = 0; i < n; i++) {
         const rop *o = &l->ops[i];
         if (o->op != 'C' || o->fenced)
             continue;
-        ab_add2(k, r->k.idpfx, r->k.idpfx_len, e[i].ev->id, e[i].ev->id_len);
+        ab_add2(k, pk->idpfx, pk->idpfx_len, e[i].ev->id, e[i].ev->id_len);
         ab_adds(a, ((const rentry *)e[i].op->d->msg_)->eid);
     }
     for (size_t i = 0; i < n; i++)
@@ -4375,7 +4775,7 @@ static void build_commit(rledger *l, const oq__lcommit *e, size_t n)
         ab_add(a, &o->op, 1);
         ab_adds(a, ((const rentry *)e[i].op->d->msg_)->eid);
         if (keyed) {
-            ab_add2(k, r->k.idpfx, r->k.idpfx_len, e[i].ev->id,
+            ab_add2(k, pk->idpfx, pk->idpfx_len, e[i].ev->id,
                     e[i].ev->id_len);
             ab_addu(a, k->n);
         } else {
@@ -4443,9 +4843,15 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
 {
     rledger *l = ctx;
     rrun *r = l->r;
+    const rkeys *pk = NULL;
+    rconn *rc;
 
     for (size_t i = 0; i < n; i++)
         e[i].result = OQ_EIO;
+    if (n > l->ecap && grow_entries(l, n) != 0)
+        return;
+    for (size_t i = 0; i < n; i++)
+        l->es[i] = e[i].op->d->msg_;
     if (n > l->opcap) {
         rop *no = oq__realloc(l->ops, n * sizeof(*no));
         if (no == NULL) {
@@ -4455,7 +4861,8 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
         l->ops = no;
         l->opcap = n;
     }
-    if (!ctx_conn(r, &l->rc, &l->open, "w", l->idx))
+    if ((rc = batch_conn(l, (const rentry *const *)l->es, n, "w", &pk)) ==
+        NULL)
         return;
     /* Every claim of one settled range comes from one claim call. */
     for (size_t i = 0; i < n; i++)
@@ -4466,17 +4873,17 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
     plan_ops(l, e, n);
     for (;;) {
         redisReply *rep, *res;
-        build_commit(l, e, n);
+        build_commit(l, pk, e, n);
         if (l->args.oom || l->keys.oom || l->stage.oom || l->rp.oom) {
             run_fatal(r, "out of memory building a commit");
             return;
         }
-        rep = rc_script(&l->rc, SC_COMMIT, &l->keys, &l->args);
+        rep = rc_script(rc, SC_COMMIT, &l->keys, &l->args);
         if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
             rep->elements < 2 ||
             rep->element[0]->type != REDIS_REPLY_INTEGER ||
             rep->element[1]->type != REDIS_REPLY_ARRAY) {
-            run_fatal_reply(r, &l->rc, rep, "commit script");
+            run_fatal_reply(r, rc, rep, "commit script");
             freeReplyObject(rep);
             return;
         }
@@ -4498,7 +4905,7 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
         }
         /* With --replicas, the batch is done (counted, handed back to the
          * engine) only once the replicas have it. */
-        switch (wait_replicas(&l->rc, r->k.meta, (int)r->c.replicas,
+        switch (wait_replicas(rc, pk->meta, (int)r->c.replicas,
                               OQ__MIN(r->c.vt_ms, 30000))) {
         case 0:
             break;
@@ -4511,7 +4918,7 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
             freeReplyObject(rep);
             return;
         default:
-            run_fatal_reply(r, &l->rc, NULL, "WAIT");
+            run_fatal_reply(r, rc, NULL, "WAIT");
             freeReplyObject(rep);
             return;
         }
@@ -4552,7 +4959,7 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
                  e->len);
         return -1;
     }
-    return oq__request_decode(ev, dec, &r->idspec, r->k.stream);
+    return oq__request_decode(ev, dec, &r->idspec, r->ps.base.stream);
 }
 
 static void rfree(void *parsed, void *arg)
@@ -4573,8 +4980,10 @@ static void rfree(void *parsed, void *arg)
  * delivery), and reach --max-attempts without ever running. Returns 1 when
  * there may be more to take now (call again soon), else 0.
  */
-static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
+static int autoclaim(rrun *r, rconn *rc, unsigned part, char *cursor,
+                     size_t curlen)
 {
+    const char *stream = r->ps.p[part].k.stream;
     char vt[24], count[24];
     oq_pool *eng = atomic_load(&r->p);
     size_t fit = eng ? oq__engine_fit(eng) : 1;
@@ -4591,7 +5000,7 @@ static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
     limit = OQ__MIN(limit, (size_t)r->c.workers * r->c.batch);
     snprintf(vt, sizeof(vt), "%" PRId64, r->c.vt_ms);
     for (int round = 0; round < 16; round++) {
-        const char *av[] = { "XAUTOCLAIM", r->k.stream, r->c.group,
+        const char *av[] = { "XAUTOCLAIM", stream, r->c.group,
                              r->consumer, vt, cursor, "COUNT", count };
         redisReply *rep, *es;
         size_t nes, got = 0;
@@ -4610,7 +5019,7 @@ static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
         if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
             rep->elements < 2 || rep->element[0]->type != REDIS_REPLY_STRING) {
             if (is_err(rep, "NOGROUP"))
-                ensure_group(r, rc);
+                ensure_group(r, rc, part);
             else
                 run_fatal_reply(r, rc, rep, "XAUTOCLAIM");
             freeReplyObject(rep);
@@ -4630,10 +5039,10 @@ static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
             if (e->type != REDIS_REPLY_ARRAY || e->elements < 2 ||
                 e->element[1]->type != REDIS_REPLY_ARRAY)
                 continue;
-            redisAppendCommand(rc->c, "XPENDING %s %s %s %s 1", r->k.stream,
+            redisAppendCommand(rc->c, "XPENDING %s %s %s %s 1", stream,
                                r->c.group, e->element[0]->str,
                                e->element[0]->str);
-            tmp[i] = entry_from(e, 1, deadline);
+            tmp[i] = entry_from(e, 1, deadline, part);
             got++;
         }
         for (size_t i = 0; i < nes; i++) {
@@ -4666,7 +5075,7 @@ static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
             redisReply *p;
             if (tmp[i] == NULL || tmp[i]->deliveries != 0)
                 continue;
-            p = rc_cmdf(rc, "XPENDING %s %s %s %s 1", r->k.stream,
+            p = rc_cmdf(rc, "XPENDING %s %s %s %s 1", stream,
                         r->c.group, tmp[i]->eid, tmp[i]->eid);
             tmp[i]->deliveries = 1;
             if (p && p->type == REDIS_REPLY_ARRAY && p->elements == 1 &&
@@ -4703,18 +5112,20 @@ static int autoclaim(rrun *r, rconn *rc, char *cursor, size_t curlen)
     return 1;
 }
 
-/* 1 when nothing is pending with any consumer, delayed, or undelivered. */
-static int drained(rrun *r, rconn *rc)
+/* 1 when nothing of partition part is pending with any consumer, delayed,
+ * or undelivered. */
+static int drained(rrun *r, rconn *rc, unsigned part)
 {
+    const rpart *pt = &r->ps.p[part];
     abuf keys = { 0 }, args = { 0 };
     redisReply *rep;
     int done = 0;
 
-    ab_adds(&keys, r->k.stream);
-    ab_adds(&keys, r->k.delayed);
-    ab_adds(&keys, r->k.meta);
+    ab_adds(&keys, pt->k.stream);
+    ab_adds(&keys, pt->k.delayed);
+    ab_adds(&keys, pt->k.meta);
     ab_adds(&args, r->c.group);
-    ab_adds(&args, r->epoch);
+    ab_adds(&args, pt->epoch);
     rep = rc_script(rc, SC_DRAIN, &keys, &args);
     if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 3) {
         done = rep->element[0]->integer == 0 &&
@@ -4722,10 +5133,10 @@ static int drained(rrun *r, rconn *rc)
                rep->element[2]->integer == 0;
     } else if (is_err(rep, "ONCEQLOST")) {
         char msg[1024];
-        lost_message(msg, sizeof(msg), url_text(&r->u), r->k.stream);
+        lost_message(msg, sizeof(msg), url_text(&r->u), pt->k.stream);
         run_fatal(r, msg);
     } else if (is_err(rep, "NOGROUP") || is_err(rep, "ERR no such key")) {
-        ensure_group(r, rc);
+        ensure_group(r, rc, part);
     } else {
         run_fatal_reply(r, rc, rep, "drain script");
     }
@@ -4737,19 +5148,19 @@ static int drained(rrun *r, rconn *rc)
 
 typedef struct house {
     rrun *r;
-    rconn rc;
+    rconns cs;
     pthread_t th;
 } house;
 
 /* Trims the entries every group has settled (the TRIM script), so an
  * endless stream stays bounded: what is pending or undelivered in any
  * group stays. A failure is the run's (as every script's). */
-static void trim(rrun *r, rconn *rc)
+static void trim(rrun *r, rconn *rc, unsigned part)
 {
     abuf keys = { 0 };
     redisReply *rep;
 
-    ab_adds(&keys, r->k.stream);
+    ab_adds(&keys, r->ps.p[part].k.stream);
     rep = rc_script(rc, SC_TRIM, &keys, NULL);
     if (rep == NULL || (rep->type != REDIS_REPLY_INTEGER &&
                         !is_err(rep, "ERR no such key")))
@@ -4763,9 +5174,11 @@ static void trim(rrun *r, rconn *rc)
  * tell), and the unix ms of the first such entry (its id's time). Retries
  * waiting for their backoff in S:delayed are not counted. Errors are
  * ignored: the next call tries again. */
-static void backlog(rrun *r, rconn *rc)
+static void backlog(rrun *r, rconn *rc, unsigned part, uint64_t *sum,
+                    int64_t *first)
 {
-    redisReply *rep = rc_cmdf(rc, "XINFO GROUPS %s", r->k.stream);
+    const char *stream = r->ps.p[part].k.stream;
+    redisReply *rep = rc_cmdf(rc, "XINFO GROUPS %s", stream);
     const redisReply *lag, *last;
     char from[80];
     uint64_t ready = 0;
@@ -4792,7 +5205,7 @@ static void backlog(rrun *r, rconn *rc)
     }
     freeReplyObject(rep);
     if (ready > 0) {
-        rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 1", r->k.stream, from);
+        rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 1", stream, from);
         if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 &&
             rep->element[0]->type == REDIS_REPLY_ARRAY &&
             rep->element[0]->elements >= 1 &&
@@ -4801,60 +5214,105 @@ static void backlog(rrun *r, rconn *rc)
                                        NULL, 10);
         freeReplyObject(rep);
     }
-    atomic_store(&r->ready, ready);
-    atomic_store(&r->oldest_ready_ms, oldest);
+    *sum += ready;
+    if (oldest > 0 && (*first == 0 || oldest < *first))
+        *first = oldest;
+}
+
+/* Moves due retries of partition part back into its stream (PROMOTE, 512
+ * at a time). 0, or -1 (the run's fatal error set). */
+static int promote(rrun *r, rconn *rc, unsigned part)
+{
+    abuf keys = { 0 }, args = { 0 };
+    int st = 0;
+
+    ab_adds(&keys, r->ps.p[part].k.stream);
+    ab_adds(&keys, r->ps.p[part].k.delayed);
+    ab_addu(&args, 512);
+    while (!atomic_load(&r->stop)) {
+        redisReply *rep = rc_script(rc, SC_PROMOTE, &keys, &args);
+        long long moved;
+        if (rep == NULL || rep->type != REDIS_REPLY_INTEGER) {
+            run_fatal_reply(r, rc, rep, "promote script");
+            freeReplyObject(rep);
+            st = -1;
+            break;
+        }
+        moved = rep->integer;
+        freeReplyObject(rep);
+        if (moved < 512)
+            break; /* else more are due */
+    }
+    ab_free(&keys);
+    ab_free(&args);
+    return st;
 }
 
 static void *house_main(void *arg)
 {
     house *hk = arg;
     rrun *r = hk->r;
-    abuf keys = { 0 }, args = { 0 };
-    char cursor[64] = "0-0";
+    unsigned np = r->ps.n;
+    char (*cursor)[64] = oq__calloc(np, sizeof(*cursor));
+    bool *ac_more = oq__calloc(np, sizeof(*ac_more));
     int64_t ac_every = OQ__MAX(HOUSE_TICK_MS, OQ__MIN(r->c.vt_ms / 4, 1000));
     int64_t last_ac = mono_ms(), last_bl = 0, last_trim = 0;
-    int ac_more = 0;
     bool metrics = r->c.metrics_path || r->c.metrics_listen;
 
-    ab_adds(&keys, r->k.stream);
-    ab_adds(&keys, r->k.delayed);
-    ab_addu(&args, 512);
+    if (cursor == NULL || ac_more == NULL) {
+        run_fatal(r, "out of memory starting the housekeeper");
+        goto out;
+    }
+    for (unsigned p = 0; p < np; p++)
+        snprintf(cursor[p], sizeof(cursor[p]), "0-0");
     while (!atomic_load(&r->stop)) {
         int64_t now = mono_ms();
-        redisReply *rep = rc_script(&hk->rc, SC_PROMOTE, &keys, &args);
-        if (rep == NULL || rep->type != REDIS_REPLY_INTEGER) {
-            run_fatal_reply(r, &hk->rc, rep, "promote script");
-            freeReplyObject(rep);
-            break;
+        bool ac_due = now - last_ac >= ac_every;
+        bool bl_due = metrics && now - last_bl >= 1000;
+        bool trim_due = now - last_trim >= TRIM_EVERY_MS;
+        bool all_drained = r->c.drain;
+        uint64_t ready = 0;
+        int64_t oldest = 0;
+
+        /* Every partition in turn; a partition that was drained stays
+         * so (its work moves only within it) unless events are sent. */
+        for (unsigned p = 0; p < np && !atomic_load(&r->stop); p++) {
+            rconn *rc = pconn(r, &hk->cs, p, "house", 0);
+            if (rc == NULL || promote(r, rc, p) != 0)
+                goto out;
+            /* A backlog being taken over is taken as the workers catch
+             * up. */
+            if (ac_more[p] || ac_due)
+                ac_more[p] = autoclaim(r, rc, p, cursor[p],
+                                       sizeof(cursor[p]));
+            if (bl_due)
+                backlog(r, rc, p, &ready, &oldest);
+            if (trim_due)
+                trim(r, rc, p);
+            if (all_drained && !drained(r, rc, p))
+                all_drained = false;
         }
-        if (rep->integer == 512) {
-            freeReplyObject(rep);
-            continue; /* more are due */
-        }
-        freeReplyObject(rep);
-        /* A backlog being taken over is taken as the workers catch up. */
-        if (ac_more || now - last_ac >= ac_every) {
-            ac_more = autoclaim(r, &hk->rc, cursor, sizeof(cursor));
+        if (ac_due)
             last_ac = now;
-        }
-        if (metrics && now - last_bl >= 1000) {
-            backlog(r, &hk->rc);
+        if (bl_due) {
+            atomic_store(&r->ready, ready);
+            atomic_store(&r->oldest_ready_ms, oldest);
             last_bl = now;
         }
-        if (now - last_trim >= TRIM_EVERY_MS) {
-            trim(r, &hk->rc);
+        if (trim_due)
             last_trim = now;
-        }
-        if (r->c.drain && drained(r, &hk->rc)) {
-            trim(r, &hk->rc);
+        if (all_drained && !atomic_load(&r->stop)) {
+            for (unsigned p = 0; p < np; p++)
+                trim(r, pconn(r, &hk->cs, p, "house", 0), p);
             atomic_store(&r->drained, 1);
             atomic_store(&r->stop, 1);
             break;
         }
         nap_ms(HOUSE_TICK_MS);
     }
-    ab_free(&keys);
-    ab_free(&args);
+out:
+    oq__free(cursor);
+    oq__free(ac_more);
     return NULL;
 }
 
@@ -4887,19 +5345,12 @@ static void meta_get(rconn *rc, const rkeys *k, const char *name, char *out,
     freeReplyObject(rep);
 }
 
-/* Writes counts (sorted by key, as `onceq run` does) or records (commit
- * order) to f. 0, or an exit status with a message written. */
-static int export_to(rconn *rc, const rkeys *k, FILE *f, const char *cmd)
+/* Writes partition k's records (commit order) to f. 0, or an exit status
+ * with a message written. */
+static int export_records(rconn *rc, const rkeys *k, FILE *f,
+                          const char *cmd)
 {
-    char output[32], count_key[256];
-    hkv *v = NULL;
-    size_t n = 0, cap = 0;
-    char cursor[64] = "0";
-    int status = 0;
-
-    meta_get(rc, k, "output", output, sizeof(output));
-    meta_get(rc, k, "count_key", count_key, sizeof(count_key));
-    if (strcmp(output, "records") == 0) {
+    {
         char start[64] = "-";
         for (;;) {
             redisReply *rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 1000",
@@ -4928,11 +5379,32 @@ static int export_to(rconn *rc, const rkeys *k, FILE *f, const char *cmd)
         }
         return 0;
     }
+}
+
+/* Writes the counts (sorted by key, as `onceq run` does; a key's counts
+ * in several partitions summed) or the records (commit order, partition
+ * after partition) to f. 0, or an exit status with a message written. */
+static int export_to(rconn *rc, const rparts *ps, FILE *f, const char *cmd)
+{
+    char output[32], count_key[256];
+    hkv *v = NULL;
+    size_t n = 0, cap = 0;
+    int status = 0;
+
+    meta_get(rc, &ps->p[0].k, "output", output, sizeof(output));
+    meta_get(rc, &ps->p[0].k, "count_key", count_key, sizeof(count_key));
+    if (strcmp(output, "records") == 0) {
+        for (unsigned p = 0; p < ps->n && status == 0; p++)
+            status = export_records(rc, &ps->p[p].k, f, cmd);
+        return status;
+    }
     if (count_key[0] == '\0')
         snprintf(count_key, sizeof(count_key), "key");
+    for (unsigned p = 0; p < ps->n; p++) {
+    char cursor[64] = "0";
     do {
-        redisReply *rep = rc_cmdf(rc, "HSCAN %s %s COUNT 1000", k->counts,
-                                  cursor);
+        redisReply *rep = rc_cmdf(rc, "HSCAN %s %s COUNT 1000",
+                                  ps->p[p].k.counts, cursor);
         const redisReply *items;
         if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
             rep->elements != 2) {
@@ -4973,12 +5445,17 @@ static int export_to(rconn *rc, const rkeys *k, FILE *f, const char *cmd)
         }
         freeReplyObject(rep);
     } while (strcmp(cursor, "0") != 0);
+    }
     if (n > 0)
         qsort(v, n, sizeof(*v), kv_cmp);
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n;) {
         oq__count_out co = { f, count_key };
-        oq__write_count(v[i].key, v[i].klen,
-                        (int64_t)strtoll(v[i].val, NULL, 10), &co);
+        int64_t sum = 0;
+        size_t j = i;
+        for (; j < n && kv_cmp(&v[i], &v[j]) == 0; j++)
+            sum += (int64_t)strtoll(v[j].val, NULL, 10);
+        oq__write_count(v[i].key, v[i].klen, sum, &co);
+        i = j;
     }
 out:
     for (size_t i = 0; i < n; i++) {
@@ -4990,7 +5467,7 @@ out:
 }
 
 /* export_to a path ("-" or NULL: stdout). */
-static int export_path(rconn *rc, const rkeys *k, const char *path,
+static int export_path(rconn *rc, const rparts *ps, const char *path,
                        const char *cmd)
 {
     char prefix[64];
@@ -4999,7 +5476,7 @@ static int export_path(rconn *rc, const rkeys *k, const char *path,
     snprintf(prefix, sizeof(prefix), "onceq %s", cmd);
     if ((f = oq__out_open(path, prefix, "results")) == NULL)
         return 3;
-    st = export_to(rc, k, f, cmd);
+    st = export_to(rc, ps, f, cmd);
     cl = oq__out_close(f, path, prefix);
     return st ? st : cl;
 }
@@ -5073,11 +5550,53 @@ static uint64_t busy_of(rrun *r)
     return ps.busy;
 }
 
+/* A counter of S:stats, summed over the partitions. */
+typedef struct fsum {
+    char name[64];
+    long long v;
+} fsum;
+
+/* The stream's stats (each partition's S:stats, summed by field, in the
+ * order first seen) as one JSON object. */
+static void write_stream_stats(FILE *f, const rparts *ps, rconn *rc)
+{
+    fsum sum[64];
+    size_t n = 0;
+
+    for (unsigned p = 0; p < ps->n; p++) {
+        redisReply *rep = rc_cmdf(rc, "HGETALL %s", ps->p[p].k.stats);
+        for (size_t i = 0; rep && rep->type == REDIS_REPLY_ARRAY &&
+                           i + 1 < rep->elements; i += 2) {
+            const redisReply *k = rep->element[i], *v = rep->element[i + 1];
+            size_t j = 0;
+            if (k->type != REDIS_REPLY_STRING || k->len >= sizeof(sum->name) ||
+                v->type != REDIS_REPLY_STRING)
+                continue;
+            while (j < n && strcmp(sum[j].name, k->str) != 0)
+                j++;
+            if (j == n) {
+                if (n == sizeof(sum) / sizeof(sum[0]))
+                    continue;
+                memcpy(sum[n].name, k->str, k->len + 1);
+                sum[n++].v = 0;
+            }
+            sum[j].v += strtoll(v->str, NULL, 10);
+        }
+        freeReplyObject(rep);
+    }
+    fputc('{', f);
+    for (size_t j = 0; j < n; j++) {
+        fprintf(f, "%s", j ? "," : "");
+        oq__json_write_string(f, sum[j].name, strlen(sum[j].name));
+        fprintf(f, ":%lld", sum[j].v);
+    }
+    fputc('}', f);
+}
+
 static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
 {
     rstats *s = &r->st;
     oq__run_counts n;
-    redisReply *rep;
 
     counts_of(r, el, &n);
     oq__write_stats_head(f, &n);
@@ -5094,18 +5613,10 @@ static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
             atomic_load(&s->duplicate_replies),
             atomic_load(&s->late_replies), atomic_load(&s->timeouts));
     oq__json_write_string(f, r->consumer, strlen(r->consumer));
-    /* The stream's totals, all consumers together. */
-    fputs(",\"stream\":{", f);
-    rep = rc_cmdf(rc, "HGETALL %s", r->k.stats);
-    if (rep && rep->type == REDIS_REPLY_ARRAY)
-        for (size_t i = 0; i + 1 < rep->elements; i += 2) {
-            fprintf(f, "%s", i ? "," : "");
-            oq__json_write_string(f, rep->element[i]->str,
-                                  rep->element[i]->len);
-            fprintf(f, ":%s", rep->element[i + 1]->str);
-        }
-    freeReplyObject(rep);
-    fputs("}}\n", f);
+    /* The stream's totals, all consumers and partitions together. */
+    fputs(",\"stream\":", f);
+    write_stream_stats(f, &r->ps, rc);
+    fputs("}\n", f);
 }
 
 static int write_stats(rrun *r, double el, rconn *rc)
@@ -5124,13 +5635,18 @@ static void summary(rrun *r, double el, int sig)
 {
     rstats *s = &r->st;
     oq__run_counts n;
-    char who[300];
+    char who[300], dlq[600];
 
     if (r->c.quiet)
         return;
     counts_of(r, el, &n);
     snprintf(who, sizeof(who), "consumer %s", r->consumer);
-    oq__write_summary(&n, who, r->k.dlq, false, r->c.verbose);
+    if (r->ps.tagged)
+        snprintf(dlq, sizeof(dlq), "{%s:0..%u}:dlq", r->ps.base.stream,
+                 r->ps.n - 1);
+    else
+        snprintf(dlq, sizeof(dlq), "%s", r->ps.base.dlq);
+    oq__write_summary(&n, who, dlq, false, r->c.verbose);
     if (r->c.verbose)
         fprintf(stderr, "onceq: busy %" PRIu64 ", settled elsewhere %" PRIu64
                 ", reconnects %d\n", busy_of(r),
@@ -5190,8 +5706,6 @@ static int run_setup(rrun *r, rconn *main_rc)
     redisReply *rep;
     int st;
 
-    if (make_keys(&r->k, r->c.stream, "run") != 0)
-        return 2;
     if (parse_url(r->c.redis_url, r->c.redis_password_file, "run", &r->u,
                   err, sizeof(err)) != 0)
         return usage_error("run", "%s", err);
@@ -5218,31 +5732,45 @@ static int run_setup(rrun *r, rconn *main_rc)
     if (rc_first(main_rc, &r->u, "run") != 0)
         return 2;
     if ((st = check_policy(main_rc, "run")) != 0 ||
-        (st = check_types(main_rc, &r->k, "run", 1)) != 0)
+        (st = parts_open(&r->ps, main_rc, r->c.stream, r->c.partitions, 1,
+                         "run")) != 0)
         return st;
-    if (ensure_group(r, main_rc) != 0) {
-        fprintf(stderr, "onceq run: %s\n", r->fatal_msg);
-        return 2;
+    r->nconn = r->u.cluster ? r->ps.n : 1;
+    if (r->ps.tagged && r->c.join_requests)
+        return usage_error("run", "--join-requests reads a stream of "
+                           "replies, which has no partitions: stream '%s' "
+                           "has %u", r->c.stream, r->ps.n);
+    /* Each partition as a stream of its own; the retention is the first
+     * one's (they are fixed together, at the stream's first run). */
+    for (unsigned p = 0; p < r->ps.n; p++) {
+        rpart *pt = &r->ps.p[p];
+        if ((st = check_types(main_rc, &pt->k, "run", 1)) != 0)
+            return st;
+        if (ensure_group(r, main_rc, p) != 0) {
+            fprintf(stderr, "onceq run: %s\n", r->fatal_msg);
+            return 2;
+        }
+        if ((st = stream_epoch(main_rc, &pt->k, "run", pt->epoch,
+                               sizeof(pt->epoch))) != 0 ||
+            (st = stream_retention(main_rc, &pt->k, "run",
+                                   p ? r->retention_ms : r->c.retention_ms,
+                                   1, &r->retention_ms)) != 0)
+            return st;
+        rep = rc_cmdf(main_rc, "HSET %s output %s count_key %s handler %s",
+                      pt->k.meta, r->h.output == OQ__OUT_RECORDS
+                                      ? "records" : "counts",
+                      r->h.count_key ? r->h.count_key : "key", r->h.name);
+        if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+            fprintf(stderr, "onceq run: Redis at %s: %s\n", url_text(&r->u),
+                    rep ? rep->str : main_rc->err);
+            freeReplyObject(rep);
+            return 2;
+        }
+        freeReplyObject(rep);
     }
-    if ((st = stream_epoch(main_rc, &r->k, "run", r->epoch,
-                           sizeof(r->epoch))) != 0 ||
-        (st = stream_retention(main_rc, &r->k, "run", r->c.retention_ms, 1,
-                               &r->retention_ms)) != 0)
-        return st;
     snprintf(r->retention, sizeof(r->retention), "%" PRId64,
              r->retention_ms);
     r->dm_load = dm_load(main_rc);
-    rep = rc_cmdf(main_rc, "HSET %s output %s count_key %s handler %s",
-                  r->k.meta, r->h.output == OQ__OUT_RECORDS ? "records"
-                                                            : "counts",
-                  r->h.count_key ? r->h.count_key : "key", r->h.name);
-    if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
-        fprintf(stderr, "onceq run: Redis at %s: %s\n", url_text(&r->u),
-                rep ? rep->str : main_rc->err);
-        freeReplyObject(rep);
-        return 2;
-    }
-    freeReplyObject(rep);
     return 0;
 }
 
@@ -5255,10 +5783,9 @@ static int start_threads(rrun *r, house *hk)
     oq_pool *p;
     int rc;
 
-    conn_init(r, &hk->rc, "house");
     hk->r = r;
-    if (rc_open(&hk->rc) != RC_OK) {
-        fprintf(stderr, "onceq run: %s\n", hk->rc.err);
+    if (pconn(r, &hk->cs, 0, "house", 0) == NULL) {
+        fprintf(stderr, "onceq run: %s\n", r->fatal_msg);
         return 2;
     }
     if (pthread_create(&hk->th, NULL, house_main, hk) != 0)
@@ -5297,7 +5824,7 @@ static int start_threads(rrun *r, house *hk)
 static void free_workers(rrun *r, house *hk)
 {
     oq_pool_free(atomic_exchange(&r->p, NULL));
-    rc_close(&hk->rc);
+    conns_close(r, &hk->cs);
     for (size_t i = 0; i < r->nreclaimed; i++)
         entry_free(r->reclaimed[i]);
     oq__free(r->reclaimed);
@@ -5384,7 +5911,7 @@ int oq__redis_run(const oq__run_config *c)
     }
     main_rc.stop = NULL;
     if (r->c.out_path && !r->fatal) {
-        st2 = export_path(&main_rc, &r->k, r->c.out_path, "run");
+        st2 = export_path(&main_rc, &r->ps, r->c.out_path, "run");
         status = status ? status : st2;
     }
     st2 = write_stats(r, el, &main_rc);
@@ -5406,6 +5933,7 @@ out_mask:
 out_free:
     free_workers(r, &hk);
     rc_close(&main_rc);
+    parts_free(&r->ps);
     if (r->h.fn)
         oq__handler_free(&r->h);
     pthread_mutex_destroy(&r->mu);
@@ -5453,15 +5981,22 @@ int oq__redis_backends_open(void **out, const char *url, const char *stream,
     r->nonce = make_nonce();
     r->inflight = oq__calloc(workers, sizeof(*r->inflight));
     st = r->inflight == NULL ? OQ_ENOMEM : OQ_EINVAL;
-    if (r->inflight == NULL || make_keys(&r->k, stream, "test") != 0 ||
+    if (r->inflight == NULL ||
         parse_url(url, NULL, "test", &r->u, err, sizeof(err)) != 0 ||
         rc_first(&rc, &r->u, "test") != 0)
         goto fail;
+    if (parts_open(&r->ps, &rc, stream, 0, 1, "test") != 0) {
+        rc_close(&rc);
+        goto fail;
+    }
+    r->nconn = 1;
     /* As run_setup does for a run: the group, the stream's epoch and
      * retention (the scripts read them), the done-marks' bucket load. */
-    st = ensure_group(r, &rc) == 0 &&
-         stream_epoch(&rc, &r->k, "test", r->epoch, sizeof(r->epoch)) == 0 &&
-         stream_retention(&rc, &r->k, "test", 0, 1, &r->retention_ms) == 0
+    st = ensure_group(r, &rc, 0) == 0 &&
+         stream_epoch(&rc, &r->ps.p[0].k, "test", r->ps.p[0].epoch,
+                      sizeof(r->ps.p[0].epoch)) == 0 &&
+         stream_retention(&rc, &r->ps.p[0].k, "test", 0, 1,
+                          &r->retention_ms) == 0
              ? 0 : OQ_EIO;
     snprintf(r->retention, sizeof(r->retention), "%" PRId64,
              r->retention_ms);
@@ -5469,10 +6004,9 @@ int oq__redis_backends_open(void **out, const char *url, const char *stream,
     rc_close(&rc);
     if (st != 0)
         goto fail;
-    conn_init(r, &b->hk.rc, "house");
     b->hk.r = r;
     st = OQ_EIO;
-    if (rc_open(&b->hk.rc) != RC_OK ||
+    if (pconn(r, &b->hk.cs, 0, "house", 0) == NULL ||
         pthread_create(&b->hk.th, NULL, house_main, &b->hk) != 0)
         goto fail;
     b->house_started = true;
@@ -5494,7 +6028,8 @@ void oq__redis_backends_close(void *backends)
     atomic_store(&r->stop, 1);
     if (b->house_started)
         pthread_join(b->hk.th, NULL);
-    rc_close(&b->hk.rc);
+    conns_close(r, &b->hk.cs);
+    parts_free(&r->ps);
     for (size_t i = 0; i < r->nreclaimed; i++)
         entry_free(r->reclaimed[i]);
     oq__free(r->reclaimed);
@@ -5576,19 +6111,19 @@ int oq__redis_export(int argc, char **argv)
     tool_cfg c;
     rconn rc = { 0 };
     rurl u;
-    rkeys k;
+    rparts ps;
     char err[1024];
     int st = tool_parse(&c, argc, argv, "export", export_usage);
 
     if (st >= 0)
         return st;
-    if (make_keys(&k, c.stream, "export") != 0)
-        return 2;
     if (parse_url(c.url, c.pwfile, "export", &u, err, sizeof(err)) != 0)
         return usage_error("export", "%s", err);
     if (rc_first(&rc, &u, "export") != 0)
         return 2;
-    st = export_path(&rc, &k, c.out_path, "export");
+    if ((st = parts_open(&ps, &rc, c.stream, 0, 0, "export")) == 0)
+        st = export_path(&rc, &ps, c.out_path, "export");
+    parts_free(&ps);
     rc_close(&rc);
     return st;
 }
@@ -5700,8 +6235,8 @@ int oq__redis_dlq(int argc, char **argv)
     tool_cfg c;
     rconn rc = { 0 };
     rurl u;
-    rkeys k;
-    char err[1024], start[64] = "-";
+    rparts ps;
+    char err[1024];
     const char *show = NULL;
     int action = -1, st;
     int64_t retention = 0;
@@ -5722,20 +6257,26 @@ int oq__redis_dlq(int argc, char **argv)
             return usage_error("dlq", "show needs an ID");
         show = argv[optind + 1];
     }
-    if (make_keys(&k, c.stream, "dlq") != 0)
-        return 2;
     if (parse_url(c.url, c.pwfile, "dlq", &u, err, sizeof(err)) != 0)
         return usage_error("dlq", "%s", err);
     if (rc_first(&rc, &u, "dlq") != 0)
         return 2;
-    if (action == DLQ_REDRIVE &&
-        (st = stream_retention(&rc, &k, "dlq", 0, 0, &retention)) != 0) {
+    if ((st = parts_open(&ps, &rc, c.stream, 0, 0, "dlq")) != 0 ||
+        (action == DLQ_REDRIVE &&
+         (st = stream_retention(&rc, &ps.p[0].k, "dlq", 0, 0,
+                                &retention)) != 0)) {
+        parts_free(&ps);
         rc_close(&rc);
         return st;
     }
     st = 0;
+    /* Each partition's dead letters; a redriven one goes back into its
+     * own partition (the partition of its id). */
+    for (unsigned p = 0; p < ps.n && st == 0; p++) {
+    const rkeys *k = &ps.p[p].k;
+    char start[64] = "-";
     for (;;) {
-        redisReply *rep = rc_cmdf(&rc, "XRANGE %s %s + COUNT 500", k.dlq,
+        redisReply *rep = rc_cmdf(&rc, "XRANGE %s %s + COUNT 500", k->dlq,
                                   start);
         size_t ne;
         if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
@@ -5756,13 +6297,15 @@ int oq__redis_dlq(int argc, char **argv)
             matched++;
             if (action == DLQ_LIST || action == DLQ_SHOW)
                 write_dead(stdout, e);
-            else if (!c.dry_run && dlq_act(&rc, &k, retention, action, e) != 0)
+            else if (!c.dry_run && dlq_act(&rc, k, retention, action, e) != 0)
                 st = 3;
         }
         freeReplyObject(rep);
         if (ne < 500 || st != 0)
             break;
     }
+    }
+    parts_free(&ps);
     if (st == 0 && action == DLQ_REDRIVE)
         printf("%s %" PRIu64 " dead letters\n",
                c.dry_run ? "would redrive" : "redrove", matched);

@@ -49,7 +49,7 @@ enum {
     O_COMMIT_INTERVAL, O_FORCE, O_REDIS, O_STREAM, O_GROUP, O_CONSUMER,
     O_DRAIN, O_TIMEOUT, O_METRICS, O_METRICS_INTERVAL, O_METRICS_LISTEN,
     O_REPLIES, O_RETENTION, O_REDIS_PWFILE, O_REPLICAS, O_REPLY_TTL,
-    O_JOIN_REQUESTS,
+    O_JOIN_REQUESTS, O_PARTITIONS,
     O__END
 };
 
@@ -108,6 +108,7 @@ static const struct option long_opts[] = {
     { "replicas", required_argument, NULL, O_REPLICAS },
     { "reply-ttl", required_argument, NULL, O_REPLY_TTL },
     { "join-requests", no_argument, NULL, O_JOIN_REQUESTS },
+    { "partitions", required_argument, NULL, O_PARTITIONS },
     { "quiet", no_argument, NULL, 'q' },
     { "verbose", no_argument, NULL, 'v' },
     { "help", no_argument, NULL, 'h' },
@@ -143,6 +144,7 @@ static const struct {
     { O_REPLICAS, M_REDIS, NULL },
     { O_REPLY_TTL, M_REDIS, NULL },
     { O_JOIN_REQUESTS, M_REDIS, NULL },
+    { O_PARTITIONS, M_REDIS, NULL },
 };
 
 static void run_usage(FILE *f)
@@ -245,6 +247,10 @@ static void run_usage(FILE *f)
 "                              least 1s; default: never): an id seen again\n"
 "                              after that runs again. Fixed at the stream's\n"
 "                              first run\n"
+"      --partitions P          [redis] the stream's partitions (1 to 256;\n"
+"                              needed on a Redis Cluster): fixed at its\n"
+"                              first use (by send or run); without it, the\n"
+"                              stream's. docs/REDIS.md, Partitions\n"
 "Outputs:\n"
 "  -o, --out PATH              results (default: stdout); with --redis, the\n"
 "                              stream's results (all consumers') at the end\n"
@@ -555,6 +561,12 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
         if (*arg == '\0')
             return bad_option("--redis-password-file", arg, "a path");
         c->redis_password_file = arg;
+        return 0;
+    case O_PARTITIONS:
+        if (oq__parse_count(arg, 1, OQ__PARTITIONS_MAX, &u) != 0)
+            return bad_option("--partitions", arg, "an integer from 1 to "
+                              XSTR(OQ__PARTITIONS_MAX));
+        c->partitions = (unsigned)u;
         return 0;
     case O_RETENTION:
         if (oq__parse_duration(arg, &ms) != 0 || ms < 1000)
