@@ -254,7 +254,11 @@ def stream_ids(t, key):
     """{entry id: event id} of a stream's entries."""
     out = {}
     for eid, f in t.cli("XRANGE", key, "-", "+"):
-        out[eid] = json.loads(rh.fields_of(f)["e"]).get("id")
+        try:
+            ev = json.loads(rh.fields_of(f)["e"])
+        except ValueError:   # a bad line
+            ev = None
+        out[eid] = ev.get("id") if isinstance(ev, dict) else None
     return out
 
 
