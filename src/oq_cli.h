@@ -187,7 +187,8 @@ int oq__replies_close(oq__replies *r, char *err, size_t errlen);
  * unusable (reply_to not a valid name, a field not a string; with stream,
  * the Redis stream it came from, a reply_to oq__reply_to_reserved refuses)
  * is refused with reason rejected ("bad request: ..."), before its id is
- * claimed. */
+ * claimed: -1. Else 1 for a request (it has a reply_to), 0 for another
+ * event. */
 int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec,
                        const char *stream);
 /* Why a Redis reply stream name may not be used by requests to stream, or

@@ -7,7 +7,9 @@
  * DESIGN
  * ------
  * Keys (S is --stream; every key starts with S, so one Redis holds many
- * queues; Redis Cluster is not supported: a batch's keys span slots):
+ * queues; with --partitions P, each of the P partitions is a stream named
+ * {S:k} with all these keys under that name, one hash tag: see
+ * "partitions" below):
  *   S               the stream; entry fields: e (the event line), s (source,
  *                   file:line), and on a re-added retry a (attempts before
  *                   this entry) and f (first seen, unix ms); big (the full
@@ -86,10 +88,21 @@
  *   - the main thread waits for SIGINT/SIGTERM (blocked in every other
  *     thread) and for the end.
  *
+ * Redis Cluster: the servers given are seeds. A connection follows MOVED
+ * (it moves to the node named, for good) and ASK (ASKING, that call
+ * there), and goes back to the seeds when its node is gone; the epoch
+ * check at (re)connect is done on the node that holds the partition's
+ * meta. Each thread has one connection per partition there (rconns), so
+ * each stays with its partition's primary; on a single Redis, one. A
+ * batch is read from one partition and claimed and committed there: each
+ * script touches one slot. Request-reply is refused on a cluster (a reply
+ * is written with its request's commit, into another slot).
+ *
  * Safety checks at start (run and send; exit 2): the server's
- * maxmemory-policy must be noeviction (an evicted claim or done-mark runs an
- * event twice), and the stream's keys, where they exist, must have their
- * types (a stream named S:counts is S's counts hash). Every connection
+ * maxmemory-policy must be noeviction, on every primary of a cluster (an
+ * evicted claim or done-mark runs an event twice), and the stream's keys,
+ * where they exist, must have their types (a stream named S:counts is S's
+ * counts hash). Every connection
  * checks S:meta's epoch when it (re)connects; the DRAIN and SEND scripts
  * and ensure_group (a missing group) check it too: data lost under a
  * running consumer stops it with exit 3, never starts the stream over.
@@ -177,6 +190,7 @@
 #define RECONNECT_GIVE_UP_MS 60000
 #define KEEP_LARGE 4096
 #define TRIM_EVERY_MS 2000     /* XTRIM the settled entries this often */
+#define IDLE_SWEEP 4           /* partitions an idle worker reads a time */
 
 /* ============================================================= scripts */
 
@@ -806,8 +820,10 @@ typedef struct rurl {
     rnode node[MAX_NODES];
     unsigned n;
     _Atomic unsigned cur;
-    bool cluster;               /* a Redis Cluster (rc_first): the nodes are
-                                   seeds, and MOVED/ASK are followed */
+    /* A Redis Cluster (found by the first connection): the servers are
+     * seeds, any node of it; a connection goes where MOVED or ASK sends
+     * it (rc_follow), and back to the seeds when that node is gone. */
+    atomic_bool cluster;
 } rurl;
 
 /* The server last found to be the primary, for messages. */
@@ -1098,6 +1114,9 @@ typedef struct rconn {
     unsigned opens;              /* successful rc_opens: tells a caller
                                     that the connection was replaced */
     bool is_primary;             /* rc_open_node got past ROLE */
+    bool cluster_node;           /* rc_open_node: cluster_enabled:1 */
+    rnode moved;                 /* the node a redirection named (rc->u
+                                    then points here) */
     bool ready;                  /* opened once (pconn): rc_cmd and
                                     rc_script reconnect it from then on */
     char err[1024];              /* the last fatal error */
@@ -1136,13 +1155,16 @@ static int is_err(const redisReply *r, const char *prefix)
  * being moved between nodes. READONLY: after a failover we talk to the old
  * master, now a replica; a new connection (the name resolved again) may
  * reach the new one, and a write never runs on a replica (in a script the
- * first write fails, so the script has written nothing). The callers back
- * off and reconnect, as after a lost connection, within the same limit.
+ * first write fails, so the script has written nothing). CLUSTERDOWN: a
+ * Redis Cluster without a primary for some slot (one failed, not yet
+ * replaced or back) refuses every command. The callers back off and
+ * reconnect, as after a lost connection, within the same limit.
  */
 static int is_transient(const redisReply *r)
 {
     return is_err(r, "LOADING") || is_err(r, "BUSY ") ||
-           is_err(r, "TRYAGAIN") || is_err(r, "READONLY");
+           is_err(r, "TRYAGAIN") || is_err(r, "READONLY") ||
+           is_err(r, "CLUSTERDOWN");
 }
 
 /* The message for a stream whose data was lost: the run stops rather than
@@ -1162,6 +1184,44 @@ static void note_transient(rconn *rc, redisReply *r)
     snprintf(rc->err, sizeof(rc->err), "Redis at %s: %s", rc->u->text,
              r->str);
     freeReplyObject(r);
+}
+
+/* Points rc at host:port (a node of the cluster), with the credentials of
+ * the first server given. */
+static void set_target(rconn *rc, const char *host, size_t hlen, int port)
+{
+    rnode *m = &rc->moved;
+
+    *m = rc->urls->node[0];
+    m->db = 0;
+    memcpy(m->host, host, hlen);
+    m->host[hlen] = '\0';
+    m->port = port;
+    snprintf(m->text, sizeof(m->text), "%s:%d", m->host, port);
+    rc->u = m;
+}
+
+/* A Redis Cluster's redirection, "MOVED slot host:port" (the slot is on
+ * another node now) or "ASK slot host:port" (it is being moved: this call
+ * there, after ASKING). Points rc at that node and frees r: 1 for MOVED,
+ * 2 for ASK; 0 (r untouched) for any other reply. */
+static int redirect(rconn *rc, redisReply *r)
+{
+    int ask = is_err(r, "ASK ");
+    const char *hp, *colon;
+    long port;
+
+    if (rc->urls == NULL || (!ask && !is_err(r, "MOVED ")))
+        return 0;
+    hp = strchr(r->str + (ask ? 4 : 6), ' ');
+    colon = hp ? strrchr(hp, ':') : NULL;
+    if (colon == NULL || colon - hp - 1 <= 0 ||
+        (size_t)(colon - hp - 1) >= sizeof(rc->moved.host) ||
+        (port = strtol(colon + 1, NULL, 10)) <= 0 || port > 65535)
+        return 0;
+    set_target(rc, hp + 1, (size_t)(colon - hp - 1), (int)port);
+    freeReplyObject(r);
+    return ask ? 2 : 1;
 }
 
 /* Connects to rc->u, authenticates, selects the db, checks the server
@@ -1256,6 +1316,14 @@ static int rc_open_node(rconn *rc)
         freeReplyObject(r);
         rc->is_primary = true;
     }
+    r = redisCommand(rc->c, "INFO cluster");
+    if (r == NULL)
+        goto io;
+    if (is_transient(r))
+        goto wait;
+    rc->cluster_node = r->type == REDIS_REPLY_STRING &&
+                       strstr(r->str, "cluster_enabled:1") != NULL;
+    freeReplyObject(r);
     if (rc->u->db) {
         r = redisCommand(rc->c, "SELECT %d", rc->u->db);
         if (r == NULL)
@@ -1288,7 +1356,13 @@ static int rc_open_node(rconn *rc)
             goto io;
         if (is_transient(r))
             goto wait;
-        if (r->type != REDIS_REPLY_STRING || strcmp(r->str, rc->epoch) != 0) {
+        /* A cluster node without the stream's meta (MOVED, ASK): the
+         * first call of the stream's keys goes on to the one with it,
+         * which is checked when that connection opens. */
+        if (!(rc->cluster_node &&
+              (is_err(r, "MOVED ") || is_err(r, "ASK "))) &&
+            (r->type != REDIS_REPLY_STRING ||
+             strcmp(r->str, rc->epoch) != 0)) {
             if (r->type == REDIS_REPLY_ERROR)
                 snprintf(rc->err, sizeof(rc->err), "Redis at %s: HGET %s: %s",
                          rc->u->text, rc->meta, r->str);
@@ -1358,6 +1432,22 @@ out:
     return yes;
 }
 
+/* rc_open on a Redis Cluster: the node rc points at (where the last
+ * redirection sent it), else each seed in turn (that node is gone: a call
+ * there is redirected to the one that took its slots). */
+static int rc_open_cluster(rconn *rc)
+{
+    int st = RC_IO;
+
+    for (unsigned k = 0; k <= rc->urls->n; k++) {
+        if (k > 0)
+            rc->u = &rc->urls->node[k - 1];
+        if ((st = rc_open_node(rc)) == RC_OK || st == RC_FATAL)
+            return st;
+    }
+    return st;
+}
+
 /* rc_open_node on the primary: with several servers, each is tried from
  * the one last found, and the first that is the primary is kept (and
  * remembered for the others), unless another one says it is the primary
@@ -1370,13 +1460,23 @@ static int rc_open(rconn *rc)
     int st = RC_IO;
     char first[sizeof(rc->err)] = "", fatal_err[sizeof(rc->err)] = "";
 
-    if (n <= 1)
-        return rc_open_node(rc);
+    if (rc->urls && atomic_load(&rc->urls->cluster))
+        return rc_open_cluster(rc);
+    if (n <= 1) {
+        if ((st = rc_open_node(rc)) == RC_OK && rc->cluster_node && rc->urls)
+            atomic_store(&rc->urls->cluster, true);
+        return st;
+    }
     start = atomic_load(&rc->urls->cur);
     for (unsigned k = 0; k < n; k++) {
         unsigned i = (start + k) % n;
         rc->u = &rc->urls->node[i];
         st = rc_open_node(rc);
+        if (st == RC_OK && rc->cluster_node) {
+            /* Seeds of a cluster: every one is a primary. */
+            atomic_store(&rc->urls->cluster, true);
+            return RC_OK;
+        }
         if (st == RC_OK) {
             for (unsigned j = 0; j < n; j++) {
                 const rnode *o = &rc->urls->node[j];
@@ -1453,6 +1553,39 @@ static int rc_reconnect(rconn *rc)
     }
 }
 
+/* After a reply: a cluster's redirection (redirect) is followed: rc is
+ * opened on the node it names, and the caller calls again (after ASKING,
+ * *ask, for an ASK). 0 when r is not a redirection (r untouched); 1 when
+ * it was (r freed) and rc is ready; -1 when rc could not be opened again
+ * (rc->err says why). Many redirections in a row (slots being moved) are
+ * followed with the reconnect backoff. */
+static int rc_follow(rconn *rc, redisReply *r, bool *ask, unsigned *hops)
+{
+    int how;
+
+    if (r == NULL || (how = redirect(rc, r)) == 0)
+        return 0;
+    *ask = how == 2;
+    if (++*hops <= 8 && rc_open(rc) == RC_OK)
+        return 1;
+    return rc_reconnect(rc) == RC_OK ? 1 : -1;
+}
+
+/* Sends ASKING before a call redirected by ASK. 0, or -1 (connection
+ * lost). */
+static int rc_asking(rconn *rc, bool *ask)
+{
+    redisReply *r;
+
+    if (!*ask)
+        return 0;
+    *ask = false;
+    if ((r = redisCommand(rc->c, "ASKING")) == NULL)
+        return -1;
+    freeReplyObject(r);
+    return 0;
+}
+
 /* Makes room for n argument pointers. */
 static int rc_argv(rconn *rc, size_t n)
 {
@@ -1515,16 +1648,27 @@ static int rc_append_script(rconn *rc, int script, int eval, const abuf *keys,
 static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
                              const abuf *args)
 {
+    bool ask = false;
+    unsigned hops = 0;
+
     for (;;) {
         void *reply = NULL;
-        int eval = 0;
+        int eval = 0, f;
         for (;;) {
+            if (rc_asking(rc, &ask) != 0)
+                break;
             if (rc_append_script(rc, script, eval, keys, args) != 0) {
                 snprintf(rc->err, sizeof(rc->err), "out of memory");
                 return NULL;
             }
             if (redisGetReply(rc->c, &reply) != REDIS_OK)
                 break;
+            if ((f = rc_follow(rc, reply, &ask, &hops)) != 0) {
+                if (f < 0)
+                    return NULL;
+                eval = 0;
+                continue;
+            }
             if (!eval && is_err(reply, "NOSCRIPT")) {
                 freeReplyObject(reply);
                 reply = NULL;
@@ -1552,8 +1696,18 @@ static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
 static redisReply *rc_cmd(rconn *rc, int argc, const char **argv,
                           const size_t *lens)
 {
+    bool ask = false;
+    unsigned hops = 0;
+
     for (;;) {
-        redisReply *r = redisCommandArgv(rc->c, argc, argv, lens);
+        redisReply *r = rc_asking(rc, &ask) == 0
+                            ? redisCommandArgv(rc->c, argc, argv, lens)
+                            : NULL;
+        int f = rc_follow(rc, r, &ask, &hops);
+        if (f > 0)
+            continue;
+        if (f < 0)
+            return NULL;
         if (r != NULL && !is_transient(r))
             return r;
         if (r != NULL)
@@ -1566,12 +1720,22 @@ static redisReply *rc_cmd(rconn *rc, int argc, const char **argv,
 /* A printf-style command (no binary arguments), same reconnect rule. */
 static redisReply *rc_cmdf(rconn *rc, const char *fmt, ...)
 {
+    bool ask = false;
+    unsigned hops = 0;
+
     for (;;) {
         va_list ap;
-        redisReply *r;
-        va_start(ap, fmt);
-        r = redisvCommand(rc->c, fmt, ap);
-        va_end(ap);
+        redisReply *r = NULL;
+        int f;
+        if (rc_asking(rc, &ask) == 0) {
+            va_start(ap, fmt);
+            r = redisvCommand(rc->c, fmt, ap);
+            va_end(ap);
+        }
+        if ((f = rc_follow(rc, r, &ask, &hops)) > 0)
+            continue;
+        if (f < 0)
+            return NULL;
         if (r != NULL && !is_transient(r))
             return r;
         if (r != NULL)
@@ -1794,6 +1958,35 @@ static int parts_legacy(rconn *rc, const rkeys *base, const char *cmd)
     return used;
 }
 
+/* A stream without a record of partitions whose partition 0 exists: the
+ * record was lost (S:meta deleted), and the unpartitioned layout would
+ * put events where no consumer of the partitions reads. 0, or an exit
+ * status with the message written. */
+static int parts_orphaned(rconn *rc, const char *stream, const char *cmd)
+{
+    char meta[560];
+    redisReply *rep;
+    int st = 0;
+
+    if (strpbrk(stream, "{}") != NULL)
+        return 0;
+    snprintf(meta, sizeof(meta), "{%s:0}:meta", stream);
+    rep = rc_cmdf(rc, "EXISTS %s", meta);
+    if (rep == NULL || rep->type != REDIS_REPLY_INTEGER) {
+        fprintf(stderr, "onceq %s: Redis at %s: %s\n", cmd, rc->u->text,
+                rep && rep->str ? rep->str : rc->err);
+        st = 2;
+    } else if (rep->integer > 0) {
+        fprintf(stderr, "onceq %s: stream '%s' has partitions (%s exists) "
+                "but %s:meta has lost their number ('partitions'): set it "
+                "again with HSET %s:meta partitions P\n", cmd, stream, meta,
+                stream, stream);
+        st = 2;
+    }
+    freeReplyObject(rep);
+    return st;
+}
+
 /*
  * The stream's partitions, into ps: want is --partitions (0: not given),
  * create whether this command may fix them (send, run; not the tools,
@@ -1852,6 +2045,8 @@ static int parts_open(rparts *ps, rconn *rc, const char *stream,
                 "out\n", cmd, stream, have, want, have);
         return 2;
     }
+    if (have == 0 && (st = parts_orphaned(rc, stream, cmd)) != 0)
+        return st;
     if (have == 0 && rc->urls && rc->urls->cluster) {
         fprintf(stderr, "onceq %s: Redis at %s is a Redis Cluster: a new "
                 "stream needs --partitions P (its keys are spread over the "
@@ -2003,6 +2198,50 @@ static int check_policy(rconn *rc, const char *cmd)
         return 2;
     }
     return 0;
+}
+
+/* check_policy on every server: on a Redis Cluster, every primary (CLUSTER
+ * NODES, each on a connection of its own). */
+static int check_policy_all(rconn *rc, rurl *u, const char *cmd)
+{
+    redisReply *rep;
+    int st = check_policy(rc, cmd);
+
+    if (st != 0 || !atomic_load(&u->cluster))
+        return st;
+    rep = rc_cmdf(rc, "CLUSTER NODES");
+    if (rep == NULL || rep->type != REDIS_REPLY_STRING) {
+        fprintf(stderr, "onceq %s: Redis at %s: CLUSTER NODES: %s\n", cmd,
+                rc->u->text, rep && rep->str ? rep->str : rc->err);
+        freeReplyObject(rep);
+        return 2;
+    }
+    /* A line: id host:port@cport[,hostname] flags master-id ... */
+    for (const char *line = rep->str; st == 0 && line && *line;) {
+        const char *nl = strchr(line, '\n');
+        char addr[300], flags[200], *at, *colon;
+        rconn n = { .urls = u };
+        if (sscanf(line, "%*s %299s %199s", addr, flags) == 2 &&
+            strstr(flags, "master") && !strstr(flags, "fail") &&
+            (at = strchr(addr, '@')) != NULL) {
+            *at = '\0';
+            if ((colon = strrchr(addr, ':')) != NULL && colon > addr &&
+                (size_t)(colon - addr) < sizeof(n.moved.host)) {
+                set_target(&n, addr, (size_t)(colon - addr),
+                           atoi(colon + 1));
+                if (rc_open_node(&n) != RC_OK) {
+                    fprintf(stderr, "onceq %s: %s\n", cmd, n.err);
+                    st = 2;
+                } else {
+                    st = check_policy(&n, cmd);
+                }
+                rc_close(&n);
+            }
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    freeReplyObject(rep);
+    return st;
 }
 
 /*
@@ -2656,6 +2895,19 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
                 freeReplyObject(r);
                 continue;
             }
+            /* A cluster's slot moved: sent again there. One being moved
+             * (ASK) is waited out with the reconnect backoff. */
+            if (is_err(r, "ASK ")) {
+                wait = 1;
+                left++;
+                note_transient(rc, r);
+                continue;
+            }
+            if (redirect(rc, r) == 1) {
+                reload = 1;
+                left++;
+                continue;
+            }
             if (is_transient(r)) {
                 wait = 1;
                 left++;
@@ -2848,7 +3100,15 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
         oq__reader_close(rd);
         return 2;
     }
-    if ((status = check_policy(&rc, "send")) != 0 ||
+    if (c->reply_to && atomic_load(&u.cluster)) {
+        fprintf(stderr, "onceq send: Redis at %s is a Redis Cluster: "
+                "request-reply (--reply-to) is not supported there (a "
+                "reply is written with its request's commit, in another "
+                "slot)\n", rc.u->text);
+        status = 2;
+    }
+    if (status != 0 ||
+        (status = check_policy_all(&rc, &u, "send")) != 0 ||
         (status = parts_open(&ps, &rc, c->stream, c->partitions, 1,
                              "send")) != 0 ||
         (status = senders_open(&snd, &ps, &rc, &u, c, true, "send")) != 0) {
@@ -3439,7 +3699,7 @@ int oq__cmd_request(int argc, char **argv)
                 "with its request's commit, in another slot)\n",
                 rc.u->text);
         status = 2;
-    } else if ((status = check_policy(&rc, "request")) == 0 &&
+    } else if ((status = check_policy_all(&rc, &u, "request")) == 0 &&
         (status = parts_open(&ps, &rc, c.stream, c.partitions, 1,
                              "request")) == 0 &&
         (status = senders_open(&snd, &ps, &rc, &u, &c, false,
@@ -3514,6 +3774,7 @@ typedef struct rrun {
     rparts ps;                  /* the stream's partitions */
     unsigned nconn;             /* connections a thread holds: one per
                                    partition on a cluster, else one */
+    bool cluster;               /* on a Redis Cluster */
     oq__handler h;
     oq__idspec idspec;
     char consumer[256];
@@ -3733,6 +3994,7 @@ typedef struct rqueue {
     rconns cs;
     unsigned idx;
     unsigned sweep;             /* the partition to read first next time */
+    bool idle;                  /* the last sweep found nothing */
     _Atomic uint64_t *inflight; /* the metrics' and autoclaim's view */
     rentry **batch;             /* the current receive's entries */
     size_t cap;
@@ -4157,15 +4419,21 @@ static int rq_receive(void *ctx, oq_delivery *out, size_t want,
         if (part >= 0) {
             n = read_new(q, (unsigned)part, n, want, n > 0 ? 0 : block);
         } else {
-            /* Each partition in turn from the sweep's, until one has
-             * entries; only the last one waits for them. */
+            /* The partitions in turn from the sweep's, until one has
+             * entries; only the last one tried waits for them. After a
+             * receive that found nothing, only IDLE_SWEEP are tried (from
+             * where it ended): an idle consumer's reads stay few however
+             * many partitions there are, and the workers, each from its
+             * own place, still see every partition. */
             unsigned np = r->ps.n;
-            for (unsigned i = 0; i < np && n == 0 && !atomic_load(&r->stop);
-                 i++) {
+            unsigned tries = q->idle ? OQ__MIN(np, IDLE_SWEEP) : np;
+            for (unsigned i = 0;
+                 i < tries && n == 0 && !atomic_load(&r->stop); i++) {
                 unsigned pt = (q->sweep + i) % np;
-                n = read_new(q, pt, n, want, i + 1 == np ? block : 0);
+                n = read_new(q, pt, n, want, i + 1 == tries ? block : 0);
             }
-            q->sweep = (q->sweep + 1) % np;
+            q->sweep = (q->sweep + (q->idle ? tries : 1)) % np;
+            q->idle = n == 0;
         }
     } else if (n == 0) {
         nap_ms(OQ__MAX(1, OQ__MIN(BUSY_RETRY_MS, next - now)));
@@ -4959,7 +5227,20 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
                  e->len);
         return -1;
     }
-    return oq__request_decode(ev, dec, &r->idspec, r->ps.base.stream);
+    switch (oq__request_decode(ev, dec, &r->idspec, r->ps.base.stream)) {
+    case 0:
+        return 0;
+    case 1:
+        if (!r->cluster)
+            return 0;
+        /* Its reply would be written with its commit, in another slot. */
+        dec->reason = OQ_DLQ_REJECTED;
+        snprintf(dec->error, sizeof(dec->error), "bad request: "
+                 "request-reply is not supported on a Redis Cluster");
+        return -1;
+    default:
+        return -1;
+    }
 }
 
 static void rfree(void *parsed, void *arg)
@@ -5063,7 +5344,9 @@ static int autoclaim(rrun *r, rconn *rc, unsigned part, char *cursor,
             /* Redis was loading or busy: asked again below, once the
              * pipeline is read, so the delivery count (the attempts) is
              * not taken as 1. */
-            tmp[i]->deliveries = is_transient(p) ? 0 : 1;
+            tmp[i]->deliveries =
+                is_transient(p) || is_err(p, "MOVED ") || is_err(p, "ASK ")
+                    ? 0 : 1;
             if (p->type == REDIS_REPLY_ARRAY && p->elements == 1 &&
                 p->element[0]->type == REDIS_REPLY_ARRAY &&
                 p->element[0]->elements == 4)
@@ -5248,62 +5531,86 @@ static int promote(rrun *r, rconn *rc, unsigned part)
     return st;
 }
 
+/* One partition's housekeeping state. */
+typedef struct hpart {
+    char cursor[64];            /* XAUTOCLAIM's */
+    bool ac_more;               /* more to take over now */
+    int64_t last_ac, last_bl, last_trim;
+    uint64_t ready;             /* its backlog, as last read */
+    int64_t oldest;
+} hpart;
+
+/* Partitions a housekeeper tick visits: with many partitions each is
+ * visited less often (every HOUSE_TICK_MS x P / HOUSE_PARTS_PER_TICK), so
+ * that a consumer's calls to Redis stay bounded. */
+#define HOUSE_PARTS_PER_TICK 8
+
 static void *house_main(void *arg)
 {
     house *hk = arg;
     rrun *r = hk->r;
-    unsigned np = r->ps.n;
-    char (*cursor)[64] = oq__calloc(np, sizeof(*cursor));
-    bool *ac_more = oq__calloc(np, sizeof(*ac_more));
+    unsigned np = r->ps.n, next = 0, drained_run = 0;
+    hpart *hp = oq__calloc(np, sizeof(*hp));
     int64_t ac_every = OQ__MAX(HOUSE_TICK_MS, OQ__MIN(r->c.vt_ms / 4, 1000));
-    int64_t last_ac = mono_ms(), last_bl = 0, last_trim = 0;
     bool metrics = r->c.metrics_path || r->c.metrics_listen;
 
-    if (cursor == NULL || ac_more == NULL) {
+    if (hp == NULL) {
         run_fatal(r, "out of memory starting the housekeeper");
-        goto out;
+        return NULL;
     }
-    for (unsigned p = 0; p < np; p++)
-        snprintf(cursor[p], sizeof(cursor[p]), "0-0");
+    for (unsigned p = 0; p < np; p++) {
+        snprintf(hp[p].cursor, sizeof(hp[p].cursor), "0-0");
+        hp[p].last_ac = mono_ms();
+    }
     while (!atomic_load(&r->stop)) {
-        int64_t now = mono_ms();
-        bool ac_due = now - last_ac >= ac_every;
-        bool bl_due = metrics && now - last_bl >= 1000;
-        bool trim_due = now - last_trim >= TRIM_EVERY_MS;
-        bool all_drained = r->c.drain;
+        unsigned visit = OQ__MIN(np, HOUSE_PARTS_PER_TICK);
         uint64_t ready = 0;
         int64_t oldest = 0;
 
-        /* Every partition in turn; a partition that was drained stays
-         * so (its work moves only within it) unless events are sent. */
-        for (unsigned p = 0; p < np && !atomic_load(&r->stop); p++) {
+        for (unsigned i = 0; i < visit && !atomic_load(&r->stop); i++) {
+            unsigned p = next;
+            hpart *h = &hp[p];
+            int64_t now = mono_ms();
             rconn *rc = pconn(r, &hk->cs, p, "house", 0);
+            next = (next + 1) % np;
             if (rc == NULL || promote(r, rc, p) != 0)
                 goto out;
             /* A backlog being taken over is taken as the workers catch
              * up. */
-            if (ac_more[p] || ac_due)
-                ac_more[p] = autoclaim(r, rc, p, cursor[p],
-                                       sizeof(cursor[p]));
-            if (bl_due)
-                backlog(r, rc, p, &ready, &oldest);
-            if (trim_due)
+            if (h->ac_more || now - h->last_ac >= ac_every) {
+                h->ac_more = autoclaim(r, rc, p, h->cursor,
+                                       sizeof(h->cursor));
+                h->last_ac = now;
+            }
+            if (metrics && now - h->last_bl >= 1000) {
+                h->ready = 0;
+                h->oldest = 0;
+                backlog(r, rc, p, &h->ready, &h->oldest);
+                h->last_bl = now;
+            }
+            if (now - h->last_trim >= TRIM_EVERY_MS) {
                 trim(r, rc, p);
-            if (all_drained && !drained(r, rc, p))
-                all_drained = false;
+                h->last_trim = now;
+            }
+            /* Drained when every partition was found drained, one after
+             * the other: a drained partition stays so (its work moves only
+             * within it) unless events are sent. */
+            if (r->c.drain)
+                drained_run = drained(r, rc, p) ? drained_run + 1 : 0;
         }
-        if (ac_due)
-            last_ac = now;
-        if (bl_due) {
-            atomic_store(&r->ready, ready);
-            atomic_store(&r->oldest_ready_ms, oldest);
-            last_bl = now;
+        for (unsigned p = 0; metrics && p < np; p++) {
+            ready += hp[p].ready;
+            if (hp[p].oldest > 0 && (oldest == 0 || hp[p].oldest < oldest))
+                oldest = hp[p].oldest;
         }
-        if (trim_due)
-            last_trim = now;
-        if (all_drained && !atomic_load(&r->stop)) {
-            for (unsigned p = 0; p < np; p++)
-                trim(r, pconn(r, &hk->cs, p, "house", 0), p);
+        atomic_store(&r->ready, ready);
+        atomic_store(&r->oldest_ready_ms, oldest);
+        if (r->c.drain && drained_run >= np && !atomic_load(&r->stop)) {
+            for (unsigned p = 0; p < np; p++) {
+                rconn *rc = pconn(r, &hk->cs, p, "house", 0);
+                if (rc)
+                    trim(r, rc, p);
+            }
             atomic_store(&r->drained, 1);
             atomic_store(&r->stop, 1);
             break;
@@ -5311,8 +5618,7 @@ static void *house_main(void *arg)
         nap_ms(HOUSE_TICK_MS);
     }
 out:
-    oq__free(cursor);
-    oq__free(ac_more);
+    oq__free(hp);
     return NULL;
 }
 
@@ -5350,45 +5656,107 @@ static void meta_get(rconn *rc, const rkeys *k, const char *name, char *out,
 static int export_records(rconn *rc, const rkeys *k, FILE *f,
                           const char *cmd)
 {
-    {
-        char start[64] = "-";
-        for (;;) {
-            redisReply *rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 1000",
-                                      k->results, start);
-            size_t ne;
-            if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
-                fprintf(stderr, "onceq %s: %s\n", cmd, rep ? rep->str ? rep->str
-                        : "bad reply" : rc->err);
-                freeReplyObject(rep);
-                return 3;
-            }
-            ne = rep->elements;
-            for (size_t i = 0; i < ne; i++) {
-                const redisReply *e = rep->element[i];
-                const redisReply *rr = field(e->element[1], "r");
-                if (rr && rr->type == REDIS_REPLY_STRING) {
-                    fwrite(rr->str, 1, rr->len, f);
-                    fputc('\n', f);
-                }
-                if (i + 1 == ne)
-                    snprintf(start, sizeof(start), "(%s", e->element[0]->str);
-            }
+    char start[64] = "-";
+
+    for (;;) {
+        redisReply *rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 1000",
+                                  k->results, start);
+        size_t ne;
+        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
+            fprintf(stderr, "onceq %s: %s\n", cmd, rep ? rep->str ? rep->str
+                    : "bad reply" : rc->err);
             freeReplyObject(rep);
-            if (ne < 1000)
-                break;
+            return 3;
         }
-        return 0;
+        ne = rep->elements;
+        for (size_t i = 0; i < ne; i++) {
+            const redisReply *e = rep->element[i];
+            const redisReply *rr = field(e->element[1], "r");
+            if (rr && rr->type == REDIS_REPLY_STRING) {
+                fwrite(rr->str, 1, rr->len, f);
+                fputc('\n', f);
+            }
+            if (i + 1 == ne)
+                snprintf(start, sizeof(start), "(%s", e->element[0]->str);
+        }
+        freeReplyObject(rep);
+        if (ne < 1000)
+            return 0;
     }
 }
 
-/* Writes the counts (sorted by key, as `onceq run` does; a key's counts
- * in several partitions summed) or the records (commit order, partition
+/* Counts read from Redis (of every partition). */
+typedef struct hkvs {
+    hkv *v;
+    size_t n, cap;
+} hkvs;
+
+static void hkvs_free(hkvs *c)
+{
+    for (size_t i = 0; i < c->n; i++) {
+        oq__free(c->v[i].key);
+        free(c->v[i].val);
+    }
+    oq__free(c->v);
+}
+
+/* Adds the counts of hash key to c. 0, or an exit status with a message
+ * written. */
+static int read_counts(rconn *rc, const char *key, hkvs *c, const char *cmd)
+{
+    char cursor[64] = "0";
+
+    do {
+        redisReply *rep = rc_cmdf(rc, "HSCAN %s %s COUNT 1000", key, cursor);
+        const redisReply *items;
+        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
+            rep->elements != 2) {
+            fprintf(stderr, "onceq %s: %s\n", cmd, rep && rep->str ? rep->str
+                    : rc->err);
+            freeReplyObject(rep);
+            return 3;
+        }
+        snprintf(cursor, sizeof(cursor), "%s", rep->element[0]->str);
+        items = rep->element[1];
+        for (size_t i = 0; i + 1 < items->elements; i += 2) {
+            hkv *x;
+            if (c->n == c->cap) {
+                size_t ncap = c->cap ? c->cap * 2 : 1024;
+                hkv *nv = oq__realloc(c->v, ncap * sizeof(*nv));
+                if (nv == NULL)
+                    goto nomem;
+                c->v = nv;
+                c->cap = ncap;
+            }
+            x = &c->v[c->n];
+            x->klen = items->element[i]->len;
+            x->key = oq__malloc(x->klen + 1);
+            x->val = strdup(items->element[i + 1]->str);
+            if (x->key == NULL || x->val == NULL) {
+                oq__free(x->key);
+                free(x->val);
+                goto nomem;
+            }
+            memcpy(x->key, items->element[i]->str, x->klen + 1);
+            c->n++;
+        }
+        freeReplyObject(rep);
+        continue;
+nomem:
+        freeReplyObject(rep);
+        fprintf(stderr, "onceq %s: out of memory\n", cmd);
+        return 3;
+    } while (strcmp(cursor, "0") != 0);
+    return 0;
+}
+
+/* Writes the counts (sorted by key, as `onceq run` does; a key counted in
+ * several partitions summed) or the records (commit order, partition
  * after partition) to f. 0, or an exit status with a message written. */
 static int export_to(rconn *rc, const rparts *ps, FILE *f, const char *cmd)
 {
     char output[32], count_key[256];
-    hkv *v = NULL;
-    size_t n = 0, cap = 0;
+    hkvs c = { 0 };
     int status = 0;
 
     meta_get(rc, &ps->p[0].k, "output", output, sizeof(output));
@@ -5400,69 +5768,20 @@ static int export_to(rconn *rc, const rparts *ps, FILE *f, const char *cmd)
     }
     if (count_key[0] == '\0')
         snprintf(count_key, sizeof(count_key), "key");
-    for (unsigned p = 0; p < ps->n; p++) {
-    char cursor[64] = "0";
-    do {
-        redisReply *rep = rc_cmdf(rc, "HSCAN %s %s COUNT 1000",
-                                  ps->p[p].k.counts, cursor);
-        const redisReply *items;
-        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY ||
-            rep->elements != 2) {
-            fprintf(stderr, "onceq %s: %s\n", cmd, rep && rep->str ? rep->str
-                    : rc->err);
-            freeReplyObject(rep);
-            status = 3;
-            goto out;
-        }
-        snprintf(cursor, sizeof(cursor), "%s", rep->element[0]->str);
-        items = rep->element[1];
-        for (size_t i = 0; i + 1 < items->elements; i += 2) {
-            if (n == cap) {
-                size_t ncap = cap ? cap * 2 : 1024;
-                hkv *nv = oq__realloc(v, ncap * sizeof(*nv));
-                if (nv == NULL) {
-                    freeReplyObject(rep);
-                    fprintf(stderr, "onceq %s: out of memory\n", cmd);
-                    status = 3;
-                    goto out;
-                }
-                v = nv;
-                cap = ncap;
-            }
-            v[n].klen = items->element[i]->len;
-            v[n].key = oq__malloc(v[n].klen + 1);
-            v[n].val = strdup(items->element[i + 1]->str);
-            if (v[n].key == NULL || v[n].val == NULL) {
-                oq__free(v[n].key);
-                free(v[n].val);
-                freeReplyObject(rep);
-                fprintf(stderr, "onceq %s: out of memory\n", cmd);
-                status = 3;
-                goto out;
-            }
-            memcpy(v[n].key, items->element[i]->str, v[n].klen + 1);
-            n++;
-        }
-        freeReplyObject(rep);
-    } while (strcmp(cursor, "0") != 0);
-    }
-    if (n > 0)
-        qsort(v, n, sizeof(*v), kv_cmp);
-    for (size_t i = 0; i < n;) {
+    for (unsigned p = 0; p < ps->n && status == 0; p++)
+        status = read_counts(rc, ps->p[p].k.counts, &c, cmd);
+    if (status == 0 && c.n > 0)
+        qsort(c.v, c.n, sizeof(*c.v), kv_cmp);
+    for (size_t i = 0; status == 0 && i < c.n;) {
         oq__count_out co = { f, count_key };
         int64_t sum = 0;
         size_t j = i;
-        for (; j < n && kv_cmp(&v[i], &v[j]) == 0; j++)
-            sum += (int64_t)strtoll(v[j].val, NULL, 10);
-        oq__write_count(v[i].key, v[i].klen, sum, &co);
+        for (; j < c.n && kv_cmp(&c.v[i], &c.v[j]) == 0; j++)
+            sum += (int64_t)strtoll(c.v[j].val, NULL, 10);
+        oq__write_count(c.v[i].key, c.v[i].klen, sum, &co);
         i = j;
     }
-out:
-    for (size_t i = 0; i < n; i++) {
-        oq__free(v[i].key);
-        free(v[i].val);
-    }
-    oq__free(v);
+    hkvs_free(&c);
     return status;
 }
 
@@ -5731,11 +6050,12 @@ static int run_setup(rrun *r, rconn *main_rc)
             *p = '_';
     if (rc_first(main_rc, &r->u, "run") != 0)
         return 2;
-    if ((st = check_policy(main_rc, "run")) != 0 ||
+    r->cluster = atomic_load(&r->u.cluster);
+    if ((st = check_policy_all(main_rc, &r->u, "run")) != 0 ||
         (st = parts_open(&r->ps, main_rc, r->c.stream, r->c.partitions, 1,
                          "run")) != 0)
         return st;
-    r->nconn = r->u.cluster ? r->ps.n : 1;
+    r->nconn = r->cluster ? r->ps.n : 1;
     if (r->ps.tagged && r->c.join_requests)
         return usage_error("run", "--join-requests reads a stream of "
                            "replies, which has no partitions: stream '%s' "
@@ -6229,6 +6549,45 @@ static int dlq_act(rconn *rc, const rkeys *k, int64_t retention, int action,
     return ok ? 0 : -1;
 }
 
+/* The action on the matching dead letters of partition k; adds to
+ * *matched. 0, or an exit status with a message written. */
+static int dlq_partition(rconn *rc, const tool_cfg *c, const char *show,
+                         int action, const rkeys *k, int64_t retention,
+                         uint64_t *matched)
+{
+    char start[64] = "-";
+    int st = 0;
+
+    for (;;) {
+        redisReply *rep = rc_cmdf(rc, "XRANGE %s %s + COUNT 500", k->dlq,
+                                  start);
+        size_t ne;
+        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
+            fprintf(stderr, "onceq dlq: %s\n", rep && rep->str ? rep->str
+                    : rc->err);
+            freeReplyObject(rep);
+            return 3;
+        }
+        ne = rep->elements;
+        for (size_t i = 0; i < ne && st == 0; i++) {
+            const redisReply *e = rep->element[i];
+            if (i + 1 == ne)
+                snprintf(start, sizeof(start), "(%s", e->element[0]->str);
+            if (e->element[1]->type != REDIS_REPLY_ARRAY ||
+                !dlq_match(c, show, e))
+                continue;
+            (*matched)++;
+            if (action == DLQ_LIST || action == DLQ_SHOW)
+                write_dead(stdout, e);
+            else if (!c->dry_run && dlq_act(rc, k, retention, action, e) != 0)
+                st = 3;
+        }
+        freeReplyObject(rep);
+        if (ne < 500 || st != 0)
+            return st;
+    }
+}
+
 int oq__redis_dlq(int argc, char **argv)
 {
     static const char *const names[] = { "list", "show", "redrive", "purge" };
@@ -6269,42 +6628,11 @@ int oq__redis_dlq(int argc, char **argv)
         rc_close(&rc);
         return st;
     }
-    st = 0;
     /* Each partition's dead letters; a redriven one goes back into its
      * own partition (the partition of its id). */
-    for (unsigned p = 0; p < ps.n && st == 0; p++) {
-    const rkeys *k = &ps.p[p].k;
-    char start[64] = "-";
-    for (;;) {
-        redisReply *rep = rc_cmdf(&rc, "XRANGE %s %s + COUNT 500", k->dlq,
-                                  start);
-        size_t ne;
-        if (rep == NULL || rep->type != REDIS_REPLY_ARRAY) {
-            fprintf(stderr, "onceq dlq: %s\n", rep && rep->str ? rep->str
-                    : rc.err);
-            freeReplyObject(rep);
-            st = 3;
-            break;
-        }
-        ne = rep->elements;
-        for (size_t i = 0; i < ne && st == 0; i++) {
-            const redisReply *e = rep->element[i];
-            if (i + 1 == ne)
-                snprintf(start, sizeof(start), "(%s", e->element[0]->str);
-            if (e->element[1]->type != REDIS_REPLY_ARRAY ||
-                !dlq_match(&c, show, e))
-                continue;
-            matched++;
-            if (action == DLQ_LIST || action == DLQ_SHOW)
-                write_dead(stdout, e);
-            else if (!c.dry_run && dlq_act(&rc, k, retention, action, e) != 0)
-                st = 3;
-        }
-        freeReplyObject(rep);
-        if (ne < 500 || st != 0)
-            break;
-    }
-    }
+    for (unsigned p = 0; p < ps.n && st == 0; p++)
+        st = dlq_partition(&rc, &c, show, action, &ps.p[p].k, retention,
+                           &matched);
     parts_free(&ps);
     if (st == 0 && action == DLQ_REDRIVE)
         printf("%s %" PRIu64 " dead letters\n",

@@ -242,12 +242,13 @@ int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec,
     const oq__jdoc *d;
     void *own = NULL;
     char err[sizeof(out->error) - 16];
+    uint32_t to = 0;
 
     if (oq__json_decode(ev, out, idspec) != 0)
         return -1;
     scanned.parsed = out->parsed;
     d = oq__event_doc(&scanned, &own, err, sizeof(err));
-    if (request_fields(d, &(uint32_t){ 0 }, &(uint32_t){ 0 }, stream, err,
+    if (request_fields(d, &to, &(uint32_t){ 0 }, stream, err,
                        sizeof(err)) < 0) {
         /* out->id and out->parsed stay: the id names the dead letter. */
         oq__json_free(own, idspec);
@@ -256,7 +257,7 @@ int oq__request_decode(const oq_event *ev, oq_decoded *out, void *idspec,
         return -1;
     }
     oq__json_free(own, idspec);
-    return 0;
+    return to != 0;
 }
 
 /* Appends string token i of d (decoded) as a JSON string. */

@@ -538,7 +538,7 @@ nomem:
 static int run_decode(const oq_event *ev, oq_decoded *out, void *arg)
 {
     oq__runner *r = arg;
-    return oq__request_decode(ev, out, &r->idspec, NULL);
+    return oq__request_decode(ev, out, &r->idspec, NULL) < 0 ? -1 : 0;
 }
 
 static void run_free(void *parsed, void *arg)
