@@ -22,7 +22,9 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -591,10 +593,16 @@ def a_cluster_spreads_partitions_over_its_masters():
     check_routing(t, s, p, ids)
     masters = {c.port_of_key(part(s, k)) for k in range(p)}
     assert len(masters) > 1, f"every partition on {masters}"
-    holding = [port for port in c.ports
-               if int(c.cli_at(port, "EXISTS", *[part(s, k) for k in
-                                                 range(p)]) or 0) > 0]
+    # Read on each node without redirections: a partition's stream is
+    # on the master that serves its slot, and no other.
+    holding = set()
+    for k in range(p):
+        on = [port for port in c.ports
+              if c.cli_at(port, "EXISTS", part(s, k)) == "1"]
+        assert on == [c.port_of_key(part(s, k))], (k, on)
+        holding.update(on)
     assert len(holding) > 1, "the partitions' streams are on one master"
+    assert sum(1 for port in c.ports if c.dbsize(port) > 0) > 1
     ps = [consumer(t, s, f"c{i}", "-w", "2") for i in range(3)]
     for q in ps:
         rc, _, err = finish(q, LONG)
@@ -643,11 +651,11 @@ def a_cluster_refuses_a_stream_without_partitions_and_request_reply():
 def a_cluster_master_killed_and_restarted_loses_nothing():
     # kill -9 of the redis-server of a master holding partitions, mid-run,
     # and its restart on the same port with the same directory (AOF,
-    # nodes-P.conf). Meanwhile the cluster is down (cluster_state:fail,
-    # the other masters answer -CLUSTERDOWN once it is marked failed;
-    # no replica takes over): consumers and a send started during the
-    # outage wait (reconnect backoff) and go on. Every event sent (what
-    # send reported sent) committed exactly once.
+    # nodes-P.conf). Meanwhile the cluster is down (cluster_state:fail:
+    # the other masters answer -CLUSTERDOWN once it is marked failed; no
+    # replica takes over): the consumers, and a send that is feeding
+    # events from a pipe, wait (reconnect backoff) and go on. Every event
+    # sent (what send reported sent) committed exactly once.
     # The servers run with appendfsync always: with everysec, Redis may
     # answer a write before write(2)-ing it to the AOF when an fsync is
     # slow (it postpones the write up to 2 s), so even a crash of the
@@ -660,33 +668,56 @@ def a_cluster_master_killed_and_restarted_loses_nothing():
     f = gen("cg.jsonl", "--events", str(n), "--duplicates", "0.1",
             "--seed", str(SEED + 6))
     events = read_events(f)
-    f2 = path("cg2.jsonl")
-    with open(f2, "w") as g:
-        for i in range(200):
-            g.write(json.dumps({"id": f"late-{i}", "word": "w"}) + "\n")
-    ids = {e["id"] for e in events} | {f"late-{i}" for i in range(200)}
     send(t, s, f, "--partitions", str(p), "--dedup-window", "0")
     victim_port = c.port_of_key(part(s, 0))
     h = reply_handler()
     ps = [consumer(t, s, f"c{i}", "-w", "4", "--handler", h,
                    "--visibility-timeout", f"{2 * WAIT}s")
           for i in range(2)]
+    # The late send: one event per Lua call (--batch 1), from a pipe that
+    # a thread feeds, 100 a second, from before the kill to after the
+    # restart.
     late = None
+    written = []
+    stop = threading.Event()
+
+    def feed(pipe):
+        try:
+            while not stop.is_set():
+                i = len(written)
+                pipe.write(json.dumps({"id": f"late-{i}", "word": "w"})
+                           .encode() + b"\n")
+                pipe.flush()
+                written.append(f"late-{i}")
+                time.sleep(0.01)
+        finally:
+            pipe.close()
+    th = None
     try:
-        wait_for(lambda: summed_stats(t, s, p).get("processed", 0) >= n // 4,
-                 LONG, "a quarter processed")
+        late = subprocess.Popen(
+            [ONCEQ, "send", "--redis", c.url, "--stream", s,
+             "--dedup-window", "0", "--batch", "1", "-"], cwd=TMP,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        th = threading.Thread(target=feed, args=(late.stdin,))
+        late.stdin = None     # the thread's: communicate() leaves it
+        th.start()
+        wait_for(lambda: summed_stats(t, s, p).get("processed", 0) >= n // 4
+                 and summed_stats(t, s, p).get("sent", 0) > len(events),
+                 LONG, "a quarter processed, and late events sent")
         c.kill9(victim_port)
-        late = start(["send", "--redis", c.url, "--stream", s,
-                      "--dedup-window", "0", f2])
         # Long enough for the others to mark it failed (node timeout 2 s).
         time.sleep(3)
         assert all(q.poll() is None for q in ps), \
             [finish(q) for q in ps if q.poll() is not None]
         assert late.poll() is None, finish(late)
         c.restart(victim_port)
+        time.sleep(0.5)
+        stop.set()
+        th.join(30)
         rc, out, err = finish(late, LONG)
-        assert rc == 0 and out.strip().startswith("sent 200,"), \
-            (rc, out, err)
+        assert rc == 0 and out.strip().startswith(f"sent {len(written)},"), \
+            (rc, out, err, len(written))
         for i, q in enumerate(ps):
             rc, _, err = finish(q, LONG)
             assert rc == 0, (i, rc, err)
@@ -695,16 +726,20 @@ def a_cluster_master_killed_and_restarted_loses_nothing():
         rc, _, err = finish(q, LONG)
         assert rc == 0, (rc, err)
     finally:
+        stop.set()
         for q in ps + [late]:
             kill(q)
+        if th is not None:
+            th.join(30)
         if c.procs[victim_port].poll() is not None:
             c.restart(victim_port)
+    ids = {e["id"] for e in events} | set(written)
     got = Counter(record_ids(export(t, s)))
     twice = sorted(i for i, k in got.items() if k > 1)
     assert not twice, f"committed more than once: {twice[:5]}"
     assert set(got) == ids, f"never committed: {sorted(ids - set(got))[:5]}"
     st = check_balanced(t, s, p)
-    assert st["sent"] == len(events) + 200, st
+    assert st["sent"] == len(events) + len(written), st
     assert st["processed"] == len(ids), st
     assert max(stats_of(s, f"c{i}")["reconnects"] for i in range(2)) >= 1
 
@@ -715,7 +750,6 @@ def a_partitions_slot_moved_mid_run_is_followed():
     # (running, not draining) read and commit, and sends add events in
     # small files one after the other (keys migrated a few at a time:
     # meanwhile ASK and TRYAGAIN, then MOVED). Counts exact.
-    import threading
     c = cluster()
     t = ctarget(c)
     s, p = "ch", 6
@@ -745,26 +779,33 @@ def a_partitions_slot_moved_mid_run_is_followed():
 
     def sender():
         for ch in chunks:
-            sends.append(run(["send", "--redis", c.url, "--stream", s,
-                              "--dedup-window", "0", ch], timeout=LONG))
+            t0 = time.time()
+            r = run(["send", "--redis", c.url, "--stream", s,
+                     "--dedup-window", "0", ch], timeout=LONG)
+            sends.append(r + (t0, time.time()))
             time.sleep(0.02)
     th = threading.Thread(target=sender)
     try:
         wait_for(lambda: summed_stats(t, s, p).get("processed", 0) > 0,
                  LONG, "the first commits")
         th.start()
+        m0 = time.time()
         moved = c.migrate_slot(slot, dst, batch=2, pause=0.05)
+        m1 = time.time()
         assert moved > 0, "nothing in the slot"
         assert c.port_of_key(part(s, 0)) == dst
         assert c.cli_at(dst, "EXISTS", part(s, 0)) == "1"
-        assert c.cli_at(src, "EXISTS", part(s, 0)) == "0"
+        assert c.cli_at(src, "CLUSTER", "COUNTKEYSINSLOT", slot) == "0"
         th.join(LONG)
         assert not th.is_alive(), "the sends did not end"
         assert len(sends) == len(chunks), "a send did not run"
-        for rc, out, err in sends:
+        for rc, out, err, _, _ in sends:
             assert rc == 0 and out.startswith("sent "), (rc, out, err)
-        assert sum(int(o.split()[1].rstrip(",")) for _, o, _ in sends) == \
+        assert sum(int(x[1].split()[1].rstrip(",")) for x in sends) == \
             len(ev2)
+        # (What this test is about: sends ran while the slot moved.)
+        assert any(a < m1 and b > m0 for _, _, _, a, b in sends), \
+            "no send overlapped the migration"
         # Everything settled by the running consumers, then stopped.
         wait_for(lambda: (lambda st: st.get("sent", 0) == len(events) and
                           st.get("processed", 0) + st.get("duplicates", 0)
