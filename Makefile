@@ -186,6 +186,7 @@ bench: benches
 	$(Q)sh bench/bench_peers.sh
 	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_redis.sh
 	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_reqreply.sh
+	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_redis_cluster.sh
 
 check: deps
 	$(Q)$(MAKE) --no-print-directory all
