@@ -706,8 +706,12 @@ def a_cluster_master_killed_and_restarted_loses_nothing():
                  and summed_stats(t, s, p).get("sent", 0) > len(events),
                  LONG, "a quarter processed, and late events sent")
         c.kill9(victim_port)
-        # Long enough for the others to mark it failed (node timeout 2 s).
-        time.sleep(3)
+        # Until the others mark it failed (node timeout 2 s): from then on
+        # they answer -CLUSTERDOWN, which is waited out too.
+        live = next(x for x in c.ports if x != victim_port)
+        wait_for(lambda: c.info_of(live).get("cluster_state") == "fail",
+                 30, "cluster_state:fail")
+        time.sleep(0.5)
         assert all(q.poll() is None for q in ps), \
             [finish(q) for q in ps if q.poll() is not None]
         assert late.poll() is None, finish(late)
