@@ -54,7 +54,8 @@ BENCH_NAMES := bench_pool bench_idset_mem bench_run bench_json bench_sqlite
 SCRIPT_TESTS := test/test_node.py test/test_run.py test/test_durable.py \
                 test/test_options.py test/test_outputs.py test/test_coproc.py \
                 test/test_metrics.py test/test_replies.py \
-                test/test_redis.py test/test_reqreply_redis.py
+                test/test_redis.py test/test_reqreply_redis.py \
+                test/test_redis_partitions.py
 # The install test builds examples/ against an installed copy: normal build
 # only (a sanitizer build's library needs the sanitizer's runtime). So do the
 # checks of the shared library's symbols, ABI and man pages.
@@ -185,6 +186,7 @@ bench: benches
 	$(Q)sh bench/bench_peers.sh
 	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_redis.sh
 	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_reqreply.sh
+	$(Q)ONCEQ=$(BUILD)/onceq sh bench/bench_redis_cluster.sh
 
 check: deps
 	$(Q)$(MAKE) --no-print-directory all

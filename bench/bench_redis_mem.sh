@@ -14,16 +14,11 @@ set -eu
 ONCEQ=${ONCEQ:-build/onceq}
 IDS=${IDS:-200000}
 TMP=$(mktemp -d)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-URL=redis://127.0.0.1:$PORT
-redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no \
-  --daemonize no --dir "$TMP" >/dev/null 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$TMP"' EXIT
-for i in $(seq 100); do
-  redis-cli -p "$PORT" PING >/dev/null 2>&1 && break
-  sleep 0.05
-done
+. "$(dirname "$0")/redis_lib.sh"
+trap 'redis_stop_all; rm -rf "$TMP"' EXIT
+redis_start "$TMP"
+PORT=$REDIS_PORT
+URL=$REDIS_URL
 R="redis-cli -p $PORT"
 used() { $R INFO memory | sed -n 's/^used_memory:\([0-9]*\).*/\1/p'; }
 $R CONFIG SET activedefrag no >/dev/null 2>&1 || true

@@ -14,17 +14,12 @@ EVENTS=${EVENTS:-100000}
 WORKERS=${WORKERS:-2}
 ROUNDS=${ROUNDS:-3}
 TMP=$(mktemp -d)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-URL=redis://127.0.0.1:$PORT
 
-redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no \
-  --daemonize no --dir "$TMP" >/dev/null 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$TMP"' EXIT
-for i in $(seq 100); do
-  [ "$(redis-cli -p "$PORT" PING 2>/dev/null)" = PONG ] && break
-  sleep 0.05
-done
+. "$(dirname "$0")/redis_lib.sh"
+trap 'redis_stop_all; rm -rf "$TMP"' EXIT
+redis_start "$TMP"
+PORT=$REDIS_PORT
+URL=$REDIS_URL
 now() { python3 -c 'import time; print(time.monotonic())'; }
 median() { python3 -c "import sys,statistics; print(f'{statistics.median(map(float, sys.argv[1:])):.3f}')" "$@"; }
 

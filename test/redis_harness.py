@@ -2,7 +2,11 @@
 share: a real redis-server started on a free loopback port (and stopped
 after), redis-cli readers that parse its --json output, the onceq binary
 run or started in the scratch directory, and waits on conditions with a
-timeout (no sleeps standing in for them).
+timeout (no sleeps standing in for them). Cluster: a Redis Cluster of N
+masters on loopback (redis-server --cluster-enabled yes, redis-cli
+--cluster create), with kill -9 and restart of a node (AOF), a slot's
+migration to another master, and redis-cli -c readers
+(test_redis_partitions.py).
 
 The server's port and URL are this module's PORT and URL once start_server()
 has returned them; a script that uses them in its own code keeps its own
@@ -187,3 +191,328 @@ def lines_of(f):
         return []
     with open(f) as g:
         return [x.strip() for x in g if x.strip()]
+
+
+# ------------------------------------------------------- a Redis Cluster
+
+def free_cluster_port():
+    """A loopback port P below the kernel's ephemeral range (32768 on) for
+    a cluster node, with its cluster bus port P + 10000 free too (neither
+    is an outgoing connection's port meanwhile, nor past 65535)."""
+    import random
+    rnd = random.Random()
+    for _ in range(1000):
+        p = rnd.randrange(10000, 22000)
+        ok = True
+        for q in (p, p + 10000):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", q))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+        if ok:
+            return p
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class Cluster:
+    """A Redis Cluster of `masters` masters (and `replicas` replicas per
+    master) on loopback, each redis-server with its own directory under
+    TMP (its nodes-P.conf, and its AOF when appendonly): started by
+    start(), which returns the ports; url is the comma-separated list of
+    every master's URL (onceq takes them as seeds). kill9(port) and
+    restart(port) kill a node's process with SIGKILL and start it again
+    with the same directory and config (so with appendonly it comes back
+    with its AOF and its nodes-P.conf); stop() stops them all.
+
+    appendfsync: with appendonly, 'always' by default: a kill -9 (the
+    process, not the machine) loses nothing with 'everysec' either (what
+    was written reached the kernel), but 'always' also holds for a test
+    that wants "nothing acknowledged is lost" to mean the disk."""
+
+    def __init__(self, masters=3, replicas=0, appendonly=False,
+                 appendfsync="always", node_timeout=2000, extra=(),
+                 name="cl"):
+        self.masters = masters
+        self.replicas = replicas
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.node_timeout = node_timeout
+        self.extra = [str(x) for x in extra]
+        self.name = name
+        self.ports = []
+        self.procs = {}
+        self.url = None
+
+    # -------------------------------------------------------- processes
+
+    def dir_of(self, port):
+        return path(f"{self.name}-{port}")
+
+    def _spawn(self, port):
+        d = self.dir_of(port)
+        os.makedirs(d, exist_ok=True)
+        args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", str(self.node_timeout),
+                "--dir", d, "--save", "", "--daemonize", "no",
+                "--logfile", os.path.join(d, "redis.log")]
+        if self.appendonly:
+            args += ["--appendonly", "yes", "--appendfsync",
+                     self.appendfsync]
+        else:
+            args += ["--appendonly", "no"]
+        self.procs[port] = subprocess.Popen(
+            args + self.extra, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        # Up (answering, maybe -LOADING) or dead.
+        for _ in range(1000):
+            if self.procs[port].poll() is not None:
+                raise RuntimeError(f"redis-server on {port} exited: see "
+                                   f"{d}/redis.log")
+            out = subprocess.run(["redis-cli", "-p", str(port), "PING"],
+                                 capture_output=True, text=True).stdout
+            if "PONG" in out or "LOADING" in out:
+                return
+            time.sleep(0.01)
+        raise RuntimeError(f"redis-server on {port} did not start")
+
+    def start(self, timeout=60):
+        """Starts the nodes, creates the cluster, waits for
+        cluster_state:ok everywhere; returns the masters' ports."""
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server not found (run make deps)")
+        n = self.masters * (1 + self.replicas)
+        try:
+            for _ in range(n):
+                p = free_cluster_port()
+                self.ports.append(p)
+                self._spawn(p)
+            if self.masters >= 3:
+                args = ["redis-cli", "--cluster", "create"] + \
+                    [f"127.0.0.1:{p}" for p in self.ports] + \
+                    ["--cluster-yes"]
+                if self.replicas:
+                    args += ["--cluster-replicas", str(self.replicas)]
+                r = subprocess.run(args, capture_output=True, text=True,
+                                   timeout=timeout)
+                if r.returncode != 0:
+                    raise RuntimeError(f"redis-cli --cluster create: "
+                                       f"{r.stdout[-2000:]} {r.stderr}")
+            else:
+                # redis-cli --cluster create wants 3 masters at least:
+                # by hand, as it does (equal slot ranges, distinct config
+                # epochs, MEET).
+                assert not self.replicas, "replicas need 3 masters"
+                for i, p in enumerate(self.ports):
+                    a = i * 16384 // n
+                    b = (i + 1) * 16384 // n - 1
+                    for cmd in (["ADDSLOTSRANGE", a, b],
+                                ["SET-CONFIG-EPOCH", i + 1]) + \
+                            ((["MEET", "127.0.0.1", self.ports[0]],)
+                             if i else ()):
+                        r = self.cli_at(p, "CLUSTER", *cmd)
+                        assert r == "OK", (p, cmd, r)
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.ports = self.master_ports()
+        self.url = ",".join(f"redis://127.0.0.1:{p}" for p in self.ports)
+        return self.ports
+
+    def pid_of(self, port):
+        return self.procs[port].pid
+
+    def kill9(self, port):
+        """SIGKILL to the node's redis-server (waited for)."""
+        p = self.procs[port]
+        p.kill()
+        p.wait()
+
+    def restart(self, port, wait=True, timeout=60):
+        """Starts the node again with the same port, directory and config
+        (its AOF and nodes-P.conf); waits for cluster_state:ok on every
+        node unless wait is False."""
+        assert self.procs[port].poll() is not None, "still running"
+        self._spawn(port)
+        if wait:
+            self.wait_ok(timeout)
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    # ----------------------------------------------------------- state
+
+    def info_of(self, port):
+        """CLUSTER INFO of one node as a dict ({} when it does not
+        answer, or answers -LOADING)."""
+        out = subprocess.run(["redis-cli", "-p", str(port), "CLUSTER",
+                              "INFO"], capture_output=True, text=True,
+                             timeout=10).stdout
+        return dict(x.strip().split(":", 1) for x in out.splitlines()
+                    if ":" in x)
+
+    def nodes_of(self, port):
+        """CLUSTER NODES of one node: [{id, port, flags, slots}]."""
+        out = subprocess.run(["redis-cli", "-p", str(port), "CLUSTER",
+                              "NODES"], capture_output=True, text=True,
+                             timeout=10).stdout
+        nodes = []
+        for line in out.splitlines():
+            f = line.split()
+            if len(f) < 8:
+                continue
+            nodes.append({"id": f[0],
+                          "port": int(f[1].split("@")[0].rsplit(":", 1)[1]),
+                          "flags": f[2].split(","), "link": f[7],
+                          "slots": f[8:]})
+        return nodes
+
+    def is_ok(self):
+        """Every node running says cluster_state:ok, knows every node
+        connected and none failing, and they agree on who serves what."""
+        views = set()
+        for port, p in self.procs.items():
+            if p.poll() is not None:
+                return False
+            if self.info_of(port).get("cluster_state") != "ok":
+                return False
+            nodes = self.nodes_of(port)
+            if len(nodes) != len(self.procs):
+                return False
+            for n in nodes:
+                if "fail" in n["flags"] or "fail?" in n["flags"] or \
+                        n["link"] != "connected" or "handshake" in n["flags"]:
+                    return False
+            views.add(tuple(sorted((n["id"], tuple(n["slots"]))
+                                   for n in nodes if "master" in n["flags"])))
+        return len(views) == 1
+
+    def wait_ok(self, timeout=60):
+        wait_for(self.is_ok, timeout, "cluster_state:ok on every node")
+
+    def master_ports(self):
+        any_port = next(p for p, x in self.procs.items() if x.poll() is None)
+        return sorted(n["port"] for n in self.nodes_of(any_port)
+                      if "master" in n["flags"] and n["slots"])
+
+    def node_id(self, port):
+        return subprocess.run(["redis-cli", "-p", str(port), "CLUSTER",
+                               "MYID"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    def keyslot(self, key):
+        return int(self.cli_at(self.ports[0], "CLUSTER", "KEYSLOT", key))
+
+    def port_of_slot(self, slot):
+        """The master serving slot (as the first master sees it)."""
+        for n in self.nodes_of(self.ports[0]):
+            if "master" not in n["flags"]:
+                continue
+            for r in n["slots"]:
+                if r.startswith("["):
+                    continue
+                a, _, b = r.partition("-")
+                if int(a) <= slot <= int(b or a):
+                    return n["port"]
+        raise RuntimeError(f"no master serves slot {slot}")
+
+    def port_of_key(self, key):
+        return self.port_of_slot(self.keyslot(key))
+
+    # ---------------------------------------------------------- clients
+
+    def cli(self, *args, port=None):
+        """redis-cli -c (follows MOVED/ASK) with --json, through port (the
+        first master by default); returns the parsed reply."""
+        p = subprocess.run(["redis-cli", "-c", "-p",
+                            str(port or self.ports[0]), "--json"] +
+                           [str(a) for a in args], capture_output=True,
+                           encoding="utf-8", timeout=60)
+        out = p.stdout.strip()
+        if out.startswith("error:"):
+            raise RuntimeError(f"redis-cli -c {args}: {out}")
+        return json.loads(out) if out else None
+
+    def cli_raw(self, *args, port=None):
+        return subprocess.run(["redis-cli", "-c", "-p",
+                               str(port or self.ports[0])] +
+                              [str(a) for a in args], capture_output=True,
+                              text=True, timeout=60).stdout
+
+    def cli_at(self, port, *args):
+        """redis-cli -p port, no redirections (a node's own view)."""
+        return subprocess.run(["redis-cli", "-p", str(port)] +
+                              [str(a) for a in args], capture_output=True,
+                              text=True, timeout=60).stdout.strip()
+
+    def hash_of(self, key):
+        h = self.cli("HGETALL", key)
+        if isinstance(h, dict):
+            return {k: int(v) for k, v in h.items()}
+        return {h[i]: int(h[i + 1]) for i in range(0, len(h or []), 2)}
+
+    def dbsize(self, port):
+        return int(self.cli_at(port, "DBSIZE") or 0)
+
+    # ------------------------------------------------------- resharding
+
+    def migrate_slot(self, slot, dst, batch=10, pause=0.0):
+        """Moves slot from its master to the master on port dst, as
+        redis-cli --cluster reshard does (SETSLOT IMPORTING/MIGRATING,
+        MIGRATE of its keys `batch` at a time with `pause` seconds between
+        batches, SETSLOT NODE on every master). Returns the number of
+        keys moved."""
+        src = self.port_of_slot(slot)
+        assert src != dst, "the slot is there already"
+        sid, did = self.node_id(src), self.node_id(dst)
+        for port, args in ((dst, ("IMPORTING", sid)),
+                           (src, ("MIGRATING", did))):
+            r = self.cli_at(port, "CLUSTER", "SETSLOT", slot, *args)
+            assert r == "OK", (port, args, r)
+        moved = 0
+        while True:
+            keys = self.cli_at(src, "CLUSTER", "GETKEYSINSLOT", slot,
+                               batch).split()
+            if not keys:
+                break
+            r = self.cli_at(src, "MIGRATE", "127.0.0.1", dst, "", 0, 5000,
+                            "REPLACE", "KEYS", *keys)
+            assert r in ("OK", "NOKEY"), f"MIGRATE: {r}"
+            moved += len(keys)
+            if pause:
+                time.sleep(pause)
+        # The target first (so the slot is never served by nobody), then
+        # the source, then the others.
+        for port in [dst, src] + [p for p in self.master_ports()
+                                  if p not in (src, dst)]:
+            r = self.cli_at(port, "CLUSTER", "SETSLOT", slot, "NODE", did)
+            assert r == "OK", (port, r)
+        wait_for(lambda: all(self.port_of_slot_at(p, slot) == dst
+                             for p in self.procs), 30,
+                 f"every node to see slot {slot} on {dst}")
+        return moved
+
+    def port_of_slot_at(self, port, slot):
+        for n in self.nodes_of(port):
+            if "master" not in n["flags"]:
+                continue
+            for r in n["slots"]:
+                if r.startswith("["):
+                    continue
+                a, _, b = r.partition("-")
+                if int(a) <= slot <= int(b or a):
+                    return n["port"]
+        return None
