@@ -2206,7 +2206,10 @@ static int check_policy(rconn *rc, const char *cmd)
 }
 
 /* check_policy on every server: on a Redis Cluster, every primary (CLUSTER
- * NODES, each on a connection of its own). */
+ * NODES, each on a connection of its own). A primary that cannot be
+ * reached (down, not yet marked failed) is passed over with a warning:
+ * its slots answer CLUSTERDOWN, waited out like a restart, until it is
+ * back or replaced. */
 static int check_policy_all(rconn *rc, rurl *u, const char *cmd)
 {
     redisReply *rep;
@@ -2234,11 +2237,16 @@ static int check_policy_all(rconn *rc, rurl *u, const char *cmd)
                 (size_t)(colon - addr) < sizeof(n.moved.host)) {
                 set_target(&n, addr, (size_t)(colon - addr),
                            atoi(colon + 1));
-                if (rc_open_node(&n) != RC_OK) {
+                int o = rc_open_node(&n);
+                if (o == RC_OK)
+                    st = check_policy(&n, cmd);
+                else if (o == RC_FATAL) {
                     fprintf(stderr, "onceq %s: %s\n", cmd, n.err);
                     st = 2;
                 } else {
-                    st = check_policy(&n, cmd);
+                    fprintf(stderr, "onceq %s: warning: %s; its "
+                            "maxmemory-policy is not checked (it must be "
+                            "noeviction)\n", cmd, n.err);
                 }
                 rc_close(&n);
             }
