@@ -169,13 +169,11 @@ static void undo(apply_ctx *ctx)
     }
 }
 
-static int apply(const oq_event *ev, const oq_txn *txn, void *arg)
+/* apply's work, with m->mu held or m owned by the caller. */
+static int apply_held(oq_memsink *m, const oq_txn *txn)
 {
-    apply_ctx ctx = { .m = arg };
-    oq_memsink *m = ctx.m;
+    apply_ctx ctx = { .m = m };
 
-    OQ__UNUSED(ev);
-    pthread_mutex_lock(&m->mu);
     oq_txn_foreach(txn, prepare_record, prepare_count, &ctx);
     if (ctx.rc != 0) {
         undo(&ctx);
@@ -190,8 +188,24 @@ static int apply(const oq_event *ev, const oq_txn *txn, void *arg)
             m->nrecords += ctx.nrec;
         }
     }
-    pthread_mutex_unlock(&m->mu);
     return ctx.rc;
+}
+
+static int apply(const oq_event *ev, const oq_txn *txn, void *arg)
+{
+    oq_memsink *m = arg;
+    int rc;
+
+    OQ__UNUSED(ev);
+    pthread_mutex_lock(&m->mu);
+    rc = apply_held(m, txn);
+    pthread_mutex_unlock(&m->mu);
+    return rc;
+}
+
+int oq__memsink_apply_owned(oq_memsink *m, const oq_txn *txn)
+{
+    return apply_held(m, txn);
 }
 
 int oq__memsink_merge(oq_memsink *into, oq_memsink *from)

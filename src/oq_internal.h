@@ -423,6 +423,10 @@ extern const double oq__metrics_buckets[OQ__HIST_BUCKETS];
  * left empty. OQ_ENOMEM if some counter could not be added (it is lost:
  * the caller reports the run as failed). Takes one lock at a time. */
 int oq__memsink_merge(oq_memsink *into, oq_memsink *from);
+/* The sink's apply without its lock, for a memsink that one thread writes
+ * while nothing else reads it (the run sink's per-worker parts: read
+ * only once the workers are joined). */
+int oq__memsink_apply_owned(oq_memsink *m, const oq_txn *txn);
 
 /* -------------------------------------------------------------------- txn */
 

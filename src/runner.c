@@ -65,7 +65,7 @@
  * has stopped. Records go to the reorder buffer.
  */
 typedef struct part {
-    oq_memsink *counts;  /* its own lock, never contended */
+    oq_memsink *counts;  /* written without its lock, by its worker only */
     int rc;              /* an allocation failed */
     struct part *next;   /* oq__run_sink.parts; set once, under oq__run_sink.mu */
 } part;
@@ -122,11 +122,10 @@ static int run_apply(const oq_event *ev, const oq_txn *txn, void *arg)
 
     if (oq_txn_ncounts(txn) > 0) {
         part *p = my_part(rs);
-        oq_sink counts;
         if (p == NULL)
             return OQ_ENOMEM;
-        counts = oq_memsink_sink(p->counts);
-        if ((rc = counts.apply(ev, txn, counts.arg)) != 0)
+        /* Written by this worker alone, read once the pool stopped. */
+        if ((rc = oq__memsink_apply_owned(p->counts, txn)) != 0)
             return rc;
     }
     return rs->ro != NULL ? oq__reorder_add(rs->ro, ev, txn) : 0;
