@@ -618,6 +618,38 @@ def a_cluster_spreads_partitions_over_its_masters():
 
 
 @test
+def a_consumer_holds_few_connections_to_each_primary():
+    # One connection per primary and thread, however many partitions: a
+    # consumer -w 2 holds at most 2 x 2 + 3 connections to a master (the
+    # workers' readers and writers, the heartbeat's, the housekeeper's,
+    # the main one), with 24 partitions over 3 masters (one connection
+    # per partition and thread would be about 8 x 6 a master).
+    c = cluster()
+    t = ctarget(c)
+    s, p, w = "cn", 24, 2
+    f = gen("cn.jsonl", "--events", "400", "--duplicates", "0",
+            "--seed", str(SEED + 9))
+    send(t, s, f, "--partitions", str(p), "--dedup-window", "0")
+    slow = "exec:sh -c 'cat >/dev/null; sleep 0.01'"
+    q = consumer(t, s, "cn1", "-w", str(w), "--handler", slow, drain=False)
+    try:
+        wait_for(lambda: summed_stats(t, s, p).get("processed", 0) >= 100,
+                 LONG, "the consumer's first hundred events")
+        per = {}
+        for port in c.ports:
+            lines = c.cli_at(port, "CLIENT", "LIST").splitlines()
+            per[port] = sum(1 for ln in lines if " name=onceq:cn1:" in ln)
+        assert all(n <= 2 * w + 3 for n in per.values()), per
+        assert sum(1 for n in per.values() if n > 0) == len(c.ports), per
+        rc, _, err = finish(consumer(t, s, "cn2", "-w", "2"), LONG)
+        assert rc == 0, (rc, err)
+    finally:
+        kill(q)
+    st = check_balanced(t, s, p)
+    assert st["processed"] == 400, st
+
+
+@test
 def a_cluster_refuses_a_stream_without_partitions_and_request_reply():
     c = cluster()
     t = ctarget(c)
