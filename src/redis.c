@@ -22,7 +22,9 @@
  *   S:d:<g>:<b>     the processed set: done-marks as fields of small
  *                   hashes (12 digest bytes -> 1), about 20 bytes an id;
  *                   with --retention a generation expires after 2 of them
- *   S:dedup:<id>    producer dedup (send): SET NX PX --dedup-window
+ *   S:dd:<g>, S:dd:<g>:<b>  producer dedup (send, --dedup-window W):
+ *                   marks as the done-marks' (DM_LUA), generations of W
+ *                   (streams written before kept S:dedup:<id> strings)
  *   S:rp:<id>       a settled request's reply body (request-reply), for
  *                   its duplicates: SET PX --reply-ttl
  *   R:rq:<corr>     a request's context (send --reply-to R), read by
@@ -567,18 +569,25 @@ DM_LUA
 "local more = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)\n"
 "return {p, d, #more}\n",
 
-/* SEND. KEYS: [1] stream [2] stats [3] meta [4..] dedup keys. ARGV[1]:
- * window ms (0: off) [2] the stream's epoch [3] a request context's TTL
- * (ms) [4] "1": refuse a request whose context key exists (its
- * correlation id is another request's), then per event: k line source big
- * ck ctx (k: dedup key index, 0 = none; big: "" or the full length of a
- * cut line; ck: "" or the key of a request's context, set to ctx when the
- * event is sent). Returns {sent, rejected, refused: correlation id in
- * use}. Before any write: the epoch must still
+/* SEND. KEYS: [1] stream [2] stats [3] meta. ARGV[1]: window ms (0: off)
+ * [2] the stream's epoch [3] a request context's TTL (ms) [4] "1": refuse
+ * a request whose context key exists (its correlation id is another
+ * request's) [5] the dedup marks' prefix DDP (S:dd:) [6] marks per bucket
+ * before a split, then per event: mark line source big ck ctx (mark: ""
+ * or the id's 12 digest bytes, as a done-mark's; big: "" or the full
+ * length of a cut line; ck: "" or the key of a request's context, set to
+ * ctx when the event is sent). The dedup marks are done-marks (DM_LUA)
+ * with the window as their retention: generation g of the window's
+ * length, a lookup in it and the one before, each expiring 2 windows
+ * after its start; so a mark rejects its id for at least the window and
+ * at most twice it, in buckets of about 20 bytes an id (one key of its
+ * own per id, with PX, cost about 130). Returns {sent, rejected, refused:
+ * correlation id in use}. Before any write: the epoch must still
  * be there (else the stream's data was lost since we started: error
  * ONCEQLOST, nothing sent), and the keys it writes must have their types
  * (else WRONGTYPE, nothing sent: a script stopped by an error halfway
  * keeps its first writes). */
+DM_LUA
 "local t1, t2 = redis.call('TYPE', KEYS[1])['ok'],\n"
 "  redis.call('TYPE', KEYS[2])['ok']\n"
 "if redis.call('HGET', KEYS[3], 'epoch') ~= ARGV[2] then\n"
@@ -591,19 +600,25 @@ DM_LUA
 "    'another stream\\'s name clashes with them); nothing was sent')\n"
 "end\n"
 "local w, excl = tonumber(ARGV[1]), ARGV[4] == '1'\n"
+"local gens, st\n"
+"if w > 0 then\n"
+"  local now = dm_now()\n"
+"  st = dm_cur(ARGV[5], w, now)\n"
+"  gens = dm_gens(ARGV[5], w, now)\n"
+"end\n"
 "local sent, rej, inuse = 0, 0, 0\n"
-"local i = 5\n"
+"local i = 7\n"
 "while i <= #ARGV do\n"
-"  local k, line, src, big = tonumber(ARGV[i]), ARGV[i+1], ARGV[i+2],\n"
-"                            ARGV[i+3]\n"
+"  local mark, line, src, big = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]\n"
 "  local ck, ctx = ARGV[i+4], ARGV[i+5]\n"
 "  i = i + 6\n"
-"  local dedup = k ~= 0 and w ~= 0\n"
-"  if dedup and redis.call('EXISTS', KEYS[k]) == 1 then rej = rej + 1\n"
+"  local dedup = mark ~= '' and w ~= 0\n"
+"  if dedup and dm_done(gens, mark) then\n"
+"    rej = rej + 1\n"
 "  elseif excl and ck ~= '' and redis.call('EXISTS', ck) == 1 then\n"
 "    inuse = inuse + 1\n"
 "  else\n"
-"    if dedup then redis.call('SET', KEYS[k], '1', 'PX', w) end\n"
+"    if dedup then dm_mark(st, mark) end\n"
 "    if big == '' then redis.call('XADD', KEYS[1], '*', 'e', line, 's', src)\n"
 "    else redis.call('XADD', KEYS[1], '*', 'e', line, 's', src, 'big', big)\n"
 "    end\n"
@@ -611,6 +626,7 @@ DM_LUA
 "    sent = sent + 1\n"
 "  end\n"
 "end\n"
+"if st then dm_finish(st, w, tonumber(ARGV[6])) end\n"
 "if sent > 0 then redis.call('HINCRBY', KEYS[2], 'sent', sent) end\n"
 "if rej > 0 then redis.call('HINCRBY', KEYS[2], 'rejected', rej) end\n"
 "return {sent, rej, inuse}\n",
@@ -1847,8 +1863,8 @@ static int rc_first(rconn *rc, rurl *u, const char *cmd)
 typedef struct rkeys {
     char stream[512];
     char counts[540], results[540], dlq[540], delayed[540], stats[540],
-        meta[540], idpfx[540], dedup[540], dm[540], rpfx[540], rsrc[540];
-    size_t idpfx_len, dedup_len, rpfx_len;
+        meta[540], idpfx[540], dm[540], rpfx[540], rsrc[540], dd[540];
+    size_t idpfx_len, rpfx_len;
 } rkeys;
 
 static int make_keys(rkeys *k, const char *stream, const char *cmd)
@@ -1866,13 +1882,12 @@ static int make_keys(rkeys *k, const char *stream, const char *cmd)
     snprintf(k->stats, sizeof(k->stats), "%s:stats", stream);
     snprintf(k->meta, sizeof(k->meta), "%s:meta", stream);
     snprintf(k->idpfx, sizeof(k->idpfx), "%s:id:", stream);
-    snprintf(k->dedup, sizeof(k->dedup), "%s:dedup:", stream);
     snprintf(k->dm, sizeof(k->dm), "%s:d:", stream);
+    snprintf(k->dd, sizeof(k->dd), "%s:dd:", stream);
     snprintf(k->rpfx, sizeof(k->rpfx), "%s:rp:", stream);
     snprintf(k->rsrc, sizeof(k->rsrc), "reply:%s", stream);
     k->rpfx_len = strlen(k->rpfx);
     k->idpfx_len = strlen(k->idpfx);
-    k->dedup_len = strlen(k->dedup);
     return 0;
 }
 
@@ -2088,11 +2103,18 @@ static int parts_open(rparts *ps, rconn *rc, const char *stream,
  * 10^11 (a shared field would make the second a duplicate). */
 #define MARK_LEN 12
 
-static void ab_add_mark(abuf *a, const char *id, size_t len)
+static void mark_of(const char *id, size_t len, char out[MARK_LEN])
 {
     XXH128_canonical_t c;
     XXH128_canonicalFromHash(&c, XXH3_128bits(id, len));
-    ab_add(a, c.digest, MARK_LEN);
+    memcpy(out, c.digest, MARK_LEN);
+}
+
+static void ab_add_mark(abuf *a, const char *id, size_t len)
+{
+    char m[MARK_LEN];
+    mark_of(id, len, m);
+    ab_add(a, m, MARK_LEN);
 }
 
 static int usage_error(const char *cmd, const char *fmt, ...)
@@ -2158,7 +2180,7 @@ static uint64_t make_nonce(void)
 /*
  * Refuses (exit 2) a server whose maxmemory-policy may evict keys: an
  * evicted claim lets a second consumer run an event that is still
- * running, an evicted done-mark (allkeys-*) or an evicted dedup key lets a
+ * running, an evicted done-mark (allkeys-*) or an evicted dedup mark lets a
  * processed event run again, silently. CONFIG GET first; where CONFIG is
  * renamed or not allowed (managed services), INFO memory's
  * maxmemory_policy; where neither says, a warning. 0, or an exit status
@@ -2821,7 +2843,7 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
 /* Starts a SEND call's arguments (see the SEND script). */
 static void batch_begin(send_batch *b, const rkeys *k, int64_t window_ms,
                         const char *epoch, int64_t request_ttl_ms,
-                        bool exclusive)
+                        bool exclusive, unsigned load)
 {
     ab_reset(&b->keys);
     ab_reset(&b->args);
@@ -2832,17 +2854,19 @@ static void batch_begin(send_batch *b, const rkeys *k, int64_t window_ms,
     ab_adds(&b->args, epoch);
     ab_addi(&b->args, request_ttl_ms);
     ab_adds(&b->args, exclusive ? "1" : "0");
+    ab_adds(&b->args, k->dd);
+    ab_addu(&b->args, load);
     b->nevents = 0;
 }
 
-/* Adds one event: keyidx its dedup key's index (0: none), big the full
- * length of a line cut for being too large (0: not cut), req the stamped
- * request's context (NULL: not a request). */
-static void batch_add(send_batch *b, int64_t keyidx, const char *line,
+/* Adds one event: mark its id's mark for the dedup window (mark_of;
+ * NULL: none), big the full length of a line cut for being too large (0:
+ * not cut), req the stamped request's context (NULL: not a request). */
+static void batch_add(send_batch *b, const char *mark, const char *line,
                       size_t len, const char *src, uint64_t big,
                       const stamper *req)
 {
-    ab_addi(&b->args, keyidx);
+    ab_add(&b->args, mark ? mark : "", mark ? MARK_LEN : 0);
     ab_add(&b->args, line, len);
     ab_adds(&b->args, src);
     if (big)
@@ -2958,7 +2982,7 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
     /* --replicas: the batches count as sent once the replicas have them
      * (WAIT: 1 s a try, again with backoff for up to 60 s). After a
      * failover mid-wait, the window is sent again to the new primary:
-     * what it already has is refused by the dedup keys (written by the
+     * what it already has is refused by the dedup marks (written by the
      * same scripts), and a copy of an event without one is a duplicate
      * its consumers settle. */
     switch (wait_replicas(rc, rc->meta, replicas, 1000)) {
@@ -2987,6 +3011,7 @@ typedef struct sender {
     const send_cfg *c;
     const char *epoch;
     bool exclusive;             /* send: a correlation id in use refuses */
+    unsigned load;              /* dedup marks a bucket (dm_load) */
     uint64_t sent, rej, inuse;
 } sender;
 
@@ -2996,7 +3021,7 @@ static send_batch *sender_cur(sender *s)
     send_batch *b = &s->b[s->nb];
     if (b->args.n == 0)
         batch_begin(b, s->k, s->c->window_ms, s->epoch,
-                    s->c->request_ttl_ms, s->exclusive);
+                    s->c->request_ttl_ms, s->exclusive, s->load);
     return b;
 }
 
@@ -3042,6 +3067,7 @@ static int senders_open(sender **out, rparts *ps, rconn *rc, rurl *u,
                         const send_cfg *c, bool exclusive, const char *cmd)
 {
     sender *s = oq__calloc(ps->n, sizeof(*s));
+    unsigned load = dm_load(rc);
     int st = 0;
 
     *out = s;
@@ -3051,7 +3077,8 @@ static int senders_open(sender **out, rparts *ps, rconn *rc, rurl *u,
     }
     for (unsigned p = 0; p < ps->n && st == 0; p++) {
         s[p] = (sender){ .rc = rc, .k = &ps->p[p].k, .c = c,
-                         .epoch = ps->p[p].epoch, .exclusive = exclusive };
+                         .epoch = ps->p[p].epoch, .exclusive = exclusive,
+                         .load = load };
         if (u->cluster) {
             snprintf(s[p].own.name, sizeof(s[p].own.name), "%s", rc->name);
             if (rc_first(&s[p].own, u, cmd) != 0)
@@ -3146,9 +3173,9 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
         if (got > 0) {
             char src[600];
             const char *path = oq__reader_path(rd, l.file);
-            int64_t keyidx = 0;
+            char mark[MARK_LEN];
+            bool marked = false;
             unsigned part = 0;
-            const rkeys *k;
             send_batch *cur;
             req = 0;
             if (c->reply_to && l.kind == OQ__LINE_EVENT &&
@@ -3157,7 +3184,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
                 status = 3;
                 break;
             }
-            /* The id: its partition, and its dedup key. */
+            /* The id: its partition, and its dedup mark. */
             if (l.kind == OQ__LINE_EVENT && (c->window_ms > 0 || ps.n > 1)) {
                 oq_event ev = { 0 };
                 oq_decoded dec;
@@ -3166,12 +3193,9 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
                 ev.payload_len = l.len;
                 if (oq__json_decode(&ev, &dec, &spec) == 0) {
                     part = partition_of(dec.id, dec.id_len, ps.n);
-                    k = snd[part].k;
-                    cur = sender_cur(&snd[part]);
                     if (c->window_ms > 0) {
-                        ab_add2(&cur->keys, k->dedup, k->dedup_len, dec.id,
-                                dec.id_len);
-                        keyidx = (int64_t)cur->keys.n;
+                        mark_of(dec.id, dec.id_len, mark);
+                        marked = true;
                     }
                 }
                 if (dec.parsed)
@@ -3179,7 +3203,7 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
             }
             cur = sender_cur(&snd[part]);
             line_source(src, sizeof(src), path, l.lineno);
-            batch_add(cur, keyidx, req ? stp.line.data : l.data,
+            batch_add(cur, marked ? mark : NULL, req ? stp.line.data : l.data,
                       req ? stp.line.len : l.len, src,
                       l.kind == OQ__LINE_TOO_LARGE ? l.full_len : 0,
                       req == 1 ? &stp : NULL);
@@ -3407,7 +3431,7 @@ static int req_send(const send_cfg *c, sender *snd, unsigned np,
                 continue;
             line_source(src, sizeof(src), oq__reader_path(rd, l.file),
                         l.lineno);
-            batch_add(sender_cur(&snd[it->part]), 0, stp->line.data,
+            batch_add(sender_cur(&snd[it->part]), NULL, stp->line.data,
                       stp->line.len, src, 0, stp);
             if ((status = sender_added(&snd[it->part])) != 0)
                 break;

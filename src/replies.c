@@ -166,8 +166,8 @@ const char *oq__reply_to_reserved(const char *to, const char *stream)
     static const char *const suffix[] = { ":counts", ":results", ":dlq",
                                           ":delayed", ":stats", ":meta",
                                           ":gone" };
-    static const char *const infix[] = { ":id:", ":dedup:", ":d:", ":rp:",
-                                         ":rq:" };
+    static const char *const infix[] = { ":id:", ":dedup:", ":d:", ":dd:",
+                                         ":rp:", ":rq:" };
     size_t n = strlen(to);
 
     if (strcmp(to, stream) == 0)
@@ -182,7 +182,7 @@ const char *oq__reply_to_reserved(const char *to, const char *stream)
     for (size_t i = 0; i < sizeof(infix) / sizeof(infix[0]); i++)
         if (strstr(to, infix[i]) != NULL)
             return "has the name of a key onceq keeps for a stream (it "
-                   "holds :id:, :dedup:, :d:, :rp: or :rq:)";
+                   "holds :id:, :dedup:, :d:, :dd:, :rp: or :rq:)";
     return NULL;
 }
 

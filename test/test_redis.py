@@ -1384,6 +1384,32 @@ def done_marks_are_compact_buckets_and_exact():
 
 
 @test
+def dedup_marks_are_compact_and_expire():
+    # send's dedup window keeps marks in buckets by generations of the
+    # window (no key per id): a few tens of bytes an id, gone after two
+    # windows at most; within the window every copy is rejected.
+    f = gen("ddm.jsonl", "--events", "5000", "--duplicates", "0.2",
+            "--seed", str(SEED + 11))
+    uniq = len({e["id"] for e in read_events(f)})
+    win = 4 if SLOW else 1
+    out = send("ddm", f, "--dedup-window", f"{win}s")
+    assert out.strip() == f"sent {uniq}, rejected {5000 - uniq} duplicates"
+    assert cli("KEYS", "ddm:dedup:*") == [], "a dedup key per id"
+    keys = cli("KEYS", "ddm:dd:*")
+    buckets = [k for k in keys if k.count(":") == 3]
+    assert buckets and all(0 < cli("PTTL", k) <= 2000 * win for k in keys), \
+        [(k, cli("PTTL", k)) for k in keys][:5]
+    size = sum(cli("MEMORY", "USAGE", k) for k in keys)
+    assert size / uniq <= 40, f"{size / uniq:.1f} bytes per id"
+    out = send("ddm", f, "--dedup-window", f"{win}s")
+    assert out.strip() == "sent 0, rejected 5000 duplicates", out
+    wait_for(lambda: cli("KEYS", "ddm:dd:*") == [], 3 * win + 2,
+             "the dedup marks to expire")
+    out = send("ddm", f, "--dedup-window", f"{win}s")
+    assert out.strip() == f"sent {uniq}, rejected {5000 - uniq} duplicates"
+
+
+@test
 def retention_forgets_done_marks_after_it():
     with open(path("ret.jsonl"), "w") as g:
         g.write('{"id":"a","word":"x"}\n{"id":"b","word":"y"}\n')
