@@ -8,7 +8,9 @@
 #   - the sum of MEMORY USAGE of the S:d:* keys, per id;
 #   - for the old layout: used_memory's growth when the same ids are SET
 #     as S:id:<id> "D" in another db (what onceq wrote before), per id.
-# Also the stream's length after the drain (trimmed: XTRIM MINID).
+# Also the stream's length after the drain (trimmed: XTRIM MINID), and
+# send's dedup marks (--dedup-window 5m): used_memory's growth of a send
+# with them minus one without (db 2 and 3), per id.
 # Environment: ONCEQ (default build/onceq), IDS (default 200000).
 set -eu
 ONCEQ=${ONCEQ:-build/onceq}
@@ -48,11 +50,20 @@ $R SELECT 1 >/dev/null
 base1=$(used)
 $R -n 1 EVAL "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'm:id:evt-' .. i, 'D') end" 0 "$IDS" >/dev/null
 old=$(($(used) - base1))
+# send's dedup marks: the same send with and without the window.
+$R -n 2 FLUSHDB >/dev/null
+b2=$(used)
+"$ONCEQ" send --redis "$URL/2" --stream m --dedup-window 0 -q "$TMP/ev.jsonl"
+plain=$(($(used) - b2))
+b3=$(used)
+"$ONCEQ" send --redis "$URL/3" --stream m --dedup-window 5m -q "$TMP/ev.jsonl"
+dedup=$(($(used) - b3 - plain))
 echo "ids $IDS: $nkeys done-mark keys ($listpack listpack);" \
   "stream left $xlen entries after the drain"
-python3 - "$IDS" "$marks" "$usage" "$old" <<'PY'
+python3 - "$IDS" "$marks" "$usage" "$old" "$dedup" <<'PY'
 import sys
-n, marks, usage, old = map(int, sys.argv[1:])
+n, marks, usage, old, dedup = map(int, sys.argv[1:])
 print(f"bytes per id: used_memory {marks / n:.1f}, MEMORY USAGE "
       f"{usage / n:.1f}; old layout (S:id:<id> = D) {old / n:.1f}")
+print(f"send's dedup marks (--dedup-window 5m): {dedup / n:.1f} bytes per id")
 PY
