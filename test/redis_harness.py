@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 
 ONCEQ = os.path.abspath(os.environ.get("ONCEQ", "./onceq"))
 BUILD = os.environ.get("BUILD", "build")
@@ -418,16 +419,10 @@ class Cluster:
 
     def port_of_slot(self, slot):
         """The master serving slot (as the first master sees it)."""
-        for n in self.nodes_of(self.ports[0]):
-            if "master" not in n["flags"]:
-                continue
-            for r in n["slots"]:
-                if r.startswith("["):
-                    continue
-                a, _, b = r.partition("-")
-                if int(a) <= slot <= int(b or a):
-                    return n["port"]
-        raise RuntimeError(f"no master serves slot {slot}")
+        port = self.port_of_slot_at(self.ports[0], slot)
+        if port is None:
+            raise RuntimeError(f"no master serves slot {slot}")
+        return port
 
     def port_of_key(self, key):
         return self.port_of_slot(self.keyslot(key))
@@ -506,6 +501,7 @@ class Cluster:
         return moved
 
     def port_of_slot_at(self, port, slot):
+        """The master serving slot as node port sees it (None: none)."""
         for n in self.nodes_of(port):
             if "master" not in n["flags"]:
                 continue
@@ -516,3 +512,45 @@ class Cluster:
                 if int(a) <= slot <= int(b or a):
                     return n["port"]
         return None
+
+
+# ----------------------------------------------- events and their results
+
+def stats_of(stream, name):
+    with open(path(f"{stream}-{name}.stats")) as f:
+        return json.load(f)
+
+
+def read_events(p):
+    with open(p, "rb") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def expected_words(events, poison=frozenset()):
+    """Word counts of the first occurrence of each id, poison left out."""
+    seen, counts = set(), Counter()
+    for ev in events:
+        if ev["id"] in seen:
+            continue
+        seen.add(ev["id"])
+        if ev["id"] in poison:
+            continue
+        if "word" in ev:
+            counts[ev["word"]] += 1
+        else:
+            counts.update(ev["text"].split())
+    return dict(counts)
+
+
+def with_poison(src, dst):
+    """Drops the word of gen's poison events, so wordcount fails them (a
+    permanent failure: dead letter, reason failed). Returns the ids."""
+    ids = set()
+    with open(src) as f, open(dst, "w") as g:
+        for line in f:
+            ev = json.loads(line)
+            if ev.get("poison"):
+                ids.add(ev["id"])
+                ev = {"id": ev["id"], "poison": True}
+            g.write(json.dumps(ev, separators=(",", ":")) + "\n")
+    return ids

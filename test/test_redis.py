@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Suite, parse_metrics  # noqa: E402
 import redis_harness as rh  # noqa: E402
 from redis_harness import (  # noqa: E402
+    stats_of, read_events, expected_words, with_poison,
     ONCEQ, SLOW, SEED, TMP, path, free_port, cli, cli_raw, hash_of,
     entries, pending, pending_of, run, start, finish, wait_for,
     one_line_exit_2, script_file, lines_of)
@@ -64,46 +65,6 @@ def consumer(stream, name, *extra, stats=True):
     if stats:
         args += ["--stats", path(f"{stream}-{name}.stats")]
     return start(args + list(extra))
-
-
-def stats_of(stream, name):
-    with open(path(f"{stream}-{name}.stats")) as f:
-        return json.load(f)
-
-
-def read_events(p):
-    with open(p, "rb") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def expected_words(events, poison=frozenset()):
-    """Word counts of the first occurrence of each id, poison left out."""
-    seen, counts = set(), Counter()
-    for ev in events:
-        if ev["id"] in seen:
-            continue
-        seen.add(ev["id"])
-        if ev["id"] in poison:
-            continue
-        if "word" in ev:
-            counts[ev["word"]] += 1
-        else:
-            counts.update(ev["text"].split())
-    return dict(counts)
-
-
-def with_poison(src, dst):
-    """Drops the word of gen's poison events, so wordcount fails them (a
-    permanent failure: dead letter, reason failed). Returns the ids."""
-    ids = set()
-    with open(src) as f, open(dst, "w") as g:
-        for line in f:
-            ev = json.loads(line)
-            if ev.get("poison"):
-                ids.add(ev["id"])
-                ev = {"id": ev["id"], "poison": True}
-            g.write(json.dumps(ev, separators=(",", ":")) + "\n")
-    return ids
 
 
 def check_balanced(stream):

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Suite  # noqa: E402
 import redis_harness as rh  # noqa: E402
 from redis_harness import (  # noqa: E402
+    stats_of, read_events, expected_words, with_poison,
     ONCEQ, SLOW, SEED, TMP, path, run, start, finish, wait_for,
     one_line_exit_2, script_file)
 
@@ -130,46 +131,6 @@ def consumer(t, stream, name, *extra, url=None, drain=True):
             "g", "--consumer", name, "-q", "--stats",
             path(f"{stream}-{name}.stats")] + (["--drain"] if drain else [])
     return start(args + list(extra))
-
-
-def stats_of(stream, name):
-    with open(path(f"{stream}-{name}.stats")) as f:
-        return json.load(f)
-
-
-def read_events(p):
-    with open(p, "rb") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def expected_words(events, poison=frozenset()):
-    """Word counts of the first occurrence of each id, poison left out."""
-    seen, counts = set(), Counter()
-    for ev in events:
-        if ev["id"] in seen:
-            continue
-        seen.add(ev["id"])
-        if ev["id"] in poison:
-            continue
-        if "word" in ev:
-            counts[ev["word"]] += 1
-        else:
-            counts.update(ev["text"].split())
-    return dict(counts)
-
-
-def with_poison(src, dst):
-    """Drops the word of gen's poison events, so wordcount fails them (a
-    permanent failure: dead letter, reason failed). Returns the ids."""
-    ids = set()
-    with open(src) as f, open(dst, "w") as g:
-        for line in f:
-            ev = json.loads(line)
-            if ev.get("poison"):
-                ids.add(ev["id"])
-                ev = {"id": ev["id"], "poison": True}
-            g.write(json.dumps(ev, separators=(",", ":")) + "\n")
-    return ids
 
 
 def summed_stats(t, s, p):
