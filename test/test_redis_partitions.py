@@ -374,62 +374,83 @@ def partitions_are_fixed_at_the_first_use():
     check_routing(SINGLE, "pmax", 256, sorted(u1))
 
 
+def pending_of(t, key, name):
+    """Messages of stream key pending with consumer name of group g."""
+    try:
+        info = t.cli("XINFO", "CONSUMERS", key, "g") or []
+    except RuntimeError:  # no group yet
+        return 0
+    for c in info:
+        d = rh.fields_of(c)
+        if d["name"] == name:
+            return int(d["pending"])
+    return 0
+
+
 def pending_of_parts(t, s, name, p):
-    return sum(rh.pending_of(part(s, k), name) for k in range(p))
+    return sum(pending_of(t, part(s, k), name) for k in range(p))
 
 
-@test
-def a_killed_consumer_is_taken_over_in_every_partition():
+def killed_consumer_taken_over(t, s, p):
     # A consumer killed with -9 while it holds messages of several
     # partitions: the survivor takes them over after the visibility
     # timeout. Records (an exec handler): each id committed once.
-    s, p = "pc", 4
     n = 300 if SLOW else 800
-    f = gen("pc.jsonl", "--events", str(n), "--duplicates", "0.1",
+    f = gen(f"{s}.jsonl", "--events", str(n), "--duplicates", "0.1",
             "--seed", str(SEED + 3))
     events = read_events(f)
     ids = {e["id"] for e in events}
-    send(SINGLE, s, f, "--partitions", str(p), "--dedup-window", "0")
+    send(t, s, f, "--partitions", str(p), "--dedup-window", "0")
     h = reply_handler()
     vt = f"{WAIT}s"
-    victim = consumer(SINGLE, s, "victim", "-w", "4", "--batch", "16",
+    victim = consumer(t, s, "victim", "-w", "4", "--batch", "16",
                       "--handler", h, "--visibility-timeout", vt)
     surv = None
     try:
         # Let it commit some, then stop it while it holds messages.
-        wait_for(lambda: sum(SINGLE.cli("XLEN", part(s, k) + ":results")
+        wait_for(lambda: sum(t.cli("XLEN", part(s, k) + ":results")
                              for k in range(p)) >= 20, LONG,
                  "the victim's first results")
         for _ in range(500):
             victim.send_signal(signal.SIGSTOP)
-            if pending_of_parts(SINGLE, s, "victim", p) > 0:
+            if pending_of_parts(t, s, "victim", p) > 0:
                 break
             victim.send_signal(signal.SIGCONT)
             time.sleep(0.01)
-        orphaned = pending_of_parts(SINGLE, s, "victim", p)
+        orphaned = pending_of_parts(t, s, "victim", p)
         assert orphaned > 0, "the victim never held a message"
         held_in = [k for k in range(p)
-                   if rh.pending_of(part(s, k), "victim") > 0]
+                   if pending_of(t, part(s, k), "victim") > 0]
         victim.kill()
         victim.wait()
-        surv = consumer(SINGLE, s, "survivor", "-w", "4", "--handler", h,
+        surv = consumer(t, s, "survivor", "-w", "4", "--handler", h,
                         "--visibility-timeout", vt)
         rc, _, err = finish(surv, LONG)
         assert rc == 0, (rc, err)
     finally:
         kill(victim)
         kill(surv)
-    got = Counter(record_ids(export(SINGLE, s)))
+    got = Counter(record_ids(export(t, s)))
     twice = sorted(i for i, c in got.items() if c > 1)
     assert not twice, f"committed more than once: {twice[:5]}"
     assert set(got) == ids, f"never committed: {sorted(ids - set(got))[:5]}"
-    st = check_balanced(SINGLE, s, p)
+    st = check_balanced(t, s, p)
     assert st["processed"] == len(ids), st
     assert st["duplicates"] == len(events) - len(ids), st
     sv = stats_of(s, "survivor")
     assert sv["redelivered"] >= orphaned, (sv["redelivered"], orphaned,
                                            held_in)
     check_stream_stats(sv, st)
+
+
+@test
+def a_killed_consumer_is_taken_over_in_every_partition():
+    killed_consumer_taken_over(SINGLE, "pc", 4)
+
+
+@test
+def a_killed_consumer_is_taken_over_on_a_cluster():
+    killed_consumer_taken_over(ctarget(cluster()), "pk", 6)
 
 
 @test
