@@ -1234,11 +1234,19 @@ static int redirect(rconn *rc, redisReply *r)
         return 0;
     hp = strchr(r->str + (ask ? 4 : 6), ' ');
     colon = hp ? strrchr(hp, ':') : NULL;
-    if (colon == NULL || colon - hp - 1 <= 0 ||
+    if (colon == NULL || colon - hp - 1 < 0 ||
         (size_t)(colon - hp - 1) >= sizeof(rc->moved.host) ||
         (port = strtol(colon + 1, NULL, 10)) <= 0 || port > 65535)
         return 0;
-    set_target(rc, hp + 1, (size_t)(colon - hp - 1), (int)port);
+    if (colon == hp + 1) {
+        /* No host ("MOVED slot :port", an unknown endpoint): the node's
+         * that answered. */
+        char host[sizeof(rc->moved.host)];
+        snprintf(host, sizeof(host), "%s", rc->u->host);
+        set_target(rc, host, strlen(host), (int)port);
+    } else {
+        set_target(rc, hp + 1, (size_t)(colon - hp - 1), (int)port);
+    }
     freeReplyObject(r);
     return ask ? 2 : 1;
 }
