@@ -296,6 +296,22 @@ enum { SC_CLAIM, SC_COMMIT, SC_PROMOTE, SC_DRAIN, SC_SEND, SC_REDRIVE,
 "local function dm_finish(st, RET, LOAD)\n" \
 "  while st[4] > LOAD * (2 ^ st[2] + st[3]) do dm_split(st, RET) end\n" \
 "  redis.call('HSET', st[5], 'L', st[2], 'nx', st[3], 'n', st[4])\n" \
+"end\n" \
+"local function dm_touch(DP, RET, now, fields, LOAD)\n" \
+"  local gk = DP .. dm_gen(RET, now)\n" \
+"  local s = redis.call('HMGET', gk, 'L', 'nx', 'n')\n" \
+"  local st = {gk .. ':', tonumber(s[1] or 0), tonumber(s[2] or 0)}\n" \
+"  local seen = {}\n" \
+"  for _, f in ipairs(fields) do\n" \
+"    local a = dm_addr(st, f)\n" \
+"    if not seen[a] then seen[a] = true; redis.call('EXISTS', a) end\n" \
+"  end\n" \
+"  local L, nx, n = st[2], st[3], tonumber(s[3] or 0) + #fields\n" \
+"  while n > LOAD * (2 ^ L + nx) do\n" \
+"    redis.call('EXISTS', st[1] .. nx, st[1] .. (nx + 2 ^ L))\n" \
+"    nx = nx + 1\n" \
+"    if nx == 2 ^ L then L = L + 1; nx = 0 end\n" \
+"  end\n" \
 "end\n"
 
 static const char *const script_text[SC__COUNT] = {
@@ -419,6 +435,21 @@ DM_LUA
 "  bad = bad or clash(ARGV[b + 2], 'string')\n"
 "end\n"
 "if bad then return bad end\n"
+"if nc > 0 or others then\n"
+"  local fs = {}\n"
+"  for j = 1, nc do fs[j] = ARGV[H + nc + j] end\n"
+"  local i = rp0 + 5 * nrp\n"
+"  while i <= #ARGV do\n"
+"    local op, k = ARGV[i], tonumber(ARGV[i + 2])\n"
+"    if op == 'R' then i = i + 7\n"
+"    elseif op == 'D' or op == 'E' then i = i + 5\n"
+"    else\n"
+"      if k > 0 and op ~= 'X' then fs[#fs + 1] = ARGV[i + 4] end\n"
+"      i = i + 11\n"
+"    end\n"
+"  end\n"
+"  dm_touch(DP, RET, now, fs, LOAD)\n"
+"end\n"
 "local st\n"
 "local function mark(f)\n"
 "  if not st then st = dm_cur(DP, RET, now) end\n"
@@ -602,7 +633,14 @@ DM_LUA
 "local w, excl = tonumber(ARGV[1]), ARGV[4] == '1'\n"
 "local gens, st\n"
 "if w > 0 then\n"
-"  local now = dm_now()\n"
+"  local now, fs = dm_now(), {}\n"
+"  for j = 7, #ARGV, 6 do\n"
+"    if ARGV[j] ~= '' then fs[#fs + 1] = ARGV[j] end\n"
+"  end\n"
+"  for _, s in ipairs(dm_gens(ARGV[5], w, now)) do\n"
+"    for _, f in ipairs(fs) do redis.call('EXISTS', dm_addr(s, f)) end\n"
+"  end\n"
+"  dm_touch(ARGV[5], w, now, fs, tonumber(ARGV[6]))\n"
 "  st = dm_cur(ARGV[5], w, now)\n"
 "  gens = dm_gens(ARGV[5], w, now)\n"
 "end\n"
@@ -638,14 +676,18 @@ DM_LUA
  * layout before the buckets), or the redriven copy would be a
  * duplicate. */
 DM_LUA
-"if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end\n"
-"if ARGV[4] == 'failed' or ARGV[4] == 'max_attempts' then\n"
-"  if redis.call('GET', KEYS[4]) == 'D' then redis.call('DEL', KEYS[4]) end\n"
-"  if ARGV[5] ~= '' then\n"
-"    for _, s in ipairs(dm_gens(ARGV[6], tonumber(ARGV[7]), dm_now())) do\n"
-"      redis.call('HDEL', dm_addr(s, ARGV[5]), ARGV[5])\n"
-"    end\n"
+"local unsettle = ARGV[4] == 'failed' or ARGV[4] == 'max_attempts'\n"
+"local marks = {}\n"
+"if unsettle and ARGV[5] ~= '' then\n"
+"  for _, s in ipairs(dm_gens(ARGV[6], tonumber(ARGV[7]), dm_now())) do\n"
+"    marks[#marks + 1] = dm_addr(s, ARGV[5])\n"
+"    redis.call('EXISTS', marks[#marks])\n"
 "  end\n"
+"end\n"
+"if redis.call('XDEL', KEYS[2], ARGV[1]) == 0 then return 0 end\n"
+"if unsettle then\n"
+"  if redis.call('GET', KEYS[4]) == 'D' then redis.call('DEL', KEYS[4]) end\n"
+"  for _, a in ipairs(marks) do redis.call('HDEL', a, ARGV[5]) end\n"
 "end\n"
 "redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 's', ARGV[3])\n"
 "redis.call('HINCRBY', KEYS[3], 'sent', 1)\n"
@@ -1176,14 +1218,19 @@ static int is_err(const redisReply *r, const char *prefix)
  * reach the new one, and a write never runs on a replica (in a script the
  * first write fails, so the script has written nothing). CLUSTERDOWN: a
  * Redis Cluster without a primary for some slot (one failed, not yet
- * replaced or back) refuses every command. The callers back off and
+ * replaced or back) refuses every command. "non local key": a script
+ * read a key (a done-mark bucket, named by its arguments, not its KEYS)
+ * of a slot being moved to another node; every script reads each key it
+ * will write before its first write (dm_touch), so it has written
+ * nothing, and the call succeeds once the slot has moved. The callers back off and
  * reconnect, as after a lost connection, within the same limit.
  */
 static int is_transient(const redisReply *r)
 {
     return is_err(r, "LOADING") || is_err(r, "BUSY ") ||
            is_err(r, "TRYAGAIN") || is_err(r, "READONLY") ||
-           is_err(r, "CLUSTERDOWN");
+           is_err(r, "CLUSTERDOWN") ||
+           is_err(r, "ERR Script attempted to access a non local key");
 }
 
 /* The message for a stream whose data was lost: the run stops rather than
@@ -1796,20 +1843,22 @@ static int wait_replicas(rconn *rc, const char *meta, int n,
 {
     int64_t t0 = mono_ms();
     uint64_t rng = (uint64_t)t0 ^ (uint64_t)(uintptr_t)rc;
-    unsigned opens = rc->opens;
-    const rnode *wrote_to = rc->u;
+    unsigned opens = rc->opens, before;
+    rnode wrote_to = *rc->u;    /* a copy: on a cluster rc->u is rc->moved,
+                                   whichever node a redirection named */
     long long got = 0;
 
     if (n <= 0)
         return 0;
     for (uint32_t attempt = 1;; attempt++) {
         redisReply *r;
-        if (rc->opens != opens && rc->u != wrote_to) {
+        if (rc->opens != opens && (rc->u->port != wrote_to.port ||
+                                   strcmp(rc->u->host, wrote_to.host))) {
             /* The primary changed (a failover) after the writes: whether
              * they reached the new one, no WAIT can tell. */
             snprintf(rc->err, sizeof(rc->err), "the primary changed (%s, "
                      "then %s) while waiting for the replicas",
-                     wrote_to->text, rc->u->text);
+                     wrote_to.text, rc->u->text);
             return WAIT_MOVED;
         }
         if (rc->opens != opens) {
@@ -1819,9 +1868,18 @@ static int wait_replicas(rconn *rc, const char *meta, int n,
             freeReplyObject(r);
             opens = rc->opens;
         }
+        before = rc->opens;
         r = rc_cmdf(rc, "WAIT %d %" PRId64, n, timeout_ms);
         if (r == NULL)
             return -1;
+        if (rc->opens != before) {
+            /* The WAIT ran on a new connection (a reconnect, perhaps to
+             * another node: WAIT names no key, a cluster would not
+             * redirect it): it says nothing of our writes. Judged again
+             * above. */
+            freeReplyObject(r);
+            continue;
+        }
         if (r->type == REDIS_REPLY_ERROR) {
             snprintf(rc->err, sizeof(rc->err), "Redis at %s: WAIT: %s",
                      rc->u->text, r->str);
@@ -2041,6 +2099,12 @@ static int parts_open(rparts *ps, rconn *rc, const char *stream,
                         "use a new stream\n", cmd, stream, stream);
             return 2;
         }
+        if (strlen(stream) > 490) {
+            fprintf(stderr, "onceq %s: a partitioned stream's name is at "
+                    "most 490 bytes (its partitions are named {NAME:k})\n",
+                    cmd);
+            return 2;
+        }
         if (strpbrk(stream, "{}") == NULL) {
             rep = rc_cmdf(rc, "HSETNX %s partitions %u", ps->base.meta,
                           want);
@@ -2076,9 +2140,15 @@ static int parts_open(rparts *ps, rconn *rc, const char *stream,
     if (have == 0 && (st = parts_orphaned(rc, stream, cmd)) != 0)
         return st;
     if (have == 0 && rc->urls && rc->urls->cluster) {
-        fprintf(stderr, "onceq %s: Redis at %s is a Redis Cluster: a new "
-                "stream needs --partitions P (its keys are spread over the "
-                "cluster's slots by partition)\n", cmd, rc->u->text);
+        if (create)
+            fprintf(stderr, "onceq %s: Redis at %s is a Redis Cluster: a "
+                    "new stream needs --partitions P (its keys are spread "
+                    "over the cluster's slots by partition)\n", cmd,
+                    rc->u->text);
+        else
+            fprintf(stderr, "onceq %s: no stream '%s' on this Redis "
+                    "Cluster (a stream there has partitions, recorded in "
+                    "%s)\n", cmd, stream, ps->base.meta);
         return 2;
     }
     ps->tagged = have > 0;
@@ -5409,6 +5479,8 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
 {
     rrun *r = arg;
     const rentry *e = (const rentry *)(uintptr_t)ev->tag;
+    unsigned home;
+    int st;
 
     if (e && e->big) {
         dec->reason = OQ_DLQ_TOO_LARGE;
@@ -5417,20 +5489,28 @@ static int rdecode(const oq_event *ev, oq_decoded *dec, void *arg)
                  e->len);
         return -1;
     }
-    switch (oq__request_decode(ev, dec, &r->idspec, r->ps.base.stream)) {
-    case 0:
-        return 0;
-    case 1:
-        if (!r->cluster)
-            return 0;
+    if ((st = oq__request_decode(ev, dec, &r->idspec,
+                                 r->ps.base.stream)) < 0)
+        return -1;
+    /* The id's partition is where its claim and done-mark are: one met in
+     * another (sent with another --id-field, or added by hand) would be
+     * applied once per partition it is found in. */
+    if (e && r->ps.n > 1 &&
+        (home = partition_of(dec->id, dec->id_len, r->ps.n)) != e->part) {
+        dec->reason = OQ_DLQ_REJECTED;
+        snprintf(dec->error, sizeof(dec->error), "an id of partition %u in "
+                 "partition %u (sent with another --id-field than this "
+                 "consumer's?)", home, e->part);
+        return -1;
+    }
+    if (st == 1 && r->cluster) {
         /* Its reply would be written with its commit, in another slot. */
         dec->reason = OQ_DLQ_REJECTED;
         snprintf(dec->error, sizeof(dec->error), "bad request: "
                  "request-reply is not supported on a Redis Cluster");
         return -1;
-    default:
-        return -1;
     }
+    return 0;
 }
 
 static void rfree(void *parsed, void *arg)
@@ -5818,6 +5898,7 @@ typedef struct hkv {
     char *key;
     size_t klen;
     char *val;
+    unsigned part;        /* the partition it was read from */
 } hkv;
 
 static int kv_cmp(const void *a, const void *b)
@@ -5828,6 +5909,14 @@ static int kv_cmp(const void *a, const void *b)
     if (c)
         return c;
     return (x->klen > y->klen) - (x->klen < y->klen);
+}
+
+/* By key, then partition. */
+static int kv_part_cmp(const void *a, const void *b)
+{
+    const hkv *x = a, *y = b;
+    int c = kv_cmp(a, b);
+    return c ? c : (x->part > y->part) - (x->part < y->part);
 }
 
 /* Reads a hash field of S:meta into out ("" if none). */
@@ -5892,7 +5981,8 @@ static void hkvs_free(hkvs *c)
 
 /* Adds the counts of hash key to c. 0, or an exit status with a message
  * written. */
-static int read_counts(rconn *rc, const char *key, hkvs *c, const char *cmd)
+static int read_counts(rconn *rc, const char *key, unsigned part, hkvs *c,
+                       const char *cmd)
 {
     char cursor[64] = "0";
 
@@ -5919,6 +6009,7 @@ static int read_counts(rconn *rc, const char *key, hkvs *c, const char *cmd)
                 c->cap = ncap;
             }
             x = &c->v[c->n];
+            x->part = part;
             x->klen = items->element[i]->len;
             x->key = oq__malloc(x->klen + 1);
             x->val = strdup(items->element[i + 1]->str);
@@ -5959,15 +6050,18 @@ static int export_to(rconn *rc, const rparts *ps, FILE *f, const char *cmd)
     if (count_key[0] == '\0')
         snprintf(count_key, sizeof(count_key), "key");
     for (unsigned p = 0; p < ps->n && status == 0; p++)
-        status = read_counts(rc, ps->p[p].k.counts, &c, cmd);
+        status = read_counts(rc, ps->p[p].k.counts, p, &c, cmd);
     if (status == 0 && c.n > 0)
-        qsort(c.v, c.n, sizeof(*c.v), kv_cmp);
+        qsort(c.v, c.n, sizeof(*c.v), kv_part_cmp);
+    /* A key's counts summed over the partitions; HSCAN may return a field
+     * twice: once a partition. */
     for (size_t i = 0; status == 0 && i < c.n;) {
         oq__count_out co = { f, count_key };
         int64_t sum = 0;
         size_t j = i;
         for (; j < c.n && kv_cmp(&c.v[i], &c.v[j]) == 0; j++)
-            sum += (int64_t)strtoll(c.v[j].val, NULL, 10);
+            if (j == i || c.v[j].part != c.v[j - 1].part)
+                sum += (int64_t)strtoll(c.v[j].val, NULL, 10);
         oq__write_count(c.v[i].key, c.v[i].klen, sum, &co);
         i = j;
     }
@@ -6074,6 +6168,8 @@ static void write_stream_stats(FILE *f, const rparts *ps, rconn *rc)
 
     for (unsigned p = 0; p < ps->n; p++) {
         redisReply *rep = rc_cmdf(rc, "HGETALL %s", ps->p[p].k.stats);
+        if (rep == NULL)
+            break; /* Redis is gone: each partition would wait as long */
         for (size_t i = 0; rep && rep->type == REDIS_REPLY_ARRAY &&
                            i + 1 < rep->elements; i += 2) {
             const redisReply *k = rep->element[i], *v = rep->element[i + 1];
@@ -6241,6 +6337,10 @@ static int run_setup(rrun *r, rconn *main_rc)
     if (rc_first(main_rc, &r->u, "run") != 0)
         return 2;
     r->cluster = atomic_load(&r->u.cluster);
+    if (r->c.join_requests && r->c.partitions)
+        return usage_error("run", "--join-requests reads a stream of "
+                           "replies, which has no partitions: leave "
+                           "--partitions out");
     if ((st = check_policy_all(main_rc, &r->u, "run")) != 0 ||
         (st = parts_open(&r->ps, main_rc, r->c.stream, r->c.partitions, 1,
                          "run")) != 0)
@@ -6427,7 +6527,9 @@ int oq__redis_run(const oq__run_config *c)
         fprintf(stderr, "onceq run: %s\n", r->fatal_msg);
         status = 3;
     }
-    main_rc.stop = NULL;
+    /* After a fatal error (Redis gone, say) the stats are read without
+     * reconnecting; else, as for a signal, with. */
+    main_rc.stop = r->fatal ? &r->stop : NULL;
     if (r->c.out_path && !r->fatal) {
         st2 = export_path(&main_rc, &r->ps, r->c.out_path, "run");
         status = status ? status : st2;
