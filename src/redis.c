@@ -1222,14 +1222,16 @@ static int is_err(const redisReply *r, const char *prefix)
  * read a key (a done-mark bucket, named by its arguments, not its KEYS)
  * of a slot being moved to another node; every script reads each key it
  * will write before its first write (dm_touch), so it has written
- * nothing, and the call succeeds once the slot has moved. The callers back off and
+ * nothing, and the call succeeds once the slot has moved. UNBLOCKED: a
+ * blocked XREADGROUP whose stream was moved to another node (or deleted)
+ * meanwhile; it delivered nothing. The callers back off and
  * reconnect, as after a lost connection, within the same limit.
  */
 static int is_transient(const redisReply *r)
 {
     return is_err(r, "LOADING") || is_err(r, "BUSY ") ||
            is_err(r, "TRYAGAIN") || is_err(r, "READONLY") ||
-           is_err(r, "CLUSTERDOWN") ||
+           is_err(r, "CLUSTERDOWN") || is_err(r, "UNBLOCKED") ||
            is_err(r, "ERR Script attempted to access a non local key");
 }
 

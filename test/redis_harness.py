@@ -464,12 +464,14 @@ class Cluster:
 
     # ------------------------------------------------------- resharding
 
-    def migrate_slot(self, slot, dst, batch=10, pause=0.0):
+    def migrate_slot(self, slot, dst, batch=10, pause=0.0, first=(),
+                     between=None):
         """Moves slot from its master to the master on port dst, as
         redis-cli --cluster reshard does (SETSLOT IMPORTING/MIGRATING,
         MIGRATE of its keys `batch` at a time with `pause` seconds between
-        batches, SETSLOT NODE on every master). Returns the number of
-        keys moved."""
+        batches, SETSLOT NODE on every master). The keys `first` move
+        first, then between() is called (the slot half moved), then the
+        rest. Returns the number of keys moved."""
         src = self.port_of_slot(slot)
         assert src != dst, "the slot is there already"
         sid, did = self.node_id(src), self.node_id(dst)
@@ -478,6 +480,13 @@ class Cluster:
             r = self.cli_at(port, "CLUSTER", "SETSLOT", slot, *args)
             assert r == "OK", (port, args, r)
         moved = 0
+        if first:
+            r = self.cli_at(src, "MIGRATE", "127.0.0.1", dst, "", 0, 5000,
+                            "REPLACE", "KEYS", *first)
+            assert r == "OK", f"MIGRATE: {r}"
+            moved += len(first)
+        if between:
+            between()
         while True:
             keys = self.cli_at(src, "CLUSTER", "GETKEYSINSLOT", slot,
                                batch).split()

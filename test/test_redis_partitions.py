@@ -557,6 +557,31 @@ def bad_input_has_the_same_outcome_with_partitions():
 # ------------------------------------------------------------ cluster
 
 @test
+def an_id_in_another_partition_is_dead_lettered_not_applied_twice():
+    # send routes by its --id-field; a consumer with another one would find
+    # copies of one of its ids in several partitions, each with its own
+    # claim and done-mark: applied once per partition. It dead-letters an
+    # id found outside its partition instead (reason rejected).
+    s, p = "idf", 8
+    with open(path("idf.jsonl"), "w") as g:
+        for i in range(200):
+            g.write(json.dumps({"id": f"a{i}", "key": f"k{i % 50}",
+                                "word": f"w{i % 50}"}) + "\n")
+    send(SINGLE, s, path("idf.jsonl"), "--partitions", str(p))
+    rc, _, err = finish(consumer(SINGLE, s, "c0", "--id-field", "key"),
+                        LONG)
+    assert rc == 1, (rc, err)   # dead letters
+    counts = export_counts(SINGLE, s)
+    assert all(v == 1 for v in counts.values()), counts
+    st = check_balanced(SINGLE, s, p)
+    assert st["processed"] == len(counts) and st["dead"] > 0, st
+    assert st["dead"] == st.get("dead:rejected"), st
+    rc, out, _ = run(["dlq", "list", "--redis", SINGLE.url, "--stream", s])
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert rows and all("another --id-field" in r["error"] for r in rows)
+
+
+@test
 def a_cluster_spreads_partitions_over_its_masters():
     c = cluster()
     t = ctarget(c)
@@ -760,6 +785,61 @@ def a_cluster_master_killed_and_restarted_loses_nothing():
     assert st["sent"] == len(events) + len(written), st
     assert st["processed"] == len(ids), st
     assert max(stats_of(s, f"c{i}")["reconnects"] for i in range(2)) >= 1
+
+
+@test
+def a_half_moved_slot_leaves_no_half_commit():
+    # A slot moved key by key: a partition's done-mark and dedup buckets
+    # already on the new master, its stream, stats, meta and claims still
+    # on the old one (so a SEND script, whose declared keys are all there,
+    # runs there and meets the moved buckets). The scripts read every
+    # bucket they will write before their first write (a commit that
+    # failed after marking ids done would lose their counts), and wait
+    # ("non local key" is transient) until the move ends; every event is
+    # applied once. Before: send exited 3 at once.
+    c = cluster()
+    t = ctarget(c)
+    s = "hm"
+    f1 = gen("hm1.jsonl", "--events", "300", "--duplicates", "0.2",
+             "--seed", str(SEED + 21))
+    f2 = gen("hm2.jsonl", "--events", "300", "--duplicates", "0.2",
+             "--seed", str(SEED + 22))
+    with open(path("hm2b.jsonl"), "w") as g:
+        g.write(open(f1).read())
+        for e in read_events(f2):
+            e["id"] = "n-" + e["id"]
+            g.write(json.dumps(e, separators=(",", ":")) + "\n")
+    send(t, s, f1, "--partitions", "1")
+    rc, _, err = finish(consumer(t, s, "h0", "-w", "2"), LONG)
+    assert rc == 0, (rc, err)
+    slot = c.keyslot(part(s, 0))
+    src = c.port_of_slot(slot)
+    dst = next(q for q in c.master_ports() if q != src)
+    marks = c.cli_at(src, "KEYS", part(s, 0) + ":d*").split()
+    assert any(":dd:" in k for k in marks), ("no dedup buckets", marks)
+    late = []
+
+    def half_moved():
+        late.append(start(["send", "--redis", t.url, "--stream", s,
+                           path("hm2b.jsonl")]))
+        late.append(consumer(t, s, "h1", "-w", "2"))
+        time.sleep(1.5 if not SLOW else 4)
+        for q in late:
+            assert q.poll() is None, ("ended with the slot half moved",
+                                      q.args, q.poll())
+
+    try:
+        c.migrate_slot(slot, dst, first=marks, between=half_moved)
+        for q in late:
+            rc, out, err = finish(q, LONG)
+            assert rc == 0, (q.args, rc, err)
+    finally:
+        for q in late:
+            kill(q)
+    events = read_events(f1) + read_events(path("hm2b.jsonl"))
+    assert export_counts(t, s) == expected_words(events)
+    st = check_balanced(t, s, 1)
+    assert st["processed"] == len({e["id"] for e in events}), st
 
 
 @test
