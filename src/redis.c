@@ -1635,7 +1635,27 @@ static int rc_reconnect(rconn *rc)
  * it was (r freed) and rc is ready; -1 when rc could not be opened again
  * (rc->err says why). Many redirections in a row (slots being moved) are
  * followed with the reconnect backoff. */
-static int rc_follow(rconn *rc, redisReply *r, bool *ask, unsigned *hops)
+/* rc_reconnect for a call that met "not now" (a transient reply, many
+ * redirections): within one limit for the whole call, from its first,
+ * so that a call that keeps being refused (a cluster down, a slot stuck
+ * half moved) gives up as a lost connection does. 0, or -1 (rc->err). */
+static int rc_again(rconn *rc, int64_t *t0)
+{
+    int64_t now = mono_ms();
+
+    if (*t0 == 0) {
+        *t0 = now;
+    } else if (now - *t0 > RECONNECT_GIVE_UP_MS) {
+        size_t n = strlen(rc->err);
+        snprintf(rc->err + n, sizeof(rc->err) - n, " (gave up after %d s "
+                 "of retrying)", RECONNECT_GIVE_UP_MS / 1000);
+        return -1;
+    }
+    return rc_reconnect(rc) == RC_OK ? 0 : -1;
+}
+
+static int rc_follow(rconn *rc, redisReply *r, bool *ask, unsigned *hops,
+                     int64_t *t0)
 {
     int how;
 
@@ -1646,7 +1666,7 @@ static int rc_follow(rconn *rc, redisReply *r, bool *ask, unsigned *hops)
         atomic_store(&rc->urls->remap, true);
     if (++*hops <= 8 && rc_open(rc) == RC_OK)
         return 1;
-    return rc_reconnect(rc) == RC_OK ? 1 : -1;
+    return rc_again(rc, t0) == 0 ? 1 : -1;
 }
 
 /* Sends ASKING before a call redirected by ASK. 0, or -1 (connection
@@ -1728,6 +1748,7 @@ static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
 {
     bool ask = false;
     unsigned hops = 0;
+    int64_t t0 = 0;
 
     for (;;) {
         void *reply = NULL;
@@ -1741,7 +1762,7 @@ static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
             }
             if (redisGetReply(rc->c, &reply) != REDIS_OK)
                 break;
-            if ((f = rc_follow(rc, reply, &ask, &hops)) != 0) {
+            if ((f = rc_follow(rc, reply, &ask, &hops, &t0)) != 0) {
                 if (f < 0)
                     return NULL;
                 eval = 0;
@@ -1755,7 +1776,9 @@ static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
             }
             if (is_transient(reply)) {
                 note_transient(rc, reply);
-                break;
+                if (rc_again(rc, &t0) != 0)
+                    return NULL;
+                continue;
             }
             return reply;
         }
@@ -1776,22 +1799,26 @@ static redisReply *rc_cmd(rconn *rc, int argc, const char **argv,
 {
     bool ask = false;
     unsigned hops = 0;
+    int64_t t0 = 0;
 
     for (;;) {
         redisReply *r = rc_asking(rc, &ask) == 0
                             ? redisCommandArgv(rc->c, argc, argv, lens)
                             : NULL;
-        int f = rc_follow(rc, r, &ask, &hops);
+        int f = rc_follow(rc, r, &ask, &hops, &t0);
         if (f > 0)
             continue;
         if (f < 0)
             return NULL;
         if (r != NULL && !is_transient(r))
             return r;
-        if (r != NULL)
+        if (r != NULL) {
             note_transient(rc, r);
-        if (rc_reconnect(rc) != RC_OK)
+            if (rc_again(rc, &t0) != 0)
+                return NULL;
+        } else if (rc_reconnect(rc) != RC_OK) {
             return NULL;
+        }
     }
 }
 
@@ -1800,6 +1827,7 @@ static redisReply *rc_cmdf(rconn *rc, const char *fmt, ...)
 {
     bool ask = false;
     unsigned hops = 0;
+    int64_t t0 = 0;
 
     for (;;) {
         va_list ap;
@@ -1810,16 +1838,19 @@ static redisReply *rc_cmdf(rconn *rc, const char *fmt, ...)
             r = redisvCommand(rc->c, fmt, ap);
             va_end(ap);
         }
-        if ((f = rc_follow(rc, r, &ask, &hops)) > 0)
+        if ((f = rc_follow(rc, r, &ask, &hops, &t0)) > 0)
             continue;
         if (f < 0)
             return NULL;
         if (r != NULL && !is_transient(r))
             return r;
-        if (r != NULL)
+        if (r != NULL) {
             note_transient(rc, r);
-        if (rc_reconnect(rc) != RC_OK)
+            if (rc_again(rc, &t0) != 0)
+                return NULL;
+        } else if (rc_reconnect(rc) != RC_OK) {
             return NULL;
+        }
     }
 }
 
