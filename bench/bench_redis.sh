@@ -63,7 +63,7 @@ rcli FLUSHALL
 t0=$(now)
 "$ONCEQ" send --redis "$URL" --stream b -q "$TMP/ev.jsonl"
 t1=$(now)
-echo "send with producer dedup (SET NX PX per event): $(python3 -c "print(f'{$EVENTS/($t1-$t0):.0f}')") events/s"
+echo "send with producer dedup (--dedup-window 5m): $(python3 -c "print(f'{$EVENTS/($t1-$t0):.0f}')") events/s"
 
 printf '\n$ %s\n' "onceq run --redis URL --stream b --group g --drain --batch 1 -w 1 --handler noop   (naive: $NAIVE_EVENTS events)"
 set -- $(run_consumers noop 1 1 1 "$TMP/naive.jsonl")

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Description: events/s of `onceq run --redis ... --handler noop --drain`
-# with C consumer processes against one redis-server (with --partitions)
-# and against Redis Clusters of 2 and 4 masters (private servers on free
+# with C consumer processes against one redis-server (without partitions,
+# the baseline, and with --partitions) and against Redis Clusters of 2
+# and 4 masters (private servers on free
 # loopback ports, no persistence), side by side in one run: the same
 # events (`onceq gen --events N`), the targets alternated within each of
 # R repetitions, medians, and the ratios to the single Redis. Only the
@@ -39,7 +40,9 @@ median() { python3 -c "import sys,statistics; print(f'{statistics.median(map(flo
 
 # The targets: name, ports (to flush), URL, partitions.
 redis_start "$TMP"
-T_NAMES="single"
+# plain: the same Redis without partitions (the baseline of the ratios).
+T_NAMES="plain single"
+eval "T_plain_ports=$REDIS_PORT T_plain_url=$REDIS_URL T_plain_m=1 T_plain_p=0"
 eval "T_single_ports=$REDIS_PORT T_single_url=$REDIS_URL T_single_m=1"
 eval "T_single_p=${P_ARG:-4}"
 for m in $MASTERS; do
@@ -60,7 +63,10 @@ one() {
   # shellcheck disable=SC2086
   redis_flush $ports
   t0=$(now)
-  "$ONCEQ" send --redis "$url" --stream b --partitions "$p" \
+  parts=""
+  [ "$p" != 0 ] && parts="--partitions $p"
+  # shellcheck disable=SC2086
+  "$ONCEQ" send --redis "$url" --stream b $parts \
     --dedup-window 0 -q "$TMP/ev.jsonl"
   t1=$(now)
   pids=""
@@ -86,7 +92,7 @@ for r in $(seq "$REPS"); do
 done
 
 printf '\n%-10s %7s %10s %14s %9s %14s %9s\n' target masters partitions \
-  run_events/s vs_single send_events/s vs_single
+  run_events/s vs_plain send_events/s vs_plain
 base_run="" base_send=""
 for t in $T_NAMES; do
   eval "runs=\$T_${t}_runs sends=\$T_${t}_sends m=\$T_${t}_m p=\$T_${t}_p"

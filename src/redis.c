@@ -297,20 +297,26 @@ enum { SC_CLAIM, SC_COMMIT, SC_PROMOTE, SC_DRAIN, SC_SEND, SC_REDRIVE,
 "  while st[4] > LOAD * (2 ^ st[2] + st[3]) do dm_split(st, RET) end\n" \
 "  redis.call('HSET', st[5], 'L', st[2], 'nx', st[3], 'n', st[4])\n" \
 "end\n" \
-"local function dm_touch(DP, RET, now, fields, LOAD)\n" \
+"local function dm_touch(DP, RET, now, fields, LOAD, gens)\n" \
 "  local gk = DP .. dm_gen(RET, now)\n" \
 "  local s = redis.call('HMGET', gk, 'L', 'nx', 'n')\n" \
 "  local st = {gk .. ':', tonumber(s[1] or 0), tonumber(s[2] or 0)}\n" \
-"  local seen = {}\n" \
+"  local seen, list = {}, {}\n" \
+"  local function add(a)\n" \
+"    if not seen[a] then seen[a] = true; list[#list + 1] = a end\n" \
+"  end\n" \
 "  for _, f in ipairs(fields) do\n" \
-"    local a = dm_addr(st, f)\n" \
-"    if not seen[a] then seen[a] = true; redis.call('EXISTS', a) end\n" \
+"    add(dm_addr(st, f))\n" \
+"    for _, g in ipairs(gens) do add(dm_addr(g, f)) end\n" \
 "  end\n" \
 "  local L, nx, n = st[2], st[3], tonumber(s[3] or 0) + #fields\n" \
 "  while n > LOAD * (2 ^ L + nx) do\n" \
-"    redis.call('EXISTS', st[1] .. nx, st[1] .. (nx + 2 ^ L))\n" \
+"    add(st[1] .. nx); add(st[1] .. (nx + 2 ^ L))\n" \
 "    nx = nx + 1\n" \
 "    if nx == 2 ^ L then L = L + 1; nx = 0 end\n" \
+"  end\n" \
+"  for i = 1, #list, 1000 do\n" \
+"    redis.call('EXISTS', unpack(list, i, math.min(i + 999, #list)))\n" \
 "  end\n" \
 "end\n"
 
@@ -448,7 +454,7 @@ DM_LUA
 "      i = i + 11\n"
 "    end\n"
 "  end\n"
-"  dm_touch(DP, RET, now, fs, LOAD)\n"
+"  dm_touch(DP, RET, now, fs, LOAD, {})\n"
 "end\n"
 "local st\n"
 "local function mark(f)\n"
@@ -637,10 +643,8 @@ DM_LUA
 "  for j = 7, #ARGV, 6 do\n"
 "    if ARGV[j] ~= '' then fs[#fs + 1] = ARGV[j] end\n"
 "  end\n"
-"  for _, s in ipairs(dm_gens(ARGV[5], w, now)) do\n"
-"    for _, f in ipairs(fs) do redis.call('EXISTS', dm_addr(s, f)) end\n"
-"  end\n"
-"  dm_touch(ARGV[5], w, now, fs, tonumber(ARGV[6]))\n"
+"  dm_touch(ARGV[5], w, now, fs, tonumber(ARGV[6]),\n"
+"           dm_gens(ARGV[5], w, now))\n"
 "  st = dm_cur(ARGV[5], w, now)\n"
 "  gens = dm_gens(ARGV[5], w, now)\n"
 "end\n"
