@@ -4286,7 +4286,10 @@ static rconn *pconn(rrun *r, rconns *cs, unsigned part, const char *role,
         run_fatal(r, "out of memory opening a connection");
         return NULL;
     }
-    if (atomic_exchange(&r->u.remap, false)) {
+    /* Loaded first: an exchange on every call would write the shared
+     * line from every thread. */
+    if (atomic_load_explicit(&r->u.remap, memory_order_relaxed) &&
+        atomic_exchange(&r->u.remap, false)) {
         rconn *any = NULL;
         for (unsigned i = 0; i < r->nconn && any == NULL; i++)
             if (cs->c[i].ready)

@@ -84,17 +84,22 @@ def stop_server():
             SERVER.kill()
 
 
-def cli(*args):
-    """redis-cli with JSON output; returns the parsed reply. (redis-cli's
+def cli_json(opts, args):
+    """redis-cli OPTS --json ARGS; returns the parsed reply. (redis-cli's
     --json writes strings as UTF-8 with control characters escaped, so a
     value comes back exactly; invalid UTF-8 raises.)"""
-    p = subprocess.run(["redis-cli", "-p", str(PORT), "--json"] +
+    p = subprocess.run(["redis-cli"] + opts + ["--json"] +
                        [str(a) for a in args], capture_output=True,
                        encoding="utf-8", timeout=60)
     out = p.stdout.strip()
     if out.startswith("error:"):
-        raise RuntimeError(f"redis-cli {args}: {out}")
+        raise RuntimeError(f"redis-cli {opts} {args}: {out}")
     return json.loads(out) if out else None
+
+
+def cli(*args):
+    """redis-cli on the shared server (cli_json)."""
+    return cli_json(["-p", str(PORT)], args)
 
 
 def cli_raw(*args):
@@ -432,14 +437,7 @@ class Cluster:
     def cli(self, *args, port=None):
         """redis-cli -c (follows MOVED/ASK) with --json, through port (the
         first master by default); returns the parsed reply."""
-        p = subprocess.run(["redis-cli", "-c", "-p",
-                            str(port or self.ports[0]), "--json"] +
-                           [str(a) for a in args], capture_output=True,
-                           encoding="utf-8", timeout=60)
-        out = p.stdout.strip()
-        if out.startswith("error:"):
-            raise RuntimeError(f"redis-cli -c {args}: {out}")
-        return json.loads(out) if out else None
+        return cli_json(["-c", "-p", str(port or self.ports[0])], args)
 
     def cli_raw(self, *args, port=None):
         return subprocess.run(["redis-cli", "-c", "-p",
