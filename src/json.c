@@ -787,32 +787,41 @@ void oq__buf_free(oq__buf *b)
     b->len = b->cap = 0;
 }
 
-/* Length of the valid UTF-8 sequence at s (n bytes left), 0 if invalid. */
-static size_t utf8_seq(const unsigned char *s, size_t n)
+/*
+ * The one UTF-8 validator: the length of the well-formed sequence at s (n
+ * bytes left, n > 0), 0 if none starts there. Strict (Unicode 3-7): no
+ * overlong forms, no surrogates, nothing above U+10FFFF; an ASCII byte
+ * (NUL too) is a sequence of 1.
+ */
+size_t oq__utf8_seq(const unsigned char *s, size_t n)
 {
-    unsigned long cp;
+    unsigned char lo = 0x80, hi = 0xBF; /* range of the 2nd byte */
     size_t len;
 
     if (s[0] < 0x80)
         return 1;
-    if (s[0] >= 0xC2 && s[0] <= 0xDF)
-        len = 2, cp = s[0] & 0x1F;
-    else if (s[0] >= 0xE0 && s[0] <= 0xEF)
-        len = 3, cp = s[0] & 0x0F;
-    else if (s[0] >= 0xF0 && s[0] <= 0xF4)
-        len = 4, cp = s[0] & 0x07;
-    else
-        return 0;
-    if (len > n)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
+    if (s[0] >= 0xC2 && s[0] <= 0xDF) {
+        len = 2;
+    } else if (s[0] >= 0xE0 && s[0] <= 0xEF) {
+        len = 3;
+        if (s[0] == 0xE0)
+            lo = 0xA0; /* overlong */
+        else if (s[0] == 0xED)
+            hi = 0x9F; /* surrogates */
+    } else if (s[0] >= 0xF0 && s[0] <= 0xF4) {
+        len = 4;
+        if (s[0] == 0xF0)
+            lo = 0x90; /* overlong */
+        else if (s[0] == 0xF4)
+            hi = 0x8F; /* above U+10FFFF */
+    } else {
+        return 0; /* continuation byte, C0/C1, F5..FF */
     }
-    if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
-        (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
+    if (len > n || s[1] < lo || s[1] > hi)
         return 0;
+    for (size_t k = 2; k < len; k++)
+        if ((s[k] & 0xC0) != 0x80)
+            return 0;
     return len;
 }
 
@@ -843,7 +852,7 @@ size_t oq__json_escape(char *out, size_t cap, const char *s, size_t n,
             o[4] = hex[c >> 4];
             o[5] = hex[c & 15];
             o += 6, i++;
-        } else if ((l = utf8_seq(p + i, n - i)) == 0) {
+        } else if ((l = oq__utf8_seq(p + i, n - i)) == 0) {
             memcpy(o, "\\ufffd", 6); /* invalid UTF-8 */
             o += 6, i++;
         } else {
@@ -979,37 +988,10 @@ size_t oq__utf8_check(const unsigned char *s, size_t len, bool *nul)
             *nul = true;
             return i;
         }
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t need;
-        unsigned char lo = 0x80, hi = 0xBF; /* range of the 2nd byte */
-        if (c >= 0xC2 && c <= 0xDF) {
-            need = 1;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            need = 2;
-            if (c == 0xE0)
-                lo = 0xA0; /* overlong */
-            else if (c == 0xED)
-                hi = 0x9F; /* surrogates */
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            need = 3;
-            if (c == 0xF0)
-                lo = 0x90; /* overlong */
-            else if (c == 0xF4)
-                hi = 0x8F; /* above U+10FFFF */
-        } else {
-            return i; /* continuation byte, C0/C1, F5..FF */
-        }
-        if (need >= len - i)
-            return i; /* truncated */
-        if (s[i + 1] < lo || s[i + 1] > hi)
+        size_t l = oq__utf8_seq(s + i, len - i);
+        if (l == 0)
             return i;
-        for (size_t k = 2; k <= need; k++)
-            if ((s[i + k] & 0xC0) != 0x80)
-                return i;
-        i += need + 1;
+        i += l;
     }
     return len;
 }

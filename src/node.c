@@ -1256,10 +1256,9 @@ static char *utf8_fix(node *n, const char *s, size_t *len)
     if (*len > (SIZE_MAX - 1) / 3 || oq__buf_reserve(f, *len * 3 + 1) != 0)
         return NULL;
     for (size_t i = 0; i < *len;) {
-        unsigned char c = (unsigned char)s[i];
-        size_t k = c < 0x80 ? 1 : c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
+        size_t k = oq__utf8_seq((const unsigned char *)s + i, *len - i);
 
-        if (c < 0x80 || (k <= *len - i && oq__utf8_valid(s + i, k))) {
+        if (k != 0) {
             memcpy(f->data + f->len, s + i, k);
             f->len += k;
             i += k;

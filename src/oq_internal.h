@@ -171,6 +171,9 @@ int oq__json_quote(oq__buf *b, const char *s, size_t n);
 size_t oq__json_escape(char *out, size_t cap, const char *s, size_t n,
                        size_t *used);
 
+/* The one UTF-8 validator: the length of the well-formed sequence at s
+ * (n > 0 bytes left; an ASCII byte is 1), 0 if none starts there. */
+size_t oq__utf8_seq(const unsigned char *s, size_t n);
 /* 1 if s[0..len) is valid UTF-8 with no NUL byte. */
 int oq__utf8_valid(const char *s, size_t len);
 /* Strict UTF-8 with no NUL: the offset of the first bad byte, or len;
