@@ -1633,12 +1633,6 @@ static int rc_reconnect(rconn *rc)
     }
 }
 
-/* After a reply: a cluster's redirection (redirect) is followed: rc is
- * opened on the node it names, and the caller calls again (after ASKING,
- * *ask, for an ASK). 0 when r is not a redirection (r untouched); 1 when
- * it was (r freed) and rc is ready; -1 when rc could not be opened again
- * (rc->err says why). Many redirections in a row (slots being moved) are
- * followed with the reconnect backoff. */
 /* rc_reconnect for a call that met "not now" (a transient reply, many
  * redirections): within one limit for the whole call, from its first,
  * so that a call that keeps being refused (a cluster down, a slot stuck
@@ -1658,6 +1652,12 @@ static int rc_again(rconn *rc, int64_t *t0)
     return rc_reconnect(rc) == RC_OK ? 0 : -1;
 }
 
+/* After a reply: a cluster's redirection (redirect) is followed: rc is
+ * opened on the node it names, and the caller calls again (after ASKING,
+ * *ask, for an ASK). 0 when r is not a redirection (r untouched); 1 when
+ * it was (r freed) and rc is ready; -1 when rc could not be opened again
+ * (rc->err says why). Many redirections in a row (slots being moved) are
+ * followed with the reconnect backoff. */
 static int rc_follow(rconn *rc, redisReply *r, bool *ask, unsigned *hops,
                      int64_t *t0)
 {
@@ -1742,13 +1742,26 @@ static int rc_append_script(rconn *rc, int script, int eval, const abuf *keys,
                ? 0 : -1;
 }
 
-/* Runs a script; on NOSCRIPT runs it with EVAL (which caches it again).
- * After an I/O error, or a transient error reply (is_transient: the script
- * did not run, or wrote nothing), it reconnects and calls again: the
- * scripts are safe to run twice (see DESIGN). Returns the reply (possibly
- * an error reply), or NULL: rc->err says why, and the run should stop. */
-static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
-                             const abuf *args)
+/* How rc_call puts one command in rc's output buffer (eval: a script's
+ * call is to carry its text, after NOSCRIPT); 0, or -1 when out of
+ * memory. */
+typedef int rc_issue_fn(rconn *rc, void *arg, int eval);
+
+/*
+ * The one loop that runs a command on rc: a redirection is followed
+ * (rc_follow), NOSCRIPT is answered by the script's text (the server
+ * caches it again), and after an I/O error or a transient error reply
+ * (is_transient: the command was refused before it ran, or a script
+ * wrote nothing) it reconnects and calls again, within the give-up limits
+ * of rc_again and rc_reconnect. Calling again is safe: the scripts are
+ * safe to run twice (see DESIGN), and each plain command is one whose
+ * repetition is harmless (XGROUP CREATE answers BUSYGROUP, HSET and XDEL
+ * are idempotent, an XREADGROUP or XAUTOCLAIM whose reply was lost leaves
+ * its entries pending, to be taken over; the rest only read). Returns the
+ * reply (possibly an error reply), or NULL: rc->err says why, and the run
+ * should stop.
+ */
+static redisReply *rc_call(rconn *rc, rc_issue_fn *issue, void *arg)
 {
     bool ask = false;
     unsigned hops = 0;
@@ -1760,7 +1773,7 @@ static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
         for (;;) {
             if (rc_asking(rc, &ask) != 0)
                 break;
-            if (rc_append_script(rc, script, eval, keys, args) != 0) {
+            if (issue(rc, arg, eval) != 0) {
                 snprintf(rc->err, sizeof(rc->err), "out of memory");
                 return NULL;
             }
@@ -1791,71 +1804,66 @@ static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
     }
 }
 
-/* A plain command (argv form), with the same reconnect rule. Retrying
- * after a transient error reply is safe for any command: it was refused
- * before it ran. (After a lost connection the command may have run; each
- * caller's command is one whose repetition is harmless: XGROUP CREATE
- * answers BUSYGROUP, HSET and XDEL are idempotent, an XREADGROUP or
- * XAUTOCLAIM whose reply was lost leaves its entries pending, to be taken
- * over; the rest only read.) */
+struct script_call { int script; const abuf *keys, *args; };
+
+static int issue_script(rconn *rc, void *arg, int eval)
+{
+    struct script_call *a = arg;
+    return rc_append_script(rc, a->script, eval, a->keys, a->args);
+}
+
+/* Runs a script (rc_call). */
+static redisReply *rc_script(rconn *rc, int script, const abuf *keys,
+                             const abuf *args)
+{
+    struct script_call a = { script, keys, args };
+    return rc_call(rc, issue_script, &a);
+}
+
+struct argv_call { int argc; const char **argv; const size_t *lens; };
+
+static int issue_argv(rconn *rc, void *arg, int eval)
+{
+    struct argv_call *a = arg;
+    (void)eval;
+    return redisAppendCommandArgv(rc->c, a->argc, a->argv, a->lens) ==
+                   REDIS_OK ? 0 : -1;
+}
+
+/* A plain command, argv form (rc_call). */
 static redisReply *rc_cmd(rconn *rc, int argc, const char **argv,
                           const size_t *lens)
 {
-    bool ask = false;
-    unsigned hops = 0;
-    int64_t t0 = 0;
-
-    for (;;) {
-        redisReply *r = rc_asking(rc, &ask) == 0
-                            ? redisCommandArgv(rc->c, argc, argv, lens)
-                            : NULL;
-        int f = rc_follow(rc, r, &ask, &hops, &t0);
-        if (f > 0)
-            continue;
-        if (f < 0)
-            return NULL;
-        if (r != NULL && !is_transient(r))
-            return r;
-        if (r != NULL) {
-            note_transient(rc, r);
-            if (rc_again(rc, &t0) != 0)
-                return NULL;
-        } else if (rc_reconnect(rc) != RC_OK) {
-            return NULL;
-        }
-    }
+    struct argv_call a = { argc, argv, lens };
+    return rc_call(rc, issue_argv, &a);
 }
 
-/* A printf-style command (no binary arguments), same reconnect rule. */
+struct fmt_call { const char *fmt; va_list ap; };
+
+static int issue_fmt(rconn *rc, void *arg, int eval)
+{
+    struct fmt_call *a = arg;
+    va_list ap;
+    int st;
+
+    (void)eval;
+    va_copy(ap, a->ap);
+    st = redisvAppendCommand(rc->c, a->fmt, ap);
+    va_end(ap);
+    return st == REDIS_OK ? 0 : -1;
+}
+
+/* A printf-style command, no binary arguments (rc_call). */
 static redisReply *rc_cmdf(rconn *rc, const char *fmt, ...)
 {
-    bool ask = false;
-    unsigned hops = 0;
-    int64_t t0 = 0;
+    struct fmt_call a;
+    redisReply *r;
 
-    for (;;) {
-        va_list ap;
-        redisReply *r = NULL;
-        int f;
-        if (rc_asking(rc, &ask) == 0) {
-            va_start(ap, fmt);
-            r = redisvCommand(rc->c, fmt, ap);
-            va_end(ap);
-        }
-        if ((f = rc_follow(rc, r, &ask, &hops, &t0)) > 0)
-            continue;
-        if (f < 0)
-            return NULL;
-        if (r != NULL && !is_transient(r))
-            return r;
-        if (r != NULL) {
-            note_transient(rc, r);
-            if (rc_again(rc, &t0) != 0)
-                return NULL;
-        } else if (rc_reconnect(rc) != RC_OK) {
-            return NULL;
-        }
-    }
+    a.fmt = fmt;
+    va_start(a.ap, fmt);
+    r = rc_call(rc, issue_fmt, &a);
+    va_end(a.ap);
+    return r;
 }
 
 /*
