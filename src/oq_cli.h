@@ -503,7 +503,6 @@ int oq__store_open(oq__store **out, const char *path, int flags,
                    oq__store_sync sync, char *err, size_t errlen);
 void oq__store_close(oq__store *st);
 const char *oq__store_error(const oq__store *st);
-const char *oq__store_path(const oq__store *st);
 struct sqlite3 *oq__store_db(oq__store *st);
 /* Fault injection: when n >= 0, n more commits succeed, then every commit
  * fails (rolled back, OQ_ENOSPC) as if the disk were full. -1: never. */

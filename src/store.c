@@ -163,11 +163,6 @@ sqlite3 *oq__store_db(oq__store *st)
     return st->db;
 }
 
-const char *oq__store_path(const oq__store *st)
-{
-    return st->path;
-}
-
 /* The first integer column of sql's first row, or an error. */
 static int query_int(oq__store *st, const char *sql, int64_t *out)
 {
@@ -1134,19 +1129,22 @@ size_t oq__tracker_collect(oq__tracker *t, oq__source_row *rows, size_t max)
 /*
  * The committer thread: group commit of finished events.
  *
- * Workers hand it events through oq__committer_submit (the pool's committer
- * hook), duplicates through oq__committer_duplicate; both copy what they
- * need into one allocation (a citem) and append it to c->items. A
+ * The SQLite ledger's commit (oq__sqlite_ledger_methods, below) hands it
+ * the engine's commit entries (submit), duplicates come through
+ * oq__committer_duplicate; both copy what they need into one allocation
+ * (a citem) and append it to c->items. A
  * transaction starts when `batch` items are pending or the oldest is
  * `interval_ms` old, and takes every pending item up to `max_batch` (group
  * commit: what arrives during one fsync goes into the next transaction),
  * and the queue's new dead letters; it writes all of it at once: processed ids, outputs, aggregate deltas (summed
  * per key over the batch first), dead letters, deleted redrive rows, and the
  * sources' new watermarks. Only after COMMIT returns does it mark the ids
- * DONE and ack (or dead-letter) the pinned messages, so whatever is acked is
- * on disk. If COMMIT fails, the batch is rolled back, the claims released,
- * the messages returned to the queue, and the committer refuses everything
- * from then on (the run stops with the error).
+ * DONE and hand the pinned messages back to the engine (the ledger's
+ * set_done callback), which settles them, so whatever is acked is on disk.
+ * If COMMIT fails, the batch is rolled back, the claims released, the
+ * messages handed back failed (the engine returns them to the queue), and
+ * the committer refuses everything from then on (the run stops with the
+ * error). It settles no queue itself.
  *
  * Lock: c->mu guards items, tail, nitems, first_ms, stopping, failed and
  * err; a leaf. Submitters wait on c->room when nitems reaches max_pending
