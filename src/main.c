@@ -5,8 +5,11 @@
  */
 #include "oq_cli.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct command {
     const char *name;
@@ -52,8 +55,32 @@ static void usage(FILE *f)
             "Exit status: 0 success, 1 some events dead-lettered, 2 bad usage.\n");
 }
 
+/*
+ * A standard descriptor (0, 1, 2) that was closed when onceq started is
+ * held by /dev/null opened the wrong way round (stdin for writing, stdout
+ * and stderr for reading), so that no file onceq opens gets its number
+ * (results written "to stdout" would land in a dead-letter file, progress
+ * "to stderr" in the results) and every use of it still fails as it would
+ * have: reading stdin or writing results to stdout is an error (exit 3).
+ */
+static void hold_standard_fds(void)
+{
+    for (int fd = 0; fd <= 2; fd++) {
+        int n;
+        if (fcntl(fd, F_GETFD) != -1 || errno != EBADF)
+            continue;
+        n = open("/dev/null", fd == 0 ? O_WRONLY : O_RDONLY);
+        if (n >= 0 && n != fd) {
+            /* A lower one was closed too and got it: take ours. */
+            dup2(n, fd);
+            close(n);
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
+    hold_standard_fds();
     if (argc < 2) {
         usage(stderr);
         return 2;

@@ -364,12 +364,16 @@ typedef struct oq__count_out {
     const char *key;  /* FIELD */
 } oq__count_out;
 void oq__write_count(const char *key, size_t len, int64_t v, void *arg);
-/* Output files of the CLI. oq__out_open opens path for writing (NULL or
- * "-": stdout); on failure it prints "PREFIX: cannot write WHAT to 'PATH':
- * reason" and returns NULL. oq__out_close flushes stdout or closes f, and
- * returns 0, or 3 (the exit status) after printing "PREFIX: write error on
- * 'PATH': reason" if anything written to f was lost. */
-FILE *oq__out_open(const char *path, const char *prefix, const char *what);
+/* Output files of the CLI. oq__out_whole writes one whole output: path
+ * (NULL or "-": stdout) opened as an oq__outfile (a regular file through
+ * a temporary file renamed over it at the end), fn(f, arg) writes it, and
+ * it is committed; when fn returns non-zero the file at path stays as it
+ * was. Returns 0, fn's status, or 3 (cannot write, a write error: the
+ * message written with prefix). oq__out_close flushes stdout or closes f,
+ * and returns 0, or 3 (the exit status) after printing "PREFIX: write
+ * error on 'PATH': reason" if anything written to f was lost. */
+int oq__out_whole(const char *path, const char *prefix, const char *what,
+                  int (*fn)(FILE *f, void *arg), void *arg);
 int oq__out_close(FILE *f, const char *path, const char *prefix);
 /* Writes a Unix time in ms as a JSON ISO-8601 string (UTC, ms). */
 void oq__json_write_time(FILE *f, int64_t unix_ms);
@@ -397,6 +401,10 @@ int oq__out_begin(oq__outfile *o, const char *path, const char *what,
 int oq__out_commit(oq__outfile *o, const char *prefix);
 /* Drops an output not finished (remove: also its temporary file). */
 void oq__out_discard(oq__outfile *o, bool remove);
+/* Refuses (OQ_EINVAL, err filled) an output path, given as option opt,
+ * that is the state file or one of its side files. */
+int oq__check_state_output(const char *opt, const char *path,
+                           const char *state, char *err, size_t errlen);
 /* Refuses an output over the state, its side files, an input, or another
  * output (compared by device and inode). 0, or an error with err. */
 int oq__check_outputs(const oq__run_config *c, char *err, size_t errlen);

@@ -134,6 +134,49 @@ void oq__out_discard(oq__outfile *o, bool remove)
     }
 }
 
+/* The cause of an earlier failed write on f, whose errno is long gone: a
+ * newline written again fails the same way (a full disk, a closed pipe, a
+ * descriptor not open for writing). What f holds is lost already; one
+ * more byte changes nothing. */
+static int why_failed(FILE *f)
+{
+    clearerr(f);
+    errno = 0;
+    if (fputc('\n', f) != EOF && fflush(f) == 0)
+        return EIO;
+    return errno ? errno : EIO;
+}
+
+/* Flushes f (stdout stays open; another file is fsynced when tmp is its
+ * temporary file, closed, and tmp renamed over path): 0, or the errno of
+ * the first failure (a temporary file is then removed). */
+static int finish(FILE *f, const char *tmp, const char *path)
+{
+    int bad = ferror(f) ? why_failed(f) : 0;
+
+    if (!bad && fflush(f) != 0)
+        bad = errno ? errno : EIO;
+    if (f == stdout)
+        return bad;
+    if (!bad && tmp[0] && fsync(fileno(f)) != 0)
+        bad = errno;
+    if (fclose(f) != 0 && !bad)
+        bad = errno ? errno : EIO;
+    if (!bad && tmp[0] && rename(tmp, path) != 0)
+        bad = errno;
+    if (bad && tmp[0])
+        unlink(tmp);
+    return bad;
+}
+
+static int write_error(const char *prefix, const char *path, int err)
+{
+    fprintf(stderr, "%s: write error on '%s': %s\n", prefix,
+            path && strcmp(path, "-") != 0 ? path : "<stdout>",
+            strerror(err));
+    return 3;
+}
+
 /* Finishes o: flushed, fsynced and renamed over its path. Returns 0 or
  * an exit status (3, a write error, with a message). */
 int oq__out_commit(oq__outfile *o, const char *prefix)
@@ -142,27 +185,9 @@ int oq__out_commit(oq__outfile *o, const char *prefix)
 
     if (o->f == NULL)
         return 0;
-    errno = 0;
-    bad = ferror(o->f);
-    if (o->f == stdout) {
-        bad |= fflush(stdout);
-    } else {
-        bad |= fflush(o->f);
-        if (!bad && o->tmp[0])
-            bad |= fsync(fileno(o->f));
-        bad |= fclose(o->f);
-        if (!bad && o->tmp[0])
-            bad |= rename(o->tmp, o->path);
-        if (bad && o->tmp[0])
-            unlink(o->tmp);
-    }
+    bad = finish(o->f, o->tmp, o->path);
     o->f = NULL;
-    if (!bad)
-        return 0;
-    fprintf(stderr, "%s: write error on '%s': %s\n", prefix,
-            strcmp(o->path, "-") == 0 ? "<stdout>" : o->path,
-            errno ? strerror(errno) : "unknown error");
-    return 3;
+    return bad ? write_error(prefix, o->path, bad) : 0;
 }
 
 /* The queue's dead letters, copied out of it (a run takes them as it
@@ -182,29 +207,28 @@ void oq__write_count(const char *key, size_t len, int64_t v, void *arg)
     fprintf(c->f, ",\"count\":%" PRId64 "}\n", v);
 }
 
-FILE *oq__out_open(const char *path, const char *prefix, const char *what)
+int oq__out_whole(const char *path, const char *prefix, const char *what,
+                  int (*fn)(FILE *f, void *arg), void *arg)
 {
-    FILE *f;
+    oq__outfile o;
+    char err[PATH_MAX + 128];
+    int st;
 
-    if (path == NULL || strcmp(path, "-") == 0)
-        return stdout;
-    if ((f = fopen(path, "we")) == NULL)
-        fprintf(stderr, "%s: cannot write %s to '%s': %s\n", prefix, what,
-                path, strerror(errno));
-    return f;
+    if (oq__out_begin(&o, path ? path : "-", what, err, sizeof(err)) != 0) {
+        fprintf(stderr, "%s: %s\n", prefix, err);
+        return 3;
+    }
+    if ((st = fn(o.f, arg)) != 0) {
+        oq__out_discard(&o, false);
+        return st;
+    }
+    return oq__out_commit(&o, prefix);
 }
 
 int oq__out_close(FILE *f, const char *path, const char *prefix)
 {
-    int bad = ferror(f);
-
-    bad |= f == stdout ? fflush(f) : fclose(f);
-    if (!bad)
-        return 0;
-    fprintf(stderr, "%s: write error on '%s': %s\n", prefix,
-            path && strcmp(path, "-") != 0 ? path : "<stdout>",
-            errno ? strerror(errno) : "unknown error");
-    return 3;
+    int bad = finish(f, "", path);
+    return bad ? write_error(prefix, path, bad) : 0;
 }
 
 void oq__json_write_time(FILE *f, int64_t unix_ms)
@@ -316,15 +340,60 @@ static bool same_place(const place *a, const place *b)
                              : strcmp(a->name, b->name) == 0;
 }
 
-/* Refuses an output (-o, --dlq, --stats) that would be written over the
- * state, its WAL, shared-memory or lock file, an input, or another output:
- * the rename at the end would destroy it. Checked before anything runs. */
-int oq__check_outputs(const oq__run_config *c, char *err, size_t errlen)
+/* Whether the output at o is the state or one of its side files (WAL,
+ * shared memory, lock): what it is, its name in name (x: scratch), or
+ * NULL. */
+static const char *state_clash(const place *o, const char *state, place *x,
+                               char *name, size_t nlen)
 {
     static const char *const suffix[] = { "", "-wal", "-shm", ".lock" };
     static const char *const what[] = { "the state file", "the state's WAL",
                                         "the state's shared memory",
                                         "the state's lock file" };
+
+    for (int k = 0; state && k < 4; k++) {
+        snprintf(name, nlen, "%s%s", state, suffix[k]);
+        place_of(name, x);
+        if (same_place(o, x))
+            return what[k];
+    }
+    return NULL;
+}
+
+static int refuse_clash(const char *opt, const char *path, const char *is,
+                        const char *which, char *err, size_t errlen)
+{
+    snprintf(err, errlen, "%s '%.150s' is %s '%.150s': it would be "
+             "overwritten (choose another path)", opt, path, is, which);
+    return OQ_EINVAL;
+}
+
+int oq__check_state_output(const char *opt, const char *path,
+                           const char *state, char *err, size_t errlen)
+{
+    place *o = oq__malloc(2 * sizeof(*o));
+    char name[PATH_MAX + 16];
+    const char *is;
+    int rc = 0;
+
+    if (o == NULL) {
+        snprintf(err, errlen, "%s", oq_strerror(OQ_ENOMEM));
+        return OQ_ENOMEM;
+    }
+    if (path != NULL && strcmp(path, "-") != 0) {
+        place_of(path, &o[0]);
+        if ((is = state_clash(&o[0], state, &o[1], name, sizeof(name))))
+            rc = refuse_clash(opt, path, is, name, err, errlen);
+    }
+    oq__free(o);
+    return rc;
+}
+
+/* Refuses an output (-o, --dlq, --stats) that would be written over the
+ * state, its WAL, shared-memory or lock file, an input, or another output:
+ * the rename at the end would destroy it. Checked before anything runs. */
+int oq__check_outputs(const oq__run_config *c, char *err, size_t errlen)
+{
     const struct { const char *opt, *path; } out[] = {
         { "-o", c->out_path }, { "--dlq", c->dlq_path },
         { "--stats", c->stats_path }, { "--metrics", c->metrics_path },
@@ -347,12 +416,9 @@ int oq__check_outputs(const oq__run_config *c, char *err, size_t errlen)
         for (int k = 0; k < i && is == NULL; k++)
             if (same_place(&o[i], &o[k]))
                 is = "also", which = out[k].opt;
-        for (int k = 0; c->state_path && k < 4 && is == NULL; k++) {
-            snprintf(name, sizeof(name), "%s%s", c->state_path, suffix[k]);
-            place_of(name, x);
-            if (same_place(&o[i], x))
-                is = what[k], which = name;
-        }
+        if (is == NULL && (is = state_clash(&o[i], c->state_path, x, name,
+                                            sizeof(name))))
+            which = name;
         for (unsigned k = 0; k < OQ__MAX(c->ninputs, 1u) && is == NULL; k++) {
             const char *in = c->ninputs ? c->inputs[k] : "-";
             if (strcmp(in, "-") == 0)
@@ -362,12 +428,9 @@ int oq__check_outputs(const oq__run_config *c, char *err, size_t errlen)
             if (same_place(&o[i], x))
                 is = "input", which = strcmp(in, "-") ? in : "<stdin>";
         }
-        if (is != NULL) {
-            snprintf(err, errlen, "%s '%.150s' is %s '%.150s': it would be "
-                     "overwritten (choose another path)", out[i].opt,
-                     out[i].path, is, which);
-            rc = OQ_EINVAL;
-        }
+        if (is != NULL)
+            rc = refuse_clash(out[i].opt, out[i].path, is, which, err,
+                              errlen);
     }
 out:
     oq__free(o);

@@ -6117,19 +6117,24 @@ static int export_to(rconn *rc, const rparts *ps, FILE *f, const char *cmd)
     return status;
 }
 
-/* export_to a path ("-" or NULL: stdout). */
+struct export_arg { rconn *rc; const rparts *ps; const char *cmd; };
+
+static int export_fn(FILE *f, void *arg)
+{
+    const struct export_arg *a = arg;
+    return export_to(a->rc, a->ps, f, a->cmd);
+}
+
+/* export_to a path ("-" or NULL: stdout; a file is replaced whole, or
+ * not at all). */
 static int export_path(rconn *rc, const rparts *ps, const char *path,
                        const char *cmd)
 {
+    struct export_arg a = { rc, ps, cmd };
     char prefix[64];
-    FILE *f;
-    int st, cl;
+
     snprintf(prefix, sizeof(prefix), "onceq %s", cmd);
-    if ((f = oq__out_open(path, prefix, "results")) == NULL)
-        return 3;
-    st = export_to(rc, ps, f, cmd);
-    cl = oq__out_close(f, path, prefix);
-    return st ? st : cl;
+    return oq__out_whole(path, prefix, "results", export_fn, &a);
 }
 
 /* ============================================================ the run */
@@ -6272,16 +6277,22 @@ static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
     fputs("}\n", f);
 }
 
+struct stats_arg { rrun *r; double el; rconn *rc; };
+
+static int stats_fn(FILE *f, void *arg)
+{
+    const struct stats_arg *a = arg;
+    write_stats_json(f, a->r, a->el, a->rc);
+    return 0;
+}
+
 static int write_stats(rrun *r, double el, rconn *rc)
 {
-    const char *path = r->c.stats_path;
-    FILE *f;
-    if (path == NULL)
+    struct stats_arg a = { r, el, rc };
+
+    if (r->c.stats_path == NULL)
         return 0;
-    if ((f = oq__out_open(path, "onceq run", "stats")) == NULL)
-        return 3;
-    write_stats_json(f, r, el, rc);
-    return oq__out_close(f, path, "onceq run");
+    return oq__out_whole(r->c.stats_path, "onceq run", "stats", stats_fn, &a);
 }
 
 static void summary(rrun *r, double el, int sig)

@@ -54,7 +54,9 @@ enum {
 };
 
 /* The modes an option works in. */
-enum { M_LOCAL = 1, M_REDIS = 2, M_ALL = M_LOCAL | M_REDIS };
+/* The modes of a run: in memory, durable (--state), Redis (--redis). */
+enum { M_MEM = 1, M_STATE = 4, M_LOCAL = M_MEM | M_STATE, M_REDIS = 2,
+       M_ALL = M_LOCAL | M_REDIS };
 
 /* Limits and defaults shared by every mode. */
 #define WORKERS_MAX 4096
@@ -131,10 +133,10 @@ static const struct {
     { O_DLQ, M_LOCAL, "dead letters go to NAME:dlq (see `onceq dlq "
                       "--redis`)" },
     { O_STATE, M_LOCAL, "Redis holds the state" },
-    { O_SYNC, M_LOCAL, "Redis holds the state" },
-    { O_COMMIT_BATCH, M_LOCAL, "Redis holds the state" },
-    { O_COMMIT_INTERVAL, M_LOCAL, "Redis holds the state" },
-    { O_FORCE, M_LOCAL, "Redis holds the state" },
+    { O_SYNC, M_STATE, "Redis holds the state" },
+    { O_COMMIT_BATCH, M_STATE, "Redis holds the state" },
+    { O_COMMIT_INTERVAL, M_STATE, "Redis holds the state" },
+    { O_FORCE, M_STATE, "Redis holds the state" },
     { O_STREAM, M_REDIS, NULL },
     { O_GROUP, M_REDIS, NULL },
     { O_CONSUMER, M_REDIS, NULL },
@@ -159,8 +161,8 @@ static void run_usage(FILE *f)
 "pool of worker threads: duplicates (same id) are skipped, transient\n"
 "failures retried with backoff, and events that cannot be processed are\n"
 "dead-lettered with their reason. Options marked [local] work only\n"
-"without --redis, [redis] only with it; the others work in every mode,\n"
-"with the same limits.\n"
+"without --redis, [state] only with --state, [redis] only with --redis;\n"
+"the others work in every mode, with the same limits.\n"
 "\n"
 "Workers and ids:\n"
 "  -w, --workers N             worker threads, 1 to 4096 (default: number\n"
@@ -207,14 +209,14 @@ static void run_usage(FILE *f)
 "      --state PATH            [local] keep processed ids, results, dead\n"
 "                              letters and input progress in an SQLite file;\n"
 "                              a rerun resumes where the last one stopped\n"
-"      --sync full|normal|off  [local] SQLite synchronous mode (default full:\n"
+"      --sync full|normal|off  [state] SQLite synchronous mode (default full:\n"
 "                              a committed batch survives power loss)\n"
-"      --commit-batch N        [local] pending events that start a\n"
+"      --commit-batch N        [state] pending events that start a\n"
 "                              transaction (default 256; it takes all that\n"
 "                              is pending, up to 16 N)\n"
-"      --commit-interval D     [local] or the oldest pending event waited D\n"
+"      --commit-interval D     [state] or the oldest pending event waited D\n"
 "                              (5ms)\n"
-"      --force                 [local] resume even if an input file changed\n"
+"      --force                 [state] resume even if an input file changed\n"
 "                              (it is read again from its start)\n"
 "Redis (many processes on many machines, one stream; docs/REDIS.md):\n"
 "      --redis URL[,URL...]    redis://[user:password@]host[:port][/db]: take\n"
@@ -679,7 +681,7 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
  * the options given (bit id - 256). 0 or 2. */
 static int check_mode(oq__run_config *c, uint64_t seen)
 {
-    unsigned mode = c->redis_url ? M_REDIS : M_LOCAL;
+    unsigned mode = c->redis_url ? M_REDIS : c->state_path ? M_STATE : M_MEM;
 
     for (size_t i = 0; i < sizeof(mode_opts) / sizeof(mode_opts[0]); i++) {
         const char *name = NULL;
@@ -692,6 +694,9 @@ static int check_mode(oq__run_config *c, uint64_t seen)
         if (mode == M_REDIS)
             fprintf(stderr, "onceq run: --%s cannot be used with --redis: "
                     "%s\n", name, mode_opts[i].why);
+        else if (mode_opts[i].modes == M_STATE)
+            fprintf(stderr, "onceq run: --%s needs --state PATH (it is an "
+                    "option of durable runs)\n", name);
         else
             fprintf(stderr, "onceq run: --%s needs --redis URL (it is an "
                     "option of Redis runs)\n", name);

@@ -490,38 +490,51 @@ static void export_help(void)
 "Exit status: 0 success, 2 bad usage or not a state file, 3 write error.\n");
 }
 
+typedef struct export_arg {
+    oq__store *st;
+    const char *output, *key;
+} export_arg;
+
+static int export_to(FILE *f, void *arg)
+{
+    const export_arg *x = arg;
+    int rc;
+
+    if (strcmp(x->output, "records") == 0) {
+        rc = oq__store_foreach_record(x->st, put_record, f);
+    } else {
+        oq__count_out c = { f, x->key };
+        rc = oq__store_foreach_count(x->st, oq__write_count, &c);
+    }
+    if (rc == 0)
+        return 0;
+    fprintf(stderr, "onceq export: %s\n", oq__store_error(x->st));
+    return 3;
+}
+
 int oq__cmd_export(int argc, char **argv)
 {
     opts o = { .cmd = "export" };
-    char output[32] = "counts", key[256] = "key";
-    oq__store *st;
-    FILE *f = stdout;
-    int rc, bad;
+    char output[32] = "counts", key[256] = "key", err[512];
+    export_arg x = { NULL, output, key };
+    int rc;
 
     if (oq__has_option(argc, argv, "--redis"))
         return oq__redis_export(argc, argv);
     if ((rc = parse(&o, argc, argv, export_help)) >= 0 ||
         (rc = refuse(&o, false, true, false, 0)) >= 0)
         return rc;
-    if ((st = open_state(&o, false)) == NULL)
+    /* -o over the state would empty it: the next run would apply every
+     * event again. */
+    if (oq__check_state_output("-o", o.out, o.state, err, sizeof(err)) != 0)
+        return usage_error(&o, "%s", err);
+    if ((x.st = open_state(&o, false)) == NULL)
         return 2;
-    oq__store_meta_get(st, "output", output, sizeof(output));
-    oq__store_meta_get(st, "count_key", key, sizeof(key));
-    if ((f = oq__out_open(o.out, "onceq export", "results")) == NULL) {
-        oq__store_close(st);
-        return 3;
-    }
-    if (strcmp(output, "records") == 0) {
-        rc = oq__store_foreach_record(st, put_record, f);
-    } else {
-        oq__count_out c = { f, key };
-        rc = oq__store_foreach_count(st, oq__write_count, &c);
-    }
-    if (rc != 0)
-        fprintf(stderr, "onceq export: %s\n", oq__store_error(st));
-    bad = oq__out_close(f, o.out, "onceq export");
-    oq__store_close(st);
-    return rc || bad ? 3 : 0;
+    oq__store_meta_get(x.st, "output", output, sizeof(output));
+    oq__store_meta_get(x.st, "count_key", key, sizeof(key));
+    rc = oq__out_whole(o.out, "onceq export", "results", export_to, &x);
+    oq__store_close(x.st);
+    return rc;
 }
 
 /* --------------------------------------------------------------- stats */

@@ -13,6 +13,7 @@ Also: `--kill-grace 0` means SIGKILL at once, and the largest durations
 
 Environment: ONCEQ (the binary; default ./onceq), BUILD (a sanitizer build
 gets more time)."""
+import glob
 import os
 import shutil
 import socket
@@ -132,12 +133,23 @@ def run_durations_refuse_garbage_after_equals():
          [(o, v) for o in RUN_DURATIONS for v in ["nan", "0x10", "1e3", ""]])
 
 
+_state_dbs = iter(range(1 << 30))
+
+
+def state_for(opt):
+    """--state with a fresh file for an option of durable runs, else []."""
+    if opt in ("--commit-batch", "--commit-interval", "--sync", "--force"):
+        return ["--state", path(f"opt{next(_state_dbs)}.db")]
+    return []
+
+
 @test
 def run_durations_accept_the_documented_forms():
     many(lambda c: expect_accepted(RUN + [c[0], c[1]]),
          [(o, v) for o in RUN_DURATIONS for v in GOOD_DURATION])
     expect_accepted(RUN + ["--kill-grace", "0"])
-    expect_accepted(RUN + ["--commit-interval", "1.5s"])
+    expect_accepted(RUN + state_for("--commit-interval") +
+                    ["--commit-interval", "1.5s"])
 
 
 @test
@@ -186,7 +198,7 @@ def run_counts_keep_their_ranges():
         if hi < (1 << 64) - 1:
             cases.append((o, str(hi + 1)))
     many(lambda c: expect_refused(RUN + [c[0], c[1]], c[0], c[1]), cases)
-    many(lambda c: expect_accepted(RUN + [c[0], c[1]]),
+    many(lambda c: expect_accepted(RUN + state_for(c[0]) + [c[0], c[1]]),
          [(o, str(v)) for o, lo, hi in RUN_COUNTS for v in (lo, hi)
           if o != "--workers" or v < 64] + [("--batch", "007")])
 
@@ -387,6 +399,20 @@ def timeout_and_metrics_options_work_with_redis():
                 ["--metrics-interval", "5x"]):
         expect_refused(RRUN + opt, opt[0], opt[1])
     assert not os.path.exists(path("m.prom"))
+
+
+@test
+def state_options_are_refused_without_state():
+    # A --sync full without --state would let a user believe the run is
+    # durable: refused, not ignored; accepted with --state.
+    for opt in (["--sync", "full"], ["--commit-batch", "5"],
+                ["--commit-interval", "5ms"], ["--force"]):
+        err = refusal(RUN + opt + [path("missing.jsonl")])
+        assert opt[0] in err and "needs --state" in err, (opt, err)
+        expect_accepted(RUN + ["--state", path("s.db")] + opt,
+                        stdin=b'{"id":"a"}\n')
+        for f in glob.glob(path("s.db*")):
+            os.unlink(f)
 
 
 @test

@@ -553,6 +553,73 @@ def dlq_list_and_show_report_a_write_error():
         assert b"write error" in p.stderr, p.stderr
 
 
+@test
+def export_over_the_state_is_refused_and_export_is_whole():
+    """`onceq export -o` the state (or a side file) would empty it, and the
+    next run would apply every event again: refused (exit 2), the state
+    untouched; a failed export leaves the previous file as it was."""
+    f = gen("ex.jsonl", "--events", "40", "--duplicates", "0.2")
+    db = path("ex.db")
+    rm_state(db)
+    assert run(["run", "-q", "--state", db, "-o", "/dev/null", f])[0] == 0
+    before = read_bytes(db)
+    for out in (db, db + "-wal", db + ".lock", path("ex-sym.db")):
+        if out.endswith("sym.db") and not os.path.lexists(out):
+            os.symlink(db, out)
+        rc, _, err = run(["export", "--state", db, "-o", out])
+        assert rc == 2 and "state" in err and err.count("\n") == 1, \
+            (out, rc, err)
+        assert read_bytes(db) == before, out
+    rc, out, err = run(["run", "--state", db, "-o", "/dev/null",
+                        "--stats", "-", "-q", f])
+    assert rc == 0 and json.loads(out)["processed"] == 0, (rc, out, err)
+    good = path("ex.out")
+    assert run(["export", "--state", db, "-o", good])[0] == 0
+    exported = read_bytes(good)
+    assert exported and [json.loads(x) for x in exported.splitlines()]
+    # A stale state (not an onceq file) fails the export: the old file
+    # stays whole, no temporary file is left.
+    write("ex-not.db", "")
+    sqlite3.connect(path("ex-not.db")).execute("CREATE TABLE t(x)").close()
+    rc, _, err = run(["export", "--state", path("ex-not.db"), "-o", good])
+    assert rc != 0 and read_bytes(good) == exported, (rc, err)
+    assert not [n for n in os.listdir(TMP) if n.startswith("ex.out.tmp")]
+
+
+def closed_fd_run(args, closed, **kw):
+    """Runs onceq with descriptor `closed` (1 or 2) closed."""
+    return subprocess.run([ONCEQ] + args, cwd=TMP, timeout=120,
+                          pass_fds=(), close_fds=True,
+                          preexec_fn=lambda: os.close(closed), **kw)
+
+
+@test
+def a_closed_stdout_or_stderr_takes_no_output_file():
+    """With stdout closed, the first file onceq opens would get descriptor
+    1: results "to stdout" landed in the dead-letter file (exit 0 when
+    there were none). Now writing results to a closed stdout is a write
+    error (exit 3) and the dead-letter file holds only dead letters; with
+    stderr closed, --progress does not land in the results."""
+    bad = gen("cl-bad.jsonl", "--bad")
+    dlq = path("cl.dlq")
+    p = closed_fd_run(["run", "-q", "--dlq", dlq, bad], 1,
+                      stderr=subprocess.PIPE)
+    assert p.returncode == 3 and b"write error" in p.stderr, p
+    data = read_bytes(dlq)
+    check_json_lines(data, "dead letters")
+    lines = [json.loads(x) for x in data.splitlines()]
+    assert lines and all("reason" in x for x in lines), lines[:3]
+    good = gen("cl-good.jsonl", "--events", "20000")
+    out = path("cl.out")
+    p = closed_fd_run(["run", "--progress", "-o", out, good], 2,
+                      stdout=subprocess.PIPE)
+    assert p.returncode == 0, p
+    data = read_bytes(out)
+    check_json_lines(data, "results")
+    rc, want, err = run(["run", "-q", good])
+    assert rc == 0 and data == want.encode(), (rc, err)
+
+
 def main():
     return suite.run(TMP)
 
