@@ -1304,6 +1304,16 @@ static int redirect(rconn *rc, redisReply *r)
     return ask ? 2 : 1;
 }
 
+/* Drops a connection that did not open: nothing may be sent on one that
+ * was not checked (a server that lost the stream's data, one still
+ * loading, a stale primary); the next call opens it again. */
+static void drop(rconn *rc)
+{
+    if (rc->c)
+        redisFree(rc->c);
+    rc->c = NULL;
+}
+
 /* Connects to rc->u, authenticates, selects the db, checks the server
  * (with several servers: that it is the primary) and loads the scripts.
  * RC_OK, RC_IO or RC_WAIT (try again later) or RC_FATAL (bad config);
@@ -1324,6 +1334,7 @@ static int rc_open_node(rconn *rc)
     if (rc->c == NULL || rc->c->err) {
         snprintf(rc->err, sizeof(rc->err), "cannot connect to Redis at %s: %s",
                  rc->u->text, rc->c ? rc->c->errstr : "out of memory");
+        drop(rc);
         return RC_IO;
     }
     /* Commands (XREADGROUP blocks BLOCK_MS at most) never take this long;
@@ -1391,6 +1402,7 @@ static int rc_open_node(rconn *rc)
                      r->element[0]->type == REDIS_REPLY_STRING
                          ? r->element[0]->str : "?");
             freeReplyObject(r);
+            drop(rc);
             return RC_WAIT;
         }
         freeReplyObject(r);
@@ -1473,12 +1485,15 @@ static int rc_open_node(rconn *rc)
 io:
     snprintf(rc->err, sizeof(rc->err), "lost the connection to Redis at %s: "
              "%s", rc->u->text, rc->c->errstr[0] ? rc->c->errstr : "closed");
+    drop(rc);
     return RC_IO;
 wait:
     note_transient(rc, r);
+    drop(rc);
     return RC_WAIT;
 fatal:
     freeReplyObject(r);
+    drop(rc);
     return RC_FATAL;
 }
 
@@ -1566,6 +1581,7 @@ static int rc_open(rconn *rc)
                 snprintf(rc->err, sizeof(rc->err), "two Redis servers say "
                          "they are the primary (%s and %s): waiting for "
                          "one to be demoted", rc->u->text, o->text);
+                drop(rc);
                 return RC_WAIT;
             }
             atomic_store(&rc->urls->cur, i);
@@ -1771,7 +1787,8 @@ static redisReply *rc_call(rconn *rc, rc_issue_fn *issue, void *arg)
         void *reply = NULL;
         int eval = 0, f;
         for (;;) {
-            if (rc_asking(rc, &ask) != 0)
+            /* No connection: the last open failed (dropped). */
+            if (rc->c == NULL || rc_asking(rc, &ask) != 0)
                 break;
             if (issue(rc, arg, eval) != 0) {
                 snprintf(rc->err, sizeof(rc->err), "out of memory");
@@ -3029,6 +3046,10 @@ static int send_flush(rconn *rc, send_batch *b, size_t n, int replicas,
     for (;;) {
         size_t left = 0, got = 0, want = 0;
         int reload = 0, wait = 0;
+        if (rc->c == NULL && rc_reconnect(rc) != RC_OK) {
+            fprintf(stderr, "onceq send: %s\n", rc->err);
+            return 3;
+        }
         for (size_t i = 0; i < n; i++) {
             if (b[i].done)
                 continue;
