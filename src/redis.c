@@ -3972,6 +3972,9 @@ typedef struct rrun {
     char retention[24];         /* the same, as an argument */
     unsigned dm_load;           /* marks per bucket before a split */
     _Atomic int stop;           /* signal, drained, or a fatal error */
+    _Atomic int hurry;          /* a signal or a fatal error: a call
+                                   waiting (reconnect, WAIT) gives up at
+                                   once; a drain lets it finish */
     _Atomic int drained;
     atomic_int reconnects;
     pthread_mutex_t mu;         /* guards reclaimed*, fatal*; a leaf lock */
@@ -4002,6 +4005,7 @@ static void run_fatal(rrun *r, const char *msg)
         snprintf(r->fatal_msg, sizeof(r->fatal_msg), "%s", msg);
     }
     pthread_mutex_unlock(&r->mu);
+    atomic_store(&r->hurry, 1);
     atomic_store(&r->stop, 1);
 }
 
@@ -4128,7 +4132,7 @@ static void conn_init(rrun *r, rconn *rc, unsigned part, const char *role)
 {
     rc->urls = &r->u;
     rc->u = &r->u.node[atomic_load(&r->u.cur) % r->u.n];
-    rc->stop = &r->stop;
+    rc->stop = &r->hurry;
     rc->reconnects = &r->reconnects;
     rc->meta = r->ps.p[part].k.meta;
     rc->stream = r->ps.p[part].k.stream;
@@ -5515,7 +5519,9 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
             freeReplyObject(rep);
             return;
         default:
-            run_fatal_reply(r, rc, NULL, "WAIT");
+            /* Fatal even when the run is stopping: a drain ends when the
+             * commits are acknowledged, not when the replicas have them. */
+            run_fatal(r, rc->err);
             freeReplyObject(rep);
             return;
         }
@@ -6589,6 +6595,8 @@ int oq__redis_run(const oq__run_config *c)
     if ((status = start_threads(r, &hk)) != 0)
         goto out_mask;
     sig = wait_end(r, &sigs);
+    if (sig)
+        atomic_store(&r->hurry, 1);
     atomic_store(&r->stop, 1);
     if (sig)
         oq__handler_cancel(&r->h);

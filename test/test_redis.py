@@ -1120,14 +1120,16 @@ def replicas_have_everything_that_was_reported_done():
         wait_for(lambda: '"late"' in cli_at(port, "XREVRANGE", "rp", "+",
                                             "-", "COUNT", "1"),
                  90 if SLOW else 30, "the send")
+        # (A 1 s visibility timeout: each WAIT lasts 1 s, and the drain,
+        # found while it waits, must not end the wait: it did, exit 0.)
         q = start(["run", "--redis", url, "--stream", "rp", "--group", "g",
                    "--drain", "-q", "--replicas", "2", "--stats",
-                   path("rp-q.stats")])
+                   path("rp-q.stats"), "--visibility-timeout", "1s"])
         # (A sanitizer build on a loaded machine once needed more than
         # 30 s to start the consumer and commit.)
         wait_for(lambda: cli_at(port, "HGET", "rp:counts", "z") == "1",
                  90 if SLOW else 30, "the commit on the primary")
-        time.sleep(1.5)
+        time.sleep(3)
         assert p.poll() is None, "reported sent with one replica of two"
         assert q.poll() is None, "drained with one replica of two"
         rep2 = server_on(r2port, "--replicaof", "127.0.0.1", port)
