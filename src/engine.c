@@ -539,6 +539,25 @@ static int stage_reply(worker *w, slot *s, oq__reply_status st)
     return p->hooks.reply(&ev, s->txn, st, p->hooks.arg);
 }
 
+/* The error of a dead letter for want of attempts. */
+static void no_attempts_left(oq_txn *txn, const char *last_error)
+{
+    oq_txn_error(txn, "no attempts left (the maximum number of deliveries "
+                 "was reached)%s%s", last_error ? "; last error: " : "",
+                 last_error ? last_error : "");
+}
+
+/* Stages the claimed slot s as dead (reason): its id settles as dead,
+ * fenced like a commit, so every other copy is a duplicate. */
+static void settle_dead(worker *w, slot *s, oq_settle *op,
+                        oq_dlq_reason reason)
+{
+    s->dead_reason = reason;
+    s->outcome = O_FAILING;
+    if (stage_reply(w, s, OQ__REPLY_DEAD) != 0)
+        retry_later(w, s, op, "cannot stage the reply");
+}
+
 /* Runs the handler of a claimed slot and decides its op. now is the
  * engine clock's time. */
 static void run_one(worker *w, slot *s, oq_settle *op, int64_t now)
@@ -553,22 +572,16 @@ static void run_one(worker *w, slot *s, oq_settle *op, int64_t now)
         /* Due for the dead letters (max receives, TTL), and not processed:
          * settle the id as dead, like a handler FAIL, so that every other
          * copy of the event is a duplicate. It does not run again. */
-        if (s->d.dying_reason == OQ_DLQ_EXPIRED ||
-            s->d.dying_reason == OQ_DLQ_MAX_ATTEMPTS)
-            oq_txn_error(s->txn, "%s%s%s",
-                         s->d.dying_reason == OQ_DLQ_EXPIRED
-                             ? "message older than its TTL"
-                             : "no attempts left (the maximum number of "
-                               "deliveries was reached)",
+        if (s->d.dying_reason == OQ_DLQ_EXPIRED)
+            oq_txn_error(s->txn, "message older than its TTL%s%s",
                          s->d.last_error ? "; last error: " : "",
                          s->d.last_error ? s->d.last_error : "");
+        else if (s->d.dying_reason == OQ_DLQ_MAX_ATTEMPTS)
+            no_attempts_left(s->txn, s->d.last_error);
         else /* a backend's own reason (a late reply): its error says */
             oq_txn_error(s->txn, "%s", s->d.last_error ? s->d.last_error
                                                        : "dead on arrival");
-        s->dead_reason = s->d.dying_reason;
-        s->outcome = O_FAILING;
-        if (stage_reply(w, s, OQ__REPLY_DEAD) != 0)
-            retry_later(w, s, op, "cannot stage the reply");
+        settle_dead(w, s, op, s->d.dying_reason);
         return;
     }
     INC(&w->c, handler_calls);
@@ -599,6 +612,16 @@ static void run_one(worker *w, slot *s, oq_settle *op, int64_t now)
         s->outcome = O_COMMIT;
         return;
     case OQ_RETRY:
+        if (p->hooks.max_attempts &&
+            s->d.receive_count >= p->hooks.max_attempts) {
+            /* Its last attempt: dead now, in every backend alike. */
+            char err[1024];
+            snprintf(err, sizeof(err), "%s", oq_txn_error_text(s->txn));
+            oq__txn_reset(s->txn);
+            no_attempts_left(s->txn, err[0] ? err : NULL);
+            settle_dead(w, s, op, OQ_DLQ_MAX_ATTEMPTS);
+            return;
+        }
         retry_later(w, s, op, oq_txn_error_text(s->txn));
         return;
     default:

@@ -308,6 +308,9 @@ typedef struct oq__run_config {
 /* The defaults of every mode (batch: the in-memory one; run.c's parser
  * sets Redis's when --redis is given without --batch). */
 void oq__run_config_defaults(oq__run_config *c);
+/* NULL when arg is a valid --id-field (a field name or a JSON pointer),
+ * else what one looks like. */
+const char *oq__id_field_bad(const char *arg);
 /* Runs the whole job in memory or with --state; returns the process exit
  * status. */
 int oq__run(const oq__run_config *c);

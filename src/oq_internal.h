@@ -350,6 +350,12 @@ typedef struct oq__engine_hooks {
     int (*reply)(const oq_event *ev, oq_txn *txn, oq__reply_status st,
                  void *arg);
     void *arg;
+    /* > 0: a handler's RETRY at the max_attempts-th delivery is the
+     * event's last: the id settles as dead at once (reason max_attempts,
+     * "no attempts left ...; last error: ..."), with no backoff and no
+     * retry counted, whatever the backend. 0: the queue decides (the
+     * memory queue delivers the message once more, as dying). */
+    unsigned max_attempts;
 } oq__engine_hooks;
 
 /* oq__engine_start with hooks (NULL: none). */

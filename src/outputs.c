@@ -233,10 +233,15 @@ int oq__out_close(FILE *f, const char *path, const char *prefix)
 
 void oq__json_write_time(FILE *f, int64_t unix_ms)
 {
-    time_t secs = (time_t)(unix_ms / 1000);
+    time_t secs;
     struct tm tm;
     char buf[32];
 
+    /* Before 1970 (a time read from a stream entry added by hand) or past
+     * year 9999: the nearest of the two, still an ISO time. */
+    unix_ms = OQ__MAX(unix_ms, 0);
+    unix_ms = OQ__MIN(unix_ms, INT64_C(253402300799999));
+    secs = (time_t)(unix_ms / 1000);
     gmtime_r(&secs, &tm);
     strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
     fprintf(f, "\"%s.%03dZ\"", buf, (int)(unix_ms % 1000));

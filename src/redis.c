@@ -907,14 +907,17 @@ static int hexval(int c)
     return -1;
 }
 
-/* Copies s[0..n) percent-decoded into out; -1 if it does not fit. */
+/* Copies s[0..n) percent-decoded into out; -1 if it does not fit, or a
+ * '%' is not followed by two hex digits (RFC 3986: a literal '%' is
+ * %25; taking "%zz" as it is would guess). */
 static int pct_decode(const char *s, size_t n, char *out, size_t outlen)
 {
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
         int c = (unsigned char)s[i];
-        if (c == '%' && i + 2 < n + 0 && hexval(s[i + 1]) >= 0 &&
-            hexval(s[i + 2]) >= 0) {
+        if (c == '%') {
+            if (i + 2 >= n || hexval(s[i + 1]) < 0 || hexval(s[i + 2]) < 0)
+                return -1;
             c = hexval(s[i + 1]) * 16 + hexval(s[i + 2]);
             i += 2;
         }
@@ -2295,10 +2298,17 @@ static const redisReply *field(const redisReply *kv, const char *name)
     return NULL;
 }
 
-static uint64_t field_u64(const redisReply *kv, const char *name)
+/* A field's unsigned number, up to max; 0 when absent or not one (an
+ * entry added by hand may carry "-5"). */
+static uint64_t field_u64(const redisReply *kv, const char *name, uint64_t max)
 {
     const redisReply *v = field(kv, name);
-    return v && v->type == REDIS_REPLY_STRING ? strtoull(v->str, NULL, 10) : 0;
+    uint64_t u;
+
+    if (v == NULL || v->type != REDIS_REPLY_STRING ||
+        oq__parse_count(v->str, 0, max, &u) != 0)
+        return 0;
+    return u;
 }
 
 static uint64_t make_nonce(void)
@@ -2568,6 +2578,71 @@ static int stream_retention(rconn *rc, const rkeys *k, const char *cmd,
         return 2;
     }
     return 0;
+}
+
+/* "records", or "counts by "KEY"". */
+static void results_kind(char *buf, size_t len, const char *output,
+                         const char *key)
+{
+    if (strcmp(output, "counts") == 0)
+        snprintf(buf, len, "counts by \"%.200s\"", key);
+    else
+        snprintf(buf, len, "%.200s", output);
+}
+
+/*
+ * What the stream's results are (S:meta's output, count_key, handler),
+ * fixed at its first run like the retention: `export` reads them, so a
+ * consumer with a handler that writes another kind (records where there
+ * are counts, counts of another field) would hide the results, or mix
+ * two handlers' counts in one hash: refused (2). A handler with the same
+ * kind of results (a new version of an exec: command) is accepted.
+ */
+static int stream_output(rconn *rc, const rkeys *k, const oq__handler *h,
+                         const char *spec)
+{
+    const char *out = h->output == OQ__OUT_RECORDS ? "records" : "counts";
+    const char *key = h->count_key ? h->count_key : "key";
+    const char *set[][2] = { { "output", out }, { "count_key", key },
+                             { "handler", h->name } };
+    redisReply *rep = NULL;
+    int st = 2;
+
+    for (size_t i = 0; i < sizeof(set) / sizeof(set[0]); i++) {
+        rep = rc_cmdf(rc, "HSETNX %s %s %s", k->meta, set[i][0], set[i][1]);
+        if (rep == NULL || rep->type != REDIS_REPLY_INTEGER)
+            goto bad;
+        freeReplyObject(rep);
+    }
+    rep = rc_cmdf(rc, "HMGET %s output count_key handler", k->meta);
+    if (rep == NULL || rep->type != REDIS_REPLY_ARRAY || rep->elements != 3)
+        goto bad;
+    for (size_t i = 0; i < 3; i++)
+        if (rep->element[i]->type != REDIS_REPLY_STRING)
+            goto bad;
+    if (strcmp(rep->element[0]->str, out) != 0 ||
+        (strcmp(out, "counts") == 0 && strcmp(rep->element[1]->str, key))) {
+        char was[300], now[300];
+        results_kind(was, sizeof(was), rep->element[0]->str,
+                     rep->element[1]->str);
+        results_kind(now, sizeof(now), out, key);
+        fprintf(stderr, "onceq run: stream '%s' holds %s (handler '%s', "
+                "fixed at its first run); --handler %s writes %s: `onceq "
+                "export` would %s them: use another --stream\n", k->stream,
+                was, rep->element[2]->str, spec, now,
+                strcmp(rep->element[0]->str, out) ? "hide" : "mix");
+        freeReplyObject(rep);
+        return 2;
+    }
+    freeReplyObject(rep);
+    return 0;
+bad:
+    fprintf(stderr, "onceq run: Redis at %s: recording the stream's results "
+            "in %s: %s\n", rc->u->text, k->meta,
+            rep == NULL ? rc->err : rep->type == REDIS_REPLY_ERROR
+                                        ? rep->str : "bad reply");
+    freeReplyObject(rep);
+    return st;
 }
 
 /* Marks per done-mark bucket before it is split (DM_LUA): what keeps a
@@ -2900,7 +2975,12 @@ static int send_parse(send_cfg *c, int argc, char **argv, bool request)
         case O_REDIS: c->url = optarg; break;
         case O_PWFILE: c->pwfile = optarg; break;
         case O_STREAM: c->stream = optarg; break;
-        case O_ID: c->id_field = optarg; break;
+        case O_ID:
+            if (oq__id_field_bad(optarg) != NULL)
+                return usage_error(cmd, "invalid --id-field '%s' (%s)",
+                                   optarg, oq__id_field_bad(optarg));
+            c->id_field = optarg;
+            break;
         case 'q': c->quiet = true; break;
         case O_WINDOW:
             /* A bare number is milliseconds here (documented). */
@@ -4069,12 +4149,12 @@ static rentry *entry_from(const redisReply *e, uint32_t deliveries,
     if (sl)
         memcpy(x->src, src->str, sl);
     x->src[sl] = '\0';
-    x->prior = (uint32_t)field_u64(kv, "a");
+    x->prior = (uint32_t)field_u64(kv, "a", UINT32_MAX);
     x->deliveries = deliveries;
-    x->first_ms = (int64_t)field_u64(kv, "f");
+    x->first_ms = (int64_t)field_u64(kv, "f", INT64_MAX);
     if (x->first_ms == 0)
         x->first_ms = (int64_t)strtoull(x->eid, NULL, 10);
-    x->big = field_u64(kv, "big");
+    x->big = field_u64(kv, "big", UINT64_MAX);
     x->due_ms = 0;
     x->deadline_ms = deadline_ms;
     x->joined = false;
@@ -4126,6 +4206,37 @@ static int ensure_group(rrun *r, rconn *rc, unsigned part)
     return ok ? 0 : -1;
 }
 
+/* One onceq group per stream (docs/REDIS.md): the processed set and the
+ * outputs belong to the stream, so a second onceq group would take every
+ * event for a duplicate (S:stats no longer balances). The group is fixed
+ * in S:meta at the first run; a group of another application on the
+ * stream (made with XGROUP CREATE) is its own business. 0, or 2 (a
+ * message). */
+static int check_group(rconn *rc, const rkeys *k, const char *group)
+{
+    redisReply *rep = rc_cmdf(rc, "HSETNX %s group %s", k->meta, group);
+    int st = 0;
+
+    if (rep != NULL && rep->type == REDIS_REPLY_INTEGER) {
+        freeReplyObject(rep);
+        rep = rc_cmdf(rc, "HGET %s group", k->meta);
+    }
+    if (rep == NULL || rep->type != REDIS_REPLY_STRING) {
+        fprintf(stderr, "onceq run: Redis at %s: recording the group in %s: "
+                "%s\n", rc->u->text, k->meta, rep == NULL ? rc->err
+                : rep->type == REDIS_REPLY_ERROR ? rep->str : "bad reply");
+        st = 2;
+    } else if (strcmp(rep->str, group) != 0) {
+        fprintf(stderr, "onceq run: stream '%s' is consumed by group '%s' "
+                "(fixed at its first run): one onceq group per stream (a "
+                "second one would take every event for a duplicate): give "
+                "--group %s\n", k->stream, rep->str, rep->str);
+        st = 2;
+    }
+    freeReplyObject(rep);
+    return st;
+}
+
 /* A connection of the run: it checks partition part's epoch when it
  * (re)connects. */
 static void conn_init(rrun *r, rconn *rc, unsigned part, const char *role)
@@ -4163,10 +4274,11 @@ static void conn_init(rrun *r, rconn *rc, unsigned part, const char *role)
  *    BEAT for heartbeats. Its commit carries out the queue ops too
  *    (OQ__LEDGER_SETTLES): one COMMIT call per settled range, which marks
  *    ids done, writes outputs, XACKs, dead-letters and schedules retries.
- *    A RETRY of an entry at --max-attempts is dead-lettered there (reason
- *    max_attempts, with the handler's error) and settles the id: one
- *    outcome per id. An entry delivered more than --max-attempts times is
- *    a dying delivery: the engine claims its id and has it dead-lettered.
+ *    A RETRY of an entry at --max-attempts comes to it as DEAD (the
+ *    engine's rule for every backend: reason max_attempts, the handler's
+ *    error as the last) and settles the id: one outcome per id. An entry
+ *    delivered more than --max-attempts times is a dying delivery: the
+ *    engine claims its id and has it dead-lettered.
  *
  * Each context has its own connection, opened on first use (the engine's
  * done context, and the heartbeat thread's queue context, never talk to
@@ -5164,15 +5276,9 @@ static void plan_ops(rledger *l, const oq__lcommit *e, size_t n)
             o->op = r->c.join_requests ? 'E' : 'D';
             break;
         case OQ__LC_RETRY:
+            /* (A RETRY at the last attempt comes as DEAD: the engine's
+             * rule, oq__engine_hooks.max_attempts.) */
             o->op = 'R';
-            if (op->d->receive_count >= r->c.max_attempts) {
-                /* Out of attempts: dead now, with the handler's error,
-                 * and the id settled (we hold its claim). */
-                o->op = 'F';
-                o->reason = OQ_DLQ_MAX_ATTEMPTS;
-                if (*o->error == '\0')
-                    o->error = "retried too often";
-            }
             break;
         case OQ__LC_REJECT:
             o->op = 'X';
@@ -6344,8 +6450,11 @@ static void summary(rrun *r, double el, int sig)
                 atomic_load(&s->settled_elsewhere),
                 atomic_load(&r->reconnects));
     if (sig)
-        fprintf(stderr, "onceq: stopped by %s; messages not finished stay "
-                "pending and are taken over after the visibility timeout\n",
+        fprintf(stderr, "onceq: stopped by %s; an exec: or coproc: handler "
+                "that was running was stopped and its event scheduled again "
+                "(retried); "
+                "messages not started stay pending and are taken over "
+                "after the visibility timeout\n",
                 sig == SIGINT ? "SIGINT" : "SIGTERM");
 }
 
@@ -6394,7 +6503,6 @@ static int run_setup(rrun *r, rconn *main_rc)
     oq__handler_opts ho = { r->c.kill_grace_ms, false };
     char err[1024];
     char host[200];
-    redisReply *rep;
     int st;
 
     if (parse_url(r->c.redis_url, r->c.redis_password_file, "run", &r->u,
@@ -6447,7 +6555,8 @@ static int run_setup(rrun *r, rconn *main_rc)
      * one's (they are fixed together, at the stream's first run). */
     for (unsigned p = 0; p < r->ps.n; p++) {
         rpart *pt = &r->ps.p[p];
-        if ((st = check_types(main_rc, &pt->k, "run", 1)) != 0)
+        if ((st = check_types(main_rc, &pt->k, "run", 1)) != 0 ||
+            (st = check_group(main_rc, &pt->k, r->c.group)) != 0)
             return st;
         if (ensure_group(r, main_rc, p) != 0) {
             fprintf(stderr, "onceq run: %s\n", r->fatal_msg);
@@ -6459,17 +6568,9 @@ static int run_setup(rrun *r, rconn *main_rc)
                                    p ? r->retention_ms : r->c.retention_ms,
                                    1, &r->retention_ms)) != 0)
             return st;
-        rep = rc_cmdf(main_rc, "HSET %s output %s count_key %s handler %s",
-                      pt->k.meta, r->h.output == OQ__OUT_RECORDS
-                                      ? "records" : "counts",
-                      r->h.count_key ? r->h.count_key : "key", r->h.name);
-        if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
-            fprintf(stderr, "onceq run: Redis at %s: %s\n", url_text(&r->u),
-                    rep ? rep->str : main_rc->err);
-            freeReplyObject(rep);
-            return 2;
-        }
-        freeReplyObject(rep);
+        if ((st = stream_output(main_rc, &pt->k, &r->h,
+                                r->c.handler_spec)) != 0)
+            return st;
     }
     snprintf(r->retention, sizeof(r->retention), "%" PRId64,
              r->retention_ms);
@@ -6482,7 +6583,7 @@ static int run_setup(rrun *r, rconn *main_rc)
 static int start_threads(rrun *r, house *hk)
 {
     oq_pool_opts po;
-    oq__engine_hooks hooks = { oq__replies_stage, NULL };
+    oq__engine_hooks hooks = { oq__replies_stage, NULL, r->c.max_attempts };
     oq_pool *p;
     int rc;
 
@@ -6816,6 +6917,28 @@ static void export_usage(FILE *f)
 "sorted by key ({\"word\":\"w1\",\"count\":3}), or records in commit order.\n");
 }
 
+/* A stream that onceq has never used (a mistyped --stream): 2, with a
+ * message, instead of an empty export or list; else 0. */
+static int stream_known(rconn *rc, const rparts *ps, const char *cmd)
+{
+    redisReply *rep = rc_cmdf(rc, "EXISTS %s %s", ps->p[0].k.meta,
+                              ps->p[0].k.stream);
+    int st = 0;
+
+    if (rep == NULL || rep->type != REDIS_REPLY_INTEGER) {
+        fprintf(stderr, "onceq %s: %s\n", cmd, rep == NULL ? rc->err
+                : rep->type == REDIS_REPLY_ERROR ? rep->str : "bad reply");
+        st = rep == NULL ? 2 : 3;
+    } else if (rep->integer == 0) {
+        fprintf(stderr, "onceq %s: Redis at %s has no stream '%s' (check "
+                "--stream and the database in the URL)\n", cmd,
+                rc->u->text, ps->p[0].k.stream);
+        st = 2;
+    }
+    freeReplyObject(rep);
+    return st;
+}
+
 int oq__redis_export(int argc, char **argv)
 {
     tool_cfg c;
@@ -6827,11 +6950,18 @@ int oq__redis_export(int argc, char **argv)
 
     if (st >= 0)
         return st;
+    if (optind < argc)
+        return usage_error("export", "unexpected argument '%s'",
+                           argv[optind]);
+    if (c.reason || c.id_glob || c.dry_run)
+        return usage_error("export", "--reason, --id and --dry-run are "
+                           "options of `onceq dlq`");
     if (parse_url(c.url, c.pwfile, "export", &u, err, sizeof(err)) != 0)
         return usage_error("export", "%s", err);
     if (rc_first(&rc, &u, "export") != 0)
         return 2;
-    if ((st = parts_open(&ps, &rc, c.stream, 0, 0, "export")) == 0)
+    if ((st = parts_open(&ps, &rc, c.stream, 0, 0, "export")) == 0 &&
+        (st = stream_known(&rc, &ps, "export")) == 0)
         st = export_path(&rc, &ps, c.out_path, "export");
     parts_free(&ps);
     rc_close(&rc);
@@ -6870,9 +7000,9 @@ static void write_dead(FILE *f, const redisReply *e)
         .id_len = id ? id->len : 0,
         .reason = reason && reason->str ? reason->str : "",
         .error = error && error->str ? error->str : "",
-        .attempts = (uint32_t)field_u64(kv, "attempts"),
-        .first_seen_ms = (int64_t)field_u64(kv, "first_seen"),
-        .dead_ms = (int64_t)field_u64(kv, "last_seen"),
+        .attempts = (uint32_t)field_u64(kv, "attempts", UINT32_MAX),
+        .first_seen_ms = (int64_t)field_u64(kv, "first_seen", INT64_MAX),
+        .dead_ms = (int64_t)field_u64(kv, "last_seen", INT64_MAX),
         .event = ev && ev->str ? ev->str : "",
         .event_len = ev ? ev->len : 0,
         .dlq_id = e->element[0]->str,
@@ -7006,11 +7136,18 @@ int oq__redis_dlq(int argc, char **argv)
             return usage_error("dlq", "show needs an ID");
         show = argv[optind + 1];
     }
+    if (optind + 1 + (show != NULL) < argc)
+        return usage_error("dlq", "unexpected argument '%s'",
+                           argv[optind + 1 + (show != NULL)]);
+    if (c.out_path)
+        return usage_error("dlq", "dead letters are written to stdout: -o "
+                           "is an option of `onceq export`");
     if (parse_url(c.url, c.pwfile, "dlq", &u, err, sizeof(err)) != 0)
         return usage_error("dlq", "%s", err);
     if (rc_first(&rc, &u, "dlq") != 0)
         return 2;
     if ((st = parts_open(&ps, &rc, c.stream, 0, 0, "dlq")) != 0 ||
+        (st = stream_known(&rc, &ps, "dlq")) != 0 ||
         (action == DLQ_REDRIVE &&
          (st = stream_retention(&rc, &ps.p[0].k, "dlq", 0, 0,
                                 &retention)) != 0)) {

@@ -432,6 +432,17 @@ static int bad_option(const char *opt, const char *val, const char *want)
     return 2;
 }
 
+const char *oq__id_field_bad(const char *arg)
+{
+    if (*arg == '\0')
+        return "a field name or /pointer";
+    /* In a JSON pointer (RFC 6901) '~' is only ever ~0 or ~1. */
+    for (const char *t = arg; *arg == '/' && *t; t++)
+        if (*t == '~' && t[1] != '0' && t[1] != '1')
+            return "a JSON pointer whose '~' are ~0 (~) or ~1 (/)";
+    return NULL;
+}
+
 void oq__run_config_defaults(oq__run_config *c)
 {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -459,6 +470,7 @@ void oq__run_config_defaults(oq__run_config *c)
 /* One option; returns 0 or an exit status. */
 static int set_option(oq__run_config *c, int opt, const char *arg)
 {
+    const char *why;
     uint64_t u;
     int64_t ms;
 
@@ -470,13 +482,8 @@ static int set_option(oq__run_config *c, int opt, const char *arg)
         c->workers = (unsigned)u;
         return 0;
     case O_ID_FIELD:
-        if (*arg == '\0')
-            return bad_option("--id-field", arg, "a field name or /pointer");
-        /* In a JSON pointer (RFC 6901) '~' is only ever ~0 or ~1. */
-        for (const char *t = arg; *arg == '/' && *t; t++)
-            if (*t == '~' && t[1] != '0' && t[1] != '1')
-                return bad_option("--id-field", arg, "a JSON pointer whose "
-                                  "'~' are ~0 (~) or ~1 (/)");
+        if ((why = oq__id_field_bad(arg)) != NULL)
+            return bad_option("--id-field", arg, why);
         c->id_field = arg;
         return 0;
     case O_VT:

@@ -588,11 +588,12 @@ static int start_pool(oq__runner *r)
                                           ? &oq__mem_queue_methods
                                           : &oq__feed_methods;
         void *qb = r->reader_thread ? (void *)r->q : (void *)r;
-        oq__engine_hooks hooks = { NULL, NULL };
+        oq__engine_hooks hooks = { .max_attempts = r->c->max_attempts };
         if (r->replies) {
             /* Requests: each reply is staged after the handler and
              * committed with the id by the memory ledger. */
-            hooks = (oq__engine_hooks){ oq__replies_stage, r->replies };
+            hooks.reply = oq__replies_stage;
+            hooks.arg = r->replies;
             r->mem.replies = (oq__reply_sink){
                 oq__replies_prepare, oq__replies_publish, oq__replies_abort,
                 r->replies };
@@ -602,8 +603,9 @@ static int start_pool(oq__runner *r)
             po.decode_arg = r;
         }
         if (r->cm)
-            rc = oq__engine_start(&r->p, qm, qb, &oq__sqlite_ledger_methods,
-                                  r->cm, &po);
+            rc = oq__engine_start_hooks(&r->p, qm, qb,
+                                        &oq__sqlite_ledger_methods, r->cm,
+                                        &po, &hooks);
         else
             rc = oq__engine_start_hooks(&r->p, qm, qb,
                                         &oq__mem_ledger_methods, &r->mem,

@@ -648,7 +648,8 @@ def a_consumer_holds_few_connections_to_each_primary():
             per[port] = sum(1 for ln in lines if " name=onceq:cn1:" in ln)
         assert all(n <= 2 * w + 3 for n in per.values()), per
         assert sum(1 for n in per.values() if n > 0) == len(c.ports), per
-        rc, _, err = finish(consumer(t, s, "cn2", "-w", "2"), LONG)
+        rc, _, err = finish(consumer(t, s, "cn2", "-w", "2", "--handler",
+                                     "exec:cat"), LONG)
         assert rc == 0, (rc, err)
     finally:
         kill(q)

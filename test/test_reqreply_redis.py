@@ -903,7 +903,7 @@ def reply_to_that_is_not_a_usable_stream():
     assert st["processed"] == 3 and st["retried"] == 1, st
     # The stream still runs (nothing of it was turned into a stream).
     rc, out, err = run(["run", "--redis", URL, "--stream", s, "--group",
-                        "g", "--drain", "-q"])
+                        "g", "--drain", "-q", "--handler", "exec:" + h])
     assert rc == 0, (rc, err)
     # send --reply-to and request --reply-stream refuse such names.
     for args in (["send", "--redis", URL, "--stream", s, "--reply-to",
