@@ -1340,9 +1340,9 @@ static int rc_open_node(rconn *rc)
         drop(rc);
         return RC_IO;
     }
-    /* Commands (XREADGROUP blocks BLOCK_MS at most) never take this long;
-     * a longer silence is a dead peer: reconnect. */
-    tv.tv_sec = 60;
+    /* The opening commands answer at once (LOADING, BUSY included): 10 s
+     * of silence is not a Redis server. */
+    tv.tv_sec = 10;
     redisSetTimeout(rc->c, tv);
     redisEnableKeepAlive(rc->c);
     if (rc->u->pass[0]) {
@@ -1483,11 +1483,18 @@ static int rc_open_node(rconn *rc)
         memcpy(rc->sha[i], r->str, 41);
         freeReplyObject(r);
     }
+    /* Commands (XREADGROUP blocks BLOCK_MS at most) never take this long;
+     * a longer silence is a dead peer: reconnect. */
+    tv.tv_sec = 60;
+    redisSetTimeout(rc->c, tv);
     rc->opens++;
     return RC_OK;
 io:
     snprintf(rc->err, sizeof(rc->err), "lost the connection to Redis at %s: "
-             "%s", rc->u->text, rc->c->errstr[0] ? rc->c->errstr : "closed");
+             "%s", rc->u->text,
+             strcmp(rc->c->errstr, strerror(EAGAIN)) == 0
+                 ? "no answer in 10 s (is it a Redis server?)"
+                 : rc->c->errstr[0] ? rc->c->errstr : "closed");
     drop(rc);
     return RC_IO;
 wait:
@@ -3446,6 +3453,12 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
     if (status == 0 && !c->quiet)
         printf("sent %" PRIu64 ", rejected %" PRIu64 " duplicates\n",
                sent, rej);
+    else if (status == 3)
+        /* What is in the stream already stays: a send again of the same
+         * input puts in only what is not (the dedup window), or its
+         * copies are duplicates. */
+        fprintf(stderr, "onceq send: stopped after %" PRIu64 " events sent "
+                "(and %" PRIu64 " rejected as duplicates)\n", sent, rej);
     if (status == 0 && !c->quiet && blank)
         fprintf(stderr, "onceq send: skipped %" PRIu64 " blank lines\n",
                 blank);
