@@ -45,7 +45,7 @@ LIB_SRCS := src/alloc.c src/error.c src/clock.c src/heap.c src/queue.c src/idset
 ENGINE_SRCS := src/source.c src/handlers.c src/runner.c src/store.c \
                src/metrics.c src/replies.c src/reorder.c src/outputs.c src/resume.c src/feed.c \
                src/redis.c src/run.c
-CLI_SRCS := src/main.c src/node.c src/gen.c src/state_cli.c
+CLI_SRCS := src/main.c src/node.c src/gen.c src/state_cli.c src/stream_cli.c
 TEST_NAMES := test_clock test_heap test_queue test_idset test_json test_txn test_pool \
               test_source test_handlers test_store test_opts \
               test_ledger test_engine stress_pool

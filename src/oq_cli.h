@@ -420,19 +420,59 @@ int oq__cmd_node(int argc, char **argv);
 int oq__cmd_run(int argc, char **argv);
 int oq__cmd_gen(int argc, char **argv);
 /* state_cli.c: the durable state's subcommands (--state PATH); with
- * --redis they hand over to redis.c's oq__redis_dlq / oq__redis_export. */
+ * --redis, dlq and export hand over to stream_cli.c's. */
 int oq__cmd_dlq(int argc, char **argv);
 int oq__cmd_export(int argc, char **argv);
 int oq__cmd_stats(int argc, char **argv);
 int oq__cmd_checkpoint(int argc, char **argv);
 int oq__cmd_restore(int argc, char **argv);
-/* redis.c: Redis Streams. `onceq run` hands its parsed options over to
- * oq__redis_run when they hold --redis (c->redis_url). */
+/* stream_cli.c: the command lines of the Redis commands (send, request,
+ * dlq --redis, export --redis); redis.c does the work. */
 int oq__cmd_send(int argc, char **argv);
 int oq__cmd_request(int argc, char **argv);
+int oq__cmd_dlq_redis(int argc, char **argv);
+int oq__cmd_export_redis(int argc, char **argv);
+
+/* The options of `onceq send` and `onceq request` (stream_cli.c). */
+typedef struct oq__send_cfg {
+    const char *url, *pwfile, *stream, *id_field;
+    const char *reply_to;       /* --reply-to: send requests; NULL: not */
+    int64_t request_ttl_ms;     /* --request-ttl: their contexts' life */
+    int64_t timeout_ms;         /* --reply-timeout: requests' deadline */
+    bool reply_timeout_given;
+    /* onceq request: */
+    const char *reply_stream;   /* --reply-stream, or NULL: its own */
+    int64_t window_ms;
+    unsigned batch;             /* events per SEND call */
+    size_t max_line;
+    int replicas;
+    unsigned partitions;        /* --partitions: 0 not given */
+    bool quiet;
+} oq__send_cfg;
+#define OQ__SEND_BATCH 256      /* send's --batch by default */
+/* The options of `onceq dlq --redis` and `onceq export --redis`. */
+typedef struct oq__tool_cfg {
+    const char *url, *pwfile, *stream, *out_path, *reason, *id_glob;
+    bool dry_run;
+} oq__tool_cfg;
+enum { OQ__DLQ_LIST, OQ__DLQ_SHOW, OQ__DLQ_REDRIVE, OQ__DLQ_PURGE };
+
+/* redis.c: Redis Streams. Each returns the exit status. `onceq run`
+ * hands its parsed options over to oq__redis_run when they hold --redis
+ * (c->redis_url). inputs: files (none: stdin). */
+int oq__redis_send(const oq__send_cfg *c, char **inputs, unsigned ninputs);
+int oq__redis_request(const oq__send_cfg *c, char **inputs, unsigned ninputs);
 int oq__redis_run(const oq__run_config *c);
-int oq__redis_dlq(int argc, char **argv);
-int oq__redis_export(int argc, char **argv);
+/* action: OQ__DLQ_*; show: OQ__DLQ_SHOW's ID. */
+int oq__redis_dlq(const oq__tool_cfg *c, int action, const char *show);
+int oq__redis_export(const oq__tool_cfg *c);
+
+/* run.c: one line "onceq CMD: message" on stderr; returns 2 (bad usage). */
+int oq__usage_error(const char *cmd, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* getopt_long's ':' (a value missing) and '?' (an unknown option) as
+ * oq__usage_error lines; returns 2. */
+int oq__getopt_error(const char *cmd, int opt, char **argv);
 /* 1 if argv[1..argc) holds the option name (exactly, or as "name=..."). */
 int oq__has_option(int argc, char **argv, const char *name);
 

@@ -1,8 +1,9 @@
 /*
  * Redis Streams: many onceq processes, on many machines, as competing
  * consumers of one stream, with the effect of every event applied exactly
- * once. Commands: `onceq send --redis`, `onceq run --redis`, `onceq dlq
- * --redis`, `onceq export --redis`.
+ * once. Commands: `onceq send --redis`, `onceq request`, `onceq run
+ * --redis`, `onceq dlq --redis`, `onceq export --redis` (their command
+ * lines are parsed in stream_cli.c and run.c; this file does the work).
  *
  * DESIGN
  * ------
@@ -170,7 +171,6 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fnmatch.h>
-#include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -185,7 +185,6 @@
 
 #include "oq_uthash.h"
 
-#define SEND_BATCH 256
 #define SEND_WINDOW 8          /* send batches in flight */
 #define BLOCK_MS 100           /* XREADGROUP BLOCK: how soon a stop is seen */
 #define BUSY_RETRY_MS 5
@@ -2267,32 +2266,6 @@ static void ab_add_mark(abuf *a, const char *id, size_t len)
     ab_add(a, m, MARK_LEN);
 }
 
-static int usage_error(const char *cmd, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static int usage_error(const char *cmd, const char *fmt, ...)
-{
-    va_list ap;
-    fprintf(stderr, "onceq %s: ", cmd);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    return 2;
-}
-
-/* getopt's '?' and ':' as one-line messages. */
-static int getopt_error(const char *cmd, int opt, char **argv)
-{
-    if (opt == ':')
-        return usage_error(cmd, "option '%s' needs a value", argv[optind - 1]);
-    if (optopt)
-        return usage_error(cmd, "unknown option '-%c' (try 'onceq %s "
-                           "--help')", optopt, cmd);
-    return usage_error(cmd, "unknown option '%s' (try 'onceq %s --help')",
-                       argv[optind - 1], cmd);
-}
-
 /* A field of a stream entry's [f, v, f, v...] array, or NULL. */
 static const redisReply *field(const redisReply *kv, const char *name)
 {
@@ -2823,250 +2796,6 @@ typedef struct send_batch {
     int done;           /* its reply came back */
 } send_batch;
 
-static void send_usage(FILE *f)
-{
-    fprintf(f,
-"usage: onceq send --redis URL --stream NAME [OPTIONS] [FILE...]\n"
-"\n"
-"Loads JSON-lines events from FILEs (or stdin) into a Redis stream, for\n"
-"`onceq run --redis` consumers. An event whose id was sent within the\n"
-"dedup window is rejected as a duplicate (SET NX PX in the same Lua script\n"
-"as the XADD). Lines that are not JSON or have no usable id are sent\n"
-"anyway: the consumers dead-letter them with reason parse_error or bad_id.\n"
-"Blank lines are skipped; a line over --max-line is sent cut to 4 KiB and\n"
-"dead-lettered by the consumers as too_large.\n"
-"\n"
-"  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
-"                         a password there, $REDISCLI_AUTH's is used;\n"
-"                         several, comma-separated: a primary and its\n"
-"                         replicas (a failover is followed)\n"
-"  --redis-password-file PATH  the password from a file (one line)\n"
-"  --replicas N           report events sent only once N replicas have\n"
-"                         them (WAIT; default 0)\n"
-"  --stream NAME          the stream (keys NAME, NAME:*)\n"
-"  --partitions P         the stream's partitions (1 to 256; needed on a\n"
-"                         Redis Cluster): fixed at its first use; without\n"
-"                         it, the stream's. Each event goes to the\n"
-"                         partition of its id (docs/REDIS.md, Partitions)\n"
-"  --dedup-window D       producer dedup window (default 5m; a bare number\n"
-"                         is milliseconds; 0 = off)\n"
-"  --id-field NAME        the id field (default id, or event_id)\n"
-"  --batch N              events per Lua call (default 256)\n"
-"  --max-line BYTES       (default 1M; K, M, G suffixes)\n"
-"  --reply-to R           send requests: each JSON object is stamped with\n"
-"                         \"reply_to\":R and a \"correlation_id\" (its own,\n"
-"                         else a random one), and its context is kept in\n"
-"                         R:rq:<correlation_id> for `onceq run --redis\n"
-"                         --stream R --join-requests` (docs/REQUEST-REPLY.md)\n"
-"  --request-ttl D        how long a request's context is kept (default 24h)\n"
-"  --reply-timeout D      the requests' deadline (in their context): a reply\n"
-"                         that comes later is late for --join-requests\n"
-"  -q, --quiet            no summary\n"
-"\n"
-"Prints: sent N, rejected M duplicates. Exit status: 0 success, 1 some\n"
-"requests refused (--reply-to: their correlation_id is another request's),\n"
-"2 bad usage, unreadable input, Redis unreachable or refused (an evicting\n"
-"maxmemory-policy, a key of the stream with another type), 3 Redis\n"
-"failed mid-way or lost the stream's data.\n");
-}
-
-static void req_usage(FILE *f)
-{
-    fprintf(f,
-"usage: onceq request --redis URL --stream NAME [OPTIONS] [FILE...]\n"
-"\n"
-"Sends each JSON-lines event of FILEs (or stdin) to the stream as a request\n"
-"(stamped with \"reply_to\" and a \"correlation_id\", as `onceq send\n"
-"--reply-to` does), waits for the replies of `onceq run --redis` responders,\n"
-"and writes one line per request, in input order: its reply\n"
-"({\"correlation_id\",\"id\",\"status\":\"ok\"|\"failed\"|\"dead\",...}), or\n"
-"{\"correlation_id\",\"id\",\"status\":\"timeout\"} when none came in time, or\n"
-"{\"correlation_id\":null,\"status\":\"rejected\",\"error\"} for a line that is\n"
-"not a JSON object (not sent). docs/REQUEST-REPLY.md\n"
-"\n"
-"  --redis URL            redis://[user:password@]host[:port][/db]; without\n"
-"                         a password there, $REDISCLI_AUTH's is used;\n"
-"                         several, comma-separated: a primary and its\n"
-"                         replicas (a failover is followed)\n"
-"  --redis-password-file PATH  the password from a file (one line)\n"
-"  --stream NAME          the responders' stream\n"
-"  --reply-timeout D      how long to wait for the replies after the last\n"
-"                         request was sent (default 30s)\n"
-"  --reply-stream R       where the replies go (default NAME:replies:<random>,\n"
-"                         deleted at the end)\n"
-"  --request-ttl D        how long a request's context is kept (default 24h)\n"
-"  --id-field NAME        the id field (default id, or event_id)\n"
-"  --max-line BYTES       (default 1M; K, M, G suffixes)\n"
-"  -q, --quiet            no summary\n"
-"\n"
-"Exit status: 0 every request got an ok reply, 1 some failed, died, timed\n"
-"out or were rejected, 2 bad usage, unreadable input, Redis unreachable or\n"
-"refused, 3 Redis failed mid-way.\n");
-}
-
-typedef struct send_cfg {
-    const char *url, *pwfile, *stream, *id_field;
-    const char *reply_to;       /* --reply-to: send requests; NULL: not */
-    int64_t request_ttl_ms;     /* --request-ttl: their contexts' life */
-    int64_t timeout_ms;         /* --reply-timeout: requests' deadline */
-    bool reply_timeout_given;
-    /* onceq request: */
-    const char *reply_stream;   /* --reply-stream, or NULL: its own */
-    int64_t window_ms;
-    unsigned batch;
-    size_t max_line;
-    int replicas;
-    unsigned partitions;        /* --partitions: 0 not given */
-    bool quiet;
-} send_cfg;
-
-/* The options of `onceq send` (request false) and `onceq request`: one
- * table; an option of the other command is refused. Returns -1 to go on,
- * or an exit status. */
-static int send_parse(send_cfg *c, int argc, char **argv, bool request)
-{
-    enum { O_REDIS = 256, O_STREAM, O_WINDOW, O_ID, O_BATCH, O_MAXLINE,
-           O_PWFILE, O_REPLICAS, O_REPLY_TO, O_REQUEST_TTL, O_TIMEOUT,
-           O_RSTREAM, O_PARTITIONS };
-    static const struct option lo[] = {
-        { "redis", required_argument, NULL, O_REDIS },
-        { "redis-password-file", required_argument, NULL, O_PWFILE },
-        { "replicas", required_argument, NULL, O_REPLICAS },
-        { "stream", required_argument, NULL, O_STREAM },
-        { "dedup-window", required_argument, NULL, O_WINDOW },
-        { "id-field", required_argument, NULL, O_ID },
-        { "batch", required_argument, NULL, O_BATCH },
-        { "max-line", required_argument, NULL, O_MAXLINE },
-        { "reply-to", required_argument, NULL, O_REPLY_TO },
-        { "request-ttl", required_argument, NULL, O_REQUEST_TTL },
-        { "reply-timeout", required_argument, NULL, O_TIMEOUT },
-        { "reply-stream", required_argument, NULL, O_RSTREAM },
-        { "partitions", required_argument, NULL, O_PARTITIONS },
-        { "quiet", no_argument, NULL, 'q' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
-    const char *cmd = request ? "request" : "send", *why;
-    int opt;
-    uint64_t u;
-    int64_t ms;
-
-    memset(c, 0, sizeof(*c));
-    c->request_ttl_ms = 24 * 3600 * 1000;
-    c->id_field = "id";
-    c->window_ms = request ? 0 : 300000; /* a request sent twice is two */
-    c->batch = SEND_BATCH;
-    c->max_line = 1024 * 1024;
-    c->timeout_ms = 30000;
-    optind = 1;
-    opterr = 0;
-    while ((opt = getopt_long(argc, argv, ":qh", lo, NULL)) != -1) {
-        bool req_only = opt == O_RSTREAM;
-        bool send_only = opt == O_WINDOW || opt == O_REPLICAS ||
-                         opt == O_BATCH || opt == O_REPLY_TO;
-        if ((request && send_only) || (!request && req_only)) {
-            const struct option *o = lo;
-            while (o->val != opt)
-                o++;
-            return usage_error(cmd, "--%s is an option of `onceq %s`, not "
-                               "of `onceq %s`", o->name,
-                               request ? "send" : "request", cmd);
-        }
-        switch (opt) {
-        case 'h':
-            if (request)
-                req_usage(stdout);
-            else
-                send_usage(stdout);
-            return 0;
-        case O_REDIS: c->url = optarg; break;
-        case O_PWFILE: c->pwfile = optarg; break;
-        case O_STREAM: c->stream = optarg; break;
-        case O_ID:
-            if (oq__id_field_bad(optarg) != NULL)
-                return usage_error(cmd, "invalid --id-field '%s' (%s)",
-                                   optarg, oq__id_field_bad(optarg));
-            c->id_field = optarg;
-            break;
-        case 'q': c->quiet = true; break;
-        case O_WINDOW:
-            /* A bare number is milliseconds here (documented). */
-            if (oq__parse_duration_bare(optarg, 1, &c->window_ms) != 0)
-                return usage_error(cmd, "invalid --dedup-window '%s' (a "
-                                   "duration like 5m, or milliseconds; at "
-                                   "most 876000h; 0 = off)", optarg);
-            break;
-        case O_REPLICAS:
-            if (oq__parse_count(optarg, 0, 64, &u) != 0)
-                return usage_error(cmd, "invalid --replicas '%s' (an "
-                                   "integer from 0 to 64)", optarg);
-            c->replicas = (int)u;
-            break;
-        case O_REPLY_TO:
-        case O_RSTREAM:
-            if (!oq__reply_to_ok(optarg, strlen(optarg)))
-                return usage_error(cmd, "invalid %s '%s' (a stream name: 1 "
-                                   "to %d letters, digits, '.', '_', '-' or "
-                                   "':', not starting with '.')",
-                                   opt == O_RSTREAM ? "--reply-stream"
-                                                    : "--reply-to",
-                                   optarg, OQ__REPLY_TO_MAX);
-            if (opt == O_RSTREAM)
-                c->reply_stream = optarg;
-            else
-                c->reply_to = optarg;
-            break;
-        case O_REQUEST_TTL:
-            if (oq__parse_duration(optarg, &ms) != 0 || ms < 1000)
-                return usage_error(cmd, "invalid --request-ttl '%s' (a "
-                                   "duration like 24h or 90m, at least 1s, "
-                                   "at most 876000h)", optarg);
-            c->request_ttl_ms = ms;
-            break;
-        case O_TIMEOUT:
-            if (oq__parse_duration(optarg, &ms) != 0 || ms <= 0)
-                return usage_error(cmd, "invalid --reply-timeout '%s' (a "
-                                   "duration like 30s or 500ms, above 0, at "
-                                   "most 876000h)", optarg);
-            c->timeout_ms = ms;
-            c->reply_timeout_given = true;
-            break;
-        case O_BATCH:
-            if (oq__parse_count(optarg, 1, 4096, &u) != 0)
-                return usage_error(cmd, "invalid --batch '%s' (an integer "
-                                   "from 1 to 4096)", optarg);
-            c->batch = (unsigned)u;
-            break;
-        case O_PARTITIONS:
-            if (oq__parse_count(optarg, 1, OQ__PARTITIONS_MAX, &u) != 0)
-                return usage_error(cmd, "invalid --partitions '%s' (an "
-                                   "integer from 1 to %d)", optarg,
-                                   OQ__PARTITIONS_MAX);
-            c->partitions = (unsigned)u;
-            break;
-        case O_MAXLINE:
-            if (oq__parse_size(optarg, 16, (uint64_t)1 << 31, &u) != 0)
-                return usage_error(cmd, "invalid --max-line '%s' (bytes "
-                                   "from 16 to 2G, like 1M or 64K)", optarg);
-            c->max_line = (size_t)u;
-            break;
-        default:
-            return getopt_error(cmd, opt, argv);
-        }
-    }
-    if (c->url == NULL)
-        return usage_error(cmd, "--redis URL is required (try 'onceq %s "
-                           "--help')", cmd);
-    if (!request && c->reply_timeout_given && c->reply_to == NULL)
-        return usage_error(cmd, "--reply-timeout is for requests: give "
-                           "--reply-to too");
-    if (c->reply_to && c->stream &&
-        (why = oq__reply_to_reserved(c->reply_to, c->stream)) != NULL)
-        return usage_error(cmd, "invalid --reply-to '%s': it %s",
-                           c->reply_to, why);
-    return -1;
-}
-
 /* Starts a SEND call's arguments (see the SEND script). */
 static void batch_begin(send_batch *b, const rkeys *k, int64_t window_ms,
                         const char *epoch, int64_t request_ttl_ms,
@@ -3239,7 +2968,7 @@ typedef struct sender {
     rconn own;                  /* its partition's, on a Redis Cluster */
     rconn *rc;                  /* own, or the command's */
     const rkeys *k;
-    const send_cfg *c;
+    const oq__send_cfg *c;
     const char *epoch;
     bool exclusive;             /* send: a correlation id in use refuses */
     unsigned load;              /* dedup marks a bucket (dm_load) */
@@ -3295,7 +3024,7 @@ static void sender_free(sender *s)
  * partition's master), each partition's key types checked and its epoch
  * known. 0, or an exit status with the message written. */
 static int senders_open(sender **out, rparts *ps, rconn *rc, rurl *u,
-                        const send_cfg *c, bool exclusive, const char *cmd)
+                        const oq__send_cfg *c, bool exclusive, const char *cmd)
 {
     sender *s = oq__calloc(ps->n, sizeof(*s));
     unsigned load = dm_load(rc);
@@ -3340,7 +3069,7 @@ static void senders_free(sender *s, unsigned n)
     oq__free(s);
 }
 
-static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
+int oq__redis_send(const oq__send_cfg *c, char **inputs, unsigned ninputs)
 {
     static const char *const stdin_only[] = { "-" };
     oq__idspec spec = { c->id_field, strcmp(c->id_field, "id") == 0 };
@@ -3356,11 +3085,11 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
     sender *snd = NULL;
 
     if (c->stream == NULL || *c->stream == '\0')
-        return usage_error("send", "--stream NAME is required");
+        return oq__usage_error("send", "--stream NAME is required");
     stamper_init(&stp, c->reply_to, c->stream, c->reply_timeout_given ?
                                                   c->timeout_ms : 0);
     if (parse_url(c->url, c->pwfile, "send", &u, err, sizeof(err)) != 0)
-        return usage_error("send", "%s", err);
+        return oq__usage_error("send", "%s", err);
     if (oq__reader_open(&rd, ninputs ? (const char *const *)inputs
                                      : stdin_only,
                         ninputs ? ninputs : 1, c->max_line, err,
@@ -3477,15 +3206,6 @@ static int send_run(const send_cfg *c, char **inputs, unsigned ninputs)
     oq__reader_close(rd);
     stamper_free(&stp);
     return status;
-}
-
-int oq__cmd_send(int argc, char **argv)
-{
-    send_cfg c;
-    int rc = send_parse(&c, argc, argv, false);
-    if (rc >= 0)
-        return rc;
-    return send_run(&c, argv + optind, (unsigned)(argc - optind));
 }
 
 /* ============================================================ request */
@@ -3625,7 +3345,7 @@ static int req_item(rq_item *it, stamper *stp, const oq__line *l,
 /* Reads the inputs and stamps each event into items (grown); sends the
  * stamped ones in batches, and indexes them by key. 0, or an exit
  * status. */
-static int req_send(const send_cfg *c, sender *snd, unsigned np,
+static int req_send(const oq__send_cfg *c, sender *snd, unsigned np,
                     stamper *stp, oq__reader *rd, rq_item **items,
                     size_t *nitems, rq_item **byk)
 {
@@ -3917,10 +3637,11 @@ static int req_print(rq_item *items, size_t n, uint64_t dups, bool quiet)
     return by[0] == n ? 0 : 1;
 }
 
-int oq__cmd_request(int argc, char **argv)
+int oq__redis_request(const oq__send_cfg *cfg, char **inputs,
+                      unsigned ninputs)
 {
     static const char *const stdin_only[] = { "-" };
-    send_cfg c;
+    oq__send_cfg c = *cfg;
     rq_item *items = NULL, *byk = NULL;
     size_t nitems = 0;
     uint64_t dups = 0;
@@ -3934,22 +3655,18 @@ int oq__cmd_request(int argc, char **argv)
     char err[512], own[600], last[64];
     const char *rstream, *why;
     int status;
-    unsigned ninputs;
 
-    if ((status = send_parse(&c, argc, argv, true)) >= 0)
-        return status;
-    ninputs = (unsigned)(argc - optind);
     if (c.stream == NULL || *c.stream == '\0')
-        return usage_error("request", "--stream NAME is required");
+        return oq__usage_error("request", "--stream NAME is required");
     snprintf(own, sizeof(own), "%s:replies:%016" PRIx64, c.stream,
              make_nonce());
     rstream = c.reply_stream ? c.reply_stream : own;
     if ((why = oq__reply_to_reserved(rstream, c.stream)) != NULL)
-        return usage_error("request", "invalid --reply-stream '%s': it %s",
+        return oq__usage_error("request", "invalid --reply-stream '%s': it %s",
                            rstream, why);
     if (parse_url(c.url, c.pwfile, "request", &u, err, sizeof(err)) != 0)
-        return usage_error("request", "%s", err);
-    if (oq__reader_open(&rd, ninputs ? (const char *const *)argv + optind
+        return oq__usage_error("request", "%s", err);
+    if (oq__reader_open(&rd, ninputs ? (const char *const *)inputs
                                      : stdin_only,
                         ninputs ? ninputs : 1, c.max_line, err,
                         sizeof(err)) != 0) {
@@ -6520,10 +6237,10 @@ static int run_setup(rrun *r, rconn *main_rc)
 
     if (parse_url(r->c.redis_url, r->c.redis_password_file, "run", &r->u,
                   err, sizeof(err)) != 0)
-        return usage_error("run", "%s", err);
+        return oq__usage_error("run", "%s", err);
     if (oq__handler_from_spec(r->c.handler_spec, &ho, &r->h, err,
                               sizeof(err)) != 0)
-        return usage_error("run", "%s", err);
+        return oq__usage_error("run", "%s", err);
     r->idspec.field = r->c.id_field;
     r->idspec.fallback = strcmp(r->c.id_field, "id") == 0;
     if (r->c.consumer) {
@@ -6545,7 +6262,7 @@ static int run_setup(rrun *r, rconn *main_rc)
         return 2;
     r->cluster = atomic_load(&r->u.cluster);
     if (r->c.join_requests && r->c.partitions)
-        return usage_error("run", "--join-requests reads a stream of "
+        return oq__usage_error("run", "--join-requests reads a stream of "
                            "replies, which has no partitions: leave "
                            "--partitions out");
     if ((st = check_policy_all(main_rc, &r->u, "run")) != 0 ||
@@ -6561,7 +6278,7 @@ static int run_setup(rrun *r, rconn *main_rc)
         map_refresh(r, main_rc);
     }
     if (r->ps.tagged && r->c.join_requests)
-        return usage_error("run", "--join-requests reads a stream of "
+        return oq__usage_error("run", "--join-requests reads a stream of "
                            "replies, which has no partitions: stream '%s' "
                            "has %u", r->c.stream, r->ps.n);
     /* Each partition as a stream of its own; the retention is the first
@@ -6864,72 +6581,6 @@ void oq__redis_backends_close(void *backends)
 
 /* ====================================================== export and dlq */
 
-typedef struct tool_cfg {
-    const char *url, *pwfile, *stream, *out_path, *reason, *id_glob;
-    bool dry_run;
-} tool_cfg;
-
-/* Options shared by export and dlq. Returns -1 to go on, or a status. */
-static int tool_parse(tool_cfg *c, int argc, char **argv, const char *cmd,
-                      void (*usage)(FILE *))
-{
-    enum { O_REDIS = 256, O_STREAM, O_REASON, O_ID, O_DRY, O_PWFILE };
-    static const struct option lo[] = {
-        { "redis", required_argument, NULL, O_REDIS },
-        { "redis-password-file", required_argument, NULL, O_PWFILE },
-        { "stream", required_argument, NULL, O_STREAM },
-        { "reason", required_argument, NULL, O_REASON },
-        { "id", required_argument, NULL, O_ID },
-        { "dry-run", no_argument, NULL, O_DRY },
-        { "out", required_argument, NULL, 'o' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
-    };
-    int opt;
-
-    memset(c, 0, sizeof(*c));
-    optind = 1;
-    opterr = 0;
-    while ((opt = getopt_long(argc, argv, ":o:h", lo, NULL)) != -1) {
-        switch (opt) {
-        case 'h':
-            usage(stdout);
-            return 0;
-        case O_REDIS: c->url = optarg; break;
-        case O_PWFILE: c->pwfile = optarg; break;
-        case O_STREAM: c->stream = optarg; break;
-        case O_REASON: c->reason = optarg; break;
-        case O_ID: c->id_glob = optarg; break;
-        case O_DRY: c->dry_run = true; break;
-        case 'o': c->out_path = optarg; break;
-        default:
-            return getopt_error(cmd, opt, argv);
-        }
-    }
-    if (c->url == NULL || c->stream == NULL)
-        return usage_error(cmd, "--redis URL and --stream NAME are required");
-    if (c->reason) {
-        int ok = 0;
-        for (int i = 0; i < OQ_DLQ__COUNT; i++)
-            ok |= strcmp(c->reason, oq_dlq_reason_name((oq_dlq_reason)i)) == 0;
-        if (!ok)
-            return usage_error(cmd, "unknown --reason '%s' (max_attempts, "
-                               "expired, failed, rejected, parse_error, "
-                               "bad_id, too_large)", c->reason);
-    }
-    return -1;
-}
-
-static void export_usage(FILE *f)
-{
-    fprintf(f,
-"usage: onceq export --redis URL --stream NAME [-o FILE]\n"
-"                    [--redis-password-file PATH]\n"
-"\n"
-"Writes the results of the Redis stream's consumers as JSON lines: counts\n"
-"sorted by key ({\"word\":\"w1\",\"count\":3}), or records in commit order.\n");
-}
-
 /* A stream that onceq has never used (a mistyped --stream): 2, with a
  * message, instead of an empty export or list; else 0. */
 static int stream_known(rconn *rc, const rparts *ps, const char *cmd)
@@ -6952,25 +6603,17 @@ static int stream_known(rconn *rc, const rparts *ps, const char *cmd)
     return st;
 }
 
-int oq__redis_export(int argc, char **argv)
+int oq__redis_export(const oq__tool_cfg *cfg)
 {
-    tool_cfg c;
+    oq__tool_cfg c = *cfg;
     rconn rc = { 0 };
     rurl u;
     rparts ps;
     char err[1024];
-    int st = tool_parse(&c, argc, argv, "export", export_usage);
+    int st;
 
-    if (st >= 0)
-        return st;
-    if (optind < argc)
-        return usage_error("export", "unexpected argument '%s'",
-                           argv[optind]);
-    if (c.reason || c.id_glob || c.dry_run)
-        return usage_error("export", "--reason, --id and --dry-run are "
-                           "options of `onceq dlq`");
     if (parse_url(c.url, c.pwfile, "export", &u, err, sizeof(err)) != 0)
-        return usage_error("export", "%s", err);
+        return oq__usage_error("export", "%s", err);
     if (rc_first(&rc, &u, "export") != 0)
         return 2;
     if ((st = parts_open(&ps, &rc, c.stream, 0, 0, "export")) == 0 &&
@@ -6979,25 +6622,6 @@ int oq__redis_export(int argc, char **argv)
     parts_free(&ps);
     rc_close(&rc);
     return st;
-}
-
-static void dlq_usage(FILE *f)
-{
-    fprintf(f,
-"usage: onceq dlq list|show ID|redrive|purge --redis URL --stream NAME\n"
-"                 [--reason R] [--id GLOB] [--dry-run]\n"
-"                 [--redis-password-file PATH]\n"
-"\n"
-"  list      every dead letter as a JSON line (id, source, reason, error,\n"
-"            attempts, first_seen, last_seen, event, dlq_id)\n"
-"  show ID   the dead letters of event id ID (or dead-letter entry ID)\n"
-"  redrive   sends matching dead letters back into the stream (a handler\n"
-"            failure's id is unsettled first) and removes them\n"
-"  purge     removes matching dead letters\n"
-"  --reason R, --id GLOB select; --dry-run only says what would happen.\n"
-"\n"
-"Exit status: 0 success, 1 show found nothing, 2 bad usage or Redis\n"
-"unreachable, 3 Redis failed.\n");
 }
 
 /* One dead letter, by the one writer of dead letters (plus its dlq_id). */
@@ -7024,7 +6648,7 @@ static void write_dead(FILE *f, const redisReply *e)
     oq__write_dead_row(f, &d, false);
 }
 
-static int dlq_match(const tool_cfg *c, const char *show, const redisReply *e)
+static int dlq_match(const oq__tool_cfg *c, const char *show, const redisReply *e)
 {
     const redisReply *kv = e->element[1];
     const redisReply *id = field(kv, "id"), *reason = field(kv, "reason");
@@ -7039,7 +6663,6 @@ static int dlq_match(const tool_cfg *c, const char *show, const redisReply *e)
     return 1;
 }
 
-enum { DLQ_LIST, DLQ_SHOW, DLQ_REDRIVE, DLQ_PURGE };
 
 /* Applies one action to one matching dead letter. 0 or -1. */
 static int dlq_act(rconn *rc, const rkeys *k, int64_t retention, int action,
@@ -7051,7 +6674,7 @@ static int dlq_act(rconn *rc, const rkeys *k, int64_t retention, int action,
     redisReply *rep;
     int ok;
 
-    if (action == DLQ_PURGE) {
+    if (action == OQ__DLQ_PURGE) {
         rep = rc_cmdf(rc, "XDEL %s %s", k->dlq, e->element[0]->str);
     } else {
         abuf keys = { 0 }, args = { 0 };
@@ -7084,7 +6707,7 @@ static int dlq_act(rconn *rc, const rkeys *k, int64_t retention, int action,
 
 /* The action on the matching dead letters of partition k; adds to
  * *matched. 0, or an exit status with a message written. */
-static int dlq_partition(rconn *rc, const tool_cfg *c, const char *show,
+static int dlq_partition(rconn *rc, const oq__tool_cfg *c, const char *show,
                          int action, const rkeys *k, int64_t retention,
                          uint64_t *matched)
 {
@@ -7110,7 +6733,7 @@ static int dlq_partition(rconn *rc, const tool_cfg *c, const char *show,
                 !dlq_match(c, show, e))
                 continue;
             (*matched)++;
-            if (action == DLQ_LIST || action == DLQ_SHOW)
+            if (action == OQ__DLQ_LIST || action == OQ__DLQ_SHOW)
                 write_dead(stdout, e);
             else if (!c->dry_run && dlq_act(rc, k, retention, action, e) != 0)
                 st = 3;
@@ -7121,47 +6744,24 @@ static int dlq_partition(rconn *rc, const tool_cfg *c, const char *show,
     }
 }
 
-int oq__redis_dlq(int argc, char **argv)
+int oq__redis_dlq(const oq__tool_cfg *cfg, int action, const char *show)
 {
-    static const char *const names[] = { "list", "show", "redrive", "purge" };
-    tool_cfg c;
+    oq__tool_cfg c = *cfg;
     rconn rc = { 0 };
     rurl u;
     rparts ps;
     char err[1024];
-    const char *show = NULL;
-    int action = -1, st;
+    int st;
     int64_t retention = 0;
     uint64_t matched = 0;
 
-    st = tool_parse(&c, argc, argv, "dlq", dlq_usage);
-    if (st >= 0)
-        return st;
-    if (optind < argc)
-        for (int i = 0; i < 4; i++)
-            if (strcmp(argv[optind], names[i]) == 0)
-                action = i;
-    if (action < 0)
-        return usage_error("dlq", "say list, show ID, redrive or purge (try "
-                           "'onceq dlq --help')");
-    if (action == DLQ_SHOW) {
-        if (optind + 1 >= argc)
-            return usage_error("dlq", "show needs an ID");
-        show = argv[optind + 1];
-    }
-    if (optind + 1 + (show != NULL) < argc)
-        return usage_error("dlq", "unexpected argument '%s'",
-                           argv[optind + 1 + (show != NULL)]);
-    if (c.out_path)
-        return usage_error("dlq", "dead letters are written to stdout: -o "
-                           "is an option of `onceq export`");
     if (parse_url(c.url, c.pwfile, "dlq", &u, err, sizeof(err)) != 0)
-        return usage_error("dlq", "%s", err);
+        return oq__usage_error("dlq", "%s", err);
     if (rc_first(&rc, &u, "dlq") != 0)
         return 2;
     if ((st = parts_open(&ps, &rc, c.stream, 0, 0, "dlq")) != 0 ||
         (st = stream_known(&rc, &ps, "dlq")) != 0 ||
-        (action == DLQ_REDRIVE &&
+        (action == OQ__DLQ_REDRIVE &&
          (st = stream_retention(&rc, &ps.p[0].k, "dlq", 0, 0,
                                 &retention)) != 0)) {
         parts_free(&ps);
@@ -7174,13 +6774,13 @@ int oq__redis_dlq(int argc, char **argv)
         st = dlq_partition(&rc, &c, show, action, &ps.p[p].k, retention,
                            &matched);
     parts_free(&ps);
-    if (st == 0 && action == DLQ_REDRIVE)
+    if (st == 0 && action == OQ__DLQ_REDRIVE)
         printf("%s %" PRIu64 " dead letters\n",
                c.dry_run ? "would redrive" : "redrove", matched);
-    else if (st == 0 && action == DLQ_PURGE)
+    else if (st == 0 && action == OQ__DLQ_PURGE)
         printf("%s %" PRIu64 " dead letters\n",
                c.dry_run ? "would purge" : "purged", matched);
-    else if (st == 0 && action == DLQ_SHOW && matched == 0) {
+    else if (st == 0 && action == OQ__DLQ_SHOW && matched == 0) {
         fprintf(stderr, "onceq dlq: no dead letter with id '%s'\n", show);
         st = 1;
     }

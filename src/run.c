@@ -26,6 +26,7 @@
 #include <inttypes.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -432,6 +433,30 @@ static int bad_option(const char *opt, const char *val, const char *want)
     return 2;
 }
 
+int oq__usage_error(const char *cmd, const char *fmt, ...)
+{
+    va_list ap;
+
+    fprintf(stderr, "onceq %s: ", cmd);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    return 2;
+}
+
+int oq__getopt_error(const char *cmd, int opt, char **argv)
+{
+    if (opt == ':')
+        return oq__usage_error(cmd, "option '%s' needs a value",
+                               argv[optind - 1]);
+    if (optopt)
+        return oq__usage_error(cmd, "unknown option '-%c' (try 'onceq %s "
+                               "--help')", optopt, cmd);
+    return oq__usage_error(cmd, "unknown option '%s' (try 'onceq %s "
+                           "--help')", argv[optind - 1], cmd);
+}
+
 const char *oq__id_field_bad(const char *arg)
 {
     if (*arg == '\0')
@@ -749,20 +774,8 @@ static int parse_args(oq__run_config *c, int argc, char **argv)
             run_usage(stdout);
             return 0;
         }
-        if (opt == '?') {
-            if (optopt)
-                fprintf(stderr, "onceq run: unknown option '-%c' (try "
-                                "'onceq run --help')\n", optopt);
-            else
-                fprintf(stderr, "onceq run: unknown option '%s' (try "
-                                "'onceq run --help')\n", argv[optind - 1]);
-            return 2;
-        }
-        if (opt == ':') {
-            fprintf(stderr, "onceq run: option '%s' needs a value\n",
-                    argv[optind - 1]);
-            return 2;
-        }
+        if (opt == '?' || opt == ':')
+            return oq__getopt_error("run", opt, argv);
         rc = set_option(c, opt, optarg);
         if (rc != 0)
             return rc;

@@ -446,7 +446,7 @@ int oq__cmd_dlq(int argc, char **argv)
     int rc;
 
     if (oq__has_option(argc, argv, "--redis"))
-        return oq__redis_dlq(argc, argv);
+        return oq__cmd_dlq_redis(argc, argv);
     if (argc >= 2 && argv[1][0] != '-') {
         for (size_t i = 0; i < sizeof(dlq_actions) / sizeof(*dlq_actions); i++)
             if (strcmp(argv[1], dlq_actions[i].name) == 0)
@@ -523,7 +523,7 @@ int oq__cmd_export(int argc, char **argv)
     int rc;
 
     if (oq__has_option(argc, argv, "--redis"))
-        return oq__redis_export(argc, argv);
+        return oq__cmd_export_redis(argc, argv);
     if ((rc = parse(&o, argc, argv, export_help)) >= 0 ||
         (rc = refuse(&o, false, true, false, 0)) >= 0)
         return rc;
