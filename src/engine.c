@@ -92,6 +92,7 @@ typedef struct slot {
     bool decoded;     /* ev is set (kept across a redo) */
     bool by_ledger;   /* its queue op was carried out by the ledger */
     bool fenced;      /* counted as fenced already (a delivery counts once) */
+    bool cancelled;   /* O_RETRY: the handler was cancelled (not an attempt) */
     oq_dlq_reason dead_reason; /* O_FAILING: FAILED, or a dying delivery's */
     oq_txn *txn;
     oq__lclaim claim;
@@ -439,6 +440,7 @@ static void claim_batch(worker *w, size_t n)
         s->outcome = O_NONE;
         s->by_ledger = false;
         s->fenced = false;
+        s->cancelled = false;
         if (now >= s->d.deadline_ms) {
             /* Its delivery ended while it waited (a slow batch-mate): it
              * is delivered again or will be; do not run it for nothing. */
@@ -594,6 +596,10 @@ static void run_one(worker *w, slot *s, oq_settle *op, int64_t now)
     }
     rc = p->opts.handler ? p->opts.handler(&ev, s->txn, p->opts.handler_arg)
                          : OQ_OK;
+    /* Stopped by onceq's stop (a signal), not failed: retried, and not
+     * an attempt. */
+    if ((s->cancelled = rc == OQ__CANCELLED))
+        rc = OQ_RETRY;
     if (beats) {
         oq__txn_set_heartbeat(s->txn, NULL, NULL);
         beat_stop(w);
@@ -612,7 +618,7 @@ static void run_one(worker *w, slot *s, oq_settle *op, int64_t now)
         s->outcome = O_COMMIT;
         return;
     case OQ_RETRY:
-        if (p->hooks.max_attempts &&
+        if (p->hooks.max_attempts && !s->cancelled &&
             s->d.receive_count >= p->hooks.max_attempts) {
             /* Its last attempt: dead now, in every backend alike. */
             char err[1024];
@@ -697,6 +703,7 @@ static bool commit_entry(const oq_pool *p, slot *s, oq_settle *op,
         return settles;
     case O_RETRY:
         e->kind = OQ__LC_RETRY;
+        e->not_an_attempt = s->cancelled;
         return settles;
     case O_REJECTED:
         e->kind = OQ__LC_REJECT;

@@ -971,7 +971,7 @@ static int exec_run(const exec_arg *x, const oq_event *ev, oq_txn *txn,
             oq_txn_error(txn, "cancelled: onceq is stopping");
         else
             oq_txn_error(txn, "poll: %s", strerror(-rc));
-        rc = OQ_RETRY;
+        rc = rc == PUMP_CANCELLED ? OQ__CANCELLED : OQ_RETRY;
     }
     outbuf_free(o);
     return rc;
@@ -992,7 +992,7 @@ static int exec_fn(const oq_event *ev, oq_txn *txn, void *arg)
     }
     if (atomic_load(&((exec_arg *)arg)->cancelled)) {
         oq_txn_error(txn, "cancelled: onceq is stopping");
-        return OQ_RETRY;
+        return OQ__CANCELLED;
     }
     if (env_build(&env, x, ev) != 0) {
         env_free(&env);
@@ -1818,7 +1818,7 @@ static int coproc_fn(const oq_event *ev, oq_txn *txn, void *arg)
     if (atomic_load(&ca->x.cancelled)) {
         coproc_stop(w, 0, NULL, 0);
         oq_txn_error(txn, "cancelled: onceq is stopping");
-        return OQ_RETRY;
+        return OQ__CANCELLED;
     }
     if (ev->parsed == NULL && !oq__json_valid(ev->payload, ev->payload_len)) {
         oq_txn_error(txn, "event is not strict JSON");
@@ -1857,7 +1857,7 @@ static int coproc_fn(const oq_event *ev, oq_txn *txn, void *arg)
     case ASK_CANCELLED:
         coproc_stop(w, 0, NULL, 0);
         oq_txn_error(txn, "cancelled: onceq is stopping");
-        return OQ_RETRY;
+        return OQ__CANCELLED;
     case ASK_GONE:
         return coproc_lost(w, txn, "exited or closed its stdout",
                            ca->x.kill_grace_ms);
@@ -1966,8 +1966,15 @@ typedef struct plugin {
 static int plugin_fn(const oq_event *ev, oq_txn *txn, void *arg)
 {
     const plugin *p = arg;
+    int rc = p->fn(ev, txn, p->arg);
 
-    return p->fn(ev, txn, p->arg);
+    /* Only onceq's own handlers say "cancelled" (not an attempt): from a
+     * plugin it is an unknown status, a failure like any other. */
+    if (rc == OQ__CANCELLED) {
+        oq_txn_error(txn, "handler returned %d", rc);
+        return OQ_FAIL;
+    }
+    return rc;
 }
 
 static void plugin_cleanup(void *arg)

@@ -286,6 +286,9 @@ typedef struct oq__lcommit {
                                      entry: ACK, DEAD (reason, error) or
                                      NACK (delay); a SETTLES ledger
                                      carries it out and sets its result */
+    bool not_an_attempt;          /* RETRY: the handler was cancelled
+                                     (OQ__CANCELLED): this delivery does
+                                     not count among the attempts */
     int result;                   /* out: 0 done; OQ_ESTALE fenced (the
                                      lease was lost: nothing written);
                                      OQ__PENDING: the ledger took the
@@ -295,6 +298,12 @@ typedef struct oq__lcommit {
 } oq__lcommit;
 
 #define OQ__PENDING 1
+
+/* What a handler of the CLI's (exec:, coproc:) returns when it was
+ * stopped because onceq is stopping (oq__handler_cancel): a RETRY that is
+ * not an attempt (the handler did not fail; a signal stopped it), so the
+ * event's last attempt is not used up by it. */
+#define OQ__CANCELLED 3
 
 /* The ledger's commit also carries out the queue ops (one round trip per
  * batch: the Redis commit script XACKs). */

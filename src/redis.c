@@ -3824,8 +3824,10 @@ static void run_fatal_reply(rrun *r, rconn *rc, const redisReply *rep,
 {
     char msg[1024];
     /* A call abandoned because the run is stopping (drained, a signal) is
-     * not an error: what it was doing stays pending in Redis. */
-    if (rep == NULL && atomic_load(&r->stop))
+     * not an error: what it was doing stays pending in Redis. (A worker's
+     * claim or commit is abandoned only on a signal or a fatal error.) */
+    if (rep == NULL && atomic_load(rc->stop == &r->hurry ? &r->hurry
+                                                         : &r->stop))
         return;
     if (rep == NULL)
         snprintf(msg, sizeof(msg), "%s", rc->err);
@@ -3973,7 +3975,7 @@ static void conn_init(rrun *r, rconn *rc, unsigned part, const char *role)
 {
     rc->urls = &r->u;
     rc->u = &r->u.node[atomic_load(&r->u.cur) % r->u.n];
-    rc->stop = &r->hurry;
+    rc->stop = &r->stop;
     rc->reconnects = &r->reconnects;
     rc->meta = r->ps.p[part].k.meta;
     rc->stream = r->ps.p[part].k.stream;
@@ -4052,6 +4054,11 @@ static bool conn_open(rrun *r, rconn *rc, unsigned part, const char *role,
     else
         snprintf(name, sizeof(name), "%s%u", role, idx);
     conn_init(r, rc, part, name);
+    /* A worker's claims and commits (and their WAIT) are finished even
+     * when the run drained meanwhile: only a signal or a fatal error cuts
+     * them short. Reads and housekeeping stop with the run. */
+    if (strcmp(role, "w") == 0)
+        rc->stop = &r->hurry;
     if (r->cluster && r->where) {
         struct pnode at;
         pthread_mutex_lock(&r->map_mu);
@@ -5061,8 +5068,11 @@ static void op_member(rledger *l, const oq__lcommit *e)
     const rentry *x = e->op->d->msg_;
     char head[128];
     size_t sl = strlen(x->src);
+    /* The attempts so far (a stopped handler's delivery is not one). */
+    uint32_t att = e->op->d->receive_count - (e->not_an_attempt &&
+                                              e->op->d->receive_count > 0);
     int hl = snprintf(head, sizeof(head), "%s\n%u\n%" PRId64 "\n", x->eid,
-                      e->op->d->receive_count, x->first_ms);
+                      att, x->first_ms);
     size_t total = (size_t)hl + sl + 1 + x->len;
     char *m = oq__malloc(total);
 
@@ -5349,7 +5359,13 @@ static void rl_commit(void *ctx, oq__lcommit *e, size_t n)
         case WAIT_MOVED:
             /* A failover mid-wait: the new primary may or may not have
              * the commit. As if fenced: its entries stay pending there and
-             * are taken over and claimed again (DONE if it has them). */
+             * are taken over and claimed again (DONE if it has them) --
+             * unless the run is ending (drained): then no one here will
+             * take them over, and the drain must not say all is done. */
+            if (atomic_load(&r->stop))
+                run_fatal(r, "the primary changed while the last commits "
+                          "waited for the replicas: run again to settle "
+                          "what the new primary lacks");
             for (size_t i = 0; i < n; i++)
                 e[i].result = OQ_ESTALE;
             freeReplyObject(rep);
@@ -5501,10 +5517,13 @@ static int autoclaim(rrun *r, rconn *rc, unsigned part, char *cursor,
             if (e->type != REDIS_REPLY_ARRAY || e->elements < 2 ||
                 e->element[1]->type != REDIS_REPLY_ARRAY)
                 continue;
+            /* (Asked only for an entry copied out: each reply read is
+             * an asked one's.) */
+            if ((tmp[i] = entry_from(e, 1, deadline, part)) == NULL)
+                continue;
             redisAppendCommand(rc->c, "XPENDING %s %s %s %s 1", stream,
                                r->c.group, e->element[0]->str,
                                e->element[0]->str);
-            tmp[i] = entry_from(e, 1, deadline, part);
             got++;
         }
         for (size_t i = 0; i < nes; i++) {
@@ -6140,23 +6159,7 @@ static void write_stats_json(FILE *f, rrun *r, double el, rconn *rc)
     fputs("}\n", f);
 }
 
-struct stats_arg { rrun *r; double el; rconn *rc; };
 
-static int stats_fn(FILE *f, void *arg)
-{
-    const struct stats_arg *a = arg;
-    write_stats_json(f, a->r, a->el, a->rc);
-    return 0;
-}
-
-static int write_stats(rrun *r, double el, rconn *rc)
-{
-    struct stats_arg a = { r, el, rc };
-
-    if (r->c.stats_path == NULL)
-        return 0;
-    return oq__out_whole(r->c.stats_path, "onceq run", "stats", stats_fn, &a);
-}
 
 static void summary(rrun *r, double el, int sig)
 {
@@ -6196,34 +6199,6 @@ static void progress_line(rrun *r)
     counts_of(r, (mono_ms() - r->t0_ms) / 1000.0, &n);
     snprintf(tail, sizeof(tail), "  retried %" PRIu64, n.retried);
     oq__draw_progress(&n, tail);
-}
-
-/* Refuses an output path that cannot be written, before anything runs
- * (exit 2, as in memory). The file itself is written at the end, so a run
- * that fails leaves an existing one as it was. */
-static int check_writable(const char *path, const char *what)
-{
-    char dir[4200];
-    const char *slash;
-
-    if (path == NULL || strcmp(path, "-") == 0)
-        return 0;
-    if (access(path, F_OK) == 0) {
-        if (access(path, W_OK) == 0)
-            return 0;
-    } else {
-        slash = strrchr(path, '/');
-        if (slash == NULL)
-            snprintf(dir, sizeof(dir), ".");
-        else
-            snprintf(dir, sizeof(dir), "%.*s", (int)(slash - path + 1),
-                     path);
-        if (access(dir, W_OK | X_OK) == 0)
-            return 0;
-    }
-    fprintf(stderr, "onceq run: cannot write %s to '%s': %s\n", what, path,
-            strerror(errno));
-    return 2;
 }
 
 /* Setup before the threads: handler, URL, first connection, group, meta.
@@ -6347,6 +6322,7 @@ static int start_threads(rrun *r, house *hk)
     if (rc != 0) {
         fprintf(stderr, "onceq run: cannot start the workers: %s\n",
                 oq_strerror(rc));
+        atomic_store(&r->hurry, 1);
         atomic_store(&r->stop, 1);
         pthread_join(hk->th, NULL);
         return 3;
@@ -6383,6 +6359,7 @@ static int wait_end(rrun *r, const sigset_t *sigs)
 int oq__redis_run(const oq__run_config *c)
 {
     rrun *r = oq__calloc(1, sizeof(*r));
+    oq__outfile out = { 0 }, stats = { 0 };
     rconn main_rc = { 0 };
     house hk = { 0 };
     oq__metrics *metrics = NULL;
@@ -6396,10 +6373,18 @@ int oq__redis_run(const oq__run_config *c)
     oq__mutex_init(&r->mu);
     oq__mutex_init(&r->map_mu);
     r->c = *c;
-    if ((status = check_writable(c->out_path, "results")) != 0 ||
-        (status = check_writable(c->stats_path, "stats")) != 0 ||
-        (status = check_writable(c->metrics_path, "metrics")) != 0)
+    /* The outputs are opened before anything runs (a path that cannot
+     * be written: exit 2, as in memory), written at the end, and renamed
+     * over their paths only then (a run that fails leaves them as they
+     * were). */
+    if (oq__check_outputs(c, err, sizeof(err)) != 0 ||
+        oq__out_begin(&out, c->out_path, "results", err, sizeof(err)) != 0 ||
+        oq__out_begin(&stats, c->stats_path, "stats", err,
+                      sizeof(err)) != 0) {
+        fprintf(stderr, "onceq run: %s\n", err);
+        status = 2;
         goto out_free;
+    }
     status = run_setup(r, &main_rc);
     if (status != 0)
         goto out_free;
@@ -6449,12 +6434,16 @@ int oq__redis_run(const oq__run_config *c)
     /* After a fatal error (Redis gone, say) the stats are read without
      * reconnecting; else, as for a signal, with. */
     main_rc.stop = r->fatal ? &r->stop : NULL;
-    if (r->c.out_path && !r->fatal) {
-        st2 = export_path(&main_rc, &r->ps, r->c.out_path, "run");
+    if (out.f && !r->fatal) {
+        st2 = export_to(&main_rc, &r->ps, out.f, "run");
+        st2 = st2 ? st2 : oq__out_commit(&out, "onceq run");
         status = status ? status : st2;
     }
-    st2 = write_stats(r, el, &main_rc);
-    status = status ? status : st2;
+    if (stats.f) {
+        write_stats_json(stats.f, r, el, &main_rc);
+        st2 = oq__out_commit(&stats, "onceq run");
+        status = status ? status : st2;
+    }
     if (merr) {
         fprintf(stderr, "onceq run: write error on metrics '%s'\n",
                 c->metrics_path);
@@ -6470,6 +6459,8 @@ out_mask:
         oq__metrics_stop(metrics);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 out_free:
+    oq__out_discard(&out, false);
+    oq__out_discard(&stats, false);
     free_workers(r, &hk);
     rc_close(&main_rc);
     parts_free(&r->ps);
@@ -6566,6 +6557,7 @@ void oq__redis_backends_close(void *backends)
     if (b == NULL)
         return;
     r = &b->r;
+    atomic_store(&r->hurry, 1);
     atomic_store(&r->stop, 1);
     if (b->house_started)
         pthread_join(b->hk.th, NULL);

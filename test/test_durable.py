@@ -661,6 +661,41 @@ def full_disk_during_commit_loses_nothing_acknowledged():
     assert out == run(["run", "-q", f])[1]
 
 
+@test
+def a_signal_does_not_use_up_the_last_attempt():
+    """SIGTERM stops a running exec: handler: a stop, not a failed attempt.
+    With --max-attempts 1 the events were dead-lettered ("no attempts
+    left; last error: cancelled") and a rerun skipped them; they stay
+    unfinished, and the rerun processes them."""
+    f = path("sig.jsonl")
+    with open(f, "w") as g:
+        g.write('{"id":"a"}\n{"id":"b"}\n')
+    db = path("sig.db")
+    rm_state(db)
+    flag = path("sig.slow")
+    open(flag, "w").close()
+    # Slow while the flag file is there (the first run), quick after.
+    h = f"exec:sh -c 'cat >/dev/null; while [ -e {flag} ]; do sleep 0.05; done'"
+    p = subprocess.Popen([ONCEQ, "run", "-q", "-w", "2", "--max-attempts",
+                          "1", "--handler", h, "--state", db, "-o",
+                          "/dev/null", "--dlq", "/dev/null", f], cwd=TMP,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.5 if not SLOW else 4)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    assert p.returncode == 143, p.returncode
+    rc, out, err = run(["stats", "--state", db])
+    st = json.loads(out)
+    assert st["dead"] == 0 and st["last_run"]["unfinished"] == 2, st
+    os.unlink(flag)
+    rc, out, err = run(["run", "-q", "-w", "2", "--max-attempts", "1",
+                        "--handler", h, "--state", db, "-o", "/dev/null",
+                        "--dlq", "/dev/null", f])
+    assert rc == 0, (rc, err)
+    st = json.loads(run(["stats", "--state", db])[1])
+    assert st["processed"] == 2 and st["dead"] == 0, st
+
+
 def main():
     build_plugin()
     return suite.run(TMP, seed=SEED)

@@ -998,6 +998,34 @@ def the_last_attempt_ends_alike_in_every_mode():
 
 
 @test
+def a_signal_does_not_use_up_the_last_attempt():
+    """SIGTERM stops a running exec: handler: the event is scheduled again
+    without counting that delivery, so with --max-attempts 1 the next
+    consumer runs it (it was dead-lettered: no attempts left)."""
+    f = path("sg.jsonl")
+    with open(f, "w") as g:
+        g.write('{"id":"a","word":"x"}\n{"id":"b","word":"y"}\n')
+    send("sg", f)
+    flag = path("sg.slow")
+    open(flag, "w").close()
+    h = f"exec:sh -c 'cat; while [ -e {flag} ]; do sleep 0.05; done'"
+    args = ["run", "--redis", URL, "--stream", "sg", "--group", "g", "-q",
+            "-w", "2", "--max-attempts", "1", "--handler", h,
+            "--backoff", "10ms"]
+    p = start(args)
+    wait_for(lambda: pending("sg", "g") == 2, 30, "both events taken")
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    rc, _, err = finish(p)
+    assert rc == 143, (rc, err)
+    os.unlink(flag)
+    rc, _, err = run(args + ["--drain"])
+    assert rc == 0, (rc, err)
+    st = check_balanced("sg")
+    assert st["processed"] == 2 and st.get("dead", 0) == 0, st
+
+
+@test
 def lost_data_stops_the_run_with_exit_3():
     # FLUSHALL mid-run (as a restart without persistence would): the
     # consumer must not re-create the group and drain an empty stream.
