@@ -925,7 +925,8 @@ static void test_exec_cancel_stops_running_commands(void **state)
     oq__handler_cancel(&h);
     for (int i = 0; i < 2; i++) {
         pthread_join(th[i], NULL);
-        assert_int_equal(c[i].rc, OQ_RETRY);
+        /* A retry that is not an attempt (the engine knows it). */
+        assert_int_equal(c[i].rc, OQ__CANCELLED);
         assert_string_equal(oq_txn_error_text(c[i].t),
                             "cancelled: onceq is stopping");
         assert_int_equal(oq_txn_nrecords(c[i].t), 0);
@@ -939,7 +940,7 @@ static void test_exec_cancel_stops_running_commands(void **state)
     oq__txn_reset(c[0].t);
     t0 = oq_clock_now(NULL);
     call_sleep(&c[0]);
-    assert_int_equal(c[0].rc, OQ_RETRY);
+    assert_int_equal(c[0].rc, OQ__CANCELLED);
     assert_true(oq_clock_now(NULL) - t0 < 100 * time_mult());
     for (int i = 0; i < 2; i++)
         oq__txn_free(c[i].t);
@@ -1368,11 +1369,12 @@ static void test_coproc_cancel_and_free(void **state)
     oq__handler_cancel(&h);
     for (int i = 0; i < 2; i++) {
         pthread_join(th[i], NULL);
-        assert_int_equal(c[i].rc, OQ_RETRY);
+        assert_int_equal(c[i].rc, OQ__CANCELLED);
     }
     assert_true(oq_clock_now(NULL) - t0 < 1000 * time_mult());
     assert_no_children();
-    assert_int_equal(co_call(&h, "", &s, err, sizeof(err), 0), OQ_RETRY);
+    assert_int_equal(co_call(&h, "", &s, err, sizeof(err), 0),
+                     OQ__CANCELLED);
     assert_string_equal(err, "cancelled: onceq is stopping");
     oq__handler_free(&h);
 
