@@ -977,7 +977,7 @@ static int exec_run(const exec_arg *x, const oq_event *ev, oq_txn *txn,
     return rc;
 }
 
-static int exec_fn(const oq_event *ev, oq_txn *txn, void *arg)
+static int exec_call(const oq_event *ev, oq_txn *txn, void *arg)
 {
     const exec_arg *x = arg;
     child c = { .pid = -1, .pidfd = -1, .in = -1, .out = -1, .err = -1,
@@ -1024,6 +1024,22 @@ static int exec_fn(const oq_event *ev, oq_txn *txn, void *arg)
     }
     pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
     return rc;
+}
+
+/* A retry met while onceq is stopping (the command killed, its pipes
+ * closed, or not started) is the stop's doing: OQ__CANCELLED, not an
+ * attempt of the event's. */
+static int cancelled_or(int rc, oq_txn *txn, exec_arg *x)
+{
+    if (rc != OQ_RETRY || !atomic_load(&x->cancelled))
+        return rc;
+    oq_txn_error(txn, "cancelled: onceq is stopping");
+    return OQ__CANCELLED;
+}
+
+static int exec_fn(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    return cancelled_or(exec_call(ev, txn, arg), txn, arg);
 }
 
 static bool is_onceq_var(const char *e)
@@ -1799,7 +1815,7 @@ static int coproc_lost(cworker *w, oq_txn *txn, const char *what,
     return OQ_RETRY;
 }
 
-static int coproc_fn(const oq_event *ev, oq_txn *txn, void *arg)
+static int coproc_call(const oq_event *ev, oq_txn *txn, void *arg)
 {
     coproc_arg *ca = arg;
     cworker *w;
@@ -1846,6 +1862,10 @@ static int coproc_fn(const oq_event *ev, oq_txn *txn, void *arg)
         sigtimedwait(&pipe_set, NULL, &zero);
     }
     pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
+    /* Whatever the call met when onceq's stop killed the children (its
+     * pipe closed, a poll woken) is the stop's doing, not the event's. */
+    if (rc != ASK_REPLY && atomic_load(&ca->x.cancelled))
+        rc = ASK_CANCELLED;
     switch (rc) {
     case ASK_REPLY:
         break;
@@ -1887,6 +1907,12 @@ static int coproc_fn(const oq_event *ev, oq_txn *txn, void *arg)
         return coproc_lost(w, txn, what, 0);
     }
     return rc;
+}
+
+static int coproc_fn(const oq_event *ev, oq_txn *txn, void *arg)
+{
+    return cancelled_or(coproc_call(ev, txn, arg), txn,
+                        &((coproc_arg *)arg)->x);
 }
 
 static void coproc_cleanup(void *arg)
