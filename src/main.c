@@ -9,7 +9,6 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
-#include <unistd.h>
 
 typedef struct command {
     const char *name;
@@ -65,17 +64,10 @@ static void usage(FILE *f)
  */
 static void hold_standard_fds(void)
 {
-    for (int fd = 0; fd <= 2; fd++) {
-        int n;
-        if (fcntl(fd, F_GETFD) != -1 || errno != EBADF)
-            continue;
-        n = open("/dev/null", fd == 0 ? O_WRONLY : O_RDONLY);
-        if (n >= 0 && n != fd) {
-            /* A lower one was closed too and got it: take ours. */
-            dup2(n, fd);
-            close(n);
-        }
-    }
+    /* In order: the lower ones are held, so open() returns fd itself. */
+    for (int fd = 0; fd <= 2; fd++)
+        if (fcntl(fd, F_GETFD) == -1 && errno == EBADF)
+            (void)open("/dev/null", fd == 0 ? O_WRONLY : O_RDONLY);
 }
 
 int main(int argc, char **argv)
