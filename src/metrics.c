@@ -295,11 +295,14 @@ int oq__metrics_start(oq__metrics **out, const oq__metrics_opts *o,
         }
         /* No MHD_USE_ERROR_LOG: its lines ("Failed to bind to port 0")
          * would stand beside our own, clearer one. */
-        m->http = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD, 0, NULL,
+        m->http = MHD_start_daemon(MHD_USE_AUTO_INTERNAL_THREAD, 0, NULL,
                                    NULL, serve, m,
                                    MHD_OPTION_SOCK_ADDR, &sa,
-                                   MHD_OPTION_CONNECTION_LIMIT, 16u,
-                                   MHD_OPTION_CONNECTION_TIMEOUT, 10u,
+                                   /* 16 idle clients took it down
+                                    * (10 s each): room for many, and an
+                                    * idle one closed after 3 s. */
+                                   MHD_OPTION_CONNECTION_LIMIT, 512u,
+                                   MHD_OPTION_CONNECTION_TIMEOUT, 3u,
                                    MHD_OPTION_END);
         if (m->http == NULL) {
             oq__set_err(err, errlen, "cannot listen on '%s' for metrics "

@@ -221,6 +221,9 @@ void oq__replies_abort(void *prepared, void *arg);
 void oq__replies_duplicate(const oq_event *ev, void *arg);
 void oq__replies_stats(oq__replies *r, uint64_t *requests, uint64_t *replies,
                        uint64_t *duplicates);
+/* A reply could not be written (the run stops; oq__replies_close says
+ * why). */
+bool oq__replies_failed(oq__replies *r);
 
 /* ----------------------------------------------------------- reorder.c */
 

@@ -5811,6 +5811,10 @@ static void *house_main(void *arg)
                 if (rc)
                     trim(r, rc, p);
             }
+            /* Drained: nothing is waiting (the last metrics say so, not
+             * the backlog read a second ago). */
+            atomic_store(&r->ready, 0);
+            atomic_store(&r->oldest_ready_ms, 0);
             atomic_store(&r->drained, 1);
             atomic_store(&r->stop, 1);
             break;

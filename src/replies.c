@@ -480,14 +480,29 @@ static rfile *file_of(oq__replies *r, const char *name)
  * it now, not when the run ends (a responder fed from a pipe may run for
  * days). A failed write is remembered and reported when the replies are
  * closed (the run then exits 3). r->mu held. */
+/* Writes one reply line (r->mu held); a reply is counted once written.
+ * The first failure is kept, and the run stops on it (oq__replies_failed):
+ * every later reply would be lost too. */
 static void write_line(oq__replies *r, rfile *f, const char *line, size_t n)
 {
-    if (f && (fwrite(line, 1, n, f->f) != n || fflush(f->f) != 0) &&
-        r->err == 0) {
+    if (f == NULL)
+        return;
+    if (fwrite(line, 1, n, f->f) == n && fflush(f->f) == 0) {
+        r->replies++;
+    } else if (r->err == 0) {
         r->err = errno ? errno : EIO;
         snprintf(r->err_name, sizeof(r->err_name), "%s", f->name);
     }
-    r->replies += f != NULL;
+}
+
+bool oq__replies_failed(oq__replies *r)
+{
+    bool failed;
+
+    pthread_mutex_lock(&r->mu);
+    failed = r->err != 0;
+    pthread_mutex_unlock(&r->mu);
+    return failed;
 }
 
 void oq__replies_publish(void *prepared, void *arg)

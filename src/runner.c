@@ -667,7 +667,8 @@ static int wait_done(oq__runner *r, const sigset_t *sigs)
         if (r->c->progress && n % 40 == 0)
             progress_line(r);
         emit_ready(r);
-        if (r->cm && oq__committer_failed(r->cm, NULL, 0))
+        if ((r->cm && oq__committer_failed(r->cm, NULL, 0)) ||
+            (r->replies && oq__replies_failed(r->replies)))
             return -1;
         if (atomic_load(&r->reader_done)) {
             oq_queue_stats_get(r->q, &st);

@@ -345,7 +345,12 @@ static const char *const redrive_sql[] = {
     "DELETE FROM dead_letters WHERE seq = ?1",
 };
 
+/* A purged dead letter's line was settled all the same: the lifetime
+ * totals keep it (meta's purged, part of `onceq stats`' lines). */
 static const char *const purge_sql[] = {
+    ("INSERT INTO meta(key, value) SELECT 'purged', 1 FROM dead_letters "
+     "WHERE seq = ?1 ON CONFLICT(key) DO UPDATE SET "
+     "value = CAST(value AS INTEGER) + 1"),
     "DELETE FROM dead_letters WHERE seq = ?1",
 };
 
@@ -367,7 +372,7 @@ static int dlq_move(oq__store *st, const opts *o, bool redrive)
     }
     if (!o->dry_run && c.n > 0)
         rc = redrive ? for_chosen(st, &c, redrive_sql, 3, o->reset_attempts)
-                     : for_chosen(st, &c, purge_sql, 1, false);
+                     : for_chosen(st, &c, purge_sql, 2, false);
     if (rc == 0)
         printf("%s %zu dead letter%s%s\n",
                o->dry_run ? (redrive ? "would redrive" : "would purge")
@@ -589,8 +594,9 @@ static void stats_help(void)
 "\n"
 "Prints the totals of a durable state as JSON, with the keys of\n"
 "'onceq run --stats': lines (settled lines of the inputs), processed,\n"
-"duplicates, dead, blank, unfinished (redriven, not yet run again),\n"
-"dead_by_reason; and last_run, the stats of the last run.\n"
+"duplicates, dead, purged (dead letters removed by 'onceq dlq purge'),\n"
+"blank, unfinished (redriven, not yet run again), dead_by_reason; and\n"
+"last_run, the stats of the last run.\n"
 "\n"
 "Exit status: 0 success, 2 bad usage or not a state file.\n");
 }
@@ -600,7 +606,7 @@ int oq__cmd_stats(int argc, char **argv)
     opts o = { .cmd = "stats" };
     oq__store *st;
     sqlite3 *db;
-    int64_t lines, blank, processed, dead, dup, unfinished;
+    int64_t lines, blank, processed, dead, dup, unfinished, purged;
     int rc;
 
     if ((rc = parse(&o, argc, argv, stats_help)) >= 0 ||
@@ -609,8 +615,9 @@ int oq__cmd_stats(int argc, char **argv)
     if ((st = open_state(&o, false)) == NULL)
         return 2;
     db = oq__store_db(st);
-    /* Every settled line is processed, a duplicate, dead, blank or (a
-     * redriven event) unfinished; the lines are their sum. Duplicates and
+    /* Every settled line is processed, a duplicate, dead, purged (a dead
+     * letter removed), blank or (a redriven event) unfinished; the lines
+     * are their sum. Duplicates and
      * the blank lines of untracked inputs (stdin, pipes) are counted by
      * the runs, in the transactions that settle them; a state made before
      * they were counted estimates its duplicates from the watermarks. */
@@ -620,17 +627,20 @@ int oq__cmd_stats(int argc, char **argv)
     processed = one_int(db, "SELECT count(*) FROM processed WHERE status = 0");
     dead = one_int(db, "SELECT count(*) FROM dead_letters");
     unfinished = one_int(db, "SELECT count(*) FROM redrive");
+    purged = one_int(db, "SELECT coalesce(sum(value), 0) FROM meta WHERE "
+                         "key = 'purged'");
     if (one_int(db, "SELECT count(*) FROM meta WHERE key = 'duplicates'"))
         dup = one_int(db, "SELECT value FROM meta WHERE key = 'duplicates'");
     else
         dup = one_int(db, "SELECT coalesce(sum(line), 0) FROM sources") -
-              blank - processed - dead - unfinished;
+              blank - processed - dead - purged - unfinished;
     dup = dup > 0 ? dup : 0;
-    lines = processed + dup + dead + blank + unfinished;
+    lines = processed + dup + dead + purged + blank + unfinished;
     printf("{\"lines\":%" PRId64 ",\"processed\":%" PRId64 ",\"duplicates\":%"
-           PRId64 ",\"dead\":%" PRId64 ",\"blank\":%" PRId64
-           ",\"unfinished\":%" PRId64 ",\"dead_by_reason\":{",
-           lines, processed, dup, dead, blank, unfinished);
+           PRId64 ",\"dead\":%" PRId64 ",\"purged\":%" PRId64
+           ",\"blank\":%" PRId64 ",\"unfinished\":%" PRId64
+           ",\"dead_by_reason\":{",
+           lines, processed, dup, dead, purged, blank, unfinished);
     for (int i = 0; i < OQ_DLQ__COUNT; i++) {
         char sql[160];
         const char *name = oq_dlq_reason_name((oq_dlq_reason)i);
@@ -650,10 +660,20 @@ int oq__cmd_stats(int argc, char **argv)
 
 /* ------------------------------------------------- checkpoint, restore */
 
+/* A checkpoint's name: letters, digits, '.', '_', '-'; not "." or "..",
+ * and not ending like SQLite's side files (PATH.checkpoint.x-wal would be
+ * checkpoint x's WAL: the next checkpoint x destroyed it). */
 static bool good_name(const char *s)
 {
-    if (*s == '\0' || strlen(s) > 128)
+    static const char *const side[] = { "-wal", "-shm", "-journal" };
+    size_t n = strlen(s);
+
+    if (n == 0 || n > 128 || strcmp(s, ".") == 0 || strcmp(s, "..") == 0)
         return false;
+    for (size_t i = 0; i < sizeof(side) / sizeof(side[0]); i++)
+        if (n >= strlen(side[i]) &&
+            strcmp(s + n - strlen(side[i]), side[i]) == 0)
+            return false;
     for (; *s; s++)
         if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') ||
               (*s >= '0' && *s <= '9') || *s == '-' || *s == '_' ||
@@ -700,7 +720,8 @@ static int snapshot(int argc, char **argv, bool restore)
         return rc;
     if (!good_name(o.args[0]))
         return usage_error(&o, "bad checkpoint name '%s' (letters, digits, "
-                           "'.', '_', '-')", o.args[0]);
+                           "'.', '_', '-'; not . or .., not ending in -wal, "
+                           "-shm or -journal)", o.args[0]);
     snprintf(file, sizeof(file), "%s.checkpoint.%s", o.state, o.args[0]);
     if ((st = open_state(&o, restore)) == NULL)
         return 2;

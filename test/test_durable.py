@@ -627,6 +627,11 @@ def usage_errors_exit_2_and_help_exits_0():
              ["dlq", "purge", "--state", db, "--reset-attempts"],
              ["export", "--state", db, "extra"], ["checkpoint", "--state", db],
              ["checkpoint", "a/b", "--state", db], ["stats", "--bogus"],
+             # SQLite's side files of a checkpoint "x", and . and ..
+             ["checkpoint", "x-wal", "--state", db],
+             ["checkpoint", "x-journal", "--state", db],
+             ["restore", "x-shm", "--state", db],
+             ["checkpoint", "..", "--state", db],
              ["run", "--state", db, "--sync", "sometimes", os.devnull],
              ["run", "--state", db, "--commit-batch", "0", os.devnull]]
     for args in cases:

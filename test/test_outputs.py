@@ -70,7 +70,7 @@ def state_stats(db):
 
 def balanced(s):
     return s["lines"] == (s["processed"] + s["duplicates"] + s["dead"] +
-                          s["blank"] + s["unfinished"])
+                          s.get("purged", 0) + s["blank"] + s["unfinished"])
 
 
 # ------------------------------------------------------- strict JSON
@@ -618,6 +618,30 @@ def a_closed_stdout_or_stderr_takes_no_output_file():
     check_json_lines(data, "results")
     rc, want, err = run(["run", "-q", good])
     assert rc == 0 and data == want.encode(), (rc, err)
+
+
+@test
+def a_purge_keeps_the_lifetime_totals():
+    """`onceq dlq purge` removed dead letters and with them their lines
+    from `onceq stats`' lifetime totals (lines 2, then 1); now they count
+    as purged and lines stays."""
+    f = write("pg.jsonl", '{"id":"a","word":"x"}\n{"id":"b","word":"y"}\n')
+    db = path("pg.db")
+    rm_state(db)
+    rc, _, err = run(["run", "-q", "--state", db, "--handler", "exec:exit 75",
+                      "--max-attempts", "2", "--backoff", "1ms", "-o",
+                      "/dev/null", "--dlq", "/dev/null", f])
+    assert rc == 1, (rc, err)
+    before = state_stats(db)
+    assert before["lines"] == 2 and before["dead"] == 2, before
+    rc, out, err = run(["dlq", "purge", "--state", db, "--id", "a"])
+    assert rc == 0 and "purged 1" in out, (rc, out, err)
+    after = state_stats(db)
+    assert after["lines"] == 2 and after["dead"] == 1 and \
+        after["purged"] == 1 and balanced(after), after
+    # A purge --dry-run counts nothing.
+    run(["dlq", "purge", "--state", db, "--dry-run"])
+    assert state_stats(db)["purged"] == 1
 
 
 def main():

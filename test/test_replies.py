@@ -262,6 +262,31 @@ def usage_errors_exit_2():
     assert rc == 2, (rc, err)
 
 
+@test
+def a_reply_that_cannot_be_written_stops_the_run():
+    """A reply file on a full disk: every later reply would be lost too.
+    The run went on applying every request and counted each as replied,
+    with one message at the end; now it stops (exit 3), counts no reply
+    that was not written, and leaves the rest unfinished."""
+    if not os.path.exists("/dev/full"):
+        return
+    d = path("full")
+    os.makedirs(d, exist_ok=True)
+    os.symlink("/dev/full", os.path.join(d, "orders.jsonl"))
+    # exec: a few ms an event, so a run that does not stop takes seconds.
+    n = 2000
+    f = write_events("full.jsonl", [{"id": f"y{i}", "word": "a",
+                                     "reply_to": "orders"}
+                                    for i in range(n)])
+    st = path("full.stats")
+    rc, out, err = run(["run", "-q", "--replies", d, "--stats", st, "-o",
+                        "/dev/null", "-w", "2", "--handler", "exec:cat", f])
+    assert rc == 3 and "cannot write replies" in err, (rc, err)
+    s = json.load(open(st))
+    assert s["replies"] == 0, s
+    assert s["processed"] < n and s["unfinished"] > 0, s
+
+
 def main():
     return suite.run(TMP)
 
