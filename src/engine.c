@@ -907,7 +907,7 @@ static size_t run_batch(worker *w, size_t n)
     bool every = fast && p->opts.handler_never_blocks;
     int64_t t0 = mono_ns();
     int64_t start = oq_clock_now(p->opts.clock), now = start;
-    size_t runs = 0;
+    size_t runs = 0, ran = 0;
 
     claim_batch(w, n);
     for (size_t i = 0; i < n; i++) {
@@ -939,6 +939,7 @@ static size_t run_batch(worker *w, size_t n)
                 note_duration(w, mono_ns() - t1, 1);
             } else {
                 run_one(w, s, op, now);
+                ran++;
             }
         }
         if (i + 1 == n || !fast) {
@@ -946,10 +947,11 @@ static size_t run_batch(worker *w, size_t n)
             lo = i + 1;
         }
     }
-    if (fast) {
-        /* Fast mode: one time reading per batch, spread over its messages
-         * (a slow message here switches to slow mode for the next one). */
-        note_duration(w, (mono_ns() - t0) / (int64_t)n, n);
+    if (fast && ran > 0) {
+        /* Fast mode: one time reading per batch, spread over the handler
+         * calls (duplicates and the like made none) (a slow call here
+         * switches to slow mode for the next batch). */
+        note_duration(w, (mono_ns() - t0) / (int64_t)ran, ran);
     }
     for (size_t i = 0; i < n; i++) {
         slot *s = &w->slots[i];
