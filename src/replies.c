@@ -77,7 +77,13 @@ int oq__replies_open(oq__replies **out, const char *dir, char *err,
     struct stat st;
     oq__replies *r;
 
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+    if (stat(dir, &st) != 0) {
+        snprintf(err, errlen, "--replies '%s': %s", dir,
+                 errno == ENOENT ? "no such directory (create it first)"
+                                 : strerror(errno));
+        return OQ_EINVAL;
+    }
+    if (!S_ISDIR(st.st_mode)) {
         snprintf(err, errlen, "--replies '%s': not a directory", dir);
         return OQ_EINVAL;
     }

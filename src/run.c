@@ -755,6 +755,11 @@ static int check_mode(oq__run_config *c, uint64_t seen)
             return 2;
         }
     }
+    if ((seen >> (O_METRICS_INTERVAL - 256) & 1) && c->metrics_path == NULL) {
+        fprintf(stderr, "onceq run: --metrics-interval is how often "
+                "--metrics FILE is written: give --metrics too\n");
+        return 2;
+    }
     return 0;
 }
 

@@ -392,9 +392,13 @@ def timeout_and_metrics_options_work_with_redis():
     # They were refused with --redis (no heartbeats or metrics there yet):
     # now accepted, with the same limits as without --redis.
     for opt in (["--timeout", "5s"], ["--metrics", "m.prom"],
-                ["--metrics-interval", "1s"],
+                ["--metrics", "m.prom", "--metrics-interval", "1s"],
                 ["--metrics-listen", "127.0.0.1:0"]):
         expect_connect_error(RRUN + opt)
+    # --metrics-interval alone would be ignored: refused, in every mode.
+    for base in (RUN, RRUN):
+        err = refusal(base + ["--metrics-interval", "1s"])
+        assert "give --metrics" in err, err
     for opt in (["--timeout", "nan"], ["--metrics", ""],
                 ["--metrics-interval", "5x"]):
         expect_refused(RRUN + opt, opt[0], opt[1])

@@ -252,6 +252,8 @@ def bad_requests_are_dead_lettered_and_nothing_else_changes():
 def usage_errors_exit_2():
     f = write_events("u.jsonl", [{"id": "a", "word": "x"}])
     rc, _, err = run(["run", "--replies", path("no-such-dir"), f])
+    assert rc == 2 and "no such directory" in err, (rc, err)
+    rc, _, err = run(["run", "--replies", f, f])
     assert rc == 2 and "not a directory" in err, (rc, err)
     rc, _, err = run(["run", "--replies", TMP, "--state", path("u.db"), f])
     assert rc == 2 and "--state" in err, (rc, err)
