@@ -92,9 +92,20 @@ static int parse_time(const char *s, int64_t *ms)
     }
     for (size_t i = 0; i < sizeof(fmts) / sizeof(fmts[0]); i++) {
         memset(&tm, 0, sizeof(tm));
+        int64_t frac = 0;
         end = strptime(s, fmts[i], &tm);
+        /* Milliseconds after the seconds (.598, as `dlq list` writes
+         * times): 1 to 3 digits. */
+        if (end && i == 0 && end[0] == '.' && end[1] >= '0' &&
+            end[1] <= '9') {
+            int k = 0;
+            for (end++; k < 3 && *end >= '0' && *end <= '9'; k++, end++)
+                frac = frac * 10 + (*end - '0');
+            for (; k < 3; k++)
+                frac *= 10;
+        }
         if (end && (*end == '\0' || strcmp(end, "Z") == 0)) {
-            *ms = (int64_t)timegm(&tm) * 1000;
+            *ms = (int64_t)timegm(&tm) * 1000 + frac;
             return 0;
         }
     }

@@ -634,6 +634,15 @@ def a_purge_keeps_the_lifetime_totals():
     assert rc == 1, (rc, err)
     before = state_stats(db)
     assert before["lines"] == 2 and before["dead"] == 2, before
+    # A time as `dlq list` writes it (with milliseconds) is taken back by
+    # --since and --until (it was refused).
+    rc, out, err = run(["dlq", "list", "--state", db])
+    t = json.loads(out.splitlines()[-1])["last_seen"]
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", t), t
+    rc, since, err = run(["dlq", "list", "--state", db, "--since", t])
+    assert rc == 0 and t in since, (rc, since, err)
+    rc, until, err = run(["dlq", "list", "--state", db, "--until", t])
+    assert rc == 0 and t not in until, (rc, until, err)
     rc, out, err = run(["dlq", "purge", "--state", db, "--id", "a"])
     assert rc == 0 and "purged 1" in out, (rc, out, err)
     after = state_stats(db)
