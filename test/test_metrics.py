@@ -210,6 +210,17 @@ def metrics_listen_serves_while_running():
             raise AssertionError("/other answered")
         except urllib.error.HTTPError as e:
             assert e.code == 404, e.code
+        # Clients that connect and say nothing: 16 of them took the
+        # endpoint down (every GET refused while they stayed).
+        idle = [socket.create_connection(("127.0.0.1", port))
+                for _ in range(40)]
+        try:
+            time.sleep(0.2)
+            with urllib.request.urlopen(url, timeout=5) as r:
+                assert r.status == 200
+        finally:
+            for c in idle:
+                c.close()
     finally:
         p.stdin.close()
         p.wait(timeout=60)

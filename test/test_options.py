@@ -543,6 +543,36 @@ def redis_largest_durations_work_end_to_end():
 # ----------------------------------------------------------- Redis URL parts
 
 @test
+def redis_url_percent_escapes_are_strict():
+    # A '%' not followed by two hex digits was taken as it is (a guess);
+    # a literal '%' is %25.
+    for userinfo in ("%zz:pw", "u:p%", "u:p%4", "u:%g0"):
+        url = f"redis://{userinfo}@127.0.0.1:1"
+        rc, out, err, _ = run(["send", "--redis", url, "--stream", "s"])
+        assert rc == 2 and "bad Redis URL" in err, (url, rc, err)
+    expect_connect_error(["send", "--redis", "redis://u:p%25w@127.0.0.1:1",
+                          "--stream", "s"])
+
+
+@test
+def redis_commands_refuse_what_they_would_ignore():
+    # send's --id-field is checked as run's; export and dlq refuse extra
+    # arguments and the other command's options (before connecting).
+    for bad in ("", "/a~2"):
+        err = refusal(["send", "--redis", BOGUS_URL, "--stream", "s",
+                       "--id-field", bad])
+        assert "--id-field" in err, err
+    for args in (["export", "--redis", BOGUS_URL, "--stream", "s", "extra"],
+                 ["export", "--redis", BOGUS_URL, "--stream", "s",
+                  "--reason", "failed"],
+                 ["dlq", "list", "--redis", BOGUS_URL, "--stream", "s",
+                  "extra"],
+                 ["dlq", "list", "--redis", BOGUS_URL, "--stream", "s",
+                  "-o", "x"]):
+        refusal(args)
+
+
+@test
 def redis_url_port_and_db_are_strict():
     bad = [":+1", ": 1", ":-1", ":0x10", ":0", ":65536", ":1e3",
            ":99999999999999999999", ":18446744073709551617", ":", ":1 ",

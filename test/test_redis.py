@@ -16,6 +16,7 @@ Environment: ONCEQ (the binary; default ./onceq), OQ_RUN_SEED, BUILD (a
 sanitizer build gets smaller inputs and longer waits), OQ_REDIS_TESTS
 (comma-separated parts of test names: run only those)."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -1033,6 +1034,53 @@ def a_signal_does_not_use_up_the_last_attempt():
     assert rc == 0, (rc, err)
     st = check_balanced("sg")
     assert st["processed"] == 2 and st.get("dead", 0) == 0, st
+
+
+@test
+def a_stream_that_does_not_exist_is_refused_by_export_and_dlq():
+    # A mistyped --stream exited 0 with nothing written.
+    for args in (["export"], ["dlq", "list"]):
+        rc, out, err = run(args + ["--redis", URL, "--stream", "no-such"])
+        assert rc == 2 and "has no stream 'no-such'" in err and out == "", \
+            (args, rc, err)
+
+
+@test
+def a_server_that_says_nothing_is_given_up_in_10_s():
+    # A TCP server that accepts and never answers (not Redis): it took
+    # 61 s and "Resource temporarily unavailable".
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    try:
+        t0 = time.time()
+        rc, _, err = run(["export", "--redis", f"redis://127.0.0.1:{port}",
+                          "--stream", "s"], timeout=60)
+        took = time.time() - t0
+        assert rc == 2 and "no answer in 10 s" in err, (rc, err)
+        assert took < 30, took
+    finally:
+        srv.close()
+
+
+@test
+def hand_made_attempt_fields_are_read_strictly():
+    # An entry added by hand with a = -5 and f = -1 was dead-lettered with
+    # 4294967292 attempts and first_seen "1970-01-01T00:00:00.-01Z".
+    cli("XADD", "hm2", "*", "e", '{"id":"j","word":"ok"}', "s", "hand",
+        "a", "-5", "f", "-1")
+    cli("HINCRBY", "hm2:stats", "sent", 1)
+    rc, _, err = run(["run", "--redis", URL, "--stream", "hm2", "--group",
+                      "g", "--drain", "-q", "--handler", "exec:exit 1"])
+    assert rc == 1, (rc, err)
+    rc, out, err = run(["dlq", "list", "--redis", URL, "--stream", "hm2"])
+    assert rc == 0, err
+    d = json.loads(out.splitlines()[0])
+    assert d["attempts"] == 1, d
+    iso = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+    assert re.match(iso, d["first_seen"]) and re.match(iso, d["last_seen"]), d
 
 
 @test
