@@ -3637,11 +3637,10 @@ static int req_print(rq_item *items, size_t n, uint64_t dups, bool quiet)
     return by[0] == n ? 0 : 1;
 }
 
-int oq__redis_request(const oq__send_cfg *cfg, char **inputs,
+int oq__redis_request(const oq__send_cfg *c, char **inputs,
                       unsigned ninputs)
 {
     static const char *const stdin_only[] = { "-" };
-    oq__send_cfg c = *cfg;
     rq_item *items = NULL, *byk = NULL;
     size_t nitems = 0;
     uint64_t dups = 0;
@@ -3656,19 +3655,19 @@ int oq__redis_request(const oq__send_cfg *cfg, char **inputs,
     const char *rstream, *why;
     int status;
 
-    if (c.stream == NULL || *c.stream == '\0')
+    if (c->stream == NULL || *c->stream == '\0')
         return oq__usage_error("request", "--stream NAME is required");
-    snprintf(own, sizeof(own), "%s:replies:%016" PRIx64, c.stream,
+    snprintf(own, sizeof(own), "%s:replies:%016" PRIx64, c->stream,
              make_nonce());
-    rstream = c.reply_stream ? c.reply_stream : own;
-    if ((why = oq__reply_to_reserved(rstream, c.stream)) != NULL)
+    rstream = c->reply_stream ? c->reply_stream : own;
+    if ((why = oq__reply_to_reserved(rstream, c->stream)) != NULL)
         return oq__usage_error("request", "invalid --reply-stream '%s': it %s",
                            rstream, why);
-    if (parse_url(c.url, c.pwfile, "request", &u, err, sizeof(err)) != 0)
+    if (parse_url(c->url, c->pwfile, "request", &u, err, sizeof(err)) != 0)
         return oq__usage_error("request", "%s", err);
     if (oq__reader_open(&rd, ninputs ? (const char *const *)inputs
                                      : stdin_only,
-                        ninputs ? ninputs : 1, c.max_line, err,
+                        ninputs ? ninputs : 1, c->max_line, err,
                         sizeof(err)) != 0) {
         fprintf(stderr, "onceq request: %s\n", err);
         return 2;
@@ -3684,7 +3683,7 @@ int oq__redis_request(const oq__send_cfg *cfg, char **inputs,
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
     rc.stop = &req_signal;
-    stamper_init(&stp, rstream, c.stream, c.timeout_ms);
+    stamper_init(&stp, rstream, c->stream, c->timeout_ms);
     if (u.cluster) {
         fprintf(stderr, "onceq request: Redis at %s is a Redis Cluster: "
                 "request-reply is not supported there (a reply is written "
@@ -3692,21 +3691,21 @@ int oq__redis_request(const oq__send_cfg *cfg, char **inputs,
                 rc.u->text);
         status = 2;
     } else if ((status = check_policy_all(&rc, &u, "request")) == 0 &&
-        (status = parts_open(&ps, &rc, c.stream, c.partitions, 1,
+        (status = parts_open(&ps, &rc, c->stream, c->partitions, 1,
                              "request")) == 0 &&
-        (status = senders_open(&snd, &ps, &rc, &u, &c, false,
+        (status = senders_open(&snd, &ps, &rc, &u, c, false,
                                "request")) == 0 &&
         (status = req_start(&rc, rstream, last, sizeof(last))) == 0 &&
-        (status = req_send(&c, snd, ps.n, &stp, rd, &items, &nitems,
+        (status = req_send(c, snd, ps.n, &stp, rd, &items, &nitems,
                            &byk)) == 0)
         status = req_wait(&rc, rstream, last, byk, req_sent(items, nitems),
-                          c.timeout_ms, &dups);
+                          c->timeout_ms, &dups);
     if (atomic_load(&req_signal))
         status = 128 + atomic_load(&req_signal);
     if (status == 0)
-        status = req_print(items, nitems, dups, c.quiet);
-    req_cleanup(&rc, items, nitems, rstream, c.reply_stream == NULL,
-                c.request_ttl_ms);
+        status = req_print(items, nitems, dups, c->quiet);
+    req_cleanup(&rc, items, nitems, rstream, c->reply_stream == NULL,
+                c->request_ttl_ms);
     HASH_CLEAR(hh, byk);
     for (size_t i = 0; i < nitems; i++) {
         oq__free(items[i].key);
@@ -6599,22 +6598,21 @@ static int stream_known(rconn *rc, const rparts *ps, const char *cmd)
     return st;
 }
 
-int oq__redis_export(const oq__tool_cfg *cfg)
+int oq__redis_export(const oq__tool_cfg *c)
 {
-    oq__tool_cfg c = *cfg;
     rconn rc = { 0 };
     rurl u;
     rparts ps;
     char err[1024];
     int st;
 
-    if (parse_url(c.url, c.pwfile, "export", &u, err, sizeof(err)) != 0)
+    if (parse_url(c->url, c->pwfile, "export", &u, err, sizeof(err)) != 0)
         return oq__usage_error("export", "%s", err);
     if (rc_first(&rc, &u, "export") != 0)
         return 2;
-    if ((st = parts_open(&ps, &rc, c.stream, 0, 0, "export")) == 0 &&
+    if ((st = parts_open(&ps, &rc, c->stream, 0, 0, "export")) == 0 &&
         (st = stream_known(&rc, &ps, "export")) == 0)
-        st = export_path(&rc, &ps, c.out_path, "export");
+        st = export_path(&rc, &ps, c->out_path, "export");
     parts_free(&ps);
     rc_close(&rc);
     return st;
@@ -6740,9 +6738,8 @@ static int dlq_partition(rconn *rc, const oq__tool_cfg *c, const char *show,
     }
 }
 
-int oq__redis_dlq(const oq__tool_cfg *cfg, int action, const char *show)
+int oq__redis_dlq(const oq__tool_cfg *c, int action, const char *show)
 {
-    oq__tool_cfg c = *cfg;
     rconn rc = { 0 };
     rurl u;
     rparts ps;
@@ -6751,11 +6748,11 @@ int oq__redis_dlq(const oq__tool_cfg *cfg, int action, const char *show)
     int64_t retention = 0;
     uint64_t matched = 0;
 
-    if (parse_url(c.url, c.pwfile, "dlq", &u, err, sizeof(err)) != 0)
+    if (parse_url(c->url, c->pwfile, "dlq", &u, err, sizeof(err)) != 0)
         return oq__usage_error("dlq", "%s", err);
     if (rc_first(&rc, &u, "dlq") != 0)
         return 2;
-    if ((st = parts_open(&ps, &rc, c.stream, 0, 0, "dlq")) != 0 ||
+    if ((st = parts_open(&ps, &rc, c->stream, 0, 0, "dlq")) != 0 ||
         (st = stream_known(&rc, &ps, "dlq")) != 0 ||
         (action == OQ__DLQ_REDRIVE &&
          (st = stream_retention(&rc, &ps.p[0].k, "dlq", 0, 0,
@@ -6767,15 +6764,15 @@ int oq__redis_dlq(const oq__tool_cfg *cfg, int action, const char *show)
     /* Each partition's dead letters; a redriven one goes back into its
      * own partition (the partition of its id). */
     for (unsigned p = 0; p < ps.n && st == 0; p++)
-        st = dlq_partition(&rc, &c, show, action, &ps.p[p].k, retention,
+        st = dlq_partition(&rc, c, show, action, &ps.p[p].k, retention,
                            &matched);
     parts_free(&ps);
     if (st == 0 && action == OQ__DLQ_REDRIVE)
         printf("%s %" PRIu64 " dead letters\n",
-               c.dry_run ? "would redrive" : "redrove", matched);
+               c->dry_run ? "would redrive" : "redrove", matched);
     else if (st == 0 && action == OQ__DLQ_PURGE)
         printf("%s %" PRIu64 " dead letters\n",
-               c.dry_run ? "would purge" : "purged", matched);
+               c->dry_run ? "would purge" : "purged", matched);
     else if (st == 0 && action == OQ__DLQ_SHOW && matched == 0) {
         fprintf(stderr, "onceq dlq: no dead letter with id '%s'\n", show);
         st = 1;

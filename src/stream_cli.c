@@ -259,8 +259,6 @@ int oq__cmd_request(int argc, char **argv)
 
     if (rc >= 0)
         return rc;
-    if (c.stream == NULL || *c.stream == '\0')
-        return oq__usage_error("request", "--stream NAME is required");
     return oq__redis_request(&c, argv + optind, (unsigned)(argc - optind));
 }
 
