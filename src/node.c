@@ -1521,15 +1521,16 @@ static int parse_opts(int argc, char **argv, node_opts *o)
     memset(o, 0, sizeof(*o));
     oq_queue_opts_defaults(&o->q);
     optind = 1;
-    while ((c = getopt_long(argc, argv, "qh", longopts, NULL)) != -1) {
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, ":qh", longopts, NULL)) != -1) {
         if (c == 'q') {
             o->quiet = true;
             continue;
         }
         if (c == 'h')
             return 1;
-        if (c == '?')
-            return 2;
+        if (c == '?' || c == ':')
+            return oq__getopt_error("node", c, argv) + 1;
         v = parse_count(optarg);
         if (v < 0 || (c == 'm' && v > UINT32_MAX) || (c == 'v' && v == 0)) {
             fprintf(stderr, "onceq node: bad value '%s' for --%s\n", optarg,
@@ -1585,11 +1586,15 @@ int oq__cmd_node(int argc, char **argv)
     ssize_t len;
     int rc, status = 0;
 
+    /* 1: --help; 2: a bad value or argument (said); 3: a bad option
+     * (said, one line like every command's). */
     rc = parse_opts(argc, argv, &o);
-    if (rc != 0) {
-        usage(rc == 1 ? stdout : stderr);
-        return rc == 1 ? 0 : 2;
+    if (rc == 1) {
+        usage(stdout);
+        return 0;
     }
+    if (rc != 0)
+        return 2;
     memset(&n, 0, sizeof(n));
     n.quiet = o.quiet;
     n.default_vt_ms = o.q.visibility_timeout_ms;

@@ -797,9 +797,14 @@ static int parse_args(oq__run_config *c, int argc, char **argv)
 
 /* ------------------------------------------- stats, summary, progress */
 
+/* Events settled a second: processed, duplicates and dead (a run of
+ * redriven events alone reads no line; an interrupted one leaves some
+ * unfinished). */
 static double per_s(const oq__run_counts *n)
 {
-    return n->elapsed_s > 0 ? (n->lines - n->blank) / n->elapsed_s : 0;
+    return n->elapsed_s > 0
+               ? (n->processed + n->duplicates + n->dead) / n->elapsed_s
+               : 0;
 }
 
 void oq__write_stats_head(FILE *f, const oq__run_counts *n)

@@ -282,6 +282,10 @@ def t_usage():
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            timeout=30 * TIME_MULT)
         check(p.returncode == 2, "%s: rc %d, expected 2" % (bad, p.returncode))
+        # One line, "onceq node: ...", as every command says it (a bad
+        # option printed getopt's "node: ..." and the whole usage).
+        check(p.stderr.startswith(b"onceq node: ") and
+              p.stderr.count(b"\n") == 1, "%s: stderr %r" % (bad, p.stderr))
 
 
 def t_poll_cap():
