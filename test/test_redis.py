@@ -1024,12 +1024,17 @@ def a_signal_does_not_use_up_the_last_attempt():
             return pending("sg", "g") == 2
         except RuntimeError:    # NOGROUP: the consumer is still starting
             return False
-    wait_for(taken, 90 if SLOW else 30, "both events taken")
-    time.sleep(0.5)
-    p.send_signal(signal.SIGTERM)
-    rc, _, err = finish(p)
-    assert rc == 143, (rc, err)
-    os.unlink(flag)
+    try:
+        wait_for(taken, 90 if SLOW else 30, "both events taken")
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        rc, _, err = finish(p)
+        assert rc == 143, (rc, err)
+    finally:
+        if p.poll() is None:    # a failed wait: no consumer left behind
+            p.kill()
+            p.wait()
+        os.unlink(flag)
     rc, _, err = run(args + ["--drain"])
     assert rc == 0, (rc, err)
     st = check_balanced("sg")
