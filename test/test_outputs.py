@@ -550,7 +550,18 @@ def dlq_list_and_show_report_a_write_error():
             p = subprocess.run([ONCEQ] + args, stdout=full,
                                stderr=subprocess.PIPE, timeout=60)
         assert p.returncode == 3, (args, p.returncode)
-        assert b"write error" in p.stderr, p.stderr
+        # With its cause.
+        assert b"write error" in p.stderr and \
+            b"No space left on device" in p.stderr, p.stderr
+    # A failed write long before the end: its errno was gone by then
+    # ("unknown error").
+    big = gen("wb-big.jsonl", "--events", "50000")
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([ONCEQ, "run", "-q", "--handler", "noop",
+                            "--emit", big], stdout=full,
+                           stderr=subprocess.PIPE, timeout=120)
+    assert p.returncode == 3 and b"No space left on device" in p.stderr, \
+        p.stderr
 
 
 @test
@@ -604,7 +615,8 @@ def a_closed_stdout_or_stderr_takes_no_output_file():
     dlq = path("cl.dlq")
     p = closed_fd_run(["run", "-q", "--dlq", dlq, bad], 1,
                       stderr=subprocess.PIPE)
-    assert p.returncode == 3 and b"write error" in p.stderr, p
+    assert p.returncode == 3 and b"write error" in p.stderr and \
+        b"Bad file descriptor" in p.stderr, p
     data = read_bytes(dlq)
     check_json_lines(data, "dead letters")
     lines = [json.loads(x) for x in data.splitlines()]
